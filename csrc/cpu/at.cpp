@@ -1,0 +1,233 @@
+// C++ CPU kernels of the attention-transfer (AT) op family; formulas in kdfast/reference/at.py.
+//
+// at_maps:          m[b, hw] = scale * sum_c g(f[b, c, hw])    one pass over each feature map
+// at_maps_backward: df[b, c, hw] = dm[b, hw] * scale * g'(f[b, c, hw])
+// at_map_loss:      per (stage, sample): normalise both maps, the loss and d loss / d m_s
+//
+// Every call covers all stages in one parallel region. Accumulation is in float (double for
+// double inputs); no f^p tensor is ever materialised.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common.h"
+
+namespace kdfast {
+namespace {
+
+constexpr int64_t kHwChunk = 256;  // positions per work item
+
+// Work items of all stages, each a (stage, sample, hw chunk), flattened in one index space.
+struct StageChunks {
+  std::vector<int64_t> first;  // first item of each stage; back() = total
+
+  explicit StageChunks(const std::vector<Bchw>& shapes) {
+    first.push_back(0);
+    for (const auto& d : shapes) {
+      first.push_back(first.back() + d.batch * ((d.hw + kHwChunk - 1) / kHwChunk));
+    }
+  }
+  int64_t total() const { return first.back(); }
+  // (stage, sample, first hw) of item `i`.
+  void locate(const std::vector<Bchw>& shapes, int64_t i, size_t& stage, int64_t& b, int64_t& hw0) const {
+    stage = std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1;
+    const int64_t local = i - first[stage];
+    const int64_t chunks = (shapes[stage].hw + kHwChunk - 1) / kHwChunk;
+    b = local / chunks;
+    hw0 = (local % chunks) * kHwChunk;
+  }
+};
+
+at::ScalarType map_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::vector<at::Tensor> at_maps_cpu(const std::vector<at::Tensor>& feats_in, double p, c10::string_view mode_name) {
+  check_feature_list(feats_in, "at_maps");
+  const MapMode mode = parse_map_mode(mode_name);
+  const Power power = make_power(p, mode);
+  std::vector<at::Tensor> feats, maps;
+  std::vector<Bchw> shapes;
+  for (const auto& f : feats_in) {
+    feats.push_back(hw_flattenable_view(f));
+    shapes.push_back(bchw(feats.back()));
+    maps.push_back(at::empty({f.size(0), f.size(2) * f.size(3)}, f.options().dtype(map_dtype(f.scalar_type()))));
+  }
+  const StageChunks chunks(shapes);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "at_maps_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t pp = static_cast<acc_t>(power.p);
+    at::parallel_for(0, chunks.total(), 1, [&](int64_t begin, int64_t end) {
+      acc_t acc[kHwChunk];
+      for (int64_t i = begin; i < end; ++i) {
+        size_t s;
+        int64_t b, hw0;
+        chunks.locate(shapes, i, s, b, hw0);
+        const Bchw& d = shapes[s];
+        const int64_t n = std::min(kHwChunk, d.hw - hw0);
+        const scalar_t* x = feats[s].const_data_ptr<scalar_t>() + b * d.stride_b + hw0 * d.stride_hw;
+        std::fill(acc, acc + n, acc_t(0));
+        if (d.stride_c < d.stride_hw) {  // channels_last: reduce along the contiguous channels
+          for (int64_t j = 0; j < n; ++j) {
+            acc_t sum = 0;
+            for (int64_t c = 0; c < d.channels; ++c) {
+              sum += power_value(static_cast<acc_t>(x[j * d.stride_hw + c * d.stride_c]), pp, power.odd_signed);
+            }
+            acc[j] = sum;
+          }
+        } else {
+          for (int64_t c = 0; c < d.channels; ++c) {
+            const scalar_t* row = x + c * d.stride_c;
+            for (int64_t j = 0; j < n; ++j) {
+              acc[j] += power_value(static_cast<acc_t>(row[j * d.stride_hw]), pp, power.odd_signed);
+            }
+          }
+        }
+        const acc_t scale = mode == MapMode::kMean ? acc_t(1) / static_cast<acc_t>(d.channels) : acc_t(1);
+        acc_t* y = maps[s].mutable_data_ptr<acc_t>() + b * d.hw + hw0;
+        for (int64_t j = 0; j < n; ++j) y[j] = acc[j] * scale;
+      }
+    });
+  });
+  return maps;
+}
+
+std::vector<at::Tensor> at_maps_backward_cpu(const std::vector<at::Tensor>& grad_maps_in,
+                                             const std::vector<at::Tensor>& feats_in, double p,
+                                             c10::string_view mode_name) {
+  check_feature_list(feats_in, "at_maps_backward");
+  TORCH_CHECK(grad_maps_in.size() == feats_in.size(), "at_maps_backward: ", grad_maps_in.size(),
+              " grad_maps for ", feats_in.size(), " feats");
+  const MapMode mode = parse_map_mode(mode_name);
+  const Power power = make_power(p, mode);
+  std::vector<at::Tensor> feats, grad_maps, grads;
+  std::vector<Bchw> shapes;
+  for (size_t s = 0; s < feats_in.size(); ++s) {
+    const auto& f = feats_in[s];
+    const auto& g = grad_maps_in[s];
+    TORCH_CHECK(g.dim() == 2 && g.size(0) == f.size(0) && g.size(1) == f.size(2) * f.size(3),
+                "at_maps_backward: grad_maps[", s, "] must have shape (B, H*W) of feats[", s, "]");
+    TORCH_CHECK(g.scalar_type() == map_dtype(f.scalar_type()), "at_maps_backward: grad_maps[", s,
+                "] must be ", map_dtype(f.scalar_type()));
+    feats.push_back(hw_flattenable_view(f));
+    shapes.push_back(bchw(feats.back()));
+    grad_maps.push_back(g.contiguous());
+    grads.push_back(at::empty_like(feats.back()));
+  }
+  const StageChunks chunks(shapes);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "at_maps_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t pp = static_cast<acc_t>(power.p);
+    at::parallel_for(0, chunks.total(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        size_t s;
+        int64_t b, hw0;
+        chunks.locate(shapes, i, s, b, hw0);
+        const Bchw& d = shapes[s];
+        const Bchw o = bchw(grads[s]);
+        const int64_t n = std::min(kHwChunk, d.hw - hw0);
+        const acc_t scale = mode == MapMode::kMean ? acc_t(1) / static_cast<acc_t>(d.channels) : acc_t(1);
+        const acc_t* gm = grad_maps[s].const_data_ptr<acc_t>() + b * d.hw + hw0;
+        const scalar_t* x = feats[s].const_data_ptr<scalar_t>() + b * d.stride_b + hw0 * d.stride_hw;
+        scalar_t* y = grads[s].mutable_data_ptr<scalar_t>() + b * o.stride_b + hw0 * o.stride_hw;
+        auto element = [&](int64_t c, int64_t j) {
+          const acc_t v = static_cast<acc_t>(x[c * d.stride_c + j * d.stride_hw]);
+          y[c * o.stride_c + j * o.stride_hw] =
+              static_cast<scalar_t>(gm[j] * scale * power_grad(v, pp, power.odd_signed));
+        };
+        if (d.stride_c < d.stride_hw) {
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t c = 0; c < d.channels; ++c) element(c, j);
+        } else {
+          for (int64_t c = 0; c < d.channels; ++c)
+            for (int64_t j = 0; j < n; ++j) element(c, j);
+        }
+      }
+    });
+  });
+  return grads;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> at_map_loss_cpu(const std::vector<at::Tensor>& maps_s_in,
+                                                                 const std::vector<at::Tensor>& maps_t_in,
+                                                                 c10::string_view loss_name) {
+  TORCH_CHECK(!maps_s_in.empty() && maps_s_in.size() == maps_t_in.size(),
+              "at_map_loss: expected equally many (>= 1) student and teacher maps");
+  TORCH_CHECK(loss_name == "mse" || loss_name == "l2", "at_map_loss: loss must be 'mse' or 'l2', got '",
+              std::string(loss_name), "'");
+  const bool mse = loss_name == "mse";
+  const auto dtype = maps_s_in[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "at_map_loss: maps must be float32 or float64");
+  const int64_t batch = maps_s_in[0].size(0);
+  std::vector<at::Tensor> maps_s, maps_t, grads;
+  for (size_t s = 0; s < maps_s_in.size(); ++s) {
+    const auto &ms = maps_s_in[s], &mt = maps_t_in[s];
+    TORCH_CHECK(ms.dim() == 2 && ms.sizes() == mt.sizes() && ms.size(0) == batch && ms.size(1) > 0,
+                "at_map_loss: maps_s[", s, "] and maps_t[", s, "] must both be (B, HW) with one B for all");
+    TORCH_CHECK(ms.scalar_type() == dtype && mt.scalar_type() == dtype, "at_map_loss: maps must share one dtype");
+    maps_s.push_back(ms.contiguous());
+    maps_t.push_back(mt.contiguous());
+    grads.push_back(at::empty_like(maps_s.back()));
+  }
+  const int64_t stages = static_cast<int64_t>(maps_s.size());
+  at::Tensor losses = at::empty({stages, batch}, maps_s[0].options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "at_map_loss_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t eps = static_cast<acc_t>(kNormEps);
+    acc_t* loss_out = losses.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, stages * batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t s = i / batch, b = i % batch;
+        const int64_t hw = maps_s[s].size(1);
+        const acc_t* ms = maps_s[s].const_data_ptr<acc_t>() + b * hw;
+        const acc_t* mt = maps_t[s].const_data_ptr<acc_t>() + b * hw;
+        acc_t ss = 0, tt = 0, st = 0;
+        for (int64_t j = 0; j < hw; ++j) {
+          ss += ms[j] * ms[j];
+          tt += mt[j] * mt[j];
+          st += ms[j] * mt[j];
+        }
+        const acc_t ns = std::sqrt(ss), nt = std::sqrt(tt);
+        const acc_t inv_s = acc_t(1) / std::max(ns, eps), inv_t = acc_t(1) / std::max(nt, eps);
+        acc_t sq = 0;
+        for (int64_t j = 0; j < hw; ++j) {
+          const acc_t diff = ms[j] * inv_s - mt[j] * inv_t;
+          sq += diff * diff;
+        }
+        acc_t k;  // d loss / d u_s = k * (u_s - u_t)
+        if (mse) {
+          loss_out[i] = sq / static_cast<acc_t>(batch * hw);
+          k = acc_t(2) / static_cast<acc_t>(batch * hw);
+        } else {
+          const acc_t l = std::sqrt(sq);
+          loss_out[i] = l / static_cast<acc_t>(batch);
+          k = l > acc_t(0) ? acc_t(1) / (l * static_cast<acc_t>(batch)) : acc_t(0);
+        }
+        // d u_s / d m_s = (I - u_s u_s^T) / ||m_s|| where the norm is not clamped, I / eps otherwise.
+        const acc_t proj = ns >= eps ? ss * inv_s * inv_s - st * inv_s * inv_t : acc_t(0);
+        acc_t* g = grads[s].mutable_data_ptr<acc_t>() + b * hw;
+        for (int64_t j = 0; j < hw; ++j) {
+          const acc_t us = ms[j] * inv_s;
+          g[j] = k * inv_s * ((us - mt[j] * inv_t) - us * proj);
+        }
+      }
+    });
+  });
+  return {losses, grads};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("at_maps", &at_maps_cpu);
+  m.impl("at_maps_backward", &at_maps_backward_cpu);
+  m.impl("at_map_loss", &at_map_loss_cpu);
+}
+
+}  // namespace kdfast

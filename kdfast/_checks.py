@@ -1,0 +1,57 @@
+"""Input checks shared by the public functions: clear TypeError/ValueError naming the argument.
+
+Checks look at metadata only (shape, dtype, device), never at values, so they cost no GPU sync
+and stay traceable by torch.compile. NaN/Inf values are not checked: they propagate to the
+result (see the docs of each function).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_tensor_list(name: str, value: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """A tensor or a non-empty sequence of tensors, as a list."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Tensor) for v in value):
+        return list(value)
+    raise TypeError(f"{name} must be a tensor or a non-empty list/tuple of tensors, got {type(value).__name__}")
+
+
+def check_feature(name: str, f: Tensor) -> None:
+    """A non-empty 4-D (B, C, H, W) floating-point feature map."""
+    if not isinstance(f, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(f).__name__}")
+    if f.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {f.dtype}")
+    if f.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(f.shape)}")
+    if f.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(f.shape)}): B, C, H and W must all be > 0")
+
+
+def check_same(name: str, tensors: Sequence[Tensor], attr: str) -> None:
+    """All tensors share `attr` ("device" or "dtype")."""
+    values = {getattr(t, attr) for t in tensors}
+    if len(values) > 1:
+        raise ValueError(f"{name}: all tensors must share one {attr}, got {sorted(map(str, values))}")
+
+
+def check_power(p: float, mode: str) -> None:
+    """p >= 1 and finite; mode "mean" computes f^p as the published code does, so p must be an integer."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
+        raise ValueError(f"p must be a finite number >= 1, got {p!r}")
+    if mode == "mean" and p != int(p):
+        raise ValueError(f"mode 'mean' computes f**p (signed, as the published code) and needs an integer p, got {p}; use mode 'sum' (|f|**p)")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -1,0 +1,100 @@
+"""Backend choice: the ``backend=`` argument > ``$KDFAST_BACKEND`` > the "auto" table.
+
+Backends:
+
+* ``"torch"``: the eager reference (kdfast/reference), any device, float64 included.
+* ``"cpu"``: C++ CPU kernels of kdfast._C (CPU tensors).
+* ``"cuda"``: CUDA C++ kernels of kdfast._C (CUDA tensors).
+* ``"triton"``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``,
+  which must be set before kdfast is imported).
+* ``"auto"``: "cpu" for CPU tensors; for CUDA tensors the per-op choice in :data:`AUTO_GPU`,
+  falling back to whichever fused backend is available, then "torch".
+
+Availability is probed once at import, so that choosing a backend stays traceable by
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from kdfast import _extension
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+
+# Fused ops and the kernel names that must exist in kdfast._C for the C++ backends.
+OPS = {"at": ("at_maps", "at_maps_backward", "at_map_loss")}
+
+# Backend that "auto" uses for CUDA tensors, per op: the faster one in benchmarks/results/.
+# No GPU measurement exists yet (benchmarks/README.md); until one does, Triton is the default.
+AUTO_GPU = {"at": "triton"}
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_MISSING = None if importlib.util.find_spec("triton") is not None else "the triton package is not installed"
+CPP_KERNELS = {
+    (op, key): all(_extension.has_kernel(name, key) for name in names) for op, names in OPS.items() for key in ("CPU", "CUDA")
+}
+
+
+def _cpp_missing(op: str, key: str) -> str | None:
+    if _extension.LOAD_ERROR is not None:
+        return f"the compiled extension kdfast._C failed to load ({_extension.LOAD_ERROR})"
+    if not CPP_KERNELS[(op, key)]:
+        if key == "CUDA":
+            return "kdfast._C was built without CUDA kernels (KDFAST_SKIP_CUDA=1, a CPU build of torch, or no nvcc at build time)"
+        return f"kdfast._C has no {key} kernels for '{op}' (rebuild the extension)"
+    return None
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run `op` on tensors on `device`, or None if it can."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
+        return _cpp_missing(op, "CPU")
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
+        return _cpp_missing(op, "CUDA")
+    if backend == "triton":
+        if TRITON_MISSING:
+            return TRITON_MISSING
+        if device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRET):
+            return None
+        return f"backend 'triton' runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set before importing kdfast), got tensors on {device}"
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> str:
+    """The concrete backend that runs `op` on `device` (never "auto").
+
+    Raises ValueError for an unknown name and RuntimeError, naming what is missing, for a
+    backend that cannot run here.
+    """
+    if backend is None:
+        backend = os.environ.get("KDFAST_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        if device.type == "cpu":
+            candidates = ("cpu", "torch")
+        elif device.type == "cuda":
+            first = AUTO_GPU[op]
+            candidates = (first, "cuda" if first == "triton" else "triton", "torch")
+        else:
+            candidates = ("torch",)
+        return next(b for b in candidates if unavailable_reason(op, b, device) is None)
+    reason = unavailable_reason(op, backend, device)
+    if reason is not None:
+        raise RuntimeError(f"kdfast: backend {backend!r} is unavailable for '{op}': {reason}")
+    return backend
+
+
+def available(op: str, device: torch.device) -> list[str]:
+    """Concrete backends that can run `op` on `device`."""
+    return [b for b in BACKENDS[1:] if unavailable_reason(op, b, device) is None]

@@ -1,0 +1,1 @@
+"""torch.library registration and backend dispatch, one module per op."""

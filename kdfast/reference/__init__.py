@@ -1,0 +1,1 @@
+"""Eager references of every op (float64-capable), shared by tests and benchmarks."""

@@ -1,0 +1,1 @@
+"""Triton kernels of kdfast, one module per op (installed as kdfast.kernels)."""

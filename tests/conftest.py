@@ -1,0 +1,50 @@
+"""Test set-up shared by every test module.
+
+Without a CUDA GPU, Triton kernels run on CPU tensors through the interpreter: TRITON_INTERPRET
+must be set before any @triton.jit function is defined, i.e. before kdfast is imported.
+Tests marked ``gpu`` are skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kdfast  # noqa: E402,F401
+from kdfast import backends  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
+FUSED_BACKENDS = ("cpu", "cuda", "triton")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip)
+
+
+def device_backends(op: str) -> list:
+    """(device, backend) params: every fused backend on every device here; unavailable ones are
+    still listed, as skips that say why (so a missing backend is visible in the report)."""
+    params = []
+    for device in ("cpu", "cuda"):
+        for backend in FUSED_BACKENDS:
+            if (device == "cpu") != (backend == "cpu") and backend != "triton":
+                continue  # "cpu" runs on CPU tensors only, "cuda" on CUDA tensors only
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            if device == "cuda" and not HAS_GPU:
+                reason = "needs a CUDA GPU"
+            else:
+                reason = backends.unavailable_reason(op, backend, torch.device(device))
+            if reason:
+                marks.append(pytest.mark.skip(reason=reason))
+            params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    return params

@@ -1,0 +1,306 @@
+"""Attention transfer (AT): every fused backend against the float64 eager reference.
+
+Values and gradients, every dtype and layout, multi-stage, edge cases, bad input, opcheck,
+torch.compile(fullgraph=True) and float64 gradcheck of the fused ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import HAS_GPU, device_backends
+from kdfast import backends, functional as F, nn as knn
+from kdfast.reference import at as ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Relative tolerances (scaled by the reference's largest magnitude) for the loss and the gradient.
+# The loss is accumulated in float32 (float64); gradients are rounded to the input dtype.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-5, 2e-3),
+    torch.bfloat16: (2e-5, 1.6e-2),
+}
+# (student (C, H, W), teacher (C, H, W)) per stage: odd sizes, Cs != Ct, a pooled stage.
+STAGES = [((5, 7, 6), (8, 7, 6)), ((4, 4, 4), (2, 8, 8)), ((16, 3, 5), (16, 3, 5))]
+# A student map larger than the teacher's is pooled too (tested in float32 and float64).
+POOLED_STUDENT = [((3, 9, 7), (4, 3, 2))]
+
+
+def make_features(shapes, batch, dtype, device, channels_last=False, requires_grad=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    feats = []
+    for shape in shapes:
+        f = torch.randn(batch, *shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        if channels_last:
+            f = f.contiguous(memory_format=torch.channels_last)
+        feats.append(f.requires_grad_(requires_grad))
+    return feats
+
+
+def reference_loss_and_grads(f_s, f_t, p, mode):
+    """float64 reference on the same (already rounded) inputs. A teacher map larger than the
+    student's is pooled in its own dtype first, as every backend does (pooling is a torch op)."""
+    s64 = [f.detach().double().requires_grad_() for f in f_s]
+    t64 = [ref.align_spatial(s.detach(), t.detach())[1].double() for s, t in zip(f_s, f_t)]
+    loss = ref.at_stage_losses(s64, t64, p, mode).sum()
+    return loss, torch.autograd.grad(loss, s64)
+
+
+def assert_close_scaled(actual, expected, rtol, name="", floor=1e-30):
+    """|actual - expected| <= rtol * (|expected| + max(max|expected|, floor)) elementwise.
+
+    `floor` is the natural scale of the quantity where the exact value is ~0 (rounding noise).
+    """
+    actual = actual.double().cpu()
+    expected = expected.double().cpu()
+    scale = max(expected.abs().max().item(), floor)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mode", ["code", "paper"])
+def test_at_loss_matches_reference(device, backend, dtype, channels_last, mode):
+    f_s = make_features([s for s, _ in STAGES], 3, dtype, device, channels_last, requires_grad=True, seed=1)
+    f_t = make_features([t for _, t in STAGES], 3, dtype, device, channels_last, seed=2)
+    loss = F.at_loss(f_s, f_t, mode=mode, backend=backend)
+    grads = torch.autograd.grad(loss, f_s)
+    expected_loss, expected_grads = reference_loss_and_grads(f_s, f_t, 2, mode)
+    loss_tol, grad_tol = TOL[dtype]
+    assert loss.dtype == ref.compute_dtype(dtype)
+    assert_close_scaled(loss, expected_loss, loss_tol, "loss")
+    for i, (g, e, f) in enumerate(zip(grads, expected_grads, f_s)):
+        assert g.dtype == dtype and g.shape == f.shape
+        assert_close_scaled(g, e, grad_tol, f"grad[{i}]")
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at"))
+@pytest.mark.parametrize(
+    "p,mode", [(1, "code"), (3, "code"), (4, "code"), (1, "paper"), (2.5, "paper"), (3, "paper")]
+)
+def test_at_loss_powers(device, backend, p, mode):
+    stages = STAGES + POOLED_STUDENT
+    f_s = make_features([s for s, _ in stages], 2, torch.float32, device, requires_grad=True, seed=3)
+    f_t = make_features([t for _, t in stages], 2, torch.float32, device, seed=4)
+    loss = F.at_loss(f_s, f_t, p=p, mode=mode, backend=backend)
+    grads = torch.autograd.grad(loss, f_s)
+    expected_loss, expected_grads = reference_loss_and_grads(f_s, f_t, p, mode)
+    assert_close_scaled(loss, expected_loss, 2e-5, "loss")
+    for g, e in zip(grads, expected_grads):
+        assert_close_scaled(g, e, 1e-4, "grad")
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p,mode", [(2, "mean"), (3, "mean"), (2, "sum"), (1.5, "sum")])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_attention_map_matches_reference(device, backend, dtype, p, mode, normalize):
+    (feat,) = make_features([(6, 5, 3)], 3, dtype, device, channels_last=mode == "sum", requires_grad=True, seed=5)
+    out = F.attention_map(feat, p=p, mode=mode, normalize=normalize, backend=backend)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out.double() * weight.to(device)).sum(), feat)
+    f64 = feat.detach().double().requires_grad_()
+    expected = ref.attention_map(f64, p, mode, normalize)
+    (expected_grad,) = torch.autograd.grad((expected * weight).sum(), f64)
+    assert out.dtype == dtype and out.shape == (3, 15)
+    out_tol = 1e-10 if dtype == torch.float64 else {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert_close_scaled(out, expected, out_tol, "map")
+    assert_close_scaled(grad, expected_grad, TOL[dtype][1], "grad")
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at"))
+def test_multi_stage_is_sum_of_stages(device, backend):
+    f_s = make_features([s for s, _ in STAGES], 2, torch.float32, device, seed=7)
+    f_t = make_features([t for _, t in STAGES], 2, torch.float32, device, seed=8)
+    per_stage = F.at_loss(f_s, f_t, reduction="none", backend=backend)
+    singles = torch.stack([F.at_loss(s, t, backend=backend) for s, t in zip(f_s, f_t)])
+    assert per_stage.shape == (3,)
+    torch.testing.assert_close(per_stage, singles)
+    torch.testing.assert_close(F.at_loss(f_s, f_t, backend=backend), per_stage.sum())
+    assert knn.ATLoss(backend=backend)(f_s, f_t).item() == pytest.approx(per_stage.sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at"))
+def test_upstream_gradient_and_teacher_gets_none(device, backend):
+    f_s = make_features([s for s, _ in STAGES], 2, torch.float32, device, requires_grad=True, seed=9)
+    f_t = make_features([t for _, t in STAGES], 2, torch.float32, device, requires_grad=True, seed=10)
+    weights = torch.tensor([2.0, -0.5, 3.0], device=device)
+    (F.at_loss(f_s, f_t, reduction="none", backend=backend) * weights).sum().backward()
+    for s, t, w in zip(f_s, f_t, weights):
+        ref_s = s.detach().double().requires_grad_()
+        ref.at_stage_losses([ref_s], [t.detach().double()]).sum().backward()
+        assert_close_scaled(s.grad, w.double().cpu() * ref_s.grad, 1e-4, "weighted grad")
+    assert all(t.grad is None for t in f_t)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at"))
+def test_mixed_dtypes_and_odd_strides(device, backend):
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(2, 4, 6, 5, generator=gen).to(device)
+    f_s = base.transpose(2, 3).requires_grad_()  # h and w do not flatten: copied to contiguous
+    f_t = torch.randn(2, 3, 5, 6, generator=gen).to(device, torch.bfloat16)
+    loss = F.at_loss(f_s, f_t, backend=backend)
+    (grad,) = torch.autograd.grad(loss, f_s)
+    expected_loss, (expected_grad,) = reference_loss_and_grads([f_s], [f_t], 2, "code")
+    assert_close_scaled(loss, expected_loss, 2e-5, "loss")
+    assert_close_scaled(grad, expected_grad, 1e-4, "grad")
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at") + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize("which", ["student", "teacher", "both"])
+@pytest.mark.parametrize("mode", ["code", "paper"])
+def test_zero_maps_are_finite(device, backend, which, mode):
+    f_s = torch.randn(2, 3, 4, 4, device=device)
+    f_t = torch.randn(2, 5, 4, 4, device=device)
+    if which in ("student", "both"):
+        f_s = torch.zeros_like(f_s)
+    if which in ("teacher", "both"):
+        f_t = torch.zeros_like(f_t)
+    f_s.requires_grad_()
+    loss = F.at_loss(f_s, f_t, mode=mode, backend=backend)
+    (grad,) = torch.autograd.grad(loss, f_s)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    expected_loss, (expected_grad,) = reference_loss_and_grads([f_s], [f_t], 2, mode)
+    assert_close_scaled(loss, expected_loss, 2e-5, "loss")
+    assert_close_scaled(grad, expected_grad, 1e-4, "grad", floor=1e-2)  # exactly 0 for a zero teacher
+    assert torch.isfinite(F.attention_map(torch.zeros(2, 3, 4, 4, device=device), backend=backend)).all()
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at") + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_and_inf_give_nan_loss(device, backend, bad):
+    """Documented: NaN/Inf anywhere in a feature map gives a NaN loss on every backend."""
+    f_s = torch.randn(2, 3, 4, 4, device=device)
+    f_t = torch.randn(2, 3, 4, 4, device=device)
+    f_s[1, 2, 3, 1] = bad
+    assert torch.isnan(F.at_loss(f_s, f_t, backend=backend))
+    assert torch.isnan(F.at_loss(f_t, f_s, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at"))
+def test_single_pixel_and_batch_one(device, backend):
+    f_s = torch.randn(1, 3, 1, 1, device=device, requires_grad=True)
+    f_t = torch.randn(1, 7, 2, 3, device=device)
+    loss = F.at_loss(f_s, f_t, backend=backend)
+    expected_loss, (expected_grad,) = reference_loss_and_grads([f_s], [f_t], 2, "code")
+    assert_close_scaled(loss, expected_loss, 2e-5, "loss")
+    assert_close_scaled(torch.autograd.grad(loss, f_s)[0], expected_grad, 1e-4, "grad")
+
+
+# --- fused ops: gradcheck, opcheck, torch.compile
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at"))
+@pytest.mark.parametrize("mode", ["code", "paper"])
+def test_gradcheck_float64(device, backend, mode):
+    gen = torch.Generator().manual_seed(12)
+    f_s = torch.randn(2, 3, 3, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    f_t = torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64).to(device)
+    assert torch.autograd.gradcheck(lambda x: F.at_loss(x, f_t, p=3, mode=mode, backend=backend), (f_s,))
+    assert torch.autograd.gradcheck(lambda x: F.attention_map(x, p=3, backend=backend), (f_s,))
+
+
+def _op_samples(device):
+    gen = torch.Generator().manual_seed(13)
+    feats = [torch.randn(2, 3, 4, 5, generator=gen).to(device), torch.randn(2, 6, 3, 3, generator=gen).to(device).contiguous(memory_format=torch.channels_last)]
+    maps_s = [torch.rand(2, 20, generator=gen).to(device), torch.rand(2, 9, generator=gen).to(device)]
+    maps_t = [torch.rand(2, 20, generator=gen).to(device), torch.rand(2, 9, generator=gen).to(device)]
+    return feats, maps_s, maps_t
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at"))
+def test_opcheck(device, backend):
+    ops = getattr(torch.ops, "kdfast_triton" if backend == "triton" else "kdfast")
+    feats, maps_s, maps_t = _op_samples(device)
+    grad_feats = [f.clone().requires_grad_() for f in feats]
+    for mode in ("mean", "sum"):
+        torch.library.opcheck(ops.at_maps.default, (grad_feats, 2.0, mode))
+        torch.library.opcheck(ops.at_maps_backward.default, (maps_s, feats[:1] + [feats[1][:, :, :3, :3]], 3.0, mode))
+    for loss in ("mse", "l2"):
+        torch.library.opcheck(ops.at_map_loss.default, ([m.clone().requires_grad_() for m in maps_s], maps_t, loss))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("at"))
+def test_compile_fullgraph(device, backend):
+    f_s = make_features([s for s, _ in STAGES], 2, torch.float32, device, requires_grad=True, seed=14)
+    f_t = make_features([t for _, t in STAGES], 2, torch.float32, device, seed=15)
+
+    def step(a, b):
+        return F.at_loss(a, b, backend=backend) + F.attention_map(a[0], backend=backend).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(f_s, f_t)
+    grads = torch.autograd.grad(loss, f_s)
+    eager_loss = step(f_s, f_t)
+    eager_grads = torch.autograd.grad(eager_loss, f_s)
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+# --- bad input
+
+
+def _pair(**kwargs):
+    base = dict(f_s=torch.randn(2, 3, 4, 4), f_t=torch.randn(2, 5, 4, 4))
+    base.update(kwargs)
+    return base
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(f_s=torch.randn(2, 3, 4)), ValueError, "f_s\\[0\\] must be 4-D"),
+        (dict(f_t=torch.randn(3, 5, 4, 4)), ValueError, "batch sizes differ"),
+        (dict(f_s=torch.ones(2, 3, 4, 4, dtype=torch.int64)), TypeError, "f_s\\[0\\] must be float16"),
+        (dict(f_s=torch.randn(0, 3, 4, 4), f_t=torch.randn(0, 3, 4, 4)), ValueError, "f_s\\[0\\] is empty"),
+        (dict(f_s=torch.randn(2, 0, 4, 4)), ValueError, "f_s\\[0\\] is empty"),
+        (dict(f_t=torch.randn(2, 5, 4, 4, device="meta")), ValueError, "one device"),
+        (dict(f_s=[torch.randn(2, 3, 4, 4)] * 2), ValueError, "as many stages"),
+        (dict(f_s=[]), TypeError, "non-empty list"),
+        (dict(f_s="features"), TypeError, "f_s must be a tensor"),
+        (dict(p=0.5), ValueError, "p must be a finite number >= 1"),
+        (dict(p=float("nan")), ValueError, "p must be a finite number >= 1"),
+        (dict(p=2.5), ValueError, "needs an integer p"),
+        (dict(mode="fast"), ValueError, "mode must be one of"),
+        (dict(reduction="mean"), ValueError, "reduction must be one of"),
+        (dict(backend="tpu"), ValueError, "unknown backend"),
+        (dict(f_s=[torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, dtype=torch.float64)], f_t=[torch.randn(2, 3, 4, 4)] * 2), ValueError, "one dtype"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        F.at_loss(**_pair(**kwargs))
+
+
+def test_attention_map_bad_input():
+    with pytest.raises(ValueError, match="feat must be 4-D"):
+        F.attention_map(torch.randn(3, 4))
+    with pytest.raises(TypeError, match="feat must be float16"):
+        F.attention_map(torch.ones(1, 2, 3, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        F.attention_map(torch.randn(1, 2, 3, 3), mode="max")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the error for a GPU backend on a machine without one")
+def test_unavailable_backend_names_what_is_missing():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable.*CUDA tensors"):
+        F.at_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), backend="cuda")
+
+
+def test_backend_choice_order(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("KDFAST_BACKEND", "torch")
+    assert backends.resolve("at", None, cpu) == "torch"
+    assert backends.resolve("at", "cpu", cpu) == "cpu"  # the argument beats the environment
+    monkeypatch.delenv("KDFAST_BACKEND")
+    assert backends.resolve("at", None, cpu) == "cpu"
+    assert backends.resolve("at", "auto", cpu) == "cpu"
+    assert backends.resolve("at", "auto", torch.device("meta")) == "torch"
+    monkeypatch.setenv("KDFAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        F.at_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
