@@ -73,7 +73,7 @@ def extension():
         "kdfast._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=wheel_cuda_includes(),
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-g0", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
     )
 
 

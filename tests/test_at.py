@@ -171,6 +171,7 @@ def test_zero_maps_are_finite(device, backend, which, mode):
 
 @pytest.mark.parametrize("device,backend", device_backends("at") + [pytest.param("cpu", "torch", id="cpu-torch")])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
 def test_nan_and_inf_give_nan_loss(device, backend, bad):
     """Documented: NaN/Inf anywhere in a feature map gives a NaN loss on every backend."""
     f_s = torch.randn(2, 3, 4, 4, device=device)
@@ -186,8 +187,9 @@ def test_single_pixel_and_batch_one(device, backend):
     f_t = torch.randn(1, 7, 2, 3, device=device)
     loss = F.at_loss(f_s, f_t, backend=backend)
     expected_loss, (expected_grad,) = reference_loss_and_grads([f_s], [f_t], 2, "code")
-    assert_close_scaled(loss, expected_loss, 2e-5, "loss")
-    assert_close_scaled(torch.autograd.grad(loss, f_s)[0], expected_grad, 1e-4, "grad")
+    # Exactly 0 (a one-pixel map normalises to 1): compare against the loss's natural scale.
+    assert_close_scaled(loss, expected_loss, 2e-5, "loss", floor=1e-2)
+    assert_close_scaled(torch.autograd.grad(loss, f_s)[0], expected_grad, 1e-4, "grad", floor=1e-2)
 
 
 # --- fused ops: gradcheck, opcheck, torch.compile
