@@ -52,6 +52,48 @@ def check_power(p: float, mode: str) -> None:
         raise ValueError(f"mode 'mean' computes f**p (signed, as the published code) and needs an integer p, got {p}; use mode 'sum' (|f|**p)")
 
 
+def check_logits(name: str, z: Tensor) -> None:
+    """A (B, K) floating-point logit matrix with B >= 1 and K >= 2."""
+    if not isinstance(z, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+    if z.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {z.dtype}")
+    if z.dim() != 2 or z.shape[0] < 1 or z.shape[1] < 2:
+        raise ValueError(f"{name} must be (B, K) logits with B >= 1 and K >= 2 classes, got shape {tuple(z.shape)}")
+
+
+def check_logit_pair(z_s: Tensor, z_t: Tensor) -> None:
+    check_logits("z_s", z_s)
+    check_logits("z_t", z_t)
+    if z_s.shape != z_t.shape:
+        raise ValueError(f"z_s and z_t must have one shape, got {tuple(z_s.shape)} and {tuple(z_t.shape)}")
+    check_same("z_s and z_t", [z_s, z_t], "device")
+
+
+def check_target(target: Tensor, logits: Tensor) -> None:
+    """(B,) int64 class indices in [0, K). The range check reads the values (a GPU sync); it is
+    skipped inside torch.compile, where an out-of-range target gives a NaN loss row instead."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be int64 (torch.long) class indices, got {target.dtype}")
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"target must have shape ({logits.shape[0]},) to match the logits, got {tuple(target.shape)}")
+    check_same("target and logits", [target, logits], "device")
+    if not torch.compiler.is_compiling() and bool(((target < 0) | (target >= logits.shape[1])).any()):
+        raise ValueError(f"target has class indices outside [0, {logits.shape[1]})")
+
+
+def check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_finite(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -25,8 +25,11 @@ except ImportError as error:  # not built, or built against another torch
     )
 
 
+def has_op(op: str) -> bool:
+    """Whether kdfast._C declares kdfast::`op` (a stale build may lack newer ops)."""
+    return LOAD_ERROR is None and hasattr(torch.ops.kdfast, op)
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether kdfast._C registered a `dispatch_key` ("CPU" or "CUDA") kernel for kdfast::`op`."""
-    if LOAD_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"kdfast::{op}", dispatch_key)
+    return has_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"kdfast::{op}", dispatch_key)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 from kdfast import _checks, backends
-from kdfast.ops import at as at_ops
+from kdfast.ops import at as at_ops, dkd as dkd_ops, kd as kd_ops
 from kdfast.reference import at as at_reference
+from kdfast.reference.kd import REDUCTIONS, reduce_rows
 
-__all__ = ["attention_map", "at_loss"]
+__all__ = ["attention_map", "at_loss", "kd_loss", "dkd_loss"]
 
 
 def attention_map(
@@ -76,3 +78,60 @@ def at_loss(
     device = students[0].device
     losses = at_ops.at_stage_losses(students, teachers, float(p), mode, backends.resolve("at", backend, device))
     return losses.sum() if reduction == "sum" else losses
+
+
+def _grad_in_forward(z_s: Tensor, reduction: str) -> bool:
+    """Whether the fused forward should compute the gradient (scaled later in the backward)."""
+    return reduction != "none" and z_s.requires_grad and torch.is_grad_enabled()
+
+
+def kd_loss(
+    z_s: Tensor, z_t: Tensor, temperature: float = 4.0, reduction: str = "batchmean", backend: str | None = None
+) -> Tensor:
+    """Knowledge-distillation loss of Hinton et al. (2015) between student and teacher logits (B, K).
+
+    ``loss_b = T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``; ``reduction`` "batchmean"
+    (``sum_b loss_b / B``, the default), "sum" or "none" ((B,) per row). The teacher never gets a
+    gradient and may have another dtype than the student (e.g. precomputed bf16 logits). Computed in
+    float32 (float64 for float64 students) with a streaming softmax: finite for logits of any
+    magnitude. The fused kernels write no B x K tensor but the gradient: with a reduced loss the
+    forward computes it and the backward only scales it in place (so a second backward through the
+    same graph raises an error); with "none" the backward computes it.
+    """
+    _checks.check_logit_pair(z_s, z_t)
+    _checks.check_positive("temperature", temperature)
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
+    backend = backends.resolve("kd", backend, z_s.device)
+    rows = kd_ops.kd_rows(z_s, z_t, float(temperature), _grad_in_forward(z_s, reduction), backend)
+    return reduce_rows(rows, reduction)
+
+
+def dkd_loss(
+    z_s: Tensor,
+    z_t: Tensor,
+    target: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    reduction: str = "batchmean",
+    backend: str | None = None,
+) -> Tensor:
+    """Decoupled KD loss of Zhao et al. (2022), exactly as mdistiller computes it.
+
+    With ``g = target``: ``loss_b = T^2 * (alpha * TCKD_b + beta * NCKD_b)``, where TCKD is the KL
+    between the teacher's and student's binary [p_g, 1 - p_g] splits and NCKD the KL between
+    ``softmax(z / T - 1000 * onehot(g))`` of teacher and student (kdfast/reference/dkd.py).
+    ``reduction`` as in :func:`kd_loss` ("batchmean" is mdistiller's). Targets must be int64 in
+    [0, K) (checked, which syncs a GPU once per call outside torch.compile). The warm-up of the
+    loss weight over the first epochs is the caller's (the DKD distiller's).
+    """
+    _checks.check_logit_pair(z_s, z_t)
+    _checks.check_target(target, z_s)
+    _checks.check_finite("alpha", alpha)
+    _checks.check_finite("beta", beta)
+    _checks.check_positive("temperature", temperature)
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
+    backend = backends.resolve("dkd", backend, z_s.device)
+    with_grad = _grad_in_forward(z_s, reduction)
+    rows = dkd_ops.dkd_rows(z_s, z_t, target, float(alpha), float(beta), float(temperature), with_grad, backend)
+    return reduce_rows(rows, reduction)

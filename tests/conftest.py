@@ -48,3 +48,14 @@ def device_backends(op: str) -> list:
                 marks.append(pytest.mark.skip(reason=reason))
             params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
     return params
+
+
+def assert_close_scaled(actual, expected, rtol, name="", floor=1e-30):
+    """|actual - expected| <= rtol * (|expected| + max(max|expected|, floor)) elementwise.
+
+    `floor` is the natural scale of the quantity where the exact value is ~0 (rounding noise).
+    """
+    actual = actual.double().cpu()
+    expected = expected.double().cpu()
+    scale = max(expected.abs().max().item(), floor)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAS_GPU, device_backends
+from conftest import HAS_GPU, assert_close_scaled, device_backends
 from kdfast import backends, functional as F, nn as knn
 from kdfast.reference import at as ref
 
@@ -46,17 +46,6 @@ def reference_loss_and_grads(f_s, f_t, p, mode):
     t64 = [ref.align_spatial(s.detach(), t.detach())[1].double() for s, t in zip(f_s, f_t)]
     loss = ref.at_stage_losses(s64, t64, p, mode).sum()
     return loss, torch.autograd.grad(loss, s64)
-
-
-def assert_close_scaled(actual, expected, rtol, name="", floor=1e-30):
-    """|actual - expected| <= rtol * (|expected| + max(max|expected|, floor)) elementwise.
-
-    `floor` is the natural scale of the quantity where the exact value is ~0 (rounding noise).
-    """
-    actual = actual.double().cpu()
-    expected = expected.double().cpu()
-    scale = max(expected.abs().max().item(), floor)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("device,backend", device_backends("at"))

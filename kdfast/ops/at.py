@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from kdfast import _extension
+from kdfast.ops import namespace
 from kdfast.reference import at as reference
 
 CPP_NS = "kdfast"
@@ -106,15 +107,11 @@ def _register(ns: str) -> None:
 
 
 _register(TRITON_NS)
-if _extension.LOAD_ERROR is None:
+if _extension.has_op("at_maps"):
     _register(CPP_NS)
 
 
 # --- Dispatch from a concrete backend name (kdfast.backends.resolve) to the ops.
-
-
-def _ops(backend: str):
-    return getattr(torch.ops, TRITON_NS if backend == "triton" else CPP_NS)
 
 
 def _flattenable(f: Tensor) -> Tensor:
@@ -125,7 +122,7 @@ def attention_map(feat: Tensor, p: float, mode: str, normalize: bool, backend: s
     """(B, C, H, W) -> (B, H*W) attention map in ``feat``'s dtype (see reference.attention_map)."""
     if backend == "torch":
         return reference.attention_map(feat, p, mode, normalize)
-    m = _ops(backend).at_maps([_flattenable(feat)], p, mode)[0]
+    m = namespace(backend).at_maps([_flattenable(feat)], p, mode)[0]
     if normalize:
         m = reference.normalize_map(m)
     return m.to(feat.dtype)
@@ -141,7 +138,7 @@ def at_stage_losses(f_s: list[Tensor], f_t: list[Tensor], p: float, mode: str, b
         return reference.at_stage_losses(f_s, f_t, p, mode)
     map_mode, loss = reference.AT_MODES[mode]
     pairs = [reference.align_spatial(s, t.detach()) for s, t in zip(f_s, f_t)]
-    ops = _ops(backend)
+    ops = namespace(backend)
     maps_s = ops.at_maps([_flattenable(s) for s, _ in pairs], p, map_mode)
     maps_t = ops.at_maps([_flattenable(t) for _, t in pairs], p, map_mode)  # detached: no graph
     maps_t = [m.to(maps_s[0].dtype) for m in maps_t]

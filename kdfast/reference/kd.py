@@ -1,0 +1,41 @@
+"""Eager reference of the KD logit loss (Hinton et al. 2015); ground truth of every fused backend.
+
+With ``T`` the temperature, ``ps = softmax(z_s / T)`` and ``pt = softmax(z_t / T)`` per row::
+
+    loss_b = T^2 * KL(pt_b || ps_b) = T^2 * sum_k pt_bk * (log pt_bk - log ps_bk)
+    d loss_b / d z_s[b] = T * (ps_b - pt_b)
+
+``reduction``: "batchmean" (``sum_b loss_b / B``, the default, as mdistiller), "sum", or "none"
+(the (B,) vector). Computed in float32 (float64 for float64 students); the teacher is detached.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdfast.reference.at import compute_dtype
+
+REDUCTIONS = ("batchmean", "sum", "none")
+
+
+def reduce_rows(rows: Tensor, reduction: str) -> Tensor:
+    """Per-row losses (B,) -> the reduced loss."""
+    if reduction == "batchmean":
+        return rows.sum() / rows.shape[0]
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+def kd_rows(z_s: Tensor, z_t: Tensor, temperature: float = 4.0) -> Tensor:
+    """Per-row ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``, shape (B,)."""
+    dtype = compute_dtype(z_s.dtype)
+    log_ps = F.log_softmax(z_s.to(dtype) / temperature, dim=1)
+    log_pt = F.log_softmax(z_t.detach().to(dtype) / temperature, dim=1)
+    return F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(1) * temperature**2
+
+
+def kd_loss(z_s: Tensor, z_t: Tensor, temperature: float = 4.0, reduction: str = "batchmean") -> Tensor:
+    return reduce_rows(kd_rows(z_s, z_t, temperature), reduction)
