@@ -17,4 +17,14 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("at_maps(Tensor[] feats, float p, str mode) -> Tensor[]");
   m.def("at_maps_backward(Tensor[] grad_maps, Tensor[] feats, float p, str mode) -> Tensor[]");
   m.def("at_map_loss(Tensor[] maps_s, Tensor[] maps_t, str loss) -> (Tensor, Tensor[])");
+  // kd: Hinton's logit loss (kdfast/reference/kd.py). Returns (loss rows, stats, grad).
+  m.def("kd_forward(Tensor z_s, Tensor z_t, float temperature, bool with_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("kd_backward(Tensor grad_loss, Tensor z_s, Tensor z_t, Tensor stats, float temperature) -> Tensor");
+  // dkd: decoupled KD (kdfast/reference/dkd.py). Returns (loss rows, stats, grad).
+  m.def(
+      "dkd_forward(Tensor z_s, Tensor z_t, Tensor target, float alpha, float beta, float temperature, "
+      "bool with_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dkd_backward(Tensor grad_loss, Tensor z_s, Tensor z_t, Tensor target, Tensor stats, float alpha, "
+      "float beta, float temperature) -> Tensor");
 }
