@@ -1,0 +1,480 @@
+// CUDA kernels of the attention-transfer (AT) op family; formulas in kdfast/reference/at.py.
+//
+// at_maps:          m[b, hw] = scale * sum_c g(f[b, c, hw])    one coalesced pass over each feature map
+// at_maps_backward: df[b, c, hw] = dm[b, hw] * scale * g'(f[b, c, hw])
+// at_map_loss:      per (stage, sample): normalise both maps, the loss and d loss / d m_s
+//
+// Every call covers up to kMaxStages stages in one kernel launch (more stages: one launch per run
+// of kMaxStages); the stages travel in a by-value argument struct and each block finds its stage
+// from the prefix sum of the per-stage block counts. Accumulation is in float (double for double
+// inputs); no f^p tensor is ever materialised, and every reduction has a fixed order (no atomics).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../common.h"
+
+namespace kdfast {
+namespace {
+
+constexpr int kMaxStages = 8;          // stages per launch
+constexpr int kWarpSize = 32;
+constexpr int kLogThreads = 9;
+constexpr int kThreads = 1 << kLogThreads;  // threads per block of at_maps and at_maps_backward
+constexpr int kUnroll = 8;             // loads in flight per thread along the channels (a round)
+constexpr int kRounds = 4;             // rounds per thread, at most, unless C > 32 * kRounds * kUnroll
+constexpr int64_t kFillBlocks = 1024;  // blocks that keep a GPU busy (an H100 holds 396 at once)
+constexpr int kLossThreads = 256;      // threads per block of at_map_loss
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+at::ScalarType map_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Resident blocks per SM that the registers of at_maps / at_maps_backward must allow: 3 x 512
+// threads (<= 40 registers, 75% occupancy) with float accumulation; double may use more registers.
+template <typename acc_t>
+constexpr int min_blocks_per_sm() {
+  return sizeof(acc_t) == sizeof(float) ? 3 : 1;
+}
+
+template <typename acc_t>
+acc_t map_scale(MapMode mode, int64_t channels) {
+  return mode == MapMode::kMean ? acc_t(1) / static_cast<acc_t>(channels) : acc_t(1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiling of one feature map (shared by at_maps and at_maps_backward)
+// ---------------------------------------------------------------------------------------------
+
+// How the blocks of one stage cover its (B, C, HW) feature map. The positions n = b * HW + hw of
+// all samples are cut into tiles of P = kThreads / G consecutive positions, one tile per block;
+// the G = 2^log_groups threads of a position take its channels c = g + k * G, g < G.
+// * channels-first (hw is the fast dim): thread t takes position t % P and g = t / P, so a warp
+//   reads rows of min(32, P) contiguous positions, one channel each;
+// * channels_last (c is the fast dim): thread t takes position t / G and g = t % G, so a position
+//   is read along its channels by G adjacent lanes of one warp.
+struct Tiling {
+  Bchw d;
+  bool channels_last;
+  int log_groups;  // G <= 32
+};
+
+int64_t block_count(const Bchw& d, int groups) { return ceil_div(d.batch * d.hw, kThreads / groups); }
+
+// channels_last when c is the faster dim (as in the CPU kernels). G (at most a warp) gives each
+// thread at most kRounds rounds of channels, so that its fixed costs (index math, reduction) stay
+// small next to its loads; more threads share a position, down to one round each, while the stage
+// has fewer than kFillBlocks blocks (small maps such as 7x7 or 8x8). A channels_last position also
+// gets enough threads for 32 contiguous bytes per load instruction (or all its channels).
+Tiling make_tiling(const Bchw& d, int64_t element_size) {
+  const bool channels_last = d.stride_c < d.stride_hw;
+  const int64_t min_groups = channels_last ? std::min<int64_t>(32 / element_size, d.channels) : 1;
+  int log_groups = 0;
+  for (int groups = 1; groups < kWarpSize; groups *= 2, ++log_groups) {
+    const bool more = groups < min_groups || groups * kUnroll * kRounds < d.channels ||
+                      (groups * kUnroll < d.channels && block_count(d, groups) < kFillBlocks);
+    if (!more) break;
+  }
+  return {d, channels_last, log_groups};
+}
+
+// The part of a block's tile that thread threadIdx.x covers: the `count` channels c0, c0 + G, ...
+// < C at position n = b * HW + hw; `valid` is false for the positions past the end of the last tile.
+struct ThreadSpan {
+  int64_t n, b, hw, c0, count;
+  bool valid;
+};
+
+__device__ __forceinline__ ThreadSpan thread_span(const Tiling& t, int64_t block) {
+  const int tid = threadIdx.x, log_positions = kLogThreads - t.log_groups;
+  const int slot = t.channels_last ? tid >> t.log_groups : tid & ((1 << log_positions) - 1);  // in the tile
+  const int64_t c0 = t.channels_last ? tid & ((1 << t.log_groups) - 1) : tid >> log_positions;
+  const int64_t n = (block << log_positions) + slot;
+  const int64_t count = c0 < t.d.channels ? ((t.d.channels - c0 - 1) >> t.log_groups) + 1 : 0;
+  return {n, n / t.d.hw, n % t.d.hw, c0, count, n < t.d.batch * t.d.hw};
+}
+
+// Offset of element (span.b, span.c0, span.hw) of a tensor of strides `d`.
+__device__ __forceinline__ int64_t span_offset(const Bchw& d, const ThreadSpan& span) {
+  return span.b * d.stride_b + span.c0 * d.stride_c + span.hw * d.stride_hw;
+}
+
+// Offset between consecutive channels c, c + G of a span, in a tensor of strides `d`.
+__device__ __forceinline__ int64_t span_jump(const Bchw& d, const Tiling& t) {
+  return d.stride_c * (int64_t{1} << t.log_groups);
+}
+
+// One round of for_each_channel: fn(x[u * jump]) for u < n <= kUnroll, all loads first.
+template <typename scalar_t, typename Fn>
+__device__ __forceinline__ void channel_round(const scalar_t* x, int64_t jump, int n, Fn& fn) {
+  scalar_t v[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < n) v[u] = x[u * jump];
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < n) fn(v[u]);
+  }
+}
+
+// fn(x[i * jump]) for i = 0 .. count - 1, in order, in rounds of kUnroll loads in flight.
+template <typename scalar_t, typename Fn>
+__device__ __forceinline__ void for_each_channel(const scalar_t* x, int64_t jump, int64_t count, Fn fn) {
+  int64_t i = 0;
+  for (; i + kUnroll <= count; i += kUnroll, x += kUnroll * jump) channel_round(x, jump, kUnroll, fn);
+  if (i < count) channel_round(x, jump, static_cast<int>(count - i), fn);
+}
+
+// Butterfly sum over aligned groups of `width` lanes (a power of two <= 32): every lane of a group
+// gets the same sum, bitwise (the two lanes of each exchange add the same pair, a + b == b + a).
+// All 32 lanes of the warp call it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t sum_over_lanes(acc_t v, int width) {
+  for (int offset = 1; offset < width; offset *= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Channels-first tiling: the sum of v over the threads of each position (threadIdx.x % positions),
+// added in thread order, returned to the first of them (threadIdx.x < positions; the others get
+// their own v back). All threads of the block call it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t sum_over_groups(acc_t v, int positions) {
+  __shared__ acc_t partial[kThreads];
+  const int tid = threadIdx.x;
+  partial[tid] = v;
+  __syncthreads();
+  if (tid >= positions) return v;
+  acc_t sum = 0;
+  for (int i = tid; i < kThreads; i += positions) sum += partial[i];
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// at_maps and at_maps_backward kernels
+// ---------------------------------------------------------------------------------------------
+
+// Stages of one at_maps / at_maps_backward launch: block i works on the stage s with
+// first_block[s] <= i < first_block[s + 1], on tile i - first_block[s] of it.
+template <typename scalar_t, typename acc_t>
+struct FeatStages {
+  int count;
+  int64_t first_block[kMaxStages + 1];
+  Tiling tiling[kMaxStages];
+  const scalar_t* feat[kMaxStages];
+  acc_t scale[kMaxStages];  // 1/C (mode "mean") or 1 (mode "sum")
+  acc_t p;
+  bool odd_signed;
+};
+
+template <typename scalar_t, typename acc_t>
+struct MapsArgs : FeatStages<scalar_t, acc_t> {
+  acc_t* map[kMaxStages];  // (B, HW), contiguous
+};
+
+template <typename scalar_t, typename acc_t>
+struct MapsBackwardArgs : FeatStages<scalar_t, acc_t> {
+  const acc_t* grad_map[kMaxStages];  // (B, HW), contiguous
+  scalar_t* grad[kMaxStages];
+  Bchw grad_shape[kMaxStages];  // strides of grad (those of feat unless feat is not dense)
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ int block_stage(const FeatStages<scalar_t, acc_t>& a) {
+  int s = 0;
+  while (s + 1 < a.count && blockIdx.x >= a.first_block[s + 1]) ++s;
+  return s;
+}
+
+// m[b, hw] = scale * sum_c g(f[b, c, hw]): each thread sums its channels, then the G threads of
+// each position are summed (channels_last: shuffles in one warp; channels-first: shared memory).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<acc_t>())
+    at_maps_kernel(const MapsArgs<scalar_t, acc_t> a) {
+  const int s = block_stage(a);
+  const Tiling t = a.tiling[s];
+  const ThreadSpan span = thread_span(t, blockIdx.x - a.first_block[s]);
+  acc_t sum = 0;
+  if (span.valid) {
+    for_each_channel(a.feat[s] + span_offset(t.d, span), span_jump(t.d, t), span.count,
+                     [&](scalar_t v) { sum += power_value(static_cast<acc_t>(v), a.p, a.odd_signed); });
+  }
+  // block-uniform branch (one stage per block)
+  sum = t.channels_last ? sum_over_lanes(sum, 1 << t.log_groups)
+                        : sum_over_groups(sum, kThreads >> t.log_groups);
+  if (span.valid && span.c0 == 0) a.map[s][span.n] = sum * a.scale[s];
+}
+
+// df[b, c, hw] = dm[b, hw] * scale * g'(f[b, c, hw]), on the tiles of at_maps_kernel: each thread
+// reads dm once and walks its channels.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<acc_t>())
+    at_maps_backward_kernel(const MapsBackwardArgs<scalar_t, acc_t> a) {
+  const int s = block_stage(a);
+  const Tiling t = a.tiling[s];
+  const ThreadSpan span = thread_span(t, blockIdx.x - a.first_block[s]);
+  if (!span.valid) return;
+  const Bchw o = a.grad_shape[s];
+  const acc_t dm_scale = a.grad_map[s][span.n] * a.scale[s];
+  scalar_t* y = a.grad[s] + span_offset(o, span);
+  const int64_t y_jump = span_jump(o, t);
+  for_each_channel(a.feat[s] + span_offset(t.d, span), span_jump(t.d, t), span.count,
+                   [&](scalar_t v) {  // in channel order: y walks along with x
+                     *y = static_cast<scalar_t>(dm_scale * power_grad(static_cast<acc_t>(v), a.p, a.odd_signed));
+                     y += y_jump;
+                   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// at_map_loss kernel
+// ---------------------------------------------------------------------------------------------
+
+// Stages of one at_map_loss launch: block i is (stage i / batch, sample i % batch).
+template <typename acc_t>
+struct LossArgs {
+  const acc_t* maps_s[kMaxStages];  // (B, HW), contiguous
+  const acc_t* maps_t[kMaxStages];
+  acc_t* grads[kMaxStages];         // (B, HW), contiguous
+  int64_t hw[kMaxStages];
+  acc_t* losses;                    // (stages of this launch, B), contiguous
+  int64_t batch;
+  bool mse;
+};
+
+// Sums each v[k] over the block; every thread gets the totals (the warps are added in order, the
+// same in every thread). All threads of the block call it.
+template <int N, typename acc_t>
+__device__ __forceinline__ void block_sum(acc_t (&v)[N]) {
+  __shared__ acc_t partial[kLossThreads / kWarpSize][N];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int k = 0; k < N; ++k) v[k] = sum_over_lanes(v[k], kWarpSize);
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) partial[warp][k] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    v[k] = 0;
+    for (int w = 0; w < kLossThreads / kWarpSize; ++w) v[k] += partial[w][k];
+  }
+  __syncthreads();  // `partial` may be written again by the next call
+}
+
+// With u = m / max(||m||, eps): loss = sum (u_s - u_t)^2 / (B HW) ("mse") or ||u_s - u_t|| / B ("l2"),
+// and d loss / d m_s = k / max(||m_s||, eps) * ((u_s - u_t) - u_s * proj), proj = u_s . (u_s - u_t)
+// where ||m_s|| >= eps (0 where the norm is clamped), k = d loss / d u_s / (u_s - u_t).
+template <typename acc_t>
+__global__ void __launch_bounds__(kLossThreads) at_map_loss_kernel(const LossArgs<acc_t> a) {
+  const int s = static_cast<int>(blockIdx.x / a.batch);
+  const int64_t i = blockIdx.x;  // (stage, sample) of this launch
+  const int64_t hw = a.hw[s];
+  const int64_t row = (i - s * a.batch) * hw;
+  const acc_t* ms = a.maps_s[s] + row;
+  const acc_t* mt = a.maps_t[s] + row;
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+
+  acc_t dots[3] = {0, 0, 0};  // ss, tt, st
+  for (int64_t j = threadIdx.x; j < hw; j += kLossThreads) {
+    dots[0] += ms[j] * ms[j];
+    dots[1] += mt[j] * mt[j];
+    dots[2] += ms[j] * mt[j];
+  }
+  block_sum(dots);
+  const acc_t ss = dots[0], tt = dots[1], st = dots[2];
+  const acc_t ns = std::sqrt(ss), nt = std::sqrt(tt);
+  const acc_t inv_s = acc_t(1) / (ns < eps ? eps : ns), inv_t = acc_t(1) / (nt < eps ? eps : nt);  // std::max
+
+  acc_t sq[1] = {0};
+  for (int64_t j = threadIdx.x; j < hw; j += kLossThreads) {
+    const acc_t diff = ms[j] * inv_s - mt[j] * inv_t;
+    sq[0] += diff * diff;
+  }
+  block_sum(sq);
+
+  acc_t loss, k;  // d loss / d u_s = k * (u_s - u_t)
+  if (a.mse) {
+    loss = sq[0] / static_cast<acc_t>(a.batch * hw);
+    k = acc_t(2) / static_cast<acc_t>(a.batch * hw);
+  } else {
+    const acc_t l = std::sqrt(sq[0]);
+    loss = l / static_cast<acc_t>(a.batch);
+    k = l > acc_t(0) ? acc_t(1) / (l * static_cast<acc_t>(a.batch)) : acc_t(0);
+  }
+  if (threadIdx.x == 0) a.losses[i] = loss;
+  // d u_s / d m_s = (I - u_s u_s^T) / ||m_s|| where the norm is not clamped, I / eps otherwise.
+  const acc_t proj = ns >= eps ? ss * inv_s * inv_s - st * inv_s * inv_t : acc_t(0);
+  acc_t* g = a.grads[s] + row;
+  for (int64_t j = threadIdx.x; j < hw; j += kLossThreads) {
+    const acc_t us = ms[j] * inv_s;
+    g[j] = k * inv_s * ((us - mt[j] * inv_t) - us * proj);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+// fn(first, count) for each run of at most kMaxStages consecutive stages.
+template <typename Fn>
+void for_each_stage_run(size_t stages, Fn fn) {
+  for (size_t first = 0; first < stages; first += kMaxStages) fn(first, std::min<size_t>(kMaxStages, stages - first));
+}
+
+// Fills the stage part of `a` with feats [first, first + count); returns the launch's block count.
+template <typename scalar_t, typename acc_t>
+int64_t plan_stages(FeatStages<scalar_t, acc_t>& a, const std::vector<at::Tensor>& feats, size_t first, size_t count,
+                    const Power& power, MapMode mode) {
+  a.count = static_cast<int>(count);
+  a.p = static_cast<acc_t>(power.p);
+  a.odd_signed = power.odd_signed;
+  a.first_block[0] = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& f = feats[first + i];
+    a.tiling[i] = make_tiling(bchw(f), f.element_size());
+    a.feat[i] = f.const_data_ptr<scalar_t>();
+    a.scale[i] = map_scale<acc_t>(mode, f.size(1));
+    a.first_block[i + 1] = a.first_block[i] + block_count(a.tiling[i].d, 1 << a.tiling[i].log_groups);
+  }
+  return a.first_block[count];
+}
+
+// kernel<<<blocks, threads>>>(args) on the current stream; zero blocks launch nothing.
+template <typename Args>
+void launch(const char* op, void (*kernel)(Args), int64_t blocks, int threads, const Args& args) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many blocks for one launch (", blocks, ")");
+  if (blocks == 0) return;
+  kernel<<<static_cast<unsigned int>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<at::Tensor> at_maps_cuda(const std::vector<at::Tensor>& feats_in, double p, c10::string_view mode_name) {
+  check_feature_list(feats_in, "at_maps");
+  const MapMode mode = parse_map_mode(mode_name);
+  const Power power = make_power(p, mode);
+  const c10::cuda::CUDAGuard guard(feats_in[0].device());
+  std::vector<at::Tensor> feats, maps;
+  for (const auto& f : feats_in) {
+    feats.push_back(hw_flattenable_view(f));
+    maps.push_back(at::empty({f.size(0), f.size(2) * f.size(3)}, f.options().dtype(map_dtype(f.scalar_type()))));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "at_maps_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for_each_stage_run(feats.size(), [&](size_t first, size_t count) {
+      MapsArgs<scalar_t, acc_t> args{};
+      const int64_t blocks = plan_stages(args, feats, first, count, power, mode);
+      for (size_t i = 0; i < count; ++i) args.map[i] = maps[first + i].mutable_data_ptr<acc_t>();
+      launch("at_maps", at_maps_kernel<scalar_t, acc_t>, blocks, kThreads, args);
+    });
+  });
+  return maps;
+}
+
+std::vector<at::Tensor> at_maps_backward_cuda(const std::vector<at::Tensor>& grad_maps_in,
+                                              const std::vector<at::Tensor>& feats_in, double p,
+                                              c10::string_view mode_name) {
+  check_feature_list(feats_in, "at_maps_backward");
+  TORCH_CHECK(grad_maps_in.size() == feats_in.size(), "at_maps_backward: ", grad_maps_in.size(),
+              " grad_maps for ", feats_in.size(), " feats");
+  const MapMode mode = parse_map_mode(mode_name);
+  const Power power = make_power(p, mode);
+  std::vector<at::Tensor> feats, grad_maps, grads;
+  for (size_t s = 0; s < feats_in.size(); ++s) {
+    const auto& f = feats_in[s];
+    const auto& g = grad_maps_in[s];
+    TORCH_CHECK(g.dim() == 2 && g.size(0) == f.size(0) && g.size(1) == f.size(2) * f.size(3),
+                "at_maps_backward: grad_maps[", s, "] must have shape (B, H*W) of feats[", s, "]");
+    TORCH_CHECK(g.scalar_type() == map_dtype(f.scalar_type()), "at_maps_backward: grad_maps[", s,
+                "] must be ", map_dtype(f.scalar_type()));
+    TORCH_CHECK(g.device() == f.device(), "at_maps_backward: grad_maps[", s, "] must be on the device of feats[",
+                s, "]");
+    feats.push_back(hw_flattenable_view(f));
+    grad_maps.push_back(g.contiguous());
+    grads.push_back(at::empty_like(feats.back()));
+  }
+  const c10::cuda::CUDAGuard guard(feats[0].device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "at_maps_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for_each_stage_run(feats.size(), [&](size_t first, size_t count) {
+      MapsBackwardArgs<scalar_t, acc_t> args{};
+      const int64_t blocks = plan_stages(args, feats, first, count, power, mode);
+      for (size_t i = 0; i < count; ++i) {
+        args.grad_map[i] = grad_maps[first + i].const_data_ptr<acc_t>();
+        args.grad[i] = grads[first + i].mutable_data_ptr<scalar_t>();
+        args.grad_shape[i] = bchw(grads[first + i]);
+      }
+      launch("at_maps_backward", at_maps_backward_kernel<scalar_t, acc_t>, blocks, kThreads, args);
+    });
+  });
+  return grads;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> at_map_loss_cuda(const std::vector<at::Tensor>& maps_s_in,
+                                                                  const std::vector<at::Tensor>& maps_t_in,
+                                                                  c10::string_view loss_name) {
+  TORCH_CHECK(!maps_s_in.empty() && maps_s_in.size() == maps_t_in.size(),
+              "at_map_loss: expected equally many (>= 1) student and teacher maps");
+  TORCH_CHECK(loss_name == "mse" || loss_name == "l2", "at_map_loss: loss must be 'mse' or 'l2', got '",
+              std::string(loss_name), "'");
+  const bool mse = loss_name == "mse";
+  const auto dtype = maps_s_in[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "at_map_loss: maps must be float32 or float64");
+  const int64_t batch = maps_s_in[0].size(0);
+  const c10::Device device = maps_s_in[0].device();
+  std::vector<at::Tensor> maps_s, maps_t, grads;
+  for (size_t s = 0; s < maps_s_in.size(); ++s) {
+    const auto &ms = maps_s_in[s], &mt = maps_t_in[s];
+    TORCH_CHECK(ms.dim() == 2 && ms.sizes() == mt.sizes() && ms.size(0) == batch && ms.size(1) > 0,
+                "at_map_loss: maps_s[", s, "] and maps_t[", s, "] must both be (B, HW) with one B for all");
+    TORCH_CHECK(ms.scalar_type() == dtype && mt.scalar_type() == dtype, "at_map_loss: maps must share one dtype");
+    TORCH_CHECK(ms.device() == device && mt.device() == device, "at_map_loss: maps must be on one device");
+    maps_s.push_back(ms.contiguous());
+    maps_t.push_back(mt.contiguous());
+    grads.push_back(at::empty_like(maps_s.back()));
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const int64_t stages = static_cast<int64_t>(maps_s.size());
+  at::Tensor losses = at::empty({stages, batch}, maps_s[0].options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "at_map_loss_cuda", [&] {
+    using acc_t = scalar_t;
+    for_each_stage_run(maps_s.size(), [&](size_t first, size_t count) {
+      LossArgs<acc_t> args{};
+      for (size_t i = 0; i < count; ++i) {
+        args.maps_s[i] = maps_s[first + i].const_data_ptr<acc_t>();
+        args.maps_t[i] = maps_t[first + i].const_data_ptr<acc_t>();
+        args.grads[i] = grads[first + i].mutable_data_ptr<acc_t>();
+        args.hw[i] = maps_s[first + i].size(1);
+      }
+      args.losses = losses.mutable_data_ptr<acc_t>() + static_cast<int64_t>(first) * batch;
+      args.batch = batch;
+      args.mse = mse;
+      launch("at_map_loss", at_map_loss_kernel<acc_t>, static_cast<int64_t>(count) * batch, kLossThreads, args);
+    });
+  });
+  return {losses, grads};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
+  m.impl("at_maps", &at_maps_cuda);
+  m.impl("at_maps_backward", &at_maps_backward_cuda);
+  m.impl("at_map_loss", &at_map_loss_cuda);
+}
+
+}  // namespace kdfast
