@@ -23,7 +23,7 @@ bench: $(VENV)/.built
 # Build requirements first: the editable build runs without isolation against this torch.
 $(VENV)/.requirements:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install torch ninja pybind11 numpy setuptools wheel
+	$(BIN)/pip install torch torchvision ninja pybind11 numpy setuptools wheel
 	touch $@
 
 $(VENV)/.built: $(VENV)/.requirements $(BUILD_INPUTS)

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
@@ -78,8 +78,9 @@ def extension():
 
 
 setup(
-    packages=["kdfast", "kdfast.ops", "kdfast.reference", "kdfast.kernels"],
+    packages=[*find_packages(include=["kdfast", "kdfast.*"]), "kdfast.kernels"],
     package_dir={"kdfast": "kdfast", "kdfast.kernels": "kernels"},
+    package_data={"kdfast": ["configs/**/*.yaml"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,0 +1,88 @@
+"""Data for distillation runs: ``build_loaders(name, root, batch_size, device)``.
+
+Datasets:
+
+- ``"digits"`` (default, no files needed): scikit-learn's bundled digits upscaled to 32 x 32 RGB
+  (``kdfast.data.digits``);
+- ``"cifar10"``, ``"cifar100"``: the official python-version files under `root`
+  (``kdfast.data.cifar``);
+- ``"imagenet"``: an ``ImageFolder`` tree ``root/{train,val}/<class>/<image>``
+  (``kdfast.data.imagenet``).
+
+The small datasets live on the device as uint8 and are cropped, flipped and normalized there
+(``ResidentLoader``); ImageNet is decoded by DataLoader workers (``WorkerLoader``). Both loaders
+yield ``(images, labels)`` on the device (normalized float images, int64 labels) and share one
+interface: ``len()`` (batches per epoch on this rank), ``num_samples``, ``set_epoch(epoch)``,
+``state_dict()`` / ``load_state_dict()`` for exact mid-epoch resume. Sharding follows the
+initialized process group (or explicit ``rank`` / ``world_size``); see ``kdfast.data.schedule``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from kdfast.data import cifar, digits
+from kdfast.data.cifar import load_cifar
+from kdfast.data.digits import load_digits32
+from kdfast.data.resident import ResidentLoader
+from kdfast.data.schedule import EpochSchedule, ScheduledLoader
+from kdfast.data.transforms import Normalize, pad_crop_flip
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
+
+
+class Loaders(NamedTuple):
+    """What ``build_loaders`` returns: training loader, test loader and number of classes."""
+
+    train: ScheduledLoader
+    test: ScheduledLoader
+    num_classes: int
+
+
+def build_loaders(name: str = "digits", root: str | Path | None = None, batch_size: int = 128,
+                  device: torch.device | str = "cpu", *, eval_batch_size: int | None = None,
+                  download: bool = False, workers: int | None = None, seed: int = 0, drop_last: bool = False,
+                  rank: int | None = None, world_size: int | None = None, dtype: torch.dtype = torch.float32,
+                  channels_last: bool = False) -> Loaders:
+    """Training and test loaders of dataset `name` (one of ``DATASETS``) on `device`.
+
+    root: the data folder (not used by "digits"). eval_batch_size: test batch size (default
+    `batch_size`). download: let torchvision fetch missing CIFAR files (network needed).
+    workers: DataLoader processes for ImageNet (default min(8, CPUs)). seed: sample order and
+    augmentation of every epoch. drop_last: drop each epoch's last partial training batch.
+    dtype / channels_last: the images' dtype and memory format.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name != "digits" and root is None:
+        raise ValueError(f"dataset {name!r} needs root, the folder that holds its files")
+    common = dict(device=device, seed=seed, rank=rank, world_size=world_size, dtype=dtype,
+                  channels_last=channels_last)
+    test_batch = eval_batch_size or batch_size
+
+    if name == "imagenet":
+        from kdfast.data.imagenet import WorkerLoader, image_folder
+
+        train_set, test_set = image_folder(root, True, seed), image_folder(root, False, seed)
+        return Loaders(WorkerLoader(train_set, batch_size, train=True, workers=workers, drop_last=drop_last, **common),
+                       WorkerLoader(test_set, test_batch, train=False, workers=workers, **common),
+                       len(train_set.classes))
+
+    if name == "digits":
+        (train_x, train_y), (test_x, test_y) = load_digits32(True), load_digits32(False)
+        mean, std, num_classes = digits.MEAN, digits.STD, digits.NUM_CLASSES
+    else:
+        spec = cifar.cifar_spec(name)
+        (train_x, train_y), (test_x, test_y) = (load_cifar(root, name, split, download) for split in (True, False))
+        mean, std, num_classes = spec.mean, spec.std, spec.num_classes
+    common.update(mean=mean, std=std)
+    return Loaders(ResidentLoader(train_x, train_y, batch_size, train=True, drop_last=drop_last, **common),
+                   ResidentLoader(test_x, test_y, test_batch, train=False, **common),
+                   num_classes)
+
+
+__all__ = ["DATASETS", "EpochSchedule", "Loaders", "Normalize", "ResidentLoader", "ScheduledLoader",
+           "build_loaders", "load_cifar", "load_digits32", "pad_crop_flip"]
