@@ -1,8 +1,13 @@
-"""The `kdfast` command line."""
+"""The `kdfast` command line: train, eval, bench, viz, quickstart, demo.
+
+Configuration problems (unknown method, model, dataset or key, missing data or checkpoint) are
+reported as ``kdfast: error: ...`` with exit status 2 before any training starts.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Sequence
 
 
@@ -11,6 +16,192 @@ def _demo(args: argparse.Namespace) -> int:
 
     rows = demo.run(batch=args.batch, device=args.device, dtype=args.dtype, repeats=args.repeats)
     return 0 if rows else 1
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """--set items, then the shortcut options (which win)."""
+    shortcuts = {"train.epochs": args.epochs, "train.seed": args.seed, "train.out_dir": args.out_dir,
+                 "train.device": args.device, "model.teacher_checkpoint": args.teacher_checkpoint,
+                 "data.root": args.data_root}
+    overrides = list(args.set)
+    overrides += [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
+    overrides += [f"train.{flag}=true" for flag in ("deterministic", "compile") if getattr(args, flag)]
+    return overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kdfast.engine import distributed, load_config, train
+
+    cfg = load_config(args.config, _train_overrides(args))
+    try:
+        summary = train(cfg, resume=args.resume)
+    finally:
+        distributed.teardown()
+    print(f"best top-1 {summary.best_top1:.2f} (epoch {summary.best_epoch}), last {summary.last_top1:.2f}, "
+          f"{summary.wall_s:.1f} s, {summary.images_per_s:.0f} img/s"
+          + (f", peak GPU memory {summary.peak_gpu_mem_bytes / 2**20:.0f} MiB" if summary.peak_gpu_mem_bytes else "")
+          + f"; outputs in {summary.out_dir}")
+    return 0
+
+
+def _check_checkpoint(name: str, path: str) -> None:
+    from kdfast import models
+    from kdfast.engine import ConfigError
+
+    if name not in models.names():
+        raise ConfigError(f"unknown model {name!r}; valid: {', '.join(models.names())}")
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint {path!r} not found")
+
+
+def _check_data(dataset: str, root: str | None) -> None:
+    from kdfast.engine.config import DataConfig, validate_data
+
+    validate_data(DataConfig(dataset=dataset, root=root))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from kdfast import models
+    from kdfast.data import build_loaders
+    from kdfast.engine import evaluate
+    from kdfast.engine.distributed import setup
+
+    _check_data(args.dataset, args.data_root)
+    _check_checkpoint(args.model, args.checkpoint)
+    device = setup(args.device).device
+    loaders = build_loaders(args.dataset, args.data_root, args.batch_size, device)
+    model = models.create(args.model, loaders.num_classes, weights=args.checkpoint).to(device)
+    top1 = evaluate(model, loaders.test, device, args.amp)
+    print(f"{args.model} {args.checkpoint} on {args.dataset} test: top-1 {top1:.2f}%")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.e2e:
+        from kdfast.engine.bench import run_e2e
+
+        batch = args.batch or (8 if args.quick else 64)
+        iters = args.iters or (3 if args.quick else 20)
+        run_e2e(device, args.methods, batch, iters, warmup=1 if args.quick else 3, out=args.out)
+        return 0
+    from kdfast.engine.bench import benchmarks_common
+
+    if benchmarks_common() is None:
+        from kdfast.engine import ConfigError
+
+        raise ConfigError("op benchmarks need a source checkout (benchmarks/ next to kdfast/); --e2e works anywhere")
+    from benchmarks import run
+
+    argv = ["--device", device.type] + (["--quick"] if args.quick else []) + (["--out", str(args.out)] if args.out else [])
+    return run.main(argv + (["--threads", str(args.threads)] if args.threads else []))
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from kdfast import models
+    from kdfast.data import build_loaders
+    from kdfast.engine.viz import attention_grid
+
+    _check_data(args.dataset, args.data_root)
+    _check_checkpoint(args.teacher, args.teacher_checkpoint)
+    _check_checkpoint(args.student, args.student_checkpoint)
+    device = args.device or "cpu"
+    loaders = build_loaders(args.dataset, args.data_root, args.images, device)
+    images, labels = next(iter(loaders.test))
+    nets = [models.create(name, loaders.num_classes, weights=path).to(device)
+            for name, path in ((args.teacher, args.teacher_checkpoint), (args.student, args.student_checkpoint))]
+    out = attention_grid(*nets, images, labels, Path(args.out))
+    print(f"attention maps written to {out}")
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    import torch
+
+    from kdfast.engine import quickstart
+
+    torch.set_num_threads(args.threads)
+    quickstart.run(args.out_dir, args.epochs, progress=not args.no_progress)
+    return 0
+
+
+def _add_train(commands) -> None:
+    p = commands.add_parser("train", help="train a teacher or distil a student from a YAML config",
+                            description="Train by a YAML config (a path, or one shipped under kdfast/configs, e.g. "
+                                        "cifar100/kd/resnet32x4_resnet8x4). Multi-GPU / multi-node: run under torchrun.")
+    p.add_argument("config", help="config file, e.g. digits/kd or cifar100/dkd/resnet32x4_resnet8x4.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.epochs=2 --set method.temperature=2")
+    p.add_argument("--teacher-checkpoint", help="teacher weights (mdistiller {'model': ...} or a state_dict)")
+    p.add_argument("--data-root", help="dataset folder (data.root)")
+    p.add_argument("--out-dir", help="output folder: checkpoints, metrics.jsonl, tensorboard/, curves.png, summary.json")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (train.device)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns, slower)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student step")
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt exactly")
+    p.set_defaults(func=_train)
+
+
+def _add_eval(commands) -> None:
+    p = commands.add_parser("eval", help="top-1 accuracy of a checkpoint on a dataset's test split")
+    p.add_argument("--model", required=True, help="model name, e.g. resnet8x4")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (kdfast best.pt/last.pt, mdistiller, state_dict)")
+    p.add_argument("--dataset", default="digits", help="digits, cifar10, cifar100 or imagenet (default: digits)")
+    p.add_argument("--data-root", help="dataset folder (not needed for digits)")
+    p.add_argument("--batch-size", type=int, default=256, help="default: 256")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"], help="autocast (default: bf16 on GPU)")
+    p.set_defaults(func=_eval)
+
+
+def _add_bench(commands) -> None:
+    from kdfast.engine.bench import METHODS
+
+    p = commands.add_parser("bench", help="op benchmarks (from a checkout) or --e2e training-step throughput",
+                            description="Without --e2e: the op benchmarks of benchmarks/run.py. With --e2e: images/s "
+                                        "of a resnet32x4 -> resnet8x4 distillation step, kdfast vs an eager fp32 "
+                                        "peer-style baseline. Rows are merged into benchmarks/results/<device>.csv.")
+    p.add_argument("--e2e", action="store_true", help="end-to-end distillation step instead of single ops")
+    p.add_argument("--quick", action="store_true", help="few shapes / small batch and few steps (CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="--e2e methods (default: all)")
+    p.add_argument("--batch", type=int, help="--e2e batch size (default 64, 8 with --quick)")
+    p.add_argument("--iters", type=int, help="--e2e timed steps (default 20, 3 with --quick)")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out", type=Path, help="CSV to merge into (default: benchmarks/results/<device>.csv)")
+    p.set_defaults(func=_bench)
+
+
+def _add_viz(commands) -> None:
+    p = commands.add_parser("viz", help="PNG grid of teacher vs student attention maps on a few test images")
+    p.add_argument("--teacher", required=True, help="teacher model name")
+    p.add_argument("--teacher-checkpoint", required=True, help="teacher checkpoint file")
+    p.add_argument("--student", required=True, help="student model name")
+    p.add_argument("--student-checkpoint", required=True, help="student checkpoint file")
+    p.add_argument("--dataset", default="digits", help="dataset of the test images (default: digits)")
+    p.add_argument("--data-root", help="dataset folder (not needed for digits)")
+    p.add_argument("--images", type=int, default=4, help="number of images (default: 4)")
+    p.add_argument("--device", help="default: cpu")
+    p.add_argument("--out", default="attention.png", help="PNG file (default: attention.png)")
+    p.set_defaults(func=_viz)
+
+
+def _add_quickstart(commands) -> None:
+    p = commands.add_parser("quickstart", help="train a teacher, distil a student with fused KD and compare, on digits",
+                            description="Real end-to-end distillation on the embedded digits dataset (configs digits/*): "
+                                        "teacher, KD student and undistilled student, evaluated and tabulated.")
+    p.add_argument("--out-dir", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    p.add_argument("--epochs", type=int, help="epochs of every run (default: the configs', 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default: 1, robust on a busy machine; 2 is faster on an idle 2-core one)")
+    p.set_defaults(func=_quickstart)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,12 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"], help="feature dtype")
     demo.add_argument("--repeats", type=int, default=5, help="timed repetitions per backend (default: 5)")
     demo.set_defaults(func=_demo)
+    for add in (_add_train, _add_eval, _add_bench, _add_viz, _add_quickstart):
+        add(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from kdfast.engine import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        parser.exit(2, f"kdfast: error: {error}\n")
 
 
 if __name__ == "__main__":

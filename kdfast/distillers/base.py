@@ -1,0 +1,64 @@
+"""The distiller interface: what a method adds to a student and how it combines its losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdfast.models import Features, KDModel
+
+__all__ = ["Distiller", "Params", "feature_shapes"]
+
+
+@dataclass
+class Params:
+    """A method's knobs (subclassed per method); every field is a config key under ``method:``."""
+
+    ce_weight: float = 1.0
+
+
+class Distiller(nn.Module):
+    """Wraps a student: ``forward(images, labels, teacher, epoch) -> (logits, {name: weighted loss})``.
+
+    The engine runs the frozen teacher itself (``teacher`` is its :class:`Features`, computed under
+    ``torch.inference_mode``, or None for methods that need no teacher), sums the returned losses,
+    logs each one and calls backward. A distiller owns its trainable extras (connectors), which are
+    sub-modules next to ``self.student`` and therefore trained and checkpointed with it. It calls
+    :mod:`kdfast.functional` and knows nothing of backends.
+    """
+
+    params_class: ClassVar[type[Params]] = Params
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, student: KDModel, teacher: KDModel | None, params: Params, image_size: int = 32) -> None:
+        super().__init__()
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"method {type(self).__name__} needs a teacher model")
+        self.student = student
+        self.params = params
+
+    def forward(self, images: Tensor, labels: Tensor, teacher: Features | None, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Student logits and the named, weighted losses of one batch (``epoch`` counts from 1)."""
+        student = self.student.features(images)
+        losses = {"ce": self.params.ce_weight * F.cross_entropy(student.logits, labels)}
+        losses.update(self.distill_losses(student, teacher, labels, epoch))
+        return student.logits, losses
+
+    def distill_losses(self, student: Features, teacher: Features | None, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+        """The method's own weighted losses (none for the plain student)."""
+        return {}
+
+
+@torch.no_grad()
+def feature_shapes(model: KDModel, image_size: int) -> list[torch.Size]:
+    """Per-sample shapes (C, H, W) of ``model.features(x).stages`` for a square input of `image_size`."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stages = model.features(torch.zeros(2, 3, image_size, image_size, device=device)).stages
+    model.train(was_training)
+    return [s.shape[1:] for s in stages]

@@ -1,0 +1,215 @@
+"""Run configuration: dataclass schema, YAML loading, ``--set key=value`` overrides, validation.
+
+A config file has the sections ``data``, ``model``, ``method``, ``optim`` and ``train`` (see the
+dataclasses below and the files under ``kdfast/configs/``). A file may name a ``base:`` file
+(relative to itself) whose values it overrides. Unknown keys, methods, models and datasets, and
+missing data or teacher checkpoints, raise :class:`ConfigError` naming the problem before any
+training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from kdfast import distillers, models
+from kdfast.data import DATASETS
+
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "TrainConfig",
+           "CONFIG_DIR", "load_config", "from_dict", "apply_overrides", "validate", "validate_data", "resolve_path", "to_dict"]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration, detected before training starts."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # one of kdfast.data.DATASETS
+    root: str | None = None  # folder of the dataset's files (not used by "digits")
+    batch_size: int = 64  # per process
+    eval_batch_size: int | None = None  # default: batch_size
+
+
+@dataclass
+class ModelConfig:
+    student: str = "resnet8"  # the model trained (a teacher is trained as a "student" of method vanilla)
+    teacher: str | None = None  # the frozen teacher of a distillation method
+    teacher_checkpoint: str | None = None  # local file: mdistiller {"model": ...} or a bare state_dict
+
+
+@dataclass
+class MethodConfig:
+    name: str = "vanilla"  # one of kdfast.distillers.names()
+    params: dict[str, Any] = field(default_factory=dict)  # the method's Params fields
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])  # epochs where lr *= gamma
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 240
+    seed: int = 0
+    deterministic: bool = False  # deterministic algorithms only (slower), for bit-exact reruns
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    amp: str = "auto"  # "bf16" autocast, "none", or "auto" (bf16 on GPU, none on CPU)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the student step
+    out_dir: str = "runs/default"
+    max_train_batches: int | None = None  # cap per epoch (smoke tests); None: whole epoch
+    max_eval_batches: int | None = None
+    progress: bool = True  # tqdm bar per epoch (rank 0)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "optim": OptimConfig,
+                    "train": TrainConfig}
+
+
+def _build_section(name: str, values: Any) -> Any:
+    cls = _SECTION_CLASSES[name]
+    if values is None:
+        return cls()
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"section {name!r} must be a mapping, got {type(values).__name__}")
+    values = dict(values)
+    if cls is MethodConfig:  # method: {name: kd, temperature: 4, ...}: every other key is a param
+        return MethodConfig(name=values.pop("name", "vanilla"), params=values)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in section {name!r}: {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    return cls(**values)
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+    """A Config from nested mappings; unknown sections or keys raise ConfigError naming them."""
+    unknown = sorted(set(values) - set(_SECTION_CLASSES))
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(unknown)}; valid sections: {', '.join(_SECTION_CLASSES)}")
+    return Config(**{name: _build_section(name, values.get(name)) for name in _SECTION_CLASSES})
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The nested-mapping form of `cfg` (as written in YAML; method params inline)."""
+    values = dataclasses.asdict(cfg)
+    method = values.pop("method")
+    values["method"] = {"name": method["name"], **method["params"]}
+    return values
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config file: an existing path, else one relative to the shipped ``kdfast/configs`` (".yaml" optional)."""
+    path = Path(path)
+    for candidate in (path, CONFIG_DIR / path, CONFIG_DIR / path.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {str(path)!r} not found (looked in the current folder and in {CONFIG_DIR})")
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) else value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = values.pop("base", None)
+    return _merge(_read_yaml((path.parent / base).resolve()), values) if base else values
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to nested mappings."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"bad override {item!r}: expected section.key=value, e.g. train.epochs=2")
+        section, name = parts
+        values = _merge(values, {section: {name: yaml.safe_load(raw)}})
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), check_files: bool = True) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate; raises ConfigError."""
+    values = _read_yaml(resolve_path(path)) if path is not None else {}
+    cfg = from_dict(apply_overrides(values, overrides))
+    validate(cfg, check_files)
+    return cfg
+
+
+def _data_problems(data: DataConfig, check_files: bool) -> list[str]:
+    if data.dataset not in DATASETS:
+        return [f"unknown dataset {data.dataset!r}; valid: {', '.join(DATASETS)}"]
+    if data.dataset == "digits":
+        return []
+    if data.root is None:
+        return [f"dataset {data.dataset!r} needs data.root"]
+    if check_files and not Path(data.root).is_dir():
+        return [f"data.root {data.root!r} is not a folder (missing data for {data.dataset!r})"]
+    return []
+
+
+def validate_data(data: DataConfig) -> None:
+    """Check the dataset name and that its folder exists; raises ConfigError."""
+    problems = _data_problems(data, True)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def validate(cfg: Config, check_files: bool = True) -> None:
+    """Check names, method parameters and (with `check_files`) data and checkpoint files."""
+    problems = _data_problems(cfg.data, check_files)
+    for role in ("student", "teacher"):
+        name = getattr(cfg.model, role)
+        if name is not None and name not in models.names():
+            problems.append(f"unknown model.{role} {name!r}; valid: {', '.join(models.names())}")
+    try:
+        method = distillers.get(cfg.method.name)
+        distillers.make_params(cfg.method.name, cfg.method.params)
+    except (ValueError, TypeError) as error:
+        problems.append(str(error))
+    else:
+        if method.needs_teacher and cfg.model.teacher is None:
+            problems.append(f"method {cfg.method.name!r} needs model.teacher")
+        if method.needs_teacher and cfg.model.teacher_checkpoint is None:
+            problems.append(f"method {cfg.method.name!r} needs model.teacher_checkpoint (or --teacher-checkpoint)")
+        elif method.needs_teacher and check_files and not Path(cfg.model.teacher_checkpoint).is_file():
+            problems.append(f"teacher checkpoint {cfg.model.teacher_checkpoint!r} not found")
+    if cfg.train.amp not in ("auto", "bf16", "none"):
+        problems.append(f"train.amp must be auto, bf16 or none, got {cfg.train.amp!r}")
+    if cfg.train.epochs < 1:
+        problems.append("train.epochs must be >= 1")
+    if cfg.data.batch_size < 1:
+        problems.append("data.batch_size must be >= 1")
+    if problems:
+        raise ConfigError("bad config: " + "; ".join(problems))

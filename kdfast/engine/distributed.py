@@ -1,0 +1,67 @@
+"""Process groups from torchrun's environment (NCCL on GPU, gloo on CPU) and metric reduction."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Dist", "setup", "teardown", "all_reduce_sum"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place: rank, world size, and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup(requested_device: str = "auto") -> Dist:
+    """Join the process group that torchrun's variables (WORLD_SIZE, RANK, LOCAL_RANK) describe.
+
+    Without them (or with WORLD_SIZE=1) this is a single process. The backend is NCCL for CUDA
+    devices and gloo for the CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(requested_device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Dist(rank, world_size, device)
+
+
+def teardown() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` over every process (itself when not distributed)."""
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values

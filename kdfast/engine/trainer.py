@@ -1,0 +1,249 @@
+"""Teacher training and distillation: ``train(cfg)`` runs a :class:`Config` to the end.
+
+One loop serves both: a teacher is a student trained with method ``vanilla``. The frozen teacher
+runs in eval mode under ``torch.inference_mode()``; the distiller (student + its connectors),
+wrapped in DistributedDataParallel when several processes run, computes the named losses, which
+are summed for backward. bf16 autocast, channels_last and torch.compile are switches of
+``train``. Every epoch ends with an evaluation and an atomic checkpoint (``last.pt``, plus
+``best.pt`` in mdistiller's ``{"model": state_dict}`` format); ``resume`` continues from
+``last.pt`` exactly (model, optimizer, scheduler, loader position, RNG states, metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from kdfast import distillers, models
+from kdfast.data import build_loaders
+from kdfast.engine import checkpoint, distributed
+from kdfast.engine.config import Config, ConfigError, to_dict
+from kdfast.engine.distributed import Dist, all_reduce_sum
+from kdfast.engine.metrics import MetricsLogger, plot_curves
+
+__all__ = ["Summary", "train", "evaluate", "image_size", "autocast", "seed_everything", "set_deterministic"]
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class Summary:
+    """What a run reports at its end (also written to ``summary.json``)."""
+
+    best_top1: float
+    best_epoch: int
+    last_top1: float
+    epochs: int
+    wall_s: float
+    images_per_s: float
+    peak_gpu_mem_bytes: int | None
+    out_dir: str
+
+
+def image_size(dataset: str) -> int:
+    """Training resolution of a dataset."""
+    return 224 if dataset == "imagenet" else 32
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic algorithms only (and no cuDNN autotuning) when `enabled`."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.benchmark = not enabled
+    torch.backends.cudnn.deterministic = enabled
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for amp "bf16" (and "auto" on GPU), else nothing."""
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _batches(loader: Iterable, limit: int | None) -> Iterable:
+    return itertools.islice(loader, limit) if limit is not None else loader
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "auto", max_batches: int | None = None) -> float:
+    """Top-1 accuracy (%) of `model` on `loader`, counts summed over every process."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    loader.set_epoch(0)
+    with autocast(device, amp):
+        for images, labels in _batches(loader, max_batches):
+            counts[0] += (model(images).argmax(1) == labels).sum()
+            counts[1] += labels.numel()
+    model.train(was_training)
+    correct, total = all_reduce_sum(counts).tolist()
+    return 100.0 * correct / max(total, 1.0)
+
+
+def _frozen_teacher(cfg: Config, num_classes: int, device: torch.device, memory_format: torch.memory_format) -> models.KDModel | None:
+    if cfg.model.teacher is None or not distillers.get(cfg.method.name).needs_teacher:
+        return None
+    teacher = models.create(cfg.model.teacher, num_classes, weights=cfg.model.teacher_checkpoint)
+    teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    return teacher
+
+
+class _Run:
+    """The state of one training run (built from a config, optionally restored from ``last.pt``)."""
+
+    def __init__(self, cfg: Config, dist: Dist, resume: bool) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.out = Path(cfg.train.out_dir)
+        set_deterministic(cfg.train.deterministic)
+        seed_everything(cfg.train.seed)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        data = cfg.data
+        self.loaders = build_loaders(data.dataset, data.root, data.batch_size, dist.device,
+                                     eval_batch_size=data.eval_batch_size, seed=cfg.train.seed,
+                                     channels_last=cfg.train.channels_last)
+        size = image_size(data.dataset)
+        self.teacher = _frozen_teacher(cfg, self.loaders.num_classes, dist.device, memory_format)
+        student = models.create(cfg.model.student, self.loaders.num_classes)
+        self.distiller = distillers.create(cfg.method.name, student, self.teacher, cfg.method.params, size)
+        self.distiller.to(dist.device, memory_format=memory_format)
+        opt = cfg.optim
+        self.optimizer = torch.optim.SGD(self.distiller.parameters(), lr=opt.lr, momentum=opt.momentum,
+                                         weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, opt.milestones, opt.gamma)
+        self.epoch, self.history, self.best = 0, [], (-1.0, 0)
+        if resume:
+            self._restore(checkpoint.load(self.out / LAST))
+        step_module: nn.Module = self.distiller
+        if dist.enabled:  # batches are already on this process's device: no device_ids, no input scatter
+            step_module = nn.parallel.DistributedDataParallel(step_module)
+        self.step_module = torch.compile(step_module) if cfg.train.compile else step_module
+
+    def _restore(self, state: dict) -> None:
+        self.distiller.load_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loaders.train.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        self.epoch, self.history, self.best = state["epoch"], state["history"], tuple(state["best"])
+
+    def _save(self, improved: bool) -> None:
+        student = self.distiller.student.state_dict()
+        if improved:
+            checkpoint.save_atomic({"model": student, "epoch": self.epoch, "best_acc": self.best[0]}, self.out / BEST)
+        checkpoint.save_atomic({
+            "model": student, "distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": None, "epoch": self.epoch,
+            "loader": self.loaders.train.state_dict(), "rng": checkpoint.rng_state(), "history": self.history,
+            "best": list(self.best), "config": to_dict(self.cfg),
+        }, self.out / LAST)
+
+    def _teacher_features(self, images: Tensor) -> models.Features | None:
+        if self.teacher is None:
+            return None
+        with torch.inference_mode():
+            return self.teacher.features(images)
+
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch of training; returns the mean losses, train top-1 and images/s."""
+        cfg, device, loader = self.cfg, self.dist.device, self.loaders.train
+        loader.set_epoch(self.epoch - 1)
+        self.distiller.train()
+        sums: dict[str, Tensor] = {}
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        total = min(len(loader), cfg.train.max_train_batches or len(loader))
+        bar = tqdm(total=total, desc=f"epoch {self.epoch}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (cfg.train.progress and self.dist.is_main))
+        start = time.perf_counter()
+        for step, (images, labels) in enumerate(_batches(loader, cfg.train.max_train_batches)):
+            with autocast(device, cfg.train.amp):
+                teacher = self._teacher_features(images)
+                logits, losses = self.step_module(images, labels, teacher, self.epoch)
+            loss = sum(losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for name, value in (("loss", loss), *((f"loss.{k}", v) for k, v in losses.items())):
+                sums[name] = sums.get(name, 0.0) + value.detach().double() * labels.numel()
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.numel()
+            bar.update()
+            if step % 10 == 0 and bar.n:
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                                img_s=f"{seen * self.dist.world_size / (time.perf_counter() - start):.0f}")
+        bar.close()
+        totals = all_reduce_sum(torch.stack([*sums.values(), correct, torch.tensor(seen, dtype=torch.float64, device=device)]))
+        elapsed = time.perf_counter() - start
+        n = totals[-1].item()
+        stats = {name: value.item() / n for name, value in zip(sums, totals)}
+        stats.update({"train.top1": 100.0 * totals[-2].item() / n, "images_per_s": n / elapsed, "epoch_s": elapsed})
+        return stats
+
+    def fit(self) -> Summary:
+        cfg = self.cfg
+        logger = MetricsLogger(self.out, self.dist.is_main, resume_epoch=self.epoch)
+        start = time.perf_counter()
+        if self.dist.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dist.device)
+        while self.epoch < cfg.train.epochs:
+            self.epoch += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            row = {"epoch": self.epoch, "lr": lr, **self.train_epoch()}
+            self.scheduler.step()
+            row["test.top1"] = evaluate(self.distiller.student, self.loaders.test, self.dist.device, cfg.train.amp,
+                                        cfg.train.max_eval_batches)
+            improved = row["test.top1"] > self.best[0]
+            if improved:
+                self.best = (row["test.top1"], self.epoch)
+            self.history.append(row)
+            logger.log(row)
+            if self.dist.is_main:
+                self._save(improved)
+                print(f"epoch {self.epoch}/{cfg.train.epochs}: loss {row['loss']:.4f}, train top-1 {row['train.top1']:.2f}, "
+                      f"test top-1 {row['test.top1']:.2f}, {row['images_per_s']:.0f} img/s", flush=True)
+        logger.close()
+        return self._summary(time.perf_counter() - start)
+
+    def _summary(self, wall_s: float) -> Summary:
+        device = self.dist.device
+        rows = self.history
+        summary = Summary(
+            best_top1=self.best[0], best_epoch=self.best[1], last_top1=rows[-1]["test.top1"], epochs=len(rows),
+            wall_s=wall_s, images_per_s=float(np.mean([r["images_per_s"] for r in rows])),
+            peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            out_dir=str(self.out))
+        if self.dist.is_main:
+            (self.out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+            plot_curves(rows, self.out / "curves.png", f"{self.cfg.method.name}: {self.cfg.model.student}")
+        return summary
+
+
+def train(cfg: Config, resume: bool = False) -> Summary:
+    """Train by `cfg` (resume: continue ``<out_dir>/last.pt``); joins torchrun's process group if any.
+
+    Under DDP every process reads ``last.pt`` on resume (a shared file system across nodes) and
+    restores rank 0's saved RNG states; only rank 0 writes checkpoints and logs.
+    """
+    if resume and not (Path(cfg.train.out_dir) / LAST).is_file():
+        raise ConfigError(f"cannot resume: {Path(cfg.train.out_dir) / LAST} not found")
+    dist = distributed.setup(cfg.train.device)
+    return _Run(cfg, dist, resume).fit()

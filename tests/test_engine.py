@@ -1,0 +1,163 @@
+"""Engine: configs, checkpoints, exact resume, outputs, 2-process gloo DDP, real CIFAR-10 check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdfast import models
+from kdfast.engine import ConfigError, checkpoint, load_config, train
+from kdfast.engine.config import CONFIG_DIR
+
+CIFAR_ROOT = Path("/work/shared/data")
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.batch_size=16", "train.max_train_batches=3", "train.max_eval_batches=1", "train.progress=false",
+        "model.student=resnet8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A random resnet8 teacher in mdistiller's {"model": state_dict} format."""
+    path = tmp_path_factory.mktemp("teacher") / "ckpt_epoch_240.pth"
+    torch.manual_seed(1)
+    torch.save({"model": models.create("resnet8", 10).state_dict(), "epoch": 240}, path)
+    return path
+
+
+def shipped_configs() -> list[str]:
+    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml") if p.name != "base.yaml")
+
+
+def test_every_pair_and_method_is_shipped():
+    names = set(shipped_configs())
+    for pair in ("resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2", "resnet56_resnet20", "vgg13_vgg8"):
+        for method in ("kd", "at", "fitnet", "dkd"):
+            assert f"cifar100/{method}/{pair}.yaml" in names
+    assert {f"imagenet/{m}/ResNet34_ResNet18.yaml" for m in ("kd", "at", "dkd")} <= names
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_shipped_config_is_valid(name):
+    cfg = load_config(name, check_files=False)
+    if name.startswith("cifar100/"):
+        assert (cfg.train.epochs, cfg.data.batch_size, cfg.optim.lr, cfg.optim.milestones) == (240, 64, 0.05, [150, 180, 210])
+    if name.startswith("imagenet/"):
+        assert (cfg.train.epochs, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.milestones) == (100, 0.2, 1e-4, [30, 60, 90])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=2", "unknown key.*'train': epoch"),
+    ("trian.epochs=2", "unknown section.*trian"),
+    ("method.name=nope", "unknown method 'nope'"),
+    ("model.student=nope", "unknown model.student 'nope'"),
+    ("method.tau=2", "unknown key.*method 'kd': tau"),
+    ("data.dataset=cifar10", "needs data.root"),
+    ("data.root=/nonexistent", None),
+    ("epochs=2", "bad override"),
+])
+def test_bad_config_names_the_problem(override, message, teacher_ckpt):
+    overrides = [f"model.teacher_checkpoint={teacher_ckpt}", override]
+    if message is None:
+        overrides.append("data.dataset=cifar10")
+        message = "data.root '/nonexistent' is not a folder"
+    with pytest.raises(ConfigError, match=message):
+        load_config("digits/kd", overrides)
+
+
+def test_missing_teacher_checkpoint():
+    with pytest.raises(ConfigError, match="teacher checkpoint '/nope.pt' not found"):
+        load_config("digits/kd", ["model.teacher_checkpoint=/nope.pt"])
+
+
+def test_overrides_parse_yaml_values(tmp_path, teacher_ckpt):
+    (tmp_path / "c.yaml").write_text(f"base: {CONFIG_DIR / 'digits/kd.yaml'}\noptim:\n  lr: 0.1\n")
+    cfg = load_config(tmp_path / "c.yaml", ["optim.milestones=[1, 2]", "method.temperature=2",
+                                            f"model.teacher_checkpoint={teacher_ckpt}"])
+    assert (cfg.optim.lr, cfg.optim.milestones, cfg.method.params["temperature"], cfg.model.teacher) == (0.1, [1, 2], 2, "resnet14")
+
+
+def test_atomic_save_and_rng_roundtrip(tmp_path):
+    checkpoint.save_atomic({"a": 1}, tmp_path / "x.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    state = checkpoint.rng_state()
+    first = torch.rand(3)
+    checkpoint.set_rng_state(state)
+    assert torch.equal(first, torch.rand(3))
+
+
+def _kd_config(out: Path, teacher_ckpt: Path, epochs: int):
+    return load_config("digits/kd", [*TINY, f"train.epochs={epochs}", f"train.out_dir={out}", "train.deterministic=true",
+                                     "model.teacher=resnet8", f"model.teacher_checkpoint={teacher_ckpt}",
+                                     "optim.milestones=[2, 3]"])
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, teacher_ckpt):
+    full = train(_kd_config(tmp_path / "full", teacher_ckpt, 4))
+    train(_kd_config(tmp_path / "split", teacher_ckpt, 2))
+    resumed = train(_kd_config(tmp_path / "split", teacher_ckpt, 4), resume=True)
+    a, b = (checkpoint.load(tmp_path / run / "last.pt") for run in ("full", "split"))
+    assert a["epoch"] == b["epoch"] == 4
+    for key, value in a["distiller"].items():
+        assert torch.equal(value, b["distiller"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"] and a["loader"] == b["loader"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_s")} for r in rows]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    assert (full.best_top1, full.last_top1) == (resumed.best_top1, resumed.last_top1)
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_run_outputs(tmp_path, teacher_ckpt):
+    summary = train(_kd_config(tmp_path, teacher_ckpt, 1))
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png"):
+        assert (tmp_path / name).is_file(), name
+    assert any((tmp_path / "tensorboard").iterdir())
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"epoch", "lr", "loss", "loss.ce", "loss.kd", "train.top1", "test.top1", "images_per_s"} <= set(row)
+    assert json.loads((tmp_path / "summary.json").read_text())["best_top1"] == summary.best_top1
+    # best.pt is an mdistiller-format checkpoint: it loads strictly into the model
+    models.load_checkpoint(models.create("resnet8", 10), tmp_path / "best.pt")
+
+
+def test_two_process_gloo_ddp(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "kdfast.cli", "train", "digits/student", "--out-dir", str(tmp_path), "--epochs", "2",
+           *(arg for item in TINY for arg in ("--set", item))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["images_per_s"] > 0 and proc.stdout.count("epoch 1/2") == 1
+
+
+@pytest.mark.skipif(not (CIFAR_ROOT / "cifar-10-batches-py").is_dir(), reason="real CIFAR-10 not present")
+def test_real_cifar10_teacher_then_kd_student(tmp_path):
+    common = [f"data.root={CIFAR_ROOT}", "data.dataset=cifar10", "data.batch_size=64", "train.max_train_batches=15",
+              "train.max_eval_batches=4", "data.eval_batch_size=250", "train.progress=false", "optim.lr=0.05"]
+    teacher = train(load_config("digits/teacher", [*common, "model.student=resnet8", "train.epochs=3",
+                                                   f"train.out_dir={tmp_path / 't'}"]))
+    student = train(load_config("digits/kd", [*common, "model.teacher=resnet8", "model.student=resnet8",
+                                              f"model.teacher_checkpoint={tmp_path / 't' / 'best.pt'}",
+                                              "train.epochs=2", f"train.out_dir={tmp_path / 's'}"]))
+    for run, summary in (("t", teacher), ("s", student)):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["train.top1"] > rows[0]["train.top1"]
+        assert summary.best_top1 > 15.0  # chance is 10%; 1000 test images
