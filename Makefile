@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# The README's two commands: `make quickstart` (the main job) and `make test` (the test suite).
 # Each one sets itself up on a fresh machine: a virtual environment in .venv with torch (a CUDA
 # build, so the CUDA kernels compile and link even without a GPU), then kdfast built in place.
 # The extension is rebuilt whenever a C++/CUDA source or the build files change.
@@ -9,7 +9,10 @@ BIN := $(VENV)/bin
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: demo test bench
+.PHONY: quickstart demo test bench
+
+quickstart: $(VENV)/.built
+	$(BIN)/kdfast quickstart
 
 demo: $(VENV)/.built
 	$(BIN)/kdfast demo

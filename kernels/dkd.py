@@ -1,0 +1,230 @@
+"""Triton kernels of the DKD logit loss (Zhao et al. 2022, mdistiller's formula); formulas in
+kdfast/reference/dkd.py.
+
+With ``zs = z_s / T``, ``zt = z_t / T``, ``g = target[b]``, ``lse`` the log-sum-exp over all
+classes, ``lse_other`` over ``k != g`` and ``lse_masked`` of ``z - 1000 [k == g]`` (mdistiller's
+mask, exactly: with |z| >~ 1000 it no longer removes the target):
+
+* :func:`dkd_forward` -> ``(loss (B,), stats (B, 6), grad)``, stats columns
+  ``[lse_s, lse_t, lse_other_s, lse_other_t, lse_masked_s, lse_masked_t]``::
+
+      loss_b = T^2 (alpha TCKD + beta NCKD)
+      TCKD   = sum_{i in {target, other}} pt_i (log pt_i - log ps_i),
+               log p_target = z_g - lse, log p_other = lse_other - lse
+      NCKD   = sum_k qt_k (log qt_k - log qs_k),  log q_k = z_k - 1000 [k == g] - lse_masked
+      (terms with pt_i == 0 or qt_k == 0 add 0)
+      grad_k = T alpha (ps_k - (pt_g if k == g else exp(lse_other_t - lse_t + zs_k - lse_other_s)))
+               + T beta (qs_k - qt_k)                         (only with with_grad; else empty)
+
+* :func:`dkd_backward` -> ``grad_loss[b]`` times that gradient.
+
+A target outside [0, K) is never dereferenced: its row's loss and gradient are NaN.
+
+Kernel design (helpers in softmax.py, as kd.py): pass 1 streams the classes ``k != g`` only
+(m, l, a of the non-target softmax p'), and gathers the target logits ``z_g``. Everything else
+is per-row algebra on ``d = z_g / T - lse_other`` (the target's log-odds against the rest):
+``lse = lse_other + softplus(d)``, ``lse_masked = lse_other + softplus(d - 1000)``,
+``log p_target = -softplus(-d)``, ``log p_other = -softplus(d)``, ``log q_target =
+d - 1000 - softplus(d - 1000)``, ``log w = log sum_{k != g} q_k = -softplus(d - 1000)``, and
+``NCKD = kl(qt_target) + wt (KL(pt' || ps') + log wt - log ws)``. For ``k != g`` the gradient is
+``c_s p's_k - c_t p't_k`` with ``c_s = T (alpha (ps_other - pt_other) + beta ws)`` and
+``c_t = T beta wt``, at ``g`` it is ``-T (alpha (ps_other - pt_other) + beta (ws - wt))``; a
+difference of two probabilities ``x_other - y_other`` is taken as ``y_target - x_target`` where
+``x_other + y_other >= 1`` (the smaller operands round less). Rows of at most BLOCK_K classes
+are loaded once (ONE_BLOCK); nothing of size B x K besides the gradient; no atomics.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdfast.kernels import softmax as sm
+
+_MASK = tl.constexpr(1000.0)  # mdistiller's gt-mask magnitude (subtracted from z / T)
+_N_STATS = tl.constexpr(6)  # stats columns, see the module docstring
+
+
+@triton.jit
+def _other_minus(x_target, x_other, y_target, y_other):
+    """``x_other - y_other`` (= ``y_target - x_target``) from whichever pair is smaller."""
+    return tl.where(x_other + y_other < 1.0, x_other - y_other, y_target - x_target)
+
+
+@triton.jit
+def _dkd_rows(d_s, d_t, temp, alpha, beta, scale):
+    """Per-row log-probabilities and gradient coefficients from the target log-odds d_s, d_t.
+
+    Returns (loss terms without KL(pt' || ps'): tckd, nckd_target, log_ws, log_wt;
+    gradient: c_s, c_t, value at the target), the gradient scaled by ``scale``."""
+    lp_s_g = -sm.softplus(-d_s)  # log ps_target
+    lp_s_o = -sm.softplus(d_s)  # log ps_other
+    lp_t_g = -sm.softplus(-d_t)
+    lp_t_o = -sm.softplus(d_t)
+    dm_s = d_s - _MASK
+    dm_t = d_t - _MASK
+    log_ws = -sm.softplus(dm_s)  # log sum_{k != g} qs_k
+    log_wt = -sm.softplus(dm_t)
+    lq_s_g = dm_s + log_ws  # log qs_target
+    lq_t_g = dm_t + log_wt
+    tckd = sm.kl_term(lp_t_g, lp_t_g - lp_s_g) + sm.kl_term(lp_t_o, lp_t_o - lp_s_o)
+    nckd_target = sm.kl_term(lq_t_g, lq_t_g - lq_s_g)
+
+    ws = tl.exp(log_ws)
+    wt = tl.exp(log_wt)
+    dp = _other_minus(tl.exp(lp_s_g), tl.exp(lp_s_o), tl.exp(lp_t_g), tl.exp(lp_t_o))
+    dq = _other_minus(tl.exp(lq_s_g), ws, tl.exp(lq_t_g), wt)
+    k = temp * scale
+    c_s = k * (alpha * dp + beta * ws)
+    c_t = k * beta * wt
+    at_target = -k * (alpha * dp + beta * dq)
+    return tckd, nckd_target, log_ws, log_wt, c_s, c_t, at_target
+
+
+@triton.jit
+def _dkd_forward_kernel(zs_ptr, zt_ptr, target_ptr, stride_target, loss_ptr, stats_ptr, grad_ptr,
+                        batch, n, stride_s, stride_t, t_hi, t_lo, alpha_hi, alpha_lo, beta_hi,
+                        beta_lo, WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    rows, row_ok = sm.program_rows(batch, ROWS)
+    zs_rows = zs_ptr + rows * stride_s
+    zt_rows = zt_ptr + rows * stride_t
+    temp = sm.scalar(t_hi, t_lo, ACC)
+    inv_t = 1.0 / temp
+    alpha = sm.scalar(alpha_hi, alpha_lo, ACC)
+    beta = sm.scalar(beta_hi, beta_lo, ACC)
+    g = tl.load(target_ptr + rows * stride_target)  # rows are clamped in bounds
+    zg_s, g_ok = sm.gather(zs_rows, g, n, ACC)
+    zg_t, _ = sm.gather(zt_rows, g, n, ACC)
+
+    if ONE_BLOCK:
+        cols, valid, zs, zt = sm.load_block(zs_rows[:, None], zt_rows[:, None], 0, n, BLOCK_K, ACC)
+        m_s, l_s, m_t, l_t, a = sm.kl_init(ROWS, ACC)
+        m_s, l_s, m_t, l_t, a = sm.kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, g, inv_t,
+                                           True)
+    else:
+        m_s, l_s, m_t, l_t, a = sm.kl_stream(zs_rows[:, None], zt_rows[:, None], n, g, inv_t, True,
+                                             ROWS, BLOCK_K, ACC)
+
+    log_l_s = tl.log(l_s)
+    log_l_t = tl.log(l_t)
+    # d = z_g / T - lse_other, from raw differences (NaN for a target out of range)
+    d_s = (zg_s - m_s) * inv_t - log_l_s
+    d_t = (zg_t - m_t) * inv_t - log_l_t
+    one = tl.full([ROWS], 1.0, ACC)
+    tckd, nckd_target, log_ws, log_wt, c_s, c_t, at_target = _dkd_rows(d_s, d_t, temp, alpha,
+                                                                       beta, one)
+    kl_other = sm.kl_term(log_wt, sm.kl_rows(m_s, l_s, m_t, l_t, a, inv_t) + log_wt - log_ws)
+    loss = temp * temp * (alpha * tckd + beta * (nckd_target + kl_other))
+    tl.store(loss_ptr + rows, tl.where(g_ok, loss, float("nan")), mask=row_ok)
+
+    lo_s = m_s * inv_t + log_l_s
+    lo_t = m_t * inv_t + log_l_t
+    stats = stats_ptr + rows * _N_STATS
+    tl.store(stats, lo_s + sm.softplus(d_s), mask=row_ok)
+    tl.store(stats + 1, lo_t + sm.softplus(d_t), mask=row_ok)
+    tl.store(stats + 2, lo_s, mask=row_ok)
+    tl.store(stats + 3, lo_t, mask=row_ok)
+    tl.store(stats + 4, lo_s + sm.softplus(d_s - _MASK), mask=row_ok)
+    tl.store(stats + 5, lo_t + sm.softplus(d_t - _MASK), mask=row_ok)
+
+    if WITH_GRAD:
+        bad = tl.where(g_ok, 0.0, float("nan"))  # NaN gradient rows for a target out of range
+        c_s += bad
+        c_t += bad
+        grad_rows = grad_ptr + rows[:, None] * n
+        if ONE_BLOCK:
+            gr = sm.grad_tile(cols, valid, zs, zt, m_s, log_l_s, c_s, m_t, log_l_t, c_t, g,
+                              at_target, inv_t, True)
+            sm.store_grad(grad_rows, cols, valid, row_ok, gr)
+        else:
+            sm.grad_stream(grad_rows, zs_rows[:, None], zt_rows[:, None], n, row_ok, m_s, log_l_s,
+                           c_s, m_t, log_l_t, c_t, g, at_target, inv_t, True, BLOCK_K, ACC)
+
+
+@triton.jit
+def _dkd_backward_kernel(gl_ptr, stride_gl, zs_ptr, zt_ptr, target_ptr, stride_target, stats_ptr,
+                         stride_stats, grad_ptr, batch, n, stride_s, stride_t, t_hi, t_lo,
+                         alpha_hi, alpha_lo, beta_hi, beta_lo, ROWS: tl.constexpr,
+                         BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    rows, row_ok = sm.program_rows(batch, ROWS)  # rows are clamped in bounds: unmasked row loads
+    zs_rows = zs_ptr + rows * stride_s
+    zt_rows = zt_ptr + rows * stride_t
+    temp = sm.scalar(t_hi, t_lo, ACC)
+    inv_t = 1.0 / temp
+    alpha = sm.scalar(alpha_hi, alpha_lo, ACC)
+    beta = sm.scalar(beta_hi, beta_lo, ACC)
+    g = tl.load(target_ptr + rows * stride_target)
+    zg_s, g_ok = sm.gather(zs_rows, g, n, ACC)
+    zg_t, _ = sm.gather(zt_rows, g, n, ACC)
+    lo_s = tl.load(stats_ptr + rows * stride_stats + 2).to(ACC)  # lse_other_s
+    lo_t = tl.load(stats_ptr + rows * stride_stats + 3).to(ACC)
+    scale = tl.load(gl_ptr + rows * stride_gl).to(ACC)
+    _, _, _, _, c_s, c_t, at_target = _dkd_rows(zg_s * inv_t - lo_s, zg_t * inv_t - lo_t, temp,
+                                                alpha, beta, scale)
+    bad = tl.where(g_ok, 0.0, float("nan"))
+    zero = tl.zeros([ROWS], ACC)
+    sm.grad_stream(grad_ptr + rows[:, None] * n, zs_rows[:, None], zt_rows[:, None], n, row_ok,
+                   zero, lo_s, c_s + bad, zero, lo_t, c_t + bad, g, at_target, inv_t, True,
+                   BLOCK_K, ACC)
+
+
+def _check_target(name: str, target: Tensor, batch: int, device: torch.device) -> None:
+    sm.check_rows(name, "target", target, (batch,), (torch.int64,), device)
+
+
+def dkd_forward(z_s: Tensor, z_t: Tensor, target: Tensor, alpha: float, beta: float,
+                temperature: float, with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row DKD loss, the 6 stats and (with_grad) the gradient; see the module docstring.
+    ``z_s``, ``z_t``: (B, K), floating, dtypes independent; ``target``: (B,) int64."""
+    name = "dkd_forward"
+    temperature = sm.check_temperature(name, temperature)
+    z_s, z_t = sm.check_logits(name, z_s, z_t)
+    batch, n = z_s.shape
+    device = z_s.device
+    _check_target(name, target, batch, device)
+    acc = sm.acc_dtype(z_s.dtype)
+    loss = torch.empty(batch, dtype=acc, device=device)
+    stats = torch.empty((batch, 6), dtype=acc, device=device)
+    grad = torch.empty((batch, n), dtype=z_s.dtype, device=device) if with_grad else sm.empty_grad(z_s)
+    if batch == 0:
+        return loss, stats, grad
+    launch = sm.row_launch(batch, n, acc, device)
+    with sm.on_device(device):
+        _dkd_forward_kernel[launch.grid](
+            z_s, z_t, target, target.stride(0), loss, stats, grad, batch, n, z_s.stride(0),
+            z_t.stride(0), *sm.split_scalar(temperature), *sm.split_scalar(alpha),
+            *sm.split_scalar(beta), WITH_GRAD=bool(with_grad), ONE_BLOCK=launch.one_block,
+            ROWS=launch.rows, BLOCK_K=launch.block_k, ACC=sm.TL_DTYPES[acc],
+            num_warps=launch.num_warps)
+    return loss, stats, grad
+
+
+def dkd_backward(grad_loss: Tensor, z_s: Tensor, z_t: Tensor, target: Tensor, stats: Tensor,
+                 alpha: float, beta: float, temperature: float) -> Tensor:
+    """``grad_loss[b]`` times the DKD gradient, (B, K) contiguous in z_s's dtype. ``stats``:
+    (B, 6) of :func:`dkd_forward` (only ``lse_other_s``, ``lse_other_t`` are read: with the
+    gathered ``z_g`` they give every other statistic)."""
+    name = "dkd_backward"
+    temperature = sm.check_temperature(name, temperature)
+    z_s, z_t = sm.check_logits(name, z_s, z_t)
+    batch, n = z_s.shape
+    device = z_s.device
+    _check_target(name, target, batch, device)
+    sm.check_rows(name, "grad_loss", grad_loss, (batch,), sm.TL_DTYPES, device)
+    sm.check_rows(name, "stats", stats, (batch, 6), sm.TL_DTYPES, device)
+    if stats.stride(1) != 1:
+        stats = stats.contiguous()
+    grad = torch.empty((batch, n), dtype=z_s.dtype, device=device)
+    if grad.numel() == 0:
+        return grad
+    acc = sm.acc_dtype(z_s.dtype)
+    launch = sm.row_launch(batch, n, acc, device)
+    with sm.on_device(device):
+        _dkd_backward_kernel[launch.grid](
+            grad_loss, grad_loss.stride(0), z_s, z_t, target, target.stride(0), stats,
+            stats.stride(0), grad, batch, n, z_s.stride(0), z_t.stride(0),
+            *sm.split_scalar(temperature), *sm.split_scalar(alpha), *sm.split_scalar(beta),
+            ROWS=launch.rows, BLOCK_K=launch.block_k, ACC=sm.TL_DTYPES[acc],
+            num_warps=launch.num_warps)
+    return grad

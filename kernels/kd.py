@@ -1,0 +1,138 @@
+"""Triton kernels of the KD logit loss (Hinton et al. 2015); formulas in kdfast/reference/kd.py.
+
+With ``zs = z_s / T``, ``zt = z_t / T``, ``lse = logsumexp_k`` (natural log), ``log p = z - lse``:
+
+* :func:`kd_forward` -> ``(loss (B,), stats (B, 2) = [lse_s, lse_t], grad)``::
+
+      loss_b = T^2 sum_k pt_k (log pt_k - log ps_k)      (a term with pt_k == 0 adds 0)
+      grad   = T (ps - pt)                                (only with with_grad; else empty)
+
+* :func:`kd_backward` -> ``grad_loss[b] * T * (exp(zs - lse_s) - exp(zt - lse_t))``.
+
+loss and stats are float32 (float64 for a float64 student), grad is (B, K) contiguous in
+z_s's dtype; the teacher may have any floating dtype (each tensor is read through its own
+pointer type, never converted). The reduction over the batch and the scaling by grad_output are
+the caller's.
+
+Kernel design (helpers in softmax.py): one program per ROWS rows, a single-pass online softmax
+over [ROWS, BLOCK_K] blocks. Pass 1 computes both log-sum-exps and the loss, via
+``KL = (a / l_t - (m_t - m_s)) / T + log(l_s / l_t)`` from the running maxima m, the rescaled
+sums l and the rescaled pt-weighted log-ratio sum a; pass 2 (with_grad) writes
+``T (exp((z_s - m_s)/T - log l_s) - exp((z_t - m_t)/T - log l_t))``. Rows of at most BLOCK_K
+classes (ONE_BLOCK) are loaded once: pass 2 reuses the registers of pass 1. Nothing of size
+B x K is allocated besides the returned gradient; no atomics (deterministic).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdfast.kernels import softmax as sm
+
+_N_STATS = tl.constexpr(2)  # stats columns: lse_s, lse_t
+_NAME = "kd_forward"
+
+
+@triton.jit
+def _kd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n, stride_s,
+                       stride_t, t_hi, t_lo, WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    rows, row_ok = sm.program_rows(batch, ROWS)
+    zs_rows = zs_ptr + rows[:, None] * stride_s
+    zt_rows = zt_ptr + rows[:, None] * stride_t
+    temp = sm.scalar(t_hi, t_lo, ACC)
+    inv_t = 1.0 / temp
+    none = rows  # unused: nothing excluded (EXCLUDE=False)
+
+    if ONE_BLOCK:
+        cols, valid, zs, zt = sm.load_block(zs_rows, zt_rows, 0, n, BLOCK_K, ACC)
+        m_s, l_s, m_t, l_t, a = sm.kl_init(ROWS, ACC)
+        m_s, l_s, m_t, l_t, a = sm.kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, none,
+                                           inv_t, False)
+    else:
+        m_s, l_s, m_t, l_t, a = sm.kl_stream(zs_rows, zt_rows, n, none, inv_t, False, ROWS,
+                                             BLOCK_K, ACC)
+
+    log_l_s = tl.log(l_s)
+    log_l_t = tl.log(l_t)
+    tl.store(loss_ptr + rows, temp * temp * sm.kl_rows(m_s, l_s, m_t, l_t, a, inv_t), mask=row_ok)
+    tl.store(stats_ptr + rows * _N_STATS, m_s * inv_t + log_l_s, mask=row_ok)
+    tl.store(stats_ptr + rows * _N_STATS + 1, m_t * inv_t + log_l_t, mask=row_ok)
+
+    if WITH_GRAD:
+        grad_rows = grad_ptr + rows[:, None] * n
+        coef = tl.full([ROWS], 1.0, ACC) * temp
+        if ONE_BLOCK:
+            g = sm.grad_tile(cols, valid, zs, zt, m_s, log_l_s, coef, m_t, log_l_t, coef, none,
+                             coef, inv_t, False)
+            sm.store_grad(grad_rows, cols, valid, row_ok, g)
+        else:
+            sm.grad_stream(grad_rows, zs_rows, zt_rows, n, row_ok, m_s, log_l_s, coef, m_t,
+                           log_l_t, coef, none, coef, inv_t, False, BLOCK_K, ACC)
+
+
+@triton.jit
+def _kd_backward_kernel(gl_ptr, stride_gl, zs_ptr, zt_ptr, stats_ptr, stride_stats, grad_ptr,
+                        batch, n, stride_s, stride_t, t_hi, t_lo, ROWS: tl.constexpr,
+                        BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    rows, row_ok = sm.program_rows(batch, ROWS)  # rows are clamped in bounds: unmasked row loads
+    temp = sm.scalar(t_hi, t_lo, ACC)
+    inv_t = 1.0 / temp
+    coef = tl.load(gl_ptr + rows * stride_gl).to(ACC) * temp
+    lse_s = tl.load(stats_ptr + rows * stride_stats).to(ACC)
+    lse_t = tl.load(stats_ptr + rows * stride_stats + 1).to(ACC)
+    zero = tl.zeros([ROWS], ACC)
+    sm.grad_stream(grad_ptr + rows[:, None] * n, zs_ptr + rows[:, None] * stride_s,
+                   zt_ptr + rows[:, None] * stride_t, n, row_ok, zero, lse_s, coef, zero, lse_t,
+                   coef, rows, coef, inv_t, False, BLOCK_K, ACC)
+
+
+def kd_forward(z_s: Tensor, z_t: Tensor, temperature: float,
+               with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row KD loss, stats ``[lse_s, lse_t]`` and (with_grad) ``T (ps - pt)``; see the module
+    docstring. ``z_s``, ``z_t``: (B, K), floating, dtypes independent."""
+    temperature = sm.check_temperature(_NAME, temperature)
+    z_s, z_t = sm.check_logits(_NAME, z_s, z_t)
+    batch, n = z_s.shape
+    acc = sm.acc_dtype(z_s.dtype)
+    device = z_s.device
+    loss = torch.empty(batch, dtype=acc, device=device)
+    stats = torch.empty((batch, 2), dtype=acc, device=device)
+    grad = torch.empty((batch, n), dtype=z_s.dtype, device=device) if with_grad else sm.empty_grad(z_s)
+    if batch == 0:
+        return loss, stats, grad
+    launch = sm.row_launch(batch, n, acc, device)
+    with sm.on_device(device):
+        _kd_forward_kernel[launch.grid](
+            z_s, z_t, loss, stats, grad, batch, n, z_s.stride(0), z_t.stride(0),
+            *sm.split_scalar(temperature), WITH_GRAD=bool(with_grad), ONE_BLOCK=launch.one_block,
+            ROWS=launch.rows, BLOCK_K=launch.block_k, ACC=sm.TL_DTYPES[acc],
+            num_warps=launch.num_warps)
+    return loss, stats, grad
+
+
+def kd_backward(grad_loss: Tensor, z_s: Tensor, z_t: Tensor, stats: Tensor,
+                temperature: float) -> Tensor:
+    """``grad_loss[b] * T * (exp(zs - lse_s) - exp(zt - lse_t))``, (B, K) contiguous in z_s's
+    dtype; ``stats``: (B, 2) ``[lse_s, lse_t]`` of :func:`kd_forward`; ``grad_loss``: (B,)."""
+    name = "kd_backward"
+    temperature = sm.check_temperature(name, temperature)
+    z_s, z_t = sm.check_logits(name, z_s, z_t)
+    batch, n = z_s.shape
+    device = z_s.device
+    sm.check_rows(name, "grad_loss", grad_loss, (batch,), sm.TL_DTYPES, device)
+    sm.check_rows(name, "stats", stats, (batch, 2), sm.TL_DTYPES, device)
+    if stats.stride(1) != 1:
+        stats = stats.contiguous()
+    grad = torch.empty((batch, n), dtype=z_s.dtype, device=device)
+    if grad.numel() == 0:
+        return grad
+    acc = sm.acc_dtype(z_s.dtype)
+    launch = sm.row_launch(batch, n, acc, device)
+    with sm.on_device(device):
+        _kd_backward_kernel[launch.grid](
+            grad_loss, grad_loss.stride(0), z_s, z_t, stats, stats.stride(0), grad, batch, n,
+            z_s.stride(0), z_t.stride(0), *sm.split_scalar(temperature), ROWS=launch.rows,
+            BLOCK_K=launch.block_k, ACC=sm.TL_DTYPES[acc], num_warps=launch.num_warps)
+    return grad

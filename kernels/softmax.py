@@ -1,0 +1,297 @@
+"""Row-streaming softmax helpers shared by the fused logit-distillation kernels (kd.py, dkd.py).
+
+Both ops compare, row by row, a student's and a teacher's (B, K) logits at a temperature ``T``:
+``zs = z_s / T``, ``zt = z_t / T``, ``ps = softmax(zs)``, ``pt = softmax(zt)``. A program owns
+ROWS rows and streams them in [ROWS, BLOCK_K] blocks of classes; no probability is ever written
+to memory. Optionally one class per row (DKD's target ``g``) is left out of the stream: the
+"kept" classes are then ``k != g`` and the excluded logit is gathered on its own.
+
+Pass 1 (:func:`kl_step`, :func:`kl_stream`) keeps per row, over the kept classes (online
+log-sum-exp with a running max: when a block raises the max from ``m`` to ``m'``, the sums are
+rescaled by ``exp((m - m') / T)``)::
+
+    m_s, m_t   running maxima of the RAW logits z_s, z_t (max(z / T) = max(z) / T, T > 0)
+    l_s, l_t   sum_k exp((z_k - m) / T)                         (>= 1: the max itself adds 1)
+    a          sum_k exp((z_t,k - m_t) / T) * (z_t,k - z_s,k)   (rescaled like l_t; a term whose
+                                                               weight underflows to 0 adds 0)
+
+from which (with ``p'`` the softmax over the kept classes)::
+
+    lse     = m / T + log(l)                                  (natural log)
+    KL(pt' || ps') = (a / l_t - (m_t - m_s)) / T + log(l_s / l_t)          (:func:`kl_rows`)
+
+Pass 2 (:func:`grad_tile`, :func:`grad_stream`) writes, per row and class::
+
+    grad_k = c_s * exp((z_s,k - shift_s) / T - off_s) - c_t * exp((z_t,k - shift_t) / T - off_t)
+
+with per-row coefficients, and the excluded class (if any) set to a per-row value. After pass 1
+``(shift, off) = (m, log l)`` gives ``exp(...) = p'_k`` without rounding the logits through
+``z / T - lse``; a backward kernel that has only the saved ``lse`` uses ``(0, lse)``.
+
+Numerics. Maxima and the differences ``z_t - z_s``, ``z - m``, ``m_t - m_s`` are taken in raw
+logit units before scaling by ``1 / T``: the loaded logits are exact in the accumulation dtype
+(a float64 teacher of a float32 student is rounded to float32, as the reference does), so with
+logits of magnitude 1e4 and T = 0.5 the only large rounding left is the one the result itself
+carries (a float32 ``lse`` of 2e4 has an ulp of 2e-3; :func:`kd_backward`-style kernels, which
+start from the saved lse, inherit it). Every load is converted to the
+accumulation dtype (float32, float64 for float64 students) right away. No libdevice: tl.exp and
+tl.log only, plus log1p by Kahan's trick (:func:`log1p`) for the per-row softplus terms.
+
+Host side: the block choice (:func:`row_launch`), metadata checks, scalar passing and the
+device context shared by the two ops' launchers.
+"""
+
+import contextlib
+import functools
+import math
+import struct
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+# Largest block of classes per row and largest [ROWS, BLOCK_K] tile of a program, by accumulation
+# dtype: 4096 float32 (ImageNet-1k rows fit one block and stay in registers between the passes,
+# ImageNet-21k streams 6 blocks), 2048 float64 (twice the registers per element).
+MAX_BLOCK_K = {torch.float32: 4096, torch.float64: 2048}
+# num_warps = tile / _ELEMS_PER_WARP, in [1, _MAX_WARPS]: 16 elements per thread and tensor
+# (a 4096 tile runs on 8 warps), i.e. 4 float32 or 2 bf16/fp16 16-byte vector loads per thread.
+_ELEMS_PER_WARP = 512
+_MAX_WARPS = 8
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def scalar(hi, lo, ACC: tl.constexpr):
+    """A host float passed as float32 ``hi + lo`` (:func:`split_scalar`), in ACC: float32
+    arguments keep float64 kernels within 2^-48 of the float64 value."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def program_rows(batch, ROWS: tl.constexpr):
+    """This program's ROWS row indices (int64) and which of them exist. Rows past the batch are
+    clamped to the last row, so every row streams finite in-bounds data; nothing of theirs is
+    stored (``row_ok``)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < batch
+    return tl.minimum(rows, batch - 1).to(tl.int64), row_ok
+
+
+@triton.jit
+def load_block(zs_rows, zt_rows, k0, n, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """Columns ``k0 + [0, BLOCK_K)`` ([1, BLOCK_K]), their mask, and the [ROWS, BLOCK_K] student
+    and teacher logits there in ACC (0 past n). ``*_rows``: [ROWS, 1] row pointers."""
+    cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+    valid = cols < n
+    zs = tl.load(zs_rows + cols, mask=valid, other=0.0).to(ACC)
+    zt = tl.load(zt_rows + cols, mask=valid, other=0.0).to(ACC)
+    return cols, valid, zs, zt
+
+
+@triton.jit
+def gather(rows_ptr, col, n, ACC: tl.constexpr):
+    """``z[row, col]`` per row in ACC, NaN where col is outside [0, n) (no access there)."""
+    ok = (col >= 0) & (col < n)
+    return tl.load(rows_ptr + col, mask=ok, other=float("nan")).to(ACC), ok
+
+
+@triton.jit
+def online_lse(m, l, z, keep, inv_t):
+    """One block of the online log-sum-exp of ``z / T`` over the ``keep`` lanes. ``m``: running
+    max of the raw logits; returns the new (m, l), the block's weights exp((z - m') / T) (0 off
+    ``keep``) and the rescale factor exp((m - m') / T) of the old sums (0 on the first block)."""
+    zk = tl.where(keep, z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(zk, axis=1))
+    rescale = tl.exp((m - m_new) * inv_t)
+    e = tl.exp((zk - m_new[:, None]) * inv_t)
+    return m_new, l * rescale + tl.sum(e, axis=1), e, rescale
+
+
+@triton.jit
+def kl_init(ROWS: tl.constexpr, ACC: tl.constexpr):
+    """The pass-1 state (m_s, l_s, m_t, l_t, a) before the first block."""
+    m = tl.full([ROWS], float("-inf"), ACC)
+    zero = tl.zeros([ROWS], ACC)
+    return m, zero, m, zero, zero
+
+
+@triton.jit
+def kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, exclude, inv_t, EXCLUDE: tl.constexpr):
+    """Folds one block into the pass-1 state; with EXCLUDE, column ``exclude[row]`` is skipped."""
+    keep = valid
+    if EXCLUDE:
+        keep = keep & (cols != exclude[:, None])
+    m_s, l_s, _, _ = online_lse(m_s, l_s, zs, keep, inv_t)
+    m_t, l_t, e_t, rescale_t = online_lse(m_t, l_t, zt, keep, inv_t)
+    # weight 0 (an underflowed or -inf teacher logit, or a lane off `keep`) adds 0, never NaN
+    a = a * rescale_t + tl.sum(tl.where(e_t > 0, e_t * (zt - zs), 0.0), axis=1)
+    return m_s, l_s, m_t, l_t, a
+
+
+@triton.jit
+def kl_stream(zs_rows, zt_rows, n, exclude, inv_t, EXCLUDE: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """Pass 1 over whole rows: the final (m_s, l_s, m_t, l_t, a)."""
+    m_s, l_s, m_t, l_t, a = kl_init(ROWS, ACC)
+    for k0 in range(0, n, BLOCK_K):
+        cols, valid, zs, zt = load_block(zs_rows, zt_rows, k0, n, BLOCK_K, ACC)
+        m_s, l_s, m_t, l_t, a = kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, exclude,
+                                        inv_t, EXCLUDE)
+    return m_s, l_s, m_t, l_t, a
+
+
+@triton.jit
+def kl_rows(m_s, l_s, m_t, l_t, a, inv_t):
+    """KL(pt' || ps') over the kept classes, from the pass-1 state."""
+    return (a / l_t - (m_t - m_s)) * inv_t + tl.log(l_s / l_t)
+
+
+@triton.jit
+def log1p(y):
+    """log(1 + y) for y >= 0, accurate for tiny y (Kahan: log(u) * y / (u - 1), u = 1 + y)."""
+    u = 1.0 + y
+    small = u == 1.0
+    return tl.where(small, y, tl.log(u) * (y / tl.where(small, 1.0, u - 1.0)))
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|))."""
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def kl_term(log_p, log_ratio):
+    """``p * log_ratio`` with ``p = exp(log_p)``; 0 where p == 0 (the reference's convention)."""
+    p = tl.exp(log_p)
+    return tl.where(p > 0, p * log_ratio, 0.0)
+
+
+@triton.jit
+def grad_tile(cols, valid, zs, zt, shift_s, off_s, c_s, shift_t, off_t, c_t, hit_col, hit_val,
+              inv_t, HIT: tl.constexpr):
+    """[ROWS, BLOCK_K] gradient: c_s exp((zs - shift_s)/T - off_s) - c_t exp((zt - shift_t)/T - off_t),
+    and ``hit_val`` at column ``hit_col`` (with HIT). Lanes that are not computed (past n, the
+    hit column) take exp(-inf) = 0: no overflow there."""
+    keep = valid
+    if HIT:
+        hit = cols == hit_col[:, None]
+        keep = keep & ~hit
+    xs = tl.where(keep, (zs - shift_s[:, None]) * inv_t - off_s[:, None], float("-inf"))
+    xt = tl.where(keep, (zt - shift_t[:, None]) * inv_t - off_t[:, None], float("-inf"))
+    g = c_s[:, None] * tl.exp(xs) - c_t[:, None] * tl.exp(xt)
+    if HIT:
+        g = tl.where(hit, hit_val[:, None], g)
+    return g
+
+
+@triton.jit
+def store_grad(grad_rows, cols, valid, row_ok, g):
+    """Stores a gradient tile (cast to the gradient's dtype) into the existing rows."""
+    tl.store(grad_rows + cols, g.to(grad_rows.dtype.element_ty), mask=valid & row_ok[:, None])
+
+
+@triton.jit
+def grad_stream(grad_rows, zs_rows, zt_rows, n, row_ok, shift_s, off_s, c_s, shift_t, off_t, c_t,
+                hit_col, hit_val, inv_t, HIT: tl.constexpr, BLOCK_K: tl.constexpr,
+                ACC: tl.constexpr):
+    """Pass 2 over whole rows: computes and stores every :func:`grad_tile`."""
+    for k0 in range(0, n, BLOCK_K):
+        cols, valid, zs, zt = load_block(zs_rows, zt_rows, k0, n, BLOCK_K, ACC)
+        g = grad_tile(cols, valid, zs, zt, shift_s, off_s, c_s, shift_t, off_t, c_t, hit_col,
+                      hit_val, inv_t, HIT)
+        store_grad(grad_rows, cols, valid, row_ok, g)
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and loss/stats) dtype: float64 for float64 students, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_scalar(x: float) -> tuple[float, float]:
+    """``x`` as two float32 values ``hi + lo`` (Triton passes Python floats as float32)."""
+    x = float(x)
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    lo = x - hi  # exact in float64; NaN for x = inf
+    return hi, struct.unpack("f", struct.pack("f", lo))[0] if math.isfinite(lo) else 0.0
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` current for the launch (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _min_programs(device: torch.device) -> int:
+    """Programs a launch should have to fill the device: one per SM (1 off CUDA)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class RowLaunch(NamedTuple):
+    grid: tuple[int]
+    rows: int  # ROWS: rows per program
+    block_k: int  # BLOCK_K
+    one_block: bool  # ONE_BLOCK: K <= BLOCK_K, a row's logits stay in registers between passes
+    num_warps: int
+
+
+def row_launch(batch: int, classes: int, acc: torch.dtype, device: torch.device) -> RowLaunch:
+    """BLOCK_K = next_power_of_2(K) up to MAX_BLOCK_K[acc]. Short rows are packed: ROWS (a power
+    of two) grows while the tile ROWS * BLOCK_K stays within MAX_BLOCK_K, ROWS <= B, and the
+    launch keeps at least one program per SM (K = 100, B = 512 on an H100: 2 rows x 128 classes
+    per program, 256 programs; B = 4096: 16 rows, 256 programs)."""
+    max_block = MAX_BLOCK_K[acc]
+    block_k = min(triton.next_power_of_2(classes), max_block)
+    rows = 1
+    target = _min_programs(device)
+    while (rows * 2 * block_k <= max_block and rows < batch
+           and triton.cdiv(batch, rows * 2) >= target):
+        rows *= 2
+    num_warps = max(1, min(rows * block_k // _ELEMS_PER_WARP, _MAX_WARPS))
+    return RowLaunch((triton.cdiv(batch, rows),), rows, block_k, classes <= block_k, num_warps)
+
+
+def check_temperature(name: str, temperature: float) -> float:
+    """A finite T > 0 (the kernels take max(z / T) as max(z) / T), as a Python float."""
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{name}: temperature must be a finite number > 0, got {temperature}")
+    return temperature
+
+
+def check_logits(name: str, z_s: Tensor, z_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Validates a (B, K >= 1) student/teacher pair (each of any floating dtype, one device);
+    returns them with unit-stride rows (a copy only of a tensor whose rows are strided)."""
+    for label, z in (("z_s", z_s), ("z_t", z_t)):
+        if z.dim() != 2 or z.size(1) < 1 or z.dtype not in TL_DTYPES:
+            raise ValueError(f"{name}: {label} must be 2-D (B, K >= 1) float16/bfloat16/float32/"
+                             f"float64, got {z.dtype} of shape {tuple(z.shape)}")
+    if z_s.shape != z_t.shape or z_s.device != z_t.device:
+        raise ValueError(f"{name}: z_s and z_t must have one shape and device, got "
+                         f"{tuple(z_s.shape)} on {z_s.device} and {tuple(z_t.shape)} on {z_t.device}")
+    return tuple(z if z.size(1) == 1 or z.stride(1) == 1 else z.contiguous() for z in (z_s, z_t))
+
+
+def check_rows(name: str, label: str, t: Tensor, shape: tuple[int, ...], dtypes, device) -> None:
+    """``t`` has ``shape``, one of ``dtypes`` and lives on ``device``."""
+    if tuple(t.shape) != shape or t.dtype not in dtypes or t.device != device:
+        raise ValueError(f"{name}: {label} must be {shape} of {[str(d) for d in dtypes]} on "
+                         f"{device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def empty_grad(z_s: Tensor) -> Tensor:
+    """The gradient slot of a forward without gradient: an empty tensor of z_s's dtype."""
+    return torch.empty(0, dtype=z_s.dtype, device=z_s.device)
