@@ -2,10 +2,10 @@
 
 An op family's module ``bench_<family>.py`` only describes its ops, as a tuple ``SPECS`` of
 :class:`OpSpec` (reference and fused functions, inputs, byte model, shapes). This module turns
-specs into :class:`Case` objects (op x shape x dtype x backend x pass), runs one case's pass
-(:func:`prepare`), measures its peak memory (:func:`peak_memory_bytes`), times it on the GPU
-(:func:`cuda_times`; the CPU is timed by pytest-benchmark in cpu_timing.py) and writes
-:class:`Row` objects into the device's CSV (:func:`merge_csv`).
+specs into :class:`Case` objects (op x shape x dtype x backend x pass), builds one case's pass
+(:func:`prepare`, a :class:`Timed`), measures its peak memory (:func:`peak_memory_bytes`), times
+it on the GPU (:func:`cuda_times`; the CPU is timed by pytest-benchmark in cpu_timing.py) and
+writes :class:`Row` objects into the device's CSV (:func:`merge_csv`).
 
 This module does not import kdfast at import time (:func:`kdfast_backends`): kdfast reads
 ``TRITON_INTERPRET`` when it is imported, which ``benchmarks.run`` sets after parsing its options.
@@ -42,15 +42,21 @@ DEFAULT_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "bfloat16"
 WARMUP_CALLS = 2  # before memory and timing; the first call of a "compiled" case compiles
 CUDA_WARMUP_MS = 25  # triton.testing.do_bench's warmup and rep are milliseconds of GPU time
 CUDA_REP_MS = 100
+CUDA_FLUSH_BYTES = 256 << 20  # zeroed before every call of a setup-timed pass (do_bench flushes as much)
 RESULTS_DIR = Path(__file__).parent / "results"
+# Reference cases ("eager", "compiled") whose OpSpec.reference_bytes estimate exceeds this are
+# not run but recorded (unmeasured_row): NaN times, the estimate as peak memory, the reason.
+REFERENCE_MEMORY_LIMIT = 8 << 30
 CSV_COLUMNS = (
     "op", "backend", "pass", "dtype", "shape", "median_ms", "p20_ms", "p80_ms",
-    "peak_mem_bytes", "gbps", "device", "torch", "triton", "timestamp",
+    "peak_mem_bytes", "gbps", "device", "torch", "triton", "timestamp", "note",
 )  # fmt: skip
 KEY_COLUMNS = ("op", "backend", "pass", "dtype", "shape")
 
-Stage = tuple[int, int, int, int]  # (B, C, H, W) of one feature map
-Shape = tuple[Stage, ...]  # the feature maps of one call (one stage, or the stages of a network)
+# The shape of one input tensor of a call: a (B, C, H, W) feature map (AT ops) or (B, K) logits
+# (KD, DKD: the student's; the teacher's is the same).
+Stage = tuple[int, ...]
+Shape = tuple[Stage, ...]  # the tensors of one call (one stage, the stages of a network, one logit pair)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,16 @@ class OpSpec:
     make_inputs: Callable[[Shape, torch.dtype, torch.device], Inputs]
     bytes_moved: Callable[[Shape, torch.dtype, str], int]  # (shape, dtype, pass) -> bytes
     shapes: Mapping[str, Sequence[Shape]]  # shape set name (see shape_set_name) -> shapes
+    # The fused backends' byte model where their work is split differently between the passes
+    # (KD, DKD: the forward of a reduced loss also writes the gradient); None: bytes_moved.
+    fused_bytes_moved: Callable[[Shape, torch.dtype, str], int] | None = None
+    # The output's backward can run only once per forward (kdfast's reduced logit losses scale
+    # their forward-computed gradient in place): "bwd" then rebuilds the output, untimed, before
+    # every timed call instead of retaining the graph (see pass_callable).
+    backward_once: bool = False
+    # Estimated peak bytes of the reference backends, for ops whose reference can need more
+    # than a device holds (LCC's N x N matrices): see REFERENCE_MEMORY_LIMIT. None: always run.
+    reference_bytes: Callable[[Shape, torch.dtype, str], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +113,21 @@ class Case:
 
     @property
     def bytes_moved(self) -> int:
-        return self.spec.bytes_moved(self.shape, self.dtype, self.pass_)
+        model = self.spec.bytes_moved
+        if self.backend in FUSED_BACKENDS and self.spec.fused_bytes_moved is not None:
+            model = self.spec.fused_bytes_moved
+        return model(self.shape, self.dtype, self.pass_)
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why the case is recorded without being run (unmeasured_row), or None to run it."""
+        model = self.spec.reference_bytes
+        if self.backend not in REFERENCE_BACKENDS or model is None:
+            return None
+        need = model(self.shape, self.dtype, self.pass_)
+        if need <= REFERENCE_MEMORY_LIMIT:
+            return None
+        return f"not run: the reference needs about {need / 2**30:.3g} GiB (limit {REFERENCE_MEMORY_LIMIT / 2**30:g} GiB)"
 
 
 @dataclass(frozen=True)
@@ -118,6 +148,7 @@ class Row:
     torch: str
     triton: str
     timestamp: str
+    note: str = ""  # why a row has no measurement (Case.skip_reason)
 
     def as_csv(self) -> dict[str, str]:
         values = {("pass" if k == "pass_" else k): v for k, v in asdict(self).items()}
@@ -132,7 +163,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def shape_label(shape: Shape) -> str:
-    """"64x16x32x32" for one feature map, stages joined by "+" for several."""
+    """"64x16x32x32" for one feature map, stages joined by "+" for several; "256x1000" for logits."""
     return "+".join("x".join(map(str, stage)) for stage in shape)
 
 
@@ -208,12 +239,28 @@ def implementation(spec: OpSpec, backend: str) -> Callable[..., Tensor]:
     return functools.partial(spec.fused, backend=backend)
 
 
-def pass_callable(op: Callable[..., Tensor], inputs: Inputs, pass_: str) -> Callable[[], object]:
+@dataclass(frozen=True)
+class Timed:
+    """One pass of a case: ``run()`` is the timed call; ``setup()``, where given, runs untimed
+    before every call (it builds the fresh graph of a backward that can run only once)."""
+
+    run: Callable[[], object]
+    setup: Callable[[], object] | None = None
+
+    def __call__(self) -> object:
+        """One untimed call (warm-up): setup, then run."""
+        if self.setup is not None:
+            self.setup()
+        return self.run()
+
+
+def pass_callable(op: Callable[..., Tensor], inputs: Inputs, pass_: str, backward_once: bool = False) -> Timed:
     """What one timed call of `pass_` runs.
 
     * "fwd": the op, with autograd recording as in training (the student inputs require grad).
-    * "bwd": ``torch.autograd.grad`` of an output computed once here, outside the timed region,
-      with the graph retained so that the call can repeat; no ``.grad`` is accumulated.
+    * "bwd": ``torch.autograd.grad`` of an output computed outside the timed region; no
+      ``.grad`` is accumulated. The output is computed once, with the graph retained so that the
+      call can repeat, or, with `backward_once`, anew by ``setup`` before every call (graph freed).
     * "fwd+bwd": the op, then ``torch.autograd.grad`` (the graph is freed).
     """
 
@@ -224,14 +271,17 @@ def pass_callable(op: Callable[..., Tensor], inputs: Inputs, pass_: str) -> Call
         return torch.autograd.grad(output, inputs.grad_inputs, inputs.grad_output, retain_graph=retain)
 
     if pass_ == "fwd":
-        return forward
+        return Timed(forward)
     if pass_ == "fwd+bwd":
-        return lambda: backward(forward(), retain=False)
-    return functools.partial(backward, forward(), retain=True)
+        return Timed(lambda: backward(forward(), retain=False))
+    if backward_once:
+        outputs: list[Tensor] = []  # the output that setup built for the next call
+        return Timed(lambda: backward(outputs.pop(), retain=False), lambda: outputs.append(forward()))
+    return Timed(functools.partial(backward, forward(), retain=True))
 
 
-def prepare(case: Case) -> Callable[[], object]:
-    """The callable to time for `case`: inputs built (seeded), warmed up (compiled if needed).
+def prepare(case: Case) -> Timed:
+    """The pass to time for `case`: inputs built (seeded), warmed up (compiled if needed).
 
     A compiled backward that donates saved buffers refuses ``retain_graph=True``, so the "bwd"
     pass compiles without buffer donation (``torch._functorch.config.donated_buffer``); the
@@ -241,10 +291,10 @@ def prepare(case: Case) -> Callable[[], object]:
     inputs = case.spec.make_inputs(case.shape, case.dtype, case.device)
     donation = functorch_config.patch(donated_buffer=False) if case.pass_ == "bwd" else contextlib.nullcontext()
     with donation:
-        fn = pass_callable(implementation(case.spec, case.backend), inputs, case.pass_)
+        timed = pass_callable(implementation(case.spec, case.backend), inputs, case.pass_, case.spec.backward_once)
         for _ in range(WARMUP_CALLS):
-            fn()
-    return fn
+            timed()
+    return timed
 
 
 # --- Bytes.
@@ -308,25 +358,28 @@ def _tensors(tree: object) -> list[Tensor]:
     return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
-def peak_memory_bytes(fn: Callable[[], object], case: Case) -> int | None:
-    """Peak bytes allocated during one call of `fn`, above what was allocated before it.
+def peak_memory_bytes(timed: Timed, case: Case) -> int | None:
+    """Peak bytes allocated during one timed call (``timed.run``, after an unmeasured
+    ``timed.setup`` if any), above what was allocated before it.
 
     CUDA: the caching allocator's peak (``max_memory_allocated`` after
     ``reset_peak_memory_stats``) minus ``memory_allocated`` before the call. CPU: the peak of
     :class:`LiveTensorBytes`; None for "compiled" there, because under a dispatch mode Dynamo
     does not run the compiled graph but the function eagerly.
     """
+    if case.backend == "compiled" and case.device.type == "cpu":
+        return None
+    if timed.setup is not None:
+        timed.setup()
     if case.device.type == "cuda":
         torch.cuda.synchronize(case.device)
         torch.cuda.reset_peak_memory_stats(case.device)
         before = torch.cuda.memory_allocated(case.device)
-        fn()
+        timed.run()
         torch.cuda.synchronize(case.device)
         return torch.cuda.max_memory_allocated(case.device) - before
-    if case.backend == "compiled":
-        return None
     with LiveTensorBytes() as mode:
-        fn()
+        timed.run()
     return mode.peak
 
 
@@ -339,12 +392,37 @@ def summarize(times_ms: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(times_ms), cuts[0], cuts[3]
 
 
-def cuda_times(fn: Callable[[], object]) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms from ``triton.testing.do_bench`` (L2 flushed before every call)."""
-    from triton.testing import do_bench  # triton is optional: only the GPU path needs it
+def cuda_times(timed: Timed) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms of ``timed.run``, L2 flushed before every call.
 
-    median, p20, p80 = do_bench(fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=[0.5, 0.2, 0.8])
-    return median, p20, p80
+    ``triton.testing.do_bench`` where the call repeats by itself. With a ``setup`` (which
+    do_bench cannot run between calls) the same procedure by hand: calls for about
+    CUDA_WARMUP_MS, then for about CUDA_REP_MS, each preceded by the setup and by zeroing
+    CUDA_FLUSH_BYTES (the L2 flush of do_bench) and timed alone with CUDA events.
+    """
+    if timed.setup is None:
+        from triton.testing import do_bench  # triton is optional: only the GPU path needs it
+
+        median, p20, p80 = do_bench(timed.run, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=[0.5, 0.2, 0.8])
+        return median, p20, p80
+    flush = torch.empty(CUDA_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+    def call_times(calls: int) -> list[float]:
+        events = []
+        for _ in range(calls):
+            timed.setup()
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            timed.run()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+
+    estimate = max(statistics.median(call_times(5)), 1e-3)
+    call_times(max(1, round(CUDA_WARMUP_MS / estimate)))
+    return summarize(call_times(max(1, round(CUDA_REP_MS / estimate))))
 
 
 # --- Rows and CSV files.
@@ -358,6 +436,14 @@ def make_row(case: Case, times_ms: tuple[float, float, float], peak: int | None,
     median, p20, p80 = times_ms
     speed = gbps(case.bytes_moved, median)
     return Row(*case.key, median, p20, p80, peak, speed, timestamp=timestamp, **environment(case.device))
+
+
+def unmeasured_row(case: Case) -> Row:
+    """The row of a case that is not run (Case.skip_reason): NaN times and GB/s, the estimated
+    peak memory (OpSpec.reference_bytes) and the reason in ``note``."""
+    nan = float("nan")
+    peak = case.spec.reference_bytes(case.shape, case.dtype, case.pass_)
+    return Row(*case.key, nan, nan, nan, peak, nan, timestamp=now(), note=case.skip_reason, **environment(case.device))
 
 
 def cpu_model() -> str:

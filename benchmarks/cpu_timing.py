@@ -9,7 +9,9 @@ in it) into rows, merged into the CSV at the end of the run. The project's test 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -33,12 +35,23 @@ class CasesPlugin:
 
 
 def test_case(benchmark, case: common.Case) -> None:
-    """Warm up, measure peak memory once, then let pytest-benchmark time the calls."""
-    fn = common.prepare(case)
+    """Warm up, measure peak memory once, then let pytest-benchmark time the calls.
+
+    A pass with a setup (a backward that runs once per forward) is timed one call per round
+    (``benchmark.pedantic``, the setup untimed), for as many rounds as fit in about MAX_TIME_S
+    of setup and call together (at least MIN_ROUNDS).
+    """
+    timed = common.prepare(case)
     benchmark.extra_info.update(
-        case_id=case.id, peak_mem_bytes=common.peak_memory_bytes(fn, case), timestamp=common.now()
+        case_id=case.id, peak_mem_bytes=common.peak_memory_bytes(timed, case), timestamp=common.now()
     )
-    benchmark(fn)
+    if timed.setup is None:
+        benchmark(timed.run)
+        return
+    start = time.perf_counter()
+    timed()
+    rounds = max(MIN_ROUNDS, math.ceil(MAX_TIME_S / (time.perf_counter() - start)))
+    benchmark.pedantic(timed.run, setup=timed.setup, rounds=rounds, iterations=1)
 
 
 def run(cases: Sequence[common.Case], out: Path) -> int:

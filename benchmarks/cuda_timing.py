@@ -12,10 +12,11 @@ from benchmarks import common
 
 
 def measure(case: common.Case) -> common.Row:
-    """Warm up, measure peak memory once, then time with do_bench (its own warm-up included)."""
-    fn = common.prepare(case)
-    peak = common.peak_memory_bytes(fn, case)
-    return common.make_row(case, common.cuda_times(fn), peak, common.now())
+    """Warm up, measure peak memory once, then time with do_bench (its own warm-up included; by
+    hand for a pass with a setup: common.cuda_times)."""
+    timed = common.prepare(case)
+    peak = common.peak_memory_bytes(timed, case)
+    return common.make_row(case, common.cuda_times(timed), peak, common.now())
 
 
 def run(cases: Sequence[common.Case], out: Path) -> int:

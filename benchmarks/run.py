@@ -74,8 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     out = args.out or common.default_results_path(device)
     print(f"{len(cases)} cases on {common.environment(device)['device']} -> {out}", flush=True)
+    skipped = [case for case in cases if case.skip_reason]
+    if skipped:  # recorded, not run
+        common.merge_csv(out, [common.unmeasured_row(case) for case in skipped])
+        print("\n".join(f"{case.id}: {case.skip_reason}" for case in skipped), flush=True)
     timing = importlib.import_module(f"benchmarks.{device.type}_timing")  # cpu_timing or cuda_timing
-    return timing.run(cases, out)
+    return timing.run([case for case in cases if not case.skip_reason], out)
 
 
 if __name__ == "__main__":

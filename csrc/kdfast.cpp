@@ -27,4 +27,11 @@ TORCH_LIBRARY(kdfast, m) {
   m.def(
       "dkd_backward(Tensor grad_loss, Tensor z_s, Tensor z_t, Tensor target, Tensor stats, float alpha, "
       "float beta, float temperature) -> Tensor");
+  // lcc: local correlation consistency (kdfast/reference/lcc.py) on maps whose H and W the grid
+  // divides. Returns (class sums of (S_s - S_t)^2 (3,), inverse norms of both networks' (N,) region
+  // descriptors); the backward returns d(sum_c grad_sums[c] sums[c]) / d f_s.
+  m.def("lcc_forward(Tensor f_s, Tensor f_t, int grid) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lcc_backward(Tensor grad_sums, Tensor f_s, Tensor f_t, Tensor inv_norm_s, Tensor inv_norm_t, int grid) "
+      "-> Tensor");
 }

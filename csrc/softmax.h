@@ -90,8 +90,13 @@ KDFAST_HOST_DEVICE acc_t kl_term(acc_t log_p, acc_t log_q) {
 //   w  = sum_k exp(y_k - mt) ((y_k - mt) - (x_k - ms))
 // so that KL(softmax y || softmax x) = w / st + log(ss / st): every term is max-shifted, and no
 // large lse_s - lse_t difference ever cancels. When a maximum rises, the sums are rescaled and w
-// is corrected for the shifted offsets. The empty state is st == 0 (st >= 1 once a pair is in).
-// An aggregate (no constructors): it lives in CUDA shared memory.
+// is corrected for the shifted offsets.
+// -inf logits (masked classes, probability 0) are legitimate: a -inf x adds nothing to ss, a -inf
+// y nothing to st nor to w (0 log 0 = 0, also where x = -inf); only a -inf x under a finite y
+// makes w (the KL) +inf. A softmax with no finite logit yet has max -inf and sum 0 (the empty
+// state has both); a sum is never rescaled by exp(-inf - -inf). A term whose weight underflows to
+// 0 adds 0, as in the Triton kernels. An aggregate (no constructors): it lives in CUDA shared
+// memory.
 template <typename acc_t>
 struct KlState {
   acc_t ms, ss, mt, st, w;
@@ -100,42 +105,60 @@ struct KlState {
     return {neg_inf_acc<acc_t>(), acc_t(0), neg_inf_acc<acc_t>(), acc_t(0), acc_t(0)};
   }
 
-  // Adds one pair: one exp per softmax.
+  // Adds one pair: one exp per finite logit.
   KDFAST_HOST_DEVICE void push(acc_t x, acc_t y) {
-    if (st == acc_t(0)) {
-      ms = x, ss = 1, mt = y, st = 1, w = 0;
-      return;
+    const acc_t neg_inf = neg_inf_acc<acc_t>();
+    acc_t rise_s = 0;  // the old student offsets x_k - ms all drop by rise_s (0 while ss == 0)
+    if (x > ms) {
+      rise_s = ms > neg_inf ? x - ms : acc_t(0);
+      ss = ss * exp_acc(ms - x) + acc_t(1);  // exp(-inf) = 0 while ss == 0
+      ms = x;
+    } else if (x > neg_inf) {
+      ss += exp_acc(x - ms);
     }
-    const bool up_s = x > ms;
-    const acc_t es = exp_acc(up_s ? ms - x : x - ms);
-    const acc_t rise_s = up_s ? x - ms : acc_t(0);  // the student offsets x_k - ms all drop by rise_s
-    ss = up_s ? ss * es + acc_t(1) : ss + es;
-    ms = up_s ? x : ms;
-    const acc_t xo = x - ms;  // the new pair's student offset
-    const bool up_t = y > mt;
-    const acc_t dt = up_t ? mt - y : y - mt;  // <= 0
-    const acc_t et = exp_acc(dt);
-    // up_t: the old terms are scaled by et and their teacher offsets drop by -dt; the new pair has
-    // weight 1 and teacher offset 0. Otherwise: weight et and teacher offset dt.
-    w = up_t ? et * (w + (rise_s + dt) * st) - xo : w + rise_s * st + et * (dt - xo);
-    st = up_t ? st * et + acc_t(1) : st + et;
-    mt = up_t ? y : mt;
+    const acc_t xo = x > neg_inf ? x - ms : neg_inf;  // the new pair's student offset
+    if (y > mt) {
+      // The old terms are scaled by et (0 while st == 0) and their teacher offsets drop by -dt;
+      // the new pair has weight 1 and teacher offset 0.
+      const acc_t dt = mt - y;
+      const acc_t et = exp_acc(dt);
+      w = (et > acc_t(0) ? et * (w + (rise_s + dt) * st) : acc_t(0)) - xo;
+      st = st * et + acc_t(1);
+      mt = y;
+    } else {
+      w += rise_s * st;
+      if (y > neg_inf) {  // weight et, teacher offset dt
+        const acc_t dt = y - mt;
+        const acc_t et = exp_acc(dt);
+        w += et > acc_t(0) ? et * (dt - xo) : acc_t(0);
+        st += et;
+      }
+    }
   }
 
   // Adds the pairs of another state (either may be empty).
   KDFAST_HOST_DEVICE void merge(const KlState& o) {
-    if (o.st == acc_t(0)) return;
-    if (st == acc_t(0)) {
-      *this = o;
-      return;
-    }
     const acc_t new_ms = ms > o.ms ? ms : o.ms, new_mt = mt > o.mt ? mt : o.mt;
-    const acc_t ct = exp_acc(mt - new_mt), o_ct = exp_acc(o.mt - new_mt);
-    w = ct * (w + ((new_ms - ms) - (new_mt - mt)) * st) + o_ct * (o.w + ((new_ms - o.ms) - (new_mt - o.mt)) * o.st);
-    ss = ss * exp_acc(ms - new_ms) + o.ss * exp_acc(o.ms - new_ms);
+    const acc_t ct = rescale(mt, new_mt), o_ct = rescale(o.mt, new_mt);
+    w = shifted_w(ct, new_ms, new_mt) + o.shifted_w(o_ct, new_ms, new_mt);
+    ss = ss * rescale(ms, new_ms) + o.ss * rescale(o.ms, new_ms);
     st = st * ct + o.st * o_ct;
     ms = new_ms;
     mt = new_mt;
+  }
+
+  // exp(m - new_m) for m <= new_m: the factor of a sum whose maximum rises to new_m; 0 for a
+  // softmax without a finite logit (m = -inf, sum 0).
+  static KDFAST_HOST_DEVICE acc_t rescale(acc_t m, acc_t new_m) {
+    return m > neg_inf_acc<acc_t>() ? exp_acc(m - new_m) : acc_t(0);
+  }
+
+  // w with the maxima raised to new_ms, new_mt and the weights scaled by ct = rescale(mt, new_mt):
+  // every student offset drops by new_ms - ms, every teacher offset by new_mt - mt. 0 where ct is.
+  KDFAST_HOST_DEVICE acc_t shifted_w(acc_t ct, acc_t new_ms, acc_t new_mt) const {
+    if (!(ct > acc_t(0))) return acc_t(0);
+    const acc_t rise_s = new_ms > ms ? new_ms - ms : acc_t(0);  // inf where ss == 0: w is +inf then
+    return ct * (w + (rise_s - (new_mt - mt)) * st);
   }
 
   KDFAST_HOST_DEVICE Lse<acc_t> lse_s() const { return {ms, log_acc(ss)}; }

@@ -37,6 +37,23 @@ def check_feature(name: str, f: Tensor) -> None:
         raise ValueError(f"{name} is empty (shape {tuple(f.shape)}): B, C, H and W must all be > 0")
 
 
+def check_batched_pair(x_s: Tensor, x_t: Tensor, names: tuple[str, str]) -> None:
+    """Student and teacher tensors of rank >= 2 (B, ...), floating, non-empty, with one batch
+    size B and device (the other dims are free: they are flattened)."""
+    for name, x in zip(names, (x_s, x_t)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        if x.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dims (B, ...), got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): every dim must be > 0")
+    if x_s.shape[0] != x_t.shape[0]:
+        raise ValueError(f"{names[0]} and {names[1]} must have one batch size, got {x_s.shape[0]} and {x_t.shape[0]}")
+    check_same(f"{names[0]} and {names[1]}", [x_s, x_t], "device")
+
+
 def check_same(name: str, tensors: Sequence[Tensor], attr: str) -> None:
     """All tensors share `attr` ("device" or "dtype")."""
     values = {getattr(t, attr) for t in tensors}

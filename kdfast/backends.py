@@ -30,11 +30,14 @@ OPS = {
     "at": ("at_maps", "at_maps_backward", "at_map_loss"),
     "kd": ("kd_forward", "kd_backward"),
     "dkd": ("dkd_forward", "dkd_backward"),
+    "lcc": ("lcc_forward", "lcc_backward"),
+    "sp": ("sp_forward", "sp_backward"),
+    "rkd": ("rkd_forward", "rkd_backward"),
 }
 
 # Backend that "auto" uses for CUDA tensors, per op: the faster one in benchmarks/results/.
 # No GPU measurement exists yet (benchmarks/README.md); until one does, Triton is the default.
-AUTO_GPU = {"at": "triton", "kd": "triton", "dkd": "triton"}
+AUTO_GPU = {"at": "triton", "kd": "triton", "dkd": "triton", "lcc": "triton", "sp": "triton", "rkd": "triton"}
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_MISSING = None if importlib.util.find_spec("triton") is not None else "the triton package is not installed"

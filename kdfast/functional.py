@@ -12,11 +12,13 @@ import torch
 from torch import Tensor
 
 from kdfast import _checks, backends
-from kdfast.ops import at as at_ops, dkd as dkd_ops, kd as kd_ops
+from kdfast.ops import at as at_ops, dkd as dkd_ops, kd as kd_ops, lcc as lcc_ops, rkd as rkd_ops, sp as sp_ops
 from kdfast.reference import at as at_reference
 from kdfast.reference.kd import REDUCTIONS, reduce_rows
+from kdfast.reference.lcc import TERMS as LCC_TERMS, weigh_terms
+from kdfast.reference.rkd import REDUCTIONS as RKD_REDUCTIONS, weigh as weigh_rkd
 
-__all__ = ["attention_map", "at_loss", "kd_loss", "dkd_loss"]
+__all__ = ["attention_map", "at_loss", "kd_loss", "dkd_loss", "local_correlation_loss", "sp_loss", "rkd_loss"]
 
 
 def attention_map(
@@ -135,3 +137,119 @@ def dkd_loss(
     with_grad = _grad_in_forward(z_s, reduction)
     rows = dkd_ops.dkd_rows(z_s, z_t, target, float(alpha), float(beta), float(temperature), with_grad, backend)
     return reduce_rows(rows, reduction)
+
+
+def _check_lcc_mask(mask: Tensor, f_s: Tensor) -> None:
+    """A non-empty (B, 1, h, w) floating-point mask on the maps' device."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"mask must be float16, bfloat16, float32 or float64, got {mask.dtype}")
+    if mask.dim() != 4 or mask.shape[0] != f_s.shape[0] or mask.shape[1] != 1 or mask.numel() == 0:
+        raise ValueError(f"mask must be (B, 1, h, w) with B = {f_s.shape[0]} and h, w > 0, got shape {tuple(mask.shape)}")
+    _checks.check_same("mask and f_s", [mask, f_s], "device")
+
+
+def local_correlation_loss(
+    f_s: Tensor,
+    f_t: Tensor,
+    grid: int = 4,
+    terms: Sequence[str] = LCC_TERMS,
+    weights: Sequence[float] = (1.0, 1.0, 1.0),
+    mask: Tensor | None = None,
+    reduction: str = "sum",
+    backend: str | None = None,
+) -> Tensor:
+    """Local correlation consistency loss of Li et al. (ECCV 2020) between feature maps (B, C, H, W).
+
+    The maps are aligned (the larger adaptive-average-pooled to the smaller), multiplied by the
+    detached spatial ``mask`` (B, 1, h, w; pooled to the aligned size) if given, and pooled to
+    ``grid * max(1, H // grid)`` x ``grid * max(1, W // grid)`` where ``grid`` does not divide
+    them. Each of the k x k regions p of sample i (k = ``grid``) gives a descriptor, row
+    ``n = i * k^2 + p`` of N = B k^2 rows::
+
+        u[n] = flatten(f[i, :, region p]) / max(||.||_2, 1e-12)
+        S[n, m] = <u[n], u[m]>                       (within each network: Cs != Ct is fine)
+        L_intra = mean over i == j                       of (S_s - S_t)^2   (B k^4 entries)
+        L_inter = mean over i != j, same position        of (S_s - S_t)^2   (k^2 B (B - 1))
+        L_cross = mean over i != j, different positions  of (S_s - S_t)^2   (B (B - 1) k^2 (k^2 - 1))
+
+    (a term without entries, i.e. inter and cross for B = 1, is 0). ``reduction="sum"`` returns
+    ``sum over terms of weight * L_term`` (``terms``: a non-empty subset of ("intra", "inter",
+    "cross"); ``weights``: the three weights in that order), ``"none"`` the (3,) vector of weighted
+    terms with 0 for terms not selected. The result is float32 (float64 for float64 students); the
+    teacher (any floating dtype) never receives a gradient. The fused backends never build the
+    N x N matrices: tiles are recomputed in the backward, extra memory O(N) plus an N x D
+    accumulator. NaN/Inf in a map give a NaN loss (values are not checked).
+    """
+    _checks.check_feature("f_s", f_s)
+    _checks.check_feature("f_t", f_t)
+    if f_s.shape[0] != f_t.shape[0]:
+        raise ValueError(f"f_s and f_t must have one batch size, got {f_s.shape[0]} and {f_t.shape[0]}")
+    _checks.check_same("f_s and f_t", [f_s, f_t], "device")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be an int >= 1, got {grid!r}")
+    if isinstance(terms, str) or not isinstance(terms, Sequence):
+        raise TypeError(f"terms must be a sequence of term names from {LCC_TERMS}, got {terms!r}")
+    if not terms or not set(terms) <= set(LCC_TERMS):
+        raise ValueError(f"terms must be a non-empty subset of {LCC_TERMS}, got {tuple(terms)!r}")
+    if isinstance(weights, str) or not isinstance(weights, Sequence) or len(weights) != 3:
+        raise ValueError(f"weights must be 3 numbers (intra, inter, cross), got {weights!r}")
+    for name, w in zip(LCC_TERMS, weights):
+        _checks.check_finite(f"weights ({name})", w)
+    if mask is not None:
+        _check_lcc_mask(mask, f_s)
+    _checks.check_choice("reduction", reduction, ("sum", "none"))
+    losses = lcc_ops.lcc_terms(f_s, f_t, grid, mask, backends.resolve("lcc", backend, f_s.device))
+    return weigh_terms(losses, tuple(terms), tuple(float(w) for w in weights), reduction)
+
+
+def sp_loss(f_s: Tensor, f_t: Tensor, backend: str | None = None) -> Tensor:
+    """Similarity-preserving loss of Tung & Mori (2019), as mdistiller computes it.
+
+    With ``X = flatten(f)`` (B, D) per network (any rank >= 2, flattened from dim 1; a
+    channels_last map is read in memory order, which the result does not depend on) and
+    ``G = normalize(X X^T)`` row-wise (``F.normalize``, eps 1e-12)::
+
+        loss = ||G_s - G_t||_F^2 / B^2
+
+    The student and teacher need one batch size B; their D (and dtypes) may differ. Returns a
+    0-d float32 tensor (float64 for float64 students); the teacher never gets a gradient. The
+    fused backends never store a B x B matrix: the Gram tiles are recomputed from X (extra memory
+    O(B), plus a float32 B x D gradient accumulator for float16/bfloat16 students). NaN/Inf give
+    a NaN loss (values are not checked). The usual weight (3000 on CIFAR) is the caller's.
+    """
+    _checks.check_batched_pair(f_s, f_t, ("f_s", "f_t"))
+    return sp_ops.sp_loss(f_s, f_t, backends.resolve("sp", backend, f_s.device))
+
+
+def rkd_loss(
+    e_s: Tensor,
+    e_t: Tensor,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+    reduction: str = "sum",
+    backend: str | None = None,
+) -> Tensor:
+    """Relational KD loss of Park et al. (2019) on embeddings, as mdistiller computes it.
+
+    ``e = flatten(f)`` (B, D) per network (any rank >= 2, flattened from dim 1). Distance term:
+    ``d_ij = sqrt(max(||e_i - e_j||^2, 1e-12))`` off the diagonal (0 on it), divided by the mean
+    positive distance, ``L_dist = mean_ij smooth_l1(x_s - x_t)`` over the B^2 pairs. Angle term:
+    ``cos_ijk = <normalize(e_j - e_i), normalize(e_k - e_i)>`` (eps 1e-12; 0 for j == i and for
+    duplicated embeddings), ``L_angle = mean_ijk smooth_l1(cos_s - cos_t)`` over the B^3 triplets;
+    smooth-L1 with beta 1. ``reduction="sum"`` returns
+    ``distance_weight * L_dist + angle_weight * L_angle``, ``"none"`` the (2,) vector
+    ``[distance_weight * L_dist, angle_weight * L_angle]``.
+
+    B = 1 gives 0 (mdistiller: NaN; see kdfast/reference/rkd.py). Float32 result (float64 for
+    float64 students); the teacher (any floating dtype, another D) never gets a gradient. The
+    fused backends compute every distance and cosine from the two B x B Gram matrices and never
+    build the B x B x D difference tensor. NaN/Inf give a NaN loss (values are not checked).
+    """
+    _checks.check_batched_pair(e_s, e_t, ("e_s", "e_t"))
+    _checks.check_finite("distance_weight", distance_weight)
+    _checks.check_finite("angle_weight", angle_weight)
+    _checks.check_choice("reduction", reduction, RKD_REDUCTIONS)
+    terms = rkd_ops.rkd_terms(e_s, e_t, backends.resolve("rkd", backend, e_s.device))
+    return weigh_rkd(terms, float(distance_weight), float(angle_weight), reduction)

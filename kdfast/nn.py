@@ -1,14 +1,17 @@
-"""nn.Module forms of the fused losses in :mod:`kdfast.functional`."""
+"""nn.Module forms of the fused losses in :mod:`kdfast.functional`, and LCC's :class:`ClassAwareAttention`."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfast import functional
+from kdfast.reference.lcc import TERMS as LCC_TERMS
 
-__all__ = ["ATLoss", "KDLoss", "DKDLoss"]
+__all__ = ["ATLoss", "KDLoss", "DKDLoss", "LocalCorrelationLoss", "ClassAwareAttention", "SPLoss", "RKDLoss"]
 
 
 class ATLoss(nn.Module):
@@ -56,3 +59,112 @@ class DKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class LocalCorrelationLoss(nn.Module):
+    """Local correlation consistency (LCC) loss; see :func:`kdfast.functional.local_correlation_loss`.
+
+    ``LocalCorrelationLoss(grid=4)(f_s, f_t, mask=None)`` with (B, C, H, W) maps and an optional
+    (B, 1, h, w) spatial mask (e.g. from :class:`ClassAwareAttention`).
+    """
+
+    def __init__(
+        self,
+        grid: int = 4,
+        terms: Sequence[str] = LCC_TERMS,
+        weights: Sequence[float] = (1.0, 1.0, 1.0),
+        reduction: str = "sum",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.grid, self.terms, self.weights = grid, tuple(terms), tuple(weights)
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, f_s: Tensor, f_t: Tensor, mask: Tensor | None = None) -> Tensor:
+        return functional.local_correlation_loss(f_s, f_t, self.grid, self.terms, self.weights, mask, self.reduction, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, terms={self.terms}, weights={self.weights}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class ClassAwareAttention(nn.Module):
+    """LCC's class-aware attention **(reading of a secondary summary)**: a spatial mask of the
+    class-relevant regions of a teacher feature map.
+
+    ``mask, ce = ClassAwareAttention(C, K)(f_t, labels)``: a mask generator on ``f_t`` (B, C, H, W)
+    (``layers`` conv-BN-ReLU layers of ``width`` channels and a ``kernel_size`` square kernel, then
+    a 1-channel 1x1 conv and a sigmoid) gives ``m`` (B, 1, H, W); an auxiliary linear classifier
+    on ``GAP(m * f_t)`` gives ``ce = cross_entropy(classifier(GAP(m * f_t)), labels)``, which
+    trains the generator to highlight the regions that identify the class. The returned mask is
+    ``m`` with values below ``threshold`` set to 0 (``threshold=0`` keeps every value), detached:
+    it weights the LCC descriptors of both networks and learns only through ``ce`` (the auxiliary
+    classifier sees the soft, unthresholded ``m``).
+
+    The LCC paper's text was not available: the architecture above is the project's reading of a
+    summary, and every knob (depth, width, kernel size, threshold) is a constructor argument.
+    ``width=None`` means ``max(in_channels // 4, 16)``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, layers: int = 2, width: int | None = None,
+                 kernel_size: int = 3, threshold: float = 0.0) -> None:
+        super().__init__()
+        width = max(in_channels // 4, 16) if width is None else width
+        if in_channels < 1 or num_classes < 2 or layers < 0 or width < 1 or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"ClassAwareAttention needs in_channels >= 1, num_classes >= 2, layers >= 0, width >= 1 "
+                             f"and an odd kernel_size, got in_channels={in_channels}, num_classes={num_classes}, "
+                             f"layers={layers}, width={width}, kernel_size={kernel_size}")
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(layers):
+            blocks += [nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True)]
+            channels = width
+        blocks.append(nn.Conv2d(channels, 1, kernel_size=1))
+        self.generator = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(in_channels, num_classes)
+        self.threshold = threshold
+
+    def forward(self, f_t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The detached (B, 1, H, W) mask and the auxiliary classifier's cross-entropy (a scalar)."""
+        m = torch.sigmoid(self.generator(f_t))
+        ce = F.cross_entropy(self.classifier((m * f_t).mean(dim=(2, 3))), labels)
+        mask = m.detach()
+        if self.threshold > 0:
+            mask = mask.masked_fill(mask < self.threshold, 0.0)
+        return mask, ce
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}"
+
+
+class SPLoss(nn.Module):
+    """Similarity-preserving loss ``||G_s - G_t||_F^2 / B^2``; see :func:`kdfast.functional.sp_loss`."""
+
+    def __init__(self, backend: str | None = None) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return functional.sp_loss(f_s, f_t, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class RKDLoss(nn.Module):
+    """Relational KD loss ``distance_weight * L_dist + angle_weight * L_angle``; see
+    :func:`kdfast.functional.rkd_loss`."""
+
+    def __init__(
+        self, distance_weight: float = 25.0, angle_weight: float = 50.0, reduction: str = "sum", backend: str | None = None
+    ) -> None:
+        super().__init__()
+        self.distance_weight, self.angle_weight, self.reduction, self.backend = distance_weight, angle_weight, reduction, backend
+
+    def forward(self, e_s: Tensor, e_t: Tensor) -> Tensor:
+        return functional.rkd_loss(e_s, e_t, self.distance_weight, self.angle_weight, self.reduction, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, reduction={self.reduction!r}, backend={self.backend!r}"

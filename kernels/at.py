@@ -29,7 +29,6 @@ launcher proves their common power-of-two divisibility (ALIGN) and the kernel re
 ``tl.multiple_of``, so loads along the unit axis vectorize on the GPU.
 """
 
-import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -38,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from kdfast.kernels._common import TL_DTYPES as _TL_DTYPES, acc_dtype as _acc_dtype, on_device as _on_device
 
 _EPS = tl.constexpr(1e-12)  # normalize(v) = v / max(||v||_2, eps), as F.normalize
 
@@ -61,9 +62,6 @@ _PROGRAMS_PER_SM = 4
 _MAX_ALIGN = 16  # elements; the divisibility Triton itself assumes for its integer arguments
 _NUM_WARPS = 4
 _LOSS_BLOCK_MAX = 1024  # the loss kernel streams each (B, HW) row in blocks of up to this many
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
 
 # Columns of a map-kernel table row. A tensor is described by 3 columns: its data pointer, its
 # batch stride and its stride along the non-unit axis (c for contiguous, hw for channels_last),
@@ -297,11 +295,6 @@ def _at_map_loss_kernel(meta, losses, batch, ACC: tl.constexpr, MSE: tl.constexp
 # ----------------------------------------------------------------------------- host helpers
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the maps and of the accumulation: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _power(p: float, mode: str) -> dict[str, float | int | bool]:
     """The constexprs P, INT_P, ODD_SIGNED and MEAN of g, validated as csrc/common.h does."""
     if mode not in ("mean", "sum"):
@@ -412,11 +405,6 @@ def _device_table(rows: list[list[int]], device: torch.device) -> Tensor:
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)
     return table
-
-
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Makes ``device`` current for the launch (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class _MapLaunch(NamedTuple):

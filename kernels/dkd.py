@@ -18,14 +18,16 @@ mask, exactly: with |z| >~ 1000 it no longer removes the target):
 
 * :func:`dkd_backward` -> ``grad_loss[b]`` times that gradient.
 
-A target outside [0, K) is never dereferenced: its row's loss and gradient are NaN.
+A target outside [0, K) is never dereferenced: its row's loss and gradient are NaN. -inf logits
+(masked classes) add 0 where their probability is 0 (kdfast/reference/dkd.py), also when every
+non-target teacher logit is -inf: then ``d = +inf``, which every formula below takes exactly.
 
 Kernel design (helpers in softmax.py, as kd.py): pass 1 streams the classes ``k != g`` only
 (m, l, a of the non-target softmax p'), and gathers the target logits ``z_g``. Everything else
 is per-row algebra on ``d = z_g / T - lse_other`` (the target's log-odds against the rest):
 ``lse = lse_other + softplus(d)``, ``lse_masked = lse_other + softplus(d - 1000)``,
 ``log p_target = -softplus(-d)``, ``log p_other = -softplus(d)``, ``log q_target =
-d - 1000 - softplus(d - 1000)``, ``log w = log sum_{k != g} q_k = -softplus(d - 1000)``, and
+-softplus(1000 - d)``, ``log w = log sum_{k != g} q_k = -softplus(d - 1000)``, and
 ``NCKD = kl(qt_target) + wt (KL(pt' || ps') + log wt - log ws)``. For ``k != g`` the gradient is
 ``c_s p's_k - c_t p't_k`` with ``c_s = T (alpha (ps_other - pt_other) + beta ws)`` and
 ``c_t = T beta wt``, at ``g`` it is ``-T (alpha (ps_other - pt_other) + beta (ws - wt))``; a
@@ -34,7 +36,6 @@ difference of two probabilities ``x_other - y_other`` is taken as ``y_target - x
 are loaded once (ONE_BLOCK); nothing of size B x K besides the gradient; no atomics.
 """
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -65,8 +66,8 @@ def _dkd_rows(d_s, d_t, temp, alpha, beta, scale):
     dm_t = d_t - _MASK
     log_ws = -sm.softplus(dm_s)  # log sum_{k != g} qs_k
     log_wt = -sm.softplus(dm_t)
-    lq_s_g = dm_s + log_ws  # log qs_target
-    lq_t_g = dm_t + log_wt
+    lq_s_g = -sm.softplus(-dm_s)  # log qs_target = dm + log ws (no inf - inf for d = +inf)
+    lq_t_g = -sm.softplus(-dm_t)
     tckd = sm.kl_term(lp_t_g, lp_t_g - lp_s_g) + sm.kl_term(lp_t_o, lp_t_o - lp_s_o)
     nckd_target = sm.kl_term(lq_t_g, lq_t_g - lq_s_g)
 
@@ -82,20 +83,30 @@ def _dkd_rows(d_s, d_t, temp, alpha, beta, scale):
 
 
 @triton.jit
-def _dkd_forward_kernel(zs_ptr, zt_ptr, target_ptr, stride_target, loss_ptr, stats_ptr, grad_ptr,
-                        batch, n, stride_s, stride_t, t_hi, t_lo, alpha_hi, alpha_lo, beta_hi,
-                        beta_lo, WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
-    rows, row_ok = sm.program_rows(batch, ROWS)
+def _dkd_row_setup(zs_ptr, zt_ptr, rows, n, stride_s, stride_t, target_ptr, stride_target, t_hi,
+                   t_lo, alpha_hi, alpha_lo, beta_hi, beta_lo, ACC: tl.constexpr):
+    """Per-row start of both kernels: the row pointers, T, 1 / T, alpha, beta, the target g and
+    the gathered z_s[g], z_t[g] with g's validity (``rows`` are clamped in bounds)."""
     zs_rows = zs_ptr + rows * stride_s
     zt_rows = zt_ptr + rows * stride_t
     temp = sm.scalar(t_hi, t_lo, ACC)
-    inv_t = 1.0 / temp
     alpha = sm.scalar(alpha_hi, alpha_lo, ACC)
     beta = sm.scalar(beta_hi, beta_lo, ACC)
-    g = tl.load(target_ptr + rows * stride_target)  # rows are clamped in bounds
+    g = tl.load(target_ptr + rows * stride_target)
     zg_s, g_ok = sm.gather(zs_rows, g, n, ACC)
     zg_t, _ = sm.gather(zt_rows, g, n, ACC)
+    return zs_rows, zt_rows, temp, 1.0 / temp, alpha, beta, g, zg_s, zg_t, g_ok
+
+
+@triton.jit
+def _dkd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n, stride_s,
+                        stride_t, target_ptr, stride_target, t_hi, t_lo, alpha_hi, alpha_lo,
+                        beta_hi, beta_lo, WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    rows, row_ok = sm.program_rows(batch, ROWS)
+    zs_rows, zt_rows, temp, inv_t, alpha, beta, g, zg_s, zg_t, g_ok = _dkd_row_setup(
+        zs_ptr, zt_ptr, rows, n, stride_s, stride_t, target_ptr, stride_target, t_hi, t_lo,
+        alpha_hi, alpha_lo, beta_hi, beta_lo, ACC)
 
     if ONE_BLOCK:
         cols, valid, zs, zt = sm.load_block(zs_rows[:, None], zt_rows[:, None], 0, n, BLOCK_K, ACC)
@@ -143,20 +154,14 @@ def _dkd_forward_kernel(zs_ptr, zt_ptr, target_ptr, stride_target, loss_ptr, sta
 
 
 @triton.jit
-def _dkd_backward_kernel(gl_ptr, stride_gl, zs_ptr, zt_ptr, target_ptr, stride_target, stats_ptr,
-                         stride_stats, grad_ptr, batch, n, stride_s, stride_t, t_hi, t_lo,
+def _dkd_backward_kernel(gl_ptr, stride_gl, zs_ptr, zt_ptr, stats_ptr, stride_stats, grad_ptr,
+                         batch, n, stride_s, stride_t, target_ptr, stride_target, t_hi, t_lo,
                          alpha_hi, alpha_lo, beta_hi, beta_lo, ROWS: tl.constexpr,
                          BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     rows, row_ok = sm.program_rows(batch, ROWS)  # rows are clamped in bounds: unmasked row loads
-    zs_rows = zs_ptr + rows * stride_s
-    zt_rows = zt_ptr + rows * stride_t
-    temp = sm.scalar(t_hi, t_lo, ACC)
-    inv_t = 1.0 / temp
-    alpha = sm.scalar(alpha_hi, alpha_lo, ACC)
-    beta = sm.scalar(beta_hi, beta_lo, ACC)
-    g = tl.load(target_ptr + rows * stride_target)
-    zg_s, g_ok = sm.gather(zs_rows, g, n, ACC)
-    zg_t, _ = sm.gather(zt_rows, g, n, ACC)
+    zs_rows, zt_rows, temp, inv_t, alpha, beta, g, zg_s, zg_t, g_ok = _dkd_row_setup(
+        zs_ptr, zt_ptr, rows, n, stride_s, stride_t, target_ptr, stride_target, t_hi, t_lo,
+        alpha_hi, alpha_lo, beta_hi, beta_lo, ACC)
     lo_s = tl.load(stats_ptr + rows * stride_stats + 2).to(ACC)  # lse_other_s
     lo_t = tl.load(stats_ptr + rows * stride_stats + 3).to(ACC)
     scale = tl.load(gl_ptr + rows * stride_gl).to(ACC)
@@ -169,35 +174,12 @@ def _dkd_backward_kernel(gl_ptr, stride_gl, zs_ptr, zt_ptr, target_ptr, stride_t
                    BLOCK_K, ACC)
 
 
-def _check_target(name: str, target: Tensor, batch: int, device: torch.device) -> None:
-    sm.check_rows(name, "target", target, (batch,), (torch.int64,), device)
-
-
 def dkd_forward(z_s: Tensor, z_t: Tensor, target: Tensor, alpha: float, beta: float,
                 temperature: float, with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row DKD loss, the 6 stats and (with_grad) the gradient; see the module docstring.
     ``z_s``, ``z_t``: (B, K), floating, dtypes independent; ``target``: (B,) int64."""
-    name = "dkd_forward"
-    temperature = sm.check_temperature(name, temperature)
-    z_s, z_t = sm.check_logits(name, z_s, z_t)
-    batch, n = z_s.shape
-    device = z_s.device
-    _check_target(name, target, batch, device)
-    acc = sm.acc_dtype(z_s.dtype)
-    loss = torch.empty(batch, dtype=acc, device=device)
-    stats = torch.empty((batch, 6), dtype=acc, device=device)
-    grad = torch.empty((batch, n), dtype=z_s.dtype, device=device) if with_grad else sm.empty_grad(z_s)
-    if batch == 0:
-        return loss, stats, grad
-    launch = sm.row_launch(batch, n, acc, device)
-    with sm.on_device(device):
-        _dkd_forward_kernel[launch.grid](
-            z_s, z_t, target, target.stride(0), loss, stats, grad, batch, n, z_s.stride(0),
-            z_t.stride(0), *sm.split_scalar(temperature), *sm.split_scalar(alpha),
-            *sm.split_scalar(beta), WITH_GRAD=bool(with_grad), ONE_BLOCK=launch.one_block,
-            ROWS=launch.rows, BLOCK_K=launch.block_k, ACC=sm.TL_DTYPES[acc],
-            num_warps=launch.num_warps)
-    return loss, stats, grad
+    return sm.launch_forward(_dkd_forward_kernel, "dkd_forward", z_s, z_t, (target,), temperature,
+                             (alpha, beta), _N_STATS.value, with_grad)
 
 
 def dkd_backward(grad_loss: Tensor, z_s: Tensor, z_t: Tensor, target: Tensor, stats: Tensor,
@@ -205,26 +187,5 @@ def dkd_backward(grad_loss: Tensor, z_s: Tensor, z_t: Tensor, target: Tensor, st
     """``grad_loss[b]`` times the DKD gradient, (B, K) contiguous in z_s's dtype. ``stats``:
     (B, 6) of :func:`dkd_forward` (only ``lse_other_s``, ``lse_other_t`` are read: with the
     gathered ``z_g`` they give every other statistic)."""
-    name = "dkd_backward"
-    temperature = sm.check_temperature(name, temperature)
-    z_s, z_t = sm.check_logits(name, z_s, z_t)
-    batch, n = z_s.shape
-    device = z_s.device
-    _check_target(name, target, batch, device)
-    sm.check_rows(name, "grad_loss", grad_loss, (batch,), sm.TL_DTYPES, device)
-    sm.check_rows(name, "stats", stats, (batch, 6), sm.TL_DTYPES, device)
-    if stats.stride(1) != 1:
-        stats = stats.contiguous()
-    grad = torch.empty((batch, n), dtype=z_s.dtype, device=device)
-    if grad.numel() == 0:
-        return grad
-    acc = sm.acc_dtype(z_s.dtype)
-    launch = sm.row_launch(batch, n, acc, device)
-    with sm.on_device(device):
-        _dkd_backward_kernel[launch.grid](
-            grad_loss, grad_loss.stride(0), z_s, z_t, target, target.stride(0), stats,
-            stats.stride(0), grad, batch, n, z_s.stride(0), z_t.stride(0),
-            *sm.split_scalar(temperature), *sm.split_scalar(alpha), *sm.split_scalar(beta),
-            ROWS=launch.rows, BLOCK_K=launch.block_k, ACC=sm.TL_DTYPES[acc],
-            num_warps=launch.num_warps)
-    return grad
+    return sm.launch_backward(_dkd_backward_kernel, "dkd_backward", grad_loss, z_s, z_t, (target,),
+                              stats, temperature, (alpha, beta), _N_STATS.value)

@@ -23,7 +23,6 @@ classes (ONE_BLOCK) are loaded once: pass 2 reuses the registers of pass 1. Noth
 B x K is allocated besides the returned gradient; no atomics (deterministic).
 """
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -31,7 +30,6 @@ from torch import Tensor
 from kdfast.kernels import softmax as sm
 
 _N_STATS = tl.constexpr(2)  # stats columns: lse_s, lse_t
-_NAME = "kd_forward"
 
 
 @triton.jit
@@ -92,47 +90,13 @@ def kd_forward(z_s: Tensor, z_t: Tensor, temperature: float,
                with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row KD loss, stats ``[lse_s, lse_t]`` and (with_grad) ``T (ps - pt)``; see the module
     docstring. ``z_s``, ``z_t``: (B, K), floating, dtypes independent."""
-    temperature = sm.check_temperature(_NAME, temperature)
-    z_s, z_t = sm.check_logits(_NAME, z_s, z_t)
-    batch, n = z_s.shape
-    acc = sm.acc_dtype(z_s.dtype)
-    device = z_s.device
-    loss = torch.empty(batch, dtype=acc, device=device)
-    stats = torch.empty((batch, 2), dtype=acc, device=device)
-    grad = torch.empty((batch, n), dtype=z_s.dtype, device=device) if with_grad else sm.empty_grad(z_s)
-    if batch == 0:
-        return loss, stats, grad
-    launch = sm.row_launch(batch, n, acc, device)
-    with sm.on_device(device):
-        _kd_forward_kernel[launch.grid](
-            z_s, z_t, loss, stats, grad, batch, n, z_s.stride(0), z_t.stride(0),
-            *sm.split_scalar(temperature), WITH_GRAD=bool(with_grad), ONE_BLOCK=launch.one_block,
-            ROWS=launch.rows, BLOCK_K=launch.block_k, ACC=sm.TL_DTYPES[acc],
-            num_warps=launch.num_warps)
-    return loss, stats, grad
+    return sm.launch_forward(_kd_forward_kernel, "kd_forward", z_s, z_t, (), temperature, (),
+                             _N_STATS.value, with_grad)
 
 
 def kd_backward(grad_loss: Tensor, z_s: Tensor, z_t: Tensor, stats: Tensor,
                 temperature: float) -> Tensor:
     """``grad_loss[b] * T * (exp(zs - lse_s) - exp(zt - lse_t))``, (B, K) contiguous in z_s's
     dtype; ``stats``: (B, 2) ``[lse_s, lse_t]`` of :func:`kd_forward`; ``grad_loss``: (B,)."""
-    name = "kd_backward"
-    temperature = sm.check_temperature(name, temperature)
-    z_s, z_t = sm.check_logits(name, z_s, z_t)
-    batch, n = z_s.shape
-    device = z_s.device
-    sm.check_rows(name, "grad_loss", grad_loss, (batch,), sm.TL_DTYPES, device)
-    sm.check_rows(name, "stats", stats, (batch, 2), sm.TL_DTYPES, device)
-    if stats.stride(1) != 1:
-        stats = stats.contiguous()
-    grad = torch.empty((batch, n), dtype=z_s.dtype, device=device)
-    if grad.numel() == 0:
-        return grad
-    acc = sm.acc_dtype(z_s.dtype)
-    launch = sm.row_launch(batch, n, acc, device)
-    with sm.on_device(device):
-        _kd_backward_kernel[launch.grid](
-            grad_loss, grad_loss.stride(0), z_s, z_t, stats, stats.stride(0), grad, batch, n,
-            z_s.stride(0), z_t.stride(0), *sm.split_scalar(temperature), ROWS=launch.rows,
-            BLOCK_K=launch.block_k, ACC=sm.TL_DTYPES[acc], num_warps=launch.num_warps)
-    return grad
+    return sm.launch_backward(_kd_backward_kernel, "kd_backward", grad_loss, z_s, z_t, (), stats,
+                              temperature, (), _N_STATS.value)

@@ -38,10 +38,10 @@ accumulation dtype (float32, float64 for float64 students) right away. No libdev
 tl.log only, plus log1p by Kahan's trick (:func:`log1p`) for the per-row softplus terms.
 
 Host side: the block choice (:func:`row_launch`), metadata checks, scalar passing and the
-device context shared by the two ops' launchers.
+launchers of the two ops' kernels (:func:`launch_forward`, :func:`launch_backward`). TL_DTYPES,
+acc_dtype and on_device (kernels/_common.py) are re-exported for the modules that use this one.
 """
 
-import contextlib
 import functools
 import math
 import struct
@@ -52,8 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-             torch.float64: tl.float64}
+from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
 
 # Largest block of classes per row and largest [ROWS, BLOCK_K] tile of a program, by accumulation
 # dtype: 4096 float32 (ImageNet-1k rows fit one block and stay in registers between the passes,
@@ -107,11 +106,14 @@ def gather(rows_ptr, col, n, ACC: tl.constexpr):
 def online_lse(m, l, z, keep, inv_t):
     """One block of the online log-sum-exp of ``z / T`` over the ``keep`` lanes. ``m``: running
     max of the raw logits; returns the new (m, l), the block's weights exp((z - m') / T) (0 off
-    ``keep``) and the rescale factor exp((m - m') / T) of the old sums (0 on the first block)."""
+    ``keep`` and for -inf logits) and the rescale factor exp((m - m') / T) of the old sums (0
+    while m = -inf). As long as every kept logit so far is -inf, m' stays -inf and l 0: the
+    shift is then 0, never -inf (exp(-inf - -inf) would be NaN)."""
     zk = tl.where(keep, z, float("-inf"))
     m_new = tl.maximum(m, tl.max(zk, axis=1))
-    rescale = tl.exp((m - m_new) * inv_t)
-    e = tl.exp((zk - m_new[:, None]) * inv_t)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    rescale = tl.exp((m - shift) * inv_t)
+    e = tl.exp((zk - shift[:, None]) * inv_t)
     return m_new, l * rescale + tl.sum(e, axis=1), e, rescale
 
 
@@ -180,13 +182,16 @@ def grad_tile(cols, valid, zs, zt, shift_s, off_s, c_s, shift_t, off_t, c_t, hit
               inv_t, HIT: tl.constexpr):
     """[ROWS, BLOCK_K] gradient: c_s exp((zs - shift_s)/T - off_s) - c_t exp((zt - shift_t)/T - off_t),
     and ``hit_val`` at column ``hit_col`` (with HIT). Lanes that are not computed (past n, the
-    hit column) take exp(-inf) = 0: no overflow there."""
+    hit column) take exp(-inf) = 0: no overflow there; so do -inf logits (probability 0, also
+    where shift or off is -inf: a row whose kept logits are all -inf)."""
     keep = valid
     if HIT:
         hit = cols == hit_col[:, None]
         keep = keep & ~hit
-    xs = tl.where(keep, (zs - shift_s[:, None]) * inv_t - off_s[:, None], float("-inf"))
-    xt = tl.where(keep, (zt - shift_t[:, None]) * inv_t - off_t[:, None], float("-inf"))
+    keep_s = keep & (zs > float("-inf"))
+    keep_t = keep & (zt > float("-inf"))
+    xs = tl.where(keep_s, (zs - shift_s[:, None]) * inv_t - off_s[:, None], float("-inf"))
+    xt = tl.where(keep_t, (zt - shift_t[:, None]) * inv_t - off_t[:, None], float("-inf"))
     g = c_s[:, None] * tl.exp(xs) - c_t[:, None] * tl.exp(xt)
     if HIT:
         g = tl.where(hit, hit_val[:, None], g)
@@ -214,22 +219,12 @@ def grad_stream(grad_rows, zs_rows, zt_rows, n, row_ok, shift_s, off_s, c_s, shi
 # ----------------------------------------------------------------------------- host helpers
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation (and loss/stats) dtype: float64 for float64 students, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def split_scalar(x: float) -> tuple[float, float]:
     """``x`` as two float32 values ``hi + lo`` (Triton passes Python floats as float32)."""
     x = float(x)
     hi = struct.unpack("f", struct.pack("f", x))[0]
     lo = x - hi  # exact in float64; NaN for x = inf
     return hi, struct.unpack("f", struct.pack("f", lo))[0] if math.isfinite(lo) else 0.0
-
-
-def on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Makes ``device`` current for the launch (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,6 +287,74 @@ def check_rows(name: str, label: str, t: Tensor, shape: tuple[int, ...], dtypes,
                          f"{device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
-def empty_grad(z_s: Tensor) -> Tensor:
-    """The gradient slot of a forward without gradient: an empty tensor of z_s's dtype."""
-    return torch.empty(0, dtype=z_s.dtype, device=z_s.device)
+# ----------------------------------------------------------------------------- launchers
+#
+# Both ops' kernels take the same leading arguments, then their per-row int64 inputs (DKD's
+# target, each with its stride), then float scalars as (hi, lo) pairs (split_scalar), T first:
+#   forward:  (z_s, z_t, loss, stats, grad, batch, n, stride_s, stride_t, <row inputs>, <scalars>,
+#              WITH_GRAD, ONE_BLOCK, ROWS, BLOCK_K, ACC)
+#   backward: (grad_loss, stride_gl, z_s, z_t, stats, stride_stats, grad, batch, n, stride_s,
+#              stride_t, <row inputs>, <scalars>, ROWS, BLOCK_K, ACC)
+
+
+def _checked(name: str, z_s: Tensor, z_t: Tensor, row_inputs: tuple[Tensor, ...],
+             temperature: float) -> tuple[Tensor, Tensor, float]:
+    """The checked logits (unit-stride rows) and temperature; `row_inputs` (the target) must be
+    (B,) int64 on z_s's device."""
+    temperature = check_temperature(name, temperature)
+    z_s, z_t = check_logits(name, z_s, z_t)
+    for row_input in row_inputs:
+        check_rows(name, "target", row_input, (z_s.shape[0],), (torch.int64,), z_s.device)
+    return z_s, z_t, temperature
+
+
+def _tail_args(row_inputs: tuple[Tensor, ...], scalars: tuple[float, ...]) -> list:
+    """The kernel arguments after the leading ones: row inputs with their strides, then scalars."""
+    return [a for t in row_inputs for a in (t, t.stride(0))] + [x for v in scalars for x in split_scalar(v)]
+
+
+def launch_forward(kernel: triton.JITFunction, name: str, z_s: Tensor, z_t: Tensor, row_inputs: tuple[Tensor, ...],
+                   temperature: float, scalars: tuple[float, ...], num_stats: int,
+                   with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Checks, allocates ``(loss (B,), stats (B, num_stats), grad)`` and runs a forward kernel;
+    grad is (B, K) in z_s's dtype with `with_grad`, else an empty tensor. ``scalars``: the op's
+    floats after the temperature."""
+    z_s, z_t, temperature = _checked(name, z_s, z_t, row_inputs, temperature)
+    batch, n = z_s.shape
+    acc = acc_dtype(z_s.dtype)
+    loss = torch.empty(batch, dtype=acc, device=z_s.device)
+    stats = torch.empty((batch, num_stats), dtype=acc, device=z_s.device)
+    grad = torch.empty((batch, n) if with_grad else 0, dtype=z_s.dtype, device=z_s.device)
+    if batch > 0:
+        launch = row_launch(batch, n, acc, z_s.device)
+        with on_device(z_s.device):
+            kernel[launch.grid](
+                z_s, z_t, loss, stats, grad, batch, n, z_s.stride(0), z_t.stride(0),
+                *_tail_args(row_inputs, (temperature, *scalars)), WITH_GRAD=bool(with_grad),
+                ONE_BLOCK=launch.one_block, ROWS=launch.rows, BLOCK_K=launch.block_k,
+                ACC=TL_DTYPES[acc], num_warps=launch.num_warps)
+    return loss, stats, grad
+
+
+def launch_backward(kernel: triton.JITFunction, name: str, grad_loss: Tensor, z_s: Tensor, z_t: Tensor,
+                    row_inputs: tuple[Tensor, ...], stats: Tensor, temperature: float,
+                    scalars: tuple[float, ...], num_stats: int) -> Tensor:
+    """Checks, allocates the (B, K) gradient (z_s's dtype) and runs a backward kernel;
+    ``grad_loss``: (B,), ``stats``: (B, num_stats) of the forward."""
+    z_s, z_t, temperature = _checked(name, z_s, z_t, row_inputs, temperature)
+    batch, n = z_s.shape
+    check_rows(name, "grad_loss", grad_loss, (batch,), TL_DTYPES, z_s.device)
+    check_rows(name, "stats", stats, (batch, num_stats), TL_DTYPES, z_s.device)
+    if stats.stride(1) != 1:
+        stats = stats.contiguous()
+    grad = torch.empty((batch, n), dtype=z_s.dtype, device=z_s.device)
+    if batch > 0:
+        acc = acc_dtype(z_s.dtype)
+        launch = row_launch(batch, n, acc, z_s.device)
+        with on_device(z_s.device):
+            kernel[launch.grid](
+                grad_loss, grad_loss.stride(0), z_s, z_t, stats, stats.stride(0), grad, batch, n,
+                z_s.stride(0), z_t.stride(0), *_tail_args(row_inputs, (temperature, *scalars)),
+                ROWS=launch.rows, BLOCK_K=launch.block_k, ACC=TL_DTYPES[acc],
+                num_warps=launch.num_warps)
+    return grad

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import kdfast  # noqa: E402,F401
-from kdfast import backends  # noqa: E402
+from kdfast import backends, models  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
@@ -59,3 +59,26 @@ def assert_close_scaled(actual, expected, rtol, name="", floor=1e-30):
     expected = expected.double().cpu()
     scale = max(expected.abs().max().item(), floor)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module (tiny models: threads only add overhead on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A frozen resnet14 teacher, a resnet8 student, a batch of 8 CIFAR-shaped images with labels
+    and the teacher's features."""
+    torch.manual_seed(0)
+    teacher = models.create("resnet14", 10).eval().requires_grad_(False)
+    student = models.create("resnet8", 10)
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.tensor([0, 3, 5, 9, 1, 1, 7, 2])
+    with torch.inference_mode():
+        feats = teacher.features(x)
+    return teacher, student, x, y, feats

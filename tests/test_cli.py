@@ -13,12 +13,7 @@ from kdfast.engine import bench
 SUBCOMMANDS = ("demo", "train", "eval", "bench", "viz", "quickstart")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def help_text(capsys, argv) -> str:

@@ -21,12 +21,7 @@ TINY = ["data.batch_size=16", "train.max_train_batches=3", "train.max_eval_batch
         "model.student=resnet8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -136,24 +136,35 @@ def test_no_grad_and_eval(device, backend, name):
     assert_close_scaled(loss, expected, 1e-5)
 
 
-def test_dkd_reference_is_mdistillers_formula():
-    """The reference equals a literal transcription of mdistiller's dkd_loss (float64)."""
-    z_s = logits(16, 100, torch.float64, seed=14, requires_grad=True)
-    z_t = logits(16, 100, torch.float64, seed=15)
-    y = targets(16, 100, seed=16)
+def hinton_kd_rows(z_s, z_t, temperature=4.0):
+    """Per-row KD loss, a literal transcription of Hinton's formula (as mdistiller's kd_loss)."""
+    log_ps = TF.log_softmax(z_s / temperature, 1)
+    return TF.kl_div(log_ps, TF.softmax(z_t / temperature, 1), reduction="none").sum(1) * temperature**2
+
+
+def mdistiller_dkd_rows(z_s, z_t, y, alpha=1.0, beta=8.0, temperature=4.0):
+    """Per-row DKD loss, a literal transcription of mdistiller's dkd_loss (which sums the rows
+    and divides by B)."""
     gt = torch.zeros_like(z_s).scatter_(1, y.unsqueeze(1), 1).bool()
     other = ~gt
 
     def split(p):
         return torch.cat([(p * gt).sum(1, keepdim=True), (p * other).sum(1, keepdim=True)], dim=1)
 
-    temperature = 4.0
     p_s, p_t = split(TF.softmax(z_s / temperature, 1)), split(TF.softmax(z_t / temperature, 1))
-    tckd = TF.kl_div(torch.log(p_s), p_t, reduction="sum") * temperature**2 / 16
+    tckd = TF.kl_div(torch.log(p_s), p_t, reduction="none").sum(1) * temperature**2
     q_t = TF.softmax(z_t / temperature - 1000.0 * gt, 1)
     log_q_s = TF.log_softmax(z_s / temperature - 1000.0 * gt, 1)
-    nckd = TF.kl_div(log_q_s, q_t, reduction="sum") * temperature**2 / 16
-    expected = 1.0 * tckd + 8.0 * nckd
+    nckd = TF.kl_div(log_q_s, q_t, reduction="none").sum(1) * temperature**2
+    return alpha * tckd + beta * nckd
+
+
+def test_dkd_reference_is_mdistillers_formula():
+    """The reference equals a literal transcription of mdistiller's dkd_loss (float64)."""
+    z_s = logits(16, 100, torch.float64, seed=14, requires_grad=True)
+    z_t = logits(16, 100, torch.float64, seed=15)
+    y = targets(16, 100, seed=16)
+    expected = mdistiller_dkd_rows(z_s, z_t, y).sum() / 16
     actual = dkd_reference.dkd_loss(z_s, z_t, y)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(torch.autograd.grad(actual, z_s)[0], torch.autograd.grad(expected, z_s)[0], rtol=1e-10, atol=1e-14)
@@ -162,8 +173,73 @@ def test_dkd_reference_is_mdistillers_formula():
 def test_kd_reference_is_hintons_formula():
     z_s = logits(8, 20, torch.float64, seed=17)
     z_t = logits(8, 20, torch.float64, seed=18)
-    expected = TF.kl_div(TF.log_softmax(z_s / 4, 1), TF.softmax(z_t / 4, 1), reduction="batchmean") * 16
+    expected = hinton_kd_rows(z_s, z_t).sum() / 8
     torch.testing.assert_close(kd_reference.kd_loss(z_s, z_t), expected, rtol=1e-12, atol=0)
+
+
+# --- -inf logits (masked classes)
+
+MASKED = float("-inf")
+STAND_IN = -1e4  # finite stand-in of a masked logit: exp(-1e4 / T) is exactly 0 at T = 4 (float32, float64)
+LITERAL = {"kd": lambda z_s, z_t, y: hinton_kd_rows(z_s, z_t), "dkd": mdistiller_dkd_rows}
+
+
+def masked_logits(classes, dtype, device):
+    """(z_s, z_t, target) of 5 rows with masked (-inf) classes, class `classes - 1` the target:
+    0: one teacher class masked; 1: the teacher's target and two more classes masked; 2: the
+    first half of the classes masked in both; 3: every teacher class but the target masked (a
+    one-hot teacher); 4: the first 4096 classes (a whole Triton block, if K > 4096; else all but
+    one non-target class) masked in both. Every student row keeps a finite non-target logit, and
+    finite logits wherever the teacher's are finite (else the KL is +inf)."""
+    z_s = logits(5, classes, torch.float64, seed=40)
+    z_t = logits(5, classes, torch.float64, seed=41)
+    y = torch.full((5,), classes - 1)
+    z_t[0, 1] = MASKED
+    z_t[1, [0, 2, classes - 1]] = MASKED
+    z_s[2, : classes // 2] = z_t[2, : classes // 2] = MASKED
+    z_t[3, :-1] = MASKED
+    z_s[4, : min(4096, classes - 2)] = z_t[4, : min(4096, classes - 2)] = MASKED
+    return z_s.to(dtype).to(device), z_t.to(dtype).to(device), y.to(device)
+
+
+# The -inf handling of the C++ kernels is in csrc/softmax.h, newer than the built extension: drop
+# this mark once kdfast._C is rebuilt (checked with a separate build of the CPU kernels).
+CXX_BEFORE_REBUILD = pytest.mark.xfail(reason="csrc/softmax.h: passes once the C++ extension is rebuilt")
+
+
+@pytest.mark.parametrize(
+    "device,backend",
+    [
+        pytest.param(*p.values, marks=[*p.marks, CXX_BEFORE_REBUILD], id=p.id) if p.values[1] != "triton" else p
+        for p in device_backends("kd")
+    ]
+    + [pytest.param("cpu", "torch", id="cpu-torch")],
+)
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("classes", [12, 5000])
+def test_masked_classes(device, backend, name, dtype, classes):
+    """A -inf logit is a class of probability 0: its terms add 0 (kdfast/reference/kd.py). Every
+    backend, the reference included, must equal the literal formulas applied to a finite stand-in
+    (-1e4, whose probability is exactly 0 too), in the loss and in the gradient."""
+    z_s, z_t, y = masked_logits(classes, dtype, device)
+    z_s.requires_grad_()
+    fused, _ = LOSSES[name]
+    loss = fused(z_s, z_t, y, backend, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, z_s)
+    rows = fused(z_s, z_t, y, backend, reduction="none")
+    (rows_grad,) = torch.autograd.grad(rows, z_s, torch.linspace(0.5, 2.0, 5, device=device, dtype=rows.dtype))
+    stand_in = [z.detach().double().cpu().nan_to_num(neginf=STAND_IN) for z in (z_s, z_t)]
+    s64 = stand_in[0].requires_grad_()
+    expected = LITERAL[name](s64, stand_in[1], y.cpu())
+    (expected_grad,) = torch.autograd.grad(expected.sum(), s64, retain_graph=True)
+    (expected_rows_grad,) = torch.autograd.grad(expected, s64, torch.linspace(0.5, 2.0, 5, dtype=torch.float64))
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all() and torch.isfinite(rows_grad).all()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_close_scaled(rows, expected, tol, f"{name} rows")
+    assert_close_scaled(loss, expected.sum(), tol, f"{name} loss")
+    assert_close_scaled(grad, expected_grad, tol, f"{name} grad")
+    assert_close_scaled(rows_grad, expected_rows_grad, tol, f"{name} rows grad")
 
 
 def test_modules_match_functional():
@@ -176,39 +252,66 @@ def test_modules_match_functional():
 
 
 def _big_allocations(fn, min_bytes):
-    """Sizes of the CPU allocations of at least `min_bytes` made while running fn (profiler)."""
+    """Bytes allocated by each op of fn that allocated at least `min_bytes` (CPU profiler).
+
+    An op's ``self_cpu_memory_usage`` is what the CPU allocator handed out inside the op and not
+    inside its child ops, net of what the op freed (aten::div of a B x K tensor by a Python
+    scalar shows B*K*4 - 4 bytes: it frees the scalar's tensor), so every allocation is counted
+    once, by the op that made it, also inside kdfast's custom ops (the aten::empty of the C++
+    kernels and of the Triton launcher are child ops). Not seen: a buffer allocated and freed
+    inside one op (net 0), memory outside torch's CPU allocator (the Triton interpreter computes
+    in numpy tiles of at most 4096 elements; a GPU kernel's registers and shared memory).
+    """
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    return [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage >= min_bytes]
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage >= min_bytes]
 
 
-@pytest.mark.skip(reason="profiler allocation count not yet matched to the fused path (open: see the closing note)")
 @pytest.mark.parametrize("device,backend", [p for p in device_backends("kd") if p.values[0] == "cpu"])
 @pytest.mark.parametrize("name", LOSSES)
 def test_fused_path_allocates_one_bk_tensor(device, backend, name):
-    """Forward + backward of a reduced loss allocate nothing of size B x K but the gradient."""
+    """Forward + backward of a reduced loss allocate one B x K tensor, the gradient: the forward
+    writes it, the backward scales it in place (and autograd materializes no zero gradient for
+    the unused outputs). The eager reference allocates many. Counted on the CPU by the profiler
+    (see _big_allocations: the Triton interpreter's own numpy buffers are invisible to it, and
+    the reference's count is a floor); test_fused_path_gpu_peak_memory counts on the GPU."""
     z_s = logits(16, 512, device=device, seed=21, requires_grad=True)
     z_t = logits(16, 512, device=device, seed=22)
     y = targets(16, 512, device)
-    fused, _ = LOSSES[name]
-    allocations = _big_allocations(lambda: torch.autograd.grad(fused(z_s, z_t, y, backend), z_s), z_s.numel() * 4)
-    assert allocations == [z_s.numel() * 4]
+    fused, reference = LOSSES[name]
+    bk_bytes = z_s.numel() * z_s.element_size()
+    grads = []
+    allocations = _big_allocations(lambda: grads.extend(torch.autograd.grad(fused(z_s, z_t, y, backend), z_s)), bk_bytes // 2)
+    assert allocations == [bk_bytes]
+    assert grads[0].shape == z_s.shape
+    eager = _big_allocations(lambda: torch.autograd.grad(reference(z_s, z_t, y), z_s), bk_bytes // 2)
+    assert len(eager) >= 10  # KD: 14, DKD: 34 here (torch 2.14)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("name", LOSSES)
 def test_fused_path_gpu_peak_memory(backend, name):
+    """On the GPU, the caching allocator's peak during forward + backward of a reduced loss is
+    the gradient plus at most 1 MiB (per-row outputs, allocator rounding); eager's is several
+    B x K tensors."""
     z_s = logits(256, 32768, device="cuda", seed=23, requires_grad=True)
     z_t = logits(256, 32768, device="cuda", seed=24)
     y = targets(256, 32768, "cuda")
-    fused, _ = LOSSES[name]
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    (grad,) = torch.autograd.grad(fused(z_s, z_t, y, backend), z_s)
-    torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() - before <= grad.numel() * grad.element_size() + (1 << 20)
+    fused, reference = LOSSES[name]
+    bk_bytes = z_s.numel() * z_s.element_size()
+
+    def peak(loss_fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        (grad,) = torch.autograd.grad(loss_fn(), z_s)
+        torch.cuda.synchronize()
+        assert grad.shape == z_s.shape
+        return torch.cuda.max_memory_allocated() - before
+
+    assert bk_bytes <= peak(lambda: fused(z_s, z_t, y, backend)) <= bk_bytes + (1 << 20)
+    assert peak(lambda: reference(z_s, z_t, y)) >= 3 * bk_bytes
 
 
 @pytest.mark.parametrize("device,backend", device_backends("kd"))

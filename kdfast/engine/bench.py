@@ -8,7 +8,10 @@ same process:
   teacher under ``inference_mode``, the registered distiller (fused ``kdfast.functional`` losses);
 * ``eager-fp32``: what the peers' code does (mdistiller / RepDistiller): a ``DataLoader`` over a
   CPU ``TensorDataset`` copied to the device every step, fp32, no compile, the teacher under
-  ``no_grad``, the unfused losses of ``kdfast.reference``.
+  ``no_grad``, the unfused losses of ``kdfast.reference`` (and the same trainable extras as the
+  distiller: LCC's class-aware attention).
+
+Every method runs with its distiller's default parameters, which the reference losses repeat.
 
 Rows use the columns of ``benchmarks/common.py`` (op ``e2e_<method>``, pass ``train_step``,
 shape ``BxCxHxW`` of the batch, so images/s = B * 1000 / median_ms).
@@ -25,23 +28,49 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast import distillers, models
 from kdfast.engine.trainer import autocast
-from kdfast.models import Features
-from kdfast.reference import at as ref_at, dkd as ref_dkd, kd as ref_kd
+from kdfast.models import Features, KDModel
+from kdfast.nn import ClassAwareAttention
+from kdfast.reference import at as ref_at, dkd as ref_dkd, kd as ref_kd, lcc as ref_lcc, rkd as ref_rkd, sp as ref_sp
 
 __all__ = ["METHODS", "run_e2e", "benchmarks_common"]
 
 NUM_CLASSES = 100
-REFERENCE_LOSSES: dict[str, Callable[[Features, Features, Tensor], Tensor]] = {
-    "kd": lambda s, t, y: 0.1 * F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0),
-    "at": lambda s, t, y: F.cross_entropy(s.logits, y) + 1000 * ref_at.at_stage_losses(s.stages[1:], t.stages[1:]).sum(),
-    "dkd": lambda s, t, y: F.cross_entropy(s.logits, y) + ref_dkd.dkd_loss(s.logits, t.logits, y, 1.0, 8.0, 4.0),
+ReferenceLoss = Callable[[Features, Features, Tensor], Tensor]
+"""(student features, teacher features, labels) -> the total loss of one batch, unfused."""
+
+
+def _lcc_reference(teacher: KDModel) -> tuple[ReferenceLoss, nn.Module]:
+    """LCC's defaults: 0.1 CE + 0.9 KD (T=4) + 3 LCC (last stage, grid 4, mask of a class-aware attention)."""
+    attention = ClassAwareAttention(teacher.stage_channels[-1], NUM_CLASSES)
+
+    def loss(s: Features, t: Features, y: Tensor) -> Tensor:
+        mask, attention_ce = attention(t.stages[-1], y)
+        lcc = ref_lcc.local_correlation_loss(s.stages[-1], t.stages[-1], 4, mask=mask)
+        return 0.1 * F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0) + 3.0 * lcc + attention_ce
+
+    return loss, attention
+
+
+def _stateless(loss: ReferenceLoss) -> Callable[[KDModel], tuple[ReferenceLoss, nn.Module]]:
+    """A method without trainable extras."""
+    return lambda teacher: (loss, nn.Module())
+
+
+# method -> f(teacher) = (reference loss, the trainable extras it uses)
+REFERENCE_METHODS: dict[str, Callable[[KDModel], tuple[ReferenceLoss, nn.Module]]] = {
+    "kd": _stateless(lambda s, t, y: 0.1 * F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0)),
+    "at": _stateless(lambda s, t, y: F.cross_entropy(s.logits, y) + 1000 * ref_at.at_stage_losses(s.stages[1:], t.stages[1:]).sum()),
+    "dkd": _stateless(lambda s, t, y: F.cross_entropy(s.logits, y) + ref_dkd.dkd_loss(s.logits, t.logits, y, 1.0, 8.0, 4.0)),
+    "sp": _stateless(lambda s, t, y: F.cross_entropy(s.logits, y) + 3000 * ref_sp.sp_loss(s.stages[-1], t.stages[-1])),
+    "rkd": _stateless(lambda s, t, y: F.cross_entropy(s.logits, y) + ref_rkd.rkd_loss(s.pooled, t.pooled, 25.0, 50.0)),
+    "lcc": _lcc_reference,
 }
-METHODS = tuple(REFERENCE_LOSSES)
+METHODS = tuple(REFERENCE_METHODS)
 STEP_EPOCH = 10**6  # past every warm-up ramp (DKD): the full loss is timed
 
 
@@ -95,8 +124,9 @@ def _kdfast_step(method: str, teacher: str, student: str, device: torch.device, 
 def _eager_step(method: str, teacher: str, student: str, device: torch.device, data: tuple[Tensor, Tensor],
                 batch: int) -> Callable[[], None]:
     t, s = _models(teacher, student, device, torch.contiguous_format)
-    loss_fn = REFERENCE_LOSSES[method]
-    opt = torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    loss_fn, extras = REFERENCE_METHODS[method](t)
+    extras.to(device)
+    opt = torch.optim.SGD([*s.parameters(), *extras.parameters()], lr=0.05, momentum=0.9, weight_decay=5e-4)
     loader = DataLoader(TensorDataset(*data), batch_size=batch, shuffle=True, drop_last=True)
     batches = _cycle(loader)
 
@@ -165,7 +195,7 @@ def run_e2e(device: torch.device, methods: Sequence[str] = METHODS, batch: int =
             rows.append({"op": f"e2e_{method}", "backend": backend, "pass": "train_step", "dtype": dtype,
                          "shape": f"{batch}x3x32x32", "median_ms": f"{median:.6g}", "p20_ms": f"{p20:.6g}",
                          "p80_ms": f"{p80:.6g}", "peak_mem_bytes": "" if peak is None else str(peak), "gbps": "",
-                         **env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())})
+                         **env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "note": ""})
     _write(rows, device, out, common)
     return rows
 

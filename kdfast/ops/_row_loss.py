@@ -39,6 +39,7 @@ def register(ns: str, op: str, num_tensors: int, num_stats: int) -> None:
     `num_tensors` tensors (z_s, z_t, ...), then scalars, then ``with_grad``."""
 
     def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # no zero B x K gradient for the unused outputs stats, grad
         ctx.num_inputs = len(inputs)
         ctx.with_grad = inputs[-1]
         ctx.scalars = inputs[num_tensors:-1]

@@ -18,6 +18,11 @@ published formula). Gradient w.r.t. ``z_s[b, k]``::
 
 ``reduction``: "batchmean" (default; mdistiller's ``/ B``), "sum" or "none" (per row). The
 linear warm-up of the DKD weight over the first epochs belongs to the distiller, not the loss.
+
+``-inf`` logits (masked classes) follow kdfast/reference/kd.py: a term of probability 0 adds 0,
+in TCKD and NCKD alike, including a masked target and a teacher whose only finite logit is the
+target (then ``pt_other = 0`` and ``qt`` is one-hot on the target). Not supported: a student row
+whose non-target logits are all -inf (its gradient is NaN here).
 """
 
 from __future__ import annotations
@@ -27,21 +32,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdfast.reference.at import compute_dtype
-from kdfast.reference.kd import reduce_rows
+from kdfast.reference.kd import kl_terms, reduce_rows
 
 MASK = 1000.0  # mdistiller's gt-mask magnitude
 
 
-def _kl_term(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """p * (log p - log q), with 0 where p == 0."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-
-
-def _split_log_probs(z: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
-    """log p_g and log(1 - p_g) of softmax(z) per row, both in log space."""
+def _split_log_probs(z: Tensor, target: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
+    """log p_g and log(1 - p_g) of softmax(z) per row, both in log space (z_g gathered, not
+    ``(z * gt).sum``: a -inf logit times 0 would be NaN)."""
     lse = torch.logsumexp(z, dim=1)
-    log_target = (z * gt).sum(1) - lse
+    log_target = z.gather(1, target.unsqueeze(1)).squeeze(1) - lse
     log_other = torch.logsumexp(z.masked_fill(gt.bool(), float("-inf")), dim=1) - lse
     return log_target, log_other
 
@@ -52,12 +52,12 @@ def dkd_rows(z_s: Tensor, z_t: Tensor, target: Tensor, alpha: float = 1.0, beta:
     zs = z_s.to(dtype) / temperature
     zt = z_t.detach().to(dtype) / temperature
     gt = F.one_hot(target, zs.shape[1]).to(dtype)
-    s_target, s_other = _split_log_probs(zs, gt)
-    t_target, t_other = _split_log_probs(zt, gt)
-    tckd = _kl_term(t_target, s_target) + _kl_term(t_other, s_other)
+    s_target, s_other = _split_log_probs(zs, target, gt)
+    t_target, t_other = _split_log_probs(zt, target, gt)
+    tckd = kl_terms(t_target, s_target) + kl_terms(t_other, s_other)
     log_qs = F.log_softmax(zs - MASK * gt, dim=1)
     log_qt = F.log_softmax(zt - MASK * gt, dim=1)
-    nckd = F.kl_div(log_qs, log_qt, reduction="none", log_target=True).sum(1)
+    nckd = kl_terms(log_qt, log_qs).sum(1)
     return (alpha * tckd + beta * nckd) * temperature**2
 
 

@@ -1,0 +1,97 @@
+"""torch.library registration and backend dispatch of the relational KD loss (RKD; formulas in
+kdfast/reference/rkd.py).
+
+Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdfast.kernels.rkd;
+``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C, registered here once it declares
+them)::
+
+    rkd_forward(Tensor e_s, Tensor e_t) -> (Tensor terms, Tensor gram, Tensor stats)
+    rkd_backward(Tensor grad_terms, Tensor e_s, Tensor gram, Tensor stats) -> Tensor grad_e_s
+
+* ``e_s`` (B, Ds), ``e_t`` (B, Dt): student and teacher embeddings, B >= 1, Ds and Dt >= 1 and
+  independent, any strides (read in place), any floating dtypes (each its own). The loss dtype
+  ACC is float32 (float64 for a float64 e_s; the C++ backends accumulate in it too).
+* ``terms``: (2,) ACC, the unweighted ``[L_dist, L_angle]`` (means over the B^2 pairs and the
+  B^3 triplets). The weights are applied by the caller.
+* ``gram``: (2, B, B) ACC contiguous, ``[E_s E_s^T, E_t E_t^T]`` (saved for the backward).
+* ``stats``: (3,) ACC, ``[scale_s, scale_t, mean_gx]``: ``scale = count / sum`` over the positive
+  distances of each network (``x = d * scale`` are the normalised distances; 0 where no
+  distance is positive, B = 1) and ``mean_gx = sum_ij smooth_l1'(x_s - x_t)_ij x_s_ij / count_s``
+  (0 for count_s = 0).
+* ``grad_terms``: (2,) (any floating dtype), read on the device, never on the host.
+* ``grad_e_s``: (B, Ds) contiguous in e_s's dtype, the gradient of
+  ``grad_terms[0] * L_dist + grad_terms[1] * L_angle``, as ``(dS + dS^T) E_s`` from
+  ``dS = d loss / d S_s`` (kernels/rkd.py derives it).
+* Every distance and cosine comes from the Gram matrices, exactly as kernels/rkd.py writes them
+  (the operation order that keeps duplicated rows exact, the eps clamps and the zero diagonal);
+  nothing of size B x B x D is ever built. Extra memory: a few B x B matrices.
+
+This module registers the fake (meta) kernels and the autograd formula (the teacher gets no
+gradient) of both namespaces. Backend "torch" calls the eager reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kdfast import _extension
+from kdfast.ops import as_rows, namespace
+from kdfast.reference import rkd as reference
+from kdfast.reference.at import compute_dtype
+
+
+@torch.library.custom_op("kdfast_triton::rkd_forward", mutates_args=())
+def _rkd_forward_triton(e_s: Tensor, e_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    from kdfast.kernels import rkd as kernels
+
+    return kernels.rkd_forward(e_s, e_t)
+
+
+@torch.library.custom_op("kdfast_triton::rkd_backward", mutates_args=())
+def _rkd_backward_triton(grad_terms: Tensor, e_s: Tensor, gram: Tensor, stats: Tensor) -> Tensor:
+    from kdfast.kernels import rkd as kernels
+
+    return kernels.rkd_backward(grad_terms, e_s, gram, stats)
+
+
+def _forward_fake(e_s: Tensor, e_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    acc = compute_dtype(e_s.dtype)
+    batch = e_s.shape[0]
+    return e_s.new_empty((2,), dtype=acc), e_s.new_empty((2, batch, batch), dtype=acc), e_s.new_empty((3,), dtype=acc)
+
+
+def _backward_fake(grad_terms: Tensor, e_s: Tensor, gram: Tensor, stats: Tensor) -> Tensor:
+    return e_s.new_empty(e_s.shape)
+
+
+def _register(ns: str) -> None:
+    ops = getattr(torch.ops, ns)
+
+    def setup(ctx, inputs, output):
+        _, gram, stats = output
+        ctx.save_for_backward(inputs[0], gram, stats)
+
+    def backward(ctx, grad_terms, _grad_gram, _grad_stats):
+        if grad_terms is None:
+            return None, None
+        e_s, gram, stats = ctx.saved_tensors
+        return ops.rkd_backward(grad_terms.contiguous(), e_s, gram, stats), None
+
+    torch.library.register_fake(f"{ns}::rkd_forward", _forward_fake)
+    torch.library.register_fake(f"{ns}::rkd_backward", _backward_fake)
+    torch.library.register_autograd(f"{ns}::rkd_forward", backward, setup_context=setup)
+
+
+_register("kdfast_triton")
+if _extension.has_op("rkd_forward"):
+    _register("kdfast")
+
+
+def rkd_terms(e_s: Tensor, e_t: Tensor, backend: str) -> Tensor:
+    """(2,) unweighted ``[L_dist, L_angle]`` on `backend` (float32; float64 for float64 students);
+    the teacher is detached."""
+    if backend == "torch":
+        return reference.rkd_terms(e_s, e_t)
+    terms, _, _ = namespace(backend).rkd_forward(as_rows(e_s), as_rows(e_t.detach()))
+    return terms

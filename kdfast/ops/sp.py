@@ -1,0 +1,90 @@
+"""torch.library registration and backend dispatch of the similarity-preserving (SP) loss
+(formulas in kdfast/reference/sp.py).
+
+Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdfast.kernels.sp;
+``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C, registered here once it declares
+them)::
+
+    sp_forward(Tensor x_s, Tensor x_t) -> (Tensor loss, Tensor stats)
+    sp_backward(Tensor grad_loss, Tensor x_s, Tensor x_t, Tensor stats) -> Tensor grad_x_s
+
+* ``x_s`` (B, Ds), ``x_t`` (B, Dt): the flattened student and teacher maps, B >= 1, Ds and Dt
+  >= 1 and independent, any strides (read in place), any floating dtypes (each its own).
+* ``loss``: 0-d, ``||G_s - G_t||_F^2 / B^2`` with ``G = normalize_rows(X X^T)`` (F.normalize,
+  eps 1e-12). float32 (float64 for a float64 x_s; the C++ backends accumulate in it too).
+* ``stats``: (B, 3) in the loss dtype, per row i ``[inv_s, inv_t, proj]``:
+  ``inv = 1 / max(||S[i]||_2, 1e-12)`` of ``S = X X^T`` and
+  ``proj = sum_j G_s_ij (G_s_ij - G_t_ij)``, 0 where ``||S_s[i]||_2 < 1e-12``.
+* ``grad_loss``: 0-d (any floating dtype), read on the device (never on the host).
+* ``grad_x_s``: (B, Ds) contiguous in x_s's dtype: the gradient of ``grad_loss * loss``, i.e.
+  ``M X_s`` with ``M_ij = (a_i + a_j) S_s_ij - (b_i + b_j) S_t_ij``, ``k = 2 grad_loss / B^2``,
+  ``a = k inv_s^2 (1 - proj)``, ``b = k inv_s inv_t``.
+* Memory: the fused kernels never store a B x B matrix (flash-style tiles recomputed from X;
+  extra memory O(B) plus, for a float16/bfloat16 x_s, a float32 (B, Ds) gradient accumulator).
+
+This module registers the fake (meta) kernels and the autograd formula (the teacher gets no
+gradient) of both namespaces. Backend "torch" calls the eager reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kdfast import _extension
+from kdfast.ops import as_rows, namespace
+from kdfast.reference import sp as reference
+from kdfast.reference.at import compute_dtype
+
+
+@torch.library.custom_op("kdfast_triton::sp_forward", mutates_args=())
+def _sp_forward_triton(x_s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+    from kdfast.kernels import sp as kernels
+
+    return kernels.sp_forward(x_s, x_t)
+
+
+@torch.library.custom_op("kdfast_triton::sp_backward", mutates_args=())
+def _sp_backward_triton(grad_loss: Tensor, x_s: Tensor, x_t: Tensor, stats: Tensor) -> Tensor:
+    from kdfast.kernels import sp as kernels
+
+    return kernels.sp_backward(grad_loss, x_s, x_t, stats)
+
+
+def _forward_fake(x_s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+    acc = compute_dtype(x_s.dtype)
+    return x_s.new_empty((), dtype=acc), x_s.new_empty((x_s.shape[0], 3), dtype=acc)
+
+
+def _backward_fake(grad_loss: Tensor, x_s: Tensor, x_t: Tensor, stats: Tensor) -> Tensor:
+    return x_s.new_empty(x_s.shape)
+
+
+def _register(ns: str) -> None:
+    ops = getattr(torch.ops, ns)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1])
+
+    def backward(ctx, grad_loss, _grad_stats):
+        if grad_loss is None:
+            return None, None
+        x_s, x_t, stats = ctx.saved_tensors
+        return ops.sp_backward(grad_loss.contiguous(), x_s, x_t, stats), None
+
+    torch.library.register_fake(f"{ns}::sp_forward", _forward_fake)
+    torch.library.register_fake(f"{ns}::sp_backward", _backward_fake)
+    torch.library.register_autograd(f"{ns}::sp_forward", backward, setup_context=setup)
+
+
+_register("kdfast_triton")
+if _extension.has_op("sp_forward"):
+    _register("kdfast")
+
+
+def sp_loss(f_s: Tensor, f_t: Tensor, backend: str) -> Tensor:
+    """The SP loss (0-d) on `backend`; the teacher is detached."""
+    if backend == "torch":
+        return reference.sp_loss(f_s, f_t)
+    loss, _ = namespace(backend).sp_forward(as_rows(f_s), as_rows(f_t.detach()))
+    return loss

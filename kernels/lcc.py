@@ -1,0 +1,466 @@
+"""Triton kernels of local correlation consistency (LCC); formulas in kdfast/reference/lcc.py.
+
+The maps f_s (B, Cs, H, W) and f_t (B, Ct, H, W) are already prepared (aligned, masked, pooled):
+the grid k divides H and W, regions are rh x rw with rh = H / k, rw = W / k. Row
+``n = i * k^2 + py * k + px`` (N = B * k^2 rows) is the descriptor of region (py, px) of sample i::
+
+    x[n][d] = f[i, c, py * rh + y, px * rw + x]        (D = C * rh * rw elements (c, y, x))
+    inv[n]  = 1 / max(||x[n]||_2, 1e-12),   S[n, m] = <x[n], x[m]> inv[n] inv[m]
+    Delta   = S_s - S_t
+
+* :func:`lcc_forward` -> ``(sums (3,), inv_s (N,), inv_t (N,))``, ``sums[c]`` the sum of
+  ``Delta^2`` over the ordered entries (n, m) of class c: 0 intra (i == j), 1 inter (i != j,
+  p == q), 2 cross (i != j, p != q), with ``i = n // k^2``, ``p = n % k^2``.
+* :func:`lcc_backward` -> the gradient w.r.t. f_s of ``sum_c grad_sums[c] * sums[c]``: with
+  ``u[n] = x[n] inv_s[n]``, ``w(n, m) = grad_sums[class(n, m)]`` and
+  ``g[n] = 4 sum_m w(n, m) Delta[n, m] u[m]``, ``grad_x[n] = inv_s[n] (g[n] - u[n] <u[n], g[n]>)``
+  (``inv_s[n] g[n]`` where ``||x[n]|| <= 1e-12``), scattered back to the map positions.
+
+Nothing of size N x N is ever stored: flash-style tiles. Rows and columns are cut into blocks of
+BLOCK descriptors; a tile's two Gram blocks ``X_s[rows] X_s[cols]^T`` and ``X_t[rows] X_t[cols]^T``
+are accumulated with ``tl.dot`` over chunks of BLOCK_K descriptor elements (each network over its
+own D; float64 tiles as summed broadcast products instead, see :func:`_mm`), scaled by the
+inverse norms into the Delta tile, whose entries are classified by (i == j, p == q). The maps
+are read in place through their strides: ``x[n][d]`` lies at ``base(n) + off(d)`` with a per-row
+base (sample, region corner) and a per-element offset (c, y, x); a channels_last map is walked
+with c innermost (any order of d gives the same dot products), so loads follow the unit stride.
+Every load is converted to the accumulation dtype (float32; float64 for float64 students) before
+any arithmetic, and float32 dots run in IEEE precision (no TF32).
+
+Launches (every reduction deterministic, no atomics):
+
+1. ``_norms_kernel``: inv_s and inv_t, one program per BLOCK rows, both maps.
+2. forward ``_sums_kernel``: Delta is symmetric, so only half the tiles are computed. Row
+   block a pairs with column blocks ``b = (a + o) mod nb`` for ``o = 0 .. nb // 2``; a tile
+   counts once for o = 0 (the diagonal) and for o = nb / 2 (even nb: both (a, b) and (b, a) are
+   visited), twice otherwise. Every row block has nb // 2 + 1 tiles (balanced); when there are
+   fewer row blocks than the device wants programs, the offsets are split over SPLITS programs
+   per row block. Each program writes its 3 partial sums; torch sums the (nb * SPLITS, 3)
+   partials (O(N) memory).
+3. backward ``_grad_tiles_kernel``: program (a, s) owns row block a and the column blocks of
+   split s; it recomputes each Delta tile, weights it into ``P = 4 w Delta inv_s[cols]`` and adds
+   ``P @ X_s[cols]`` to its accumulator rows ``g_s[rows]`` (SPLITS x N x Ds; SPLITS > 1 only
+   while it stays within _SPLIT_BYTES), chunk by chunk of Ds (read-modify-write, L2-resident).
+4. ``_grad_kernel``: per row block, sums the splits' accumulators, computes ``<x, g>`` and the
+   norm in a first pass over Ds and writes ``grad_x`` at the map positions in a second.
+"""
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdfast.kernels import at as at_kernels
+from kdfast.kernels import softmax as sm
+
+_EPS = tl.constexpr(1e-12)  # inv = 1 / max(||x||_2, eps), as F.normalize
+
+# Tile side (rows = columns, a power of two in [16, 64]: tl.dot needs >= 16) and descriptor chunk,
+# by accumulation dtype (float64 multiplies [side, chunk, side] products in registers: smaller).
+# The side starts at the largest and is halved while the launch has fewer than
+# _PROGRAMS_PER_SM programs per SM for a full (nb x nb) tile grid, so a small N still fills the
+# GPU (N = 1024 on an H100: a side of 32, 32 x 32 tiles).
+_MAX_BLOCK = {torch.float32: 64, torch.float64: 32}
+_MIN_BLOCK = 16
+_BLOCK_K = {torch.float32: 32, torch.float64: 4}
+_PROGRAMS_PER_SM = 4
+_NUM_WARPS = 4
+# Every column split of the backward owns an N x Ds accumulator (float32; float64 for float64
+# maps): splits beyond the first are used only while all of them fit in this many bytes.
+_SPLIT_BYTES = 64 << 20
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _row_base(n, grid, rh, rw, stride_b, stride_y, stride_x):
+    """Offset (int64) of the first element of the region of rows ``n``."""
+    k2 = grid * grid
+    p = n % k2
+    return ((n // k2).to(tl.int64) * stride_b + ((p // grid) * rh) * stride_y
+            + ((p % grid) * rw) * stride_x)
+
+
+@triton.jit
+def _element(d, channels, rh, rw, C_INNER: tl.constexpr):
+    """(c, y, x) of descriptor elements ``d``: order (c, y, x), or (y, x, c) when C_INNER."""
+    if C_INNER:
+        c = d % channels
+        r = d // channels
+    else:
+        c = d // (rh * rw)
+        r = d % (rh * rw)
+    return c, r // rw, r % rw
+
+
+@triton.jit
+def _offset(d, channels, rh, rw, stride_c, stride_y, stride_x, C_INNER: tl.constexpr):
+    """Offsets of descriptor elements ``d`` within a region."""
+    c, y, x = _element(d, channels, rh, rw, C_INNER)
+    return c * stride_c + y * stride_y + x * stride_x
+
+
+@triton.jit
+def _mm(a, b, acc):
+    """``acc + a @ b``: tl.dot in IEEE float32 (no TF32); in float64, whose tl.dot does not
+    compile for NVIDIA GPUs in Triton 3.8 (an MMAv2 assertion), summed broadcast products."""
+    if acc.dtype == tl.float64:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _gram(x, rows, cols, n, grid, rh, rw, channels, dim, stride_b, stride_c, stride_y, stride_x,
+          C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK, BLOCK] tile ``<x[rows], x[cols]>`` of one map (0 outside [0, n))."""
+    row_base = _row_base(rows, grid, rh, rw, stride_b, stride_y, stride_x)
+    col_base = _row_base(cols, grid, rh, rw, stride_b, stride_y, stride_x)
+    rows_ok = rows < n
+    cols_ok = cols < n
+    acc = tl.zeros([BLOCK, BLOCK], ACC)
+    for k0 in range(0, dim, BLOCK_K):
+        d = k0 + tl.arange(0, BLOCK_K)
+        d_ok = d < dim
+        off = _offset(d, channels, rh, rw, stride_c, stride_y, stride_x, C_INNER)
+        a = tl.load(x + row_base[:, None] + off[None, :], mask=rows_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(ACC)
+        b = tl.load(x + off[:, None] + col_base[None, :], mask=d_ok[:, None] & cols_ok[None, :],
+                    other=0.0).to(ACC)
+        acc = _mm(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t,
+           xs, cs, ds, sbs, scs, sys, sxs, xt, ct, dt, sbt, sct, syt, sxt,
+           S_C_INNER: tl.constexpr, T_C_INNER: tl.constexpr, ACC: tl.constexpr,
+           BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The Delta tile ``S_s[rows, cols] - S_t[rows, cols]`` (exactly 0 outside [0, n)^2)."""
+    gs = _gram(xs, rows, cols, n, grid, rh, rw, cs, ds, sbs, scs, sys, sxs, S_C_INNER, ACC,
+               BLOCK, BLOCK_K)
+    gt = _gram(xt, rows, cols, n, grid, rh, rw, ct, dt, sbt, sct, syt, sxt, T_C_INNER, ACC,
+               BLOCK, BLOCK_K)
+    rows_ok = rows < n
+    cols_ok = cols < n
+    s_r = tl.load(inv_s + rows, mask=rows_ok, other=0.0)
+    s_c = tl.load(inv_s + cols, mask=cols_ok, other=0.0)
+    t_r = tl.load(inv_t + rows, mask=rows_ok, other=0.0)
+    t_c = tl.load(inv_t + cols, mask=cols_ok, other=0.0)
+    delta = gs * s_r[:, None] * s_c[None, :] - gt * t_r[:, None] * t_c[None, :]
+    return tl.where(rows_ok[:, None] & cols_ok[None, :], delta, 0.0)
+
+
+@triton.jit
+def _classes(rows, cols, grid):
+    """[BLOCK, BLOCK] masks: same sample (i == j), same position (p == q)."""
+    k2 = grid * grid
+    same_sample = (rows // k2)[:, None] == (cols // k2)[None, :]
+    same_position = (rows % k2)[:, None] == (cols % k2)[None, :]
+    return same_sample, same_position
+
+
+@triton.jit
+def _sum_squares(x, rows, n, grid, rh, rw, channels, dim, stride_b, stride_c, stride_y, stride_x,
+                 C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """``||x[rows]||^2`` ([BLOCK], 0 outside [0, n))."""
+    base = _row_base(rows, grid, rh, rw, stride_b, stride_y, stride_x)
+    rows_ok = rows < n
+    acc = tl.zeros([BLOCK, BLOCK_K], ACC)
+    for k0 in range(0, dim, BLOCK_K):
+        d = k0 + tl.arange(0, BLOCK_K)
+        off = _offset(d, channels, rh, rw, stride_c, stride_y, stride_x, C_INNER)
+        v = tl.load(x + base[:, None] + off[None, :], mask=rows_ok[:, None] & (d < dim)[None, :],
+                    other=0.0).to(ACC)
+        acc += v * v
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _split_sum(g, rows64, d, mask, n, dim, n_splits, ACC: tl.constexpr, BLOCK: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """``sum_s g[s, rows, d]`` of the (SPLITS, n, dim) accumulators, in split order."""
+    acc = tl.zeros([BLOCK, BLOCK_K], ACC)
+    for s in range(0, n_splits):
+        acc += tl.load(g + (s * n + rows64)[:, None] * dim + d[None, :], mask=mask, other=0.0)
+    return acc
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _norms_kernel(inv_s, inv_t, n, grid, rh, rw,
+                  xs, cs, ds, sbs, scs, sys, sxs, xt, ct, dt, sbt, sct, syt, sxt,
+                  S_C_INNER: tl.constexpr, T_C_INNER: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """inv[n] = 1 / max(||x[n]||, eps) of BLOCK rows, student (axis 1 = 0) or teacher (1)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if tl.program_id(1) == 0:
+        ss = _sum_squares(xs, rows, n, grid, rh, rw, cs, ds, sbs, scs, sys, sxs, S_C_INNER, ACC,
+                          BLOCK, BLOCK_K)
+        out = inv_s
+    else:
+        ss = _sum_squares(xt, rows, n, grid, rh, rw, ct, dt, sbt, sct, syt, sxt, T_C_INNER, ACC,
+                          BLOCK, BLOCK_K)
+        out = inv_t
+    norm = at_kernels._sqrt(ss)
+    tl.store(out + rows, 1.0 / tl.where(norm < _EPS, _EPS, norm), mask=rows < n)
+
+
+@triton.jit
+def _sums_kernel(partial, n, grid, rh, rw, inv_s, inv_t,
+                 xs, cs, ds, sbs, scs, sys, sxs, xt, ct, dt, sbt, sct, syt, sxt,
+                 n_blocks, per_split, S_C_INNER: tl.constexpr, T_C_INNER: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial class sums of Delta^2 over the tiles (a, (a + o) mod nb) of this program's offsets."""
+    a = tl.program_id(0)
+    split = tl.program_id(1)
+    first = split * per_split
+    last = tl.minimum(first + per_split, n_blocks // 2 + 1)
+    rows = a * BLOCK + tl.arange(0, BLOCK)
+    intra = tl.zeros([BLOCK], ACC)
+    inter = tl.zeros([BLOCK], ACC)
+    cross = tl.zeros([BLOCK], ACC)
+    for o in range(first, last):
+        cols = ((a + o) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+        delta = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, cs, ds, sbs, scs, sys, sxs,
+                       xt, ct, dt, sbt, sct, syt, sxt, S_C_INNER, T_C_INNER, ACC, BLOCK, BLOCK_K)
+        weight = tl.where((o == 0) | (2 * o == n_blocks), 1.0, 2.0)
+        sq = delta * delta * weight
+        same_sample, same_position = _classes(rows, cols, grid)
+        intra += tl.sum(tl.where(same_sample, sq, 0.0), axis=1)
+        inter += tl.sum(tl.where(~same_sample & same_position, sq, 0.0), axis=1)
+        cross += tl.sum(tl.where(~same_sample & ~same_position, sq, 0.0), axis=1)
+    out = partial + (a * tl.num_programs(1) + split) * 3
+    tl.store(out, tl.sum(intra, axis=0))
+    tl.store(out + 1, tl.sum(inter, axis=0))
+    tl.store(out + 2, tl.sum(cross, axis=0))
+
+
+@triton.jit
+def _grad_tiles_kernel(g, grad_sums, grad_sums_stride, n, grid, rh, rw, inv_s, inv_t,
+                       xs, cs, ds, sbs, scs, sys, sxs, xt, ct, dt, sbt, sct, syt, sxt,
+                       n_blocks, per_split, S_C_INNER: tl.constexpr, T_C_INNER: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``g[split, rows] = sum over the split's column blocks of (4 w Delta inv_s[cols]) @ X_s[cols]``."""
+    a = tl.program_id(0)
+    split = tl.program_id(1)
+    w_intra = 4.0 * tl.load(grad_sums).to(ACC)
+    w_inter = 4.0 * tl.load(grad_sums + grad_sums_stride).to(ACC)
+    w_cross = 4.0 * tl.load(grad_sums + 2 * grad_sums_stride).to(ACC)
+    first = split * per_split
+    last = tl.minimum(first + per_split, n_blocks)
+    rows = a * BLOCK + tl.arange(0, BLOCK)
+    rows_ok = rows < n
+    g_rows = g + (split * n + rows.to(tl.int64))[:, None] * ds
+    for b in range(first, last):
+        cols = b * BLOCK + tl.arange(0, BLOCK)
+        cols_ok = cols < n
+        delta = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, cs, ds, sbs, scs, sys, sxs,
+                       xt, ct, dt, sbt, sct, syt, sxt, S_C_INNER, T_C_INNER, ACC, BLOCK, BLOCK_K)
+        same_sample, same_position = _classes(rows, cols, grid)
+        w = tl.where(same_sample, w_intra, tl.where(same_position, w_inter, w_cross))
+        p = delta * w * tl.load(inv_s + cols, mask=cols_ok, other=0.0)[None, :]
+        col_base = _row_base(cols, grid, rh, rw, sbs, sys, sxs)
+        for k0 in range(0, ds, BLOCK_K):
+            d = k0 + tl.arange(0, BLOCK_K)
+            d_ok = d < ds
+            off = _offset(d, cs, rh, rw, scs, sys, sxs, S_C_INNER)
+            xc = tl.load(xs + col_base[:, None] + off[None, :], mask=cols_ok[:, None] & d_ok[None, :],
+                         other=0.0).to(ACC)
+            mask = rows_ok[:, None] & d_ok[None, :]
+            # the first column block starts the accumulator: nothing is loaded then
+            acc = tl.load(g_rows + d[None, :], mask=mask & (b > first), other=0.0)
+            acc = _mm(p, xc, acc)
+            tl.store(g_rows + d[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _grad_chunk(xs, x_base, g, rows, k0, n, n_splits, rh, rw, cs, ds, scs, sys, sxs,
+                S_C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Chunk ``k0 + [0, BLOCK_K)`` of rows ``rows``: its (c, y, x), mask, x and summed g."""
+    d = k0 + tl.arange(0, BLOCK_K)
+    mask = (rows < n)[:, None] & (d < ds)[None, :]
+    c, y, x = _element(d, cs, rh, rw, S_C_INNER)
+    v = tl.load(xs + x_base[:, None] + (c * scs + y * sys + x * sxs)[None, :], mask=mask,
+                other=0.0).to(ACC)
+    gv = _split_sum(g, rows.to(tl.int64), d, mask, n, ds, n_splits, ACC, BLOCK, BLOCK_K)
+    return c, y, x, mask, v, gv
+
+
+@triton.jit
+def _grad_kernel(out, g, n_splits, inv_s, n, grid, rh, rw,
+                 xs, cs, ds, sbs, scs, sys, sxs, sbo, sco, syo, sxo,
+                 S_C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """``grad_x = inv (g - u <u, g>)`` of BLOCK rows (``inv g`` where the norm is clamped): a
+    first pass over Ds for ``<x, g>`` and ``||x||``, a second one writes."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x_base = _row_base(rows, grid, rh, rw, sbs, sys, sxs)
+    o_base = _row_base(rows, grid, rh, rw, sbo, syo, sxo)
+    xg = tl.zeros([BLOCK, BLOCK_K], ACC)
+    xx = tl.zeros([BLOCK, BLOCK_K], ACC)
+    for k0 in range(0, ds, BLOCK_K):
+        _, _, _, _, v, gv = _grad_chunk(xs, x_base, g, rows, k0, n, n_splits, rh, rw, cs, ds, scs,
+                                        sys, sxs, S_C_INNER, ACC, BLOCK, BLOCK_K)
+        xg += v * gv
+        xx += v * v
+    inv = tl.load(inv_s + rows, mask=rows < n, other=0.0)
+    norm = at_kernels._sqrt(tl.sum(xx, axis=1))
+    # u <u, g> = x inv^2 <x, g>, where the norm is not clamped
+    coef = tl.where(norm > _EPS, inv * inv * tl.sum(xg, axis=1), 0.0)
+    for k0 in range(0, ds, BLOCK_K):
+        c, y, x, mask, v, gv = _grad_chunk(xs, x_base, g, rows, k0, n, n_splits, rh, rw, cs, ds,
+                                           scs, sys, sxs, S_C_INNER, ACC, BLOCK, BLOCK_K)
+        grad = inv[:, None] * (gv - v * coef[:, None])
+        tl.store(out + o_base[:, None] + (c * sco + y * syo + x * sxo)[None, :],
+                 grad.to(out.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+class _Map(NamedTuple):
+    """A prepared map as the kernels read it: pointer, C, D, strides (b, c, y, x), and C_INNER."""
+
+    args: tuple
+    c_inner: bool
+
+
+def _map(f: Tensor, grid: int) -> _Map:
+    b, c, h, w = f.shape
+    dim = c * (h // grid) * (w // grid)
+    return _Map((f, c, dim, *f.stride()), f.stride(1) < f.stride(3))
+
+
+def _check(name: str, f_s: Tensor, f_t: Tensor, grid: int) -> None:
+    for label, f in (("f_s", f_s), ("f_t", f_t)):
+        if f.dim() != 4 or f.numel() == 0 or f.dtype not in sm.TL_DTYPES:
+            raise ValueError(f"{name}: {label} must be a non-empty 4-D (B, C, H, W) float16/bfloat16/"
+                             f"float32/float64 tensor, got {f.dtype} of shape {tuple(f.shape)}")
+    if (f_s.shape[0], *f_s.shape[2:]) != (f_t.shape[0], *f_t.shape[2:]) or f_s.device != f_t.device:
+        raise ValueError(f"{name}: f_s and f_t must share B, H, W and the device, got "
+                         f"{tuple(f_s.shape)} on {f_s.device} and {tuple(f_t.shape)} on {f_t.device}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"{name}: grid must be an int >= 1, got {grid!r}")
+    if f_s.shape[2] % grid or f_s.shape[3] % grid:
+        raise ValueError(f"{name}: grid {grid} must divide H and W, got {tuple(f_s.shape[2:])}")
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    """Programs a launch should have to fill the device (1 off CUDA: the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block(n: int, acc: torch.dtype, device: torch.device) -> int:
+    """Tile side: _MAX_BLOCK, halved (down to _MIN_BLOCK) while nb^2 tiles cannot fill the device."""
+    block = _MAX_BLOCK[acc]
+    while block > _MIN_BLOCK and triton.cdiv(n, block) ** 2 < _target_programs(device):
+        block //= 2
+    return block
+
+
+def _split(work: int, splits: int) -> tuple[int, int]:
+    """(programs per row block, work items per program): ``work`` items (tile offsets or column
+    blocks) of a row block over at most ``splits`` programs, none of them empty."""
+    per = triton.cdiv(work, max(1, min(work, splits)))
+    return triton.cdiv(work, per), per
+
+
+class _Launch(NamedTuple):
+    n: int
+    shared: tuple  # n, grid, rh, rw
+    maps: tuple  # the student's then the teacher's map arguments
+    constexprs: dict
+    block: int
+    n_blocks: int
+
+
+def _launch(f_s: Tensor, f_t: Tensor, grid: int, block: int | None) -> _Launch:
+    b, _, h, w = f_s.shape
+    n = b * grid * grid
+    acc = sm.acc_dtype(f_s.dtype)
+    block = block or _block(n, acc, f_s.device)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    ms, mt = _map(f_s, grid), _map(f_t, grid)
+    constexprs = dict(S_C_INNER=ms.c_inner, T_C_INNER=mt.c_inner,
+                      ACC=sm.TL_DTYPES[acc], BLOCK=block, BLOCK_K=_BLOCK_K[acc],
+                      num_warps=_NUM_WARPS)
+    return _Launch(n, (n, grid, h // grid, w // grid), ms.args + mt.args, constexprs, block,
+                   triton.cdiv(n, block))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def lcc_forward(f_s: Tensor, f_t: Tensor, grid: int, *, block: int | None = None,
+                splits: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Class sums of ``Delta^2`` and the inverse descriptor norms of both maps (module docstring).
+
+    ``f_s`` (B, Cs, H, W), ``f_t`` (B, Ct, H, W): float16/bfloat16/float32/float64 (dtypes
+    independent), any strides, ``grid`` dividing H and W. Returns ``sums`` (3,) [intra, inter,
+    cross], ``inv_norm_s`` and ``inv_norm_t`` (N,), all float32 (float64 for a float64 f_s).
+    ``block`` (tile side, a power of two >= 16) and ``splits`` (programs per row block) override
+    the launch heuristics.
+    """
+    _check("lcc_forward", f_s, f_t, grid)
+    launch = _launch(f_s, f_t, grid, block)
+    acc = sm.acc_dtype(f_s.dtype)
+    device = f_s.device
+    inv_s = torch.empty(launch.n, dtype=acc, device=device)
+    inv_t = torch.empty(launch.n, dtype=acc, device=device)
+    nb = launch.n_blocks
+    offsets = nb // 2 + 1
+    n_splits, per = _split(offsets, splits or triton.cdiv(_target_programs(device), nb))
+    partial = torch.empty((nb * n_splits, 3), dtype=acc, device=device)
+    with sm.on_device(device):
+        _norms_kernel[(nb, 2)](inv_s, inv_t, *launch.shared, *launch.maps, **launch.constexprs)
+        _sums_kernel[(nb, n_splits)](partial, *launch.shared, inv_s, inv_t, *launch.maps, nb, per,
+                                     **launch.constexprs)
+    return partial.sum(0), inv_s, inv_t
+
+
+def lcc_backward(grad_sums: Tensor, f_s: Tensor, f_t: Tensor, inv_norm_s: Tensor, inv_norm_t: Tensor,
+                 grid: int, *, block: int | None = None, splits: int | None = None) -> Tensor:
+    """Gradient w.r.t. ``f_s`` of ``sum_c grad_sums[c] * sums[c]`` (module docstring).
+
+    ``grad_sums`` (3,) and the inverse norms (N,) of :func:`lcc_forward` live on the maps'
+    device (grad_sums is read by the kernel: no host sync). Returns ``torch.empty_like(f_s)``
+    filled. ``block`` and ``splits`` override the launch heuristics.
+    """
+    name = "lcc_backward"
+    _check(name, f_s, f_t, grid)
+    launch = _launch(f_s, f_t, grid, block)
+    acc = sm.acc_dtype(f_s.dtype)
+    device = f_s.device
+    sm.check_rows(name, "grad_sums", grad_sums, (3,), sm.TL_DTYPES, device)
+    sm.check_rows(name, "inv_norm_s", inv_norm_s, (launch.n,), (acc,), device)
+    sm.check_rows(name, "inv_norm_t", inv_norm_t, (launch.n,), (acc,), device)
+    inv_s, inv_t = inv_norm_s.contiguous(), inv_norm_t.contiguous()
+    ds = launch.maps[2]
+    nb = launch.n_blocks
+    fits = max(1, _SPLIT_BYTES // (launch.n * ds * acc.itemsize))
+    n_splits, per = _split(nb, splits or min(triton.cdiv(_target_programs(device), nb), fits))
+    g = torch.empty((n_splits, launch.n, ds), dtype=acc, device=device)
+    grad = torch.empty_like(f_s)
+    with sm.on_device(device):
+        _grad_tiles_kernel[(nb, n_splits)](g, grad_sums, grad_sums.stride(0), *launch.shared, inv_s,
+                                           inv_t, *launch.maps, nb, per, **launch.constexprs)
+        _grad_kernel[(nb,)](grad, g, n_splits, inv_s, *launch.shared, *launch.maps[:7],
+                            *grad.stride(), S_C_INNER=launch.constexprs["S_C_INNER"],
+                            ACC=launch.constexprs["ACC"], BLOCK=launch.block,
+                            BLOCK_K=launch.constexprs["BLOCK_K"],
+                            num_warps=_NUM_WARPS)
+    return grad

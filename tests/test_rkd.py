@@ -1,0 +1,265 @@
+"""Relational KD loss (RKD): every fused backend against the float64 eager reference.
+
+Values and gradients of both terms (non-unit upstream gradients, both reductions, weights),
+every dtype, 2-D / contiguous / channels_last inputs, Ds != Dt, odd B, B = 1 and 2, duplicated
+embeddings (zero distances), several tiles, exact Gram symmetry, no B x B x D allocation,
+mdistiller's formula, opcheck, torch.compile(fullgraph=True), float64 gradcheck and bad input.
+Shapes stay tiny: the Triton kernels run in the interpreter here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+from conftest import assert_close_scaled, device_backends
+from kdfast import functional as F, nn as knn
+from kdfast.kernels import gram as gram_kernels, rkd as rkd_kernels
+from kdfast.reference import rkd as ref
+from kdfast.reference.at import compute_dtype
+from test_sp import LargestTensor, feature
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Relative tolerances (scaled by the reference's largest magnitude) of the loss and the gradient:
+# inputs are exact in the accumulation dtype (float32; float64), gradients are rounded to the input dtype.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-5, 2e-3),
+    torch.bfloat16: (2e-5, 1.6e-2),
+}
+TRITON = [p for p in device_backends("rkd") if p.values[1] == "triton"]
+WITH_TORCH = device_backends("rkd") + [pytest.param("cpu", "torch", id="cpu-torch")]
+# (student shape, teacher shape) per layout: odd B, Ds != Dt.
+SHAPES = {"2d": ((5, 9), (5, 4)), "nchw": ((5, 3, 2, 2), (5, 2, 1, 3)), "nhwc": ((5, 3, 2, 2), (5, 2, 1, 3))}
+UPSTREAM = (0.7, -1.3)  # d out / d [weighted distance term, weighted angle term] for reduction "none"
+
+
+def check(backend, e_s, e_t, loss_tol, grad_tol, reduction="none", floor=1e-30, **weights):
+    """The fused loss and gradient against the float64 reference on the same (rounded) inputs."""
+    out = F.rkd_loss(e_s, e_t, reduction=reduction, backend=backend, **weights)
+    upstream = torch.tensor(UPSTREAM if reduction == "none" else 1.0, dtype=out.dtype, device=out.device)
+    (grad,) = torch.autograd.grad(out, e_s, upstream)
+    s64 = e_s.detach().double().cpu().requires_grad_()
+    expected = ref.rkd_loss(s64, e_t.detach().double().cpu(), reduction=reduction, **weights)
+    (expected_grad,) = torch.autograd.grad(expected, s64, upstream.double().cpu())
+    assert out.dtype == compute_dtype(e_s.dtype) and out.shape == expected.shape
+    assert grad.dtype == e_s.dtype and grad.shape == e_s.shape
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    assert_close_scaled(out, expected, loss_tol, "loss", floor)
+    assert_close_scaled(grad, expected_grad, grad_tol, "grad", floor)
+    return out, grad
+
+
+@pytest.mark.parametrize("device,backend", device_backends("rkd"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", SHAPES)
+def test_matches_reference(device, backend, dtype, layout):
+    s_shape, t_shape = SHAPES[layout]
+    e_s = feature(s_shape, dtype, device, layout == "nhwc", requires_grad=True, seed=1)
+    e_t = feature(t_shape, dtype, device, layout == "nhwc", seed=2)
+    _, grad = check(backend, e_s, e_t, *TOL[dtype])
+    if layout == "nhwc":  # read in place: the gradient comes back in the student's layout
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("rkd"))
+@pytest.mark.parametrize("weights", [dict(), dict(distance_weight=1.0, angle_weight=0.0), dict(distance_weight=0.0, angle_weight=2.0)], ids=["default", "distance", "angle"])
+def test_reduction_sum_and_weights(device, backend, weights):
+    e_s = feature((6, 5), device=device, requires_grad=True, seed=3)
+    e_t = feature((6, 7), device=device, seed=4)
+    out, _ = check(backend, e_s, e_t, 2e-5, 2e-5, reduction="sum", **weights)
+    terms = F.rkd_loss(e_s, e_t, reduction="none", backend=backend, **weights)
+    torch.testing.assert_close(out, terms.sum())
+
+
+@pytest.mark.parametrize("device,backend", device_backends("rkd"))
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_small_batches(device, backend, batch):
+    """B = 1: no positive distance and no angle, loss and gradient 0 (mdistiller: NaN); B = 2:
+    every cosine is 0 or 1; B = 3: finite."""
+    e_s = feature((batch, 4), device=device, requires_grad=True, seed=5)
+    out, grad = check(backend, e_s, feature((batch, 3), device=device, seed=6), 2e-5, 2e-5, floor=1e-2)
+    if batch == 1:
+        assert not out.any() and not grad.any()
+
+
+@pytest.mark.parametrize("device,backend", device_backends("rkd"))
+@pytest.mark.parametrize("which", ["both", "student"])
+def test_duplicated_embeddings(device, backend, which):
+    """Duplicated rows have distance 1e-6 (clamped: no gradient) and n_ij = 0. Duplicated in both
+    networks (one image twice), every term stays of the usual size; in the student alone, the
+    angle gradient of F.normalize's clamp is 1/eps times larger, as the reference's. (Not the
+    float32 "torch" backend: mdistiller's ``|e_i|^2 + |e_j|^2 - 2 <e_i, e_j>`` leaves rounding
+    noise of |e|^2 instead of 0 there, 1e-3 instead of 1e-6 after the square root.)"""
+    e_s = feature((7, 5), device=device, seed=7)
+    e_t = feature((7, 6), device=device, seed=8)
+    e_s[4] = e_s[1]
+    e_s[6] = e_s[1]  # three equal rows: triplets whose both differences are 0
+    if which == "both":
+        e_t[4] = e_t[1]
+        e_t[6] = e_t[1]
+    _, grad = check(backend, e_s.requires_grad_(), e_t, 2e-5, 2e-5)
+    assert (grad.abs().max() > 1e6) == (which == "student")
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+@pytest.mark.parametrize("layout", ["2d", "nhwc"])
+def test_several_tiles(device, backend, layout, monkeypatch):
+    """B and D span several tiles (BLOCK 16 here, the smallest tl.dot side; BLOCK_D 64)."""
+    monkeypatch.setattr(rkd_kernels, "BLOCK", 16)
+    monkeypatch.setattr(gram_kernels, "BLOCK", 16)
+    shape = (19, 70) if layout == "2d" else (19, 5, 3, 5)
+    e_s = feature(shape, device=device, channels_last=layout == "nhwc", requires_grad=True, seed=9)
+    e_t = feature((19, 3, 3, 3), device=device, seed=10)
+    check(backend, e_s, e_t, 2e-5, 2e-5)
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+def test_gram_is_exactly_symmetric(device, backend):
+    """S_ab == S_ba and S_ab == S_aa for x_a == x_b, bitwise: the kernels rely on it."""
+    x = feature((9, 37), device=device, seed=11)
+    x[5] = x[2]
+    gram = gram_kernels.gram_pair(x, x.T.contiguous().T)  # the teacher read through other strides
+    assert torch.equal(gram[0], gram[0].T) and torch.equal(gram[0], gram[1])
+    assert gram[0][2, 5] == gram[0][2, 2] == gram[0][5, 5]
+
+
+@pytest.mark.parametrize("device,backend", WITH_TORCH)
+def test_teacher_dtype_and_no_teacher_gradient(device, backend):
+    e_s = feature((4, 6), device=device, requires_grad=True, seed=12)
+    e_t = feature((4, 2, 1, 1), torch.bfloat16, device, requires_grad=True, seed=13)
+    check(backend, e_s, e_t, 2e-5, 2e-5)
+    F.rkd_loss(e_s, e_t, backend=backend).backward()
+    assert e_t.grad is None
+
+
+@pytest.mark.parametrize("device,backend", WITH_TORCH)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
+def test_nan_gives_nan_terms(device, backend):
+    e_s = feature((4, 3), device=device, seed=14)
+    e_s[2, 1] = float("nan")
+    assert torch.isnan(F.rkd_loss(e_s, feature((4, 3), device=device, seed=15), reduction="none", backend=backend)).all()
+
+
+def test_reference_is_mdistillers_formula():
+    """The reference equals a literal transcription of mdistiller's rkd_loss (float64, B >= 2)."""
+    e_s = feature((8, 6), torch.float64, requires_grad=True, seed=16)
+    e_t = feature((8, 5), torch.float64, seed=17)
+
+    def pdist(e):
+        e_square = e.pow(2).sum(dim=1)
+        prod = e @ e.t()
+        res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=1e-12).sqrt().clone()
+        res[range(len(e)), range(len(e))] = 0
+        return res
+
+    def normalized(e):
+        d = pdist(e)
+        return d / d[d > 0].mean()
+
+    def angle(e):
+        norm = TF.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+        return torch.bmm(norm, norm.transpose(1, 2)).view(-1)
+
+    expected = 25 * TF.smooth_l1_loss(normalized(e_s), normalized(e_t)) + 50 * TF.smooth_l1_loss(angle(e_s), angle(e_t))
+    actual = ref.rkd_loss(e_s, e_t)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(actual, e_s)[0], torch.autograd.grad(expected, e_s)[0], rtol=1e-10, atol=1e-14)
+
+
+def test_module_matches_functional():
+    e_s, e_t = feature((4, 5), seed=18), feature((4, 3), seed=19)
+    module = knn.RKDLoss(distance_weight=2.0, angle_weight=3.0, reduction="none", backend="torch")
+    torch.testing.assert_close(module(e_s, e_t), F.rkd_loss(e_s, e_t, 2.0, 3.0, "none", backend="torch"))
+    assert "angle_weight=3.0" in repr(module)
+
+
+# --- fused ops: memory, gradcheck, opcheck, torch.compile
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+def test_no_b_by_b_by_d_allocation(device, backend):
+    """The Triton launchers allocate B x B matrices at most (B x D is larger here), never the
+    B x B x D difference tensor the reference builds."""
+    batch, depth = 8, 64
+    e_s = feature((batch, depth), device=device, seed=20)
+    e_t = feature((batch, depth), device=device, seed=21)
+    with LargestTensor() as mode:
+        _, gram, stats = rkd_kernels.rkd_forward(e_s, e_t)
+        rkd_kernels.rkd_backward(torch.ones(2, device=device), e_s, gram, stats)
+    assert mode.largest == batch * depth * 4
+    with LargestTensor() as mode:
+        ref.rkd_loss(e_s, e_t)
+    assert mode.largest == batch * batch * depth * 4
+
+
+@pytest.mark.parametrize("device,backend", device_backends("rkd"))
+def test_gradcheck_float64(device, backend):
+    e_s = feature((4, 3), torch.float64, device, requires_grad=True, seed=22)
+    e_t = feature((4, 2), torch.float64, device, seed=23)
+    assert torch.autograd.gradcheck(lambda x: F.rkd_loss(x, e_t, reduction="none", backend=backend), (e_s,))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("rkd"))
+def test_opcheck(device, backend):
+    ops = getattr(torch.ops, "kdfast_triton" if backend == "triton" else "kdfast")
+    e_s = feature((4, 5), device=device, seed=24)
+    e_t = feature((4, 3), torch.bfloat16, device, seed=25)
+    torch.library.opcheck(ops.rkd_forward.default, (e_s.clone().requires_grad_(), e_t))
+    _, gram, stats = ops.rkd_forward(e_s, e_t)
+    torch.library.opcheck(ops.rkd_backward.default, (torch.tensor([0.5, -2.0], device=device), e_s, gram, stats))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("rkd"))
+def test_compile_fullgraph(device, backend):
+    e_s = feature((5, 2, 2, 1), device=device, channels_last=True, requires_grad=True, seed=26)
+    e_t = feature((5, 3), device=device, seed=27)
+
+    def step(a, b):
+        terms = F.rkd_loss(a, b, reduction="none", backend=backend)
+        return terms[0] + 2.0 * terms[1]
+
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True)(e_s, e_t)
+    (grad,) = torch.autograd.grad(loss, e_s)
+    eager = step(e_s, e_t)
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, torch.autograd.grad(eager, e_s)[0])
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+def test_launcher_checks(device, backend):
+    e = feature((3, 4), device=device)
+    with pytest.raises(ValueError, match="one batch size"):
+        rkd_kernels.rkd_forward(e, feature((2, 4), device=device))
+    _, gram, stats = rkd_kernels.rkd_forward(e, e)
+    with pytest.raises(ValueError, match="gram must be"):
+        rkd_kernels.rkd_backward(torch.ones(2, device=device), e, gram[0], stats)
+    with pytest.raises(ValueError, match="grad_terms must be"):
+        rkd_kernels.rkd_backward(torch.ones((), device=device), e, gram, stats)
+
+
+# --- bad input
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(e_s=torch.randn(4)), ValueError, "e_s must have at least 2 dims"),
+        (dict(e_t=torch.randn(3, 5)), ValueError, "one batch size"),
+        (dict(e_t=torch.ones(4, 3, dtype=torch.int64)), TypeError, "e_t must be float16"),
+        (dict(e_s=torch.randn(4, 0)), ValueError, "e_s is empty"),
+        (dict(e_t=torch.randn(4, 5, device="meta")), ValueError, "one device"),
+        (dict(distance_weight=float("inf")), ValueError, "distance_weight must be a finite number"),
+        (dict(angle_weight="50"), ValueError, "angle_weight must be a finite number"),
+        (dict(reduction="mean"), ValueError, "reduction must be one of"),
+        (dict(backend="tpu"), ValueError, "unknown backend"),
+    ],
+)
+def test_bad_input(change, error, match):
+    args = dict(e_s=torch.randn(4, 3), e_t=torch.randn(4, 5))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        F.rkd_loss(**args)

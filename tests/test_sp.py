@@ -1,0 +1,244 @@
+"""Similarity-preserving loss (SP): every fused backend against the float64 eager reference.
+
+Values and gradients (non-unit upstream gradient), every dtype, 2-D / contiguous / channels_last
+inputs, Ds != Dt, odd B, B = 1 and 2, duplicated and zero rows, several tiles, no B x B
+allocation, mdistiller's formula, opcheck, torch.compile(fullgraph=True), float64 gradcheck and
+bad input. Shapes stay tiny: the Triton kernels run in the interpreter here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from conftest import assert_close_scaled, device_backends
+from kdfast import functional as F, nn as knn
+from kdfast.kernels import gram as gram_kernels, sp as sp_kernels
+from kdfast.reference import sp as ref
+from kdfast.reference.at import compute_dtype
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Relative tolerances (scaled by the reference's largest magnitude) of the loss and the gradient:
+# inputs are exact in the accumulation dtype (float32; float64), gradients are rounded to the input dtype.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-5, 2e-3),
+    torch.bfloat16: (2e-5, 1.6e-2),
+}
+TRITON = [p for p in device_backends("sp") if p.values[1] == "triton"]
+WITH_TORCH = device_backends("sp") + [pytest.param("cpu", "torch", id="cpu-torch")]
+# (student shape, teacher shape) per layout: odd B, Ds != Dt.
+SHAPES = {"2d": ((5, 18), (5, 11)), "nchw": ((5, 3, 2, 3), (5, 4, 3, 2)), "nhwc": ((5, 3, 2, 3), (5, 4, 3, 2))}
+
+
+def feature(shape, dtype=torch.float32, device="cpu", channels_last=False, requires_grad=False, seed=0):
+    f = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype).to(device)
+    if channels_last:
+        f = f.contiguous(memory_format=torch.channels_last)
+    return f.requires_grad_(requires_grad)
+
+
+def check(backend, f_s, f_t, loss_tol, grad_tol, upstream=1.0, floor=1e-30):
+    """The fused loss and gradient against the float64 reference on the same (rounded) inputs."""
+    loss = F.sp_loss(f_s, f_t, backend=backend)
+    (grad,) = torch.autograd.grad(loss, f_s, torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
+    s64 = f_s.detach().double().cpu().requires_grad_()
+    expected = ref.sp_loss(s64, f_t.detach().double().cpu())
+    (expected_grad,) = torch.autograd.grad(expected, s64, torch.tensor(upstream, dtype=torch.float64))
+    assert loss.dtype == compute_dtype(f_s.dtype) and loss.shape == ()
+    assert grad.dtype == f_s.dtype and grad.shape == f_s.shape
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close_scaled(loss, expected, loss_tol, "loss", floor)
+    assert_close_scaled(grad, expected_grad, grad_tol, "grad", floor)
+    return loss, grad
+
+
+@pytest.mark.parametrize("device,backend", device_backends("sp"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", SHAPES)
+def test_matches_reference(device, backend, dtype, layout):
+    s_shape, t_shape = SHAPES[layout]
+    f_s = feature(s_shape, dtype, device, layout == "nhwc", requires_grad=True, seed=1)
+    f_t = feature(t_shape, dtype, device, layout == "nhwc", seed=2)
+    _, grad = check(backend, f_s, f_t, *TOL[dtype], upstream=-2.5)
+    if layout == "nhwc":  # read in place: the gradient comes back in the student's layout
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("sp"))
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_small_batches(device, backend, batch):
+    """B = 1: G = [1] for both nets, loss and gradient 0; B = 2, 3: finite."""
+    f_s = feature((batch, 7), device=device, requires_grad=True, seed=3)
+    check(backend, f_s, feature((batch, 4), device=device, seed=4), 2e-5, 2e-5, floor=1e-2)
+
+
+@pytest.mark.parametrize("device,backend", WITH_TORCH)
+def test_duplicated_rows(device, backend):
+    f_s = feature((6, 9), device=device, seed=5)
+    f_t = feature((6, 5), device=device, seed=6)
+    f_s[4], f_t[4] = f_s[1], f_t[1]
+    f_s[2] = f_s[0]  # the student alone
+    check(backend, f_s.requires_grad_(), f_t, 2e-5, 2e-5)
+
+
+@pytest.mark.parametrize("device,backend", WITH_TORCH)
+@pytest.mark.parametrize("which", ["student", "teacher", "both"])
+def test_zero_rows(device, backend, which):
+    """A zero row has a zero Gram row, clamped by eps: G row 0, and (student) the gradient of
+    F.normalize's clamp, 1/eps times larger than the others."""
+    f_s = feature((5, 6), device=device, seed=7)
+    f_t = feature((5, 8), device=device, seed=8)
+    if which != "teacher":
+        f_s[3] = 0
+    if which != "student":
+        f_t[1] = 0
+    check(backend, f_s.requires_grad_(), f_t, 2e-5, 2e-5)
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+def test_several_tiles(device, backend):
+    """B and D span several row, column and D blocks (BLOCK_I 16, BLOCK_J 32, BLOCK_D 64)."""
+    f_s = feature((37, 70), device=device, requires_grad=True, seed=9)
+    check(backend, f_s, feature((37, 3, 5, 9), device=device, seed=10), 2e-5, 2e-5, upstream=3.0)
+
+
+@pytest.mark.parametrize("device,backend", WITH_TORCH)
+def test_teacher_dtype_and_no_teacher_gradient(device, backend):
+    f_s = feature((4, 3, 2, 2), device=device, requires_grad=True, seed=11)
+    f_t = feature((4, 2, 2, 2), torch.bfloat16, device, requires_grad=True, seed=12)
+    check(backend, f_s, f_t, 2e-5, 2e-5)
+    F.sp_loss(f_s, f_t, backend=backend).backward()
+    assert f_t.grad is None
+
+
+@pytest.mark.parametrize("device,backend", WITH_TORCH)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
+def test_nan_gives_nan_loss(device, backend):
+    f_s = feature((3, 4), device=device, seed=13)
+    f_s[1, 2] = float("nan")
+    assert torch.isnan(F.sp_loss(f_s, feature((3, 4), device=device, seed=14), backend=backend))
+
+
+def test_reference_is_mdistillers_formula():
+    """The reference equals a literal transcription of mdistiller's similarity_loss (float64)."""
+    f_s = feature((8, 4, 3, 3), torch.float64, requires_grad=True, seed=15)
+    f_t = feature((8, 6, 2, 2), torch.float64, seed=16)
+    g_s = torch.nn.functional.normalize(torch.mm(f_s.view(8, -1), f_s.view(8, -1).t()))
+    g_t = torch.nn.functional.normalize(torch.mm(f_t.view(8, -1), f_t.view(8, -1).t()))
+    expected = ((g_t - g_s) * (g_t - g_s)).view(-1, 1).sum(0) / 64
+    actual = ref.sp_loss(f_s, f_t)
+    torch.testing.assert_close(actual, expected[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(actual, f_s)[0], torch.autograd.grad(expected[0], f_s)[0], rtol=1e-10, atol=1e-14)
+
+
+def test_module_matches_functional():
+    f_s, f_t = feature((4, 5), seed=17), feature((4, 3), seed=18)
+    assert knn.SPLoss(backend="torch")(f_s, f_t).item() == pytest.approx(F.sp_loss(f_s, f_t, backend="torch").item())
+    assert "backend='torch'" in repr(knn.SPLoss(backend="torch"))
+
+
+# --- fused ops: memory, gradcheck, opcheck, torch.compile
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest size in bytes of any tensor an op returns while the mode is active (bytes: the
+    Triton interpreter moves kernel arguments through uint8 views of their storages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.largest = max([self.largest] + [t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, Tensor)])
+        return out
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+def test_no_b_by_b_allocation(device, backend):
+    """The Triton launchers allocate nothing of B x B elements (B > D here): O(B) statistics and
+    the float32 (B, Ds) gradient are the largest; the reference, for contrast, builds the B x B
+    Gram matrices."""
+    batch, depth = 40, 6
+    x_s = feature((batch, depth), device=device, seed=19)
+    x_t = feature((batch, depth - 1), device=device, seed=20)
+    with LargestTensor() as mode:
+        loss, stats = sp_kernels.sp_forward(x_s, x_t)
+        sp_kernels.sp_backward(torch.ones((), device=device), x_s, x_t, stats)
+    assert mode.largest == batch * depth * 4
+    with LargestTensor() as mode:
+        ref.sp_loss(x_s, x_t)
+    assert mode.largest == batch * batch * 4
+
+
+@pytest.mark.parametrize("device,backend", device_backends("sp"))
+def test_gradcheck_float64(device, backend):
+    f_s = feature((3, 2, 1, 2), torch.float64, device, requires_grad=True, seed=21)
+    f_t = feature((3, 3), torch.float64, device, seed=22)
+    assert torch.autograd.gradcheck(lambda x: F.sp_loss(x, f_t, backend=backend), (f_s,))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("sp"))
+def test_opcheck(device, backend):
+    ops = getattr(torch.ops, "kdfast_triton" if backend == "triton" else "kdfast")
+    x_s = feature((5, 6), device=device, seed=23)
+    x_t = feature((5, 4), torch.bfloat16, device, seed=24)
+    torch.library.opcheck(ops.sp_forward.default, (x_s.clone().requires_grad_(), x_t))
+    _, stats = ops.sp_forward(x_s, x_t)
+    torch.library.opcheck(ops.sp_backward.default, (torch.tensor(0.5, device=device), x_s, x_t, stats))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("sp"))
+def test_compile_fullgraph(device, backend):
+    f_s = feature((4, 3, 2, 2), device=device, channels_last=True, requires_grad=True, seed=25)
+    f_t = feature((4, 5, 1, 2), device=device, seed=26)
+
+    def step(a, b):
+        return 3000.0 * F.sp_loss(a, b, backend=backend)
+
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True)(f_s, f_t)
+    (grad,) = torch.autograd.grad(loss, f_s)
+    eager = step(f_s, f_t)
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, torch.autograd.grad(eager, f_s)[0])
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+def test_launcher_checks(device, backend):
+    x = feature((3, 4), device=device)
+    with pytest.raises(ValueError, match="one batch size"):
+        sp_kernels.sp_forward(x, feature((2, 4), device=device))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        sp_kernels.sp_forward(x.view(3, 2, 2), x)
+    _, stats = sp_kernels.sp_forward(x, x)
+    with pytest.raises(ValueError, match="stats must be"):
+        sp_kernels.sp_backward(torch.ones((), device=device), x, x, stats[:2])
+    assert gram_kernels.BLOCK >= 16  # tl.dot's smallest side on the GPU
+
+
+# --- bad input
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(f_s=torch.randn(4)), ValueError, "f_s must have at least 2 dims"),
+        (dict(f_t=torch.randn(3, 5)), ValueError, "one batch size"),
+        (dict(f_s=torch.ones(4, 3, dtype=torch.int32)), TypeError, "f_s must be float16"),
+        (dict(f_t=[[1.0]]), TypeError, "f_t must be a torch.Tensor"),
+        (dict(f_s=torch.randn(4, 0), f_t=torch.randn(4, 0)), ValueError, "f_s is empty"),
+        (dict(f_t=torch.randn(4, 5, device="meta")), ValueError, "one device"),
+        (dict(backend="tpu"), ValueError, "unknown backend"),
+    ],
+)
+def test_bad_input(change, error, match):
+    args = dict(f_s=torch.randn(4, 3), f_t=torch.randn(4, 5))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        F.sp_loss(**args)
