@@ -149,11 +149,17 @@ KDFAST_HOST_DEVICE int lcc_pair_class(int n, int m, int positions) {
   return n % positions == m % positions ? 1 : 2;
 }
 
+// 1 / max(length, kNormEps) (NaN stays NaN): the scale of normalize(v) for ||v|| = length.
+template <typename acc_t>
+KDFAST_HOST_DEVICE acc_t inv_clamped(acc_t length) {
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  return acc_t(1) / (length < eps ? eps : length);
+}
+
 // 1 / max(||x||, kNormEps) from ||x||^2.
 template <typename acc_t>
 KDFAST_HOST_DEVICE acc_t lcc_inv_norm(acc_t sum_squares) {
-  const acc_t norm = std::sqrt(sum_squares), eps = static_cast<acc_t>(kNormEps);
-  return acc_t(1) / (norm < eps ? eps : norm);
+  return inv_clamped(std::sqrt(sum_squares));
 }
 
 // Whether lcc_inv_norm clamped the norm (then d u / d x = I * inv_norm, else (I - u u^T) * inv_norm).
@@ -201,22 +207,123 @@ struct LccBackwardInputs {
   at::Tensor grad_sums, inv_norm_s, inv_norm_t;
 };
 
+// `t` (a saved output of a forward) checked against `sizes`, the accumulation dtype `acc` and the
+// device of `x` (the op's first input, named `x_name`), as a contiguous tensor.
+inline at::Tensor check_saved(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef sizes,
+                              at::ScalarType acc, const at::Tensor& x, const char* x_name) {
+  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must be ", acc, " for a ", x.scalar_type(), " ", x_name,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of ", x_name, " (", x.device(),
+              "), got ", t.device());
+  return t.contiguous();
+}
+
 inline LccBackwardInputs check_lcc_backward(const at::Tensor& grad_sums, const at::Tensor& f_s, const at::Tensor& f_t,
                                             const at::Tensor& inv_norm_s, const at::Tensor& inv_norm_t,
                                             int64_t grid) {
   const char* op = "lcc_backward";
   const LccMaps maps = check_lcc_maps(op, f_s, f_t, grid);
   auto vector = [&](const char* name, const at::Tensor& v, int64_t size) {
-    TORCH_CHECK(v.dim() == 1 && v.size(0) == size, op, ": ", name, " must have shape (", size, ",), got ",
-                v.sizes());
-    TORCH_CHECK(v.scalar_type() == maps.acc, op, ": ", name, " must be ", maps.acc, " for a ", f_s.scalar_type(),
-                " f_s, got ", v.scalar_type());
-    TORCH_CHECK(v.device() == f_s.device(), op, ": ", name, " must be on the device of f_s (", f_s.device(),
-                "), got ", v.device());
-    return v.contiguous();
+    return check_saved(op, name, v, {size}, maps.acc, f_s, "f_s");
   };
   return {maps, vector("grad_sums", grad_sums, 3), vector("inv_norm_s", inv_norm_s, maps.rows),
           vector("inv_norm_t", inv_norm_t, maps.rows)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relational ops (SP, RKD): a (B, Ds) student and a (B, Dt) teacher, compared row pair by row pair
+// ---------------------------------------------------------------------------------------------
+
+// The rows of a (B, D) matrix as the descriptors of a grid of 1 (the (B, D, 1, 1) map), so that the
+// tiled correlation code of LCC reads them through their strides.
+inline Regions matrix_rows(const at::Tensor& x) {
+  const int dim = static_cast<int>(x.size(1));
+  return {1, 1, dim, 1, 1, dim, x.stride(0), x.stride(1), 0, 0, false};
+}
+
+// The rows of an sp_* / rkd_* call, checked.
+struct RowPair {
+  Regions s, t;
+  int rows;            // B
+  at::ScalarType acc;  // float64 for a float64 student, else float32: outputs and accumulation
+};
+
+inline RowPair check_row_pair(const char* op, const at::Tensor& x_s, const at::Tensor& x_t, const char* name_s,
+                              const char* name_t) {
+  for (const auto* x : {&x_s, &x_t}) {
+    const char* name = x == &x_s ? name_s : name_t;
+    TORCH_CHECK(x->dim() == 2 && x->size(0) >= 1 && x->size(1) >= 1, op, ": ", name,
+                " must be 2-D (B >= 1, D >= 1), got shape ", x->sizes());
+    TORCH_CHECK(is_float_dtype(x->scalar_type()), op, ": ", name, " must be float16, bfloat16, float32 or float64, got ",
+                x->scalar_type());
+    constexpr int64_t kMaxIndex = std::numeric_limits<int32_t>::max();
+    TORCH_CHECK(x->size(0) <= kMaxIndex && x->size(1) <= kMaxIndex, op, ": ", name, " ", x->sizes(),
+                ": B and D must be below 2^31");
+  }
+  TORCH_CHECK(x_s.size(0) == x_t.size(0) && x_s.device() == x_t.device(), op, ": ", name_s, " and ", name_t,
+              " must have one batch size and device, got ", x_s.sizes(), " on ", x_s.device(), " and ", x_t.sizes(),
+              " on ", x_t.device());
+  return {matrix_rows(x_s), matrix_rows(x_t), static_cast<int>(x_s.size(0)),
+          x_s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat};
+}
+
+// An upstream gradient of shape `sizes` (any floating dtype, on the device of `x`) in `acc`,
+// contiguous: converted on the device, never read on the host.
+inline at::Tensor upstream_grad(const char* op, const char* name, const at::Tensor& g, at::IntArrayRef sizes,
+                                at::ScalarType acc, const at::Tensor& x) {
+  TORCH_CHECK(g.sizes() == sizes && is_float_dtype(g.scalar_type()) && g.device() == x.device(), op, ": ", name,
+              " must be a floating tensor of shape ", sizes, " on ", x.device(), ", got ", g.scalar_type(), " ",
+              g.sizes(), " on ", g.device());
+  return g.to(acc).contiguous();
+}
+
+// smooth_l1(z) with beta 1: z^2 / 2 where |z| < 1, else |z| - 1/2.
+template <typename acc_t>
+KDFAST_HOST_DEVICE acc_t smooth_l1(acc_t z) {
+  const acc_t az = z < acc_t(0) ? -z : z;
+  return az < acc_t(1) ? acc_t(0.5) * z * z : az - acc_t(0.5);
+}
+
+// d smooth_l1 / dz as torch: z clamped to [-1, 1] (NaN stays NaN).
+template <typename acc_t>
+KDFAST_HOST_DEVICE acc_t smooth_l1_grad(acc_t z) {
+  return z < acc_t(-1) ? acc_t(-1) : (z > acc_t(1) ? acc_t(1) : z);
+}
+
+// RKD (kernels/rkd.py states the formulas): everything from the squared distances R[a][b] = ||e_a - e_b||^2
+// (bitwise symmetric, exactly 0 for duplicated rows). For an anchor i and a row k, length_ik = sqrt(R_ik),
+// inv_ik = inv_clamped(length_ik), and n_ik = normalize(e_k - e_i) is 0 where length_ik < eps.
+template <typename acc_t>
+KDFAST_HOST_DEVICE bool rkd_zero(acc_t length) {
+  return length < static_cast<acc_t>(kNormEps);
+}
+
+// cos_ijk = <n_ij, n_ik> = w_ijk inv_ij inv_ik, w_ijk = ((R_ij + R_ik) - R_jk) / 2; 0 where n_ij or n_ik
+// is 0 (NaN propagates). Symmetric in j and k, bitwise.
+template <typename acc_t>
+KDFAST_HOST_DEVICE acc_t rkd_cosine(acc_t r_jk, acc_t r_ij, acc_t length_ij, acc_t inv_ij, acc_t r_ik,
+                                    acc_t length_ik, acc_t inv_ik) {
+  const acc_t w = ((r_ij + r_ik) - r_jk) * acc_t(0.5);
+  return (rkd_zero(length_ij) || rkd_zero(length_ik) ? acc_t(0) : w) * (inv_ij * inv_ik);
+}
+
+// d_ik = sqrt(max(R_ik, eps)) where `keep` (k != i), else 0 (mdistiller's _pdist).
+template <typename acc_t>
+KDFAST_HOST_DEVICE acc_t rkd_distance(acc_t r2, bool keep) {
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  return keep ? std::sqrt(r2 < eps ? eps : r2) : acc_t(0);
+}
+
+// The distance term's d loss / d R_s[i][k] for R_s[i][k] = r_s, R_t[i][k] = r_t: gd is the term's
+// upstream gradient over B^2 and stats = [scale_s, scale_t, mean_gx] (rkd_forward); 0 where the
+// distance is clamped and on the diagonal.
+template <typename acc_t>
+KDFAST_HOST_DEVICE acc_t rkd_distance_grad(acc_t r_s, acc_t r_t, bool keep, acc_t gd, const acc_t* stats) {
+  const acc_t d_s = rkd_distance(r_s, keep), x_s = d_s * stats[0];
+  const acc_t dd = gd * stats[0] *
+                   (smooth_l1_grad(x_s - rkd_distance(r_t, keep) * stats[1]) - (d_s > acc_t(0) ? stats[2] : acc_t(0)));
+  return keep && r_s >= static_cast<acc_t>(kNormEps) ? dd * acc_t(0.5) / d_s : acc_t(0);
 }
 
 }  // namespace kdfast

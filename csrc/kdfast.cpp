@@ -34,4 +34,11 @@ TORCH_LIBRARY(kdfast, m) {
   m.def(
       "lcc_backward(Tensor grad_sums, Tensor f_s, Tensor f_t, Tensor inv_norm_s, Tensor inv_norm_t, int grid) "
       "-> Tensor");
+  // sp: similarity-preserving loss (op contract in kdfast/ops/sp.py). Returns (loss, stats (B, 3)).
+  m.def("sp_forward(Tensor x_s, Tensor x_t) -> (Tensor, Tensor)");
+  m.def("sp_backward(Tensor grad_loss, Tensor x_s, Tensor x_t, Tensor stats) -> Tensor");
+  // rkd: relational KD (op contract in kdfast/ops/rkd.py). Returns (terms (2,), the squared
+  // distances (2, B, B) of both networks, as kernels/rkd.py, stats (3,)).
+  m.def("rkd_forward(Tensor e_s, Tensor e_t) -> (Tensor, Tensor, Tensor)");
+  m.def("rkd_backward(Tensor grad_terms, Tensor e_s, Tensor gram, Tensor stats) -> Tensor");
 }

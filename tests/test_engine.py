@@ -40,9 +40,9 @@ def shipped_configs() -> list[str]:
 def test_every_pair_and_method_is_shipped():
     names = set(shipped_configs())
     for pair in ("resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2", "resnet56_resnet20", "vgg13_vgg8"):
-        for method in ("kd", "at", "fitnet", "dkd"):
+        for method in ("kd", "at", "fitnet", "sp", "rkd", "dkd", "lcc"):
             assert f"cifar100/{method}/{pair}.yaml" in names
-    assert {f"imagenet/{m}/ResNet34_ResNet18.yaml" for m in ("kd", "at", "dkd")} <= names
+    assert {f"imagenet/{m}/ResNet34_ResNet18.yaml" for m in ("kd", "at", "dkd", "lcc")} <= names
 
 
 @pytest.mark.parametrize("name", shipped_configs())
@@ -117,6 +117,20 @@ def test_resume_equals_uninterrupted_run(tmp_path, teacher_ckpt):
     assert (full.best_top1, full.last_top1) == (resumed.best_top1, resumed.last_top1)
     rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_compiled_step_trains_like_eager(tmp_path, teacher_ckpt):
+    """train.compile=true (torch.compile of the step, fused kernels inside) gives the eager run's losses."""
+    eager = _kd_config(tmp_path / "eager", teacher_ckpt, 1)
+    compiled = load_config("digits/kd", [*TINY, "train.epochs=1", f"train.out_dir={tmp_path / 'compiled'}",
+                                         "train.deterministic=true", "model.teacher=resnet8",
+                                         f"model.teacher_checkpoint={teacher_ckpt}", "train.compile=true"])
+    rows = []
+    for cfg in (eager, compiled):
+        train(cfg)
+        rows.append(json.loads((Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()[0]))
+    for key in ("loss", "loss.ce", "loss.kd"):
+        assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-3), key
 
 
 def test_run_outputs(tmp_path, teacher_ckpt):

@@ -202,19 +202,7 @@ def masked_logits(classes, dtype, device):
     return z_s.to(dtype).to(device), z_t.to(dtype).to(device), y.to(device)
 
 
-# The -inf handling of the C++ kernels is in csrc/softmax.h, newer than the built extension: drop
-# this mark once kdfast._C is rebuilt (checked with a separate build of the CPU kernels).
-CXX_BEFORE_REBUILD = pytest.mark.xfail(reason="csrc/softmax.h: passes once the C++ extension is rebuilt")
-
-
-@pytest.mark.parametrize(
-    "device,backend",
-    [
-        pytest.param(*p.values, marks=[*p.marks, CXX_BEFORE_REBUILD], id=p.id) if p.values[1] != "triton" else p
-        for p in device_backends("kd")
-    ]
-    + [pytest.param("cpu", "torch", id="cpu-torch")],
-)
+@pytest.mark.parametrize("device,backend", device_backends("kd") + [pytest.param("cpu", "torch", id="cpu-torch")])
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("classes", [12, 5000])

@@ -1,0 +1,328 @@
+// C++ CPU kernels of the relational KD loss (RKD, Park et al. 2019): the op contract of
+// kdfast/ops/rkd.py with the algorithm of kernels/rkd.py (which states the formulas). Everything
+// comes from the squared distances R[a][b] = ||e_a - e_b||^2 of each network, never from the
+// B x B x D difference tensor:
+//
+// rkd_forward:  R = (2, B, B) [R_s, R_t] by upper-triangle tiles of summed squared differences
+//               (csrc/cpu/tiles.h), each entry mirrored: bitwise symmetric, exactly 0 for
+//               duplicated rows; then per entry length = sqrt(R) and inv = 1 / max(length, eps);
+//               per row the positive-distance sums and counts (scale = count / sum), per row the
+//               sums of smooth_l1(x_s - x_t) and smooth_l1'(x_s - x_t) x_s, per anchor i the sum of
+//               smooth_l1(cos_s - cos_t) over (j, k); terms = [L_dist, L_angle], stats =
+//               [scale_s, scale_t, mean_gx]
+// rkd_backward: dR = d loss / d R_s: per anchor i, dR[i][k] (the sums over j of the angle weights,
+//               the inv terms and the distance term), then per row j, dR[j][k] -= sum_i A_ijk / 2;
+//               dE_i = 2 sum_j (dR_ij + dR_ji) (e_i - e_j) by tiles of rows
+//
+// Memory: R (an output), the (length, inv) of both networks (4 B x B), dR and per thread O(B)
+// vectors, a row block (kBlock x D) and its gradient; nothing of size B x B x D. The embeddings
+// are read in place through their strides (any floating dtypes). Accumulation is in float (double
+// for a double e_s). Rows and anchors are work items and the sums over them run in row order: the
+// results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "tiles.h"
+
+namespace kdfast {
+namespace {
+
+using namespace cpu;
+
+constexpr int64_t kGrainPairs = 4096;  // at least this many pairs per task of the B x B passes
+
+template <typename acc_t>
+Net<acc_t> rows_of(const at::Tensor& x, const Regions& regions) {
+  return {x, regions, element_offsets(regions), nullptr};
+}
+
+// One network's pairs: R and, per entry, length = sqrt(R) and inv = 1 / max(length, eps) (B x B each).
+template <typename acc_t>
+struct PairRows {
+  const acc_t* r;
+  const acc_t* length;
+  const acc_t* inv;
+};
+
+template <typename acc_t>
+struct Pairs {
+  PairRows<acc_t> s, t;
+  int64_t n;
+};
+
+// The pairs of both networks from sq_dist (2, B, B); `scratch` (2, 2, B, B) receives length and inv.
+template <typename acc_t>
+Pairs<acc_t> pair_lengths(const acc_t* sq_dist, int64_t n, acc_t* scratch) {
+  const int64_t nn = n * n;
+  at::parallel_for(0, 2 * nn, kGrainPairs, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t net = idx / nn, ab = idx % nn;
+      const acc_t length = std::sqrt(sq_dist[idx]);
+      scratch[2 * net * nn + ab] = length;
+      scratch[(2 * net + 1) * nn + ab] = inv_clamped(length);
+    }
+  });
+  return {{sq_dist, scratch, scratch + nn}, {sq_dist + nn, scratch + 2 * nn, scratch + 3 * nn}, n};
+}
+
+// One network's cos_ijk for the anchor i, the row j and any k.
+template <typename acc_t>
+struct Triplets {
+  const acc_t *r_i, *length_i, *inv_i, *r_j;  // rows i (and R's row j)
+  acc_t r_ij, length_ij, inv_ij;
+
+  Triplets(const PairRows<acc_t>& p, int64_t n, int64_t i, int64_t j)
+      : r_i(p.r + i * n),
+        length_i(p.length + i * n),
+        inv_i(p.inv + i * n),
+        r_j(p.r + j * n),
+        r_ij(r_i[j]),
+        length_ij(length_i[j]),
+        inv_ij(inv_i[j]) {}
+
+  acc_t cosine(int64_t k) const { return rkd_cosine(r_j[k], r_ij, length_ij, inv_ij, r_i[k], length_i[k], inv_i[k]); }
+  // c where at most one of n_ij, n_ik is 0 (A_ijk is 0 where both are).
+  acc_t pair_weight(acc_t c, int64_t k) const {
+    return rkd_zero(length_ij) && rkd_zero(length_i[k]) ? acc_t(0) : c;
+  }
+};
+
+template <typename acc_t>
+void squared_distances(const Net<acc_t>& s, const Net<acc_t>& t, int64_t n, acc_t* sq_dist) {
+  const int64_t blocks = ceil_div(n, kBlock);
+  at::parallel_for(0, upper_items(blocks), 1, [&](int64_t begin, int64_t end) {
+    TileWorker<acc_t> w(s, t);
+    for (int64_t item = begin; item < end; ++item) {
+      for_item_row_blocks(item, blocks, [&](int64_t r) {
+        w.load_rows(r, n);
+        for (int64_t c = r; c < blocks; ++c) {
+          const int64_t m0 = c * kBlock, cols = std::min(kBlock, n - m0);
+          w.tiles(m0, cols, SquaredDifference());
+          for (int net = 0; net < 2; ++net) {
+            const acc_t* tile = net == 0 ? w.tile_s.data() : w.tile_t.data();
+            acc_t* out = sq_dist + net * n * n;
+            for (int64_t j = 0; j < cols; ++j) {
+              for (int64_t i = 0; i < w.rows; ++i) {
+                out[(w.n0 + i) * n + m0 + j] = out[(m0 + j) * n + w.n0 + i] = tile[j * kBlock + i];
+              }
+            }
+          }
+        }
+      });
+    }
+  });
+}
+
+// sums[c] = sum over the rows i of row(i, values)[c], C values per row, rows in parallel, added in
+// row order.
+template <int C, typename acc_t, typename F>
+void sum_rows(int64_t n, int64_t grain, acc_t (&sums)[C], F&& row) {
+  std::vector<acc_t> partial(n * C);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) row(i, partial.data() + i * C);
+  });
+  std::fill(sums, sums + C, acc_t(0));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int c = 0; c < C; ++c) sums[c] += partial[i * C + c];
+  }
+}
+
+// terms = [L_dist, L_angle] and stats = [scale_s, scale_t, mean_gx] from the pairs.
+template <typename acc_t>
+void forward_terms(const Pairs<acc_t>& p, acc_t* terms, acc_t* stats) {
+  const int64_t n = p.n, grain = std::max<int64_t>(1, kGrainPairs / n);
+  acc_t positive[4];  // sum and count of the positive distances of the student, then the teacher
+  sum_rows(n, grain, positive, [&](int64_t i, acc_t* out) {
+    std::fill(out, out + 4, acc_t(0));
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t d[2] = {rkd_distance(p.s.r[i * n + k], k != i), rkd_distance(p.t.r[i * n + k], k != i)};
+      for (int net = 0; net < 2; ++net) {
+        out[2 * net] += d[net] > acc_t(0) ? d[net] : acc_t(0);
+        out[2 * net + 1] += d[net] > acc_t(0) ? acc_t(1) : acc_t(0);
+      }
+    }
+  });
+  for (int net = 0; net < 2; ++net) {
+    const acc_t total = positive[2 * net], count = positive[2 * net + 1];
+    stats[net] = count > acc_t(0) ? count / total : acc_t(0);
+  }
+  acc_t distance[2];  // sums of smooth_l1(x_s - x_t) and of smooth_l1'(x_s - x_t) x_s
+  sum_rows(n, grain, distance, [&](int64_t i, acc_t* out) {
+    std::fill(out, out + 2, acc_t(0));
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t x = rkd_distance(p.s.r[i * n + k], k != i) * stats[0];
+      const acc_t z = x - rkd_distance(p.t.r[i * n + k], k != i) * stats[1];
+      out[0] += smooth_l1(z);
+      out[1] += smooth_l1_grad(z) * x;
+    }
+  });
+  acc_t angle[1];
+  sum_rows(n, 1, angle, [&](int64_t i, acc_t* out) {
+    std::vector<acc_t> acc(n, acc_t(0));  // per k, summed over j
+    for (int64_t j = 0; j < n; ++j) {
+      const Triplets<acc_t> s(p.s, n, i, j), t(p.t, n, i, j);
+      for (int64_t k = 0; k < n; ++k) acc[k] += smooth_l1(s.cosine(k) - t.cosine(k));
+    }
+    out[0] = 0;
+    for (const acc_t v : acc) out[0] += v;
+  });
+  terms[0] = distance[0] / static_cast<acc_t>(n * n);
+  terms[1] = angle[0] / static_cast<acc_t>(n * n * n);
+  stats[2] = distance[1] / std::max(positive[1], acc_t(1));
+}
+
+// dR[i][k] = sum_j A_ijk - inv_ik^2 sum_j c_ijk cos_ijk (where n_ik != 0) + the distance term, per anchor i.
+template <typename acc_t>
+void anchor_backward(const Pairs<acc_t>& p, acc_t gd, acc_t ga, const acc_t* stats, acc_t* dr) {
+  const int64_t n = p.n;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> a(n), q(n);  // sum_j A_ijk / inv_ik and sum_j c_ijk cos_ijk
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(a.begin(), a.end(), acc_t(0));
+      std::fill(q.begin(), q.end(), acc_t(0));
+      for (int64_t j = 0; j < n; ++j) {
+        const Triplets<acc_t> s(p.s, n, i, j), t(p.t, n, i, j);
+        for (int64_t k = 0; k < n; ++k) {
+          const acc_t cos_s = s.cosine(k);
+          const acc_t c = ga * smooth_l1_grad(cos_s - t.cosine(k));
+          a[k] += s.pair_weight(c, k) * s.inv_ij;
+          q[k] += c * cos_s;
+        }
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t ik = i * n + k;
+        const acc_t inv = p.s.inv[ik];
+        const acc_t angle = a[k] * inv - (rkd_zero(p.s.length[ik]) ? acc_t(0) : q[k] * inv * inv);
+        dr[ik] = angle + rkd_distance_grad(p.s.r[ik], p.t.r[ik], k != i, gd, stats);
+      }
+    }
+  });
+}
+
+// dR[j][k] -= sum_i A_ijk / 2, per row j.
+template <typename acc_t>
+void triplet_backward(const Pairs<acc_t>& p, acc_t ga, acc_t* dr) {
+  const int64_t n = p.n;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(n);
+    for (int64_t j = begin; j < end; ++j) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t i = 0; i < n; ++i) {
+        const Triplets<acc_t> s(p.s, n, i, j), t(p.t, n, i, j);
+        for (int64_t k = 0; k < n; ++k) {
+          const acc_t c = s.pair_weight(ga * smooth_l1_grad(s.cosine(k) - t.cosine(k)), k);
+          acc[k] += c * (s.inv_ij * s.inv_i[k]);
+        }
+      }
+      for (int64_t k = 0; k < n; ++k) dr[j * n + k] = dr[j * n + k] - acc_t(0.5) * acc[k];
+    }
+  });
+}
+
+// g[e * kBlock + i] += sum_{j < cols} m[j * kBlock + i] (rows[e * kBlock + i] - chunk[j * kDepth + e]),
+// e < depth, for the row block's elements `rows` and gradient `g` of one chunk (element-major).
+template <typename acc_t>
+void add_difference_products(const acc_t* m, const acc_t* rows, const acc_t* chunk, int64_t cols, int64_t depth,
+                             acc_t* g) {
+  for (int64_t e = 0; e < depth; ++e) {
+    acc_t sum[kBlock];
+    std::copy_n(g + e * kBlock, kBlock, sum);
+    const acc_t* xi = rows + e * kBlock;
+    for (int64_t j = 0; j < cols; ++j) {
+      const acc_t xj = chunk[j * kDepth + e];
+      const acc_t* mj = m + j * kBlock;
+      for (int64_t i = 0; i < kBlock; ++i) sum[i] += mj[i] * (xi[i] - xj);
+    }
+    std::copy_n(sum, kBlock, g + e * kBlock);
+  }
+}
+
+// grad[i] = 2 sum_j (dR_ij + dR_ji) (e_i - e_j), per row block.
+template <typename acc_t>
+void embedding_grad(const Net<acc_t>& e, int64_t n, const acc_t* dr, const at::Tensor& grad) {
+  const int64_t dim = e.regions.dim;
+  at::parallel_for(0, ceil_div(n, kBlock), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> rows(dim * kBlock), g(dim * kBlock), chunk(kBlock * kDepth), m(kBlock * kBlock);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n0 = r * kBlock, count = std::min(kBlock, n - n0);
+      gather_rows(e, n0, count, rows.data());
+      std::fill(g.begin(), g.end(), acc_t(0));
+      for (int64_t m0 = 0; m0 < n; m0 += kBlock) {
+        const int64_t cols = std::min(kBlock, n - m0);
+        for (int64_t j = 0; j < cols; ++j) {
+          for (int64_t i = 0; i < kBlock; ++i) {
+            m[j * kBlock + i] = i < count ? dr[(n0 + i) * n + m0 + j] + dr[(m0 + j) * n + n0 + i] : acc_t(0);
+          }
+        }
+        for (int64_t e0 = 0; e0 < dim; e0 += kDepth) {
+          const int64_t depth = std::min(kDepth, dim - e0);
+          gather_columns(e, m0, cols, e0, depth, chunk.data());
+          add_difference_products(m.data(), rows.data() + e0 * kBlock, chunk.data(), cols, depth,
+                                  g.data() + e0 * kBlock);
+        }
+      }
+      visit_data(grad, [&](auto* y) {
+        using out_t = std::remove_pointer_t<decltype(y)>;
+        for (int64_t i = 0; i < count; ++i) {
+          out_t* row = y + (n0 + i) * dim;
+          for (int64_t k = 0; k < dim; ++k) row[k] = static_cast<out_t>(acc_t(2) * g[k * kBlock + i]);
+        }
+      });
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_forward_cpu(const at::Tensor& e_s, const at::Tensor& e_t) {
+  const RowPair in = check_row_pair("rkd_forward", e_s, e_t, "e_s", "e_t");
+  const int64_t n = in.rows;
+  const auto options = e_s.options().dtype(in.acc);
+  at::Tensor terms = at::empty({2}, options), sq_dist = at::empty({2, n, n}, options), stats = at::empty({3}, options);
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "rkd_forward_cpu", [&] {
+    using acc_t = scalar_t;
+    squared_distances(rows_of<acc_t>(e_s, in.s), rows_of<acc_t>(e_t, in.t), n, sq_dist.mutable_data_ptr<acc_t>());
+    std::vector<acc_t> scratch(4 * n * n);
+    const Pairs<acc_t> pairs = pair_lengths(sq_dist.const_data_ptr<acc_t>(), n, scratch.data());
+    forward_terms(pairs, terms.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>());
+  });
+  return {terms, sq_dist, stats};
+}
+
+at::Tensor rkd_backward_cpu(const at::Tensor& grad_terms, const at::Tensor& e_s, const at::Tensor& gram,
+                            const at::Tensor& stats) {
+  const char* op = "rkd_backward";
+  const RowPair in = check_row_pair(op, e_s, e_s, "e_s", "e_s");
+  const int64_t n = in.rows;
+  const at::Tensor g = upstream_grad(op, "grad_terms", grad_terms, {2}, in.acc, e_s);
+  const at::Tensor sq_dist = check_saved(op, "gram", gram, {2, n, n}, in.acc, e_s, "e_s");
+  const at::Tensor st = check_saved(op, "stats", stats, {3}, in.acc, e_s, "e_s");
+  at::Tensor grad = at::empty(e_s.sizes(), e_s.options());
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "rkd_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    std::vector<acc_t> scratch(4 * n * n), dr(n * n);
+    const Pairs<acc_t> pairs = pair_lengths(sq_dist.const_data_ptr<acc_t>(), n, scratch.data());
+    const acc_t size = static_cast<acc_t>(n);
+    const acc_t* upstream = g.const_data_ptr<acc_t>();
+    const acc_t gd = upstream[0] / (size * size), ga = upstream[1] / (size * size * size);
+    anchor_backward(pairs, gd, ga, st.const_data_ptr<acc_t>(), dr.data());
+    triplet_backward(pairs, ga, dr.data());
+    embedding_grad(rows_of<acc_t>(e_s, in.s), n, dr.data(), grad);
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("rkd_forward", &rkd_forward_cpu);
+  m.impl("rkd_backward", &rkd_backward_cpu);
+}
+
+}  // namespace kdfast
