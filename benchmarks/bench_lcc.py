@@ -38,7 +38,7 @@ def _shapes(batches: tuple[int, ...], channels: tuple[int, ...]) -> list[Shape]:
 SHAPES = {
     "cuda": _shapes((16, 64, 256, 1024, 4096), CHANNELS),
     "cuda-quick": _shapes((256,), (64,)) + _shapes((1024,), (256,)),
-    "cpu": _shapes((16, 64), (64,)) + _shapes((16,), (256,)),
+    "cpu": _shapes((16, 64, 256), (64,)) + _shapes((16,), (256,)),
     "cpu-quick": _shapes((64,), (64,)),
     "tiny": _shapes((4,), (16,)),
 }
