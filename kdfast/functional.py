@@ -244,8 +244,9 @@ def rkd_loss(
 
     B = 1 gives 0 (mdistiller: NaN; see kdfast/reference/rkd.py). Float32 result (float64 for
     float64 students); the teacher (any floating dtype, another D) never gets a gradient. The
-    fused backends compute every distance and cosine from the two B x B Gram matrices and never
-    build the B x B x D difference tensor. NaN/Inf give a NaN loss (values are not checked).
+    fused backends compute every distance and cosine from the two B x B matrices of squared
+    distances (exact for duplicated embeddings) and never build the B x B x D difference tensor.
+    NaN/Inf give a NaN loss (values are not checked).
     """
     _checks.check_batched_pair(e_s, e_t, ("e_s", "e_t"))
     _checks.check_finite("distance_weight", distance_weight)

@@ -2,7 +2,7 @@
 
 Values and gradients of both terms (non-unit upstream gradients, both reductions, weights),
 every dtype, 2-D / contiguous / channels_last inputs, Ds != Dt, odd B, B = 1 and 2, duplicated
-embeddings (zero distances), several tiles, exact Gram symmetry, no B x B x D allocation,
+embeddings (zero distances), several tiles, exact squared distances, no B x B x D allocation,
 mdistiller's formula, opcheck, torch.compile(fullgraph=True), float64 gradcheck and bad input.
 Shapes stay tiny: the Triton kernels run in the interpreter here.
 """
@@ -15,7 +15,7 @@ import torch.nn.functional as TF
 
 from conftest import assert_close_scaled, device_backends
 from kdfast import functional as F, nn as knn
-from kdfast.kernels import gram as gram_kernels, rkd as rkd_kernels
+from kdfast.kernels import rkd as rkd_kernels
 from kdfast.reference import rkd as ref
 from kdfast.reference.at import compute_dtype
 from test_sp import LargestTensor, feature
@@ -64,8 +64,11 @@ def test_matches_reference(device, backend, dtype, layout):
         assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
+WEIGHTS = {"default": dict(), "distance": dict(distance_weight=1.0, angle_weight=0.0), "angle": dict(distance_weight=0.0, angle_weight=2.0)}
+
+
 @pytest.mark.parametrize("device,backend", device_backends("rkd"))
-@pytest.mark.parametrize("weights", [dict(), dict(distance_weight=1.0, angle_weight=0.0), dict(distance_weight=0.0, angle_weight=2.0)], ids=["default", "distance", "angle"])
+@pytest.mark.parametrize("weights", WEIGHTS.values(), ids=list(WEIGHTS))
 def test_reduction_sum_and_weights(device, backend, weights):
     e_s = feature((6, 5), device=device, requires_grad=True, seed=3)
     e_t = feature((6, 7), device=device, seed=4)
@@ -107,23 +110,26 @@ def test_duplicated_embeddings(device, backend, which):
 @pytest.mark.parametrize("device,backend", TRITON)
 @pytest.mark.parametrize("layout", ["2d", "nhwc"])
 def test_several_tiles(device, backend, layout, monkeypatch):
-    """B and D span several tiles (BLOCK 16 here, the smallest tl.dot side; BLOCK_D 64)."""
+    """B and D span several tiles (BLOCK 16 here: 2 x 2 tiles of (j, k); BLOCK_D 8)."""
     monkeypatch.setattr(rkd_kernels, "BLOCK", 16)
-    monkeypatch.setattr(gram_kernels, "BLOCK", 16)
-    shape = (19, 70) if layout == "2d" else (19, 5, 3, 5)
+    shape = (19, 21) if layout == "2d" else (19, 5, 3, 1)
     e_s = feature(shape, device=device, channels_last=layout == "nhwc", requires_grad=True, seed=9)
     e_t = feature((19, 3, 3, 3), device=device, seed=10)
     check(backend, e_s, e_t, 2e-5, 2e-5)
 
 
 @pytest.mark.parametrize("device,backend", TRITON)
-def test_gram_is_exactly_symmetric(device, backend):
-    """S_ab == S_ba and S_ab == S_aa for x_a == x_b, bitwise: the kernels rely on it."""
+def test_squared_distances_are_exact(device, backend):
+    """R_ab == R_ba bitwise, R_aa == 0 and R_ab == 0 for x_a == x_b, R_ac == R_bc: the kernels
+    rely on it (a Gram matrix computed by tl.dot is not, e.g. in the interpreter)."""
     x = feature((9, 37), device=device, seed=11)
     x[5] = x[2]
-    gram = gram_kernels.gram_pair(x, x.T.contiguous().T)  # the teacher read through other strides
-    assert torch.equal(gram[0], gram[0].T) and torch.equal(gram[0], gram[1])
-    assert gram[0][2, 5] == gram[0][2, 2] == gram[0][5, 5]
+    _, sq_dist, _ = rkd_kernels.rkd_forward(x, x.T.contiguous().T)  # the teacher through other strides
+    r = sq_dist[0]
+    assert torch.equal(r, r.T) and torch.equal(r, sq_dist[1]) and not r.diagonal().any()
+    assert r[2, 5] == 0 and torch.equal(r[2], r[5])
+    expected = torch.cdist(x.double(), x.double()) ** 2
+    assert_close_scaled(r, expected, 1e-6, "sq_dist")
 
 
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
@@ -187,8 +193,8 @@ def test_no_b_by_b_by_d_allocation(device, backend):
     e_s = feature((batch, depth), device=device, seed=20)
     e_t = feature((batch, depth), device=device, seed=21)
     with LargestTensor() as mode:
-        _, gram, stats = rkd_kernels.rkd_forward(e_s, e_t)
-        rkd_kernels.rkd_backward(torch.ones(2, device=device), e_s, gram, stats)
+        _, sq_dist, stats = rkd_kernels.rkd_forward(e_s, e_t)
+        rkd_kernels.rkd_backward(torch.ones(2, device=device), e_s, sq_dist, stats)
     assert mode.largest == batch * depth * 4
     with LargestTensor() as mode:
         ref.rkd_loss(e_s, e_t)
@@ -208,8 +214,8 @@ def test_opcheck(device, backend):
     e_s = feature((4, 5), device=device, seed=24)
     e_t = feature((4, 3), torch.bfloat16, device, seed=25)
     torch.library.opcheck(ops.rkd_forward.default, (e_s.clone().requires_grad_(), e_t))
-    _, gram, stats = ops.rkd_forward(e_s, e_t)
-    torch.library.opcheck(ops.rkd_backward.default, (torch.tensor([0.5, -2.0], device=device), e_s, gram, stats))
+    _, sq_dist, stats = ops.rkd_forward(e_s, e_t)
+    torch.library.opcheck(ops.rkd_backward.default, (torch.tensor([0.5, -2.0], device=device), e_s, sq_dist, stats))
 
 
 @pytest.mark.parametrize("device,backend", device_backends("rkd"))
@@ -234,11 +240,11 @@ def test_launcher_checks(device, backend):
     e = feature((3, 4), device=device)
     with pytest.raises(ValueError, match="one batch size"):
         rkd_kernels.rkd_forward(e, feature((2, 4), device=device))
-    _, gram, stats = rkd_kernels.rkd_forward(e, e)
-    with pytest.raises(ValueError, match="gram must be"):
-        rkd_kernels.rkd_backward(torch.ones(2, device=device), e, gram[0], stats)
+    _, sq_dist, stats = rkd_kernels.rkd_forward(e, e)
+    with pytest.raises(ValueError, match="sq_dist must be"):
+        rkd_kernels.rkd_backward(torch.ones(2, device=device), e, sq_dist[0], stats)
     with pytest.raises(ValueError, match="grad_terms must be"):
-        rkd_kernels.rkd_backward(torch.ones((), device=device), e, gram, stats)
+        rkd_kernels.rkd_backward(torch.ones((), device=device), e, sq_dist, stats)
 
 
 # --- bad input

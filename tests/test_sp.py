@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 from conftest import assert_close_scaled, device_backends
 from kdfast import functional as F, nn as knn
-from kdfast.kernels import gram as gram_kernels, sp as sp_kernels
+from kdfast.kernels import sp as sp_kernels
 from kdfast.reference import sp as ref
 from kdfast.reference.at import compute_dtype
 
@@ -219,7 +219,7 @@ def test_launcher_checks(device, backend):
     _, stats = sp_kernels.sp_forward(x, x)
     with pytest.raises(ValueError, match="stats must be"):
         sp_kernels.sp_backward(torch.ones((), device=device), x, x, stats[:2])
-    assert gram_kernels.BLOCK >= 16  # tl.dot's smallest side on the GPU
+    assert min(sp_kernels.BLOCK_I, sp_kernels.BLOCK_J, sp_kernels.BLOCK_D) >= 16  # tl.dot's smallest side on the GPU
 
 
 # --- bad input

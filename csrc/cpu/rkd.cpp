@@ -44,17 +44,10 @@ Net<acc_t> rows_of(const at::Tensor& x, const Regions& regions) {
   return {x, regions, element_offsets(regions), nullptr};
 }
 
-// One network's pairs: R and, per entry, length = sqrt(R) and inv = 1 / max(length, eps) (B x B each).
-template <typename acc_t>
-struct PairRows {
-  const acc_t* r;
-  const acc_t* length;
-  const acc_t* inv;
-};
-
+// The pairs of both networks (csrc/common.h's RkdPairs) of B rows.
 template <typename acc_t>
 struct Pairs {
-  PairRows<acc_t> s, t;
+  RkdPairs<acc_t> s, t;
   int64_t n;
 };
 
@@ -64,36 +57,12 @@ Pairs<acc_t> pair_lengths(const acc_t* sq_dist, int64_t n, acc_t* scratch) {
   const int64_t nn = n * n;
   at::parallel_for(0, 2 * nn, kGrainPairs, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t net = idx / nn, ab = idx % nn;
-      const acc_t length = std::sqrt(sq_dist[idx]);
-      scratch[2 * net * nn + ab] = length;
-      scratch[(2 * net + 1) * nn + ab] = inv_clamped(length);
+      const int64_t net = idx / nn;
+      rkd_pair(sq_dist + net * nn, idx % nn, scratch + 2 * net * nn, scratch + (2 * net + 1) * nn);
     }
   });
   return {{sq_dist, scratch, scratch + nn}, {sq_dist + nn, scratch + 2 * nn, scratch + 3 * nn}, n};
 }
-
-// One network's cos_ijk for the anchor i, the row j and any k.
-template <typename acc_t>
-struct Triplets {
-  const acc_t *r_i, *length_i, *inv_i, *r_j;  // rows i (and R's row j)
-  acc_t r_ij, length_ij, inv_ij;
-
-  Triplets(const PairRows<acc_t>& p, int64_t n, int64_t i, int64_t j)
-      : r_i(p.r + i * n),
-        length_i(p.length + i * n),
-        inv_i(p.inv + i * n),
-        r_j(p.r + j * n),
-        r_ij(r_i[j]),
-        length_ij(length_i[j]),
-        inv_ij(inv_i[j]) {}
-
-  acc_t cosine(int64_t k) const { return rkd_cosine(r_j[k], r_ij, length_ij, inv_ij, r_i[k], length_i[k], inv_i[k]); }
-  // c where at most one of n_ij, n_ik is 0 (A_ijk is 0 where both are).
-  acc_t pair_weight(acc_t c, int64_t k) const {
-    return rkd_zero(length_ij) && rkd_zero(length_i[k]) ? acc_t(0) : c;
-  }
-};
 
 template <typename acc_t>
 void squared_distances(const Net<acc_t>& s, const Net<acc_t>& t, int64_t n, acc_t* sq_dist) {
@@ -139,88 +108,59 @@ void sum_rows(int64_t n, int64_t grain, acc_t (&sums)[C], F&& row) {
 template <typename acc_t>
 void forward_terms(const Pairs<acc_t>& p, acc_t* terms, acc_t* stats) {
   const int64_t n = p.n, grain = std::max<int64_t>(1, kGrainPairs / n);
-  acc_t positive[4];  // sum and count of the positive distances of the student, then the teacher
+  acc_t positive[4];
   sum_rows(n, grain, positive, [&](int64_t i, acc_t* out) {
     std::fill(out, out + 4, acc_t(0));
-    for (int64_t k = 0; k < n; ++k) {
-      const acc_t d[2] = {rkd_distance(p.s.r[i * n + k], k != i), rkd_distance(p.t.r[i * n + k], k != i)};
-      for (int net = 0; net < 2; ++net) {
-        out[2 * net] += d[net] > acc_t(0) ? d[net] : acc_t(0);
-        out[2 * net + 1] += d[net] > acc_t(0) ? acc_t(1) : acc_t(0);
-      }
-    }
+    for (int64_t k = 0; k < n; ++k) rkd_add_positive(p.s.r[i * n + k], p.t.r[i * n + k], k != i, out);
   });
-  for (int net = 0; net < 2; ++net) {
-    const acc_t total = positive[2 * net], count = positive[2 * net + 1];
-    stats[net] = count > acc_t(0) ? count / total : acc_t(0);
-  }
-  acc_t distance[2];  // sums of smooth_l1(x_s - x_t) and of smooth_l1'(x_s - x_t) x_s
+  rkd_scales(positive, stats);
+  acc_t distance[2];
   sum_rows(n, grain, distance, [&](int64_t i, acc_t* out) {
     std::fill(out, out + 2, acc_t(0));
-    for (int64_t k = 0; k < n; ++k) {
-      const acc_t x = rkd_distance(p.s.r[i * n + k], k != i) * stats[0];
-      const acc_t z = x - rkd_distance(p.t.r[i * n + k], k != i) * stats[1];
-      out[0] += smooth_l1(z);
-      out[1] += smooth_l1_grad(z) * x;
-    }
+    for (int64_t k = 0; k < n; ++k) rkd_add_distance(p.s.r[i * n + k], p.t.r[i * n + k], k != i, stats, out);
   });
   acc_t angle[1];
   sum_rows(n, 1, angle, [&](int64_t i, acc_t* out) {
     std::vector<acc_t> acc(n, acc_t(0));  // per k, summed over j
     for (int64_t j = 0; j < n; ++j) {
-      const Triplets<acc_t> s(p.s, n, i, j), t(p.t, n, i, j);
+      const RkdTriplets<acc_t> s(p.s, n, i, j), t(p.t, n, i, j);
       for (int64_t k = 0; k < n; ++k) acc[k] += smooth_l1(s.cosine(k) - t.cosine(k));
     }
     out[0] = 0;
     for (const acc_t v : acc) out[0] += v;
   });
-  terms[0] = distance[0] / static_cast<acc_t>(n * n);
-  terms[1] = angle[0] / static_cast<acc_t>(n * n * n);
-  stats[2] = distance[1] / std::max(positive[1], acc_t(1));
+  rkd_terms(positive, distance, angle[0], n, terms, stats);
 }
 
-// dR[i][k] = sum_j A_ijk - inv_ik^2 sum_j c_ijk cos_ijk (where n_ik != 0) + the distance term, per anchor i.
+// dR[i][k] without the triplet part, per anchor i (rkd_anchor_grad).
 template <typename acc_t>
-void anchor_backward(const Pairs<acc_t>& p, acc_t gd, acc_t ga, const acc_t* stats, acc_t* dr) {
+void anchor_backward(const Pairs<acc_t>& p, const RkdUpstream<acc_t>& up, const acc_t* stats, acc_t* dr) {
   const int64_t n = p.n;
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> a(n), q(n);  // sum_j A_ijk / inv_ik and sum_j c_ijk cos_ijk
+    std::vector<acc_t> a(n), q(n);  // per k, summed over j
     for (int64_t i = begin; i < end; ++i) {
       std::fill(a.begin(), a.end(), acc_t(0));
       std::fill(q.begin(), q.end(), acc_t(0));
       for (int64_t j = 0; j < n; ++j) {
-        const Triplets<acc_t> s(p.s, n, i, j), t(p.t, n, i, j);
-        for (int64_t k = 0; k < n; ++k) {
-          const acc_t cos_s = s.cosine(k);
-          const acc_t c = ga * smooth_l1_grad(cos_s - t.cosine(k));
-          a[k] += s.pair_weight(c, k) * s.inv_ij;
-          q[k] += c * cos_s;
-        }
+        const RkdTriplets<acc_t> s(p.s, n, i, j), t(p.t, n, i, j);
+        for (int64_t k = 0; k < n; ++k) rkd_add_anchor(s, t, k, up.ga, a[k], q[k]);
       }
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t ik = i * n + k;
-        const acc_t inv = p.s.inv[ik];
-        const acc_t angle = a[k] * inv - (rkd_zero(p.s.length[ik]) ? acc_t(0) : q[k] * inv * inv);
-        dr[ik] = angle + rkd_distance_grad(p.s.r[ik], p.t.r[ik], k != i, gd, stats);
-      }
+      for (int64_t k = 0; k < n; ++k) dr[i * n + k] = rkd_anchor_grad(a[k], q[k], p.s, p.t, i * n + k, k != i, up.gd, stats);
     }
   });
 }
 
 // dR[j][k] -= sum_i A_ijk / 2, per row j.
 template <typename acc_t>
-void triplet_backward(const Pairs<acc_t>& p, acc_t ga, acc_t* dr) {
+void triplet_backward(const Pairs<acc_t>& p, const RkdUpstream<acc_t>& up, acc_t* dr) {
   const int64_t n = p.n;
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(n);
+    std::vector<acc_t> acc(n);  // per k, summed over i
     for (int64_t j = begin; j < end; ++j) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t i = 0; i < n; ++i) {
-        const Triplets<acc_t> s(p.s, n, i, j), t(p.t, n, i, j);
-        for (int64_t k = 0; k < n; ++k) {
-          const acc_t c = s.pair_weight(ga * smooth_l1_grad(s.cosine(k) - t.cosine(k)), k);
-          acc[k] += c * (s.inv_ij * s.inv_i[k]);
-        }
+        const RkdTriplets<acc_t> s(p.s, n, i, j), t(p.t, n, i, j);
+        for (int64_t k = 0; k < n; ++k) acc[k] += rkd_triplet_weight(s, t, k, up.ga);
       }
       for (int64_t k = 0; k < n; ++k) dr[j * n + k] = dr[j * n + k] - acc_t(0.5) * acc[k];
     }
@@ -308,11 +248,9 @@ at::Tensor rkd_backward_cpu(const at::Tensor& grad_terms, const at::Tensor& e_s,
     using acc_t = scalar_t;
     std::vector<acc_t> scratch(4 * n * n), dr(n * n);
     const Pairs<acc_t> pairs = pair_lengths(sq_dist.const_data_ptr<acc_t>(), n, scratch.data());
-    const acc_t size = static_cast<acc_t>(n);
-    const acc_t* upstream = g.const_data_ptr<acc_t>();
-    const acc_t gd = upstream[0] / (size * size), ga = upstream[1] / (size * size * size);
-    anchor_backward(pairs, gd, ga, st.const_data_ptr<acc_t>(), dr.data());
-    triplet_backward(pairs, ga, dr.data());
+    const RkdUpstream<acc_t> up(g.const_data_ptr<acc_t>(), n);
+    anchor_backward(pairs, up, st.const_data_ptr<acc_t>(), dr.data());
+    triplet_backward(pairs, up, dr.data());
     embedding_grad(rows_of<acc_t>(e_s, in.s), n, dr.data(), grad);
   });
   return grad;

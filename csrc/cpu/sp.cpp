@@ -78,11 +78,7 @@ void forward_rows(const Net<acc_t>& s, const Net<acc_t>& t, int64_t n, acc_t* st
         }
       });
       for (int64_t i = 0; i < w.rows; ++i) {
-        acc_t* row = stats + (w.n0 + i) * kStats;
-        const bool projected = std::sqrt(ss[i]) >= static_cast<acc_t>(kNormEps);
-        row[0] = inv_s[i];
-        row[1] = inv_t[i];
-        row[2] = projected ? proj[i] : acc_t(0);
+        sp_stats_row(ss[i], tt[i], proj[i], stats + (w.n0 + i) * kStats);
         loss_rows[w.n0 + i] = loss[i];
       }
     }
@@ -96,11 +92,7 @@ void backward_rows(const Net<acc_t>& s, const Net<acc_t>& t, int64_t n, acc_t gr
   const acc_t size = static_cast<acc_t>(n);
   const acc_t k = acc_t(2) * grad_loss / (size * size);
   std::vector<acc_t> alpha(n), beta(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t inv_s = stats[i * kStats], inv_t = stats[i * kStats + 1], proj = stats[i * kStats + 2];
-    alpha[i] = k * inv_s * inv_s * (acc_t(1) - proj);
-    beta[i] = k * inv_s * inv_t;
-  }
+  for (int64_t i = 0; i < n; ++i) sp_coefficients(stats + i * kStats, k, alpha[i], beta[i]);
   at::parallel_for(0, ceil_div(n, kBlock), 1, [&](int64_t begin, int64_t end) {
     TileWorker<acc_t> w(s, t);
     std::vector<acc_t> m(kBlock * kBlock);  // m[j * kBlock + i] = M[n0 + i][m0 + j]

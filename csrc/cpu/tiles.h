@@ -80,27 +80,13 @@ void gather_columns(const Net<acc_t>& net, int64_t m0, int64_t cols, int64_t e0,
   });
 }
 
-// The combinations of two elements that the tiles sum over e.
-struct Product {
-  template <typename T>
-  T operator()(T a, T b) const {
-    return a * b;
-  }
-};
-struct SquaredDifference {
-  template <typename T>
-  T operator()(T a, T b) const {
-    const T d = a - b;
-    return d * d;
-  }
-};
-
 // The inner loops below run over a contiguous, register- or L1-resident array (the rows of a tile
 // column, a chunk of g's row): they vectorise without reassociating any sum. kDepth keeps a row
 // block's chunk and a column chunk (2 x 8 KiB in float) in L1.
 
 // tile[c * kBlock + r] = sum_e combine(u[n0 + r][e], u[m0 + c][e]) for c < cols and every r < kBlock,
-// from the row block gathered by gather_rows; `chunk` is kBlock x kDepth scratch.
+// from the row block gathered by gather_rows (combine: csrc/common.h's Product or SquaredDifference);
+// `chunk` is kBlock x kDepth scratch.
 template <typename acc_t, typename Combine>
 void row_block_tile(const Net<acc_t>& net, const acc_t* row_block, int64_t m0, int64_t cols, acc_t* chunk,
                     acc_t* tile, Combine combine) {

@@ -1,6 +1,6 @@
 // CUDA kernels of local correlation consistency (LCC, Li et al. 2020); formulas in
-// kdfast/reference/lcc.py, descriptor layout in csrc/common.h (Regions). The algorithm of
-// csrc/cpu/lcc.cpp, in tiles of kTile x kTile (n, m) pairs, 256 threads per block:
+// kdfast/reference/lcc.py, descriptor layout in csrc/common.h (Regions), tiles in csrc/cuda/tiles.cuh.
+// The algorithm of csrc/cpu/lcc.cpp, in tiles of kTile x kTile (n, m) pairs, 256 threads per block:
 //
 // lcc_forward:  inv_norm_kernel     a block per row (one launch per network): 1 / max(||x[n]||, eps)
 //               forward_kernel      each block walks a fixed share of the upper-triangle tiles (S is
@@ -27,94 +27,23 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
-#include <utility>
 
-#include "../common.h"
+#include "tiles.cuh"
 
 namespace kdfast {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kSide = 16;                  // threads per side of a tile: 16 x 16
-constexpr int kThreads = kSide * kSide;    // threads per block of every kernel
-constexpr int kDepth = 16;                 // elements of a shared-memory chunk of the correlation tiles
+using namespace gpu;
+
 constexpr int64_t kForwardBlocks = 1024;   // blocks of forward_kernel, at most
 constexpr int64_t kBackwardBlocks = 256;   // blocks of backward_kernel that splitting aims at
 constexpr int64_t kMaxSplits = 4;          // copies of the g accumulator, at most
-
-// Each thread holds a kMicro x kMicro block of a tile: rows ty + kSide i, columns tx + kSide j.
-template <typename acc_t>
-struct TileShape {
-  static constexpr int kMicro = sizeof(acc_t) == sizeof(float) ? 4 : 2;
-  static constexpr int kTile = kSide * kMicro;  // 64 (float), 32 (double): shared memory < 48 KiB
-};
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-enum class Dtype : int { kHalf, kBFloat16, kFloat, kDouble };
-
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf:
-      return Dtype::kHalf;
-    case at::kBFloat16:
-      return Dtype::kBFloat16;
-    case at::kFloat:
-      return Dtype::kFloat;
-    default:
-      return Dtype::kDouble;  // checked by check_lcc_maps
-  }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t load_as(const void* data, Dtype dtype, int64_t i) {
-  switch (dtype) {
-    case Dtype::kHalf:
-      return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(data)[i]));
-    case Dtype::kBFloat16:
-      return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(data)[i]));
-    case Dtype::kFloat:
-      return static_cast<acc_t>(static_cast<const float*>(data)[i]);
-    default:
-      return static_cast<acc_t>(static_cast<const double*>(data)[i]);
-  }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void store(void* data, Dtype dtype, int64_t i, acc_t v) {
-  switch (dtype) {
-    case Dtype::kHalf:
-      static_cast<c10::Half*>(data)[i] = c10::Half(static_cast<float>(v));
-      break;
-    case Dtype::kBFloat16:
-      static_cast<c10::BFloat16*>(data)[i] = c10::BFloat16(static_cast<float>(v));
-      break;
-    case Dtype::kFloat:
-      static_cast<float*>(data)[i] = static_cast<float>(v);
-      break;
-    default:
-      static_cast<double*>(data)[i] = static_cast<double>(v);
-  }
-}
-
-// One network's descriptors: the map, read in place, and their inverse norms (N,).
-template <typename acc_t>
-struct Net {
-  const void* data;
-  Dtype dtype;
-  Regions regions;
-  const acc_t* inv_norm;  // (N,); not read by inv_norm_kernel, which writes it
-};
 
 template <typename acc_t>
 struct LccArgs {
@@ -122,30 +51,6 @@ struct LccArgs {
   int rows;    // N
   int blocks;  // row (and column) blocks of kTile: ceil(N / kTile)
 };
-
-// Sums each v[k] over the block; every thread gets the totals (warps added in order: deterministic).
-// All threads of the block call it.
-template <int N, typename acc_t>
-__device__ __forceinline__ void block_sum(acc_t (&v)[N]) {
-  __shared__ acc_t partial[kThreads / kWarpSize][N];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v[k] += __shfl_down_sync(0xffffffffu, v[k], offset);
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) partial[warp][k] = v[k];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    v[k] = 0;
-    for (int w = 0; w < kThreads / kWarpSize; ++w) v[k] += partial[w][k];
-  }
-  __syncthreads();  // `partial` may be written again by the next call
-}
 
 // Element k of a per-class triple (registers: no dynamic indexing, which would put it in local memory).
 template <typename acc_t>
@@ -171,90 +76,6 @@ __global__ void __launch_bounds__(kThreads) inv_norm_kernel(const Net<acc_t> net
   }
   block_sum(sum);
   if (threadIdx.x == 0) inv_norm[n] = lcc_inv_norm(sum[0]);
-}
-
-template <typename acc_t>
-using Chunk = acc_t[kDepth][TileShape<acc_t>::kTile + 1];  // chunk[d][r] = u[n0 + r][e0 + d]
-
-template <typename acc_t>
-struct ChunkSmem {
-  Chunk<acc_t> rows, cols;
-};
-
-// The rows of a tile that this thread loads into the chunks, and where they start in the map:
-// rows threadIdx.x / kDepth + (kThreads / kDepth) q, q < kMicro, each at element e0 + threadIdx.x % kDepth
-// of chunk e0 (16 consecutive threads read 16 consecutive elements of a row).
-template <typename acc_t>
-struct ChunkRows {
-  static constexpr int kMicro = TileShape<acc_t>::kMicro;
-  int64_t offset[kMicro];
-  acc_t inv[kMicro];
-  bool valid[kMicro];  // n < N
-
-  __device__ ChunkRows(const Net<acc_t>& net, int rows, int n0) {
-#pragma unroll
-    for (int q = 0; q < kMicro; ++q) {
-      const int n = n0 + threadIdx.x / kDepth + (kThreads / kDepth) * q;
-      valid[q] = n < rows;
-      offset[q] = valid[q] ? net.regions.row_offset(n) : 0;
-      inv[q] = valid[q] ? net.inv_norm[n] : acc_t(0);
-    }
-  }
-
-  // chunk[d][r] = u[n0 + r][e0 + d], 0 past N or D. Every thread calls it.
-  __device__ void load(const Net<acc_t>& net, int e0, Chunk<acc_t>& chunk) const {
-    const int d = threadIdx.x % kDepth, e = e0 + d;
-    const bool inside = e < net.regions.dim;
-    const int64_t element = inside ? net.regions.element_offset(e) : 0;
-#pragma unroll
-    for (int q = 0; q < kMicro; ++q) {
-      const int r = threadIdx.x / kDepth + (kThreads / kDepth) * q;
-      chunk[d][r] = inside && valid[q] ? load_as<acc_t>(net.data, net.dtype, offset[q] + element) * inv[q] : acc_t(0);
-    }
-  }
-};
-
-// s[i][j] = S[n0 + ty + kSide i][m0 + tx + kSide j] of one network (0 past N). Every thread calls it.
-template <typename acc_t>
-__device__ void correlation_tile(const Net<acc_t>& net, int rows, int n0, int m0, ChunkSmem<acc_t>& smem,
-                                 acc_t (&s)[TileShape<acc_t>::kMicro][TileShape<acc_t>::kMicro]) {
-  constexpr int kMicro = TileShape<acc_t>::kMicro;
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
-  const ChunkRows<acc_t> row_loads(net, rows, n0), col_loads(net, rows, m0);
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) s[i][j] = 0;
-  }
-  for (int e0 = 0; e0 < net.regions.dim; e0 += kDepth) {
-    row_loads.load(net, e0, smem.rows);
-    col_loads.load(net, e0, smem.cols);
-    __syncthreads();
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d) {
-      acc_t a[kMicro], b[kMicro];
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-        a[i] = smem.rows[d][ty + kSide * i];
-        b[i] = smem.cols[d][tx + kSide * i];
-      }
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-        for (int j = 0; j < kMicro; ++j) s[i][j] += a[i] * b[j];
-      }
-    }
-    __syncthreads();
-  }
-}
-
-// Tile t of the upper triangle, row-block-major by diagonal position: t = c (c + 1) / 2 + r, r <= c.
-__device__ __forceinline__ void upper_tile(int64_t t, int& r, int& c) {
-  int64_t h = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(t) + 1.0) - 1.0) / 2.0);
-  while (h * (h + 1) / 2 > t) --h;  // exact, whatever the rounding of sqrt
-  while ((h + 1) * (h + 2) / 2 <= t) ++h;
-  c = static_cast<int>(h);
-  r = static_cast<int>(t - h * (h + 1) / 2);
 }
 
 template <typename acc_t>
@@ -311,15 +132,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const LccArgs<acc_t>
   using Shape = TileShape<acc_t>;
   constexpr int kTile = Shape::kTile, kMicro = Shape::kMicro;
   __shared__ ChunkSmem<acc_t> smem;
-  __shared__ acc_t p[kTile][kTile + 1];   // w 4 (S_s - S_t)[n0 + i][m0 + j]
-  __shared__ acc_t us[kTile][kTile + 1];  // u_s[m0 + j][e0 + e]
-  __shared__ int64_t col_offset[kTile];   // where u_s[m0 + j] starts in f_s
-  __shared__ acc_t col_inv[kTile];        // inv_s[m0 + j], 0 past N
+  __shared__ ProductSmem<acc_t> products;  // p = w 4 (S_s - S_t)[n0 + i][m0 + j]
   const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
-  const int positions = a.s.regions.positions, dim = a.s.regions.dim;
+  const int positions = a.s.regions.positions;
   const int n0 = blockIdx.x * kTile, split = blockIdx.y;
   const acc_t weight[3] = {4 * grad_sums[0], 4 * grad_sums[1], 4 * grad_sums[2]};
-  acc_t* gs = g + static_cast<int64_t>(split) * a.rows * dim;
+  acc_t* gs = g + static_cast<int64_t>(split) * a.rows * a.s.regions.dim;
   for (int c = split; c < a.blocks; c += splits) {
     const int m0 = c * kTile;
     acc_t ss[kMicro][kMicro], st[kMicro][kMicro];
@@ -331,50 +149,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const LccArgs<acc_t>
       for (int j = 0; j < kMicro; ++j) {
         const int n = n0 + ty + kSide * i, m = m0 + tx + kSide * j;
         const bool valid = n < a.rows && m < a.rows;
-        p[ty + kSide * i][tx + kSide * j] =
+        products.p[ty + kSide * i][tx + kSide * j] =
             valid ? class_value(weight, lcc_pair_class(n, m, positions)) * (ss[i][j] - st[i][j]) : acc_t(0);
       }
     }
-    for (int j = threadIdx.x; j < kTile; j += kThreads) {
-      const int m = m0 + j;
-      col_offset[j] = m < a.rows ? a.s.regions.row_offset(m) : 0;
-      col_inv[j] = m < a.rows ? a.s.inv_norm[m] : acc_t(0);
-    }
-    __syncthreads();
-    for (int e0 = 0; e0 < dim; e0 += kTile) {
-      // us[j][e]: thread k loads element e = k % kTile of rows k / kTile + (kThreads / kTile) q
-      const int e = threadIdx.x % kTile;
-      const bool inside = e0 + e < dim;
-      const int64_t element = inside ? a.s.regions.element_offset(e0 + e) : 0;
-      for (int j = threadIdx.x / kTile; j < kTile; j += kThreads / kTile) {
-        const bool valid = inside && m0 + j < a.rows;
-        us[j][e] = valid ? load_as<acc_t>(a.s.data, a.s.dtype, col_offset[j] + element) * col_inv[j] : acc_t(0);
-      }
-      __syncthreads();
-      acc_t acc[kMicro][kMicro] = {};
-      for (int j = 0; j < kTile; ++j) {
-        acc_t pv[kMicro], uv[kMicro];
-#pragma unroll
-        for (int i = 0; i < kMicro; ++i) {
-          pv[i] = p[ty + kSide * i][j];
-          uv[i] = us[j][tx + kSide * i];
-        }
-#pragma unroll
-        for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-          for (int k = 0; k < kMicro; ++k) acc[i][k] += pv[i] * uv[k];
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-        for (int k = 0; k < kMicro; ++k) {
-          const int n = n0 + ty + kSide * i, el = e0 + tx + kSide * k;
-          if (n < a.rows && el < dim) gs[static_cast<int64_t>(n) * dim + el] += acc[i][k];
-        }
-      }
-      __syncthreads();  // us (and, after the last chunk, p, col_offset, col_inv) are written again next
-    }
+    add_tile_products(a.s, a.rows, n0, m0, products, gs);
   }
 }
 
@@ -402,18 +181,10 @@ __global__ void __launch_bounds__(kThreads) project_kernel(const Net<acc_t> s, c
   }
 }
 
-// kernel<<<grid, kThreads>>>(args...) on the current stream.
-template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, Args&&... args) {
-  kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 template <typename acc_t>
 LccArgs<acc_t> make_args(const LccMaps& in, const at::Tensor& f_s, const at::Tensor& f_t, const at::Tensor& inv_s,
                          const at::Tensor& inv_t) {
-  return {{f_s.const_data_ptr(), dtype_of(f_s), in.s, inv_s.const_data_ptr<acc_t>()},
-          {f_t.const_data_ptr(), dtype_of(f_t), in.t, inv_t.const_data_ptr<acc_t>()},
+  return {net_of(f_s, in.s, inv_s.const_data_ptr<acc_t>()), net_of(f_t, in.t, inv_t.const_data_ptr<acc_t>()),
           in.rows,
           static_cast<int>(ceil_div(in.rows, TileShape<acc_t>::kTile))};
 }

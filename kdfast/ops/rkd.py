@@ -5,26 +5,30 @@ Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdf
 ``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C, registered here once it declares
 them)::
 
-    rkd_forward(Tensor e_s, Tensor e_t) -> (Tensor terms, Tensor gram, Tensor stats)
-    rkd_backward(Tensor grad_terms, Tensor e_s, Tensor gram, Tensor stats) -> Tensor grad_e_s
+    rkd_forward(Tensor e_s, Tensor e_t) -> (Tensor terms, Tensor sq_dist, Tensor stats)
+    rkd_backward(Tensor grad_terms, Tensor e_s, Tensor sq_dist, Tensor stats) -> Tensor grad_e_s
 
 * ``e_s`` (B, Ds), ``e_t`` (B, Dt): student and teacher embeddings, B >= 1, Ds and Dt >= 1 and
   independent, any strides (read in place), any floating dtypes (each its own). The loss dtype
   ACC is float32 (float64 for a float64 e_s; the C++ backends accumulate in it too).
 * ``terms``: (2,) ACC, the unweighted ``[L_dist, L_angle]`` (means over the B^2 pairs and the
   B^3 triplets). The weights are applied by the caller.
-* ``gram``: (2, B, B) ACC contiguous, ``[E_s E_s^T, E_t E_t^T]`` (saved for the backward).
+* ``sq_dist``: (2, B, B) ACC contiguous, ``[R_s, R_t]`` with ``R[a, b] = ||e_a - e_b||^2`` summed
+  over the differences (not via the Gram matrix): bitwise symmetric, exactly 0 for duplicated
+  rows (saved for the backward).
 * ``stats``: (3,) ACC, ``[scale_s, scale_t, mean_gx]``: ``scale = count / sum`` over the positive
   distances of each network (``x = d * scale`` are the normalised distances; 0 where no
   distance is positive, B = 1) and ``mean_gx = sum_ij smooth_l1'(x_s - x_t)_ij x_s_ij / count_s``
   (0 for count_s = 0).
 * ``grad_terms``: (2,) (any floating dtype), read on the device, never on the host.
 * ``grad_e_s``: (B, Ds) contiguous in e_s's dtype, the gradient of
-  ``grad_terms[0] * L_dist + grad_terms[1] * L_angle``, as ``(dS + dS^T) E_s`` from
-  ``dS = d loss / d S_s`` (kernels/rkd.py derives it).
-* Every distance and cosine comes from the Gram matrices, exactly as kernels/rkd.py writes them
-  (the operation order that keeps duplicated rows exact, the eps clamps and the zero diagonal);
-  nothing of size B x B x D is ever built. Extra memory: a few B x B matrices.
+  ``grad_terms[0] * L_dist + grad_terms[1] * L_angle``, as
+  ``dE_i = 2 sum_j (dR_ij + dR_ji) (e_i - e_j)`` from ``dR = d loss / d R_s`` (kernels/rkd.py
+  derives it).
+* Every distance and cosine comes from R, exactly as kernels/rkd.py writes them (distances
+  ``sqrt(max(R, 1e-12))`` off the diagonal, 0 on it; ``cos_ijk = ((R_ij + R_ik) - R_jk) / 2``
+  times ``1 / max(sqrt(R_ij), 1e-12)`` and the same for ik, 0 where one of those lengths is below
+  1e-12): nothing of size B x B x D is ever built. Extra memory: three B x B matrices.
 
 This module registers the fake (meta) kernels and the autograd formula (the teacher gets no
 gradient) of both namespaces. Backend "torch" calls the eager reference.
@@ -49,10 +53,10 @@ def _rkd_forward_triton(e_s: Tensor, e_t: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 @torch.library.custom_op("kdfast_triton::rkd_backward", mutates_args=())
-def _rkd_backward_triton(grad_terms: Tensor, e_s: Tensor, gram: Tensor, stats: Tensor) -> Tensor:
+def _rkd_backward_triton(grad_terms: Tensor, e_s: Tensor, sq_dist: Tensor, stats: Tensor) -> Tensor:
     from kdfast.kernels import rkd as kernels
 
-    return kernels.rkd_backward(grad_terms, e_s, gram, stats)
+    return kernels.rkd_backward(grad_terms, e_s, sq_dist, stats)
 
 
 def _forward_fake(e_s: Tensor, e_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,7 +65,7 @@ def _forward_fake(e_s: Tensor, e_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return e_s.new_empty((2,), dtype=acc), e_s.new_empty((2, batch, batch), dtype=acc), e_s.new_empty((3,), dtype=acc)
 
 
-def _backward_fake(grad_terms: Tensor, e_s: Tensor, gram: Tensor, stats: Tensor) -> Tensor:
+def _backward_fake(grad_terms: Tensor, e_s: Tensor, sq_dist: Tensor, stats: Tensor) -> Tensor:
     return e_s.new_empty(e_s.shape)
 
 
@@ -69,14 +73,14 @@ def _register(ns: str) -> None:
     ops = getattr(torch.ops, ns)
 
     def setup(ctx, inputs, output):
-        _, gram, stats = output
-        ctx.save_for_backward(inputs[0], gram, stats)
+        _, sq_dist, stats = output
+        ctx.save_for_backward(inputs[0], sq_dist, stats)
 
-    def backward(ctx, grad_terms, _grad_gram, _grad_stats):
+    def backward(ctx, grad_terms, _grad_sq_dist, _grad_stats):
         if grad_terms is None:
             return None, None
-        e_s, gram, stats = ctx.saved_tensors
-        return ops.rkd_backward(grad_terms.contiguous(), e_s, gram, stats), None
+        e_s, sq_dist, stats = ctx.saved_tensors
+        return ops.rkd_backward(grad_terms.contiguous(), e_s, sq_dist, stats), None
 
     torch.library.register_fake(f"{ns}::rkd_forward", _forward_fake)
     torch.library.register_fake(f"{ns}::rkd_backward", _backward_fake)

@@ -44,6 +44,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in the operands' dtype even under autocast (the references compute in compute_dtype)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a @ b
+
+
 def align_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
     """Adaptive-average-pool whichever map is larger (per spatial dim) to the smaller size."""
     size = (min(f_s.shape[-2], f_t.shape[-2]), min(f_s.shape[-1], f_t.shape[-1]))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast.reference.at import EPS, align_spatial, compute_dtype
+from kdfast.reference.at import EPS, align_spatial, compute_dtype, matmul
 
 TERMS = ("intra", "inter", "cross")
 
@@ -66,7 +66,7 @@ def descriptors(f: Tensor, grid: int) -> Tensor:
 def correlation(f: Tensor, grid: int) -> Tensor:
     """The N x N correlation matrix of the L2-normalised region descriptors, in the compute dtype."""
     u = F.normalize(descriptors(f.to(compute_dtype(f.dtype)), grid), dim=1, eps=EPS)
-    return u @ u.T
+    return matmul(u, u.T)
 
 
 def term_masks(batch: int, grid: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast.reference.at import EPS, compute_dtype
+from kdfast.reference.at import EPS, compute_dtype, matmul
 
 
 def similarity(f: Tensor, dtype) -> Tensor:
     """Row-normalised Gram matrix ``normalize(X X^T)`` (B, B) of ``X = flatten(f)`` in `dtype`."""
     x = f.flatten(1).to(dtype)
-    return F.normalize(x @ x.T, p=2.0, dim=1, eps=EPS)
+    return F.normalize(matmul(x, x.T), p=2.0, dim=1, eps=EPS)
 
 
 def sp_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
