@@ -66,7 +66,8 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 def extension():
     sources = ["csrc/kdfast.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx_flags = ["-O3", "-g0"]
+    # -fno-trapping-math: lets the loops with selects (clamps, smooth-L1) vectorise; no result changes
+    cxx_flags = ["-O3", "-g0", "-fno-trapping-math"]
     if not WITH_CUDA:
         return CppExtension("kdfast._C", sources, extra_compile_args={"cxx": cxx_flags})
     return CUDAExtension(

@@ -271,8 +271,8 @@ inline RowPair check_row_pair(const char* op, const at::Tensor& x_s, const at::T
     const char* name = x == &x_s ? name_s : name_t;
     TORCH_CHECK(x->dim() == 2 && x->size(0) >= 1 && x->size(1) >= 1, op, ": ", name,
                 " must be 2-D (B >= 1, D >= 1), got shape ", x->sizes());
-    TORCH_CHECK(is_float_dtype(x->scalar_type()), op, ": ", name, " must be float16, bfloat16, float32 or float64, got ",
-                x->scalar_type());
+    TORCH_CHECK(is_float_dtype(x->scalar_type()), op, ": ", name,
+                " must be float16, bfloat16, float32 or float64, got ", x->scalar_type());
     constexpr int64_t kMaxIndex = std::numeric_limits<int32_t>::max();
     TORCH_CHECK(x->size(0) <= kMaxIndex && x->size(1) <= kMaxIndex, op, ": ", name, " ", x->sizes(),
                 ": B and D must be below 2^31");
@@ -375,11 +375,12 @@ struct RkdTriplets {
 
   KDFAST_HOST_DEVICE acc_t cosine(int64_t k) const {
     const acc_t w = ((r_ij + r_i[k]) - r_j[k]) * acc_t(0.5);
-    return (rkd_zero(length_ij) || rkd_zero(length_i[k]) ? acc_t(0) : w) * (inv_ij * inv_i[k]);
+    // | and & (not || and &&): no conditional load, so that the loops over k vectorise
+    return (rkd_zero(length_ij) | rkd_zero(length_i[k]) ? acc_t(0) : w) * (inv_ij * inv_i[k]);
   }
   // c where at most one of n_ij, n_ik is 0 (A_ijk is 0 where both are).
   KDFAST_HOST_DEVICE acc_t pair_weight(acc_t c, int64_t k) const {
-    return rkd_zero(length_ij) && rkd_zero(length_i[k]) ? acc_t(0) : c;
+    return rkd_zero(length_ij) & rkd_zero(length_i[k]) ? acc_t(0) : c;
   }
 };
 

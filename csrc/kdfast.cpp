@@ -40,5 +40,5 @@ TORCH_LIBRARY(kdfast, m) {
   // rkd: relational KD (op contract in kdfast/ops/rkd.py). Returns (terms (2,), the squared
   // distances (2, B, B) of both networks, as kernels/rkd.py, stats (3,)).
   m.def("rkd_forward(Tensor e_s, Tensor e_t) -> (Tensor, Tensor, Tensor)");
-  m.def("rkd_backward(Tensor grad_terms, Tensor e_s, Tensor gram, Tensor stats) -> Tensor");
+  m.def("rkd_backward(Tensor grad_terms, Tensor e_s, Tensor sq_dist, Tensor stats) -> Tensor");
 }

@@ -132,6 +132,13 @@ void forward_terms(const Pairs<acc_t>& p, acc_t* terms, acc_t* stats) {
   rkd_terms(positive, distance, angle[0], n, terms, stats);
 }
 
+// rkd_add_anchor for every k (__restrict__: a and q alias nothing, and the loop vectorises).
+template <typename acc_t>
+void add_anchor_row(const RkdTriplets<acc_t>& s, const RkdTriplets<acc_t>& t, int64_t n, acc_t ga,
+                    acc_t* __restrict__ a, acc_t* __restrict__ q) {
+  for (int64_t k = 0; k < n; ++k) rkd_add_anchor(s, t, k, ga, a[k], q[k]);
+}
+
 // dR[i][k] without the triplet part, per anchor i (rkd_anchor_grad).
 template <typename acc_t>
 void anchor_backward(const Pairs<acc_t>& p, const RkdUpstream<acc_t>& up, const acc_t* stats, acc_t* dr) {
@@ -143,9 +150,11 @@ void anchor_backward(const Pairs<acc_t>& p, const RkdUpstream<acc_t>& up, const 
       std::fill(q.begin(), q.end(), acc_t(0));
       for (int64_t j = 0; j < n; ++j) {
         const RkdTriplets<acc_t> s(p.s, n, i, j), t(p.t, n, i, j);
-        for (int64_t k = 0; k < n; ++k) rkd_add_anchor(s, t, k, up.ga, a[k], q[k]);
+        add_anchor_row(s, t, n, up.ga, a.data(), q.data());
       }
-      for (int64_t k = 0; k < n; ++k) dr[i * n + k] = rkd_anchor_grad(a[k], q[k], p.s, p.t, i * n + k, k != i, up.gd, stats);
+      for (int64_t k = 0; k < n; ++k) {
+        dr[i * n + k] = rkd_anchor_grad(a[k], q[k], p.s, p.t, i * n + k, k != i, up.gd, stats);
+      }
     }
   });
 }
@@ -235,13 +244,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_forward_cpu(const at::Tensor&
   return {terms, sq_dist, stats};
 }
 
-at::Tensor rkd_backward_cpu(const at::Tensor& grad_terms, const at::Tensor& e_s, const at::Tensor& gram,
+at::Tensor rkd_backward_cpu(const at::Tensor& grad_terms, const at::Tensor& e_s, const at::Tensor& sq_dist_in,
                             const at::Tensor& stats) {
   const char* op = "rkd_backward";
   const RowPair in = check_row_pair(op, e_s, e_s, "e_s", "e_s");
   const int64_t n = in.rows;
   const at::Tensor g = upstream_grad(op, "grad_terms", grad_terms, {2}, in.acc, e_s);
-  const at::Tensor sq_dist = check_saved(op, "gram", gram, {2, n, n}, in.acc, e_s, "e_s");
+  const at::Tensor sq_dist = check_saved(op, "sq_dist", sq_dist_in, {2, n, n}, in.acc, e_s, "e_s");
   const at::Tensor st = check_saved(op, "stats", stats, {3}, in.acc, e_s, "e_s");
   at::Tensor grad = at::empty(e_s.sizes(), e_s.options());
   AT_DISPATCH_FLOATING_TYPES(in.acc, "rkd_backward_cpu", [&] {

@@ -1,131 +1,106 @@
 // C++ CPU kernels of the similarity-preserving loss (SP, Tung & Mori 2019): the op contract of
-// kdfast/ops/sp.py with the algorithm of kernels/sp.py. With S = X X^T per network, n_i = ||S[i]||,
-// inv_i = 1 / max(n_i, eps) and G = diag(inv) S:
+// kdfast/ops/sp.py with the algorithm of kernels/sp.py, flash-style in strips of rows instead of
+// tiles. With S = X X^T per network, n_i = ||S[i]||, inv_i = 1 / max(n_i, eps) and G = diag(inv) S:
 //
-// sp_forward:  per row block of kBlock rows i, the column tiles j of S_s and S_t are computed
-//              twice from X (csrc/cpu/tiles.h): pass 1 the row norms, pass 2 the loss rows
-//              sum_j (G_s - G_t)_ij^2 and proj_i = sum_j G_s_ij (G_s - G_t)_ij (0 where
-//              n_s_i < eps); loss = sum_i loss_i / B^2, stats[i] = [inv_s, inv_t, proj]
-// sp_backward: per row block, the recomputed tiles give M_ij = (a_i + a_j) S_s_ij - (b_i + b_j) S_t_ij,
+// sp_forward:  per strip of kStrip rows i, the S_s and S_t rows of the strip (kStrip x B, at::mm
+//              of the strip's rows with all rows: BLAS), then per row the norms, the loss row
+//              sum_j (G_s - G_t)_ij^2 and proj_i = sum_j G_s_ij (G_s - G_t)_ij (0 where n_s_i < eps);
+//              loss = sum_i loss_i / B^2, stats[i] = [inv_s, inv_t, proj]
+// sp_backward: per strip, the recomputed S rows give M_ij = (a_i + a_j) S_s_ij - (b_i + b_j) S_t_ij,
 //              a = k inv_s^2 (1 - proj), b = k inv_s inv_t, k = 2 grad_loss / B^2, and
-//              dX_s[i] = sum_j M_ij X_s[j] is accumulated in the thread's kBlock x Ds buffer
+//              dX_s[strip] = M[strip] X_s (at::mm)
 //
-// No B x B matrix is ever stored: per thread, the row block (kBlock x (Ds + Dt)), the tiles and
-// the backward's kBlock x Ds accumulator; O(B) loss rows and coefficients. X_s and X_t are read in
-// place through their strides (any floating dtypes). Accumulation is in float (double for a double
-// x_s). The work items are row blocks and the loss rows are added in row order: the results do
-// not depend on the thread count.
+// No B x B matrix is ever stored: two kStrip x B strips, O(B) loss rows and coefficients, and the
+// inputs in the accumulation dtype (float; double for a double x_s): a copy only for
+// float16/bfloat16 inputs (or a float x_t beside a double x_s), read in place otherwise. The sums
+// run in row order; the matrix products are at::mm's (BLAS, multi-threaded).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
-#include "tiles.h"
+#include "../common.h"
 
 namespace kdfast {
 namespace {
 
-using namespace cpu;
+constexpr int64_t kStats = 3;   // stats columns: inv_s, inv_t, proj
+constexpr int64_t kStrip = 64;  // rows of a strip
 
-constexpr int64_t kStats = 3;  // stats columns: inv_s, inv_t, proj
-
-// fn(m0, cols) after w.tiles(m0, cols), for every column block of the n rows.
-template <typename acc_t, typename F>
-void for_column_tiles(TileWorker<acc_t>& w, int64_t n, F&& fn) {
-  for (int64_t m0 = 0; m0 < n; m0 += kBlock) {
-    const int64_t cols = std::min(kBlock, n - m0);
-    w.tiles(m0, cols);
-    fn(m0, cols);
+// For every strip of rows [r0, r0 + rows): its S_s and S_t rows s and t (rows x B, contiguous, by
+// at::mm), then row(r0 + i, s[i], t[i]) for its rows in parallel, then strip(r0, s, t).
+template <typename acc_t, typename Row, typename Strip>
+void for_each_strip(const at::Tensor& xs, const at::Tensor& xt, Row&& row, Strip&& strip) {
+  const int64_t n = xs.size(0);
+  const at::Tensor strip_s = at::empty({std::min(kStrip, n), n}, xs.options()), strip_t = at::empty_like(strip_s);
+  for (int64_t r0 = 0; r0 < n; r0 += kStrip) {
+    const int64_t rows = std::min(kStrip, n - r0);
+    at::Tensor s = strip_s.narrow(0, 0, rows), t = strip_t.narrow(0, 0, rows);
+    at::mm_out(s, xs.narrow(0, r0, rows), xs.t());
+    at::mm_out(t, xt.narrow(0, r0, rows), xt.t());
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        row(r0 + i, s.mutable_data_ptr<acc_t>() + i * n, t.const_data_ptr<acc_t>() + i * n);
+      }
+    });
+    strip(r0, s, t);
   }
 }
 
 template <typename acc_t>
-void forward_rows(const Net<acc_t>& s, const Net<acc_t>& t, int64_t n, acc_t* stats, acc_t* loss_rows) {
-  at::parallel_for(0, ceil_div(n, kBlock), 1, [&](int64_t begin, int64_t end) {
-    TileWorker<acc_t> w(s, t);
-    for (int64_t r = begin; r < end; ++r) {
-      w.load_rows(r, n);
-      acc_t ss[kBlock] = {}, tt[kBlock] = {};
-      for_column_tiles(w, n, [&](int64_t, int64_t cols) {
-        for (int64_t j = 0; j < cols; ++j) {
-          for (int64_t i = 0; i < kBlock; ++i) {
-            const acc_t vs = w.tile_s[j * kBlock + i], vt = w.tile_t[j * kBlock + i];
-            ss[i] += vs * vs;
-            tt[i] += vt * vt;
-          }
-        }
-      });
-      acc_t inv_s[kBlock], inv_t[kBlock];
-      for (int64_t i = 0; i < kBlock; ++i) {
-        inv_s[i] = inv_clamped(std::sqrt(ss[i]));
-        inv_t[i] = inv_clamped(std::sqrt(tt[i]));
-      }
-      acc_t loss[kBlock] = {}, proj[kBlock] = {};
-      for_column_tiles(w, n, [&](int64_t, int64_t cols) {
-        for (int64_t j = 0; j < cols; ++j) {
-          for (int64_t i = 0; i < kBlock; ++i) {
-            const acc_t g_s = w.tile_s[j * kBlock + i] * inv_s[i];
-            const acc_t diff = g_s - w.tile_t[j * kBlock + i] * inv_t[i];
-            loss[i] += diff * diff;
-            proj[i] += g_s * diff;
-          }
-        }
-      });
-      for (int64_t i = 0; i < w.rows; ++i) {
-        sp_stats_row(ss[i], tt[i], proj[i], stats + (w.n0 + i) * kStats);
-        loss_rows[w.n0 + i] = loss[i];
-      }
+acc_t forward_rows(const at::Tensor& xs, const at::Tensor& xt, acc_t* stats) {
+  const int64_t n = xs.size(0);
+  std::vector<acc_t> loss_rows(n);
+  auto row = [&](int64_t r, const acc_t* s, const acc_t* t) {
+    acc_t ss = 0, tt = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      ss += s[j] * s[j];
+      tt += t[j] * t[j];
     }
-  });
+    const acc_t inv_s = inv_clamped(std::sqrt(ss)), inv_t = inv_clamped(std::sqrt(tt));
+    acc_t loss = 0, proj = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t g_s = s[j] * inv_s;
+      const acc_t diff = g_s - t[j] * inv_t;
+      loss += diff * diff;
+      proj += g_s * diff;
+    }
+    sp_stats_row(ss, tt, proj, stats + r * kStats);
+    loss_rows[r] = loss;
+  };
+  for_each_strip<acc_t>(xs, xt, row, [](int64_t, const at::Tensor&, const at::Tensor&) {});
+  acc_t total = 0;
+  for (const acc_t v : loss_rows) total += v;
+  return total / static_cast<acc_t>(n * n);
 }
 
 template <typename acc_t>
-void backward_rows(const Net<acc_t>& s, const Net<acc_t>& t, int64_t n, acc_t grad_loss, const acc_t* stats,
-                   const at::Tensor& grad) {
-  const int64_t dim = s.regions.dim;
+void backward_rows(const at::Tensor& xs, const at::Tensor& xt, acc_t grad_loss, const acc_t* stats,
+                   at::Tensor& grad) {
+  const int64_t n = xs.size(0);
   const acc_t size = static_cast<acc_t>(n);
   const acc_t k = acc_t(2) * grad_loss / (size * size);
   std::vector<acc_t> alpha(n), beta(n);
   for (int64_t i = 0; i < n; ++i) sp_coefficients(stats + i * kStats, k, alpha[i], beta[i]);
-  at::parallel_for(0, ceil_div(n, kBlock), 1, [&](int64_t begin, int64_t end) {
-    TileWorker<acc_t> w(s, t);
-    std::vector<acc_t> m(kBlock * kBlock);  // m[j * kBlock + i] = M[n0 + i][m0 + j]
-    std::vector<acc_t> g(kBlock * dim);     // g[i * D + e] of the row block
-    for (int64_t r = begin; r < end; ++r) {
-      w.load_rows(r, n);
-      std::fill(g.begin(), g.end(), acc_t(0));
-      std::fill(m.begin(), m.end(), acc_t(0));
-      for_column_tiles(w, n, [&](int64_t m0, int64_t cols) {
-        for (int64_t j = 0; j < cols; ++j) {
-          for (int64_t i = 0; i < w.rows; ++i) {
-            const int64_t a = w.n0 + i, b = m0 + j, ab = j * kBlock + i;
-            m[ab] = (alpha[a] + alpha[b]) * w.tile_s[ab] - (beta[a] + beta[b]) * w.tile_t[ab];
-          }
-        }
-        for (int64_t e0 = 0; e0 < dim; e0 += kDepth) {
-          const int64_t depth = std::min(kDepth, dim - e0);
-          gather_columns(s, m0, cols, e0, depth, w.chunk.data());
-          add_products(m.data(), w.chunk.data(), cols, depth, dim, e0, g.data());
-        }
-      });
-      visit_data(grad, [&](auto* y) {
-        using out_t = std::remove_pointer_t<decltype(y)>;
-        out_t* rows = y + w.n0 * dim;
-        for (int64_t i = 0; i < w.rows * dim; ++i) rows[i] = static_cast<out_t>(g[i]);
-      });
+  auto row = [&](int64_t r, acc_t* s, const acc_t* t) {  // s becomes M's row
+    for (int64_t j = 0; j < n; ++j) s[j] = (alpha[r] + alpha[j]) * s[j] - (beta[r] + beta[j]) * t[j];
+  };
+  auto strip = [&](int64_t r0, const at::Tensor& m, const at::Tensor&) {
+    at::Tensor out = grad.narrow(0, r0, m.size(0));
+    if (grad.scalar_type() == xs.scalar_type()) {
+      at::mm_out(out, m, xs);
+    } else {
+      out.copy_(at::mm(m, xs));
     }
-  });
-}
-
-template <typename acc_t>
-Net<acc_t> rows_of(const at::Tensor& x, const Regions& regions) {
-  return {x, regions, element_offsets(regions), nullptr};
+  };
+  for_each_strip<acc_t>(xs, xt, row, strip);
 }
 
 std::tuple<at::Tensor, at::Tensor> sp_forward_cpu(const at::Tensor& x_s, const at::Tensor& x_t) {
@@ -133,13 +108,8 @@ std::tuple<at::Tensor, at::Tensor> sp_forward_cpu(const at::Tensor& x_s, const a
   const auto options = x_s.options().dtype(in.acc);
   at::Tensor loss = at::empty({}, options), stats = at::empty({in.rows, kStats}, options);
   AT_DISPATCH_FLOATING_TYPES(in.acc, "sp_forward_cpu", [&] {
-    using acc_t = scalar_t;
-    std::vector<acc_t> loss_rows(in.rows);
-    forward_rows(rows_of<acc_t>(x_s, in.s), rows_of<acc_t>(x_t, in.t), in.rows, stats.mutable_data_ptr<acc_t>(),
-                 loss_rows.data());
-    acc_t total = 0;
-    for (const acc_t v : loss_rows) total += v;
-    *loss.mutable_data_ptr<acc_t>() = total / static_cast<acc_t>(int64_t(in.rows) * in.rows);
+    *loss.mutable_data_ptr<scalar_t>() =
+        forward_rows(x_s.to(in.acc), x_t.to(in.acc), stats.mutable_data_ptr<scalar_t>());
   });
   return {loss, stats};
 }
@@ -152,9 +122,8 @@ at::Tensor sp_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& x_s, c
   const at::Tensor st = check_saved(op, "stats", stats, {in.rows, kStats}, in.acc, x_s, "x_s");
   at::Tensor grad = at::empty(x_s.sizes(), x_s.options());
   AT_DISPATCH_FLOATING_TYPES(in.acc, "sp_backward_cpu", [&] {
-    using acc_t = scalar_t;
-    backward_rows(rows_of<acc_t>(x_s, in.s), rows_of<acc_t>(x_t, in.t), in.rows, *g.const_data_ptr<acc_t>(),
-                  st.const_data_ptr<acc_t>(), grad);
+    backward_rows(x_s.to(in.acc), x_t.to(in.acc), *g.const_data_ptr<scalar_t>(), st.const_data_ptr<scalar_t>(),
+                  grad);
   });
   return grad;
 }

@@ -52,7 +52,11 @@ __global__ void __launch_bounds__(kThreads) sq_dist_kernel(const Net<acc_t> es, 
   int r, c;
   upper_tile(blockIdx.x, r, c);
   acc_t tile[kMicro][kMicro];
-  correlation_tile(net == 0 ? es : et, n, r * kTile, c * kTile, smem, tile, SquaredDifference());
+  if (net == 0) {  // uniform over the block; one call per network keeps the Net in parameter space
+    correlation_tile(es, n, r * kTile, c * kTile, smem, tile, SquaredDifference());
+  } else {
+    correlation_tile(et, n, r * kTile, c * kTile, smem, tile, SquaredDifference());
+  }
   acc_t* out = sq_dist + static_cast<int64_t>(net) * n * n;
 #pragma unroll
   for (int i = 0; i < kMicro; ++i) {
@@ -223,14 +227,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_forward_cuda(const at::Tensor
   return {terms, sq_dist, stats};
 }
 
-at::Tensor rkd_backward_cuda(const at::Tensor& grad_terms, const at::Tensor& e_s, const at::Tensor& gram,
+at::Tensor rkd_backward_cuda(const at::Tensor& grad_terms, const at::Tensor& e_s, const at::Tensor& sq_dist_in,
                              const at::Tensor& stats) {
   const char* op = "rkd_backward";
   const RowPair in = check_row_pair(op, e_s, e_s, "e_s", "e_s");
   const c10::cuda::CUDAGuard guard(e_s.device());
   const int n = in.rows;
   const at::Tensor g = upstream_grad(op, "grad_terms", grad_terms, {2}, in.acc, e_s);
-  const at::Tensor sq_dist = check_saved(op, "gram", gram, {2, n, n}, in.acc, e_s, "e_s");
+  const at::Tensor sq_dist = check_saved(op, "sq_dist", sq_dist_in, {2, n, n}, in.acc, e_s, "e_s");
   const at::Tensor st = check_saved(op, "stats", stats, {3}, in.acc, e_s, "e_s");
   at::Tensor grad = at::empty(e_s.sizes(), e_s.options());
   AT_DISPATCH_FLOATING_TYPES(in.acc, "rkd_backward_cuda", [&] {

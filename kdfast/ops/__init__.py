@@ -22,3 +22,12 @@ def as_rows(f: Tensor) -> Tensor:
     if f.dim() > 2:
         f = f.permute(0, *sorted(range(1, f.dim()), key=lambda d: -f.stride(d)))
     return f.flatten(1)
+
+
+def saveable_teacher(f_t: Tensor, f_s: Tensor) -> Tensor:
+    """`f_t`, or a copy of it if it is an inference tensor (a teacher run under
+    ``torch.inference_mode``) that the backward of a student requiring grad must re-read:
+    autograd cannot save inference tensors."""
+    if not torch.compiler.is_compiling() and f_t.is_inference() and f_s.requires_grad:
+        return f_t.clone()
+    return f_t

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from kdfast import _extension
-from kdfast.ops import namespace
+from kdfast.ops import namespace, saveable_teacher
 from kdfast.reference import lcc as reference
 from kdfast.reference.at import compute_dtype
 
@@ -82,8 +82,6 @@ def lcc_terms(f_s: Tensor, f_t: Tensor, grid: int, mask: Tensor | None, backend:
     if backend == "torch":
         return reference.lcc_terms(f_s, f_t, grid, mask)
     f_s, f_t = reference.prepare(f_s, f_t.detach(), grid, mask)
-    if not torch.compiler.is_compiling() and f_t.is_inference() and f_s.requires_grad:
-        f_t = f_t.clone()  # the backward re-reads the teacher map: autograd cannot save an inference tensor
-    sums, _, _ = namespace(backend).lcc_forward(f_s, f_t, grid)
+    sums, _, _ = namespace(backend).lcc_forward(f_s, saveable_teacher(f_t, f_s), grid)
     counts = reference.term_counts(f_s.shape[0], grid)
     return torch.stack([s / max(c, 1) for s, c in zip(sums.unbind(), counts)])  # no host-to-device copy

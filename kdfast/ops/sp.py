@@ -19,8 +19,10 @@ them)::
 * ``grad_x_s``: (B, Ds) contiguous in x_s's dtype: the gradient of ``grad_loss * loss``, i.e.
   ``M X_s`` with ``M_ij = (a_i + a_j) S_s_ij - (b_i + b_j) S_t_ij``, ``k = 2 grad_loss / B^2``,
   ``a = k inv_s^2 (1 - proj)``, ``b = k inv_s inv_t``.
-* Memory: the fused kernels never store a B x B matrix (flash-style tiles recomputed from X;
-  extra memory O(B) plus, for a float16/bfloat16 x_s, a float32 (B, Ds) gradient accumulator).
+* Memory: the fused kernels never store a B x B matrix. Triton and CUDA: flash-style tiles
+  recomputed from X, extra memory O(B) plus float32 (B, Ds) gradient accumulators (CUDA: up to
+  4, one per column split). C++ CPU: strips of 64 rows x B computed with at::mm (two strips,
+  O(B)), plus accumulation-dtype copies of X_s/X_t for float16/bfloat16 inputs.
 
 This module registers the fake (meta) kernels and the autograd formula (the teacher gets no
 gradient) of both namespaces. Backend "torch" calls the eager reference.
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor
 
 from kdfast import _extension
-from kdfast.ops import as_rows, namespace
+from kdfast.ops import as_rows, namespace, saveable_teacher
 from kdfast.reference import sp as reference
 from kdfast.reference.at import compute_dtype
 
@@ -86,5 +88,5 @@ def sp_loss(f_s: Tensor, f_t: Tensor, backend: str) -> Tensor:
     """The SP loss (0-d) on `backend`; the teacher is detached."""
     if backend == "torch":
         return reference.sp_loss(f_s, f_t)
-    loss, _ = namespace(backend).sp_forward(as_rows(f_s), as_rows(f_t.detach()))
+    loss, _ = namespace(backend).sp_forward(as_rows(f_s), as_rows(saveable_teacher(f_t.detach(), f_s)))
     return loss
