@@ -22,6 +22,15 @@ from kdfast import backends, models  # noqa: E402
 HAS_GPU = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 FUSED_BACKENDS = ("cpu", "cuda", "triton")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Relative tolerances (scaled by the reference's largest magnitude) of a loss and its gradient:
+# losses accumulate in float32 (float64), gradients are rounded to the input dtype.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-5, 2e-3),
+    torch.bfloat16: (2e-5, 1.6e-2),
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,6 +57,16 @@ def device_backends(op: str) -> list:
                 marks.append(pytest.mark.skip(reason=reason))
             params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
     return params
+
+
+def triton_backends(op: str) -> list:
+    """The Triton (device, backend) params of `op`."""
+    return [p for p in device_backends(op) if p.values[1] == "triton"]
+
+
+def backends_with_torch(op: str) -> list:
+    """Every fused (device, backend) param of `op` and the reference on the CPU."""
+    return device_backends(op) + [pytest.param("cpu", "torch", id="cpu-torch")]
 
 
 def assert_close_scaled(actual, expected, rtol, name="", floor=1e-30):

@@ -9,19 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAS_GPU, assert_close_scaled, device_backends
+from conftest import DTYPES, HAS_GPU, TOL, assert_close_scaled, device_backends
 from kdfast import backends, functional as F, nn as knn
 from kdfast.reference import at as ref
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# Relative tolerances (scaled by the reference's largest magnitude) for the loss and the gradient.
-# The loss is accumulated in float32 (float64); gradients are rounded to the input dtype.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-5, 2e-3),
-    torch.bfloat16: (2e-5, 1.6e-2),
-}
 # (student (C, H, W), teacher (C, H, W)) per stage: odd sizes, Cs != Ct, a pooled stage.
 STAGES = [((5, 7, 6), (8, 7, 6)), ((4, 4, 4), (2, 8, 8)), ((16, 3, 5), (16, 3, 5))]
 # A student map larger than the teacher's is pooled too (tested in float32 and float64).

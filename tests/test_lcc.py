@@ -11,22 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close_scaled, device_backends
+from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from kdfast import functional as F, nn as knn
 from kdfast.reference import lcc as ref
 from kdfast.reference.at import compute_dtype
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# Relative tolerances (scaled by the reference's largest magnitude) of the loss and the gradient:
-# inputs are exact in the accumulation dtype (float32; float64), gradients are rounded to the input dtype.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-5, 2e-3),
-    torch.bfloat16: (2e-5, 1.6e-2),
-}
-TRITON = [p for p in device_backends("lcc") if p.values[1] == "triton"]
-WITH_TORCH = device_backends("lcc") + [pytest.param("cpu", "torch", id="cpu-torch")]
+TRITON = triton_backends("lcc")
+WITH_TORCH = backends_with_torch("lcc")
 
 
 def feature(shape, dtype=torch.float32, device="cpu", channels_last=False, requires_grad=False, seed=0):

@@ -13,24 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-from conftest import assert_close_scaled, device_backends
+from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from kdfast import functional as F, nn as knn
 from kdfast.kernels import rkd as rkd_kernels
 from kdfast.reference import rkd as ref
 from kdfast.reference.at import compute_dtype
 from test_sp import LargestTensor, feature
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# Relative tolerances (scaled by the reference's largest magnitude) of the loss and the gradient:
-# inputs are exact in the accumulation dtype (float32; float64), gradients are rounded to the input dtype.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-5, 2e-3),
-    torch.bfloat16: (2e-5, 1.6e-2),
-}
-TRITON = [p for p in device_backends("rkd") if p.values[1] == "triton"]
-WITH_TORCH = device_backends("rkd") + [pytest.param("cpu", "torch", id="cpu-torch")]
+TRITON = triton_backends("rkd")
+WITH_TORCH = backends_with_torch("rkd")
 # (student shape, teacher shape) per layout: odd B, Ds != Dt.
 SHAPES = {"2d": ((5, 9), (5, 4)), "nchw": ((5, 3, 2, 2), (5, 2, 1, 3)), "nhwc": ((5, 3, 2, 2), (5, 2, 1, 3))}
 UPSTREAM = (0.7, -1.3)  # d out / d [weighted distance term, weighted angle term] for reduction "none"

@@ -14,23 +14,14 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import assert_close_scaled, device_backends
+from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from kdfast import functional as F, nn as knn
 from kdfast.kernels import sp as sp_kernels
 from kdfast.reference import sp as ref
 from kdfast.reference.at import compute_dtype
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# Relative tolerances (scaled by the reference's largest magnitude) of the loss and the gradient:
-# inputs are exact in the accumulation dtype (float32; float64), gradients are rounded to the input dtype.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-5, 2e-3),
-    torch.bfloat16: (2e-5, 1.6e-2),
-}
-TRITON = [p for p in device_backends("sp") if p.values[1] == "triton"]
-WITH_TORCH = device_backends("sp") + [pytest.param("cpu", "torch", id="cpu-torch")]
+TRITON = triton_backends("sp")
+WITH_TORCH = backends_with_torch("sp")
 # (student shape, teacher shape) per layout: odd B, Ds != Dt.
 SHAPES = {"2d": ((5, 18), (5, 11)), "nchw": ((5, 3, 2, 3), (5, 4, 3, 2)), "nhwc": ((5, 3, 2, 3), (5, 4, 3, 2))}
 
