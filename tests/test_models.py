@@ -374,3 +374,17 @@ def test_checkpoint_mismatch_names_the_keys(tmp_path):
     torch.save({"epoch": 3}, bad)
     with pytest.raises(ValueError, match=r"neither a state_dict nor"):
         models.load_checkpoint(models.create("resnet8"), bad)
+
+
+@pytest.mark.parametrize("name", ["ResNet18", "ResNet50"])
+def test_imagenet_resnet_equals_torchvision(name):
+    """torchvision's weights load strictly and give torchvision's outputs (eval mode)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, name.lower())(weights=None).eval()
+    _randomize_bn(reference)
+    ours = models.create(name).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-5)
