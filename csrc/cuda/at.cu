@@ -25,12 +25,16 @@
 #include <vector>
 
 #include "../common.h"
+#include "reduce.cuh"
 
 namespace kdfast {
 namespace {
 
+using gpu::block_sum;
+using gpu::kWarpSize;
+using gpu::sum_over_lanes;
+
 constexpr int kMaxStages = 8;          // stages per launch
-constexpr int kWarpSize = 32;
 constexpr int kLogThreads = 9;
 constexpr int kThreads = 1 << kLogThreads;  // threads per block of at_maps and at_maps_backward
 constexpr int kUnroll = 8;             // loads in flight per thread along the channels (a round)
@@ -140,15 +144,6 @@ __device__ __forceinline__ void for_each_channel(const scalar_t* x, int64_t jump
   if (i < count) channel_round(x, jump, static_cast<int>(count - i), fn);
 }
 
-// Butterfly sum over aligned groups of `width` lanes (a power of two <= 32): every lane of a group
-// gets the same sum, bitwise (the two lanes of each exchange add the same pair, a + b == b + a).
-// All 32 lanes of the warp call it.
-template <typename acc_t>
-__device__ __forceinline__ acc_t sum_over_lanes(acc_t v, int width) {
-  for (int offset = 1; offset < width; offset *= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // Channels-first tiling: the sum of v over the threads of each position (threadIdx.x % positions),
 // added in thread order, returned to the first of them (threadIdx.x < positions; the others get
 // their own v back). All threads of the block call it.
@@ -255,27 +250,6 @@ struct LossArgs {
   bool mse;
 };
 
-// Sums each v[k] over the block; every thread gets the totals (the warps are added in order, the
-// same in every thread). All threads of the block call it.
-template <int N, typename acc_t>
-__device__ __forceinline__ void block_sum(acc_t (&v)[N]) {
-  __shared__ acc_t partial[kLossThreads / kWarpSize][N];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int k = 0; k < N; ++k) v[k] = sum_over_lanes(v[k], kWarpSize);
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) partial[warp][k] = v[k];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    v[k] = 0;
-    for (int w = 0; w < kLossThreads / kWarpSize; ++w) v[k] += partial[w][k];
-  }
-  __syncthreads();  // `partial` may be written again by the next call
-}
-
 // With u = m / max(||m||, eps): loss = sum (u_s - u_t)^2 / (B HW) ("mse") or ||u_s - u_t|| / B ("l2"),
 // and d loss / d m_s = k / max(||m_s||, eps) * ((u_s - u_t) - u_s * proj), proj = u_s . (u_s - u_t)
 // where ||m_s|| >= eps (0 where the norm is clamped), k = d loss / d u_s / (u_s - u_t).
@@ -295,7 +269,7 @@ __global__ void __launch_bounds__(kLossThreads) at_map_loss_kernel(const LossArg
     dots[1] += mt[j] * mt[j];
     dots[2] += ms[j] * mt[j];
   }
-  block_sum(dots);
+  block_sum<kLossThreads>(dots);
   const acc_t ss = dots[0], tt = dots[1], st = dots[2];
   const acc_t ns = std::sqrt(ss), nt = std::sqrt(tt);
   const acc_t inv_s = acc_t(1) / (ns < eps ? eps : ns), inv_t = acc_t(1) / (nt < eps ? eps : nt);  // std::max
@@ -305,7 +279,7 @@ __global__ void __launch_bounds__(kLossThreads) at_map_loss_kernel(const LossArg
     const acc_t diff = ms[j] * inv_s - mt[j] * inv_t;
     sq[0] += diff * diff;
   }
-  block_sum(sq);
+  block_sum<kLossThreads>(sq);
 
   acc_t loss, k;  // d loss / d u_s = k * (u_s - u_t)
   if (a.mse) {

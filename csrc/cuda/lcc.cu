@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) inv_norm_kernel(const Net<acc_t> net
     const acc_t v = load_as<acc_t>(net.data, net.dtype, row + net.regions.element_offset(e));
     sum[0] += v * v;
   }
-  block_sum(sum);
+  block_sum<kThreads>(sum);
   if (threadIdx.x == 0) inv_norm[n] = lcc_inv_norm(sum[0]);
 }
 
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const LccArgs<acc_t> 
       }
     }
   }
-  block_sum(sums);
+  block_sum<kThreads>(sums);
   if (threadIdx.x == 0) {
     for (int k = 0; k < 3; ++k) partial[blockIdx.x * 3 + k] = sums[k];
   }
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const acc_t* par
   for (int b = threadIdx.x; b < count; b += kThreads) {
     for (int k = 0; k < 3; ++k) v[k] += partial[b * 3 + k];
   }
-  block_sum(v);
+  block_sum<kThreads>(v);
   if (threadIdx.x == 0) {
     for (int k = 0; k < 3; ++k) sums[k] = v[k];
   }
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) project_kernel(const Net<acc_t> s, c
   acc_t dot[1] = {0};
   if (!lcc_norm_clamped(inv)) {  // uniform over the block
     for (int e = threadIdx.x; e < dim; e += kThreads) dot[0] += u_at(e) * g_at(e);
-    block_sum(dot);
+    block_sum<kThreads>(dot);
   }
   for (int e = threadIdx.x; e < dim; e += kThreads) {
     store(grad, grad_dtype, out_row + out.element_offset(e), inv * (g_at(e) - u_at(e) * dot[0]));

@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) pairs_kernel(const acc_t* sq_dist, i
     if constexpr (kSums) rkd_add_positive(sq_dist[idx], sq_dist[nn + idx], k != i, sums);
   }
   if constexpr (kSums) {
-    block_sum(sums);
+    block_sum<kThreads>(sums);
     if (threadIdx.x == 0) {
       for (int k = 0; k < 4; ++k) positive[i * 4 + k] = sums[k];
     }
@@ -99,7 +99,7 @@ __device__ void sum_rows(const acc_t* rows, int n, acc_t (&v)[C]) {
   for (int i = threadIdx.x; i < n; i += kThreads) {
     for (int k = 0; k < C; ++k) v[k] += rows[static_cast<int64_t>(i) * C + k];
   }
-  block_sum(v);
+  block_sum<kThreads>(v);
 }
 
 // totals = the sums of the rows' positive sums; stats[0..1] = scales. One block.
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) anchor_kernel(const Pairs<acc_t> p, 
       sums[2] += smooth_l1(s.cosine(k) - t.cosine(k));
     }
   }
-  block_sum(sums);
+  block_sum<kThreads>(sums);
   if (threadIdx.x == 0) {
     for (int k = 0; k < 3; ++k) rows[i * 3 + k] = sums[k];
   }

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const acc_t* norms, co
                  split_sum(parts, splits, rows, n, 1), stats + static_cast<int64_t>(n) * kStats);
     total[0] += split_sum(parts, splits, rows, n, 0);
   }
-  block_sum(total);
+  block_sum<kThreads>(total);
   if (threadIdx.x == 0) *loss = total[0] / static_cast<acc_t>(static_cast<int64_t>(rows) * rows);
 }
 

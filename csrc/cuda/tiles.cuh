@@ -22,11 +22,11 @@
 #include <utility>
 
 #include "../common.h"
+#include "reduce.cuh"
 
 namespace kdfast {
 namespace gpu {
 
-constexpr int kWarpSize = 32;
 constexpr int kSide = 16;                // threads per side of a tile: 16 x 16
 constexpr int kThreads = kSide * kSide;  // threads per block of every kernel
 constexpr int kDepth = 16;               // elements of a shared-memory chunk of the tiles
@@ -100,30 +100,6 @@ struct Net {
 template <typename acc_t>
 Net<acc_t> net_of(const at::Tensor& x, const Regions& regions, const acc_t* inv_norm) {
   return {x.const_data_ptr(), dtype_of(x), regions, inv_norm};
-}
-
-// Sums each v[k] over the block; every thread gets the totals (warps added in order: deterministic).
-// All threads of the block call it.
-template <int N, typename acc_t>
-__device__ __forceinline__ void block_sum(acc_t (&v)[N]) {
-  __shared__ acc_t partial[kThreads / kWarpSize][N];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v[k] += __shfl_down_sync(0xffffffffu, v[k], offset);
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) partial[warp][k] = v[k];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    v[k] = 0;
-    for (int w = 0; w < kThreads / kWarpSize; ++w) v[k] += partial[w][k];
-  }
-  __syncthreads();  // `partial` may be written again by the next call
 }
 
 template <typename acc_t>
