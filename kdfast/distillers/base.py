@@ -52,6 +52,36 @@ class Distiller(nn.Module):
         """The method's own weighted losses (none for the plain student)."""
         return {}
 
+    # Engine hooks. The engine zeroes the gradients, calls forward, then runs
+    # ``sum(losses).backward()`` unless :attr:`backward_done`, steps its SGD optimizer over
+    # :meth:`sgd_parameters` and finally calls :meth:`after_step`.
+
+    @property
+    def backward_done(self) -> bool:
+        """True when forward has already run the backward of every loss it returned (LAKD's
+        module-by-module mode returns detached losses); the engine then skips its own backward."""
+        return False
+
+    def sgd_parameters(self) -> list[nn.Parameter]:
+        """The parameters the engine's SGD optimizer trains: all of them, except those a method
+        trains with an optimizer of its own in :meth:`after_step` (SoKD's augmentation policy)."""
+        return list(self.parameters())
+
+    def after_step(self, epoch: int) -> None:
+        """Called after every optimizer step of the engine (``epoch`` counts from 1)."""
+
+    @torch.no_grad()
+    def inspect(self, images: Tensor, labels: Tensor, teacher: Features | None) -> dict[str, Tensor]:
+        """Named (N, h, w) maps that show what the method transfers for a batch, drawn by
+        ``kdfast viz`` (kdfast.engine.viz): by default the teacher's and the student's attention
+        maps (``functional.attention_map``) of every stage after the stem."""
+        from kdfast import functional
+
+        nets = {"teacher": teacher, "student": self.student.features(images)}
+        return {f"{name} stage {s}": functional.attention_map(f).reshape(f.shape[0], *f.shape[2:]).float()
+                for name, feats in nets.items() if feats is not None
+                for s, f in enumerate(feats.stages[1:], start=1)}
+
 
 @torch.no_grad()
 def feature_shapes(model: KDModel, image_size: int) -> list[torch.Size]:

@@ -102,21 +102,22 @@ def _kdfast_step(method: str, teacher: str, student: str, device: torch.device, 
                  batch: int) -> Callable[[], None]:
     t, s = _models(teacher, student, device, torch.channels_last)
     distiller = distillers.create(method, s, t).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(distiller.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     images = data[0].to(device).contiguous(memory_format=torch.channels_last)
     labels = data[1].to(device)
     batches = _cycle(list(zip(images.split(batch), labels.split(batch))))
 
     def step() -> None:
         x, y = next(batches)
+        opt.zero_grad(set_to_none=True)
         with autocast(device, "auto"):
             with torch.inference_mode():
                 feats = t.features(x)
             _, losses = distiller(x, y, feats, STEP_EPOCH)
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if not distiller.backward_done:
+            sum(losses.values()).backward()
         opt.step()
+        distiller.after_step(STEP_EPOCH)
 
     return step
 

@@ -126,7 +126,7 @@ class _Run:
         self.distiller = distillers.create(cfg.method.name, student, self.teacher, cfg.method.params, size)
         self.distiller.to(dist.device, memory_format=memory_format)
         opt = cfg.optim
-        self.optimizer = torch.optim.SGD(self.distiller.parameters(), lr=opt.lr, momentum=opt.momentum,
+        self.optimizer = torch.optim.SGD(self.distiller.sgd_parameters(), lr=opt.lr, momentum=opt.momentum,
                                          weight_decay=opt.weight_decay, nesterov=opt.nesterov)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, opt.milestones, opt.gamma)
         self.epoch, self.history, self.best = 0, [], (-1.0, 0)
@@ -175,13 +175,15 @@ class _Run:
                    disable=not (cfg.train.progress and self.dist.is_main))
         start = time.perf_counter()
         for step, (images, labels) in enumerate(_batches(loader, cfg.train.max_train_batches)):
+            self.optimizer.zero_grad(set_to_none=True)
             with autocast(device, cfg.train.amp):
                 teacher = self._teacher_features(images)
                 logits, losses = self.step_module(images, labels, teacher, self.epoch)
             loss = sum(losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if not self.distiller.backward_done:
+                loss.backward()
             self.optimizer.step()
+            self.distiller.after_step(self.epoch)
             for name, value in (("loss", loss), *((f"loss.{k}", v) for k, v in losses.items())):
                 sums[name] = sums.get(name, 0.0) + value.detach().double() * labels.numel()
             correct += (logits.detach().argmax(1) == labels).sum()
