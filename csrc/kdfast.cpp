@@ -41,4 +41,28 @@ TORCH_LIBRARY(kdfast, m) {
   // distances (2, B, B) of both networks, as kernels/rkd.py, stats (3,)).
   m.def("rkd_forward(Tensor e_s, Tensor e_t) -> (Tensor, Tensor, Tensor)");
   m.def("rkd_backward(Tensor grad_terms, Tensor e_s, Tensor sq_dist, Tensor stats) -> Tensor");
+  // block_attention: LAKD's NDAM and AFT-KD's attention/feature blocks over L modules (op contract
+  // in kdfast/ops/block_attention.py). Returns (terms (L, 2) [feat, map], the un-normalised block
+  // maps (L, 2, B, grid^2) of student and teacher); the backward returns (grad_f_s, grad_h_s).
+  m.def(
+      "block_attention_forward(Tensor[] f_s, Tensor[] h_s, Tensor[] f_t, int grid, float power, "
+      "int feature_grid, bool teacher_weighting) -> (Tensor, Tensor)");
+  m.def(
+      "block_attention_backward(Tensor grad_terms, Tensor[] f_s, Tensor[] h_s, Tensor[] f_t, Tensor maps, "
+      "int grid, float power, int feature_grid, bool teacher_weighting) -> (Tensor[], Tensor[])");
+  // masked_mse: SoKD's masked feature loss (op contract in kdfast/ops/masked_mse.py): x, y (B, C, H, W),
+  // mask (B, H, W) broadcast over the channels. Returns (loss, scale = 1 / denom); the backward returns
+  // (grad_x, grad_y), each an empty (0,) tensor unless its flag asks for it.
+  m.def("masked_mse_forward(Tensor x, Tensor y, Tensor mask, str reduction) -> (Tensor, Tensor)");
+  m.def(
+      "masked_mse_backward(Tensor grad_loss, Tensor x, Tensor y, Tensor mask, Tensor scale, bool x_grad, "
+      "bool y_grad) -> (Tensor, Tensor)");
+  // map_distance: AFD/RTK's attention-weighted distances of every (teacher, student) map pair (op contract
+  // in kdfast/ops/map_distance.py): per size group u, student values v_s[u] (B, S, N_u) and teacher values
+  // v_t[u] (B, T_u, N_u), att (B, T, S) in group order. Returns (loss, dist (B, T, S)); the backward returns
+  // (grad_v_s, grad_att).
+  m.def("map_distance_forward(Tensor[] v_s, Tensor[] v_t, Tensor att) -> (Tensor, Tensor)");
+  m.def(
+      "map_distance_backward(Tensor grad_loss, Tensor[] v_s, Tensor[] v_t, Tensor att, Tensor dist) "
+      "-> (Tensor[], Tensor)");
 }

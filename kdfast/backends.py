@@ -33,11 +33,16 @@ OPS = {
     "lcc": ("lcc_forward", "lcc_backward"),
     "sp": ("sp_forward", "sp_backward"),
     "rkd": ("rkd_forward", "rkd_backward"),
+    "masked_mse": ("masked_mse_forward", "masked_mse_backward"),
+    "block_attention": ("block_attention_forward", "block_attention_backward"),
+    "map_distance": ("map_distance_forward", "map_distance_backward"),
 }
 
 # Backend that "auto" uses for CUDA tensors, per op: the faster one in benchmarks/results/.
 # No GPU measurement exists yet (benchmarks/README.md); until one does, Triton is the default.
-AUTO_GPU = {"at": "triton", "kd": "triton", "dkd": "triton", "lcc": "triton", "sp": "triton", "rkd": "triton"}
+AUTO_GPU = {"at": "triton", "kd": "triton", "dkd": "triton", "lcc": "triton", "sp": "triton", "rkd": "triton",
+            "masked_mse": "triton",
+            "block_attention": "triton", "map_distance": "triton"}
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_MISSING = None if importlib.util.find_spec("triton") is not None else "the triton package is not installed"

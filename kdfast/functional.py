@@ -12,13 +12,19 @@ import torch
 from torch import Tensor
 
 from kdfast import _checks, backends
+from kdfast.ops import block_attention as block_attention_ops
+from kdfast.ops import masked_mse as masked_mse_ops
+from kdfast.ops import map_distance as map_distance_ops
 from kdfast.ops import at as at_ops, dkd as dkd_ops, kd as kd_ops, lcc as lcc_ops, rkd as rkd_ops, sp as sp_ops
 from kdfast.reference import at as at_reference
+from kdfast.reference import block_attention as block_attention_reference
+from kdfast.reference.map_distance import POOLS as MAP_DISTANCE_POOLS
 from kdfast.reference.kd import REDUCTIONS, reduce_rows
+from kdfast.reference.masked_mse import REDUCTIONS as MASKED_MSE_REDUCTIONS
 from kdfast.reference.lcc import TERMS as LCC_TERMS, weigh_terms
 from kdfast.reference.rkd import REDUCTIONS as RKD_REDUCTIONS, weigh as weigh_rkd
 
-__all__ = ["attention_map", "at_loss", "kd_loss", "dkd_loss", "local_correlation_loss", "sp_loss", "rkd_loss"]
+__all__ = ["attention_map", "at_loss", "kd_loss", "dkd_loss", "local_correlation_loss", "sp_loss", "rkd_loss", "ndam_map", "ndam_loss", "aft_loss", "masked_mse", "map_distance_loss", "map_distances"]
 
 
 def attention_map(
@@ -254,3 +260,217 @@ def rkd_loss(
     _checks.check_choice("reduction", reduction, RKD_REDUCTIONS)
     terms = rkd_ops.rkd_terms(e_s, e_t, backends.resolve("rkd", backend, e_s.device))
     return weigh_rkd(terms, float(distance_weight), float(angle_weight), reduction)
+
+
+def _check_grid(name: str, grid: int) -> None:
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {grid!r}")
+
+
+def _module_lists(
+    f_s: Tensor | Sequence[Tensor], h_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The (student map, connector output, teacher map) lists of the block-attention losses, checked."""
+    students = _checks.as_tensor_list("f_s", f_s)
+    connectors = _checks.as_tensor_list("h_s", h_s)
+    teachers = _checks.as_tensor_list("f_t", f_t)
+    if not len(students) == len(connectors) == len(teachers):
+        raise ValueError(
+            f"f_s, h_s and f_t must have as many modules, got {len(students)}, {len(connectors)} and {len(teachers)}"
+        )
+    for i, (s, h, t) in enumerate(zip(students, connectors, teachers)):
+        for name, f in ((f"f_s[{i}]", s), (f"h_s[{i}]", h), (f"f_t[{i}]", t)):
+            _checks.check_feature(name, f)
+            if f.shape[0] != students[0].shape[0]:
+                raise ValueError(f"batch sizes differ: {name} has {f.shape[0]}, f_s[0] has {students[0].shape[0]}")
+        if h.shape[1] != t.shape[1]:
+            raise ValueError(f"h_s[{i}] and f_t[{i}] must have one channel count, got {h.shape[1]} and {t.shape[1]}")
+    _checks.check_same("f_s, h_s and f_t", students + connectors + teachers, "device")
+    _checks.check_same("f_s and h_s", students + connectors, "dtype")
+    _checks.check_same("f_t", teachers, "dtype")
+    return students, connectors, teachers
+
+
+def ndam_map(f: Tensor, grid: int = 4) -> Tensor:
+    """LAKD's non-directional activation map (NDAM) of a feature map, (B, C, H, W) -> (B, grid^2).
+
+    ``normalize(flatten(adaptive_avg_pool2d(mean_c |f|, (grid, grid))))`` (F.normalize, eps
+    1e-12), computed in float32 (float64 for float64 input), returned in ``f``'s dtype. Eager
+    (for inspection and plots); :func:`ndam_loss` computes it inside the fused kernels.
+    """
+    _checks.check_feature("f", f)
+    _check_grid("grid", grid)
+    return block_attention_reference.block_map(f, grid, 1.0).to(f.dtype)
+
+
+def ndam_loss(
+    f_s: Tensor | Sequence[Tensor],
+    h_s: Tensor | Sequence[Tensor],
+    f_t: Tensor | Sequence[Tensor],
+    grid: int = 4,
+    feature_weight: float = 1.0,
+    map_weight: float = 1.0,
+    weighting: str = "none",
+    reduction: str = "sum",
+    backend: str | None = None,
+) -> Tensor:
+    """LAKD's local loss of every module: feature MSE of the connector output plus NDAM distance.
+
+    Per module l, with ``f_s[l]`` the module's raw output (B, Cs, Hs, Ws), ``h_s[l]`` its
+    connector output and ``f_t[l]`` the teacher map (both Ct channels; where their H x W differ,
+    the larger is adaptive-average-pooled to the smaller), ``A(f) = ndam_map(f, grid)``::
+
+        map_l  = mean_{b,k} (A(f_s[l]) - A(f_t[l]))^2
+        feat_l = mean_{b,c,y,x} w[b,y,x] (h_s[l] - f_t[l])^2
+        loss_l = feature_weight * feat_l + map_weight * map_l
+
+    ``weighting="none"``: ``w = 1``; ``"teacher"``: ``w`` is the teacher's NDAM map as a (B, g, g)
+    grid, nearest-upsampled to H x W (cell ``(floor(y g / H), floor(x g / W))``) and scaled to
+    spatial mean 1 (a constant). ``reduction="sum"`` returns ``sum_l loss_l`` (0-d), ``"none"``
+    the (L,) losses, ``"terms"`` the (L, 2) unweighted ``[feat_l, map_l]``. Float32 (float64 for
+    float64 students). Gradients flow to f_s and h_s, never to f_t. All modules in one fused
+    launch. NaN/Inf in a map give a NaN loss (values are not checked).
+    """
+    students, connectors, teachers = _module_lists(f_s, h_s, f_t)
+    _check_grid("grid", grid)
+    _checks.check_finite("feature_weight", feature_weight)
+    _checks.check_finite("map_weight", map_weight)
+    _checks.check_choice("weighting", weighting, block_attention_reference.WEIGHTINGS)
+    _checks.check_choice("reduction", reduction, block_attention_reference.REDUCTIONS)
+    backend = backends.resolve("block_attention", backend, students[0].device)
+    terms = block_attention_ops.block_attention_terms(
+        students, connectors, teachers, grid, 1.0, 0, weighting == "teacher", backend)
+    return block_attention_reference.weigh(terms, float(feature_weight), float(map_weight), reduction)
+
+
+def aft_loss(
+    f_s: Tensor | Sequence[Tensor],
+    h_s: Tensor | Sequence[Tensor],
+    f_t: Tensor | Sequence[Tensor],
+    grid: int = 4,
+    attention_weight: float = 1.0,
+    feature_weight: float = 1.0,
+    reduction: str = "sum",
+    backend: str | None = None,
+) -> Tensor:
+    """AFT-KD's loss of every stage: MSE of attention blocks plus MSE of feature blocks.
+
+    Per stage l, with ``f_s[l]`` the student map, ``h_s[l]`` its connector output ``c(f_s[l])`` and
+    ``f_t[l]`` the teacher map (both Ct channels; where their H x W differ, the larger is
+    adaptive-average-pooled to the smaller), ``pool_b`` the adaptive average pooling to
+    (b, b) with ``b = grid`` and ``A(f) = normalize(flatten(pool_b(mean_c f^2)))``::
+
+        attention_l = mean_{b,k} (A(f_s[l]) - A(f_t[l]))^2
+        feature_l   = mean_{b,c,i,j} (pool_b(h_s[l]) - pool_b(f_t[l]))^2
+        loss_l      = attention_weight * attention_l + feature_weight * feature_l
+
+    ``reduction``: ``"sum"`` (0-d), ``"none"`` ((L,) losses; the adaptive per-stage weights of
+    AFT-KD are the caller's) or ``"terms"`` ((L, 2) unweighted ``[feature_l, attention_l]``).
+    Float32 (float64 for float64 students); gradients flow to f_s and h_s, never to f_t. All
+    stages in one fused launch. NaN/Inf in a map give a NaN loss (values are not checked).
+    """
+    students, connectors, teachers = _module_lists(f_s, h_s, f_t)
+    _check_grid("grid", grid)
+    _checks.check_finite("attention_weight", attention_weight)
+    _checks.check_finite("feature_weight", feature_weight)
+    _checks.check_choice("reduction", reduction, block_attention_reference.REDUCTIONS)
+    backend = backends.resolve("block_attention", backend, students[0].device)
+    terms = block_attention_ops.block_attention_terms(students, connectors, teachers, grid, 2.0, grid, False, backend)
+    return block_attention_reference.weigh(terms, float(feature_weight), float(attention_weight), reduction)
+
+
+def masked_mse(x: Tensor, y: Tensor, mask: Tensor, reduction: str = "mean", backend: str | None = None) -> Tensor:
+    """SoKD's masked feature loss (Shen et al. 2024): the MSE of two feature maps restricted to a
+    spatial mask, ``sum_{b,c,h,w} (m[b,h,w] * (x - y))^2 / denom``.
+
+    ``x``, ``y``: (B, C, H, W) of one shape (the student's connector output and the refined teacher
+    feature; different dtypes are converted to their promoted dtype). ``mask``: (B, 1, H, W) or
+    (B, H, W), floating (soft) or bool, broadcast over the channels (never expanded), detached: it
+    gets no gradient. ``reduction``: "mean" (denom ``B*C*H*W``, the MSE of the masked maps),
+    "masked_mean" (denom ``C * sum m^2``, the mean over the masked-in area; the loss is 0 where that
+    is 0) or "sum" (denom 1). Returns a 0-d float32 tensor (float64 for float64 inputs); gradients
+    flow to x and y (``y`` may be a trainable function of the teacher's features), only to those
+    that need them, both from one fused backward pass. Deterministic. NaN/Inf give a NaN loss
+    (values are not checked). The loss weight (1000 in the paper) is the caller's.
+    """
+    _checks.check_feature("x", x)
+    _checks.check_feature("y", y)
+    if y.shape != x.shape:
+        raise ValueError(f"x and y must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype not in _checks.FLOAT_DTYPES and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be float16, bfloat16, float32, float64 or bool, got {mask.dtype}")
+    batch, _, height, width = x.shape
+    if tuple(mask.shape) not in ((batch, 1, height, width), (batch, height, width)):
+        raise ValueError(
+            f"mask must be (B, 1, H, W) or (B, H, W) = {(batch, height, width)} of x, got shape {tuple(mask.shape)}"
+        )
+    _checks.check_same("x, y and mask", [x, y, mask], "device")
+    _checks.check_choice("reduction", reduction, MASKED_MSE_REDUCTIONS)
+    return masked_mse_ops.masked_mse(x, y, mask, reduction, backends.resolve("masked_mse", backend, x.device))
+
+
+def _map_lists(f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor], pool: str) -> tuple[list[Tensor], list[Tensor]]:
+    """The (student maps, teacher maps) of the map-distance functions, checked."""
+    students = _checks.as_tensor_list("f_s", f_s)
+    teachers = _checks.as_tensor_list("f_t", f_t)
+    for name, maps in (("f_s", students), ("f_t", teachers)):
+        for i, f in enumerate(maps):
+            _checks.check_feature(f"{name}[{i}]", f)
+            if f.shape[0] != students[0].shape[0]:
+                raise ValueError(f"batch sizes differ: {name}[{i}] has {f.shape[0]}, f_s[0] has {students[0].shape[0]}")
+    _checks.check_same("f_s and f_t", students + teachers, "device")
+    _checks.check_same("f_s", students, "dtype")
+    _checks.check_same("f_t", teachers, "dtype")
+    _checks.check_choice("pool", pool, MAP_DISTANCE_POOLS)
+    return students, teachers
+
+
+def map_distance_loss(
+    f_s: Tensor | Sequence[Tensor],
+    f_t: Tensor | Sequence[Tensor],
+    att: Tensor,
+    pool: str = "map",
+    backend: str | None = None,
+) -> Tensor:
+    """AFD's / RTK's attention-weighted map distances between every teacher and student map.
+
+    With S student maps ``f_s[s]`` (B, C_s, H_s, W_s), T teacher maps ``f_t[t]`` (B, C_t, H_t, W_t)
+    (channels and sizes free) and ``normalize`` the L2 normalisation (eps 1e-12)::
+
+        v_t[t]        = normalize(flatten(mean_c f_t[t]^2))
+        v_s[s @ t]    = normalize(flatten(pool_t(mean_c f_s[s]^2)))     pool="map" (AFD's code)
+                      = normalize(flatten(mean_c pool_t(f_s[s])^2))     pool="feature"
+        dist[b, t, s] = mean_n (v_s[s @ t][b, n] - v_t[t][b, n])^2
+        loss          = (1/B) sum_{b,t,s} att[b, t, s] dist[b, t, s]
+
+    ``pool_t``: adaptive average pooling to (H_t, W_t) (it upsamples a smaller student map).
+    ``att``: (B, T, S) attention weights, any floating dtype (AFD: softmax over s of the
+    query-key scores; RTK: the same restricted to the top-r keys). Returns a 0-d float32 tensor
+    (float64 for float64 students). Gradients flow to f_s and att, never to f_t. Values come from
+    the fused AT op (one launch per network); all T x S distances from one fused launch, forward
+    and backward (deterministic). AFD's loss weight (200) is the caller's. NaN/Inf give a NaN loss
+    (values are not checked).
+    """
+    students, teachers = _map_lists(f_s, f_t, pool)
+    shape = (students[0].shape[0], len(teachers), len(students))
+    if not isinstance(att, Tensor):
+        raise TypeError(f"att must be a torch.Tensor, got {type(att).__name__}")
+    if att.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"att must be float16, bfloat16, float32 or float64, got {att.dtype}")
+    if tuple(att.shape) != shape:
+        raise ValueError(f"att must be (B, T, S) = {shape}, got shape {tuple(att.shape)}")
+    _checks.check_same("att and f_s", [att, students[0]], "device")
+    backend = backends.resolve("map_distance", backend, students[0].device)
+    return map_distance_ops.map_distance_loss(students, teachers, att, pool, backend)
+
+
+def map_distances(
+    f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor], pool: str = "map", backend: str | None = None
+) -> Tensor:
+    """The (B, T, S) distances ``dist[b, t, s]`` of :func:`map_distance_loss` (for inspection: no
+    gradient), float32 (float64 for float64 students), from the same fused launch."""
+    students, teachers = _map_lists(f_s, f_t, pool)
+    return map_distance_ops.map_distances(
+        students, teachers, pool, backends.resolve("map_distance", backend, students[0].device))

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from kdfast import functional
 from kdfast.reference.lcc import TERMS as LCC_TERMS
 
-__all__ = ["ATLoss", "KDLoss", "DKDLoss", "LocalCorrelationLoss", "ClassAwareAttention", "SPLoss", "RKDLoss"]
+__all__ = ["ATLoss", "KDLoss", "DKDLoss", "LocalCorrelationLoss", "ClassAwareAttention", "SPLoss", "RKDLoss", "NDAMLoss", "AFTLoss", "MaskedMSELoss", "MapDistanceLoss"]
 
 
 class ATLoss(nn.Module):
@@ -168,3 +168,106 @@ class RKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class NDAMLoss(nn.Module):
+    """LAKD's local loss ``feature_weight * feat_l + map_weight * map_l`` per module (feature MSE of
+    the connector output, NDAM distance); see :func:`kdfast.functional.ndam_loss`.
+
+    ``NDAMLoss(grid=4)(f_s, h_s, f_t)`` with one module's maps or lists of them.
+    """
+
+    def __init__(
+        self,
+        grid: int = 4,
+        feature_weight: float = 1.0,
+        map_weight: float = 1.0,
+        weighting: str = "none",
+        reduction: str = "sum",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.grid, self.feature_weight, self.map_weight = grid, feature_weight, map_weight
+        self.weighting, self.reduction, self.backend = weighting, reduction, backend
+
+    def forward(
+        self, f_s: Tensor | Sequence[Tensor], h_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]
+    ) -> Tensor:
+        return functional.ndam_loss(
+            f_s, h_s, f_t, self.grid, self.feature_weight, self.map_weight, self.weighting, self.reduction, self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"grid={self.grid}, feature_weight={self.feature_weight}, map_weight={self.map_weight}, "
+            f"weighting={self.weighting!r}, reduction={self.reduction!r}, backend={self.backend!r}"
+        )
+
+
+class AFTLoss(nn.Module):
+    """AFT-KD's loss ``attention_weight * MSE(attention blocks) + feature_weight * MSE(feature blocks)``
+    per stage; see :func:`kdfast.functional.aft_loss`.
+
+    ``AFTLoss(grid=4)(f_s, h_s, f_t)`` with one stage's maps or lists of them.
+    """
+
+    def __init__(
+        self,
+        grid: int = 4,
+        attention_weight: float = 1.0,
+        feature_weight: float = 1.0,
+        reduction: str = "sum",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.grid, self.attention_weight, self.feature_weight = grid, attention_weight, feature_weight
+        self.reduction, self.backend = reduction, backend
+
+    def forward(
+        self, f_s: Tensor | Sequence[Tensor], h_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]
+    ) -> Tensor:
+        return functional.aft_loss(
+            f_s, h_s, f_t, self.grid, self.attention_weight, self.feature_weight, self.reduction, self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"grid={self.grid}, attention_weight={self.attention_weight}, feature_weight={self.feature_weight}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
+
+
+class MaskedMSELoss(nn.Module):
+    """SoKD's masked feature loss ``sum (m * (x - y))^2 / denom``; see :func:`kdfast.functional.masked_mse`.
+
+    ``MaskedMSELoss(reduction="mean")(x, y, mask)``.
+    """
+
+    def __init__(self, reduction: str = "mean", backend: str | None = None) -> None:
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+        return functional.masked_mse(x, y, mask, self.reduction, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class MapDistanceLoss(nn.Module):
+    """AFD's / RTK's attention-weighted map distances ``(1/B) sum_{b,t,s} att * dist``; see
+    :func:`kdfast.functional.map_distance_loss`.
+
+    ``MapDistanceLoss(pool="map")(f_s, f_t, att)`` with the lists of student and teacher maps and the
+    (B, T, S) attention weights (the attention heads are the distiller's, not part of this module).
+    """
+
+    def __init__(self, pool: str = "map", backend: str | None = None) -> None:
+        super().__init__()
+        self.pool, self.backend = pool, backend
+
+    def forward(self, f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor], att: Tensor) -> Tensor:
+        return functional.map_distance_loss(f_s, f_t, att, self.pool, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool!r}, backend={self.backend!r}"

@@ -1,0 +1,199 @@
+// Block attention (LAKD's NDAM, AFT-KD's attention and feature blocks): the input checks and the
+// math shared by csrc/cpu/block_attention.cpp and csrc/cuda/block_attention.cu. The op contract is
+// in kdfast/ops/block_attention.py, the formulas in kdfast/reference/block_attention.py. Per module
+// l and sample b, with P(f) = adaptive_avg_pool2d(mean_c |f|^p, (g, g)) flattened to g^2 and
+// A = P / max(||P||, eps):
+//
+//   map_l  = sum_b ||A(f_s) - A(f_t)||^2 / (B g^2)
+//   feat_l = sum_b sum_{c,y,x} w[y, x] (h - t)^2 / (B C H W)           feature_grid 0 (w = 1 unweighted)
+//          = sum_b sum_{c,i,j} (pool(h)[c, i, j] - pool(t)[c, i, j])^2 / (B C fg^2)   feature_grid fg > 0
+//   w[y, x] = A_t[floor(y g / H), floor(x g / W)] / max(mean_{y,x} of that, eps)   (teacher weighting)
+//
+// Host/device-neutral (no CUDA headers).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace kdfast {
+namespace block_attention {
+
+// Bin i of torch's adaptive average pooling of `size` positions to `bins` bins: the positions
+// [start(i), end(i)), start = floor(i size / bins), end = ceil((i + 1) size / bins). Neighbouring bins
+// overlap where bins does not divide size, and bins may exceed size.
+struct AdaptiveBins {
+  int size, bins;
+
+  KDFAST_HOST_DEVICE int start(int i) const { return static_cast<int>(int64_t{i} * size / bins); }
+  KDFAST_HOST_DEVICE int end(int i) const { return static_cast<int>(((int64_t{i} + 1) * size + bins - 1) / bins); }
+  // The bins that hold position y: first(y) .. last(y). first(y) = floor(y bins / size) is also
+  // the bin that nearest upsampling of the bins to `size` positions reads at y.
+  KDFAST_HOST_DEVICE int first(int y) const { return static_cast<int>(int64_t{y} * bins / size); }
+  KDFAST_HOST_DEVICE int last(int y) const {
+    const int i = static_cast<int>(((int64_t{y} + 1) * bins + size - 1) / size) - 1;
+    return i < bins - 1 ? i : bins - 1;
+  }
+  // The number of positions y with first(y) == i: ceil((i + 1) size / bins) - ceil(i size / bins).
+  KDFAST_HOST_DEVICE int nearest_count(int i) const {
+    return static_cast<int>(((int64_t{i} + 1) * size + bins - 1) / bins - (int64_t{i} * size + bins - 1) / bins);
+  }
+};
+
+// One (B, C, H, W) tensor, read in place through its element strides; per-sample sizes below 2^31
+// (check_inputs), so that the indices within a sample are 32-bit.
+struct Map4 {
+  int channels, height, width;
+  int64_t stride_b, stride_c, stride_h, stride_w;
+
+  KDFAST_HOST_DEVICE int positions() const { return height * width; }
+  KDFAST_HOST_DEVICE int64_t offset(int64_t b, int c, int y, int x) const {
+    return b * stride_b + c * stride_c + y * stride_h + x * stride_w;
+  }
+  // Whether the channels are the faster dim (channels_last): then loops run over c innermost.
+  KDFAST_HOST_DEVICE bool channels_inner() const { return stride_c < stride_w; }
+  // The bins of a grid x grid adaptive pooling along the rows and the columns.
+  KDFAST_HOST_DEVICE AdaptiveBins rows(int grid) const { return {height, grid}; }
+  KDFAST_HOST_DEVICE AdaptiveBins cols(int grid) const { return {width, grid}; }
+};
+
+inline Map4 map4(const at::Tensor& t) {
+  return {static_cast<int>(t.size(1)), static_cast<int>(t.size(2)), static_cast<int>(t.size(3)),
+          t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// The area of bin (i, j) of the pooling `rows` x `cols`.
+KDFAST_HOST_DEVICE int bin_area(const AdaptiveBins& rows, const AdaptiveBins& cols, int i, int j) {
+  return (rows.end(i) - rows.start(i)) * (cols.end(j) - cols.start(j));
+}
+
+// sum over the bins (i, j) that hold position (y, x) of value(i, j) / area(i, j): the adjoint of the
+// adaptive pooling, read back at (y, x).
+template <typename acc_t, typename Value>
+KDFAST_HOST_DEVICE acc_t sum_over_bins(const AdaptiveBins& rows, const AdaptiveBins& cols, int y, int x,
+                                       Value&& value) {
+  acc_t sum = 0;
+  const int i1 = rows.last(y), j0 = cols.first(x), j1 = cols.last(x);
+  for (int i = rows.first(y); i <= i1; ++i) {
+    for (int j = j0; j <= j1; ++j) sum += value(i, j) / static_cast<acc_t>(bin_area(rows, cols, i, j));
+  }
+  return sum;
+}
+
+// The per-sample scalars of both block maps P_s, P_t (g^2 values each) from their sums
+// ss = sum P_s^2, tt = sum P_t^2, st = sum P_s P_t:
+//   inv_s, inv_t: 1 / max(||P||, eps), so A = P inv;
+//   proj = <A_s, A_s - A_t>, 0 where ||P_s|| < eps (the clamp cuts the norm out of the gradient).
+template <typename acc_t>
+struct MapScalars {
+  acc_t inv_s, inv_t, proj;
+
+  KDFAST_HOST_DEVICE MapScalars(acc_t ss, acc_t tt, acc_t st)
+      : inv_s(inv_clamped(std::sqrt(ss))),
+        inv_t(inv_clamped(std::sqrt(tt))),
+        proj(std::sqrt(ss) >= static_cast<acc_t>(kNormEps) ? ss * inv_s * inv_s - st * inv_s * inv_t : acc_t(0)) {}
+
+  // d (sum_k (A_s - A_t)_k^2 k_map / 2) / d P_s[k] = k_map inv_s ((A_s - A_t)_k - A_s[k] proj): with
+  // k_map = 2 grad_map / (B g^2), the contract's dP.
+  KDFAST_HOST_DEVICE acc_t map_grad(acc_t ps, acc_t pt, acc_t k_map) const {
+    const acc_t as = ps * inv_s;
+    return k_map * inv_s * ((as - pt * inv_t) - as * proj);
+  }
+};
+
+// P_t[i, j] count_i count_j, count = nearest_count of the rows / columns of the teacher's map t:
+// a term of the sum sum_{y,x} P_t[first(y), first(x)] over the nearest-upsampled map.
+template <typename acc_t>
+KDFAST_HOST_DEVICE acc_t nearest_term(const Map4& t, int grid, int k, acc_t pt) {
+  return pt * static_cast<acc_t>(t.rows(grid).nearest_count(k / grid)) *
+         static_cast<acc_t>(t.cols(grid).nearest_count(k % grid));
+}
+
+// The teacher weighting of a sample, w[y, x] = P_t[first(y), first(x)] scale (1 when off), from
+// nearest_sum = sum_k nearest_term(k): scale = inv_t / max(mean_{y,x} inv_t P_t[first(y), first(x)], eps),
+// so that mean_{y,x} w = 1.
+template <typename acc_t>
+struct TeacherWeight {
+  const acc_t* pt;
+  AdaptiveBins rows, cols;
+  acc_t scale;
+  bool on;
+
+  KDFAST_HOST_DEVICE TeacherWeight(const Map4& t, int grid, const acc_t* pt_, acc_t nearest_sum, acc_t inv_t, bool on_)
+      : pt(pt_), rows(t.rows(grid)), cols(t.cols(grid)), scale(1), on(on_) {
+    const acc_t mean = inv_t * nearest_sum / static_cast<acc_t>(t.positions());
+    const acc_t eps = static_cast<acc_t>(kNormEps);
+    if (on) scale = inv_t / (mean < eps ? eps : mean);  // NaN propagates
+  }
+  KDFAST_HOST_DEVICE acc_t operator()(int y, int x) const {
+    return on ? pt[rows.first(y) * rows.bins + cols.first(x)] * scale : acc_t(1);
+  }
+};
+
+// The number of terms the feature term of a module averages over: B C H W (feature_grid 0) or
+// B C fg^2.
+KDFAST_HOST_DEVICE int64_t feature_count(const Map4& h, int64_t batch, int feature_grid) {
+  return batch * h.channels * (feature_grid == 0 ? int64_t{h.height} * h.width : int64_t{feature_grid} * feature_grid);
+}
+
+// The arguments of a block_attention_forward / _backward call, checked.
+struct Inputs {
+  int64_t modules, batch;
+  int grid, feature_grid;
+  double power;
+  bool weighting;
+  at::ScalarType student, teacher;  // of f_s and h_s; of f_t
+  at::ScalarType acc;               // float64 for a float64 f_s, else float32: outputs and accumulation
+};
+
+inline Inputs check_inputs(const char* op, const std::vector<at::Tensor>& f_s, const std::vector<at::Tensor>& h_s,
+                           const std::vector<at::Tensor>& f_t, int64_t grid, double power, int64_t feature_grid,
+                           bool weighting) {
+  TORCH_CHECK(!f_s.empty() && h_s.size() == f_s.size() && f_t.size() == f_s.size(), op,
+              ": f_s, h_s and f_t must be lists of one length L >= 1, got ", f_s.size(), ", ", h_s.size(), " and ",
+              f_t.size());
+  constexpr int64_t kMaxIndex = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(grid >= 1 && grid * grid <= kMaxIndex, op, ": grid must be >= 1 (and grid^2 < 2^31), got ", grid);
+  TORCH_CHECK(feature_grid >= 0 && feature_grid * feature_grid <= kMaxIndex, op,
+              ": feature_grid must be >= 0 (and feature_grid^2 < 2^31), got ", feature_grid);
+  TORCH_CHECK(std::isfinite(power) && power >= 1.0, op, ": power must be a finite number >= 1, got ", power);
+  TORCH_CHECK(!weighting || feature_grid == 0, op, ": teacher_weighting needs feature_grid 0, got feature_grid ",
+              feature_grid);
+  const at::Tensor& first = f_s[0];
+  const at::ScalarType student = first.scalar_type(), teacher = f_t[0].scalar_type();
+  TORCH_CHECK(is_float_dtype(student) && is_float_dtype(teacher), op,
+              ": f_s and f_t must be float16, bfloat16, float32 or float64, got ", student, " and ", teacher);
+  for (size_t l = 0; l < f_s.size(); ++l) {
+    const at::Tensor* lists[3] = {&f_s[l], &h_s[l], &f_t[l]};
+    const char* names[3] = {"f_s", "h_s", "f_t"};
+    for (int n = 0; n < 3; ++n) {
+      const at::Tensor& x = *lists[n];
+      TORCH_CHECK(x.dim() == 4, op, ": ", names[n], "[", l, "] must be 4-D (B, C, H, W), got shape ", x.sizes());
+      TORCH_CHECK(x.numel() > 0, op, ": ", names[n], "[", l, "] is empty (shape ", x.sizes(), ")");
+      TORCH_CHECK(x.size(0) == first.size(0), op, ": ", names[n], "[", l, "] has batch size ", x.size(0),
+                  ", f_s[0] has ", first.size(0));
+      TORCH_CHECK(x.scalar_type() == (n == 2 ? teacher : student), op, ": ", names[n], "[", l, "] is ",
+                  x.scalar_type(), n == 2 ? ", f_t[0] is " : ", f_s[0] is ", n == 2 ? teacher : student,
+                  " (f_s and h_s share one dtype, f_t another)");
+      TORCH_CHECK(x.device() == first.device(), op, ": ", names[n], "[", l, "] is on ", x.device(), ", f_s[0] on ",
+                  first.device());
+      TORCH_CHECK(x.numel() / x.size(0) <= kMaxIndex, op, ": ", names[n], "[", l, "] ", x.sizes(),
+                  ": C H W must be below 2^31");
+    }
+    TORCH_CHECK(h_s[l].sizes() == f_t[l].sizes(), op, ": h_s[", l, "] ", h_s[l].sizes(), " and f_t[", l, "] ",
+                f_t[l].sizes(), " must have equal shapes");
+    TORCH_CHECK(h_s[l].size(1) * feature_grid * feature_grid <= kMaxIndex, op, ": h_s[", l,
+                "]: C feature_grid^2 must be below 2^31");
+  }
+  return {static_cast<int64_t>(f_s.size()), first.size(0), static_cast<int>(grid), static_cast<int>(feature_grid),
+          power, weighting, student, teacher, student == at::kDouble ? at::kDouble : at::kFloat};
+}
+
+}  // namespace block_attention
+}  // namespace kdfast

@@ -1,0 +1,122 @@
+"""torch.library registration and backend dispatch of the block-attention op (LAKD's NDAM and
+AFT-KD's attention/feature blocks; formulas in kdfast/reference/block_attention.py).
+
+Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``:
+kdfast.kernels.block_attention; ``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C,
+registered here once it declares them)::
+
+    block_attention_forward(Tensor[] f_s, Tensor[] h_s, Tensor[] f_t, int grid, float power,
+        int feature_grid, bool teacher_weighting) -> (Tensor terms, Tensor maps)
+    block_attention_backward(Tensor grad_terms, Tensor[] f_s, Tensor[] h_s, Tensor[] f_t,
+        Tensor maps, int grid, float power, int feature_grid, bool teacher_weighting)
+        -> (Tensor[] grad_f_s, Tensor[] grad_h_s)
+
+* L >= 1 modules; ``f_s[l]`` (B, Cs, Hs, Ws) the student map, ``h_s[l]`` its connector output and
+  ``f_t[l]`` the teacher map, (B, Ct, H, W) of equal shapes. One B for all; shapes otherwise
+  free per module; any strides. All f_s and h_s share one floating dtype, all f_t one (possibly
+  another); all on one device.
+* ``grid`` g >= 1, ``power`` p >= 1, ``feature_grid`` >= 0; ``teacher_weighting`` only with
+  feature_grid 0.
+* ``terms``: (L, 2) unweighted ``[feat, map]`` per module, float32 (float64 for float64 f_s).
+* ``maps``: (L, 2, B, g*g) in the terms dtype: the unnormalised pooled maps P of the student
+  (index 0) and the teacher (index 1), saved for the backward.
+* ``grad_terms``: (L, 2), any floating dtype. ``grad_f_s``, ``grad_h_s``: contiguous, in the
+  inputs' shapes and dtype: the gradient of ``sum_l grad_terms[l, 0] feat_l + grad_terms[l, 1]
+  map_l``. The teacher gets no gradient.
+* One kernel launch per direction over all (module, sample) pairs; per-(module, sample) partials
+  are reduced in a fixed order (deterministic).
+
+This module registers the fake (meta) kernels and the autograd formula of both namespaces.
+Backend "torch" calls the eager reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kdfast import _extension
+from kdfast.ops import namespace, saveable_teacher
+from kdfast.reference import block_attention as reference
+from kdfast.reference.at import align_spatial, compute_dtype
+
+
+@torch.library.custom_op("kdfast_triton::block_attention_forward", mutates_args=())
+def _forward_triton(
+    f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float, feature_grid: int,
+    teacher_weighting: bool,
+) -> tuple[Tensor, Tensor]:
+    from kdfast.kernels import block_attention as kernels
+
+    return kernels.block_attention_forward(f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting)
+
+
+@torch.library.custom_op("kdfast_triton::block_attention_backward", mutates_args=())
+def _backward_triton(
+    grad_terms: Tensor, f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], maps: Tensor, grid: int,
+    power: float, feature_grid: int, teacher_weighting: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    from kdfast.kernels import block_attention as kernels
+
+    return kernels.block_attention_backward(grad_terms, f_s, h_s, f_t, maps, grid, power, feature_grid,
+                                            teacher_weighting)
+
+
+def _forward_fake(
+    f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float, feature_grid: int,
+    teacher_weighting: bool,
+) -> tuple[Tensor, Tensor]:
+    acc = compute_dtype(f_s[0].dtype)
+    terms = f_s[0].new_empty((len(f_s), 2), dtype=acc)
+    return terms, f_s[0].new_empty((len(f_s), 2, f_s[0].shape[0], grid * grid), dtype=acc)
+
+
+def _backward_fake(
+    grad_terms: Tensor, f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], maps: Tensor, grid: int,
+    power: float, feature_grid: int, teacher_weighting: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    return [f.new_empty(f.shape) for f in f_s], [h.new_empty(h.shape) for h in h_s]
+
+
+def _register(ns: str) -> None:
+    ops = getattr(torch.ops, ns)
+
+    def setup(ctx, inputs, output):
+        f_s, h_s, f_t, *ctx.knobs = inputs
+        ctx.modules = len(f_s)
+        ctx.save_for_backward(*f_s, *h_s, *f_t, output[1])
+
+    def backward(ctx, grad_terms, _grad_maps):
+        n = ctx.modules
+        if grad_terms is None:
+            return [None] * n, [None] * n, [None] * n, None, None, None, None
+        *tensors, maps = ctx.saved_tensors
+        f_s, h_s, f_t = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        grad_f_s, grad_h_s = ops.block_attention_backward(grad_terms.contiguous(), f_s, h_s, f_t, maps, *ctx.knobs)
+        return grad_f_s, grad_h_s, [None] * n, None, None, None, None
+
+    torch.library.register_fake(f"{ns}::block_attention_forward", _forward_fake)
+    torch.library.register_fake(f"{ns}::block_attention_backward", _backward_fake)
+    torch.library.register_autograd(f"{ns}::block_attention_forward", backward, setup_context=setup)
+
+
+_register("kdfast_triton")
+if _extension.has_op("block_attention_forward"):
+    _register("kdfast")
+
+
+def block_attention_terms(
+    f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float, feature_grid: int,
+    teacher_weighting: bool, backend: str,
+) -> Tensor:
+    """(L, 2) unweighted ``[feat, map]`` of every module on `backend` (float32; float64 for
+    float64 students). ``h_s[l]`` and ``f_t[l]`` are aligned first (the larger pooled to the
+    smaller, a torch op); the teacher is detached. One fused launch forward, one backward."""
+    if backend == "torch":
+        return reference.block_attention_terms(f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting)
+    pairs = [align_spatial(h, t.detach()) for h, t in zip(h_s, f_t)]
+    # The backward re-reads f_t whenever f_s or h_s requires grad: copy inference tensors then.
+    teachers = [saveable_teacher(saveable_teacher(t, h), s) for s, (h, t) in zip(f_s, pairs)]
+    terms, _ = namespace(backend).block_attention_forward(
+        list(f_s), [h for h, _ in pairs], teachers, grid, power, feature_grid, teacher_weighting)
+    return terms

@@ -1,0 +1,146 @@
+"""torch.library registration and backend dispatch of the map-distance op (AFD/RTK: the
+attention-weighted distances between every student and every teacher map; formulas in
+kdfast/reference/map_distance.py).
+
+The functional layer groups the teacher maps by spatial size (U unique sizes, in order of first
+appearance: ``reference.size_groups``) and builds, per group u, the student values ``v_s[u]``
+(B, S, N_u) (every student map's ``mean_c f^2`` adaptive-average-pooled to that size, or the map
+pooled first with ``pool="feature"``; then normalised) and the teacher values ``v_t[u]``
+(B, T_u, N_u), both from the fused AT op (p = 2, mode "mean"; one launch for the teachers, one
+for the students); it permutes att's T axis into group order (and the distances back).
+
+Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``:
+kdfast.kernels.map_distance; ``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C,
+registered here once it declares them)::
+
+    map_distance_forward(Tensor[] v_s, Tensor[] v_t, Tensor att) -> (Tensor loss, Tensor dist)
+    map_distance_backward(Tensor grad_loss, Tensor[] v_s, Tensor[] v_t, Tensor att, Tensor dist)
+        -> (Tensor[] grad_v_s, Tensor grad_att)
+
+* U >= 1 groups; ``v_s[u]`` (B, S, N_u), ``v_t[u]`` (B, T_u, N_u), B, S, T_u, N_u >= 1, one B and S
+  for all groups. All v_s and v_t share one floating dtype and one device. Their positions (last
+  dim) are read in place where they have unit stride (a contiguous copy is made otherwise); the
+  other strides are free.
+* ``att`` (B, T, S), T = sum_u T_u, teachers in group order; any floating dtype, on the values'
+  device. Triton reads it in place (strides, dtype); the C++ kernels read an accumulation-dtype
+  contiguous copy (B*T*S elements).
+* ``dist`` (B, T, S) contiguous, float32 (float64 for float64 values):
+  ``dist[b, t, s] = mean_n (v_s[u][b, s, n] - v_t[u][b, t', n])^2``, t' the index of t in its group.
+* ``loss`` 0-d in the dist dtype: ``(1/B) sum_{b,t,s} att * dist``.
+* ``grad_loss``: 0-d, any floating dtype, read on the device. ``grad_att = grad_loss * dist / B``
+  (contiguous, att's dtype); ``grad_v_s[u][b, s, n] = (grad_loss / B) sum_{t in u} att[b, t, s]
+  * 2 (v_s[u][b, s, n] - v_t[u][b, t', n]) / N_u`` (contiguous, the values' dtype). v_t gets no
+  gradient; ``dist`` is not differentiable.
+* One kernel launch forward, over every (sample, teacher map) with pointer tables over the groups
+  (each program writes its dist row and its partial ``sum_s att * dist``; the B*T partials are
+  summed in a fixed order), and one backward, over every (group, sample, block of positions).
+  Accumulation in float32 (float64 for float64 values); deterministic (no atomics).
+
+This module registers the fake (meta) kernels and the autograd formula of both namespaces and
+builds the values. Backend "torch" calls the eager reference (AFD's per-teacher loop).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from kdfast import _extension
+from kdfast.ops import at as at_ops, namespace
+from kdfast.reference import map_distance as reference
+from kdfast.reference.at import compute_dtype
+
+
+@torch.library.custom_op("kdfast_triton::map_distance_forward", mutates_args=())
+def _forward_triton(v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> tuple[Tensor, Tensor]:
+    from kdfast.kernels import map_distance as kernels
+
+    return kernels.map_distance_forward(v_s, v_t, att)
+
+
+@torch.library.custom_op("kdfast_triton::map_distance_backward", mutates_args=())
+def _backward_triton(
+    grad_loss: Tensor, v_s: list[Tensor], v_t: list[Tensor], att: Tensor, dist: Tensor
+) -> tuple[list[Tensor], Tensor]:
+    from kdfast.kernels import map_distance as kernels
+
+    return kernels.map_distance_backward(grad_loss, v_s, v_t, att, dist)
+
+
+def _forward_fake(v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> tuple[Tensor, Tensor]:
+    acc = compute_dtype(v_s[0].dtype)
+    return v_s[0].new_empty((), dtype=acc), v_s[0].new_empty(att.shape, dtype=acc)
+
+
+def _backward_fake(
+    grad_loss: Tensor, v_s: list[Tensor], v_t: list[Tensor], att: Tensor, dist: Tensor
+) -> tuple[list[Tensor], Tensor]:
+    return [v.new_empty(v.shape) for v in v_s], att.new_empty(att.shape)
+
+
+def _register(ns: str) -> None:
+    ops = getattr(torch.ops, ns)
+
+    def setup(ctx, inputs, output):
+        v_s, v_t, att = inputs
+        ctx.groups = len(v_s)
+        ctx.save_for_backward(*v_s, *v_t, att, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_loss, _grad_dist):
+        n = ctx.groups
+        if grad_loss is None:
+            return [None] * n, [None] * n, None
+        *values, att, dist = ctx.saved_tensors
+        grad_v_s, grad_att = ops.map_distance_backward(grad_loss.contiguous(), values[:n], values[n:], att, dist)
+        return grad_v_s, [None] * n, grad_att
+
+    torch.library.register_fake(f"{ns}::map_distance_forward", _forward_fake)
+    torch.library.register_fake(f"{ns}::map_distance_backward", _backward_fake)
+    torch.library.register_autograd(f"{ns}::map_distance_forward", backward, setup_context=setup)
+
+
+_register("kdfast_triton")
+if _extension.has_op("map_distance_forward"):
+    _register("kdfast")
+
+
+def _fused_values(
+    f_s: Sequence[Tensor], f_t: Sequence[Tensor], pool: str, backend: str
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The values of every group (reference.values) with ``mean_c f^2`` from the fused AT op."""
+    ops = namespace(backend)
+
+    def raw_maps(feats: list[Tensor]) -> list[Tensor]:
+        return ops.at_maps([f if at_ops.hw_flattenable(f) else f.contiguous() for f in feats], 2.0, "mean")
+
+    return reference.values(f_s, f_t, pool, raw_maps)
+
+
+def _distances(
+    f_s: Sequence[Tensor], f_t: Sequence[Tensor], att: Tensor, pool: str, backend: str
+) -> tuple[Tensor, Tensor]:
+    """(loss, dist in the teachers' order) from one fused launch."""
+    order, position = reference.group_order(reference.size_groups(f_t))
+    identity = order == list(range(len(order)))
+    v_s, v_t = _fused_values(f_s, f_t, pool, backend)
+    loss, dist = namespace(backend).map_distance_forward(v_s, v_t, att if identity else att[:, order])
+    return loss, dist if identity else dist[:, position]
+
+
+def map_distance_loss(f_s: Sequence[Tensor], f_t: Sequence[Tensor], att: Tensor, pool: str, backend: str) -> Tensor:
+    """The 0-d loss on `backend` (float32; float64 for float64 students); the teacher is detached."""
+    if backend == "torch":
+        return reference.map_distance_loss(f_s, f_t, att, pool)
+    return _distances(f_s, f_t, att, pool, backend)[0]
+
+
+def map_distances(f_s: Sequence[Tensor], f_t: Sequence[Tensor], pool: str, backend: str) -> Tensor:
+    """The (B, T, S) distances on `backend`, without gradient (the forward launch with att = 0)."""
+    with torch.no_grad():
+        if backend == "torch":
+            return reference.map_distances(f_s, f_t, pool)
+        zeros = f_s[0].new_zeros((), dtype=compute_dtype(f_s[0].dtype)).expand(f_s[0].shape[0], len(f_t), len(f_s))
+        return _distances(f_s, f_t, zeros, pool, backend)[1]

@@ -1,0 +1,248 @@
+"""Triton kernels of the map-distance op (AFD/RTK); op contract in kdfast/ops/map_distance.py,
+formulas in kdfast/reference/map_distance.py.
+
+Per size group u (N = N_u positions, T_u teacher maps starting at index t0 of att's T axis)::
+
+    dist[b, t0 + i, s] = sum_n (v_s[u][b, s, n] - v_t[u][b, i, n])^2 / N
+    loss               = sum_{b,t,s} att[b, t, s] dist[b, t, s] / B
+    grad_v_s[u][b, s, n] = 2 g / (B N) sum_i att[b, t0 + i, s] (v_s[u][b, s, n] - v_t[u][b, i, n])
+    grad_att           = g dist / B                                  (g: the upstream gradient)
+
+Launch design. ONE forward launch over every (sample, teacher map) and ONE backward launch over
+every (group, sample, block of BLOCK_N positions). A small int64 table, one row per group (its
+first program id in each launch, t0, T_u, N_u, the data pointers and batch/row strides of
+v_s[u], v_t[u] and grad_v_s[u]), lives on the tensors' device; a program finds its row by scanning
+the rows' first program ids (a static loop over the constexpr number of groups), rows ordered by
+decreasing N_u (longest programs first). All v_s and v_t share one dtype (a constexpr); their
+positions must have unit stride (the launchers copy other tensors), the other strides are free;
+att is read in place through its strides, in its own dtype.
+
+Forward program (b, t): for each block of BLOCK_S students it accumulates the [BLOCK_S, BLOCK_N]
+squared differences over the positions (v_t's block loaded once per student block), writes the
+dist row and adds ``sum_s att * dist`` to its own partial (B*T of them, summed by torch in a fixed
+order: deterministic). Backward program (u, b, j): ``acc[s, n] += att[b, t0 + i, s] *
+(v_s - v_t[i])`` over the group's teachers i for its position block, stored scaled; the programs
+of block j == 0 also write grad_att for their (sample, group). Loads are converted to the
+accumulation dtype (float32; float64 for float64 values) before any arithmetic; no atomics.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
+from kdfast.kernels.at import _device_table
+
+# Table columns, one row per group.
+_FIRST_FWD = tl.constexpr(0)  # first program id of the group in the forward launch
+_FIRST_BWD = tl.constexpr(1)  # ... in the backward launch
+_T0 = tl.constexpr(2)  # index of the group's first teacher along att's T axis
+_T_COUNT = tl.constexpr(3)
+_N = tl.constexpr(4)
+_N_BLOCKS = tl.constexpr(5)
+_VS = tl.constexpr(6)  # v_s[u]: data pointer, batch stride, student stride (3 columns)
+_VT = tl.constexpr(9)  # v_t[u]: data pointer, batch stride, teacher stride (3 columns)
+_GVS = tl.constexpr(12)  # grad_v_s[u], contiguous (backward only)
+_ROW = tl.constexpr(13)
+
+_BLOCK_S_MAX = 16
+_BLOCK_N_MIN = 16
+_BLOCK_N_MAX = 128
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _locate(meta, FIRST: tl.constexpr, N_GROUPS: tl.constexpr):
+    """This program's table row and its index among the group's programs."""
+    pid = tl.program_id(0)
+    group = 0
+    for r in tl.static_range(1, N_GROUPS):
+        group += (pid >= tl.load(meta + r * _ROW + FIRST)).to(tl.int32)
+    row = meta + group * _ROW
+    return row, pid - tl.load(row + FIRST).to(tl.int32)
+
+
+@triton.jit
+def _rows(row, COL: tl.constexpr, b, DTYPE: tl.constexpr):
+    """Pointer to sample ``b`` of the (B, rows, N) tensor at ``row[COL:COL + 3]``, and its row stride."""
+    base = tl.load(row + COL).to(tl.pointer_type(DTYPE))
+    return base + b.to(tl.int64) * tl.load(row + COL + 1), tl.load(row + COL + 2)
+
+
+@triton.jit
+def _student_tile(vs, stride_s, offs_s, offs_n, n_students, n, ACC: tl.constexpr):
+    """v_s[offs_s, offs_n] of one sample as [BLOCK_S, BLOCK_N], 0 outside."""
+    mask = (offs_s < n_students)[:, None] & (offs_n < n)[None, :]
+    return tl.load(vs + offs_s[:, None] * stride_s + offs_n[None, :], mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _forward_kernel(meta, att, att_sb, att_st, att_ss, dist, partials, n_teachers, n_students,
+                    N_GROUPS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dist[b, t, :] and partials[b, t] = sum_s att[b, t, s] dist[b, t, s] of one (sample, teacher)."""
+    row, local = _locate(meta, _FIRST_FWD, N_GROUPS)
+    t_count = tl.load(row + _T_COUNT).to(tl.int32)
+    b = local // t_count
+    i = local % t_count
+    t = tl.load(row + _T0).to(tl.int32) + i
+    n = tl.load(row + _N).to(tl.int32)
+    vs, stride_s = _rows(row, _VS, b, DTYPE)
+    vt, stride_t = _rows(row, _VT, b, DTYPE)
+    vt += i * stride_t
+    bt = b.to(tl.int64) * n_teachers + t
+    att_row = att + b.to(tl.int64) * att_sb + t * att_st
+    weighted = tl.zeros([BLOCK_S], ACC)
+    for s0 in range(0, n_students, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        acc = tl.zeros([BLOCK_S, BLOCK_N], ACC)
+        for n0 in range(0, n, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            x_t = tl.load(vt + offs_n, mask=offs_n < n, other=0.0).to(ACC)
+            d = _student_tile(vs, stride_s, offs_s, offs_n, n_students, n, ACC) - x_t[None, :]
+            acc += d * d
+        d_row = tl.sum(acc, axis=1) / n.to(ACC)
+        s_mask = offs_s < n_students
+        tl.store(dist + bt * n_students + offs_s, d_row, mask=s_mask)
+        a = tl.load(att_row + offs_s * att_ss, mask=s_mask, other=0.0).to(ACC)
+        weighted += a * d_row
+    tl.store(partials + bt, tl.sum(weighted, axis=0))
+
+
+@triton.jit
+def _backward_kernel(meta, grad_loss, att, att_sb, att_st, att_ss, dist, grad_att, batch, n_teachers,
+                     n_students, N_GROUPS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """grad_v_s[u][b, :, block j] of one (group, sample, position block); grad_att[b, group's t, :]
+    where j == 0."""
+    row, local = _locate(meta, _FIRST_BWD, N_GROUPS)
+    n_blocks = tl.load(row + _N_BLOCKS).to(tl.int32)
+    b = local // n_blocks
+    j = local % n_blocks
+    t0 = tl.load(row + _T0).to(tl.int32)
+    t_count = tl.load(row + _T_COUNT).to(tl.int32)
+    n = tl.load(row + _N).to(tl.int32)
+    vs, stride_s = _rows(row, _VS, b, DTYPE)
+    vt, stride_t = _rows(row, _VT, b, DTYPE)
+    gvs = tl.load(row + _GVS).to(tl.pointer_type(DTYPE)) + b.to(tl.int64) * n_students * n
+    g = tl.load(grad_loss).to(ACC)
+    scale = 2.0 * g / (batch * n)  # (batch is a constexpr where it is 1: no .to on it)
+    att_b = att + b.to(tl.int64) * att_sb
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n
+    for s0 in range(0, n_students, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < n_students
+        x_s = _student_tile(vs, stride_s, offs_s, offs_n, n_students, n, ACC)
+        acc = tl.zeros([BLOCK_S, BLOCK_N], ACC)
+        for i in range(0, t_count):
+            a = tl.load(att_b + (t0 + i) * att_st + offs_s * att_ss, mask=s_mask, other=0.0).to(ACC)
+            x_t = tl.load(vt + i * stride_t + offs_n, mask=n_mask, other=0.0).to(ACC)
+            acc += a[:, None] * (x_s - x_t[None, :])
+        tl.store(gvs + offs_s[:, None] * n + offs_n[None, :], (scale * acc).to(DTYPE),
+                 mask=s_mask[:, None] & n_mask[None, :])
+        if j == 0:
+            for i in range(0, t_count):
+                idx = (b.to(tl.int64) * n_teachers + t0 + i) * n_students + offs_s
+                d = tl.load(dist + idx, mask=s_mask, other=0.0)
+                tl.store(grad_att + idx, (g / batch * d).to(grad_att.dtype.element_ty), mask=s_mask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _check(name: str, v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> None:
+    """The op contract's checks (kdfast/ops/map_distance.py)."""
+    if len(v_s) == 0 or len(v_s) != len(v_t):
+        raise ValueError(f"{name}: v_s and v_t must hold equally many (>= 1) groups, got {len(v_s)} and {len(v_t)}")
+    dtype, device = v_s[0].dtype, v_s[0].device
+    if dtype not in TL_DTYPES:
+        raise TypeError(f"{name}: v_s and v_t must be float16, bfloat16, float32 or float64, got {dtype}")
+    batch = v_s[0].size(0) if v_s[0].dim() == 3 else -1
+    students = v_s[0].size(1) if v_s[0].dim() == 3 else -1
+    for u, (s, t) in enumerate(zip(v_s, v_t)):
+        if s.dim() != 3 or t.dim() != 3 or s.size(0) != batch or t.size(0) != batch or s.size(1) != students:
+            raise ValueError(f"{name}: v_s[{u}] must be (B, S, N) and v_t[{u}] (B, T_u, N) with one B and S for "
+                             f"all groups, got {tuple(s.shape)} and {tuple(t.shape)}")
+        if s.size(2) != t.size(2) or s.numel() == 0 or t.numel() == 0:
+            raise ValueError(f"{name}: v_s[{u}] {tuple(s.shape)} and v_t[{u}] {tuple(t.shape)} must be non-empty "
+                             "with one N")
+        if s.dtype != dtype or t.dtype != dtype or s.device != device or t.device != device:
+            raise ValueError(f"{name}: all v_s and v_t must share one dtype and device (group {u})")
+    teachers = sum(t.size(1) for t in v_t)
+    if tuple(att.shape) != (batch, teachers, students):
+        raise ValueError(f"{name}: att must be (B, T, S) = {(batch, teachers, students)}, got {tuple(att.shape)}")
+    if att.dtype not in TL_DTYPES or att.device != device:
+        raise ValueError(f"{name}: att must be a floating tensor on {device}, got {att.dtype} on {att.device}")
+
+
+def _unit_n(v: Tensor) -> Tensor:
+    return v if v.stride(2) == 1 or v.size(2) == 1 else v.contiguous()
+
+
+def _block_s(students: int) -> int:
+    return min(triton.next_power_of_2(students), _BLOCK_S_MAX)
+
+
+def _block_n(v_s: list[Tensor]) -> int:
+    return min(max(triton.next_power_of_2(max(v.size(2) for v in v_s)), _BLOCK_N_MIN), _BLOCK_N_MAX)
+
+
+def _launch(kernel, v_s: list[Tensor], v_t: list[Tensor], args: tuple, grads: list[Tensor] | None = None) -> None:
+    """One launch of ``kernel`` over every group (rows ordered by decreasing N_u)."""
+    batch, students = v_s[0].shape[:2]
+    block_s, block_n = _block_s(students), _block_n(v_s)
+    starts = [0]
+    for v in v_t[:-1]:
+        starts.append(starts[-1] + v.size(1))
+    order = sorted(range(len(v_s)), key=lambda u: -v_s[u].size(2))
+    rows, first_fwd, first_bwd = [], 0, 0
+    for u in order:
+        s, t = v_s[u], v_t[u]
+        n_blocks = triton.cdiv(s.size(2), block_n)
+        rows.append([first_fwd, first_bwd, starts[u], t.size(1), s.size(2), n_blocks,
+                     s.data_ptr(), s.stride(0), s.stride(1), t.data_ptr(), t.stride(0), t.stride(1),
+                     grads[u].data_ptr() if grads is not None else 0])
+        first_fwd += batch * t.size(1)
+        first_bwd += batch * n_blocks
+    programs = first_bwd if grads is not None else first_fwd
+    device = v_s[0].device
+    with on_device(device):
+        kernel[(programs,)](_device_table(rows, device), *args, N_GROUPS=len(v_s), DTYPE=TL_DTYPES[v_s[0].dtype],
+                            ACC=TL_DTYPES[acc_dtype(v_s[0].dtype)], BLOCK_S=block_s, BLOCK_N=block_n,
+                            num_warps=_NUM_WARPS)
+
+
+def map_distance_forward(v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> tuple[Tensor, Tensor]:
+    """``(loss 0-d, dist (B, T, S))`` in the accumulation dtype, one launch (plus torch's sum of the
+    B*T partials). Contract: kdfast/ops/map_distance.py."""
+    _check("map_distance_forward", v_s, v_t, att)
+    v_s, v_t = [_unit_n(v) for v in v_s], [_unit_n(v) for v in v_t]
+    batch, students = v_s[0].shape[:2]
+    teachers = att.size(1)
+    acc = acc_dtype(v_s[0].dtype)
+    dist = torch.empty((batch, teachers, students), dtype=acc, device=att.device)
+    partials = torch.empty((batch, teachers), dtype=acc, device=att.device)
+    _launch(_forward_kernel, v_s, v_t, (att, *att.stride(), dist, partials, teachers, students))
+    return partials.sum() / batch, dist
+
+
+def map_distance_backward(grad_loss: Tensor, v_s: list[Tensor], v_t: list[Tensor], att: Tensor,
+                          dist: Tensor) -> tuple[list[Tensor], Tensor]:
+    """``(grad_v_s, grad_att)``, contiguous in the dtypes of v_s and att, one launch. ``dist``: the
+    forward's. Contract: kdfast/ops/map_distance.py."""
+    name = "map_distance_backward"
+    _check(name, v_s, v_t, att)
+    acc = acc_dtype(v_s[0].dtype)
+    if grad_loss.dim() != 0 or grad_loss.dtype not in TL_DTYPES or grad_loss.device != att.device:
+        raise ValueError(f"{name}: grad_loss must be a 0-d floating tensor on {att.device}")
+    if dist.shape != att.shape or dist.dtype != acc or dist.device != att.device:
+        raise ValueError(f"{name}: dist must be the forward's {tuple(att.shape)} {acc} tensor")
+    v_s, v_t = [_unit_n(v) for v in v_s], [_unit_n(v) for v in v_t]
+    batch, students = v_s[0].shape[:2]
+    grads = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in v_s]
+    grad_att = torch.empty(att.shape, dtype=att.dtype, device=att.device)
+    _launch(_backward_kernel, v_s, v_t,
+            (grad_loss, att, *att.stride(), dist.contiguous(), grad_att, batch, att.size(1), students), grads)
+    return grads, grad_att
