@@ -1,9 +1,9 @@
 """Distillation methods by name: ``kdfast.distillers.create(name, student, teacher, params)``.
 
 Registered: ``vanilla`` (cross-entropy only; trains teachers and undistilled students), ``kd``,
-``dkd``, ``at``, ``fitnet``, ``sp``, ``rkd``, ``lcc``. A new method is one module with a
-:class:`Distiller` subclass and its :class:`Params` dataclass, added to ``_METHODS`` (LAKD,
-AFD/RTK, AFT and SoKD come later).
+``dkd``, ``at``, ``fitnet``, ``sp``, ``rkd``, ``lcc``, ``lakd``, ``aft``, ``afd``, ``rtk`` and
+``sokd`` (a wrapper around ``fitnet``, ``at`` or ``lcc``). A new method is one module with a
+:class:`Distiller` subclass and its :class:`Params` dataclass, added to ``_METHODS``.
 """
 
 from __future__ import annotations
@@ -12,21 +12,25 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from kdfast.distillers.afd import AFD, RTK
+from kdfast.distillers.aft import AFT
 from kdfast.distillers.at import AT
 from kdfast.distillers.base import Distiller, Params, feature_shapes
 from kdfast.distillers.dkd import DKD
 from kdfast.distillers.fitnet import FitNet
 from kdfast.distillers.kd import KD
+from kdfast.distillers.lakd import LAKD
 from kdfast.distillers.lcc import LCC
 from kdfast.distillers.rkd import RKD
+from kdfast.distillers.sokd import SoKD
 from kdfast.distillers.sp import SP
 from kdfast.distillers.vanilla import Vanilla
 from kdfast.models import KDModel
 
-__all__ = ["Distiller", "Params", "create", "feature_shapes", "get", "make_params", "names"]
+__all__ = ["Distiller", "Params", "SoKD", "create", "feature_shapes", "get", "make_params", "names"]
 
 _METHODS: dict[str, type[Distiller]] = {"vanilla": Vanilla, "kd": KD, "dkd": DKD, "at": AT, "fitnet": FitNet, "sp": SP,
-                                        "rkd": RKD, "lcc": LCC}
+                                        "rkd": RKD, "lcc": LCC, "afd": AFD, "rtk": RTK, "lakd": LAKD, "aft": AFT, "sokd": SoKD}
 
 
 def names() -> list[str]:

@@ -84,11 +84,12 @@ class Distiller(nn.Module):
 
 
 @torch.no_grad()
-def feature_shapes(model: KDModel, image_size: int) -> list[torch.Size]:
-    """Per-sample shapes (C, H, W) of ``model.features(x).stages`` for a square input of `image_size`."""
+def feature_shapes(model: KDModel, image_size: int, kind: str = "stages") -> list[torch.Size]:
+    """Per-sample shapes (C, H, W) of ``model.features(x).<kind>`` (``"stages"`` or ``"blocks"``) for a
+    square input of `image_size`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stages = model.features(torch.zeros(2, 3, image_size, image_size, device=device)).stages
+    maps = getattr(model.features(torch.zeros(2, 3, image_size, image_size, device=device)), kind)
     model.train(was_training)
-    return [s.shape[1:] for s in stages]
+    return [m.shape[1:] for m in maps]

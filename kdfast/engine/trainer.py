@@ -125,6 +125,10 @@ class _Run:
         student = models.create(cfg.model.student, self.loaders.num_classes)
         self.distiller = distillers.create(cfg.method.name, student, self.teacher, cfg.method.params, size)
         self.distiller.to(dist.device, memory_format=memory_format)
+        if self.distiller.backward_done and (dist.enabled or cfg.train.compile):
+            raise ConfigError(f"method {cfg.method.name!r} runs its backward inside forward (LAKD's mode 'local'), which "
+                              "DistributedDataParallel and torch.compile cannot run; use a mode with one backward "
+                              "(LAKD: --set method.mode=joint)")
         opt = cfg.optim
         self.optimizer = torch.optim.SGD(self.distiller.sgd_parameters(), lr=opt.lr, momentum=opt.momentum,
                                          weight_decay=opt.weight_decay, nesterov=opt.nesterov)
@@ -159,7 +163,9 @@ class _Run:
     def _teacher_features(self, images: Tensor) -> models.Features | None:
         if self.teacher is None:
             return None
-        with torch.inference_mode():
+        # A compiled step cannot save inference tensors for its backward (the ops that re-read the
+        # teacher's features do), and compiled code cannot test for them: no_grad there instead.
+        with torch.no_grad() if self.cfg.train.compile else torch.inference_mode():
             return self.teacher.features(images)
 
     def train_epoch(self) -> dict[str, float]:
