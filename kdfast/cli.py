@@ -101,21 +101,65 @@ def _bench(args: argparse.Namespace) -> int:
     return run.main(argv + (["--threads", str(args.threads)] if args.threads else []))
 
 
-def _viz(args: argparse.Namespace) -> int:
+def _viz_from_models(args: argparse.Namespace, device: str):
+    """The teacher and a plain Distiller around the student (its inspect: AT maps of both), and the loaders."""
     from kdfast import models
     from kdfast.data import build_loaders
-    from kdfast.engine.viz import attention_grid
+    from kdfast.distillers import Distiller, Params
+    from kdfast.engine import ConfigError
 
-    _check_data(args.dataset, args.data_root)
+    missing = [flag for flag in ("teacher", "teacher_checkpoint", "student", "student_checkpoint") if getattr(args, flag) is None]
+    if missing:
+        raise ConfigError("viz needs --config, or all of --teacher, --teacher-checkpoint, --student, --student-checkpoint; "
+                          f"missing: {', '.join('--' + flag.replace('_', '-') for flag in missing)}")
+    dataset = args.dataset or "digits"
+    _check_data(dataset, args.data_root)
     _check_checkpoint(args.teacher, args.teacher_checkpoint)
     _check_checkpoint(args.student, args.student_checkpoint)
+    loaders = build_loaders(dataset, args.data_root, args.images, device)
+    teacher, student = (models.create(name, loaders.num_classes, weights=path).to(device)
+                        for name, path in ((args.teacher, args.teacher_checkpoint), (args.student, args.student_checkpoint)))
+    return Distiller(student, teacher, Params()), teacher, loaders
+
+
+def _viz_from_config(args: argparse.Namespace, device: str):
+    """The distiller of a training config with its trained state (last.pt or --checkpoint), its teacher, the loaders."""
+    import torch
+
+    from kdfast import distillers, models
+    from kdfast.data import build_loaders
+    from kdfast.engine import ConfigError, checkpoint, load_config
+    from kdfast.engine.trainer import LAST, _frozen_teacher, image_size
+
+    given = [flag for flag in ("teacher", "teacher_checkpoint", "student", "student_checkpoint", "dataset")
+             if getattr(args, flag) is not None]
+    if given:
+        raise ConfigError(f"--config takes the models and data from the config; drop "
+                          f"{', '.join('--' + flag.replace('_', '-') for flag in given)} (or use --set)")
+    cfg = load_config(args.config, [*args.set, *([f"data.root={args.data_root}"] if args.data_root else [])])
+    path = Path(args.checkpoint) if args.checkpoint else Path(cfg.train.out_dir) / LAST
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} not found")
+    state = checkpoint.load(path)
+    if "distiller" not in state:
+        raise ConfigError(f"checkpoint {str(path)!r} has no 'distiller' state (a run's last.pt has one)")
+    loaders = build_loaders(cfg.data.dataset, cfg.data.root, args.images, device)
+    teacher = _frozen_teacher(cfg, loaders.num_classes, torch.device(device), torch.contiguous_format)
+    student = models.create(cfg.model.student, loaders.num_classes)
+    distiller = distillers.create(cfg.method.name, student, teacher, cfg.method.params, image_size(cfg.data.dataset))
+    distiller.load_state_dict(state["distiller"])
+    return distiller.to(device), teacher, loaders
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from kdfast.engine.viz import inspect_grid
+
     device = args.device or "cpu"
-    loaders = build_loaders(args.dataset, args.data_root, args.images, device)
+    build = _viz_from_config if args.config is not None else _viz_from_models
+    distiller, teacher, loaders = build(args, device)
     images, labels = next(iter(loaders.test))
-    nets = [models.create(name, loaders.num_classes, weights=path).to(device)
-            for name, path in ((args.teacher, args.teacher_checkpoint), (args.student, args.student_checkpoint))]
-    out = attention_grid(*nets, images, labels, Path(args.out))
-    print(f"attention maps written to {out}")
+    out = inspect_grid(distiller, teacher, images, labels, Path(args.out))
+    print(f"{type(distiller).__name__} maps written to {out}")
     return 0
 
 
@@ -179,13 +223,22 @@ def _add_bench(commands) -> None:
 
 
 def _add_viz(commands) -> None:
-    p = commands.add_parser("viz", help="PNG grid of teacher vs student attention maps on a few test images")
-    p.add_argument("--teacher", required=True, help="teacher model name")
-    p.add_argument("--teacher-checkpoint", required=True, help="teacher checkpoint file")
-    p.add_argument("--student", required=True, help="student model name")
-    p.add_argument("--student-checkpoint", required=True, help="student checkpoint file")
-    p.add_argument("--dataset", default="digits", help="dataset of the test images (default: digits)")
-    p.add_argument("--data-root", help="dataset folder (not needed for digits)")
+    p = commands.add_parser("viz", help="PNG grid of what a method transfers (Distiller.inspect) on a few test images",
+                            description="Two modes. --config: the distiller of a training config with its trained state "
+                                        "(<out_dir>/last.pt or --checkpoint), drawing its inspect() maps (AFT's blocks, "
+                                        "AFD's attention weights, ...). Otherwise: teacher vs student attention maps of "
+                                        "two model checkpoints (--teacher, --teacher-checkpoint, --student, "
+                                        "--student-checkpoint).")
+    p.add_argument("--config", help="training config (a path or a shipped name, e.g. cifar100/aft/resnet32x4_resnet8x4)")
+    p.add_argument("--checkpoint", help="--config mode: checkpoint with a 'distiller' state (default: <out_dir>/last.pt)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="--config mode: override a config value (repeatable)")
+    p.add_argument("--teacher", help="model mode: teacher model name")
+    p.add_argument("--teacher-checkpoint", help="model mode: teacher checkpoint file")
+    p.add_argument("--student", help="model mode: student model name")
+    p.add_argument("--student-checkpoint", help="model mode: student checkpoint file")
+    p.add_argument("--dataset", help="model mode: dataset of the test images (default: digits)")
+    p.add_argument("--data-root", help="dataset folder (not needed for digits; --config mode: data.root)")
     p.add_argument("--images", type=int, default=4, help="number of images (default: 4)")
     p.add_argument("--device", help="default: cpu")
     p.add_argument("--out", default="attention.png", help="PNG file (default: attention.png)")

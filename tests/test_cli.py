@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 
-from kdfast import cli, models
+from kdfast import cli, distillers, models
 from kdfast.engine import bench
 
 SUBCOMMANDS = ("demo", "train", "eval", "bench", "viz", "quickstart")
@@ -73,6 +73,37 @@ def test_viz_writes_png(tmp_path, checkpoints):
                      "--student", "resnet8", "--student-checkpoint", str(checkpoints / "resnet8.pth"),
                      "--images", "2", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_viz_config_mode_draws_the_distillers_maps(tmp_path, checkpoints, capsys):
+    """--config: the distiller of a training config with its saved state; here AFT's block maps."""
+    teacher = models.create("resnet14", 10)
+    teacher.load_state_dict(torch.load(checkpoints / "resnet14.pth")["model"])
+    distiller = distillers.create("aft", models.create("resnet8", 10), teacher.eval())
+    torch.save({"distiller": distiller.state_dict()}, tmp_path / "run.pt")
+    out = tmp_path / "aft.png"
+    assert cli.main(["viz", "--config", "digits/kd", "--set", "method.name=aft", "--set", "method.kd_weight=0",
+                     "--set", f"model.teacher_checkpoint={checkpoints / 'resnet14.pth'}",
+                     "--checkpoint", str(tmp_path / "run.pt"), "--images", "2", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "AFT maps written" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["viz", "--teacher", "resnet14"], "missing: --teacher-checkpoint, --student, --student-checkpoint"),
+    (["viz", "--config", "digits/student", "--checkpoint", "/nope.pt"], "checkpoint '/nope.pt' not found"),
+    (["viz", "--config", "digits/student", "--student", "resnet8"], "drop --student"),
+])
+def test_viz_bad_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_viz_needs_a_distiller_state(tmp_path, checkpoints, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["viz", "--config", "digits/student", "--checkpoint", str(checkpoints / "resnet8.pth")])
+    assert "has no 'distiller' state" in capsys.readouterr().err
 
 
 def test_e2e_bench_rows(tmp_path, capsys):

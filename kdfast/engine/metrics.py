@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "plot_curves"]
+__all__ = ["MetricsLogger", "loss_keys", "plot_curves"]
 
 
 class MetricsLogger:
@@ -52,8 +52,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def loss_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Every logged loss key of any row, sorted: "loss" (the total) and each "loss.<name>" a method
+    returned (LAKD's per-module, AFT's per-stage losses, ...), also those that only some epochs log."""
+    return sorted({key for row in rows for key in row if key == "loss" or key.startswith("loss.")})
+
+
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """PNG of loss (every logged loss term) and train/test top-1 per epoch."""
+    """PNG of every logged loss (:func:`loss_keys`; a log scale, gaps where an epoch lacks one) and
+    of train/test top-1 per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,10 +68,10 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None
 
     epochs = [row["epoch"] for row in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in sorted(k for k in rows[0] if k.startswith("loss")):
-        ax_loss.plot(epochs, [row[key] for row in rows], label=key)
+    for key in loss_keys(rows):
+        ax_loss.plot(epochs, [row.get(key, float("nan")) for row in rows], label=key, marker=".")
     ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log")
-    ax_loss.legend()
+    ax_loss.legend(fontsize="small")
     for key in ("train.top1", "test.top1"):
         ax_acc.plot(epochs, [row[key] for row in rows], label=key)
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)")
