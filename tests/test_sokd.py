@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -306,8 +307,8 @@ def test_configs_are_shipped_and_build(base):
     assert d.base.__class__.__name__.lower() == base
 
 
-def _engine_config(out: Path, teacher_ckpt: Path, epochs: int):
-    return load_config("digits/student", ["method.name=sokd", "method.base=fitnet", "method.aug_epochs=2",
+def _engine_config(out: Path, teacher_ckpt: Path, epochs: int, base: str = "fitnet"):
+    return load_config("digits/student", ["method.name=sokd", f"method.base={base}", "method.aug_epochs=2",
                                           "model.teacher=resnet8", f"model.teacher_checkpoint={teacher_ckpt}",
                                           "data.batch_size=16", "train.max_train_batches=2", "train.max_eval_batches=1",
                                           "train.progress=false", "train.deterministic=true", f"train.epochs={epochs}",
@@ -333,3 +334,14 @@ def test_engine_resume_is_exact(tmp_path):
     for index, state in adam_a.items():
         for key, value in state.items():
             assert torch.equal(value, adam_b[index][key]), (index, key)
+
+
+@pytest.mark.parametrize("base", ["at", "lcc"])
+def test_engine_runs_every_base(tmp_path, base):
+    torch.manual_seed(1)
+    ckpt = tmp_path / "teacher.pth"
+    torch.save({"model": models.create("resnet8", 10).state_dict()}, ckpt)
+    summary = train(_engine_config(tmp_path / base, ckpt, 1, base))
+    row = json.loads((Path(summary.out_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss.ce", "loss.sokd_d", "loss.sokd_da"} <= set(row)
+    assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss"))
