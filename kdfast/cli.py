@@ -129,7 +129,7 @@ def _viz_from_config(args: argparse.Namespace, device: str):
     from kdfast import distillers, models
     from kdfast.data import build_loaders
     from kdfast.engine import ConfigError, checkpoint, load_config
-    from kdfast.engine.trainer import LAST, _frozen_teacher, image_size
+    from kdfast.engine.trainer import LAST, frozen_teacher, image_size
 
     given = [flag for flag in ("teacher", "teacher_checkpoint", "student", "student_checkpoint", "dataset")
              if getattr(args, flag) is not None]
@@ -144,7 +144,7 @@ def _viz_from_config(args: argparse.Namespace, device: str):
     if "distiller" not in state:
         raise ConfigError(f"checkpoint {str(path)!r} has no 'distiller' state (a run's last.pt has one)")
     loaders = build_loaders(cfg.data.dataset, cfg.data.root, args.images, device)
-    teacher = _frozen_teacher(cfg, loaders.num_classes, torch.device(device), torch.contiguous_format)
+    teacher = frozen_teacher(cfg, loaders.num_classes, torch.device(device), torch.contiguous_format)
     student = models.create(cfg.model.student, loaders.num_classes)
     distiller = distillers.create(cfg.method.name, student, teacher, cfg.method.params, image_size(cfg.data.dataset))
     distiller.load_state_dict(state["distiller"])

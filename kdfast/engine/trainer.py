@@ -33,7 +33,7 @@ from kdfast.engine.config import Config, ConfigError, to_dict
 from kdfast.engine.distributed import Dist, all_reduce_sum
 from kdfast.engine.metrics import MetricsLogger, plot_curves
 
-__all__ = ["Summary", "train", "evaluate", "image_size", "autocast", "seed_everything", "set_deterministic"]
+__all__ = ["Summary", "train", "evaluate", "frozen_teacher", "image_size", "autocast", "seed_everything", "set_deterministic"]
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -99,7 +99,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "auto", 
     return 100.0 * correct / max(total, 1.0)
 
 
-def _frozen_teacher(cfg: Config, num_classes: int, device: torch.device, memory_format: torch.memory_format) -> models.KDModel | None:
+def frozen_teacher(cfg: Config, num_classes: int, device: torch.device, memory_format: torch.memory_format) -> models.KDModel | None:
+    """The config's teacher with its checkpoint, in eval mode without gradients; None when the method needs none."""
     if cfg.model.teacher is None or not distillers.get(cfg.method.name).needs_teacher:
         return None
     teacher = models.create(cfg.model.teacher, num_classes, weights=cfg.model.teacher_checkpoint)
@@ -121,7 +122,7 @@ class _Run:
                                      eval_batch_size=data.eval_batch_size, seed=cfg.train.seed,
                                      channels_last=cfg.train.channels_last)
         size = image_size(data.dataset)
-        self.teacher = _frozen_teacher(cfg, self.loaders.num_classes, dist.device, memory_format)
+        self.teacher = frozen_teacher(cfg, self.loaders.num_classes, dist.device, memory_format)
         student = models.create(cfg.model.student, self.loaders.num_classes)
         self.distiller = distillers.create(cfg.method.name, student, self.teacher, cfg.method.params, size)
         self.distiller.to(dist.device, memory_format=memory_format)
