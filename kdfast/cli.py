@@ -7,6 +7,7 @@ reported as ``kdfast: error: ...`` with exit status 2 before any training starts
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -30,11 +31,20 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Exit status 0 when the run ends, 1 when it diverged, 128 + signal when SIGTERM/SIGINT
+    stopped it after a checkpoint (as a shell reports a process a signal ended)."""
     from kdfast.engine import distributed, load_config, train
+    from kdfast.engine.trainer import Diverged, Interrupted
 
     cfg = load_config(args.config, _train_overrides(args))
     try:
         summary = train(cfg, resume=args.resume)
+    except Diverged as error:
+        print(f"kdfast: error: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as error:
+        print(f"kdfast: {error}", file=sys.stderr)
+        return 128 + error.signum
     finally:
         distributed.teardown()
     print(f"best top-1 {summary.best_top1:.2f} (epoch {summary.best_epoch}), last {summary.last_top1:.2f}, "

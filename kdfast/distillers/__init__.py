@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from kdfast._coerce import coerce_fields
 from kdfast.distillers.afd import AFD, RTK
 from kdfast.distillers.aft import AFT
 from kdfast.distillers.at import AT
@@ -46,13 +47,14 @@ def get(name: str) -> type[Distiller]:
 
 
 def make_params(name: str, values: Mapping[str, Any]) -> Params:
-    """Method `name`'s Params from a mapping; ValueError naming unknown keys and the valid ones."""
+    """Method `name`'s Params from a mapping; ValueError naming unknown keys and the valid ones,
+    TypeError naming a value of the wrong type."""
     cls = get(name).params_class
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise ValueError(f"unknown key(s) for method {name!r}: {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-    return cls(**values)
+    return cls(**coerce_fields(cls, values, "method"))
 
 
 def create(name: str, student: KDModel, teacher: KDModel | None, params: Mapping[str, Any] | Params | None = None,

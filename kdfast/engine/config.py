@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from kdfast import distillers, models
+from kdfast._coerce import coerce_fields
 from kdfast.data import DATASETS
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "TrainConfig",
@@ -72,7 +73,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     max_train_batches: int | None = None  # cap per epoch (smoke tests); None: whole epoch
     max_eval_batches: int | None = None
-    progress: bool = True  # tqdm bar per epoch (rank 0)
+    progress: bool = True  # tqdm bar per epoch on a terminal (rank 0); one line per epoch otherwise
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" the run, or "skip" that step's update
+    max_nonfinite: int = 10  # with "skip": stop once this many steps were skipped
 
 
 @dataclass
@@ -96,12 +99,18 @@ def _build_section(name: str, values: Any) -> Any:
         raise ConfigError(f"section {name!r} must be a mapping, got {type(values).__name__}")
     values = dict(values)
     if cls is MethodConfig:  # method: {name: kd, temperature: 4, ...}: every other key is a param
-        return MethodConfig(name=values.pop("name", "vanilla"), params=values)
+        method = values.pop("name", "vanilla")
+        if not isinstance(method, str):
+            raise ConfigError(f"method.name: expected str, got {method!r} ({type(method).__name__})")
+        return MethodConfig(name=method, params=values)
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise ConfigError(f"unknown key(s) in section {name!r}: {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-    return cls(**values)
+    try:
+        return cls(**coerce_fields(cls, values, name))
+    except TypeError as error:
+        raise ConfigError(f"bad config: {error}") from None
 
 
 def from_dict(values: Mapping[str, Any]) -> Config:
@@ -186,6 +195,33 @@ def validate_data(data: DataConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def _value_problems(cfg: Config) -> list[str]:
+    """Values of the right type but out of their range."""
+    data, optim, train = cfg.data, cfg.optim, cfg.train
+    checks = [
+        (train.amp in ("auto", "bf16", "none"), f"train.amp must be auto, bf16 or none, got {train.amp!r}"),
+        (train.epochs >= 1, f"train.epochs must be >= 1, got {train.epochs}"),
+        (data.batch_size >= 1, f"data.batch_size must be >= 1, got {data.batch_size}"),
+        (data.eval_batch_size is None or data.eval_batch_size >= 1,
+         f"data.eval_batch_size must be >= 1, got {data.eval_batch_size}"),
+        (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
+        (0 <= optim.momentum < 1, f"optim.momentum must be in [0, 1), got {optim.momentum}"),
+        (optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}"),
+        (optim.gamma > 0, f"optim.gamma must be > 0, got {optim.gamma}"),
+        (all(m >= 1 for m in optim.milestones), f"optim.milestones must be epochs >= 1, got {optim.milestones}"),
+        (all(a < b for a, b in zip(optim.milestones, optim.milestones[1:])),
+         f"optim.milestones must be strictly increasing, got {optim.milestones}"),
+        (not optim.nesterov or optim.momentum > 0, "optim.nesterov needs optim.momentum > 0"),
+        (train.max_train_batches is None or train.max_train_batches >= 1,
+         f"train.max_train_batches must be >= 1, got {train.max_train_batches}"),
+        (train.max_eval_batches is None or train.max_eval_batches >= 1,
+         f"train.max_eval_batches must be >= 1, got {train.max_eval_batches}"),
+        (train.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {train.on_nonfinite!r}"),
+        (train.max_nonfinite >= 1, f"train.max_nonfinite must be >= 1, got {train.max_nonfinite}"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
 def validate(cfg: Config, check_files: bool = True) -> None:
     """Check names, method parameters and (with `check_files`) data and checkpoint files."""
     problems = _data_problems(cfg.data, check_files)
@@ -205,11 +241,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             problems.append(f"method {cfg.method.name!r} needs model.teacher_checkpoint (or --teacher-checkpoint)")
         elif method.needs_teacher and check_files and not Path(cfg.model.teacher_checkpoint).is_file():
             problems.append(f"teacher checkpoint {cfg.model.teacher_checkpoint!r} not found")
-    if cfg.train.amp not in ("auto", "bf16", "none"):
-        problems.append(f"train.amp must be auto, bf16 or none, got {cfg.train.amp!r}")
-    if cfg.train.epochs < 1:
-        problems.append("train.epochs must be >= 1")
-    if cfg.data.batch_size < 1:
-        problems.append("data.batch_size must be >= 1")
+    problems += _value_problems(cfg)
     if problems:
         raise ConfigError("bad config: " + "; ".join(problems))

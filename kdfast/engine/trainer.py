@@ -4,9 +4,16 @@ One loop serves both: a teacher is a student trained with method ``vanilla``. Th
 runs in eval mode under ``torch.inference_mode()``; the distiller (student + its connectors),
 wrapped in DistributedDataParallel when several processes run, computes the named losses, which
 are summed for backward. bf16 autocast, channels_last and torch.compile are switches of
-``train``. Every epoch ends with an evaluation and an atomic checkpoint (``last.pt``, plus
-``best.pt`` in mdistiller's ``{"model": state_dict}`` format); ``resume`` continues from
-``last.pt`` exactly (model, optimizer, scheduler, loader position, RNG states, metrics).
+``train``. Every epoch ends with an evaluation and an atomic, checksummed checkpoint
+(``last.pt``, the one before it kept as ``prev.pt``, plus ``best.pt`` in mdistiller's
+``{"model": state_dict}`` format); ``resume`` continues from ``last.pt`` exactly (model,
+optimizer, scheduler, loader position, RNG states, metrics), falling back to ``prev.pt`` when
+``last.pt`` is damaged, and refuses a checkpoint of another model, method or dataset.
+
+SIGTERM and SIGINT (how clusters preempt jobs) make the run write a checkpoint at the next step
+boundary, mid-epoch included, and return :class:`Interrupted`; a resume continues from that step.
+Non-finite losses or gradients stop the run (or skip those updates) through
+:class:`~kdfast.engine.guard.NonFiniteGuard`, without a host sync per step.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ import itertools
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,11 +41,24 @@ from kdfast.data import build_loaders
 from kdfast.engine import checkpoint, distributed
 from kdfast.engine.config import Config, ConfigError, to_dict
 from kdfast.engine.distributed import Dist, all_reduce_sum
+from kdfast.engine.guard import Diverged, NonFiniteGuard
 from kdfast.engine.metrics import MetricsLogger, plot_curves
 
-__all__ = ["Summary", "train", "evaluate", "frozen_teacher", "image_size", "autocast", "seed_everything", "set_deterministic"]
+__all__ = ["Diverged", "Interrupted", "Summary", "train", "evaluate", "frozen_teacher", "image_size", "autocast",
+           "seed_everything", "set_deterministic"]
 
-LAST, BEST = "last.pt", "best.pt"
+LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
+# Config keys a resumed checkpoint must share with the run (anything else may change, e.g. epochs).
+_IDENTITY = (("model", "student"), ("model", "teacher"), ("method", "name"), ("data", "dataset"))
+_SYNC_EVERY = 10  # steps between the host reads of the progress bar, the divergence guard and (DDP) signals
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT stopped the run after writing a checkpoint; ``signum`` is the signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -108,6 +131,47 @@ def frozen_teacher(cfg: Config, num_classes: int, device: torch.device, memory_f
     return teacher
 
 
+def _identity_mismatches(saved: dict, cfg: Config) -> list[str]:
+    current = to_dict(cfg)
+    return [f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, config {current[section][key]!r}"
+            for section, key in _IDENTITY if saved.get(section, {}).get(key) != current[section][key]]
+
+
+def load_resume_state(cfg: Config) -> dict:
+    """The checkpoint a resume of `cfg` continues (``last.pt``, else ``prev.pt`` with a warning);
+    ConfigError when neither is usable or the checkpoint belongs to another model/method/dataset."""
+    out = Path(cfg.train.out_dir)
+    try:
+        state = checkpoint.load_latest(out / LAST, out / PREV)
+    except checkpoint.CheckpointError as error:
+        raise ConfigError(f"cannot resume: {error}") from None
+    mismatches = _identity_mismatches(state.get("config", {}), cfg)
+    if mismatches:
+        raise ConfigError(f"cannot resume from {out}: the checkpoint belongs to another run ({'; '.join(mismatches)})")
+    return state
+
+
+class _StopSignals:
+    """Records SIGTERM/SIGINT instead of dying, while installed (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 class _Run:
     """The state of one training run (built from a config, optionally restored from ``last.pt``)."""
 
@@ -131,12 +195,16 @@ class _Run:
                               "DistributedDataParallel and torch.compile cannot run; use a mode with one backward "
                               "(LAKD: --set method.mode=joint)")
         opt = cfg.optim
+        skip = cfg.train.on_nonfinite == "skip"  # the fused step drops an update on the device (found_inf)
         self.optimizer = torch.optim.SGD(self.distiller.sgd_parameters(), lr=opt.lr, momentum=opt.momentum,
-                                         weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+                                         weight_decay=opt.weight_decay, nesterov=opt.nesterov, fused=skip or None)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, opt.milestones, opt.gamma)
+        self.guard = NonFiniteGuard(dist.device, cfg.train.on_nonfinite, cfg.train.max_nonfinite)
+        self.signals = _StopSignals()
         self.epoch, self.history, self.best = 0, [], (-1.0, 0)
+        self.partial: dict | None = None  # the sums of an epoch interrupted mid-way
         if resume:
-            self._restore(checkpoint.load(self.out / LAST))
+            self._restore(load_resume_state(cfg))
         step_module: nn.Module = self.distiller
         if dist.enabled:  # batches are already on this process's device: no device_ids, no input scatter
             step_module = nn.parallel.DistributedDataParallel(step_module)
@@ -149,17 +217,32 @@ class _Run:
         self.loaders.train.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
         self.epoch, self.history, self.best = state["epoch"], state["history"], tuple(state["best"])
+        self.partial = state.get("partial")
+        self.guard.bad_steps.fill_(state.get("nonfinite_steps", 0))
 
-    def _save(self, improved: bool) -> None:
+    def _save(self, improved: bool = False, partial: dict | None = None) -> None:
+        """Checkpoints after `self.epoch` complete epochs (plus, with `partial`, the sums of the
+        epoch in progress, whose loader position the loader state holds)."""
         student = self.distiller.student.state_dict()
         if improved:
             checkpoint.save_atomic({"model": student, "epoch": self.epoch, "best_acc": self.best[0]}, self.out / BEST)
-        checkpoint.save_atomic({
+        checkpoint.save_rotating({
             "model": student, "distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": None, "epoch": self.epoch,
             "loader": self.loaders.train.state_dict(), "rng": checkpoint.rng_state(), "history": self.history,
-            "best": list(self.best), "config": to_dict(self.cfg),
-        }, self.out / LAST)
+            "best": list(self.best), "config": to_dict(self.cfg), "partial": partial,
+            "nonfinite_steps": int(self.guard.bad_steps),
+        }, self.out / LAST, self.out / PREV)
+
+    def _stop_requested(self, step: int) -> int:
+        """The signal to stop on at this step boundary (0: go on). Under DDP every process must
+        stop at the same step: the flags are all-reduced every ``_SYNC_EVERY`` steps."""
+        if not self.dist.enabled:
+            return self.signals.signum
+        if step % _SYNC_EVERY:
+            return 0
+        flag = torch.tensor(float(self.signals.signum), dtype=torch.float64, device=self.dist.device)
+        return int(all_reduce_sum(flag).item() > 0) * (self.signals.signum or signal.SIGTERM)
 
     def _teacher_features(self, images: Tensor) -> models.Features | None:
         if self.teacher is None:
@@ -170,18 +253,26 @@ class _Run:
             return self.teacher.features(images)
 
     def train_epoch(self) -> dict[str, float]:
-        """One epoch of training; returns the mean losses, train top-1 and images/s."""
+        """One epoch of training (or the rest of one interrupted mid-way); returns the mean losses,
+        train top-1 and images/s. Raises Diverged or Interrupted (after checkpointing)."""
         cfg, device, loader = self.cfg, self.dist.device, self.loaders.train
-        loader.set_epoch(self.epoch - 1)
+        partial, self.partial = self.partial, None
+        if partial is None:
+            loader.set_epoch(self.epoch - 1)
+            partial = {"sums": {}, "correct": 0.0, "seen": 0, "steps": 0, "elapsed": 0.0}
         self.distiller.train()
-        sums: dict[str, Tensor] = {}
-        correct = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        total = min(len(loader), cfg.train.max_train_batches or len(loader))
-        bar = tqdm(total=total, desc=f"epoch {self.epoch}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (cfg.train.progress and self.dist.is_main))
-        start = time.perf_counter()
-        for step, (images, labels) in enumerate(_batches(loader, cfg.train.max_train_batches)):
+        self.guard.new_epoch()
+        sums = {name: torch.tensor(value, dtype=torch.float64, device=device) for name, value in partial["sums"].items()}
+        correct = torch.tensor(partial["correct"], dtype=torch.float64, device=device)
+        seen, done = partial["seen"], partial["steps"]
+        limit = cfg.train.max_train_batches
+        total = min(len(loader), limit or len(loader))
+        show_bar = cfg.train.progress and self.dist.is_main and sys.stderr.isatty()  # no bar in logs and files
+        bar = tqdm(total=total, initial=done, desc=f"epoch {self.epoch}/{cfg.train.epochs}", leave=False,
+                   dynamic_ncols=True, disable=not show_bar)
+        start = time.perf_counter() - partial["elapsed"]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for step, (images, labels) in enumerate(_batches(loader, None if limit is None else limit - done), start=done):
             self.optimizer.zero_grad(set_to_none=True)
             with autocast(device, cfg.train.amp):
                 teacher = self._teacher_features(images)
@@ -189,6 +280,9 @@ class _Run:
             loss = sum(losses.values())
             if not self.distiller.backward_done:
                 loss.backward()
+            found_inf = self.guard.observe(loss, params, step)
+            if cfg.train.on_nonfinite == "skip":
+                self.optimizer.found_inf = found_inf  # read by the fused SGD step: a bad step changes nothing
             self.optimizer.step()
             self.distiller.after_step(self.epoch)
             for name, value in (("loss", loss), *((f"loss.{k}", v) for k, v in losses.items())):
@@ -196,10 +290,19 @@ class _Run:
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += labels.numel()
             bar.update()
-            if step % 10 == 0 and bar.n:
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                                img_s=f"{seen * self.dist.world_size / (time.perf_counter() - start):.0f}")
+            if step % _SYNC_EVERY == 0:
+                self.guard.check(self.epoch)
+                if bar.n and show_bar:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                                    img_s=f"{seen * self.dist.world_size / (time.perf_counter() - start):.0f}")
+            signum = self._stop_requested(step)
+            if signum:
+                bar.close()
+                self._interrupt(signum, step, {
+                    "sums": {name: value.item() for name, value in sums.items()}, "correct": correct.item(),
+                    "seen": seen, "steps": step + 1, "elapsed": time.perf_counter() - start})
         bar.close()
+        self.guard.check(self.epoch)
         totals = all_reduce_sum(torch.stack([*sums.values(), correct, torch.tensor(seen, dtype=torch.float64, device=device)]))
         elapsed = time.perf_counter() - start
         n = totals[-1].item()
@@ -207,9 +310,25 @@ class _Run:
         stats.update({"train.top1": 100.0 * totals[-2].item() / n, "images_per_s": n / elapsed, "epoch_s": elapsed})
         return stats
 
+    def _interrupt(self, signum: int, step: int, partial: dict) -> None:
+        """Checkpoints the epoch in progress after `step` and raises Interrupted."""
+        self.epoch -= 1  # epochs completed; the checkpoint's "partial" holds the one in progress
+        if self.dist.is_main:
+            self._save(partial=partial)
+        name = signal.Signals(signum).name
+        raise Interrupted(signum, f"{name}: stopped after epoch {self.epoch + 1} step {step}; checkpoint written to "
+                                  f"{self.out / LAST}; continue with --resume")
+
     def fit(self) -> Summary:
-        cfg = self.cfg
         logger = MetricsLogger(self.out, self.dist.is_main, resume_epoch=self.epoch)
+        try:
+            with self.signals:
+                return self._fit(logger)
+        finally:
+            logger.close()
+
+    def _fit(self, logger: MetricsLogger) -> Summary:
+        cfg = self.cfg
         start = time.perf_counter()
         if self.dist.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.dist.device)
@@ -229,7 +348,6 @@ class _Run:
                 self._save(improved)
                 print(f"epoch {self.epoch}/{cfg.train.epochs}: loss {row['loss']:.4f}, train top-1 {row['train.top1']:.2f}, "
                       f"test top-1 {row['test.top1']:.2f}, {row['images_per_s']:.0f} img/s", flush=True)
-        logger.close()
         return self._summary(time.perf_counter() - start)
 
     def _summary(self, wall_s: float) -> Summary:
@@ -252,7 +370,8 @@ def train(cfg: Config, resume: bool = False) -> Summary:
     Under DDP every process reads ``last.pt`` on resume (a shared file system across nodes) and
     restores rank 0's saved RNG states; only rank 0 writes checkpoints and logs.
     """
-    if resume and not (Path(cfg.train.out_dir) / LAST).is_file():
-        raise ConfigError(f"cannot resume: {Path(cfg.train.out_dir) / LAST} not found")
+    out = Path(cfg.train.out_dir)
+    if resume and not ((out / LAST).is_file() or (out / PREV).is_file()):
+        raise ConfigError(f"cannot resume: {out / LAST} not found")
     dist = distributed.setup(cfg.train.device)
     return _Run(cfg, dist, resume).fit()
