@@ -203,7 +203,7 @@ def test_alpha_schedule(pair):
     ({"warmup_epochs": 2.5}, "warmup_epochs must be an integer"),
     ({"beta": -1.0}, "beta must be a finite number"),
     ({"map_scale": float("inf")}, "map_scale must be a finite number"),
-    ({"kd_weight": "1"}, "kd_weight must be a finite number"),
+    ({"kd_weight": "one"}, "kd_weight must be a finite number"),
     ({"temperature": 0}, "temperature must be a finite number > 0"),
     ({"grid": 0}, "grid must be an integer >= 1"),
     ({"weighting": "student"}, "weighting must be one of none, teacher"),

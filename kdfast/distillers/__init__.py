@@ -47,14 +47,21 @@ def get(name: str) -> type[Distiller]:
 
 
 def make_params(name: str, values: Mapping[str, Any]) -> Params:
-    """Method `name`'s Params from a mapping; ValueError naming unknown keys and the valid ones,
-    TypeError naming a value of the wrong type."""
+    """Method `name`'s Params from a mapping, values converted to the fields' types where lossless
+    (``"1e-3"`` -> 0.001). ValueError naming unknown keys and the valid ones; a value of the wrong
+    type raises the method's own ValueError where it checks that field, else a TypeError naming
+    the key, the expected type and the value."""
     cls = get(name).params_class
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise ValueError(f"unknown key(s) for method {name!r}: {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-    return cls(**coerce_fields(cls, values, "method"))
+    try:
+        coerced = coerce_fields(cls, values, "method")
+    except TypeError as mismatch:
+        cls(**values)  # the method's own check names the domain ("alpha must be a number in [0, 1]")
+        raise mismatch from None
+    return cls(**coerced)
 
 
 def create(name: str, student: KDModel, teacher: KDModel | None, params: Mapping[str, Any] | Params | None = None,
