@@ -6,8 +6,8 @@ labelled ``student+teacher``.
 
 * ``sp_loss`` on the last stage of the CIFAR students and teachers (64x8x8: resnet56/resnet20;
   128x8x8: wrn_40_2/wrn_16_2; 256x8x8: resnet32x4/resnet8x4) and of ImageNet ResNets (512x7x7).
-  The work is O(B^2 D) multiply-adds (D = C*H*W): the fused kernels recompute Gram tiles instead
-  of storing the B x B matrices.
+  The work is O(B^2 D) multiply-adds (D = C*H*W): the fused C++ kernels recompute Gram tiles
+  instead of storing the B x B matrices; the Triton kernels store them, split over D.
 * ``rkd_loss`` on pooled embeddings (B, D): CIFAR 64 (resnet20) and 256 (resnet8x4), ImageNet
   512 (resnet34 -> resnet18) and 2048 -> 512 (resnet50 -> resnet18), B up to 1024. The work is
   O(B^2 D + B^3); the eager reference builds B x B x D difference tensors (about

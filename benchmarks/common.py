@@ -480,9 +480,14 @@ def environment(device: torch.device) -> dict[str, str]:
 def default_results_path(device: torch.device) -> Path:
     """benchmarks/results/<device type>-<device column, sanitised>.csv, e.g.
     cpu-amd-epyc-2-threads.csv, cuda-nvidia-h100-80gb-hbm3.csv."""
-    name = re.sub(r"\((r|tm)\)", "", environment(device)["device"], flags=re.IGNORECASE)
+    return results_path(device.type, environment(device)["device"])
+
+
+def results_path(device_type: str, device_name: str) -> Path:
+    """The results CSV of a device named `device_name` (the rows' device column): see default_results_path."""
+    name = re.sub(r"\((r|tm)\)", "", device_name, flags=re.IGNORECASE)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return RESULTS_DIR / f"{device.type}-{slug}.csv"
+    return RESULTS_DIR / f"{device_type}-{slug}.csv"
 
 
 def merge_csv(path: Path, rows: Iterable[Row]) -> None:

@@ -29,6 +29,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "dispatch.h"
 
 namespace kdfast {
 namespace logits {
@@ -491,21 +492,6 @@ inline at::Tensor check_row_values(const char* op, const char* name, const at::T
   return t.contiguous();
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// f(TypeTag<student_t>, TypeTag<teacher_t>) for the dtypes of z_s and z_t (each f16/bf16/f32/f64).
-template <typename F>
-void dispatch_logits(at::ScalarType student, at::ScalarType teacher, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student, "kdfast_logits", [&] {
-    using student_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher, "kdfast_logits",
-                                    [&] { f(TypeTag<student_t>{}, TypeTag<scalar_t>{}); });
-  });
-}
-
 template <template <typename> class Rule, typename student_t, typename teacher_t>
 RowsArgs<Rule<at::opmath_type<student_t>>, student_t, teacher_t> make_args(const Logits& in, const at::Tensor& target,
                                                                           const LossParams& params) {
@@ -537,7 +523,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_rows(const Logits& in, co
   at::Tensor loss = at::empty({in.rows}, acc_options);
   at::Tensor stats = at::empty({in.rows, Rule<float>::kStats}, acc_options);
   at::Tensor grad = with_grad ? at::empty({in.rows, in.cols}, options) : at::empty({0}, options);
-  dispatch_logits(in.z_s.scalar_type(), in.z_t.scalar_type(), [&](auto student, auto teacher) {
+  dispatch_float_pair(in.z_s.scalar_type(), in.z_t.scalar_type(), [&](auto student, auto teacher) {
     using student_t = typename decltype(student)::type;
     using teacher_t = typename decltype(teacher)::type;
     using acc_t = at::opmath_type<student_t>;
@@ -557,7 +543,7 @@ at::Tensor backward_rows(const char* op, const at::Tensor& grad_loss_in, const L
   const at::Tensor grad_loss = check_row_values(op, "grad_loss", grad_loss_in, in, 0);
   const at::Tensor stats = check_row_values(op, "stats", stats_in, in, Rule<float>::kStats);
   at::Tensor grad = at::empty({in.rows, in.cols}, in.z_s.options());
-  dispatch_logits(in.z_s.scalar_type(), in.z_t.scalar_type(), [&](auto student, auto teacher) {
+  dispatch_float_pair(in.z_s.scalar_type(), in.z_t.scalar_type(), [&](auto student, auto teacher) {
     using student_t = typename decltype(student)::type;
     using teacher_t = typename decltype(teacher)::type;
     using acc_t = at::opmath_type<student_t>;
@@ -616,12 +602,14 @@ struct CpuRows {
 // ---------------------------------------------------------------------------------------------
 // CUDA: a warp per row (small K, 4 rows per block) or a block per row (large K)
 // ---------------------------------------------------------------------------------------------
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(KDFAST_CUDA_EMU)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
+
+#include "cuda/launch.cuh"
 
 namespace kdfast {
 namespace logits {
@@ -630,13 +618,17 @@ constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarpRowsThreads = 128;  // warp-per-row kernel: 4 rows per block
 
-// Register budgets (ptxas -v: no spills at these bounds). float: the block-per-row kernel takes up
-// to 1024 threads per row (<= 64 registers), the warp-per-row kernel 8 blocks of 128 threads per SM
-// (<= 64 registers); double needs about 100 registers: up to 256 threads per row, 4 blocks.
+// Register budgets (no spills at these bounds: benchmarks/results/cuda-resources-sm90.csv). float:
+// the block-per-row kernel takes up to 512 threads per row, 2 blocks per SM (<= 64 registers; it
+// uses 42-64), so that one block's barrier does not idle its SM; the warp-per-row kernel 8 blocks
+// of 128 threads per SM (<= 64 registers); double needs about 100 registers: up to 256 threads per
+// row, 1 block (block per row) or 4 blocks (warp per row) per SM.
 template <typename acc_t>
 struct LaunchBounds {
-  static constexpr int kRowThreads = sizeof(acc_t) == sizeof(double) ? 256 : 1024;
-  static constexpr int kWarpRowsBlocksPerSm = sizeof(acc_t) == sizeof(double) ? 4 : 8;
+  static constexpr bool kDouble = sizeof(acc_t) == sizeof(double);
+  static constexpr int kRowThreads = kDouble ? 256 : 512;
+  static constexpr int kRowBlocksPerSm = kDouble ? 1 : 2;
+  static constexpr int kWarpRowsBlocksPerSm = kDouble ? 4 : 8;
 };
 
 template <typename acc_t>
@@ -699,7 +691,8 @@ struct BlockTeam {
 
 template <typename Rule, typename student_t, typename teacher_t, bool kWarpRows>
 __global__ void __launch_bounds__(kWarpRows ? kWarpRowsThreads : LaunchBounds<typename Rule::acc_t>::kRowThreads,
-                                  kWarpRows ? LaunchBounds<typename Rule::acc_t>::kWarpRowsBlocksPerSm : 1)
+                                  kWarpRows ? LaunchBounds<typename Rule::acc_t>::kWarpRowsBlocksPerSm
+                                            : LaunchBounds<typename Rule::acc_t>::kRowBlocksPerSm)
     rows_kernel(const RowsArgs<Rule, student_t, teacher_t> a) {
   using acc_t = typename Rule::acc_t;
   if constexpr (kWarpRows) {
@@ -738,9 +731,10 @@ struct CudaRows {
     if (lanes == kWarp) {
       constexpr int rows_per_block = kWarpRowsThreads / kWarp;
       const auto blocks = static_cast<unsigned>((a.rows + rows_per_block - 1) / rows_per_block);
-      rows_kernel<Rule, student_t, teacher_t, true><<<blocks, kWarpRowsThreads, 0, stream>>>(a);
+      gpu::launch_kernel(rows_kernel<Rule, student_t, teacher_t, true>, blocks, kWarpRowsThreads, 0, stream, a);
     } else {
-      rows_kernel<Rule, student_t, teacher_t, false><<<static_cast<unsigned>(a.rows), lanes, 0, stream>>>(a);
+      gpu::launch_kernel(rows_kernel<Rule, student_t, teacher_t, false>, static_cast<unsigned>(a.rows), lanes, 0, stream,
+                         a);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -748,4 +742,4 @@ struct CudaRows {
 
 }  // namespace logits
 }  // namespace kdfast
-#endif  // __CUDACC__
+#endif  // __CUDACC__ || KDFAST_CUDA_EMU

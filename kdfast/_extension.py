@@ -1,7 +1,10 @@
-"""Loading of the compiled extension kdfast._C (C++ CPU and CUDA C++ kernels).
+"""Loading of the compiled extensions: kdfast._C (C++ CPU and CUDA C++ kernels, library kdfast)
+and, when built, kdfast._C_emu (the CUDA C++ kernels compiled as host C++ and run on CPU tensors
+through csrc/emu/cuda_emu.h, library kdfast_emu: the "cuda_emu" test backend).
 
-If it cannot be loaded, kdfast still imports with one warning: the "torch" and "triton"
-backends keep working and the "cpu"/"cuda" backends raise an error that says why.
+If kdfast._C cannot be loaded, kdfast still imports with one warning: the "torch" and "triton"
+backends keep working and the "cpu"/"cuda" backends raise an error that says why. kdfast._C_emu is
+optional (not built with KDFAST_SKIP_CUDA_EMU=1): without it "cuda_emu" is unavailable, silently.
 """
 
 from __future__ import annotations
@@ -24,12 +27,26 @@ except ImportError as error:  # not built, or built against another torch
         stacklevel=2,
     )
 
+try:
+    from kdfast import _C_emu  # noqa: F401  (registers the kdfast_emu:: ops)
 
-def has_op(op: str) -> bool:
-    """Whether kdfast._C declares kdfast::`op` (a stale build may lack newer ops)."""
-    return LOAD_ERROR is None and hasattr(torch.ops.kdfast, op)
+    EMU_LOAD_ERROR: str | None = None
+except ImportError as error:
+    EMU_LOAD_ERROR = str(error)
 
 
-def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether kdfast._C registered a `dispatch_key` ("CPU" or "CUDA") kernel for kdfast::`op`."""
-    return has_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"kdfast::{op}", dispatch_key)
+def has_op(op: str, library: str = "kdfast") -> bool:
+    """Whether the extension of `library` ("kdfast": kdfast._C, "kdfast_emu": kdfast._C_emu) loaded
+    and declares `library`::`op` (a stale build may lack newer ops)."""
+    error = LOAD_ERROR if library == "kdfast" else EMU_LOAD_ERROR
+    return error is None and hasattr(getattr(torch.ops, library), op)
+
+
+def has_kernel(op: str, dispatch_key: str, library: str = "kdfast") -> bool:
+    """Whether `library` registered a `dispatch_key` ("CPU" or "CUDA") kernel for `library`::`op`."""
+    return has_op(op, library) and torch._C._dispatch_has_kernel_for_dispatch_key(f"{library}::{op}", dispatch_key)
+
+
+def cpp_libraries(op: str) -> list[str]:
+    """The loaded C++ libraries that declare `op`: kdfast, kdfast_emu, both or neither."""
+    return [library for library in ("kdfast", "kdfast_emu") if has_op(op, library)]

@@ -7,7 +7,10 @@ Backends:
 * ``"cuda"``: CUDA C++ kernels of kdfast._C (CUDA tensors).
 * ``"triton"``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``,
   which must be set before kdfast is imported).
-* ``"auto"``: "cpu" for CPU tensors; for CUDA tensors the per-op choice in :data:`AUTO_GPU`,
+* ``"cuda_emu"`` (tests only: never chosen by "auto", not in :data:`BACKENDS`): the CUDA C++ kernels
+  of csrc/cuda executed on CPU tensors through the emulation of csrc/emu/cuda_emu.h (kdfast._C_emu);
+  slow, small shapes only. Available when kdfast._C_emu was built and loaded.
+* ``"auto"``: "cpu" for CPU tensors; for CUDA tensors the per-op choice in :data:`AUTO_GPU` (auto_gpu.json),
   falling back to whichever fused backend is available, then "torch".
 
 Availability is probed once at import, so that choosing a backend stays traceable by
@@ -17,13 +20,16 @@ Availability is probed once at import, so that choosing a backend stays traceabl
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import torch
 
 from kdfast import _extension
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+TEST_BACKENDS = ("cuda_emu",)
 
 # Fused ops and the kernel names that must exist in kdfast._C for the C++ backends.
 OPS = {
@@ -38,17 +44,18 @@ OPS = {
     "map_distance": ("map_distance_forward", "map_distance_backward"),
 }
 
-# Backend that "auto" uses for CUDA tensors, per op: the faster one in benchmarks/results/.
-# No GPU measurement exists yet (benchmarks/README.md); until one does, Triton is the default.
-AUTO_GPU = {"at": "triton", "kd": "triton", "dkd": "triton", "lcc": "triton", "sp": "triton", "rkd": "triton",
-            "masked_mse": "triton",
-            "block_attention": "triton", "map_distance": "triton"}
+# Backend that "auto" uses for CUDA tensors, per op ("triton" or "cuda"): the "choice" of
+# auto_gpu.json, which `python -m benchmarks.auto_gpu RESULTS.csv` writes from a GPU results file
+# (it also records the device and the file); Triton for every op until a GPU measurement exists.
+AUTO_GPU_FILE = Path(__file__).with_name("auto_gpu.json")
+AUTO_GPU: dict[str, str] = json.loads(AUTO_GPU_FILE.read_text())["choice"]
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_MISSING = None if importlib.util.find_spec("triton") is not None else "the triton package is not installed"
 CPP_KERNELS = {
     (op, key): all(_extension.has_kernel(name, key) for name in names) for op, names in OPS.items() for key in ("CPU", "CUDA")
 }
+EMU_KERNELS = {op: all(_extension.has_kernel(name, "CPU", "kdfast_emu") for name in names) for op, names in OPS.items()}
 
 
 def _cpp_missing(op: str, key: str) -> str | None:
@@ -73,6 +80,14 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
         if device.type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
         return _cpp_missing(op, "CUDA")
+    if backend == "cuda_emu":
+        if device.type != "cpu":
+            return f"backend 'cuda_emu' runs on CPU tensors, got tensors on {device}"
+        if _extension.EMU_LOAD_ERROR is not None:
+            return f"the emulation extension kdfast._C_emu is not loaded ({_extension.EMU_LOAD_ERROR})"
+        if not EMU_KERNELS[op]:
+            return f"kdfast._C_emu has no kernels for '{op}' (rebuild the extension)"
+        return None
     if backend == "triton":
         if TRITON_MISSING:
             return TRITON_MISSING
@@ -90,8 +105,8 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     """
     if backend is None:
         backend = os.environ.get("KDFAST_BACKEND", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend not in BACKENDS + TEST_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS + TEST_BACKENDS}")
     if backend == "auto":
         if device.type == "cpu":
             candidates = ("cpu", "torch")

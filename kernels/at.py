@@ -15,18 +15,20 @@ the sign, when mode == "mean" and p is an odd integer) and ``scale = 1/C`` ("mea
 The semantics match csrc/cpu/at.cpp exactly (powers, signs, 0^0, the eps clamp, output dtypes).
 Accumulation is in float32 (float64 for float64 inputs); maps are float32 (float64).
 
-Launch design. Every launcher covers all stages in ONE kernel launch. It builds a small int64
-table, one row per stage (shapes, data pointers, strides, first program id), on the tensors'
-device (pinned host memory + non-blocking copy on CUDA: no host sync). A program scans the rows'
-first program ids (a static loop over the constexpr number of stages) to find its stage and
-turns the row's integers into typed pointers with ``.to(tl.pointer_type(...))``.
+Launch design. Every launcher covers all stages (up to _MAX_STAGES; more are chunked) in ONE
+kernel launch, and allocates nothing on the host: the stages' tensors and integers (extents,
+strides, first program ids) are kernel arguments, tuples indexed by ``tl.static_range`` over
+the stages, so a launch captured in a CUDA graph replays with the same arguments. The kernel
+body is instantiated once per stage (``if`` the program belongs to the stage), each copy with
+the stage's own alignment ``ALIGNS[s]``: the largest power of two (<= 16 elements) that the
+launcher proves divides the stage's data pointers, strides and unit-axis extent, restated in the
+kernel with ``tl.multiple_of``. A 7x7 stage therefore reads with scalar loads while the 56x56
+stage of the same launch reads 16-byte vectors.
 
 The map kernels tile a (stage, sample, hw block) as [BLOCK_C, BLOCK_HW] and reduce over the
 channels inside the program (deterministic, no atomics). The memory layout is a constexpr: for
 contiguous tensors hw has the literal unit stride, for channels_last c has; a tensor of the other
-layout is converted first. Since the row's pointers, strides and extents are runtime values, the
-launcher proves their common power-of-two divisibility (ALIGN) and the kernel restates it with
-``tl.multiple_of``, so loads along the unit axis vectorize on the GPU.
+layout is converted first.
 """
 
 import functools
@@ -53,7 +55,7 @@ _MAX_INT_POWER = 8
 # thread at 4 warps). Then BLOCK_HW is halved (down to 32 for contiguous, 1 for channels_last)
 # until the launch has _PROGRAMS_PER_SM programs per SM, so that a small late-stage map still fills
 # the GPU: 8x8x256 at B=64 on an H100 runs as 128 programs of 256x32 elements (contiguous) or
-# 1024 programs of 256x4 (channels_last) instead of 64 of 256x64. Table rows are ordered by
+# 1024 programs of 256x4 (channels_last) instead of 64 of 256x64. Stages are launched in order of
 # decreasing C, so the longest programs start first.
 _UNIT_BLOCK_MIN = 32
 _UNIT_BLOCK_MAX = 128
@@ -63,23 +65,7 @@ _MAX_ALIGN = 16  # elements; the divisibility Triton itself assumes for its inte
 _NUM_WARPS = 4
 _LOSS_BLOCK_MAX = 1024  # the loss kernel streams each (B, HW) row in blocks of up to this many
 
-# Columns of a map-kernel table row. A tensor is described by 3 columns: its data pointer, its
-# batch stride and its stride along the non-unit axis (c for contiguous, hw for channels_last),
-# a stride being stored as 0 where its dim has size 1 (so it is divisible by anything).
-_FIRST = tl.constexpr(0)  # first program id of the stage
-_CHANNELS = tl.constexpr(1)
-_HW = tl.constexpr(2)
-_X = tl.constexpr(3)  # the feature map
-_MAP = tl.constexpr(6)  # the (B, HW) map: output of at_maps, input of at_maps_backward
-_Y = tl.constexpr(7)  # the feature gradient (at_maps_backward only)
-_ROW = tl.constexpr(10)
-
-# Columns of a loss-kernel table row.
-_MS = tl.constexpr(0)
-_MT = tl.constexpr(1)
-_GRAD = tl.constexpr(2)
-_LEN = tl.constexpr(3)
-_LOSS_ROW = tl.constexpr(4)
+_MAX_STAGES = 8  # stages per launch (tuple arguments); longer lists are launched in chunks
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -134,35 +120,82 @@ def _sqrt(x):
 
 
 @triton.jit
-def _locate(meta, N_STAGES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-            BLOCK_HW: tl.constexpr):
-    """This program's table row, sample, hw offsets [BLOCK_HW], channels and hw of its stage."""
-    pid = tl.program_id(0)
-    stage = 0
-    for s in tl.static_range(1, N_STAGES):
-        stage += (pid >= tl.load(meta + s * _ROW + _FIRST)).to(tl.int32)
-    row = meta + stage * _ROW
-    channels = tl.load(row + _CHANNELS).to(tl.int32)
-    hw = tl.load(row + _HW).to(tl.int32)
+def _i32(v):
+    """An integer kernel argument as an int32 scalar tensor (Triton turns an integer argument
+    equal to 1 into a constexpr, which has no ``.to`` nor ``tl.multiple_of``)."""
+    return tl.full([], v, tl.int32)
+
+
+@triton.jit
+def _i64(v):
+    """An integer kernel argument as an int64 scalar tensor (see :func:`_i32`)."""
+    return tl.full([], v, tl.int64)
+
+
+@triton.jit
+def _pick(values, i):
+    """``values[i]`` of a tuple of pointer arguments, for a runtime index i (selects, no branch)."""
+    v = values[0]
+    for r in tl.static_range(1, len(values)):
+        v = tl.where(i == r, values[r], v)
+    return v
+
+
+@triton.jit
+def _pick_int(values, i, DTYPE: tl.constexpr):
+    """``values[i]`` of a tuple of integer arguments, for a runtime index i, as a DTYPE scalar."""
+    v = tl.full([], values[0], DTYPE)
+    for r in tl.static_range(1, len(values)):
+        v = tl.where(i == r, values[r], v)
+    return v
+
+
+@triton.jit
+def _pick_field(rows, i, COL: tl.constexpr, DTYPE: tl.constexpr):
+    """``rows[i][COL]`` of a tuple of integer tuples, for a runtime index i, as a DTYPE scalar."""
+    v = tl.full([], rows[0][COL], DTYPE)
+    for r in tl.static_range(1, len(rows)):
+        v = tl.where(i == r, rows[r][COL], v)
+    return v
+
+
+@triton.jit
+def _stage_of(pid, firsts):
+    """Index s of the stage whose programs ``firsts[s] .. firsts[s + 1] - 1`` hold ``pid``."""
+    s = tl.zeros([], tl.int32)
+    for r in tl.static_range(1, len(firsts) - 1):
+        s += (pid >= firsts[r]).to(tl.int32)
+    return s
+
+
+@triton.jit
+def _in_stage(pid, firsts, s: tl.constexpr):
+    """Whether program ``pid`` belongs to stage ``s``: ``firsts[s] <= pid < firsts[s + 1]``."""
+    return (pid >= firsts[s]) & (pid < firsts[s + 1])
+
+
+@triton.jit
+def _stage_tensor(ptr, b, stride_b, stride, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointer to sample ``b`` of a stage tensor and its stride along the non-unit axis, with the
+    stage's proven alignment (``ALIGN`` elements) restated for the compiler."""
+    ptr = tl.multiple_of(ptr, ALIGN * (DTYPE.primitive_bitwidth // 8))  # in bytes
+    stride_b = tl.multiple_of(_i64(stride_b), ALIGN)
+    return ptr + b * stride_b, tl.multiple_of(_i64(stride), ALIGN)
+
+
+@triton.jit
+def _stage_block(local, channels, hw, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+                 BLOCK_HW: tl.constexpr):
+    """Sample, hw offsets [BLOCK_HW], channels and hw of the stage's program ``local``."""
+    channels = _i32(channels)
+    hw = _i32(hw)
     if CHANNELS_LAST:  # the unit-stride extent bounds the masks of the vector loads
         channels = tl.multiple_of(channels, ALIGN)
     else:
         hw = tl.multiple_of(hw, ALIGN)
-    local = pid - tl.load(row + _FIRST).to(tl.int32)
     blocks = tl.cdiv(hw, BLOCK_HW)
     offs_hw = (local % blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    return row, local // blocks, offs_hw, channels, hw
-
-
-@triton.jit
-def _sample(row, COL: tl.constexpr, b, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
-    """Pointer to sample ``b`` of the tensor described at ``row[COL:COL + 3]``, and its stride
-    along the non-unit axis."""
-    base = tl.load(row + COL).to(tl.pointer_type(DTYPE))
-    base = tl.multiple_of(base, ALIGN * (DTYPE.primitive_bitwidth // 8))  # in bytes
-    stride_b = tl.multiple_of(tl.load(row + COL + 1), ALIGN)
-    stride = tl.multiple_of(tl.load(row + COL + 2), ALIGN)
-    return base + b * stride_b, stride
+    return local // blocks, offs_hw, channels, hw
 
 
 @triton.jit
@@ -182,54 +215,77 @@ def _channel_block(c0, channels, hw_mask, BLOCK_C: tl.constexpr):
     return offs_c, (offs_c < channels)[:, None] & hw_mask[None, :]
 
 
-@triton.jit
-def _map_ptr(row, b, hw, ACC: tl.constexpr):
-    """Pointer to row ``b`` of the stage's contiguous (B, HW) map."""
-    return tl.load(row + _MAP).to(tl.pointer_type(ACC)) + b * hw
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _at_maps_kernel(meta, N_STAGES: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                    P: tl.constexpr, INT_P: tl.constexpr, ODD_SIGNED: tl.constexpr,
-                    MEAN: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """m[b, hw] = scale * sum_c g(f[b, c, hw]) for one (stage, sample, hw block)."""
-    row, b, offs_hw, channels, hw = _locate(meta, N_STAGES, CHANNELS_LAST, ALIGN, BLOCK_HW)
-    x, stride = _sample(row, _X, b, DTYPE, ALIGN)
+def _maps_stage(local, x, x_sb, x_s, m, channels, hw, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                P: tl.constexpr, INT_P: tl.constexpr, ODD_SIGNED: tl.constexpr, MEAN: tl.constexpr,
+                CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_HW: tl.constexpr):
+    """m[b, hw] = scale * sum_c g(f[b, c, hw]) for the stage's program ``local``."""
+    b, offs_hw, channels, hw = _stage_block(local, channels, hw, CHANNELS_LAST, ALIGN, BLOCK_HW)
+    x, stride = _stage_tensor(x, b, x_sb, x_s, DTYPE, ALIGN)
     hw_mask = offs_hw < hw
     acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
     for c0 in range(0, channels, BLOCK_C):
         offs_c, mask = _channel_block(c0, channels, hw_mask, BLOCK_C)
         v = tl.load(x + _tile(offs_c, offs_hw, stride, CHANNELS_LAST), mask=mask, other=0.0)
         acc += _g(v.to(ACC), P, INT_P, ODD_SIGNED)  # g(0) = 0 for the masked lanes
-    m = tl.sum(acc, axis=0)
+    out = tl.sum(acc, axis=0)
     if MEAN:
-        m = m * (1.0 / channels.to(ACC))
-    tl.store(_map_ptr(row, b, hw, ACC) + offs_hw, m, mask=hw_mask)
+        out = out * (1.0 / channels.to(ACC))
+    tl.store(m + b * hw + offs_hw, out, mask=hw_mask)
 
 
 @triton.jit
-def _at_maps_backward_kernel(meta, N_STAGES: tl.constexpr, DTYPE: tl.constexpr,
-                             ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr,
-                             ODD_SIGNED: tl.constexpr, MEAN: tl.constexpr,
-                             CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-                             BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """df[b, c, hw] = dm[b, hw] * scale * g'(f[b, c, hw]) for one (stage, sample, hw block)."""
-    row, b, offs_hw, channels, hw = _locate(meta, N_STAGES, CHANNELS_LAST, ALIGN, BLOCK_HW)
-    x, x_stride = _sample(row, _X, b, DTYPE, ALIGN)
-    y, y_stride = _sample(row, _Y, b, DTYPE, ALIGN)
+def _at_maps_kernel(xs, maps, firsts, channels, hws, x_sb, x_s, DTYPE: tl.constexpr,
+                    ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, ODD_SIGNED: tl.constexpr,
+                    MEAN: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGNS: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Maps of every stage: the programs ``firsts[s] .. firsts[s + 1] - 1`` cover stage s."""
+    pid = tl.program_id(0)
+    for s in tl.static_range(len(xs)):
+        if _in_stage(pid, firsts, s):
+            ALIGN: tl.constexpr = ALIGNS[s]
+            _maps_stage(pid - firsts[s], xs[s], x_sb[s], x_s[s], maps[s], channels[s], hws[s], DTYPE, ACC,
+                        P, INT_P, ODD_SIGNED, MEAN, CHANNELS_LAST, ALIGN, BLOCK_C, BLOCK_HW)
+
+
+@triton.jit
+def _maps_backward_stage(local, x, x_sb, x_s, y, y_sb, y_s, dm, channels, hw, DTYPE: tl.constexpr,
+                         ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr,
+                         ODD_SIGNED: tl.constexpr, MEAN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                         ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """df[b, c, hw] = dm[b, hw] * scale * g'(f[b, c, hw]) for the stage's program ``local``."""
+    b, offs_hw, channels, hw = _stage_block(local, channels, hw, CHANNELS_LAST, ALIGN, BLOCK_HW)
+    x, x_stride = _stage_tensor(x, b, x_sb, x_s, DTYPE, ALIGN)
+    y, y_stride = _stage_tensor(y, b, y_sb, y_s, DTYPE, ALIGN)
     hw_mask = offs_hw < hw
-    dm = tl.load(_map_ptr(row, b, hw, ACC) + offs_hw, mask=hw_mask, other=0.0)
+    d_map = tl.load(dm + b * hw + offs_hw, mask=hw_mask, other=0.0)
     if MEAN:
-        dm = dm * (1.0 / channels.to(ACC))
+        d_map = d_map * (1.0 / channels.to(ACC))
     for c0 in range(0, channels, BLOCK_C):
         offs_c, mask = _channel_block(c0, channels, hw_mask, BLOCK_C)
         v = tl.load(x + _tile(offs_c, offs_hw, x_stride, CHANNELS_LAST), mask=mask, other=0.0)
-        d = dm[None, :] * _g_grad(v.to(ACC), P, INT_P, ODD_SIGNED)
+        d = d_map[None, :] * _g_grad(v.to(ACC), P, INT_P, ODD_SIGNED)
         tl.store(y + _tile(offs_c, offs_hw, y_stride, CHANNELS_LAST), d.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _at_maps_backward_kernel(xs, ys, grad_maps, firsts, channels, hws, x_sb, x_s, y_sb, y_s,
+                             DTYPE: tl.constexpr, ACC: tl.constexpr, P: tl.constexpr,
+                             INT_P: tl.constexpr, ODD_SIGNED: tl.constexpr, MEAN: tl.constexpr,
+                             CHANNELS_LAST: tl.constexpr, ALIGNS: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Feature gradients of every stage (programs as in :func:`_at_maps_kernel`)."""
+    pid = tl.program_id(0)
+    for s in tl.static_range(len(xs)):
+        if _in_stage(pid, firsts, s):
+            ALIGN: tl.constexpr = ALIGNS[s]
+            _maps_backward_stage(pid - firsts[s], xs[s], x_sb[s], x_s[s], ys[s], y_sb[s], y_s[s], grad_maps[s],
+                                 channels[s], hws[s], DTYPE, ACC, P, INT_P, ODD_SIGNED, MEAN, CHANNELS_LAST,
+                                 ALIGN, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
@@ -241,17 +297,15 @@ def _row_block(ms, mt, j, hw, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _at_map_loss_kernel(meta, losses, batch, ACC: tl.constexpr, MSE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _map_loss_row(loss, ms, mt, grad, hw, b, batch, ACC: tl.constexpr, MSE: tl.constexpr,
+                  ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     """Loss and d loss / d m_s of one (stage, sample): three passes over HW (the sums ss, tt,
     st; the squared normalised difference; the gradient)."""
-    pid = tl.program_id(0)
-    row = meta + (pid // batch) * _LOSS_ROW
-    hw = tl.load(row + _LEN).to(tl.int32)
-    start = (pid % batch).to(tl.int64) * hw
-    ms = tl.load(row + _MS).to(tl.pointer_type(ACC)) + start
-    mt = tl.load(row + _MT).to(tl.pointer_type(ACC)) + start
-    grad = tl.load(row + _GRAD).to(tl.pointer_type(ACC)) + start
+    hw = tl.multiple_of(_i32(hw), ALIGN)
+    start = b.to(tl.int64) * hw
+    ms = tl.multiple_of(ms, ALIGN * (ACC.primitive_bitwidth // 8)) + start
+    mt = tl.multiple_of(mt, ALIGN * (ACC.primitive_bitwidth // 8)) + start
+    grad = tl.multiple_of(grad, ALIGN * (ACC.primitive_bitwidth // 8)) + start
 
     ss = tl.zeros([BLOCK], ACC)
     tt = tl.zeros([BLOCK], ACC)
@@ -277,11 +331,11 @@ def _at_map_loss_kernel(meta, losses, batch, ACC: tl.constexpr, MSE: tl.constexp
 
     if MSE:
         n = (batch * hw.to(tl.int64)).to(ACC)
-        tl.store(losses + pid, sq / n)
+        tl.store(loss, sq / n)
         k = 2.0 / n  # d loss / d u_s = k * (u_s - u_t)
     else:
         l2 = _sqrt(sq)
-        tl.store(losses + pid, l2 / batch)
+        tl.store(loss, l2 / batch)
         positive = l2 > 0  # k = 0 where l2 == 0 (or NaN), without dividing by 0 there
         k = tl.where(positive, 1.0 / (tl.where(positive, l2, 1.0) * batch), 0.0)
     # d u_s / d m_s = (I - u_s u_s^T) / ||m_s|| where the norm is not clamped, I / eps otherwise.
@@ -290,6 +344,19 @@ def _at_map_loss_kernel(meta, losses, batch, ACC: tl.constexpr, MSE: tl.constexp
         offs, mask, s, t = _row_block(ms, mt, j, hw, BLOCK)
         us = s * inv_s
         tl.store(grad + offs, k * inv_s * ((us - t * inv_t) - us * proj), mask=mask)
+
+
+@triton.jit
+def _at_map_loss_kernel(maps_s, maps_t, grads, hws, losses, batch, ACC: tl.constexpr, MSE: tl.constexpr,
+                        ALIGNS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (stage, sample): ``losses[stage, b]`` and the stage's gradient row b."""
+    pid = tl.program_id(0)
+    stage = pid // batch
+    b = pid % batch
+    for s in tl.static_range(len(maps_s)):
+        if stage == s:
+            ALIGN: tl.constexpr = ALIGNS[s]
+            _map_loss_row(losses + pid, maps_s[s], maps_t[s], grads[s], hws[s], b, batch, ACC, MSE, ALIGN, BLOCK)
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -349,23 +416,28 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _columns(t: Tensor, channels_last: bool) -> list[int]:
-    """A tensor's 3 table columns: data pointer, batch stride, non-unit-axis stride."""
+def _strides(t: Tensor, channels_last: bool) -> tuple[int, int]:
+    """A stage tensor's batch stride and its stride along the non-unit axis (hw for channels_last,
+    c for contiguous), each 0 where its dim has size 1 (so that it divides by anything)."""
     b, c, h, w = t.shape
     stride, size = (_hw_stride(t), h * w) if channels_last else (t.stride(1), c)
-    return [t.data_ptr(), t.stride(0) if b > 1 else 0, stride if size > 1 else 0]
+    return t.stride(0) if b > 1 else 0, stride if size > 1 else 0
 
 
 def _alignment(tensors: list[Tensor], channels_last: bool) -> int:
-    """ALIGN: the largest power of two (<= _MAX_ALIGN) dividing every data pointer (in elements),
-    stride column and unit-axis extent of ``tensors``."""
+    """ALIGN of one stage: the largest power of two (<= _MAX_ALIGN) dividing every data pointer
+    (in elements), stride and unit-axis extent of its ``tensors``."""
     g = 0
     for t in tensors:
-        ptr, stride_b, stride = _columns(t, channels_last)
         unit_extent = t.size(1) if channels_last else t.size(2) * t.size(3)
-        for v in (ptr // t.element_size(), stride_b, stride, unit_extent):
+        for v in (t.data_ptr() // t.element_size(), *_strides(t, channels_last), unit_extent):
             g = math.gcd(g, v)
-    return min(g & -g, _MAX_ALIGN)  # g > 0: data pointers are never 0
+    return min(g & -g, _MAX_ALIGN) if g else _MAX_ALIGN
+
+
+def chunks(items: list, size: int = _MAX_STAGES) -> list[list]:
+    """``items`` in consecutive launches of at most ``size`` (the tuple arguments' length)."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -399,21 +471,12 @@ def _map_blocks(feats: list[Tensor], channels_last: bool) -> tuple[int, int]:
     return block_c, block_hw
 
 
-def _device_table(rows: list[list[int]], device: torch.device) -> Tensor:
-    """The int64 table on ``device``, copied from pinned memory without a host sync on CUDA."""
-    table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        table = table.pin_memory().to(device, non_blocking=True)
-    return table
-
-
 class _MapLaunch(NamedTuple):
-    """What the two map kernels share: the feats in the launch layout, grid and constexprs."""
+    """What the two map kernels share: the feats in the launch layout, stage order and constexprs."""
 
     feats: list[Tensor]
     channels_last: bool
-    first: list[int]  # first program id of every stage, then the total
-    order: list[int]  # stage of every table row: most channels (longest programs) first
+    order: list[int]  # stages in launch order: most channels (longest programs) first
     constexprs: dict[str, object]
 
 
@@ -427,27 +490,31 @@ def _map_launch(feats: list[Tensor], p: float, mode: str, name: str) -> _MapLaun
     order = sorted(range(len(feats)), key=lambda s: -feats[s].size(1))
     block_c, block_hw = _map_blocks(feats, channels_last)
     dtype = feats[0].dtype
-    constexprs = dict(N_STAGES=len(feats), DTYPE=_TL_DTYPES[dtype], ACC=_TL_DTYPES[_acc_dtype(dtype)],
-                      CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw, **power)
-    first = _first_programs([feats[s] for s in order], block_hw)
-    return _MapLaunch(feats, channels_last, first, order, constexprs)
+    constexprs = dict(DTYPE=_TL_DTYPES[dtype], ACC=_TL_DTYPES[_acc_dtype(dtype)], CHANNELS_LAST=channels_last,
+                      BLOCK_C=block_c, BLOCK_HW=block_hw, **power)
+    return _MapLaunch(feats, channels_last, order, constexprs)
 
 
 def _run_maps(kernel: triton.JITFunction, launch: _MapLaunch, maps: list[Tensor],
               grads: list[Tensor] | None = None) -> None:
-    """One launch of ``kernel`` over all stages; ``grads`` (launch layout) for the backward."""
+    """Launches ``kernel`` over all stages (one launch per _MAX_STAGES); ``grads`` (launch
+    layout) for the backward. Every argument is a kernel argument: nothing is staged on the host."""
     cl = launch.channels_last
-    rows = []
-    for i, s in enumerate(launch.order):
-        f = launch.feats[s]
-        y = _columns(grads[s], cl) if grads is not None else [0, 0, 0]
-        rows.append([launch.first[i], f.size(1), f.size(2) * f.size(3), *_columns(f, cl),
-                     maps[s].data_ptr(), *y])
-    align = _alignment(launch.feats + (grads or []), cl)
-    device = launch.feats[0].device
-    with _on_device(device):
-        kernel[(launch.first[-1],)](_device_table(rows, device), ALIGN=align, num_warps=_NUM_WARPS,
-                                    **launch.constexprs)
+    with _on_device(launch.feats[0].device):
+        for stages in chunks(launch.order):
+            feats = [launch.feats[s] for s in stages]
+            firsts = _first_programs(feats, launch.constexprs["BLOCK_HW"])
+            x_strides = [_strides(f, cl) for f in feats]
+            args = [tuple(feats), tuple(maps[s] for s in stages), tuple(firsts), tuple(f.size(1) for f in feats),
+                    tuple(f.size(2) * f.size(3) for f in feats), *zip(*x_strides)]
+            stage_tensors = [[f] for f in feats]
+            if grads is not None:
+                ys = [grads[s] for s in stages]
+                args[1:1] = [tuple(ys)]
+                args += zip(*[_strides(y, cl) for y in ys])
+                stage_tensors = [[f, y] for f, y in zip(feats, ys)]
+            aligns = tuple(_alignment(t, cl) for t in stage_tensors)
+            kernel[(firsts[-1],)](*args, ALIGNS=aligns, num_warps=_NUM_WARPS, **launch.constexprs)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -506,7 +573,8 @@ def at_map_loss(maps_s: list[Tensor], maps_t: list[Tensor], loss: str) -> tuple[
     With ``u = m / max(||m||_2, 1e-12)`` per row: ``mse = sum_hw (u_s - u_t)^2 / (B * HW)``,
     ``l2 = ||u_s - u_t||_2 / B`` (gradient 0 where u_s == u_t). ``maps_s[i]``, ``maps_t[i]``:
     (B, HW_i), float32 or float64, one B and dtype for all. Returns the losses (L, B) and the
-    gradients (B, HW_i) (contiguous), from one launch of one program per (stage, sample).
+    gradients (B, HW_i) (contiguous), from one launch (per _MAX_STAGES stages) of one program per
+    (stage, sample).
     """
     if len(maps_s) == 0 or len(maps_s) != len(maps_t):
         raise ValueError("at_map_loss: expected equally many (>= 1) student and teacher maps")
@@ -530,11 +598,14 @@ def at_map_loss(maps_s: list[Tensor], maps_t: list[Tensor], loss: str) -> tuple[
     grads = [torch.empty_like(m) for m in maps_s]
     losses = torch.empty((len(maps_s), batch), dtype=dtype, device=device)
     if batch > 0:
-        rows = [[ms.data_ptr(), mt.data_ptr(), g.data_ptr(), ms.size(1)]
-                for ms, mt, g in zip(maps_s, maps_t, grads)]
         block = min(triton.next_power_of_2(max(m.size(1) for m in maps_s)), _LOSS_BLOCK_MAX)
+        size = dtype.itemsize
         with _on_device(device):
-            _at_map_loss_kernel[(len(maps_s) * batch,)](
-                _device_table(rows, device), losses, batch, ACC=_TL_DTYPES[dtype], MSE=loss == "mse",
-                BLOCK=block, num_warps=_NUM_WARPS)
+            for stages in chunks(list(range(len(maps_s)))):
+                ms, mt, gs = ([t[s] for s in stages] for t in (maps_s, maps_t, grads))
+                aligns = tuple(min(_MAX_ALIGN, math.gcd(_MAX_ALIGN, m.size(1), *(t.data_ptr() // size for t in ts)))
+                               for m, *ts in zip(ms, ms, mt, gs))
+                _at_map_loss_kernel[(len(stages) * batch,)](
+                    tuple(ms), tuple(mt), tuple(gs), tuple(m.size(1) for m in ms), losses[stages[0]:], batch,
+                    ACC=_TL_DTYPES[dtype], MSE=loss == "mse", ALIGNS=aligns, BLOCK=block, num_warps=_NUM_WARPS)
     return losses, grads

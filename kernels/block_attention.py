@@ -21,30 +21,38 @@ Backward (``gm``, ``gf`` the upstream gradients of map_l and feat_l)::
     d h[c, y, x]   = gf 2 w[y, x] (h - t) / (B Ct H W)                               fb == 0
                    = sum_{bins k containing (y, x)} gf 2 D[c, k] / (B Ct fb^2 area_k)   fb > 0
 
-Launch design. ONE forward launch and ONE backward launch cover all modules: program
-``r * B + b`` handles sample b of the module in table row r (rows ordered by decreasing work).
-The table (int64, on the device) holds per module its index, dims, and for every tensor a data
-pointer and its 4 strides (the maps are read in place, any layout); all f_s and h_s share one
-dtype and all f_t one (constexprs). A program makes two or three passes over its sample:
+Launch design. The forward is two launches and a torch sum, the backward one launch, each over
+all modules (up to at.py's _MAX_STAGES; more are chunked). Nothing is staged on the host: the
+modules' tensors, dims and strides are kernel arguments (tuples; a program selects its module's
+values with a static loop over them), so launches captured in a CUDA graph replay with the same
+arguments. Every program handles one (module, sample, split): a split is a range of channel
+blocks times a range of position blocks of each tensor (positions are not split when fb > 0,
+as D needs all of them), chosen by the launcher so that the launch has about 4 programs per SM
+(LAKD's local mode launches one module at a time: B programs alone would leave an H200 idle);
+the split depends only on the shapes and the device, never on values.
 
-1. ``P_s`` over f_s (positions outer, channels inner: the bins are applied once per position block);
-2. ``P_t`` and the feature term over (h, t) together, except with teacher weighting, where ``P_t``
-   is a pass of its own (w needs it) before the weighted feature pass; with fb > 0 this pass runs
-   channels outer (D[c, :] of a channel block is complete after its positions).
+1. ``_partials_kernel``: per split, the partial bin sums of ``sum_c |f_s|^p`` and ``sum_c |t|^p``
+   and the partial feature term: ``sum (h - t)^2`` (fb == 0; per cell(y, x) with teacher
+   weighting, since w is known only once P_t is complete) or ``sum_{c,k} D[c, k]^2`` of its
+   channels (fb > 0; D of a channel block as a product [channels, positions] x [positions, bins]
+   with ``tl.dot`` in full precision), all stored to a (L, B, S, 3, G2) scratch.
+2. ``_finish_kernel``: per (module, sample), the sums over the splits in a fixed order, P_s and
+   P_t (to ``maps``), the map term and the feature term (weighted by w from A_t) to ``partials``
+   (L, B, 2); torch sums them over B in a fixed order (deterministic; no atomics).
+3. ``_backward_kernel``: per split, A_s, A_t (and w) from ``maps``, then the contiguous gradients
+   of its channel and position range (D per channel block again where fb > 0).
 
-Bins are membership masks [bins, positions] built from integer arithmetic per position block.
-The forward writes P_s and P_t to ``maps`` and per-(module, sample) partial terms, already
-divided by their counts, to ``partials`` (L, B, 2); torch sums them over B (fixed order:
-deterministic). The backward recomputes A_s, A_t (and w) from ``maps``, D per channel block
-(fb > 0), and writes contiguous gradients. Loads are converted to the accumulation dtype
-(float32; float64 for float64 students) before any arithmetic; no atomics.
-
-Where every tensor of a launch has flattenable positions with unit stride (contiguous maps)
-the position stride is a literal 1 (HW_UNIT), so loads along positions vectorize; other
-layouts (channels_last included) are read through their strides.
+Layouts: contiguous (positions at the literal unit stride: the threads run along positions and
+the loads vectorise), channels_last (channels at the literal unit stride: the threads run along
+channels and reduce across them, the loads coalesce and vectorise), or any other strides. The
+launcher proves the largest power of two (<= 16 elements) dividing the launch's data pointers,
+strides and unit-axis extents (ALIGN) and the kernels restate it with ``tl.multiple_of``. Loads
+are converted to the accumulation dtype (float32; float64 for float64 students) before any
+arithmetic.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -56,21 +64,24 @@ from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
 
 _EPS = tl.constexpr(1e-12)
 
-# Table columns. A tensor takes 5 columns: data pointer and the strides of b, c, y, x.
-_MODULE = tl.constexpr(0)
-_CS = tl.constexpr(1)  # student map channels, height, width (3 columns)
-_CT = tl.constexpr(4)  # h/t channels, height, width (3 columns)
-_FS = tl.constexpr(7)
-_HS = tl.constexpr(12)
-_FT = tl.constexpr(17)
-_GFS = tl.constexpr(22)  # contiguous gradient outputs (backward only)
-_GHS = tl.constexpr(23)
-_ROW = tl.constexpr(24)
+# Memory layouts of a launch (the LAYOUT constexpr).
+_CONTIGUOUS = 0  # every tensor has its positions y * W + x at unit stride
+_CHANNELS_LAST = 1  # every tensor has unit channel stride and positions that flatten to one stride
+_STRIDED = 2  # anything else: read through the 4 strides
 
-_BLOCK_HW_MAX = 128
-_BLOCK_HW_MIN = 16
-_TILE = 2048  # elements of a [BLOCK_C, BLOCK_HW] tile
-_TILE_3D = 8192  # elements of the [BLOCK_CF, FG2, BLOCK_HW] products of the block feature pass
+# Per-module kernel arguments: ``dims[r]`` = (Cs, Hs, Ws, Ct, H, W) and ``strides[r]``, the
+# (b, c, y, x) strides of f_s, h_s and f_t (a stride of a size-1 dim is 0; with channels_last the
+# x column is the flattened position stride).
+_DIMS_S = tl.constexpr(0)
+_DIMS_T = tl.constexpr(3)
+_FS = tl.constexpr(0)
+_HS = tl.constexpr(4)
+_FT = tl.constexpr(8)
+
+_TILE = 2048  # elements of a [BLOCK_C, BLOCK_HW] tile, of a [bins, BLOCK_HW] membership mask and of D
+_BLOCK_MIN = 16  # tl.dot's smallest dimension (the D products), and the smallest position block
+_UNIT_BLOCK_MAX = 128  # the unit-stride block (512 bytes of float32)
+_MAX_SPLITS = 64  # splits per (module, sample)
 _NUM_WARPS = 4
 
 
@@ -78,29 +89,49 @@ _NUM_WARPS = 4
 
 
 @triton.jit
-def _dims(row, COL: tl.constexpr):
-    """(channels, height, width) at ``row[COL:COL + 3]``."""
-    return (tl.load(row + COL).to(tl.int32), tl.load(row + COL + 1).to(tl.int32),
-            tl.load(row + COL + 2).to(tl.int32))
+def _dims(dims, r, COL: tl.constexpr, LAYOUT: tl.constexpr, ALIGN: tl.constexpr):
+    """(channels, height, width, height * width) at ``dims[r][COL:COL + 3]``; the unit-stride
+    extent (positions or channels) restated as a multiple of ALIGN."""
+    channels = at_kernels._pick_field(dims, r, COL, tl.int32)
+    height = at_kernels._pick_field(dims, r, COL + 1, tl.int32)
+    width = at_kernels._pick_field(dims, r, COL + 2, tl.int32)
+    hw = height * width
+    if LAYOUT == 0:
+        hw = tl.multiple_of(hw, ALIGN)
+    if LAYOUT == 1:
+        channels = tl.multiple_of(channels, ALIGN)
+    return channels, height, width, hw
 
 
 @triton.jit
-def _sample(row, COL: tl.constexpr, b, DTYPE: tl.constexpr):
-    """Pointer to sample ``b`` of the tensor at ``row[COL:COL + 5]`` and its c, y, x strides."""
-    base = tl.load(row + COL).to(tl.pointer_type(DTYPE))
-    return (base + b * tl.load(row + COL + 1), tl.load(row + COL + 2), tl.load(row + COL + 3),
-            tl.load(row + COL + 4))
+def _sample(ptrs, strides, r, COL: tl.constexpr, b, LAYOUT: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointer to sample ``b`` of module r's tensor ``ptrs[r]`` and its c, y, x strides; the
+    alignment (ALIGN elements) of the pointer, batch stride and non-unit stride of the layout is
+    restated for the compiler."""
+    ptr = at_kernels._pick(ptrs, r)
+    ptr = tl.multiple_of(ptr, ALIGN * (ptr.dtype.element_ty.primitive_bitwidth // 8))  # in bytes
+    stride_b = tl.multiple_of(at_kernels._pick_field(strides, r, COL, tl.int64), ALIGN)
+    sc = at_kernels._pick_field(strides, r, COL + 1, tl.int64)
+    sx = at_kernels._pick_field(strides, r, COL + 3, tl.int64)
+    if LAYOUT == 0:
+        sc = tl.multiple_of(sc, ALIGN)
+    if LAYOUT == 1:
+        sx = tl.multiple_of(sx, ALIGN)
+    return ptr + b * stride_b, sc, at_kernels._pick_field(strides, r, COL + 2, tl.int64), sx
 
 
 @triton.jit
-def _offsets(offs_c, offs_hw, width, sc, sy, sx, HW_UNIT: tl.constexpr):
-    """[BLOCK_C, BLOCK_HW] element offsets of channels offs_c at positions offs_hw (y * width + x)."""
-    if HW_UNIT:
-        pos = offs_hw.to(tl.int64)
+def _offsets(offs_c, offs_hw, width, sc, sy, sx, LAYOUT: tl.constexpr):
+    """[BLOCK_C, BLOCK_HW] element offsets of channels offs_c at positions offs_hw (y * width + x);
+    the unit stride of the layout is a literal 1."""
+    if LAYOUT == 0:
+        offs = offs_c[:, None] * sc + offs_hw[None, :]
+    elif LAYOUT == 1:
+        offs = offs_c[:, None] + offs_hw[None, :] * sx
     else:
         y = offs_hw // width
-        pos = y * sy + (offs_hw - y * width) * sx
-    return offs_c[:, None] * sc + pos[None, :]
+        offs = offs_c[:, None] * sc + (y * sy + (offs_hw - y * width) * sx)[None, :]
+    return offs
 
 
 @triton.jit
@@ -111,6 +142,24 @@ def _mask(offs_c, offs_hw, channels, hw):
 @triton.jit
 def _load(ptr, offs, mask, ACC: tl.constexpr):
     return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _locate(batch, splits_c, splits_hw):
+    """(module, sample, channel split, position split) of this program."""
+    pid = tl.program_id(0)
+    split = pid % (splits_c * splits_hw)
+    rest = pid // (splits_c * splits_hw)
+    return rest // batch, rest % batch, split % splits_c, split // splits_c
+
+
+@triton.jit
+def _range(split, n_splits, extent, BLOCK: tl.constexpr):
+    """[lo, hi) of split ``split`` of ``n_splits`` over the BLOCK-blocks of ``extent``: whole blocks,
+    so that masks against ``extent`` itself (aligned) bound the last one."""
+    per = tl.cdiv(tl.cdiv(extent, BLOCK), n_splits) * BLOCK
+    lo = split * per
+    return lo, tl.minimum(lo + per, extent)
 
 
 @triton.jit
@@ -155,6 +204,21 @@ def _spread(inside, vk):
 
 
 @triton.jit
+def _cells(offs_hw, height, width, GRID: tl.constexpr, G2: tl.constexpr):
+    """[G2, BLOCK_HW]: whether position offs_hw is in cell k, ``cell(y, x) = floor(y g / H) g +
+    floor(x g / W)`` (the cells partition the map)."""
+    cell = (offs_hw // width) * GRID // height * GRID + (offs_hw % width) * GRID // width
+    return cell[None, :] == tl.arange(0, G2)[:, None]
+
+
+@triton.jit
+def _load_map(ptr, G2: tl.constexpr, GRID: tl.constexpr):
+    """[G2] pooled map P stored at ``ptr`` (GRID^2 values; 0 in the padding bins)."""
+    k = tl.arange(0, G2)
+    return tl.load(ptr + k, mask=k < GRID * GRID, other=0.0)
+
+
+@triton.jit
 def _normalize(p):
     """(A = p / max(||p||, eps), 1 / max(||p||, eps), ||p||) of a bin vector (NaN propagating)."""
     n = at_kernels._sqrt(tl.sum(p * p, axis=0))
@@ -176,222 +240,353 @@ def _weights(a_t, height, width, GRID: tl.constexpr, G2: tl.constexpr):
 
 
 @triton.jit
-def _cell_weights(wk, offs_hw, height, width, GRID: tl.constexpr, G2: tl.constexpr):
-    """[BLOCK_HW]: w[y, x] = wk[cell(y, x)]."""
-    cell = (offs_hw // width) * GRID // height * GRID + (offs_hw % width) * GRID // width
-    return tl.sum(tl.where(cell[None, :] == tl.arange(0, G2)[:, None], wk[:, None], 0.0), axis=0)
-
-
-@triton.jit
-def _pooled_map(ptr, sc, sy, sx, channels, height, width, ACC: tl.constexpr, P: tl.constexpr,
-                INT_P: tl.constexpr, GRID: tl.constexpr, G2: tl.constexpr, HW_UNIT: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """P [G2] of one sample: positions outer, channels inner."""
-    hw = height * width
+def _pooled_partial(x, sc, sy, sx, channels, height, width, hw, c_lo, c_hi, hw_lo, hw_hi, ACC: tl.constexpr,
+                    P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr, G2: tl.constexpr,
+                    LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """[G2] bin sums of ``sum_c |x|^p`` over channels [c_lo, c_hi) and positions [hw_lo, hw_hi)."""
     acc = tl.zeros([G2], ACC)
-    for hw0 in range(0, hw, BLOCK_HW):
+    for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
-        m = tl.zeros([BLOCK_HW], ACC)
-        for c0 in range(0, channels, BLOCK_C):
+        m = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            v = _load(ptr, _offsets(offs_c, offs_hw, width, sc, sy, sx, HW_UNIT),
-                      _mask(offs_c, offs_hw, channels, hw), ACC)
-            m += tl.sum(at_kernels._g(v, P, INT_P, False), axis=0)
-        acc += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2), m)
-    return acc * _inv_area(height, width, ACC, GRID, G2) / channels.to(ACC)
+            v = _load(x, _offsets(offs_c, offs_hw, width, sc, sy, sx, LAYOUT), _mask(offs_c, offs_hw, channels, hw), ACC)
+            m += at_kernels._g(v, P, INT_P, False)
+        acc += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2), tl.sum(m, axis=0))
+    return acc
 
 
 @triton.jit
-def _dense_pass(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, gp, wk, coef, channels, height, width,
-                ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr,
-                G2: tl.constexpr, WEIGHTED: tl.constexpr, MAP_T: tl.constexpr, GRAD: tl.constexpr,
-                GRAD_DTYPE: tl.constexpr, HW_UNIT: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_HW: tl.constexpr):
-    """Feature term of fb == 0 over (h, t), positions outer: returns ``sum w (h - t)^2`` and, with
-    MAP_T, the teacher's P [G2]. With GRAD it writes ``coef * w * (h - t)`` to the contiguous gp
-    instead (the sum is then not needed)."""
-    hw = height * width
-    sq = tl.zeros([BLOCK_HW], ACC)
+def _dense_partial(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, channels, height, width, hw, c_lo, c_hi, hw_lo,
+                   hw_hi, ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr,
+                   G2: tl.constexpr, WEIGHTED: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_HW: tl.constexpr):
+    """fb == 0 over (h, t) in the range: (the teacher's [G2] bin sums of ``sum_c |t|^p``, the
+    feature term ``sum (h - t)^2``: per cell [G2] when WEIGHTED, else its total in element 0)."""
     p_t = tl.zeros([G2], ACC)
-    for hw0 in range(0, hw, BLOCK_HW):
+    feat = tl.zeros([G2], ACC)
+    total = tl.zeros([BLOCK_HW], ACC)
+    for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
-        w = tl.full([BLOCK_HW], 1.0, ACC)
-        if WEIGHTED:
-            w = _cell_weights(wk, offs_hw, height, width, GRID, G2)
-        sq_hw = tl.zeros([BLOCK_HW], ACC)
-        m = tl.zeros([BLOCK_HW], ACC)
-        for c0 in range(0, channels, BLOCK_C):
+        sq = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+        m = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = _mask(offs_c, offs_hw, channels, hw)
-            tv = _load(tp, _offsets(offs_c, offs_hw, width, t_sc, t_sy, t_sx, HW_UNIT), mask, ACC)
-            d = _load(hp, _offsets(offs_c, offs_hw, width, h_sc, h_sy, h_sx, HW_UNIT), mask, ACC) - tv
-            if GRAD:
-                grad = coef * w[None, :] * d
-                tl.store(gp + offs_c[:, None] * hw + offs_hw[None, :], grad.to(GRAD_DTYPE), mask=mask)
-            else:
-                sq_hw += tl.sum(d * d, axis=0)
-            if MAP_T:
-                m += tl.sum(at_kernels._g(tv, P, INT_P, False), axis=0)
-        sq += w * sq_hw
-        if MAP_T:
-            p_t += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2), m)
-    return tl.sum(sq, axis=0), p_t * _inv_area(height, width, ACC, GRID, G2) / channels.to(ACC)
+            tv = _load(tp, _offsets(offs_c, offs_hw, width, t_sc, t_sy, t_sx, LAYOUT), mask, ACC)
+            d = _load(hp, _offsets(offs_c, offs_hw, width, h_sc, h_sy, h_sx, LAYOUT), mask, ACC) - tv
+            sq += d * d
+            m += at_kernels._g(tv, P, INT_P, False)
+        sq_hw = tl.sum(sq, axis=0)
+        if WEIGHTED:
+            feat += _bin_sums(_cells(offs_hw, height, width, GRID, G2), sq_hw)
+        else:
+            total += sq_hw
+        p_t += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2), tl.sum(m, axis=0))
+    if not WEIGHTED:
+        feat = tl.where(tl.arange(0, G2) == 0, tl.sum(total, axis=0), 0.0)
+    return p_t, feat
 
 
 @triton.jit
-def _block_diffs(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, offs_c, channels, height, width,
-                 p_t, ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr,
-                 G2: tl.constexpr, FGRID: tl.constexpr, FG2: tl.constexpr, MAP_T: tl.constexpr,
-                 HW_UNIT: tl.constexpr, BLOCK_CF: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _block_diffs(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, offs_c, channels, height, width, hw, p_t,
+                 ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr, G2: tl.constexpr,
+                 FGRID: tl.constexpr, FG2: tl.constexpr, MAP_T: tl.constexpr, LAYOUT: tl.constexpr,
+                 BLOCK_CF: tl.constexpr, BLOCK_HW: tl.constexpr):
     """D [BLOCK_CF, FG2] of the channels offs_c (pooled differences of h and t over the fb x fb
-    bins), and with MAP_T the teacher's bin sums of ``|t|^p`` of these channels added to p_t."""
-    hw = height * width
+    bins: ``(h - t) [channels, positions] x membership [positions, bins]`` by ``tl.dot`` in full
+    precision), and with MAP_T the teacher's bin sums of ``|t|^p`` of these channels added to p_t."""
     diffs = tl.zeros([BLOCK_CF, FG2], ACC)
     for hw0 in range(0, hw, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = _mask(offs_c, offs_hw, channels, hw)
-        tv = _load(tp, _offsets(offs_c, offs_hw, width, t_sc, t_sy, t_sx, HW_UNIT), mask, ACC)
-        d = _load(hp, _offsets(offs_c, offs_hw, width, h_sc, h_sy, h_sx, HW_UNIT), mask, ACC) - tv
+        tv = _load(tp, _offsets(offs_c, offs_hw, width, t_sc, t_sy, t_sx, LAYOUT), mask, ACC)
+        d = _load(hp, _offsets(offs_c, offs_hw, width, h_sc, h_sy, h_sx, LAYOUT), mask, ACC) - tv
         inside = _bins(offs_hw, hw, height, width, FGRID, FG2)
-        diffs += tl.sum(tl.where(inside[None, :, :], d[:, None, :], 0.0), axis=2)
+        diffs = tl.dot(d, tl.trans(inside.to(ACC)), diffs, input_precision="ieee", out_dtype=ACC)
         if MAP_T:
-            if GRID != FGRID:
-                inside = _bins(offs_hw, hw, height, width, GRID, G2)
-            p_t += _bin_sums(inside, tl.sum(at_kernels._g(tv, P, INT_P, False), axis=0))
+            p_t += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2),
+                             tl.sum(at_kernels._g(tv, P, INT_P, False), axis=0))
     return diffs * _inv_area(height, width, ACC, FGRID, FG2)[None, :], p_t
-
-
-@triton.jit
-def _locate(meta, batch):
-    """This program's table row, module index and sample."""
-    pid = tl.program_id(0)
-    row = meta + (pid // batch) * _ROW
-    return row, tl.load(row + _MODULE), pid % batch
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["batch"])
-def _forward_kernel(meta, partials, maps, batch, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
-                    ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr,
-                    G2: tl.constexpr, FGRID: tl.constexpr, FG2: tl.constexpr, WEIGHTED: tl.constexpr,
-                    HW_UNIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CF: tl.constexpr,
-                    BLOCK_HW: tl.constexpr):
-    """P_s, P_t and the partial terms of one (module, sample)."""
-    row, module, b = _locate(meta, batch)
-    cs, hs, ws = _dims(row, _CS)
-    ct, height, width = _dims(row, _CT)
-    fs, fs_sc, fs_sy, fs_sx = _sample(row, _FS, b, S_DTYPE)
-    hp, h_sc, h_sy, h_sx = _sample(row, _HS, b, S_DTYPE)
-    tp, t_sc, t_sy, t_sx = _sample(row, _FT, b, T_DTYPE)
-
-    p_s = _pooled_map(fs, fs_sc, fs_sy, fs_sx, cs, hs, ws, ACC, P, INT_P, GRID, G2, HW_UNIT, BLOCK_C, BLOCK_HW)
+@triton.jit(do_not_specialize=["batch"])  # batch.to(ACC): never a constexpr
+def _partials_kernel(fs, hs, ft, dims, strides, part, batch, splits_c, splits_hw, ACC: tl.constexpr,
+                     P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr, G2: tl.constexpr,
+                     FGRID: tl.constexpr, FG2: tl.constexpr, WEIGHTED: tl.constexpr, LAYOUT: tl.constexpr,
+                     ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CF: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """part[program] = [bin sums of P_s, of P_t, feature term] of one (module, sample, split)."""
+    r, b, split_c, split_hw = _locate(batch, splits_c, splits_hw)
+    cs, hs_, ws, hw_s = _dims(dims, r, _DIMS_S, LAYOUT, ALIGN)
+    f = _sample(fs, strides, r, _FS, b, LAYOUT, ALIGN)
+    c_lo, c_hi = _range(split_c, splits_c, cs, BLOCK_C)
+    hw_lo, hw_hi = _range(split_hw, splits_hw, hw_s, BLOCK_HW)
+    p_s = _pooled_partial(f[0], f[1], f[2], f[3], cs, hs_, ws, hw_s, c_lo, c_hi, hw_lo, hw_hi, ACC, P, INT_P, GRID,
+                          G2, LAYOUT, BLOCK_C, BLOCK_HW)
+    # the connector output and the teacher: looked up only now (shorter live ranges)
+    ct, height, width, hw = _dims(dims, r, _DIMS_T, LAYOUT, ALIGN)
+    h = _sample(hs, strides, r, _HS, b, LAYOUT, ALIGN)
+    t = _sample(ft, strides, r, _FT, b, LAYOUT, ALIGN)
     if FGRID > 0:
         p_t = tl.zeros([G2], ACC)
         sq = tl.zeros([BLOCK_CF, FG2], ACC)
-        for c0 in range(0, ct, BLOCK_CF):
-            diffs, p_t = _block_diffs(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, c0 + tl.arange(0, BLOCK_CF),
-                                      ct, height, width, p_t, ACC, P, INT_P, GRID, G2, FGRID, FG2, True,
-                                      HW_UNIT, BLOCK_CF, BLOCK_HW)
+        c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_CF)
+        for c0 in range(c_lo, c_hi, BLOCK_CF):
+            diffs, p_t = _block_diffs(h[0], h[1], h[2], h[3], t[0], t[1], t[2], t[3], c0 + tl.arange(0, BLOCK_CF), ct,
+                                      height, width, hw, p_t, ACC, P, INT_P, GRID, G2, FGRID, FG2, True, LAYOUT,
+                                      BLOCK_CF, BLOCK_HW)
             sq += diffs * diffs
-        feat = tl.sum(tl.sum(sq, axis=1), axis=0)
-        p_t = p_t * _inv_area(height, width, ACC, GRID, G2) / ct.to(ACC)
-        count = ct.to(ACC) * (FGRID * FGRID)
-    elif WEIGHTED:
-        p_t = _pooled_map(tp, t_sc, t_sy, t_sx, ct, height, width, ACC, P, INT_P, GRID, G2, HW_UNIT, BLOCK_C,
-                          BLOCK_HW)
-        a_t, _, _ = _normalize(p_t)
-        feat, _ = _dense_pass(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, hp, _weights(a_t, height, width, GRID, G2),
-                              0.0, ct, height, width, ACC, P, INT_P, GRID, G2, True, False, False, S_DTYPE,
-                              HW_UNIT, BLOCK_C, BLOCK_HW)
-        count = ct.to(ACC) * (height * width).to(ACC)
+        feat = tl.where(tl.arange(0, G2) == 0, tl.sum(tl.sum(sq, axis=1), axis=0), 0.0)
     else:
-        feat, p_t = _dense_pass(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, hp, tl.zeros([G2], ACC), 0.0, ct,
-                                height, width, ACC, P, INT_P, GRID, G2, False, True, False, S_DTYPE, HW_UNIT,
-                                BLOCK_C, BLOCK_HW)
-        count = ct.to(ACC) * (height * width).to(ACC)
+        c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_C)
+        hw_lo, hw_hi = _range(split_hw, splits_hw, hw, BLOCK_HW)
+        p_t, feat = _dense_partial(h[0], h[1], h[2], h[3], t[0], t[1], t[2], t[3], ct, height, width, hw, c_lo, c_hi,
+                                   hw_lo, hw_hi, ACC, P, INT_P, GRID, G2, WEIGHTED, LAYOUT, BLOCK_C, BLOCK_HW)
+    out = part + tl.program_id(0).to(tl.int64) * (3 * G2) + tl.arange(0, G2)
+    tl.store(out, p_s)
+    tl.store(out + G2, p_t)
+    tl.store(out + 2 * G2, feat)
 
-    a_s, _, _ = _normalize(p_s)
-    a_t, _, _ = _normalize(p_t)
-    diff = a_s - a_t
-    map_term = tl.sum(diff * diff, axis=0) / (batch * GRID * GRID).to(ACC)
-    out = partials + (module * batch + b) * 2
-    tl.store(out, feat / (batch.to(ACC) * count))
-    tl.store(out + 1, map_term)
+
+@triton.jit(do_not_specialize=["batch"])  # batch.to(ACC): never a constexpr
+def _finish_kernel(dims, part, partials, maps, batch, n_splits, ACC: tl.constexpr, GRID: tl.constexpr,
+                   G2: tl.constexpr, FGRID: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_S: tl.constexpr):
+    """P_s, P_t (to maps) and the partial terms [feat, map] of one (module, sample), summing the
+    splits' part rows in order."""
+    pid = tl.program_id(0)
+    r = pid // batch
+    b = pid % batch
+    student = _dims(dims, r, _DIMS_S, 2, 1)
+    cs, hs_, ws = student[0], student[1], student[2]
+    ct, height, width, hw = _dims(dims, r, _DIMS_T, 2, 1)
     k = tl.arange(0, G2)
+    p_s = tl.zeros([G2], ACC)
+    p_t = tl.zeros([G2], ACC)
+    feat = tl.zeros([G2], ACC)
+    rows = part + pid.to(tl.int64) * n_splits * (3 * G2)
+    for s0 in range(0, n_splits, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        tile = rows + offs[:, None] * (3 * G2) + k[None, :]
+        mask = (offs < n_splits)[:, None]
+        p_s += tl.sum(tl.load(tile, mask=mask, other=0.0), axis=0)
+        p_t += tl.sum(tl.load(tile + G2, mask=mask, other=0.0), axis=0)
+        feat += tl.sum(tl.load(tile + 2 * G2, mask=mask, other=0.0), axis=0)
+    p_s = p_s * _inv_area(hs_, ws, ACC, GRID, G2) / cs.to(ACC)
+    p_t = p_t * _inv_area(height, width, ACC, GRID, G2) / ct.to(ACC)
+    diff = _normalize(p_s)[0] - _normalize(p_t)[0]
+    map_term = tl.sum(diff * diff, axis=0) / (batch * GRID * GRID).to(ACC)
+    if FGRID > 0:
+        count = ct.to(ACC) * (FGRID * FGRID)
+    else:
+        count = ct.to(ACC) * hw.to(ACC)
+        if WEIGHTED:
+            feat = feat * _weights(_normalize(p_t)[0], height, width, GRID, G2)
+    out = partials + pid * 2
+    tl.store(out, tl.sum(feat, axis=0) / (batch.to(ACC) * count))
+    tl.store(out + 1, map_term)
     valid = k < GRID * GRID
-    maps_s = maps + (module * 2 * batch + b) * (GRID * GRID)
+    maps_s = maps + (r * 2 * batch + b) * (GRID * GRID)
     tl.store(maps_s + k, p_s, mask=valid)
     tl.store(maps_s + batch * (GRID * GRID) + k, p_t, mask=valid)
 
 
-@triton.jit(do_not_specialize=["batch"])
-def _backward_kernel(meta, grad_terms, maps, batch, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
-                     ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr,
-                     G2: tl.constexpr, FGRID: tl.constexpr, FG2: tl.constexpr, WEIGHTED: tl.constexpr,
-                     HW_UNIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CF: tl.constexpr,
-                     BLOCK_HW: tl.constexpr):
-    """grad_f_s and grad_h_s of one (module, sample)."""
-    row, module, b = _locate(meta, batch)
-    cs, hs, ws = _dims(row, _CS)
-    ct, height, width = _dims(row, _CT)
-    fs, fs_sc, fs_sy, fs_sx = _sample(row, _FS, b, S_DTYPE)
-    hp, h_sc, h_sy, h_sx = _sample(row, _HS, b, S_DTYPE)
-    tp, t_sc, t_sy, t_sx = _sample(row, _FT, b, T_DTYPE)
-    g_fs = tl.load(row + _GFS).to(tl.pointer_type(S_DTYPE)) + b * (cs * hs * ws).to(tl.int64)
-    g_h = tl.load(row + _GHS).to(tl.pointer_type(S_DTYPE)) + b * (ct * height * width).to(tl.int64)
-    grad_feat = tl.load(grad_terms + module * 2)
-    grad_map = tl.load(grad_terms + module * 2 + 1)
+@triton.jit(do_not_specialize=["batch"])  # batch.to(ACC): never a constexpr
+def _backward_kernel(fs, hs, ft, grads_fs, grads_hs, dims, strides, grad_terms, maps, batch, splits_c, splits_hw,
+                     ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr, G2: tl.constexpr,
+                     FGRID: tl.constexpr, FG2: tl.constexpr, WEIGHTED: tl.constexpr, LAYOUT: tl.constexpr,
+                     ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CF: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """grad_f_s and grad_h_s (contiguous) of one (module, sample, split)'s channels and positions."""
+    r, b, split_c, split_hw = _locate(batch, splits_c, splits_hw)
+    cs, hs_, ws, hw_s = _dims(dims, r, _DIMS_S, LAYOUT, ALIGN)
+    ct, height, width, hw = _dims(dims, r, _DIMS_T, LAYOUT, ALIGN)
+    f = _sample(fs, strides, r, _FS, b, LAYOUT, ALIGN)
+    g_fs = at_kernels._pick(grads_fs, r) + b * (cs * hw_s).to(tl.int64)
+    grad_map = tl.load(grad_terms + r * 2 + 1)
 
-    k = tl.arange(0, G2)
-    valid = k < GRID * GRID
-    maps_s = maps + (module * 2 * batch + b) * (GRID * GRID)
-    p_s = tl.load(maps_s + k, mask=valid, other=0.0)
-    p_t = tl.load(maps_s + batch * (GRID * GRID) + k, mask=valid, other=0.0)
-    a_s, inv_s, n_s = _normalize(p_s)
-    a_t, _, _ = _normalize(p_t)
+    maps_s = maps + (r * 2 * batch + b) * (GRID * GRID)
+    a_s, inv_s, n_s = _normalize(_load_map(maps_s, G2, GRID))
+    a_t = _normalize(_load_map(maps_s + batch * (GRID * GRID), G2, GRID))[0]
 
     # Student map: dP per bin, spread over the bins' positions and scaled by 1 / (area Cs).
     d_a = grad_map * 2.0 * (a_s - a_t) / (batch * GRID * GRID).to(ACC)
     proj = tl.where(n_s >= _EPS, tl.sum(a_s * d_a, axis=0), 0.0)
-    d_p = (d_a - a_s * proj) * inv_s * _inv_area(hs, ws, ACC, GRID, G2) / cs.to(ACC)
-    hw_s = hs * ws
-    for hw0 in range(0, hw_s, BLOCK_HW):
+    d_p = (d_a - a_s * proj) * inv_s * _inv_area(hs_, ws, ACC, GRID, G2) / cs.to(ACC)
+    c_lo, c_hi = _range(split_c, splits_c, cs, BLOCK_C)
+    hw_lo, hw_hi = _range(split_hw, splits_hw, hw_s, BLOCK_HW)
+    for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
-        d_m = _spread(_bins(offs_hw, hw_s, hs, ws, GRID, G2), d_p)
-        for c0 in range(0, cs, BLOCK_C):
+        d_m = _spread(_bins(offs_hw, hw_s, hs_, ws, GRID, G2), d_p)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = _mask(offs_c, offs_hw, cs, hw_s)
-            v = _load(fs, _offsets(offs_c, offs_hw, ws, fs_sc, fs_sy, fs_sx, HW_UNIT), mask, ACC)
+            v = _load(f[0], _offsets(offs_c, offs_hw, ws, f[1], f[2], f[3], LAYOUT), mask, ACC)
             grad = d_m[None, :] * at_kernels._g_grad(v, P, INT_P, False)
-            tl.store(g_fs + offs_c[:, None] * hw_s + offs_hw[None, :], grad.to(S_DTYPE), mask=mask)
+            tl.store(g_fs + offs_c[:, None] * hw_s + offs_hw[None, :], grad.to(g_fs.dtype.element_ty), mask=mask)
 
-    # Connector output.
-    hw = height * width
+    # Connector output (its tensors looked up only now: shorter live ranges).
+    h = _sample(hs, strides, r, _HS, b, LAYOUT, ALIGN)
+    t = _sample(ft, strides, r, _FT, b, LAYOUT, ALIGN)
+    g_h = at_kernels._pick(grads_hs, r) + b * (ct * hw).to(tl.int64)
+    grad_feat = tl.load(grad_terms + r * 2)
     if FGRID > 0:
         coef = grad_feat * 2.0 / (batch.to(ACC) * ct.to(ACC) * FGRID * FGRID)
         inv_area = _inv_area(height, width, ACC, FGRID, FG2)
-        for c0 in range(0, ct, BLOCK_CF):
+        c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_CF)
+        for c0 in range(c_lo, c_hi, BLOCK_CF):
             offs_c = c0 + tl.arange(0, BLOCK_CF)
-            diffs, unused_p_t = _block_diffs(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, offs_c, ct, height, width,
-                                             p_t, ACC, P, INT_P, GRID, G2, FGRID, FG2, False, HW_UNIT, BLOCK_CF,
-                                             BLOCK_HW)
+            diffs = _block_diffs(h[0], h[1], h[2], h[3], t[0], t[1], t[2], t[3], offs_c, ct, height, width, hw,
+                                 tl.zeros([G2], ACC), ACC, P, INT_P, GRID, G2, FGRID, FG2, False, LAYOUT, BLOCK_CF,
+                                 BLOCK_HW)[0]
             d_bins = coef * diffs * inv_area[None, :]
             for hw0 in range(0, hw, BLOCK_HW):
                 offs_hw = hw0 + tl.arange(0, BLOCK_HW)
-                inside = _bins(offs_hw, hw, height, width, FGRID, FG2)
-                grad = tl.sum(tl.where(inside[None, :, :], d_bins[:, :, None], 0.0), axis=1)
-                tl.store(g_h + offs_c[:, None] * hw + offs_hw[None, :], grad.to(S_DTYPE),
+                inside = _bins(offs_hw, hw, height, width, FGRID, FG2).to(ACC)
+                grad = tl.dot(d_bins, inside, input_precision="ieee", out_dtype=ACC)
+                tl.store(g_h + offs_c[:, None] * hw + offs_hw[None, :], grad.to(g_h.dtype.element_ty),
                          mask=_mask(offs_c, offs_hw, ct, hw))
     else:
         coef = grad_feat * 2.0 / (batch.to(ACC) * ct.to(ACC) * hw.to(ACC))
-        _dense_pass(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, g_h, _weights(a_t, height, width, GRID, G2), coef,
-                    ct, height, width, ACC, P, INT_P, GRID, G2, WEIGHTED, False, True, S_DTYPE, HW_UNIT, BLOCK_C,
-                    BLOCK_HW)
+        wk = _weights(a_t, height, width, GRID, G2)
+        c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_C)
+        hw_lo, hw_hi = _range(split_hw, splits_hw, hw, BLOCK_HW)
+        for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
+            offs_hw = hw0 + tl.arange(0, BLOCK_HW)
+            w = tl.full([BLOCK_HW], coef, ACC)
+            if WEIGHTED:
+                w = coef * _spread(_cells(offs_hw, height, width, GRID, G2), wk)
+            for c0 in range(c_lo, c_hi, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                mask = _mask(offs_c, offs_hw, ct, hw)
+                tv = _load(t[0], _offsets(offs_c, offs_hw, width, t[1], t[2], t[3], LAYOUT), mask, ACC)
+                d = _load(h[0], _offsets(offs_c, offs_hw, width, h[1], h[2], h[3], LAYOUT), mask, ACC) - tv
+                grad = w[None, :] * d
+                tl.store(g_h + offs_c[:, None] * hw + offs_hw[None, :], grad.to(g_h.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- host helpers
+
+
+def _channels_unit(t: Tensor) -> bool:
+    """Whether ``t`` has unit channel stride and positions that flatten to one stride."""
+    _, c, h, w = t.shape
+    return (c == 1 or t.stride(1) == 1) and (h == 1 or w == 1 or t.stride(2) == w * t.stride(3))
+
+
+def _hw_unit(t: Tensor) -> bool:
+    """Whether positions y * W + x of ``t`` are at unit stride (contiguous per channel)."""
+    _, _, h, w = t.shape
+    return (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)
+
+
+def _layout(tensors: list[Tensor]) -> int:
+    if all(_hw_unit(t) for t in tensors):
+        return _CONTIGUOUS
+    return _CHANNELS_LAST if all(_channels_unit(t) for t in tensors) else _STRIDED
+
+
+def _strides(t: Tensor, layout: int) -> tuple[int, int, int, int]:
+    """(b, c, y, x) strides, 0 for a dim of size 1; with channels_last the x column is the stride
+    of the flattened positions."""
+    b, c, h, w = t.shape
+    x = at_kernels._hw_stride(t) if layout == _CHANNELS_LAST else t.stride(3)
+    x_size = h * w if layout == _CHANNELS_LAST else w
+    return tuple(st if size > 1 else 0 for size, st in ((b, t.stride(0)), (c, t.stride(1)), (h, t.stride(2)),
+                                                        (x_size, x)))
+
+
+def _alignment(tensors: list[Tensor], layout: int) -> int:
+    """ALIGN: the largest power of two (<= 16) dividing every data pointer (in elements), batch
+    stride, non-unit stride (c for contiguous, positions for channels_last) and unit-axis extent
+    of ``tensors``; 1 for other layouts."""
+    if layout == _STRIDED:
+        return 1
+    g = 0
+    for t in tensors:
+        sb, sc, _, sx = _strides(t, layout)
+        extent, stride = (t.size(2) * t.size(3), sc) if layout == _CONTIGUOUS else (t.size(1), sx)
+        g = math.gcd(g, t.data_ptr() // t.element_size(), sb, stride, extent)
+    return min(g & -g, at_kernels._MAX_ALIGN) if g else at_kernels._MAX_ALIGN
+
+
+class _Plan(NamedTuple):
+    """Blocks, splits and constexprs of a launch pair (forward or backward)."""
+
+    splits_c: int
+    splits_hw: int
+    constexprs: dict[str, object]
+
+    @property
+    def splits(self) -> int:
+        return self.splits_c * self.splits_hw
+
+
+def _blocks(tensors: list[Tensor], layout: int, bins: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW): the unit-stride block (positions, or channels for channels_last) fits the
+    largest map, in [16, 128]; the other fills a _TILE-element tile; a [bins, BLOCK_HW] membership
+    mask stays within _TILE elements."""
+    hw = triton.next_power_of_2(max(t.size(2) * t.size(3) for t in tensors))
+    channels = triton.next_power_of_2(max(t.size(1) for t in tensors))
+    hw_max = max(_TILE // bins, _BLOCK_MIN)
+    if layout == _CHANNELS_LAST:
+        block_c = min(max(channels, _BLOCK_MIN), _UNIT_BLOCK_MAX)
+        return block_c, max(min(hw, _TILE // block_c, hw_max), _BLOCK_MIN)
+    block_hw = min(max(hw, _BLOCK_MIN), _UNIT_BLOCK_MAX, hw_max)
+    return min(channels, _TILE // block_hw), block_hw
+
+
+def _d_channels(fg2: int, backward: bool) -> int:
+    """Channels of a D block [BLOCK_CF, FG2]: D of _TILE elements, except in the forward beyond 32
+    bins, where 16 channels (the dot's least) keep its registers from spilling (measured with
+    ptxas for sm_90, triton 3.6 and 3.8)."""
+    return _TILE // fg2 if fg2 <= 32 or backward else _BLOCK_MIN
+
+
+def _splits(f_s: list[Tensor], h_s: list[Tensor], block_c: int, block_cf: int, block_hw: int, dense: bool,
+            device: torch.device) -> tuple[int, int]:
+    """(channel splits, position splits) per (module, sample): doubled, along the axis with more
+    blocks left per split, while the launch has fewer than at.py's _min_programs programs
+    (positions only when ``dense``, i.e. fb == 0)."""
+    c_blocks = max(max(triton.cdiv(s.size(1), block_c), triton.cdiv(h.size(1), block_cf)) for s, h in zip(f_s, h_s))
+    hw_blocks = max(triton.cdiv(t.size(2) * t.size(3), block_hw) for t in (*f_s, *h_s)) if dense else 1
+    splits_c = splits_hw = 1
+    target = at_kernels._min_programs(device)
+    while len(f_s) * f_s[0].size(0) * splits_c * splits_hw < target and splits_c * splits_hw < _MAX_SPLITS:
+        c_ok, hw_ok = splits_c * 2 <= c_blocks, splits_hw * 2 <= hw_blocks
+        if c_ok and (not hw_ok or c_blocks // splits_c >= hw_blocks // splits_hw):
+            splits_c *= 2
+        elif hw_ok:
+            splits_hw *= 2
+        else:
+            break
+    return splits_c, splits_hw
+
+
+def _plan(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float, feature_grid: int,
+          teacher_weighting: bool, backward: bool = False) -> _Plan:
+    tensors = [*f_s, *h_s, *f_t]
+    layout = _layout(tensors)
+    g2 = triton.next_power_of_2(grid * grid)
+    fg2 = max(triton.next_power_of_2(feature_grid ** 2), _BLOCK_MIN) if feature_grid > 0 else 1
+    block_c, block_hw = _blocks(tensors, layout, max(g2, fg2))
+    block_cf = max(_BLOCK_MIN, min(block_c, _d_channels(fg2, backward), _TILE // block_hw)) if feature_grid > 0 else block_c
+    splits_c, splits_hw = _splits(f_s, h_s, block_c, block_cf, block_hw, feature_grid == 0, f_s[0].device)
+    power = float(power)
+    integer = power.is_integer() and power <= at_kernels._MAX_INT_POWER
+    constexprs = {
+        "ACC": TL_DTYPES[acc_dtype(f_s[0].dtype)], "P": power, "INT_P": int(power) if integer else -1, "GRID": grid,
+        "G2": g2, "FGRID": feature_grid, "FG2": fg2, "WEIGHTED": teacher_weighting, "LAYOUT": layout,
+        "ALIGN": _alignment(tensors, layout), "BLOCK_C": block_c, "BLOCK_CF": block_cf, "BLOCK_HW": block_hw}
+    return _Plan(splits_c, splits_hw, constexprs)
+
+
+def _module_args(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], layout: int) -> tuple:
+    """The per-module kernel arguments: f_s, h_s, f_t tuples, ``dims`` and ``strides``."""
+    dims = tuple((*s.shape[1:], *h.shape[1:]) for s, h in zip(f_s, h_s))
+    strides = tuple((*_strides(s, layout), *_strides(h, layout), *_strides(t, layout)) for s, h, t in zip(f_s, h_s, f_t))
+    return tuple(f_s), tuple(h_s), tuple(f_t), dims, strides
 
 
 def _check(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float,
@@ -430,56 +625,38 @@ def _check(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, p
         raise ValueError(f"{name}: teacher_weighting needs feature_grid 0, got {feature_grid}")
 
 
-def _columns(t: Tensor) -> list[int]:
-    return [t.data_ptr(), *t.stride()]
-
-
-def _hw_unit(t: Tensor) -> bool:
-    """Whether positions y * W + x of ``t`` are at unit stride (contiguous per channel)."""
-    _, _, h, w = t.shape
-    return (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)
-
-
-def _launch(kernel, f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting, tensor_args, grads=None):
-    """One launch of ``kernel`` over every (module, sample), rows ordered by decreasing work."""
-    order = sorted(range(len(f_s)), key=lambda i: -(f_s[i].numel() + 2 * h_s[i].numel()))
-    rows = []
-    for i in order:
-        s, h, t = f_s[i], h_s[i], f_t[i]
-        outs = [grads[0][i].data_ptr(), grads[1][i].data_ptr()] if grads is not None else [0, 0]
-        rows.append([i, *s.shape[1:], *h.shape[1:], *_columns(s), *_columns(h), *_columns(t), *outs])
-    power = float(power)
-    integer = power.is_integer() and power <= at_kernels._MAX_INT_POWER
-    tensors = [*f_s, *h_s, *f_t]
-    block_hw = min(max(triton.next_power_of_2(max(f.size(2) * f.size(3) for f in tensors)), _BLOCK_HW_MIN),
-                   _BLOCK_HW_MAX)
-    block_c = min(triton.next_power_of_2(max(f.size(1) for f in tensors)), _TILE // block_hw)
-    fg2 = triton.next_power_of_2(max(feature_grid, 1) ** 2)
-    device, batch = f_s[0].device, f_s[0].size(0)
-    with on_device(device):
-        kernel[(len(f_s) * batch,)](
-            at_kernels._device_table(rows, device), *tensor_args, batch,
-            S_DTYPE=TL_DTYPES[f_s[0].dtype], T_DTYPE=TL_DTYPES[f_t[0].dtype], ACC=TL_DTYPES[acc_dtype(f_s[0].dtype)],
-            P=power, INT_P=int(power) if integer else -1, GRID=grid, G2=triton.next_power_of_2(grid * grid),
-            FGRID=feature_grid, FG2=fg2, WEIGHTED=teacher_weighting, HW_UNIT=all(_hw_unit(f) for f in tensors),
-            BLOCK_C=block_c, BLOCK_CF=max(1, min(block_c, _TILE_3D // (fg2 * block_hw))), BLOCK_HW=block_hw,
-            num_warps=_NUM_WARPS)
-
 
 # ----------------------------------------------------------------------------- launchers
 
 
+def _module_chunks(count: int) -> list[slice]:
+    """The modules of each launch (tuple arguments of at most _MAX_STAGES modules)."""
+    return [slice(lo, min(lo + at_kernels._MAX_STAGES, count)) for lo in range(0, count, at_kernels._MAX_STAGES)]
+
+
 def block_attention_forward(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float,
                             feature_grid: int, teacher_weighting: bool) -> tuple[Tensor, Tensor]:
-    """``(terms (L, 2) [feat, map], maps (L, 2, B, g*g) [P_s, P_t])`` of every module, one launch
-    (plus torch's sum of the (L, B, 2) per-sample partials over B). Contract:
-    kdfast/ops/block_attention.py."""
+    """``(terms (L, 2) [feat, map], maps (L, 2, B, g*g) [P_s, P_t])`` of every module: two launches
+    (splits, then per (module, sample)) and torch's sum of the (L, B, 2) per-sample partials over B.
+    Contract: kdfast/ops/block_attention.py."""
     _check(f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting, "block_attention_forward")
+    plan = _plan(f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting)
+    c = plan.constexprs
     acc = acc_dtype(f_s[0].dtype)
     batch, device = f_s[0].size(0), f_s[0].device
+    part = torch.empty((len(f_s), batch, plan.splits, 3, c["G2"]), dtype=acc, device=device)
     partials = torch.empty((len(f_s), batch, 2), dtype=acc, device=device)
     maps = torch.empty((len(f_s), 2, batch, grid * grid), dtype=acc, device=device)
-    _launch(_forward_kernel, f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting, (partials, maps))
+    block_s = min(triton.next_power_of_2(plan.splits), max(_TILE // c["G2"], 1))
+    with on_device(device):
+        for m in _module_chunks(len(f_s)):
+            args = _module_args(f_s[m], h_s[m], f_t[m], c["LAYOUT"])
+            modules = len(args[0])
+            _partials_kernel[(modules * batch * plan.splits,)](*args, part[m], batch, plan.splits_c, plan.splits_hw,
+                                                               num_warps=_NUM_WARPS, **c)
+            _finish_kernel[(modules * batch,)](args[3], part[m], partials[m], maps[m], batch, plan.splits,
+                                               ACC=c["ACC"], GRID=grid, G2=c["G2"], FGRID=feature_grid,
+                                               WEIGHTED=teacher_weighting, BLOCK_S=block_s, num_warps=_NUM_WARPS)
     return partials.sum(1), maps
 
 
@@ -498,8 +675,15 @@ def block_attention_backward(grad_terms: Tensor, f_s: list[Tensor], h_s: list[Te
         raise ValueError(f"{name}: maps must be the forward's ({len(f_s)}, 2, {batch}, {grid * grid}) {acc} tensor")
     if grad_terms.device != device or maps.device != device:
         raise ValueError(f"{name}: grad_terms and maps must be on {device}")
-    grads = ([torch.empty(f.shape, dtype=f.dtype, device=device) for f in f_s],
-             [torch.empty(h.shape, dtype=h.dtype, device=device) for h in h_s])
-    _launch(_backward_kernel, f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting,
-            (grad_terms.to(acc).contiguous(), maps.contiguous()), grads)
-    return grads
+    grads_fs = [torch.empty(f.shape, dtype=f.dtype, device=device) for f in f_s]
+    grads_hs = [torch.empty(h.shape, dtype=h.dtype, device=device) for h in h_s]
+    plan = _plan(f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting, backward=True)
+    grad_terms = grad_terms.to(acc).contiguous()
+    maps = maps.contiguous()
+    with on_device(device):
+        for m in _module_chunks(len(f_s)):
+            fs, hs, ft, dims, strides = _module_args(f_s[m], h_s[m], f_t[m], plan.constexprs["LAYOUT"])
+            _backward_kernel[(len(fs) * batch * plan.splits,)](
+                fs, hs, ft, tuple(grads_fs[m]), tuple(grads_hs[m]), dims, strides, grad_terms[m], maps[m], batch,
+                plan.splits_c, plan.splits_hw, num_warps=_NUM_WARPS, **plan.constexprs)
+    return grads_fs, grads_hs

@@ -98,7 +98,7 @@ def _dkd_row_setup(zs_ptr, zt_ptr, rows, n, stride_s, stride_t, target_ptr, stri
     return zs_rows, zt_rows, temp, 1.0 / temp, alpha, beta, g, zg_s, zg_t, g_ok
 
 
-@triton.jit
+@sm.row_kernel
 def _dkd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n, stride_s,
                         stride_t, target_ptr, stride_target, t_hi, t_lo, alpha_hi, alpha_lo,
                         beta_hi, beta_lo, WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
@@ -153,7 +153,7 @@ def _dkd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n,
                            c_s, m_t, log_l_t, c_t, g, at_target, inv_t, True, BLOCK_K, ACC)
 
 
-@triton.jit
+@sm.row_kernel
 def _dkd_backward_kernel(gl_ptr, stride_gl, zs_ptr, zt_ptr, stats_ptr, stride_stats, grad_ptr,
                          batch, n, stride_s, stride_t, target_ptr, stride_target, t_hi, t_lo,
                          alpha_hi, alpha_lo, beta_hi, beta_lo, ROWS: tl.constexpr,

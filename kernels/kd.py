@@ -23,7 +23,6 @@ classes (ONE_BLOCK) are loaded once: pass 2 reuses the registers of pass 1. Noth
 B x K is allocated besides the returned gradient; no atomics (deterministic).
 """
 
-import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -32,7 +31,7 @@ from kdfast.kernels import softmax as sm
 _N_STATS = tl.constexpr(2)  # stats columns: lse_s, lse_t
 
 
-@triton.jit
+@sm.row_kernel
 def _kd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n, stride_s,
                        stride_t, t_hi, t_lo, WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
                        ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
@@ -70,7 +69,7 @@ def _kd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n, 
                            log_l_t, coef, none, coef, inv_t, False, BLOCK_K, ACC)
 
 
-@triton.jit
+@sm.row_kernel
 def _kd_backward_kernel(gl_ptr, stride_gl, zs_ptr, zt_ptr, stats_ptr, stride_stats, grad_ptr,
                         batch, n, stride_s, stride_t, t_hi, t_lo, ROWS: tl.constexpr,
                         BLOCK_K: tl.constexpr, ACC: tl.constexpr):

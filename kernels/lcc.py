@@ -37,12 +37,17 @@ Launches (every reduction deterministic, no atomics):
    fewer row blocks than the device wants programs, the offsets are split over SPLITS programs
    per row block. Each program writes its 3 partial sums; torch sums the (nb * SPLITS, 3)
    partials (O(N) memory).
-3. backward ``_grad_tiles_kernel``: program (a, s) owns row block a and the column blocks of
-   split s; it recomputes each Delta tile, weights it into ``P = 4 w Delta inv_s[cols]`` and adds
-   ``P @ X_s[cols]`` to its accumulator rows ``g_s[rows]`` (SPLITS x N x Ds; SPLITS > 1 only
-   while it stays within _SPLIT_BYTES), chunk by chunk of Ds (read-modify-write, L2-resident).
-4. ``_grad_kernel``: per row block, sums the splits' accumulators, computes ``<x, g>`` and the
-   norm in a first pass over Ds and writes ``grad_x`` at the map positions in a second.
+3. backward ``_grad_tiles_kernel``: with ``Q = 4 w Delta``, ``g = Q U`` and
+   ``<u[n], g[n]> = sum_m Q[n, m] S_s[n, m]``: the projection comes from the tiles themselves,
+   not from a pass over g. Program (a, s) owns row block a and the column blocks of split s; it
+   recomputes each Delta tile (with the S_s tile it comes from), adds ``(Q inv_s[cols]) @
+   X_s[cols]`` to its accumulator rows ``g[s, rows]`` chunk by chunk of Ds (read-modify-write
+   by the program alone, L2-resident) and sums ``rowsum(Q S_s)``. With one split (at least as
+   many row blocks as SMs) the same program then writes ``grad_x`` of its rows at the map
+   positions: one pass over its accumulator rows and x, no second launch.
+4. ``_grad_kernel``, only with SPLITS > 1 (at most _MAX_SPLITS, while there are fewer row
+   blocks than SMs): sums the splits' accumulators and projections in split order and
+   writes ``grad_x`` in one pass. Extra memory: SPLITS x N x (Ds + 1) accumulation-dtype values.
 """
 
 import functools
@@ -58,19 +63,24 @@ from kdfast.kernels import softmax as sm
 
 _EPS = tl.constexpr(1e-12)  # inv = 1 / max(||x||_2, eps), as F.normalize
 
-# Tile side (rows = columns, a power of two in [16, 64]: tl.dot needs >= 16) and descriptor chunk,
+# Tile side (rows = columns, a power of two in [16, 32]: tl.dot needs >= 16) and descriptor chunk,
 # by accumulation dtype (float64 multiplies [side, chunk, side] products in registers: smaller).
 # The side starts at the largest and is halved while the launch has fewer than
 # _PROGRAMS_PER_SM programs per SM for a full (nb x nb) tile grid, so a small N still fills the
-# GPU (N = 1024 on an H100: a side of 32, 32 x 32 tiles).
-_MAX_BLOCK = {torch.float32: 64, torch.float64: 32}
+# GPU (N = 256 on an H100: a side of 16, 16 x 16 tiles). Measured for sm_90 (triton 3.6 and 3.8):
+# IEEE float32 dots keep whole operand rows in registers, so a side
+# of 64 spills (triton 3.6: 24-1188 bytes on 4 to 16 warps) and a chunk of 32 does at side 32
+# (12-56 bytes on 4 warps); side 32 with 16-element chunks takes <= 140 registers forward and
+# <= 184 backward. A few specialisations still spill 4-16 bytes at 48-128 registers: ptxas keeps
+# a value loaded before the tile loop and used after it in local memory (the case inspected).
+_MAX_BLOCK = {torch.float32: 32, torch.float64: 32}
 _MIN_BLOCK = 16
-_BLOCK_K = {torch.float32: 32, torch.float64: 4}
+_BLOCK_K = {torch.float32: 16, torch.float64: 4}
+_NUM_WARPS = 8
 _PROGRAMS_PER_SM = 4
-_NUM_WARPS = 4
 # Every column split of the backward owns an N x Ds accumulator (float32; float64 for float64
-# maps): splits beyond the first are used only while all of them fit in this many bytes.
-_SPLIT_BYTES = 64 << 20
+# maps): at most this many, only while there are fewer row blocks than SMs.
+_MAX_SPLITS = 4
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -141,7 +151,7 @@ def _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t,
            xs, cs, ds, sbs, scs, sys, sxs, xt, ct, dt, sbt, sct, syt, sxt,
            S_C_INNER: tl.constexpr, T_C_INNER: tl.constexpr, ACC: tl.constexpr,
            BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The Delta tile ``S_s[rows, cols] - S_t[rows, cols]`` (exactly 0 outside [0, n)^2)."""
+    """The tiles ``Delta = S_s - S_t`` and ``S_s`` at [rows, cols] (exactly 0 outside [0, n)^2)."""
     gs = _gram(xs, rows, cols, n, grid, rh, rw, cs, ds, sbs, scs, sys, sxs, S_C_INNER, ACC,
                BLOCK, BLOCK_K)
     gt = _gram(xt, rows, cols, n, grid, rh, rw, ct, dt, sbt, sct, syt, sxt, T_C_INNER, ACC,
@@ -152,8 +162,9 @@ def _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t,
     s_c = tl.load(inv_s + cols, mask=cols_ok, other=0.0)
     t_r = tl.load(inv_t + rows, mask=rows_ok, other=0.0)
     t_c = tl.load(inv_t + cols, mask=cols_ok, other=0.0)
-    delta = gs * s_r[:, None] * s_c[None, :] - gt * t_r[:, None] * t_c[None, :]
-    return tl.where(rows_ok[:, None] & cols_ok[None, :], delta, 0.0)
+    corr_s = gs * s_r[:, None] * s_c[None, :]  # 0 outside: the masked loads gave gs = 0
+    delta = corr_s - gt * t_r[:, None] * t_c[None, :]
+    return tl.where(rows_ok[:, None] & cols_ok[None, :], delta, 0.0), corr_s
 
 
 @triton.jit
@@ -190,6 +201,31 @@ def _split_sum(g, rows64, d, mask, n, dim, n_splits, ACC: tl.constexpr, BLOCK: t
     for s in range(0, n_splits):
         acc += tl.load(g + (s * n + rows64)[:, None] * dim + d[None, :], mask=mask, other=0.0)
     return acc
+
+
+@triton.jit
+def _store_grad(out, g, n_splits, proj, inv_s, rows, n, grid, rh, rw, xs, cs, ds, sbs, scs, sys,
+                sxs, sbo, sco, syo, sxo, S_C_INNER: tl.constexpr, ACC: tl.constexpr,
+                BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Writes ``grad_x = inv (g - u proj)`` (``u = x inv``, ``proj = <u, g>``) of rows ``rows`` at
+    the map positions, ``g`` summed over the splits' accumulators; ``inv g`` where the norm is
+    clamped (inv = 1 / eps)."""
+    rows_ok = rows < n
+    rows64 = rows.to(tl.int64)
+    inv = tl.load(inv_s + rows, mask=rows_ok, other=0.0)
+    x_coef = tl.where(inv < 1.0 / _EPS, inv * proj, 0.0)
+    x_base = _row_base(rows, grid, rh, rw, sbs, sys, sxs)
+    o_base = _row_base(rows, grid, rh, rw, sbo, syo, sxo)
+    for k0 in range(0, ds, BLOCK_K):
+        d = k0 + tl.arange(0, BLOCK_K)
+        mask = rows_ok[:, None] & (d < ds)[None, :]
+        c, y, x = _element(d, cs, rh, rw, S_C_INNER)
+        v = tl.load(xs + x_base[:, None] + (c * scs + y * sys + x * sxs)[None, :], mask=mask,
+                    other=0.0).to(ACC)
+        gv = _split_sum(g, rows64, d, mask, n, ds, n_splits, ACC, BLOCK, BLOCK_K)
+        grad = inv[:, None] * (gv - v * x_coef[:, None])
+        tl.store(out + o_base[:, None] + (c * sco + y * syo + x * sxo)[None, :],
+                 grad.to(out.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -230,8 +266,9 @@ def _sums_kernel(partial, n, grid, rh, rw, inv_s, inv_t,
     cross = tl.zeros([BLOCK], ACC)
     for o in range(first, last):
         cols = ((a + o) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-        delta = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, cs, ds, sbs, scs, sys, sxs,
-                       xt, ct, dt, sbt, sct, syt, sxt, S_C_INNER, T_C_INNER, ACC, BLOCK, BLOCK_K)
+        delta, _ = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, cs, ds, sbs, scs, sys,
+                          sxs, xt, ct, dt, sbt, sct, syt, sxt, S_C_INNER, T_C_INNER, ACC, BLOCK,
+                          BLOCK_K)
         weight = tl.where((o == 0) | (2 * o == n_blocks), 1.0, 2.0)
         sq = delta * delta * weight
         same_sample, same_position = _classes(rows, cols, grid)
@@ -245,11 +282,14 @@ def _sums_kernel(partial, n, grid, rh, rw, inv_s, inv_t,
 
 
 @triton.jit
-def _grad_tiles_kernel(g, grad_sums, grad_sums_stride, n, grid, rh, rw, inv_s, inv_t,
+def _grad_tiles_kernel(g, proj, out, grad_sums, grad_sums_stride, n, grid, rh, rw, inv_s, inv_t,
                        xs, cs, ds, sbs, scs, sys, sxs, xt, ct, dt, sbt, sct, syt, sxt,
-                       n_blocks, per_split, S_C_INNER: tl.constexpr, T_C_INNER: tl.constexpr,
-                       ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``g[split, rows] = sum over the split's column blocks of (4 w Delta inv_s[cols]) @ X_s[cols]``."""
+                       sbo, sco, syo, sxo, n_blocks, per_split, S_C_INNER: tl.constexpr,
+                       T_C_INNER: tl.constexpr, FINISH: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Over the split's column blocks b, with ``Q = 4 w Delta``: ``g[split, rows] += (Q inv_s[cols])
+    @ X_s[cols]`` and ``proj[split, rows] += rowsum(Q S_s)`` (= ``<u[n], g[n]>``, as g = Q U).
+    FINISH (a single split): then writes grad_x of the rows (:func:`_store_grad`)."""
     a = tl.program_id(0)
     split = tl.program_id(1)
     w_intra = 4.0 * tl.load(grad_sums).to(ACC)
@@ -260,15 +300,21 @@ def _grad_tiles_kernel(g, grad_sums, grad_sums_stride, n, grid, rh, rw, inv_s, i
     rows = a * BLOCK + tl.arange(0, BLOCK)
     rows_ok = rows < n
     g_rows = g + (split * n + rows.to(tl.int64))[:, None] * ds
+    row_proj = tl.zeros([BLOCK], ACC)
     for b in range(first, last):
         cols = b * BLOCK + tl.arange(0, BLOCK)
         cols_ok = cols < n
-        delta = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, cs, ds, sbs, scs, sys, sxs,
-                       xt, ct, dt, sbt, sct, syt, sxt, S_C_INNER, T_C_INNER, ACC, BLOCK, BLOCK_K)
+        delta, corr_s = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, cs, ds, sbs, scs,
+                               sys, sxs, xt, ct, dt, sbt, sct, syt, sxt, S_C_INNER, T_C_INNER,
+                               ACC, BLOCK, BLOCK_K)
         same_sample, same_position = _classes(rows, cols, grid)
-        w = tl.where(same_sample, w_intra, tl.where(same_position, w_inter, w_cross))
-        p = delta * w * tl.load(inv_s + cols, mask=cols_ok, other=0.0)[None, :]
+        q = delta * tl.where(same_sample, w_intra, tl.where(same_position, w_inter, w_cross))
+        row_proj += tl.sum(q * corr_s, axis=1)
+        p = q * tl.load(inv_s + cols, mask=cols_ok, other=0.0)[None, :]
         col_base = _row_base(cols, grid, rh, rw, sbs, sys, sxs)
+        started = b > first  # the first column block starts the accumulator: nothing is loaded
+        # g_rows is read back by other threads of the program than those that stored it
+        tl.debug_barrier()
         for k0 in range(0, ds, BLOCK_K):
             d = k0 + tl.arange(0, BLOCK_K)
             d_ok = d < ds
@@ -276,53 +322,30 @@ def _grad_tiles_kernel(g, grad_sums, grad_sums_stride, n, grid, rh, rw, inv_s, i
             xc = tl.load(xs + col_base[:, None] + off[None, :], mask=cols_ok[:, None] & d_ok[None, :],
                          other=0.0).to(ACC)
             mask = rows_ok[:, None] & d_ok[None, :]
-            # the first column block starts the accumulator: nothing is loaded then
-            acc = tl.load(g_rows + d[None, :], mask=mask & (b > first), other=0.0)
+            acc = tl.load(g_rows + d[None, :], mask=mask & started, other=0.0)
             acc = _mm(p, xc, acc)
             tl.store(g_rows + d[None, :], acc, mask=mask)
+    if FINISH:
+        tl.debug_barrier()
+        _store_grad(out, g, 1, row_proj, inv_s, rows, n, grid, rh, rw, xs, cs, ds, sbs, scs, sys,
+                    sxs, sbo, sco, syo, sxo, S_C_INNER, ACC, BLOCK, BLOCK_K)
+    else:
+        tl.store(proj + split * n + rows, row_proj, mask=rows_ok)
 
 
 @triton.jit
-def _grad_chunk(xs, x_base, g, rows, k0, n, n_splits, rh, rw, cs, ds, scs, sys, sxs,
-                S_C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """Chunk ``k0 + [0, BLOCK_K)`` of rows ``rows``: its (c, y, x), mask, x and summed g."""
-    d = k0 + tl.arange(0, BLOCK_K)
-    mask = (rows < n)[:, None] & (d < ds)[None, :]
-    c, y, x = _element(d, cs, rh, rw, S_C_INNER)
-    v = tl.load(xs + x_base[:, None] + (c * scs + y * sys + x * sxs)[None, :], mask=mask,
-                other=0.0).to(ACC)
-    gv = _split_sum(g, rows.to(tl.int64), d, mask, n, ds, n_splits, ACC, BLOCK, BLOCK_K)
-    return c, y, x, mask, v, gv
-
-
-@triton.jit
-def _grad_kernel(out, g, n_splits, inv_s, n, grid, rh, rw,
+def _grad_kernel(out, g, proj, n_splits, inv_s, n, grid, rh, rw,
                  xs, cs, ds, sbs, scs, sys, sxs, sbo, sco, syo, sxo,
                  S_C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """``grad_x = inv (g - u <u, g>)`` of BLOCK rows (``inv g`` where the norm is clamped): a
-    first pass over Ds for ``<x, g>`` and ``||x||``, a second one writes."""
+    """grad_x of BLOCK rows from the splits' partial g and proj, summed in split order."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x_base = _row_base(rows, grid, rh, rw, sbs, sys, sxs)
-    o_base = _row_base(rows, grid, rh, rw, sbo, syo, sxo)
-    xg = tl.zeros([BLOCK, BLOCK_K], ACC)
-    xx = tl.zeros([BLOCK, BLOCK_K], ACC)
-    for k0 in range(0, ds, BLOCK_K):
-        _, _, _, _, v, gv = _grad_chunk(xs, x_base, g, rows, k0, n, n_splits, rh, rw, cs, ds, scs,
-                                        sys, sxs, S_C_INNER, ACC, BLOCK, BLOCK_K)
-        xg += v * gv
-        xx += v * v
-    inv = tl.load(inv_s + rows, mask=rows < n, other=0.0)
-    norm = at_kernels._sqrt(tl.sum(xx, axis=1))
-    # u <u, g> = x inv^2 <x, g>, where the norm is not clamped
-    coef = tl.where(norm > _EPS, inv * inv * tl.sum(xg, axis=1), 0.0)
-    for k0 in range(0, ds, BLOCK_K):
-        c, y, x, mask, v, gv = _grad_chunk(xs, x_base, g, rows, k0, n, n_splits, rh, rw, cs, ds,
-                                           scs, sys, sxs, S_C_INNER, ACC, BLOCK, BLOCK_K)
-        grad = inv[:, None] * (gv - v * coef[:, None])
-        tl.store(out + o_base[:, None] + (c * sco + y * syo + x * sxo)[None, :],
-                 grad.to(out.dtype.element_ty), mask=mask)
+    rows_ok = rows < n
+    row_proj = tl.zeros([BLOCK], ACC)
+    for s in range(n_splits):
+        row_proj += tl.load(proj + s * n + rows, mask=rows_ok, other=0.0)
+    _store_grad(out, g, n_splits, row_proj, inv_s, rows, n, grid, rh, rw, xs, cs, ds, sbs, scs,
+                sys, sxs, sbo, sco, syo, sxo, S_C_INNER, ACC, BLOCK, BLOCK_K)
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -356,11 +379,16 @@ def _check(name: str, f_s: Tensor, f_t: Tensor, grid: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _target_programs(device: torch.device) -> int:
-    """Programs a launch should have to fill the device (1 off CUDA: the interpreter)."""
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; 1 elsewhere (the interpreter)."""
     if device.type != "cuda":
         return 1
-    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs a tile launch should have: _PROGRAMS_PER_SM per SM."""
+    return _PROGRAMS_PER_SM * _sm_count(device)
 
 
 def _block(n: int, acc: torch.dtype, device: torch.device) -> int:
@@ -451,16 +479,22 @@ def lcc_backward(grad_sums: Tensor, f_s: Tensor, f_t: Tensor, inv_norm_s: Tensor
     inv_s, inv_t = inv_norm_s.contiguous(), inv_norm_t.contiguous()
     ds = launch.maps[2]
     nb = launch.n_blocks
-    fits = max(1, _SPLIT_BYTES // (launch.n * ds * acc.itemsize))
-    n_splits, per = _split(nb, splits or min(triton.cdiv(_target_programs(device), nb), fits))
+    # a backward tile program (8 warps, up to ~180 registers) takes half an SM's registers: splits
+    # only while the row blocks leave SMs without a program
+    n_splits, per = _split(nb, splits or min(triton.cdiv(_sm_count(device), nb), _MAX_SPLITS))
     g = torch.empty((n_splits, launch.n, ds), dtype=acc, device=device)
+    proj = torch.empty((n_splits, launch.n), dtype=acc, device=device)
     grad = torch.empty_like(f_s)
+    student = launch.maps[:7]
     with sm.on_device(device):
-        _grad_tiles_kernel[(nb, n_splits)](g, grad_sums, grad_sums.stride(0), *launch.shared, inv_s,
-                                           inv_t, *launch.maps, nb, per, **launch.constexprs)
-        _grad_kernel[(nb,)](grad, g, n_splits, inv_s, *launch.shared, *launch.maps[:7],
-                            *grad.stride(), S_C_INNER=launch.constexprs["S_C_INNER"],
-                            ACC=launch.constexprs["ACC"], BLOCK=launch.block,
-                            BLOCK_K=launch.constexprs["BLOCK_K"],
-                            num_warps=_NUM_WARPS)
+        _grad_tiles_kernel[(nb, n_splits)](g, proj, grad, grad_sums, grad_sums.stride(0),
+                                           *launch.shared, inv_s, inv_t, *launch.maps,
+                                           *grad.stride(), nb, per, FINISH=n_splits == 1,
+                                           **launch.constexprs)
+        if n_splits > 1:
+            _grad_kernel[(nb,)](grad, g, proj, n_splits, inv_s, *launch.shared, *student,
+                                *grad.stride(), S_C_INNER=launch.constexprs["S_C_INNER"],
+                                ACC=launch.constexprs["ACC"], BLOCK=launch.block,
+                                BLOCK_K=launch.constexprs["BLOCK_K"],
+                                num_warps=launch.constexprs["num_warps"])
     return grad

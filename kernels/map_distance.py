@@ -9,13 +9,18 @@ Per size group u (N = N_u positions, T_u teacher maps starting at index t0 of at
     grad_att           = g dist / B                                  (g: the upstream gradient)
 
 Launch design. ONE forward launch over every (sample, teacher map) and ONE backward launch over
-every (group, sample, block of BLOCK_N positions). A small int64 table, one row per group (its
-first program id in each launch, t0, T_u, N_u, the data pointers and batch/row strides of
-v_s[u], v_t[u] and grad_v_s[u]), lives on the tensors' device; a program finds its row by scanning
-the rows' first program ids (a static loop over the constexpr number of groups), rows ordered by
-decreasing N_u (longest programs first). All v_s and v_t share one dtype (a constexpr); their
-positions must have unit stride (the launchers copy other tensors), the other strides are free;
-att is read in place through its strides, in its own dtype.
+every (group, sample, block of BLOCK_N positions), per alignment class of groups (see below; one
+class, hence one launch each, whenever the groups' sizes agree, as AFD's CIFAR blocks do) and per
+at.py's _MAX_STAGES groups. Nothing is staged on the host: the groups' tensors and integers (first
+program id, t0, T_u, N_u, position blocks, batch and row strides of v_s[u] and v_t[u]) are kernel
+arguments, tuples that a program selects from with a static loop over the groups, so a launch
+captured in a CUDA graph replays with the same arguments. The groups of a launch share ALIGN, the
+largest power of two <= 16 elements that the launcher proves divides their data pointers, strides
+and N_u (restated with ``tl.multiple_of``, so the position loads vectorise); groups of different
+ALIGN go to different launches, so that a 7x7 group does not make a 56x56 one read scalars.
+Groups are ordered by decreasing N_u (longest programs first). All v_s and v_t share one dtype
+(a constexpr); their positions must have unit stride (the launchers copy other tensors), the
+other strides are free; att is read in place through its strides, in its own dtype.
 
 Forward program (b, t): for each block of BLOCK_S students it accumulates the [BLOCK_S, BLOCK_N]
 squared differences over the positions (v_t's block loaded once per student block), writes the
@@ -26,25 +31,15 @@ of block j == 0 also write grad_att for their (sample, group). Loads are convert
 accumulation dtype (float32; float64 for float64 values) before any arithmetic; no atomics.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
-from kdfast.kernels.at import _device_table
-
-# Table columns, one row per group.
-_FIRST_FWD = tl.constexpr(0)  # first program id of the group in the forward launch
-_FIRST_BWD = tl.constexpr(1)  # ... in the backward launch
-_T0 = tl.constexpr(2)  # index of the group's first teacher along att's T axis
-_T_COUNT = tl.constexpr(3)
-_N = tl.constexpr(4)
-_N_BLOCKS = tl.constexpr(5)
-_VS = tl.constexpr(6)  # v_s[u]: data pointer, batch stride, student stride (3 columns)
-_VT = tl.constexpr(9)  # v_t[u]: data pointer, batch stride, teacher stride (3 columns)
-_GVS = tl.constexpr(12)  # grad_v_s[u], contiguous (backward only)
-_ROW = tl.constexpr(13)
+from kdfast.kernels.at import _MAX_ALIGN, _pick, _pick_field, _pick_int, _stage_of, chunks
 
 _BLOCK_S_MAX = 16
 _BLOCK_N_MIN = 16
@@ -52,22 +47,23 @@ _BLOCK_N_MAX = 128
 _NUM_WARPS = 4
 
 
-@triton.jit
-def _locate(meta, FIRST: tl.constexpr, N_GROUPS: tl.constexpr):
-    """This program's table row and its index among the group's programs."""
-    pid = tl.program_id(0)
-    group = 0
-    for r in tl.static_range(1, N_GROUPS):
-        group += (pid >= tl.load(meta + r * _ROW + FIRST)).to(tl.int32)
-    row = meta + group * _ROW
-    return row, pid - tl.load(row + FIRST).to(tl.int32)
+# Integer columns of a group (kernel argument ``groups[u]``).
+_T0 = tl.constexpr(0)  # index of the group's first teacher along att's T axis
+_T_COUNT = tl.constexpr(1)
+_N = tl.constexpr(2)
+_N_BLOCKS = tl.constexpr(3)  # position blocks (backward programs per sample)
+_VS = tl.constexpr(4)  # v_s[u]: batch and student strides
+_VT = tl.constexpr(6)  # v_t[u]: batch and teacher strides
 
 
 @triton.jit
-def _rows(row, COL: tl.constexpr, b, DTYPE: tl.constexpr):
-    """Pointer to sample ``b`` of the (B, rows, N) tensor at ``row[COL:COL + 3]``, and its row stride."""
-    base = tl.load(row + COL).to(tl.pointer_type(DTYPE))
-    return base + b.to(tl.int64) * tl.load(row + COL + 1), tl.load(row + COL + 2)
+def _rows(ptrs, groups, u, COL: tl.constexpr, b, ALIGN: tl.constexpr):
+    """Pointer to sample ``b`` of group u's (B, rows, N) tensor ``ptrs[u]`` and its row stride,
+    with the launch's alignment (``ALIGN`` elements) restated for the compiler."""
+    ptr = _pick(ptrs, u)
+    ptr = tl.multiple_of(ptr, ALIGN * (ptr.dtype.element_ty.primitive_bitwidth // 8))  # in bytes
+    stride_b = tl.multiple_of(_pick_field(groups, u, COL, tl.int64), ALIGN)
+    return ptr + b.to(tl.int64) * stride_b, tl.multiple_of(_pick_field(groups, u, COL + 1, tl.int64), ALIGN)
 
 
 @triton.jit
@@ -78,18 +74,20 @@ def _student_tile(vs, stride_s, offs_s, offs_n, n_students, n, ACC: tl.constexpr
 
 
 @triton.jit
-def _forward_kernel(meta, att, att_sb, att_st, att_ss, dist, partials, n_teachers, n_students,
-                    N_GROUPS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dist[b, t, :] and partials[b, t] = sum_s att[b, t, s] dist[b, t, s] of one (sample, teacher)."""
-    row, local = _locate(meta, _FIRST_FWD, N_GROUPS)
-    t_count = tl.load(row + _T_COUNT).to(tl.int32)
+def _forward_kernel(vs, vt, firsts, groups, att, att_sb, att_st, att_ss, dist, partials, n_teachers, n_students,
+                    ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dist[b, t, :] and partials[b, t] = sum_s att[b, t, s] dist[b, t, s] of one (sample, teacher):
+    group u's programs are ``firsts[u] .. firsts[u + 1] - 1``."""
+    pid = tl.program_id(0)
+    u = _stage_of(pid, firsts)
+    local = pid - _pick_int(firsts, u, tl.int32)
+    t_count = _pick_field(groups, u, _T_COUNT, tl.int32)
     b = local // t_count
     i = local % t_count
-    t = tl.load(row + _T0).to(tl.int32) + i
-    n = tl.load(row + _N).to(tl.int32)
-    vs, stride_s = _rows(row, _VS, b, DTYPE)
-    vt, stride_t = _rows(row, _VT, b, DTYPE)
+    t = _pick_field(groups, u, _T0, tl.int32) + i
+    n = tl.multiple_of(_pick_field(groups, u, _N, tl.int32), ALIGN)
+    vs, stride_s = _rows(vs, groups, u, _VS, b, ALIGN)
+    vt, stride_t = _rows(vt, groups, u, _VT, b, ALIGN)
     vt += i * stride_t
     bt = b.to(tl.int64) * n_teachers + t
     att_row = att + b.to(tl.int64) * att_sb + t * att_st
@@ -111,21 +109,24 @@ def _forward_kernel(meta, att, att_sb, att_st, att_ss, dist, partials, n_teacher
 
 
 @triton.jit
-def _backward_kernel(meta, grad_loss, att, att_sb, att_st, att_ss, dist, grad_att, batch, n_teachers,
-                     n_students, N_GROUPS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+def _backward_kernel(vs, vt, gvs, firsts, groups, grad_loss, att, att_sb, att_st, att_ss, dist, grad_att, batch,
+                     n_teachers, n_students, ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_S: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """grad_v_s[u][b, :, block j] of one (group, sample, position block); grad_att[b, group's t, :]
-    where j == 0."""
-    row, local = _locate(meta, _FIRST_BWD, N_GROUPS)
-    n_blocks = tl.load(row + _N_BLOCKS).to(tl.int32)
+    where j == 0 (programs as in :func:`_forward_kernel`)."""
+    pid = tl.program_id(0)
+    u = _stage_of(pid, firsts)
+    local = pid - _pick_int(firsts, u, tl.int32)
+    n_blocks = _pick_field(groups, u, _N_BLOCKS, tl.int32)
     b = local // n_blocks
     j = local % n_blocks
-    t0 = tl.load(row + _T0).to(tl.int32)
-    t_count = tl.load(row + _T_COUNT).to(tl.int32)
-    n = tl.load(row + _N).to(tl.int32)
-    vs, stride_s = _rows(row, _VS, b, DTYPE)
-    vt, stride_t = _rows(row, _VT, b, DTYPE)
-    gvs = tl.load(row + _GVS).to(tl.pointer_type(DTYPE)) + b.to(tl.int64) * n_students * n
+    t0 = _pick_field(groups, u, _T0, tl.int32)
+    t_count = _pick_field(groups, u, _T_COUNT, tl.int32)
+    n = tl.multiple_of(_pick_field(groups, u, _N, tl.int32), ALIGN)
+    vs, stride_s = _rows(vs, groups, u, _VS, b, ALIGN)
+    vt, stride_t = _rows(vt, groups, u, _VT, b, ALIGN)
+    gvs = _pick(gvs, u)
+    gvs = tl.multiple_of(gvs, ALIGN * (gvs.dtype.element_ty.primitive_bitwidth // 8)) + b.to(tl.int64) * n_students * n
     g = tl.load(grad_loss).to(ACC)
     scale = 2.0 * g / (batch * n)  # (batch is a constexpr where it is 1: no .to on it)
     att_b = att + b.to(tl.int64) * att_sb
@@ -140,7 +141,7 @@ def _backward_kernel(meta, grad_loss, att, att_sb, att_st, att_ss, dist, grad_at
             a = tl.load(att_b + (t0 + i) * att_st + offs_s * att_ss, mask=s_mask, other=0.0).to(ACC)
             x_t = tl.load(vt + i * stride_t + offs_n, mask=n_mask, other=0.0).to(ACC)
             acc += a[:, None] * (x_s - x_t[None, :])
-        tl.store(gvs + offs_s[:, None] * n + offs_n[None, :], (scale * acc).to(DTYPE),
+        tl.store(gvs + offs_s[:, None] * n + offs_n[None, :], (scale * acc).to(gvs.dtype.element_ty),
                  mask=s_mask[:, None] & n_mask[None, :])
         if j == 0:
             for i in range(0, t_count):
@@ -189,29 +190,46 @@ def _block_n(v_s: list[Tensor]) -> int:
     return min(max(triton.next_power_of_2(max(v.size(2) for v in v_s)), _BLOCK_N_MIN), _BLOCK_N_MAX)
 
 
+def _stride(t: Tensor, dim: int) -> int:
+    """Stride of ``dim`` of ``t``, 0 where it has size 1 (never used: divisible by anything)."""
+    return t.stride(dim) if t.size(dim) > 1 else 0
+
+
+def _alignment(tensors: list[Tensor], n: int) -> int:
+    """ALIGN of one group: the largest power of two (<= _MAX_ALIGN) dividing N_u and every data
+    pointer (in elements), batch and row stride of its ``tensors``."""
+    g = n
+    for t in tensors:
+        g = math.gcd(g, t.data_ptr() // t.element_size(), _stride(t, 0), _stride(t, 1))
+    return min(g & -g, _MAX_ALIGN)
+
+
 def _launch(kernel, v_s: list[Tensor], v_t: list[Tensor], args: tuple, grads: list[Tensor] | None = None) -> None:
-    """One launch of ``kernel`` over every group (rows ordered by decreasing N_u)."""
+    """Launches ``kernel`` over every group: groups ordered by decreasing N_u, one launch per
+    alignment class (and per _MAX_STAGES groups); the groups' tensors and integers are kernel
+    arguments (nothing is staged on the host)."""
     batch, students = v_s[0].shape[:2]
     block_s, block_n = _block_s(students), _block_n(v_s)
     starts = [0]
     for v in v_t[:-1]:
         starts.append(starts[-1] + v.size(1))
     order = sorted(range(len(v_s)), key=lambda u: -v_s[u].size(2))
-    rows, first_fwd, first_bwd = [], 0, 0
-    for u in order:
-        s, t = v_s[u], v_t[u]
-        n_blocks = triton.cdiv(s.size(2), block_n)
-        rows.append([first_fwd, first_bwd, starts[u], t.size(1), s.size(2), n_blocks,
-                     s.data_ptr(), s.stride(0), s.stride(1), t.data_ptr(), t.stride(0), t.stride(1),
-                     grads[u].data_ptr() if grads is not None else 0])
-        first_fwd += batch * t.size(1)
-        first_bwd += batch * n_blocks
-    programs = first_bwd if grads is not None else first_fwd
-    device = v_s[0].device
-    with on_device(device):
-        kernel[(programs,)](_device_table(rows, device), *args, N_GROUPS=len(v_s), DTYPE=TL_DTYPES[v_s[0].dtype],
-                            ACC=TL_DTYPES[acc_dtype(v_s[0].dtype)], BLOCK_S=block_s, BLOCK_N=block_n,
-                            num_warps=_NUM_WARPS)
+    aligns = {u: _alignment([v_s[u], v_t[u], *([grads[u]] if grads is not None else [])], v_s[u].size(2))
+              for u in order}
+    with on_device(v_s[0].device):
+        for align in dict.fromkeys(aligns[u] for u in order):
+            for groups in chunks([u for u in order if aligns[u] == align]):
+                s, t = [v_s[u] for u in groups], [v_t[u] for u in groups]
+                n_blocks = [triton.cdiv(v.size(2), block_n) for v in s]
+                firsts = [0]
+                for v, blocks in zip(t, n_blocks):
+                    firsts.append(firsts[-1] + batch * (blocks if grads is not None else v.size(1)))
+                rows = tuple((starts[u], v_t[u].size(1), v_s[u].size(2), blocks, _stride(v_s[u], 0), _stride(v_s[u], 1),
+                              _stride(v_t[u], 0), _stride(v_t[u], 1)) for u, blocks in zip(groups, n_blocks))
+                outs = [tuple(grads[u] for u in groups)] if grads is not None else []
+                kernel[(firsts[-1],)](tuple(s), tuple(t), *outs, tuple(firsts), rows, *args,
+                                      ACC=TL_DTYPES[acc_dtype(v_s[0].dtype)], ALIGN=align, BLOCK_S=block_s,
+                                      BLOCK_N=block_n, num_warps=_NUM_WARPS)
 
 
 def map_distance_forward(v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,8 +10,8 @@ j, k::
     cos_ijk = w_ijk inv_ij inv_ik,  0 where sqrt(R_ij) < eps or sqrt(R_ik) < eps (n = 0)
     d_ij    = sqrt(max(R_ij, eps)) for i != j, d_ii = 0         (mdistiller's _pdist)
 
-R is computed from the differences themselves (:func:`_sq_dist_tile`, every entry summed in one
-order), not as ``|e_a|^2 + |e_b|^2 - 2 <e_a, e_b>``: it is bitwise symmetric and exactly 0 for
+R is computed from the differences themselves (``relational.pair_kernel``, every entry summed in
+one order), not as ``|e_a|^2 + |e_b|^2 - 2 <e_a, e_b>``: it is bitwise symmetric and exactly 0 for
 duplicated rows, so that duplicates give exactly d = 1e-6 (clamped, no gradient), w = 0 and
 cos = 0 as in the reference, and cos_ijk == cos_ikj bitwise. It is also free of the
 cancellation of the Gram form (the law of cosines above only cancels at the scale of the
@@ -19,7 +19,10 @@ distances, not of the norms).
 
 Forward (:func:`rkd_forward` -> ``(terms, sq_dist, stats)``):
 
-* ``_sq_dist_kernel``: sq_dist = (2, B, B) ``[R_s, R_t]``, one launch.
+* ``relational.pair_kernel``: sq_dist = (2, B, B) ``[R_s, R_t]``, one launch for both networks:
+  upper-triangular [BLOCK, BLOCK] tiles (stored twice), split over D when the tiles alone cannot
+  fill the device (about 2 programs per SM: 43 splits of 48 columns at B = 64, D = 2048), the
+  split partials then added in order by ``_sum_splits_kernel`` (a program per row and network).
 * ``_distance_kernel`` (one program per row i), twice: first the positive-distance sums and
   counts of both networks (``scale = count / sum`` normalises ``x = d * scale``; 0 without a
   positive distance), then ``sum_k smooth_l1(x_s - x_t)`` and ``sum_k smooth_l1'(x_s - x_t) x_s``.
@@ -33,17 +36,21 @@ Backward (:func:`rkd_backward`), with ``gd = grad_terms[0] / B^2``, ``ga = grad_
 n_ij and n_ik are both 0: there cos_ijk = <0, 0> has no gradient), using the symmetry
 ``A_ijk = A_ikj``, writes ``dR = d loss / d R_s`` (B x B, each entry taken as independent):
 
+* ``_triplet_backward_kernel`` (an upper-triangular [BLOCK, BLOCK] tile of (j, k), stored twice,
+  and a range of anchors i: split so that about 2 programs per SM run, 32 splits of 2 anchors at
+  B = 64): the split partials of ``T_jk = sum_i A_ijk`` (R_jk in w_ijk).
 * ``_anchor_backward_kernel`` (row i): ``dR_ik = sum_j A_ijk`` (R_ik in w_ijk and w_ikj, 1/2 each)
   ``- inv_ik^2 sum_j c_ijk cos_ijk`` (through inv_ik, where sqrt(R_ik) >= eps)
   ``+ gd scale_s (smooth_l1'(x_s - x_t)_ik - [d_ik > 0] mean_gx) / (2 d_ik)`` (the distance
-  term, where R_ik >= eps and k != i).
-* ``_triplet_backward_kernel`` (a [BLOCK, BLOCK] tile of (j, k), a loop over the anchors i):
-  ``dR_jk -= sum_i A_ijk / 2`` (R_jk in w_ijk).
+  term, where R_ik >= eps and k != i) ``- T_ik / 2`` (the partials added in split order).
 * ``_grad_kernel``: ``dE_i = 2 sum_j (dR_ij + dR_ji) (e_i - e_j)``.
 
-Work: the forward and both backward kernels visit the B^3 triplets once each; R and the gradient
-cost B^2 D. All sums are deterministic (no atomics). Memory: three B x B matrices (R_s and R_t,
-saved for the backward, and dR), nothing of size B x B x D.
+Work: the forward and both backward kernels visit the B^3 triplets once each (the triplet
+backward half of them, by symmetry); R (half of it, by symmetry) and the gradient cost B^2 D.
+All sums are deterministic (no atomics, every split added in a fixed order). Memory: the B x B
+matrices R_s and R_t (saved for the backward), dR and the (splits, B, B) triplet partials, plus
+(2, splits, B, B) distance partials when D is split (each about 2 * 264 * 32^2 floats = 2.2 MB
+at most when split, on 132 SMs); nothing of size B x B x D.
 """
 
 import torch
@@ -58,6 +65,8 @@ from kdfast.kernels.softmax import check_rows
 _EPS = tl.constexpr(1e-12)
 BLOCK = 32  # side of the (i, j) and (j, k) tiles
 BLOCK_D = 8  # columns per step of the [BLOCK, BLOCK, BLOCK_D] difference tiles
+BLOCK_ROW = 256  # entries per step of ``_sum_splits_kernel``
+MIN_ANCHORS = 2  # anchors per program of ``_triplet_backward_kernel`` at least
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -73,19 +82,6 @@ def _smooth_l1(z):
 def _smooth_l1_grad(z):
     """d smooth_l1 / dz as torch: z clamped to [-1, 1] (NaN stays NaN)."""
     return tl.where(z < -1.0, -1.0, tl.where(z > 1.0, 1.0, z))
-
-
-@triton.jit
-def _sq_dist_tile(x, stride_b, stride_d, rows, ok_r, cols, ok_c, n_cols, ACC: tl.constexpr,
-                  BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[BLOCK, BLOCK] ``||x_a - x_b||^2`` of the rows ``rows`` x ``cols`` (0 where not ok)."""
-    acc = tl.zeros([BLOCK, BLOCK], ACC)
-    for d0 in range(0, n_cols, BLOCK_D):
-        a = rel.load_rows(x, stride_b, stride_d, rows, ok_r, d0, n_cols, ACC, BLOCK_D)
-        b = rel.load_rows(x, stride_b, stride_d, cols, ok_c, d0, n_cols, ACC, BLOCK_D)
-        diff = a[:, None, :] - b[None, :, :]
-        acc += tl.sum(diff * diff, axis=2)
-    return tl.where(ok_r[:, None] & ok_c[None, :], acc, 0.0)
 
 
 @triton.jit
@@ -120,7 +116,7 @@ def _distance(r2, keep):
 @triton.jit
 def _nets(sq_dist, n):
     """Pointers to R_s and R_t, and n as int64."""
-    nn = n.to(tl.int64)
+    nn = rel.as_dtype(n, tl.int64)
     return sq_dist, sq_dist + nn * nn, nn
 
 
@@ -143,18 +139,15 @@ def _triplet_tile(rs, rt, n, i, js, ok_j, ks, ok_k, r_ik_s, inv_ik_s, zero_ik_s,
 
 
 @triton.jit
-def _sq_dist_kernel(es, et, sq_dist, n, ds, dt, sbs, sds, sbt, sdt, ACC: tl.constexpr,
-                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One [BLOCK, BLOCK] tile of R_s (program_id(2) == 0) or R_t (== 1)."""
-    rows, ok_r = rel.span(tl.program_id(0) * BLOCK, n, BLOCK)
-    cols, ok_c = rel.span(tl.program_id(1) * BLOCK, n, BLOCK)
-    net = tl.program_id(2)
-    if net == 0:
-        tile = _sq_dist_tile(es, sbs, sds, rows, ok_r, cols, ok_c, ds, ACC, BLOCK, BLOCK_D)
-    else:
-        tile = _sq_dist_tile(et, sbt, sdt, rows, ok_r, cols, ok_c, dt, ACC, BLOCK, BLOCK_D)
-    out = sq_dist + net.to(tl.int64) * n * n + rows[:, None] * n + cols[None, :]
-    tl.store(out, tile, mask=ok_r[:, None] & ok_c[None, :])
+def _sum_splits_kernel(partials, sq_dist, n, splits, BLOCK: tl.constexpr):
+    """Row program_id(0) of R_s (program_id(1) == 0) or R_t (== 1): the sum of its split
+    partials, in split order."""
+    i = tl.program_id(0).to(tl.int64)
+    net = tl.program_id(1)
+    nn = rel.as_dtype(n, tl.int64)
+    for k0 in range(0, n, BLOCK):
+        ks, ok = rel.span(k0, n, BLOCK)
+        tl.store(sq_dist + (net * nn + i) * nn + ks, rel.summed(partials, net, splits, nn, i, ks, ok), mask=ok)
 
 
 @triton.jit
@@ -217,12 +210,13 @@ def _angle_kernel(sq_dist, out, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _anchor_backward_kernel(sq_dist, grad_terms, stats, dr, n, ACC: tl.constexpr,
+def _anchor_backward_kernel(sq_dist, grad_terms, stats, triplets, dr, n, splits, ACC: tl.constexpr,
                             BLOCK: tl.constexpr):
-    """Row i of dR without the ``-sum_i A_ijk / 2`` terms (see the module docstring)."""
+    """Row i of dR (see the module docstring); ``triplets``: the split partials of
+    ``sum_i A_ijk`` from ``_triplet_backward_kernel``."""
     i = tl.program_id(0).to(tl.int64)
     rs, rt, nn = _nets(sq_dist, n)
-    size = n.to(ACC)
+    size = rel.as_dtype(n, ACC)
     gd = tl.load(grad_terms).to(ACC) / (size * size)
     ga = tl.load(grad_terms + 1).to(ACC) / (size * size * size)
     scale_s = tl.load(stats)
@@ -249,29 +243,38 @@ def _anchor_backward_kernel(sq_dist, grad_terms, stats, dr, n, ACC: tl.constexpr
         dd = gd * scale_s * (_smooth_l1_grad(x_s - _distance(r_ik_t, keep) * scale_t)
                              - tl.where(d_s > 0.0, mean_gx, 0.0))
         distance = tl.where(keep & (r_ik_s >= _EPS), dd * 0.5 / tl.where(keep, d_s, 1.0), 0.0)
-        tl.store(dr + i * nn + ks, angle + distance, mask=ok_k)
+        triplet = rel.summed(triplets, 0, splits, nn, i, ks, ok_k)
+        tl.store(dr + i * nn + ks, angle + distance - 0.5 * triplet, mask=ok_k)
 
 
 @triton.jit
-def _triplet_backward_kernel(sq_dist, grad_terms, dr, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """``dR[j, k] -= sum_i A_ijk / 2`` for one [BLOCK, BLOCK] tile of (j, k)."""
-    js, ok_j = rel.span(tl.program_id(0) * BLOCK, n, BLOCK)
-    ks, ok_k = rel.span(tl.program_id(1) * BLOCK, n, BLOCK)
-    rs, rt, nn = _nets(sq_dist, n)
-    size = n.to(ACC)
-    ga = tl.load(grad_terms + 1).to(ACC) / (size * size * size)
-    acc = tl.zeros([BLOCK, BLOCK], ACC)
-    for i in range(0, n):  # the interpreter's loop index is a Python int: offsets via int64 nn
-        r_ik_s, inv_ik_s, zero_ik_s = _pairs(rs, nn, i, ks, ok_k)
-        r_ik_t, inv_ik_t, zero_ik_t = _pairs(rt, nn, i, ks, ok_k)
-        cos_s, cos_t, inv_ij_s, zero_ij_s = _triplet_tile(rs, rt, nn, i, js, ok_j, ks, ok_k, r_ik_s,
-                                                          inv_ik_s, zero_ik_s, r_ik_t, inv_ik_t,
-                                                          zero_ik_t)
-        c = _pair_weight(ga * _smooth_l1_grad(cos_s - cos_t), zero_ij_s, zero_ik_s)
-        acc += c * (inv_ij_s[:, None] * inv_ik_s[None, :])
-    tile = dr + js[:, None] * nn + ks[None, :]
-    mask = ok_j[:, None] & ok_k[None, :]
-    tl.store(tile, tl.load(tile, mask=mask, other=0.0) - 0.5 * acc, mask=mask)
+def _triplet_backward_kernel(sq_dist, grad_terms, triplets, n, per, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (tiles^2, splits): ``triplets[split, j, k] = sum_i A_ijk`` over the anchors
+    ``split * per + [0, per)`` for the tile (tj, tk) = divmod(program_id(0), tiles), tj <= tk
+    (A_ijk = A_ikj: the tile is also stored transposed into (tk, tj))."""
+    tiles = tl.cdiv(n, BLOCK)
+    tj = tl.program_id(0) // tiles
+    tk = tl.program_id(0) % tiles
+    if tj <= tk:
+        js, ok_j = rel.span(tj * BLOCK, n, BLOCK)
+        ks, ok_k = rel.span(tk * BLOCK, n, BLOCK)
+        rs, rt, nn = _nets(sq_dist, n)
+        size = rel.as_dtype(n, ACC)
+        ga = tl.load(grad_terms + 1).to(ACC) / (size * size * size)
+        acc = tl.zeros([BLOCK, BLOCK], ACC)
+        i0 = tl.program_id(1) * per
+        for i in range(i0, tl.minimum(i0 + per, n)):  # offsets via int64 nn (the interpreter's i is an int)
+            r_ik_s, inv_ik_s, zero_ik_s = _pairs(rs, nn, i, ks, ok_k)
+            r_ik_t, inv_ik_t, zero_ik_t = _pairs(rt, nn, i, ks, ok_k)
+            cos_s, cos_t, inv_ij_s, zero_ij_s = _triplet_tile(rs, rt, nn, i, js, ok_j, ks, ok_k, r_ik_s,
+                                                              inv_ik_s, zero_ik_s, r_ik_t, inv_ik_t,
+                                                              zero_ik_t)
+            c = _pair_weight(ga * _smooth_l1_grad(cos_s - cos_t), zero_ij_s, zero_ik_s)
+            acc += c * (inv_ij_s[:, None] * inv_ik_s[None, :])
+        plane = triplets + tl.program_id(1) * nn * nn
+        tl.store(plane + js[:, None] * nn + ks[None, :], acc, mask=ok_j[:, None] & ok_k[None, :])
+        if tj != tk:
+            tl.store(plane + ks[:, None] * nn + js[None, :], tl.trans(acc), mask=ok_k[:, None] & ok_j[None, :])
 
 
 @triton.jit
@@ -280,14 +283,14 @@ def _grad_kernel(dr, e, out, n, d, sb, sd, ACC: tl.constexpr, BLOCK: tl.constexp
     """One [BLOCK, BLOCK_D] tile of ``dE_i = 2 sum_j (dR_ij + dR_ji) (e_i - e_j)``."""
     rows, ok_r = rel.span(tl.program_id(0) * BLOCK, n, BLOCK)
     d0 = tl.program_id(1) * BLOCK_D
-    e_i = rel.load_rows(e, sb, sd, rows, ok_r, d0, d, ACC, BLOCK_D)
+    e_i = rel.load_rows(e, sb, sd, rows, ok_r, d0, d, BLOCK_D).to(ACC)
     acc = tl.zeros([BLOCK, BLOCK_D], ACC)
     for j0 in range(0, n, BLOCK):
         js, ok_j = rel.span(j0, n, BLOCK)
         mask = ok_r[:, None] & ok_j[None, :]
         m = (tl.load(dr + rows[:, None] * n + js[None, :], mask=mask, other=0.0)
              + tl.load(dr + js[None, :] * n + rows[:, None], mask=mask, other=0.0))
-        e_j = rel.load_rows(e, sb, sd, js, ok_j, d0, d, ACC, BLOCK_D)
+        e_j = rel.load_rows(e, sb, sd, js, ok_j, d0, d, BLOCK_D).to(ACC)
         acc += tl.sum(m[:, :, None] * (e_i[:, None, :] - e_j[None, :, :]), axis=1)
     offs = d0 + tl.arange(0, BLOCK_D)
     tl.store(out + rows[:, None] * d + offs[None, :], (2.0 * acc).to(out.dtype.element_ty),
@@ -301,6 +304,14 @@ def _constexprs(dtype: torch.dtype) -> dict[str, object]:
     return dict(ACC=_common.TL_DTYPES[_common.acc_dtype(dtype)], BLOCK=BLOCK, num_warps=rel.NUM_WARPS)
 
 
+def _anchors_per_split(n: int, device: torch.device) -> int:
+    """Anchors per program of ``_triplet_backward_kernel``: about target_programs(device)
+    programs over the upper-triangular tiles, at least MIN_ANCHORS anchors each."""
+    tiles = triton.cdiv(n, BLOCK)
+    wanted = triton.cdiv(rel.target_programs(device), tiles * (tiles + 1) // 2)
+    return triton.cdiv(n, max(1, min(wanted, n // MIN_ANCHORS)))
+
+
 def rkd_forward(e_s: Tensor, e_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """RKD terms of the (B, Ds) student and (B, Dt) teacher embeddings (any strides and floating
     dtypes): ``terms`` (2,) ``[L_dist, L_angle]`` (unweighted), ``sq_dist`` (2, B, B) ``[R_s, R_t]``
@@ -312,12 +323,13 @@ def rkd_forward(e_s: Tensor, e_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     device = e_s.device
     kw = _constexprs(e_s.dtype)
     sq_dist = torch.empty((2, n, n), dtype=acc, device=device)
+    partials = rel.pairs(e_s, e_t, False, BLOCK, BLOCK_D, out=sq_dist)
     partial = torch.empty((n, 4), dtype=acc, device=device)
     rows = torch.empty((n, 2), dtype=acc, device=device)
     angle = torch.empty(n, dtype=acc, device=device)
-    tiles = triton.cdiv(n, BLOCK)
     with _common.on_device(device):
-        _sq_dist_kernel[(tiles, tiles, 2)](e_s, e_t, sq_dist, *rel.pair_args(e_s, e_t), BLOCK_D=BLOCK_D, **kw)
+        if partials.size(1) > 1:
+            _sum_splits_kernel[(n, 2)](partials, sq_dist, n, partials.size(1), BLOCK=BLOCK_ROW, num_warps=rel.NUM_WARPS)
         _distance_kernel[(n,)](sq_dist, sq_dist, partial, n, LOSS=False, **kw)  # (scales unused)
         sums = partial.sum(0)
         totals, counts = sums[0::2], sums[1::2]
@@ -342,12 +354,15 @@ def rkd_backward(grad_terms: Tensor, e_s: Tensor, sq_dist: Tensor, stats: Tensor
     check_rows(name, "sq_dist", sq_dist, (2, n, n), (acc,), device)
     check_rows(name, "stats", stats, (3,), (acc,), device)
     grad_terms, sq_dist, stats = grad_terms.contiguous(), sq_dist.contiguous(), stats.contiguous()
+    per = _anchors_per_split(n, device)
+    splits = triton.cdiv(n, per)
+    triplets = torch.empty((splits, n, n), dtype=acc, device=device)
     dr = torch.empty((n, n), dtype=acc, device=device)
     grad = torch.empty((n, d), dtype=e_s.dtype, device=device)
     kw = _constexprs(e_s.dtype)
     tiles = triton.cdiv(n, BLOCK)
     with _common.on_device(device):
-        _anchor_backward_kernel[(n,)](sq_dist, grad_terms, stats, dr, n, **kw)
-        _triplet_backward_kernel[(tiles, tiles)](sq_dist, grad_terms, dr, n, **kw)
+        _triplet_backward_kernel[(tiles * tiles, splits)](sq_dist, grad_terms, triplets, n, per, **kw)
+        _anchor_backward_kernel[(n,)](sq_dist, grad_terms, stats, triplets, dr, n, splits, **kw)
         _grad_kernel[(tiles, triton.cdiv(d, BLOCK_D))](dr, e_s, grad, n, d, *e_s.stride(), BLOCK_D=BLOCK_D, **kw)
     return grad

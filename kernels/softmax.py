@@ -37,7 +37,8 @@ start from the saved lse, inherit it). Every load is converted to the
 accumulation dtype (float32, float64 for float64 students) right away. No libdevice: tl.exp and
 tl.log only, plus log1p by Kahan's trick (:func:`log1p`) for the per-row softplus terms.
 
-Host side: the block choice (:func:`row_launch`), metadata checks, scalar passing and the
+Host side: the block choice (:func:`row_launch`), the kernels' decorator (``row_kernel``: the
+batch size is not specialised), metadata checks, scalar passing and the
 launchers of the two ops' kernels (:func:`launch_forward`, :func:`launch_backward`). TL_DTYPES,
 acc_dtype and on_device (kernels/_common.py) are re-exported for the modules that use this one.
 """
@@ -54,17 +55,31 @@ from torch import Tensor
 
 from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
 
-# Largest block of classes per row and largest [ROWS, BLOCK_K] tile of a program, by accumulation
-# dtype: 4096 float32 (ImageNet-1k rows fit one block and stay in registers between the passes,
-# ImageNet-21k streams 6 blocks), 2048 float64 (twice the registers per element).
-MAX_BLOCK_K = {torch.float32: 4096, torch.float64: 2048}
-# num_warps = tile / _ELEMS_PER_WARP, in [1, _MAX_WARPS]: 16 elements per thread and tensor
-# (a 4096 tile runs on 8 warps), i.e. 4 float32 or 2 bf16/fp16 16-byte vector loads per thread.
-_ELEMS_PER_WARP = 512
+# Block shapes, by accumulation dtype, measured by compiling every KD/DKD specialisation for sm_90
+# (triton 3.6 and 3.8). A program owns ROWS rows and works on [ROWS, BLOCK_K] tiles with
+# num_warps = tile / (32 * elements per thread), in [1, _MAX_WARPS]:
+# * one row per program: _ROW_ELEMS_PER_THREAD elements per thread, so a block of MAX_BLOCK_K
+#   classes runs on _MAX_WARPS warps (ImageNet-1k rows fit one block and stay in registers
+#   between the passes, ImageNet-21k streams 11 blocks);
+# * packed rows (ROWS > 1, short rows): every thread also carries the per-row algebra of its
+#   rows (DKD's softplus/log terms), so packed tiles hold _PACKED_ELEMS_PER_THREAD elements per
+#   thread and at most _MAX_PACKED_TILE elements. Measured: 2 elements per thread stay under
+#   100 registers, 4 take 150-190, 8 spill (DKD at 16 rows x 128 classes spilled 936-2096 bytes).
+MAX_BLOCK_K = {torch.float32: 2048, torch.float64: 2048}
+_ROW_ELEMS_PER_THREAD = 8
+_PACKED_ELEMS_PER_THREAD = 2
 _MAX_WARPS = 8
+_MAX_PACKED_TILE = 32 * _PACKED_ELEMS_PER_THREAD * _MAX_WARPS
+# Packing stops before the launch has fewer than this many programs per SM.
+_PROGRAMS_PER_SM = 1
 
 
 # ----------------------------------------------------------------------------- device helpers
+
+# Decorator of the ops' row kernels: ``batch`` is never specialised, so a batch of 1 (a last
+# partial batch) runs the general code instead of a variant of its own with batch a constexpr
+# (measured on triton 3.6: such variants spilled 8 bytes at 48-56 registers).
+row_kernel = triton.jit(do_not_specialize=["batch"])
 
 
 @triton.jit
@@ -229,10 +244,11 @@ def split_scalar(x: float) -> tuple[float, float]:
 
 @functools.lru_cache(maxsize=None)
 def _min_programs(device: torch.device) -> int:
-    """Programs a launch should have to fill the device: one per SM (1 off CUDA)."""
+    """Programs a launch should keep: _PROGRAMS_PER_SM per SM of a CUDA device, 1 elsewhere (the
+    interpreter)."""
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class RowLaunch(NamedTuple):
@@ -245,17 +261,19 @@ class RowLaunch(NamedTuple):
 
 def row_launch(batch: int, classes: int, acc: torch.dtype, device: torch.device) -> RowLaunch:
     """BLOCK_K = next_power_of_2(K) up to MAX_BLOCK_K[acc]. Short rows are packed: ROWS (a power
-    of two) grows while the tile ROWS * BLOCK_K stays within MAX_BLOCK_K, ROWS <= B, and the
-    launch keeps at least one program per SM (K = 100, B = 512 on an H100: 2 rows x 128 classes
-    per program, 256 programs; B = 4096: 16 rows, 256 programs)."""
-    max_block = MAX_BLOCK_K[acc]
-    block_k = min(triton.next_power_of_2(classes), max_block)
+    of two) doubles while the tile ROWS * BLOCK_K stays within _MAX_PACKED_TILE, ROWS <= B and the
+    launch keeps :func:`_min_programs` programs (K = 100 on a 132-SM GPU: B = 256 keeps 1 row per
+    program, as 2 would leave 128 programs; B = 4096 packs 4 rows on 8 warps, 1024 programs).
+    num_warps gives each thread _ROW_ELEMS_PER_THREAD (one row) or _PACKED_ELEMS_PER_THREAD
+    (packed rows) elements of a tile (see the constants)."""
+    block_k = min(triton.next_power_of_2(classes), MAX_BLOCK_K[acc])
     rows = 1
     target = _min_programs(device)
-    while (rows * 2 * block_k <= max_block and rows < batch
+    while (rows * 2 * block_k <= _MAX_PACKED_TILE and rows < batch
            and triton.cdiv(batch, rows * 2) >= target):
         rows *= 2
-    num_warps = max(1, min(rows * block_k // _ELEMS_PER_WARP, _MAX_WARPS))
+    per_thread = _ROW_ELEMS_PER_THREAD if rows == 1 else _PACKED_ELEMS_PER_THREAD
+    num_warps = max(1, min(rows * block_k // (32 * per_thread), _MAX_WARPS))
     return RowLaunch((triton.cdiv(batch, rows),), rows, block_k, classes <= block_k, num_warps)
 
 

@@ -11,14 +11,30 @@ With ``S = X X^T`` of the (B, D) student rows (S_s) and teacher rows (S_t), ``n_
   where ``alpha = k inv_s^2 (1 - proj)`` and ``beta = k inv_s inv_t``; since S is symmetric,
   ``dX_s = (dS + dS^T) X_s = M X_s`` with ``M_ij = (alpha_i + alpha_j) S_s_ij - (beta_i + beta_j) S_t_ij``.
 
-Flash-style: no B x B matrix is ever stored. A program owns BLOCK_I rows i. The forward streams
-the column tiles j twice, computing the S_s and S_t tiles from X (:func:`_gram_tile`): pass 1
-accumulates the row norms, pass 2 the loss and proj rows. The backward recomputes the tiles, forms
-the M tile and adds ``M X_s[j]`` into the program's rows of an fp32 (float64) gradient
-accumulator, chunk by chunk of D (a read-modify-write of rows no other program touches, after a
-barrier). Extra memory: O(B), plus that accumulator when X_s is float16/bfloat16.
-Parallelism: ceil(B / BLOCK_I) programs; all the work is the 2 (forward) or 1 (backward)
-recomputations of the B x B x (Ds + Dt) Gram products plus ``B^2 Ds`` for ``M X_s``.
+Kernels (a launch each):
+
+1. ``relational.pair_kernel``: S_s and S_t, split-K over D into (2, splits, B, B) partial sums
+   (upper-triangular [BLOCK, BLOCK] tiles stored twice; splits chosen so that about 2 programs
+   per SM run: 64 splits at B = 64, D = 16384). float16/bfloat16 tiles go to tl.dot as they are
+   (tensor cores: exact products, float32 sums; bfloat16 through float32 in the interpreter,
+   whose bfloat16 dot is wrong); float32 tiles with IEEE precision (never TF32: the loss
+   compares normalised Gram rows of two networks); float64 in float64.
+2. forward ``_sp_rows_kernel`` (a program per row i): adds the splits in order, then two passes
+   over the row: the norms, then the loss row and proj (as differences of G, no cancellation of
+   ``|G_s|^2 + |G_t|^2 - 2 <G_s, G_t>``). ``loss`` is the sum of the B loss rows.
+   backward ``_sp_m_kernel`` (a program per row i): the row of M, and its largest magnitude.
+3. backward ``_sp_grad_kernel`` (a [BLOCK, BLOCK_N] tile of dX_s per program): ``M X_s``. For
+   float16/bfloat16 X_s on tensor cores: each row of M is divided by its largest magnitude (no
+   float16 underflow) and split into two 16-bit terms ``hi + lo`` (relative error 2^-18 for
+   bfloat16, 2^-22 for float16 above its subnormals), both multiplied with the native X_s tile;
+   float32 (IEEE) and float64 as above.
+
+Work: forward one Gram product per network, only its upper-triangular tiles (about
+B^2 (Ds + Dt) / 2 multiply-adds), backward the same plus ``B^2 Ds`` for ``M X_s`` (twice on
+tensor cores); the row kernels O(splits B^2). Deterministic: no
+atomics, every sum in a fixed order. Extra memory: the (2, splits, B, B) partials (at most about
+2 * 2 * 132 * 64^2 floats = 8.6 MB when splits > 1, 8 B^2 bytes at splits = 1), M (B, B) and
+O(B) statistics; the gradient is written once, in x_s's dtype.
 """
 
 import torch
@@ -32,71 +48,51 @@ from kdfast.kernels.softmax import check_rows
 
 _EPS = tl.constexpr(1e-12)
 _N_STATS = tl.constexpr(3)  # stats columns: inv_s, inv_t, proj
-BLOCK_I = 16  # the smallest tl.dot side: the most programs for small batches
-BLOCK_J = 32
-BLOCK_D = 64
+# Gram columns per tl.dot and gradient columns per program, by whether the tiles go to tl.dot as
+# they are (16-bit, tensor cores) or not (IEEE float32 and float64 dots hold whole operand rows in
+# registers: [64, 64] float32 tiles spill 16-56 bytes on sm_80 at 255 registers).
+BLOCK_D = {True: 64, False: 32}
+BLOCK_N = {True: 64, False: 32}
+MAX_BLOCK_C = 1024  # row kernels: columns per step
 
 
 @triton.jit
-def _gram_tile(x, stride_b, stride_d, rows_a, ok_a, rows_b, ok_b, n_cols, ACC: tl.constexpr,
-               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[BLOCK_A, BLOCK_B] tile ``<x_a, x_b>`` of the rows ``rows_a`` x ``rows_b`` (rows that are
-    not ``ok`` read as 0): ``tl.dot`` over D in BLOCK_D chunks, in ACC with IEEE precision (never
-    TF32: the loss compares normalised Gram rows of two networks)."""
-    acc = tl.zeros([BLOCK_A, BLOCK_B], ACC)
-    for d0 in range(0, n_cols, BLOCK_D):
-        a = rel.load_rows(x, stride_b, stride_d, rows_a, ok_a, d0, n_cols, ACC, BLOCK_D)
-        b = rel.load_rows(x, stride_b, stride_d, rows_b, ok_b, d0, n_cols, ACC, BLOCK_D)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-    return acc
+def _inv_norm(norm):
+    """1 / max(norm, eps), NaN propagating."""
+    return 1.0 / tl.where(norm < _EPS, _EPS, norm)
 
 
 @triton.jit
-def _tiles(xs, xt, rows_i, ok_i, j0, n, ds, dt, sbs, sds, sbt, sdt, ACC: tl.constexpr,
-           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Columns j0 + [0, BLOCK_J), their mask and the S_s and S_t tiles of (rows_i, those columns)."""
-    rows_j, ok_j = rel.span(j0, n, BLOCK_J)
-    s = _gram_tile(xs, sbs, sds, rows_i, ok_i, rows_j, ok_j, ds, ACC, BLOCK_I, BLOCK_J, BLOCK_D)
-    t = _gram_tile(xt, sbt, sdt, rows_i, ok_i, rows_j, ok_j, dt, ACC, BLOCK_I, BLOCK_J, BLOCK_D)
-    return rows_j, ok_j, s, t
+def _sp_rows_kernel(partials, stats, loss_rows, n, splits, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row i = program_id(0) from the Gram partials: ``stats[i] = [inv_s, inv_t, proj]`` and
+    ``loss_rows[i] = sum_j (G_s - G_t)_ij^2``."""
+    i = tl.program_id(0).to(tl.int64)
+    nn = rel.as_dtype(n, tl.int64)
+    ss = tl.zeros([BLOCK_C], ACC)
+    tt = tl.zeros([BLOCK_C], ACC)
+    for c0 in range(0, n, BLOCK_C):
+        cols, ok = rel.span(c0, n, BLOCK_C)
+        s = rel.summed(partials, 0, splits, nn, i, cols, ok)
+        t = rel.summed(partials, 1, splits, nn, i, cols, ok)
+        ss += s * s
+        tt += t * t
+    norm_s = _sqrt(tl.sum(ss, axis=0))
+    inv_s = _inv_norm(norm_s)
+    inv_t = _inv_norm(_sqrt(tl.sum(tt, axis=0)))
 
-
-@triton.jit
-def _inv_norm(sq):
-    """1 / max(sqrt(sq), eps) (NaN propagating) and whether sqrt(sq) >= eps."""
-    norm = _sqrt(sq)
-    return 1.0 / tl.where(norm < _EPS, _EPS, norm), norm >= _EPS
-
-
-@triton.jit
-def _sp_forward_kernel(xs, xt, stats, loss_rows, n, ds, dt, sbs, sds, sbt, sdt,
-                       ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    rows_i, ok_i = rel.span(tl.program_id(0) * BLOCK_I, n, BLOCK_I)
-    ss = tl.zeros([BLOCK_I], ACC)
-    tt = tl.zeros([BLOCK_I], ACC)
-    for j0 in range(0, n, BLOCK_J):
-        _, _, s, t = _tiles(xs, xt, rows_i, ok_i, j0, n, ds, dt, sbs, sds, sbt, sdt, ACC,
-                            BLOCK_I, BLOCK_J, BLOCK_D)
-        ss += tl.sum(s * s, axis=1)
-        tt += tl.sum(t * t, axis=1)
-    inv_s, projected = _inv_norm(ss)
-    inv_t, _ = _inv_norm(tt)
-
-    loss = tl.zeros([BLOCK_I], ACC)
-    proj = tl.zeros([BLOCK_I], ACC)
-    for j0 in range(0, n, BLOCK_J):
-        _, _, s, t = _tiles(xs, xt, rows_i, ok_i, j0, n, ds, dt, sbs, sds, sbt, sdt, ACC,
-                            BLOCK_I, BLOCK_J, BLOCK_D)
-        g_s = s * inv_s[:, None]
-        diff = g_s - t * inv_t[:, None]  # 0 on the masked columns
-        loss += tl.sum(diff * diff, axis=1)
-        proj += tl.sum(g_s * diff, axis=1)
-    out = stats + rows_i * _N_STATS
-    tl.store(out, inv_s, mask=ok_i)
-    tl.store(out + 1, inv_t, mask=ok_i)
-    tl.store(out + 2, tl.where(projected, proj, 0.0), mask=ok_i)
-    tl.store(loss_rows + rows_i, loss, mask=ok_i)
+    loss = tl.zeros([BLOCK_C], ACC)
+    proj = tl.zeros([BLOCK_C], ACC)
+    for c0 in range(0, n, BLOCK_C):
+        cols, ok = rel.span(c0, n, BLOCK_C)
+        g_s = rel.summed(partials, 0, splits, nn, i, cols, ok) * inv_s
+        diff = g_s - rel.summed(partials, 1, splits, nn, i, cols, ok) * inv_t  # 0 on the masked columns
+        loss += diff * diff
+        proj += g_s * diff
+    out = stats + i * _N_STATS
+    tl.store(out, inv_s)
+    tl.store(out + 1, inv_t)
+    tl.store(out + 2, tl.where(norm_s >= _EPS, tl.sum(proj, axis=0), 0.0))
+    tl.store(loss_rows + i, tl.sum(loss, axis=0))
 
 
 @triton.jit
@@ -110,32 +106,72 @@ def _coefficients(stats, rows, ok, k):
 
 
 @triton.jit
-def _sp_backward_kernel(grad_loss, xs, xt, stats, grad, n, ds, dt, sbs, sds, sbt, sdt,
-                        ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
-    rows_i, ok_i = rel.span(tl.program_id(0) * BLOCK_I, n, BLOCK_I)
-    size = n.to(ACC)
+def _sp_m_kernel(grad_loss, partials, stats, m, scales, n, splits, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row i = program_id(0) of M (from the Gram partials) and ``scales[i] = max_j |M_ij|``
+    (1 where that is 0)."""
+    i = tl.program_id(0).to(tl.int64)
+    nn = rel.as_dtype(n, tl.int64)
+    size = rel.as_dtype(n, ACC)
     k = 2.0 * tl.load(grad_loss).to(ACC) / (size * size)
-    alpha_i, beta_i = _coefficients(stats, rows_i, ok_i, k)
-    grad_rows = grad + rows_i[:, None] * ds
-    for j0 in range(0, n, BLOCK_J):
-        rows_j, ok_j, s, t = _tiles(xs, xt, rows_i, ok_i, j0, n, ds, dt, sbs, sds, sbt, sdt,
-                                    ACC, BLOCK_I, BLOCK_J, BLOCK_D)
-        alpha_j, beta_j = _coefficients(stats, rows_j, ok_j, k)
-        m = (alpha_i[:, None] + alpha_j[None, :]) * s - (beta_i[:, None] + beta_j[None, :]) * t
-        tl.debug_barrier()  # the previous j's stores into grad_rows are visible to every thread
-        for d0 in range(0, ds, BLOCK_D):
-            xj = rel.load_rows(xs, sbs, sds, rows_j, ok_j, d0, ds, ACC, BLOCK_D)
-            offs = d0 + tl.arange(0, BLOCK_D)
-            mask = ok_i[:, None] & (offs < ds)[None, :]
-            acc = tl.load(grad_rows + offs[None, :], mask=mask, other=0.0)
-            acc = tl.dot(m, xj, acc, input_precision="ieee")
-            tl.store(grad_rows + offs[None, :], acc, mask=mask)
+    alpha_i, beta_i = _coefficients(stats, i, i < nn, k)
+    largest = tl.zeros([BLOCK_C], ACC)
+    for c0 in range(0, n, BLOCK_C):
+        cols, ok = rel.span(c0, n, BLOCK_C)
+        alpha_j, beta_j = _coefficients(stats, cols, ok, k)
+        row = ((alpha_i + alpha_j) * rel.summed(partials, 0, splits, nn, i, cols, ok)
+               - (beta_i + beta_j) * rel.summed(partials, 1, splits, nn, i, cols, ok))
+        tl.store(m + i * nn + cols, row, mask=ok)
+        largest = tl.maximum(largest, tl.abs(row))
+    scale = tl.max(largest, axis=0)
+    tl.store(scales + i, tl.where(scale > 0.0, scale, 1.0))
 
 
-def _constexprs(dtype: torch.dtype) -> dict[str, object]:
-    return dict(ACC=_common.TL_DTYPES[_common.acc_dtype(dtype)], BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
-                BLOCK_D=BLOCK_D, num_warps=rel.NUM_WARPS)
+@triton.jit
+def _sp_grad_kernel(m, scales, xs, grad, n, ds, sb, sd, ACC: tl.constexpr, NATIVE: tl.constexpr,
+                    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK, BLOCK_N] tile (program_id(0), program_id(1)) of ``dX_s = M X_s``. NATIVE:
+    X_s's float16/bfloat16 tiles as they are, times ``hi + lo`` of the scaled M rows."""
+    rows, ok_r = rel.span(tl.program_id(0) * BLOCK, n, BLOCK)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_c = cols < ds
+    nn = rel.as_dtype(n, tl.int64)
+    acc = tl.zeros([BLOCK, BLOCK_N], ACC)
+    if NATIVE:
+        scale = tl.load(scales + rows, mask=ok_r, other=1.0)
+        inv_scale = 1.0 / scale
+    for j0 in range(0, n, BLOCK):
+        js, ok_j = rel.span(j0, n, BLOCK)
+        mt = tl.load(m + rows[:, None] * nn + js[None, :], mask=ok_r[:, None] & ok_j[None, :], other=0.0)
+        xj = tl.load(xs + js[:, None] * sb + cols[None, :] * sd, mask=ok_j[:, None] & ok_c[None, :], other=0.0)
+        if NATIVE:
+            mt = mt * inv_scale[:, None]
+            hi = mt.to(xj.dtype)
+            acc = tl.dot(hi, xj, acc)
+            acc = tl.dot((mt - hi.to(ACC)).to(xj.dtype), xj, acc)
+        else:
+            acc = rel.dot(mt, xj, acc, False)
+    if NATIVE:
+        acc = acc * scale[:, None]
+    tl.store(grad + rows[:, None] * ds + cols[None, :], acc.to(grad.dtype.element_ty),
+             mask=ok_r[:, None] & ok_c[None, :])
+
+
+def _block(n: int) -> int:
+    """Tile side of the Gram and gradient tiles: 16 (tl.dot's smallest), 32 or 64."""
+    return min(64, max(16, triton.next_power_of_2(n)))
+
+
+def _block_d(block: int, x_s: Tensor, x_t: Tensor) -> int:
+    """Gram columns per tl.dot: BLOCK_D (64 only if both networks' dots are native), at most
+    2 * block (16 x 64 float32 tiles spill a few bytes where the rows are not 16-element aligned)."""
+    acc = _common.acc_dtype(x_s.dtype)
+    native = all(rel.native_dot(x.dtype, acc, x.device) for x in (x_s, x_t))
+    return min(BLOCK_D[native], 2 * block)
+
+
+def _block_c(n: int) -> int:
+    """Columns per step of the row kernels."""
+    return min(MAX_BLOCK_C, max(16, triton.next_power_of_2(n)))
 
 
 def sp_forward(x_s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,11 +181,13 @@ def sp_forward(x_s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
     rel.check_pair("sp_forward", x_s, x_t)
     n = x_s.size(0)
     acc = _common.acc_dtype(x_s.dtype)
+    block = _block(n)
+    partials = rel.pairs(x_s, x_t, True, block, _block_d(block, x_s, x_t))
     stats = torch.empty((n, 3), dtype=acc, device=x_s.device)
     loss_rows = torch.empty(n, dtype=acc, device=x_s.device)
     with _common.on_device(x_s.device):
-        _sp_forward_kernel[(triton.cdiv(n, BLOCK_I),)](x_s, x_t, stats, loss_rows, *rel.pair_args(x_s, x_t),
-                                                        **_constexprs(x_s.dtype))
+        _sp_rows_kernel[(n,)](partials, stats, loss_rows, n, partials.size(1), ACC=_common.TL_DTYPES[acc],
+                              BLOCK_C=_block_c(n), num_warps=rel.NUM_WARPS)
     return loss_rows.sum() / (n * n), stats
 
 
@@ -158,12 +196,22 @@ def sp_backward(grad_loss: Tensor, x_s: Tensor, x_t: Tensor, stats: Tensor) -> T
     ``grad_loss``: a 0-d tensor (read on the device); ``stats``: from :func:`sp_forward`."""
     name = "sp_backward"
     rel.check_pair(name, x_s, x_t)
-    n = x_s.size(0)
+    n, ds = x_s.shape
     acc = _common.acc_dtype(x_s.dtype)
-    check_rows(name, "grad_loss", grad_loss, (), _common.TL_DTYPES, x_s.device)
-    check_rows(name, "stats", stats, (n, 3), (acc,), x_s.device)
-    grad = torch.zeros((n, x_s.size(1)), dtype=acc, device=x_s.device)
-    with _common.on_device(x_s.device):
-        _sp_backward_kernel[(triton.cdiv(n, BLOCK_I),)](grad_loss, x_s, x_t, stats.contiguous(), grad,
-                                                         *rel.pair_args(x_s, x_t), **_constexprs(x_s.dtype))
-    return grad.to(x_s.dtype)
+    device = x_s.device
+    check_rows(name, "grad_loss", grad_loss, (), _common.TL_DTYPES, device)
+    check_rows(name, "stats", stats, (n, 3), (acc,), device)
+    block = _block(n)
+    partials = rel.pairs(x_s, x_t, True, block, _block_d(block, x_s, x_t))
+    m = torch.empty((n, n), dtype=acc, device=device)
+    scales = torch.empty(n, dtype=acc, device=device)
+    grad = torch.empty((n, ds), dtype=x_s.dtype, device=device)
+    tl_acc = _common.TL_DTYPES[acc]
+    with _common.on_device(device):
+        _sp_m_kernel[(n,)](grad_loss, partials, stats.contiguous(), m, scales, n, partials.size(1), ACC=tl_acc,
+                           BLOCK_C=_block_c(n), num_warps=rel.NUM_WARPS)
+        native = rel.native_dot(x_s.dtype, acc, device)
+        _sp_grad_kernel[(triton.cdiv(n, block), triton.cdiv(ds, BLOCK_N[native]))](
+            m, scales, x_s, grad, n, ds, *x_s.stride(), ACC=tl_acc, NATIVE=native, BLOCK=block,
+            BLOCK_N=BLOCK_N[native], num_warps=rel.num_warps(block))
+    return grad

@@ -35,14 +35,20 @@ TOL = {
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    # torch.compile of a "cuda_emu" op runs the registration code of kdfast/ops that "cpu" runs (the
+    # same fakes and autograd, per library; opcheck checks kdfast_emu's): 10-50 s each for nothing new.
+    skip_emu_compile = pytest.mark.skip(reason="compile of the cuda_emu ops: the registration code of 'cpu'")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip)
+        if item.originalname == "test_compile_fullgraph" and "cuda_emu" in item.name:
+            item.add_marker(skip_emu_compile)
 
 
 def device_backends(op: str) -> list:
-    """(device, backend) params: every fused backend on every device here; unavailable ones are
-    still listed, as skips that say why (so a missing backend is visible in the report)."""
+    """(device, backend) params: every fused backend on every device here, and ("cpu", "cuda_emu"):
+    the CUDA C++ kernels run on the CPU through csrc/emu/cuda_emu.h. Unavailable ones are still
+    listed, as skips that say why (so a missing backend is visible in the report)."""
     params = []
     for device in ("cpu", "cuda"):
         for backend in FUSED_BACKENDS:
@@ -56,6 +62,9 @@ def device_backends(op: str) -> list:
             if reason:
                 marks.append(pytest.mark.skip(reason=reason))
             params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    reason = backends.unavailable_reason(op, "cuda_emu", torch.device("cpu"))
+    marks = [pytest.mark.skip(reason=reason)] if reason else []
+    params.append(pytest.param("cpu", "cuda_emu", marks=marks, id="cpu-cuda_emu"))
     return params
 
 

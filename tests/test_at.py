@@ -11,6 +11,7 @@ import torch
 
 from conftest import DTYPES, HAS_GPU, TOL, assert_close_scaled, device_backends
 from kdfast import backends, functional as F, nn as knn
+from kdfast.ops import namespace
 from kdfast.reference import at as ref
 
 # (student (C, H, W), teacher (C, H, W)) per stage: odd sizes, Cs != Ct, a pooled stage.
@@ -195,7 +196,7 @@ def _op_samples(device):
 
 @pytest.mark.parametrize("device,backend", device_backends("at"))
 def test_opcheck(device, backend):
-    ops = getattr(torch.ops, "kdfast_triton" if backend == "triton" else "kdfast")
+    ops = namespace(backend)
     feats, maps_s, maps_t = _op_samples(device)
     grad_feats = [f.clone().requires_grad_() for f in feats]
     for mode in ("mean", "sum"):
@@ -286,3 +287,56 @@ def test_backend_choice_order(monkeypatch):
     monkeypatch.setenv("KDFAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown backend 'bogus'"):
         F.at_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
+
+
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records instead of running."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_alignment_is_per_stage(monkeypatch, channels_last):
+    """One launch for all stages, each with its own alignment: the 7x7 (contiguous) or 3-channel
+    (channels_last) stage does not take the vector loads of the 56x56 stage away (meta tensors)."""
+    from kdfast.kernels import at as kernels
+
+    recorder = _LaunchRecorder()
+    monkeypatch.setattr(kernels, "_at_maps_kernel", recorder)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    feats = [torch.empty(2, c, s, s, device="meta").contiguous(memory_format=memory_format)
+             for c, s in ((64, 56), (48, 14), (3, 7))]
+    kernels.at_maps(feats, 2.0, "mean")
+    (_, args, kwargs), = recorder.launches
+    assert kwargs["ALIGNS"] == ((16, 16, 1) if channels_last else (16, 4, 1))  # stages by decreasing C
+    assert all(isinstance(a, tuple) for a in args)  # tensors and integers: kernel arguments, no host table
+
+
+def test_triton_stage_chunks(monkeypatch):
+    """More stages than one launch takes: consecutive launches of at most _MAX_STAGES."""
+    from kdfast.kernels import at as kernels
+
+    recorder = _LaunchRecorder()
+    monkeypatch.setattr(kernels, "_at_maps_kernel", recorder)
+    feats = [torch.empty(2, 4, 8, 8, device="meta") for _ in range(kernels._MAX_STAGES + 3)]
+    kernels.at_maps(feats, 2.0, "mean")
+    assert [len(args[0]) for _, args, _ in recorder.launches] == [kernels._MAX_STAGES, 3]
+
+
+def test_triton_many_stages_match_reference():
+    """Stages over several launches (maps, their backward and the loss) give the reference's values."""
+    from kdfast.kernels import at as kernels
+
+    shapes = [((2 + i % 3, 3 + i % 4, 4), (3, 3 + i % 4, 4)) for i in range(kernels._MAX_STAGES + 2)]
+    f_s = make_features([s for s, _ in shapes], 2, torch.float64, "cpu", requires_grad=True, seed=3)
+    f_t = make_features([t for _, t in shapes], 2, torch.float64, "cpu", seed=4)
+    loss = F.at_loss(f_s, f_t, backend="triton")
+    grads = torch.autograd.grad(loss, f_s)
+    e_loss, e_grads = reference_loss_and_grads(f_s, f_t, 2, "code")
+    torch.testing.assert_close(loss, e_loss, rtol=1e-10, atol=0)
+    for g, e in zip(grads, e_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-16)

@@ -172,6 +172,60 @@ def test_several_blocks(device, backend, variant):
     check(variant, f_s, h_s, f_t, 4, backend, 1e-10, 1e-10)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_triton_splits(monkeypatch, variant, layout):
+    """Every (module, sample) split over channel and position ranges (as on a large GPU): the same
+    values and gradients, and the same bits on a rerun."""
+    from kdfast.kernels import at as at_kernels, block_attention as kernels
+
+    monkeypatch.setattr(at_kernels, "_min_programs", lambda device: 10_000)
+    modules = [((40, 13, 11), (136, 6, 6), (136, 6, 6)), ((20, 5, 5), (24, 5, 5), (24, 5, 5))]
+    f_s, h_s, f_t = make(modules, 2, torch.float64, layout=layout, seed=12)
+    _, _, power, feature_grid, weighted = VARIANTS[variant]
+    fgrid = 4 if feature_grid is None else feature_grid
+    plan = kernels._plan(f_s, h_s, f_t, 4, power, fgrid, weighted)
+    assert plan.splits > 1 and (plan.splits_hw == 1 or fgrid == 0)
+    terms = check(variant, f_s, h_s, f_t, 4, "triton", 1e-10, 1e-10)[0]
+    again = fused_terms(variant, f_s, h_s, f_t, 4, "triton")
+    assert torch.equal(terms, again)
+
+
+def test_triton_module_chunks():
+    """More modules than one launch takes (tuple arguments of at most _MAX_STAGES): same values."""
+    from kdfast.kernels import at as at_kernels
+
+    modules = [((2, 3 + i % 3, 4), (3, 4, 3 + i % 2), (3, 4, 3 + i % 2)) for i in range(at_kernels._MAX_STAGES + 1)]
+    f_s, h_s, f_t = make(modules, 2, torch.float64, seed=13)
+    check("ndam", f_s, h_s, f_t, 2, "triton", 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_triton_local_module_fills_an_h200(monkeypatch, layout):
+    """LAKD's local mode launches one module at a time: at B = 64 a resnet8x4 or resnet20 module
+    still gets at least 3 programs per SM of a 132-SM GPU, not 64 programs; a small 64x8x8 map,
+    which has only 2 blocks, gets them both (meta tensors: no data)."""
+    from kdfast.kernels import at as at_kernels, block_attention as kernels
+
+    monkeypatch.setattr(at_kernels, "_min_programs", lambda device: 4 * 132)
+    memory_format = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    for c, h, w in ((64, 32, 32), (128, 16, 16), (256, 8, 8), (16, 32, 32), (64, 8, 8)):
+        f = [torch.empty(64, c, h, w, device="meta").contiguous(memory_format=memory_format)]
+        plan = kernels._plan(f, f, f, 4, 1.0, 0, False)
+        assert 64 * plan.splits >= (128 if (c, h, w) == (64, 8, 8) else 3 * 132), (c, h, w, plan)
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("variant", ["ndam_teacher", "aft"])
+def test_many_modules_and_a_large_map(device, backend, layout, variant):
+    """17 modules (the CUDA kernels take 16 per launch: two launches), the first with 24 x 24 = 576
+    positions (more than the 512 threads of a CUDA block) and 40 channels (two 32-channel tiles)."""
+    modules = [((40, 24, 24), (40, 24, 24), (40, 24, 24))] + [((3, 4, 4), (2, 3, 3), (2, 3, 3))] * 16
+    f_s, h_s, f_t = make(modules, 1, torch.float64, device, layout=layout, seed=11)
+    check(variant, f_s, h_s, f_t, 4, backend, 1e-10, 1e-10)
+
+
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
 @pytest.mark.parametrize("variant", ["ndam_teacher", "aft"])
 @pytest.mark.parametrize("which", ["student", "teacher", "both"])

@@ -1,5 +1,6 @@
 """The build: kdfast._C is loaded with its CPU kernels, and its CUDA kernels whenever this torch
-and toolkit can compile them (GPU or not); without the extension kdfast still imports."""
+and toolkit can compile them (GPU or not); kdfast._C_emu with the CUDA kernels as host C++; without
+the extensions kdfast still imports."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from kdfast import _extension, backends
@@ -25,6 +27,15 @@ def test_cuda_kernels_compiled_and_linked():
         assert not any(backends.CPP_KERNELS[(op, "CUDA")] for op in backends.OPS)
     else:
         assert all(backends.CPP_KERNELS[(op, "CUDA")] for op in backends.OPS)
+
+
+def test_cuda_emulation_built_with_every_op():
+    """kdfast._C_emu (the "cuda_emu" backend) is built unless KDFAST_SKIP_CUDA_EMU=1: without it every
+    cuda_emu test would be skipped."""
+    if os.environ.get("KDFAST_SKIP_CUDA_EMU") == "1":
+        pytest.skip("KDFAST_SKIP_CUDA_EMU=1")
+    assert _extension.EMU_LOAD_ERROR is None
+    assert all(backends.EMU_KERNELS[op] for op in backends.OPS)
 
 
 MISSING_EXTENSION = """

@@ -12,6 +12,7 @@ import torch.nn.functional as TF
 
 from conftest import assert_close_scaled, device_backends
 from kdfast import functional as F, nn as knn
+from kdfast.ops import namespace
 from kdfast.reference import dkd as dkd_reference, kd as kd_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -315,7 +316,7 @@ def test_gradcheck_float64(device, backend, name, reduction):
 
 @pytest.mark.parametrize("device,backend", device_backends("kd"))
 def test_opcheck(device, backend):
-    ops = getattr(torch.ops, "kdfast_triton" if backend == "triton" else "kdfast")
+    ops = namespace(backend)
     z_s, z_t, y = logits(5, 12, device=device, seed=27), logits(5, 12, torch.bfloat16, device, seed=28), targets(5, 12, device)
     grad_loss = torch.rand(5, device=device)
     for with_grad in (False,):  # with_grad=True scales its saved gradient in place: one backward only
@@ -389,8 +390,31 @@ def test_dkd_bad_target(target, error, match):
 @pytest.mark.parametrize("device,backend", device_backends("kd"))
 def test_out_of_range_target_in_kernels_gives_nan_not_a_crash(device, backend):
     """Inside torch.compile the range check is skipped: the kernels must stay in bounds."""
-    ops = getattr(torch.ops, "kdfast_triton" if backend == "triton" else "kdfast")
+    ops = namespace(backend)
     z = logits(3, 8, device=device, seed=31)
     loss, _, grad = ops.dkd_forward(z, z, torch.tensor([1, 8, -3], device=device), 1.0, 8.0, 4.0, True)
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).all()
+
+
+@pytest.mark.parametrize("batch", [1, 64, 256, 2048, 4096])
+@pytest.mark.parametrize("classes", [1, 2, 10, 100, 128, 1000, 21843, 32000])
+def test_row_launch_shapes_on_a_132_sm_gpu(monkeypatch, batch, classes):
+    """The Triton launch shape (no GPU needed): every row in exactly one program, packed tiles
+    within the per-thread element limits that keep the sm_90 kernels free of register spills
+    (kernels/softmax.py), and packing never leaves fewer programs than SMs."""
+    from kdfast.kernels import softmax as sm
+
+    monkeypatch.setattr(sm, "_min_programs", lambda device: 132)
+    for acc in (torch.float32, torch.float64):
+        launch = sm.row_launch(batch, classes, acc, torch.device("cuda"))
+        (programs,) = launch.grid
+        assert (programs - 1) * launch.rows < batch <= programs * launch.rows
+        assert launch.one_block == (classes <= launch.block_k) and launch.block_k <= sm.MAX_BLOCK_K[acc]
+        assert 1 <= launch.num_warps <= sm._MAX_WARPS
+        elements_per_thread = launch.rows * launch.block_k / (32 * launch.num_warps)
+        if launch.rows > 1:
+            assert launch.rows * launch.block_k <= sm._MAX_PACKED_TILE and programs >= 132
+            assert elements_per_thread <= sm._PACKED_ELEMS_PER_THREAD
+        else:
+            assert elements_per_thread <= sm._ROW_ELEMS_PER_THREAD

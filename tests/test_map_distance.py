@@ -113,6 +113,14 @@ def test_several_blocks(device, backend):
     check(backend, f_s, f_t, att, 2e-5, 2e-5)
 
 
+@pytest.mark.parametrize("device,backend", FUSED)
+def test_many_size_groups(device, backend):
+    """33 teacher sizes (size groups): the CUDA kernels take 32 groups per launch (two launches)."""
+    teachers = [(1, 1 + i // 6, 1 + i % 6) for i in range(33)]
+    f_s, f_t, att = make([(2, 6, 6), (1, 4, 5)], teachers, 2, torch.float64, device, seed=21)
+    check(backend, f_s, f_t, att, 1e-10, 1e-10)
+
+
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
 def test_map_distances(device, backend):
     """(B, T, S) in the teachers' order, no gradient, and the loss is their att-weighted sum."""

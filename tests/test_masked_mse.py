@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from kdfast import functional as F, nn as knn
+from kdfast.ops import namespace
 from kdfast.kernels import masked_mse as kernels
 from kdfast.reference import masked_mse as ref
 
@@ -314,7 +315,7 @@ def test_gradcheck_float64(device, backend):
 
 @pytest.mark.parametrize("device,backend", FUSED)
 def test_opcheck(device, backend):
-    ops = getattr(torch.ops, "kdfast_triton" if backend == "triton" else "kdfast")
+    ops = namespace(backend)
     x = feature(device=device, channels_last=True, seed=45)
     y = feature(device=device, seed=46)
     mask = spatial_mask(dtype=torch.float16, device=device, keepdim=False)

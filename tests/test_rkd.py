@@ -1,8 +1,8 @@
 """Relational KD loss (RKD): every fused backend against the float64 eager reference.
 
 Values and gradients of both terms (non-unit upstream gradients, both reductions, weights),
-every dtype, 2-D / contiguous / channels_last inputs, Ds != Dt, odd B, B = 1 and 2, duplicated
-embeddings (zero distances), several tiles, exact squared distances, no B x B x D allocation,
+every dtype, 2-D / contiguous / channels_last inputs, Ds != Dt, odd B, B = 1 (every dtype) and 2,
+duplicated embeddings (zero distances), several tiles and splits, exact squared distances, no B x B x D allocation,
 mdistiller's formula, opcheck, torch.compile(fullgraph=True), float64 gradcheck and bad input.
 Shapes stay tiny: the Triton kernels run in the interpreter here.
 """
@@ -15,10 +15,11 @@ import torch.nn.functional as TF
 
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from kdfast import functional as F, nn as knn
+from kdfast.ops import namespace
 from kdfast.kernels import rkd as rkd_kernels
 from kdfast.reference import rkd as ref
 from kdfast.reference.at import compute_dtype
-from test_sp import LargestTensor, feature
+from test_sp import LargestTensor, feature, force_splits
 
 TRITON = triton_backends("rkd")
 WITH_TORCH = backends_with_torch("rkd")
@@ -80,6 +81,16 @@ def test_small_batches(device, backend, batch):
 
 
 @pytest.mark.parametrize("device,backend", device_backends("rkd"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_of_one(device, backend, dtype):
+    """B = 1 in every dtype (a last batch of 1; Triton turns an int argument equal to 1 into a
+    constexpr): terms and gradient exactly 0."""
+    e_s = feature((1, 2, 2, 1), dtype, device, requires_grad=True, seed=5)
+    out, grad = check(backend, e_s, feature((1, 3), dtype, device, seed=6), *TOL[dtype], floor=1e-2)
+    assert not out.any() and not grad.any()
+
+
+@pytest.mark.parametrize("device,backend", device_backends("rkd"))
 @pytest.mark.parametrize("which", ["both", "student"])
 def test_duplicated_embeddings(device, backend, which):
     """Duplicated rows have distance 1e-6 (clamped: no gradient) and n_ij = 0. Duplicated in both
@@ -100,9 +111,12 @@ def test_duplicated_embeddings(device, backend, which):
 
 @pytest.mark.parametrize("device,backend", TRITON)
 @pytest.mark.parametrize("layout", ["2d", "nhwc"])
-def test_several_tiles(device, backend, layout, monkeypatch):
-    """B and D span several tiles (BLOCK 16 here: 2 x 2 tiles of (j, k); BLOCK_D 8)."""
+def test_several_tiles_and_splits(device, backend, layout, monkeypatch):
+    """B and D span several tiles (BLOCK 16 here: 2 x 2 tiles of (j, k); BLOCK_D 8), the squared
+    distances are split over D (4 splits of 8 columns, the student's last ones empty) and the
+    triplet backward over the anchors (7 splits of at most 3)."""
     monkeypatch.setattr(rkd_kernels, "BLOCK", 16)
+    force_splits(monkeypatch)
     shape = (19, 21) if layout == "2d" else (19, 5, 3, 1)
     e_s = feature(shape, device=device, channels_last=layout == "nhwc", requires_grad=True, seed=9)
     e_t = feature((19, 3, 3, 3), device=device, seed=10)
@@ -110,9 +124,13 @@ def test_several_tiles(device, backend, layout, monkeypatch):
 
 
 @pytest.mark.parametrize("device,backend", TRITON)
-def test_squared_distances_are_exact(device, backend):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_squared_distances_are_exact(device, backend, split, monkeypatch):
     """R_ab == R_ba bitwise, R_aa == 0 and R_ab == 0 for x_a == x_b, R_ac == R_bc: the kernels
-    rely on it (a Gram matrix computed by tl.dot is not, e.g. in the interpreter)."""
+    rely on it (a Gram matrix computed by tl.dot is not, e.g. in the interpreter); also when D
+    is split (5 partial sums added in order)."""
+    if split:
+        force_splits(monkeypatch)
     x = feature((9, 37), device=device, seed=11)
     x[5] = x[2]
     _, sq_dist, _ = rkd_kernels.rkd_forward(x, x.T.contiguous().T)  # the teacher through other strides
@@ -201,7 +219,7 @@ def test_gradcheck_float64(device, backend):
 
 @pytest.mark.parametrize("device,backend", device_backends("rkd"))
 def test_opcheck(device, backend):
-    ops = getattr(torch.ops, "kdfast_triton" if backend == "triton" else "kdfast")
+    ops = namespace(backend)
     e_s = feature((4, 5), device=device, seed=24)
     e_t = feature((4, 3), torch.bfloat16, device, seed=25)
     torch.library.opcheck(ops.rkd_forward.default, (e_s.clone().requires_grad_(), e_t))

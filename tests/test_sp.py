@@ -1,9 +1,10 @@
 """Similarity-preserving loss (SP): every fused backend against the float64 eager reference.
 
 Values and gradients (non-unit upstream gradient), every dtype, 2-D / contiguous / channels_last
-inputs, Ds != Dt, odd B, B = 1 and 2, duplicated and zero rows, several tiles, no B x B
-allocation, mdistiller's formula, opcheck, torch.compile(fullgraph=True), float64 gradcheck and
-bad input. Shapes stay tiny: the Triton kernels run in the interpreter here.
+inputs, Ds != Dt, odd B, B = 1 (every dtype) and 2, duplicated and zero rows, several tiles and
+column splits, the Triton launchers' memory, mdistiller's formula, opcheck,
+torch.compile(fullgraph=True), float64 gradcheck and bad input. Shapes stay tiny: the Triton
+kernels run in the interpreter here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch.utils._pytree import tree_leaves
 
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from kdfast import functional as F, nn as knn
-from kdfast.kernels import sp as sp_kernels
+from kdfast.ops import namespace
+from kdfast.kernels import relational, sp as sp_kernels
 from kdfast.reference import sp as ref
 from kdfast.reference.at import compute_dtype
 
@@ -68,6 +70,21 @@ def test_small_batches(device, backend, batch):
     check(backend, f_s, feature((batch, 4), device=device, seed=4), 2e-5, 2e-5, floor=1e-2)
 
 
+@pytest.mark.parametrize("device,backend", device_backends("sp"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_of_one(device, backend, dtype):
+    """B = 1 in every dtype (a last batch of 1; Triton turns an int argument equal to 1 into a
+    constexpr): loss and gradient 0 up to rounding."""
+    f_s = feature((1, 3, 2, 2), dtype, device, requires_grad=True, seed=3)
+    check(backend, f_s, feature((1, 5), dtype, device, seed=4), *TOL[dtype], upstream=2.0, floor=1e-2)
+
+
+def force_splits(monkeypatch) -> None:
+    """Makes the Triton launchers split D as far as they can (the interpreter's target is 1 program)."""
+    monkeypatch.setattr(relational, "target_programs", lambda device: 1 << 20)
+    monkeypatch.setattr(relational, "MIN_SPLIT_BLOCKS", 1)
+
+
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
 def test_duplicated_rows(device, backend):
     f_s = feature((6, 9), device=device, seed=5)
@@ -92,10 +109,15 @@ def test_zero_rows(device, backend, which):
 
 
 @pytest.mark.parametrize("device,backend", TRITON)
-def test_several_tiles(device, backend):
-    """B and D span several row, column and D blocks (BLOCK_I 16, BLOCK_J 32, BLOCK_D 64)."""
-    f_s = feature((37, 70), device=device, requires_grad=True, seed=9)
-    check(backend, f_s, feature((37, 3, 5, 9), device=device, seed=10), 2e-5, 2e-5, upstream=3.0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_several_tiles_and_splits(device, backend, dtype, monkeypatch):
+    """3 x 3 tiles of 16 rows, D split into 2 (student) and 3 (teacher) column blocks of 64 (the
+    student's third split empty); float16: the tensor-core path (tl.dot of the native tiles, M
+    as hi + lo), which the interpreter runs too."""
+    monkeypatch.setattr(sp_kernels, "_block", lambda n: 16)
+    force_splits(monkeypatch)
+    f_s = feature((37, 70), dtype, device, requires_grad=True, seed=9)
+    check(backend, f_s, feature((37, 3, 5, 9), dtype, device, seed=10), *TOL[dtype], upstream=3.0)
 
 
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
@@ -150,21 +172,26 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def run_sp(device, x_s, x_t) -> int:
+    """The largest tensor (bytes) of the Triton forward and backward."""
+    with LargestTensor() as mode:
+        _, stats = sp_kernels.sp_forward(x_s, x_t)
+        sp_kernels.sp_backward(torch.ones((), device=device), x_s, x_t, stats)
+    return mode.largest
+
+
 @pytest.mark.parametrize("device,backend", TRITON)
-def test_no_b_by_b_allocation(device, backend):
-    """The Triton launchers allocate nothing of B x B elements (B > D here): O(B) statistics and
-    the float32 (B, Ds) gradient are the largest; the reference, for contrast, builds the B x B
-    Gram matrices."""
+def test_memory(device, backend, monkeypatch):
+    """The Triton launchers' largest buffers are the (2, splits, B, B) float32 Gram partials (B > D
+    here: 2 B^2 floats at splits = 1); nothing of (B, D) but the inputs and the gradient in the
+    student's dtype (B < D), even when D is split."""
     batch, depth = 40, 6
     x_s = feature((batch, depth), device=device, seed=19)
-    x_t = feature((batch, depth - 1), device=device, seed=20)
-    with LargestTensor() as mode:
-        loss, stats = sp_kernels.sp_forward(x_s, x_t)
-        sp_kernels.sp_backward(torch.ones((), device=device), x_s, x_t, stats)
-    assert mode.largest == batch * depth * 4
-    with LargestTensor() as mode:
-        ref.sp_loss(x_s, x_t)
-    assert mode.largest == batch * batch * 4
+    assert run_sp(device, x_s, feature((batch, depth - 1), device=device, seed=20)) == 2 * batch * batch * 4
+    batch, depth = 6, 300
+    force_splits(monkeypatch)
+    x_s = feature((batch, depth), torch.bfloat16, device, seed=19)
+    assert run_sp(device, x_s, feature((batch, depth), torch.bfloat16, device, seed=20)) == batch * depth * 2
 
 
 @pytest.mark.parametrize("device,backend", device_backends("sp"))
@@ -176,7 +203,7 @@ def test_gradcheck_float64(device, backend):
 
 @pytest.mark.parametrize("device,backend", device_backends("sp"))
 def test_opcheck(device, backend):
-    ops = getattr(torch.ops, "kdfast_triton" if backend == "triton" else "kdfast")
+    ops = namespace(backend)
     x_s = feature((5, 6), device=device, seed=23)
     x_t = feature((5, 4), torch.bfloat16, device, seed=24)
     torch.library.opcheck(ops.sp_forward.default, (x_s.clone().requires_grad_(), x_t))
@@ -210,7 +237,7 @@ def test_launcher_checks(device, backend):
     _, stats = sp_kernels.sp_forward(x, x)
     with pytest.raises(ValueError, match="stats must be"):
         sp_kernels.sp_backward(torch.ones((), device=device), x, x, stats[:2])
-    assert min(sp_kernels.BLOCK_I, sp_kernels.BLOCK_J, sp_kernels.BLOCK_D) >= 16  # tl.dot's smallest side on the GPU
+    assert min(sp_kernels._block(1), *sp_kernels.BLOCK_D.values(), *sp_kernels.BLOCK_N.values()) >= 16  # tl.dot's smallest side on the GPU
 
 
 # --- bad input

@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "../block_attention.h"
-#include "../softmax.h"  // logits::dispatch_logits: the (student, teacher) dtype pair
+#include "../dispatch.h"
 
 namespace kdfast {
 namespace {
@@ -285,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> block_attention_forward_cpu(const std::vector
   const int64_t bins = in.grid * in.grid;
   at::Tensor terms = at::empty({in.modules, 2}, options);
   at::Tensor maps = at::empty({in.modules, 2, in.batch, bins}, options);
-  logits::dispatch_logits(in.student, in.teacher, [&](auto student, auto teacher) {
+  dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
     using student_t = typename decltype(student)::type;
     using teacher_t = typename decltype(teacher)::type;
     using acc_t = at::opmath_type<student_t>;
@@ -324,7 +324,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> block_attention_bac
     grad_f_s.push_back(at::empty(f_s[l].sizes(), f_s[l].options()));
     grad_h_s.push_back(at::empty(h_s[l].sizes(), h_s[l].options()));
   }
-  logits::dispatch_logits(in.student, in.teacher, [&](auto student, auto teacher) {
+  dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
     using student_t = typename decltype(student)::type;
     using teacher_t = typename decltype(teacher)::type;
     using acc_t = at::opmath_type<student_t>;

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "launch.cuh"
 #include "reduce.cuh"
 
 namespace kdfast {
@@ -333,7 +334,7 @@ template <typename Args>
 void launch(const char* op, void (*kernel)(Args), int64_t blocks, int threads, const Args& args) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many blocks for one launch (", blocks, ")");
   if (blocks == 0) return;
-  kernel<<<static_cast<unsigned int>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  gpu::launch_kernel(kernel, static_cast<unsigned int>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream(), args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -4,24 +4,28 @@
 //
 // lcc_forward:  inv_norm_kernel     a block per row (one launch per network): 1 / max(||x[n]||, eps)
 //               forward_kernel      each block walks a fixed share of the upper-triangle tiles (S is
-//                                   symmetric; off-diagonal tiles count twice): S_s and S_t tiles of
-//                                   u = x inv_norm from shared-memory chunks of kDepth elements, and
-//                                   the class sums of (S_s - S_t)^2; one partial (3,) per block
+//                                   symmetric; off-diagonal tiles count twice): the S_s - S_t tile of
+//                                   u = x inv_norm (correlation_tile of f_s, then of f_t with sign -1,
+//                                   into one accumulator), and the class sums of (S_s - S_t)^2; one
+//                                   partial (3,) per block
 //               sum_partials_kernel one block adds the partials in block order
-// lcc_backward: backward_kernel     block (row block r, split s) recomputes the tiles (r, c) of the
-//                                   column blocks c = s mod splits, forms w(n, m) 4 (S_s - S_t) in
-//                                   shared memory and adds its product with u_s[c block] into its
-//                                   own g[s] (splits x N x Ds, zeroed): no two blocks write one g
-//               project_kernel      a block per row: g[n] = sum_s g[s][n], then the normalisation's
-//                                   backward inv_s[n] (g - u <u, g>), written to the map positions
+// lcc_backward: with P = w(n, m) 4 (S_s - S_t) (symmetric), by stripes of row blocks [first, end):
+//               weights_kernel      the upper tiles (r in the stripe, c >= r) of P, each computed
+//                                   once, stored in the stripe's buffer (mirrored inside the stripe)
+//               product_kernel      (tiles.cuh) a tile of 64 rows x 64 elements per block: rows in
+//                                   the stripe g[n] += sum_{m >= first} P[n][m] u_s[m]; rows past it
+//                                   g[n] += sum_{m in the stripe} P[m][n] u_s[m] (the symmetry)
+//               project_kernel      a block per row: the normalisation's backward
+//                                   inv_s[n] (g - u <u, g>), written to the map positions
 //
-// No N x N matrix is ever stored: besides the outputs, memory is the (blocks, 3) partials and
-// g (splits <= kMaxSplits copies of an N x Ds accumulator). The maps are read in place through
-// their strides; their dtypes (any of float16, bfloat16, float32, float64, f_t's may differ from
-// f_s's) are switched on at run time per load, so that the kernels are instantiated only for the
-// accumulation type (float; double for a double f_s). Every reduction has a fixed order (no
-// atomics): the results are deterministic on a given device, and the grid sizes depend only on
-// the shapes.
+// Besides the outputs, memory is the (blocks, 3) partials, one stripe of P at a time (at most
+// kStripeElements entries, or one row block of N: N x N whole only while that fits) and g (one
+// N x Ds accumulator). The maps are read in place through their strides; their dtypes
+// (any of float16, bfloat16, float32, float64, f_t's may differ from f_s's) are switched on at run
+// time per load, so that the kernels are instantiated only for the accumulation type (float;
+// double for a double f_s); float16 and bfloat16 maps are multiplied on the tensor cores. Every
+// reduction has a fixed order (no atomics): the results are deterministic on a given device, and
+// the grid sizes depend only on the shapes.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -41,9 +45,8 @@ namespace {
 
 using namespace gpu;
 
-constexpr int64_t kForwardBlocks = 1024;   // blocks of forward_kernel, at most
-constexpr int64_t kBackwardBlocks = 256;   // blocks of backward_kernel that splitting aims at
-constexpr int64_t kMaxSplits = 4;          // copies of the g accumulator, at most
+constexpr int64_t kForwardBlocks = 1024;               // blocks of forward_kernel, at most
+constexpr int64_t kStripeElements = int64_t(1) << 24;  // entries of a stripe of P (64 MiB in float), at most
 
 template <typename acc_t>
 struct LccArgs {
@@ -78,28 +81,30 @@ __global__ void __launch_bounds__(kThreads) inv_norm_kernel(const Net<acc_t> net
   if (threadIdx.x == 0) inv_norm[n] = lcc_inv_norm(sum[0]);
 }
 
+// partial[blockIdx.x] = the class sums of the upper tiles t = blockIdx.x + k gridDim.x. Bounds of 3
+// blocks per SM: up to 80 registers (ptxas's own choice for sm_80 without them, 64, spills).
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const LccArgs<acc_t> a, int64_t tiles, acc_t* partial) {
+__global__ void __launch_bounds__(kThreads, 3) forward_kernel(const LccArgs<acc_t> a, int64_t tiles, acc_t* partial) {
   using Shape = TileShape<acc_t>;
-  __shared__ ChunkSmem<acc_t> smem;
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
+  __shared__ TileSmem<acc_t> smem;
   const int positions = a.s.regions.positions;
   acc_t sums[3] = {0, 0, 0};
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     int r, c;
     upper_tile(t, r, c);
     const int n0 = r * Shape::kTile, m0 = c * Shape::kTile;
-    acc_t ss[Shape::kMicro][Shape::kMicro], st[Shape::kMicro][Shape::kMicro];
-    correlation_tile(a.s, a.rows, n0, m0, smem, ss);
-    correlation_tile(a.t, a.rows, n0, m0, smem, st);
+    Micro<acc_t> diff;  // S_s - S_t
+    zero(diff);
+    correlation_tile(a.s, a.rows, n0, m0, smem, diff);
+    correlation_tile(a.t, a.rows, n0, m0, smem, diff, Product(), acc_t(-1));
     const acc_t weight = r == c ? acc_t(1) : acc_t(2);  // and the mirrored tile (c, r)
 #pragma unroll
     for (int i = 0; i < Shape::kMicro; ++i) {
 #pragma unroll
       for (int j = 0; j < Shape::kMicro; ++j) {
-        const int n = n0 + ty + kSide * i, m = m0 + tx + kSide * j;
+        const int n = n0 + Shape::row(i), m = m0 + Shape::col(j);
         if (n < a.rows && m < a.rows) {
-          const acc_t d = ss[i][j] - st[i][j];
+          const acc_t d = diff[i][j];
           add_to_class(sums, lcc_pair_class(n, m, positions), weight * d * d);
         }
       }
@@ -124,52 +129,51 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const acc_t* par
   }
 }
 
-// g[split][n0 + i][e] += sum over the column blocks c of this split of
-// sum_j w(n, m) 4 (S_s - S_t)[n, m] u_s[m][e], n = n0 + i, m = m0 + j.
+// p[(n - base) ld + (m - base)] = 4 grad_sums[class(n, m)] (S_s - S_t)[n, m], base = first kTile,
+// ld = N - base, for the upper tiles (r, c >= r) with r in the stripe's row blocks [first, end):
+// block t = blockIdx.x takes the upper tile first_tile + t of the blocks counted from the last
+// (r = blocks - 1 - c', c = blocks - 1 - r' for upper_tile's (r', c')), so that the stripe's tiles
+// are consecutive. Tiles with c in the stripe are mirrored.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const LccArgs<acc_t> a, const acc_t* grad_sums, int splits,
-                                                            acc_t* g) {
+__global__ void __launch_bounds__(kThreads) weights_kernel(const LccArgs<acc_t> a, const acc_t* grad_sums, int first,
+                                                           int end, int64_t first_tile, acc_t* p) {
   using Shape = TileShape<acc_t>;
-  constexpr int kTile = Shape::kTile, kMicro = Shape::kMicro;
-  __shared__ ChunkSmem<acc_t> smem;
-  __shared__ ProductSmem<acc_t> products;  // p = w 4 (S_s - S_t)[n0 + i][m0 + j]
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
+  __shared__ TileSmem<acc_t> smem;
   const int positions = a.s.regions.positions;
-  const int n0 = blockIdx.x * kTile, split = blockIdx.y;
   const acc_t weight[3] = {4 * grad_sums[0], 4 * grad_sums[1], 4 * grad_sums[2]};
-  acc_t* gs = g + static_cast<int64_t>(split) * a.rows * a.s.regions.dim;
-  for (int c = split; c < a.blocks; c += splits) {
-    const int m0 = c * kTile;
-    acc_t ss[kMicro][kMicro], st[kMicro][kMicro];
-    correlation_tile(a.s, a.rows, n0, m0, smem, ss);
-    correlation_tile(a.t, a.rows, n0, m0, smem, st);
+  int r, c;
+  upper_tile(first_tile + blockIdx.x, r, c);
+  const int n0 = (a.blocks - 1 - c) * Shape::kTile, m0 = (a.blocks - 1 - r) * Shape::kTile;
+  const bool mirror = n0 != m0 && m0 < end * Shape::kTile;
+  const int base = first * Shape::kTile;
+  const int64_t ld = a.rows - base;
+  Micro<acc_t> diff;  // S_s - S_t
+  zero(diff);
+  correlation_tile(a.s, a.rows, n0, m0, smem, diff);
+  correlation_tile(a.t, a.rows, n0, m0, smem, diff, Product(), acc_t(-1));
 #pragma unroll
-    for (int i = 0; i < kMicro; ++i) {
+  for (int i = 0; i < Shape::kMicro; ++i) {
 #pragma unroll
-      for (int j = 0; j < kMicro; ++j) {
-        const int n = n0 + ty + kSide * i, m = m0 + tx + kSide * j;
-        const bool valid = n < a.rows && m < a.rows;
-        products.p[ty + kSide * i][tx + kSide * j] =
-            valid ? class_value(weight, lcc_pair_class(n, m, positions)) * (ss[i][j] - st[i][j]) : acc_t(0);
+    for (int j = 0; j < Shape::kMicro; ++j) {
+      const int n = n0 + Shape::row(i), m = m0 + Shape::col(j);
+      if (n < a.rows && m < a.rows) {
+        const acc_t v = class_value(weight, lcc_pair_class(n, m, positions)) * diff[i][j];
+        p[(n - base) * ld + (m - base)] = v;
+        if (mirror) p[(m - base) * ld + (n - base)] = v;
       }
     }
-    add_tile_products(a.s, a.rows, n0, m0, products, gs);
   }
 }
 
-// grad[n] = inv_s[n] (g[n] - u[n] <u[n], g[n]>) (inv_s[n] g[n] where the norm was clamped), with
-// g[n] = sum_s g[s][n], written to the map positions of row n = blockIdx.x.
+// grad[n] = inv_s[n] (g[n] - u[n] <u[n], g[n]>) (inv_s[n] g[n] where the norm was clamped), written
+// to the map positions of row n = blockIdx.x.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) project_kernel(const Net<acc_t> s, const acc_t* g, int splits, int rows,
-                                                           void* grad, Dtype grad_dtype, const Regions out) {
+__global__ void __launch_bounds__(kThreads) project_kernel(const Net<acc_t> s, const acc_t* g, void* grad,
+                                                           Dtype grad_dtype, const Regions out) {
   const int n = blockIdx.x, dim = s.regions.dim;
   const acc_t inv = s.inv_norm[n];
   const int64_t row = s.regions.row_offset(n), out_row = out.row_offset(n);
-  auto g_at = [&](int e) {
-    acc_t v = 0;
-    for (int k = 0; k < splits; ++k) v += g[(static_cast<int64_t>(k) * rows + n) * dim + e];
-    return v;
-  };
+  auto g_at = [&](int e) { return g[static_cast<int64_t>(n) * dim + e]; };
   auto u_at = [&](int e) { return load_as<acc_t>(s.data, s.dtype, row + s.regions.element_offset(e)) * inv; };
   acc_t dot[1] = {0};
   if (!lcc_norm_clamped(inv)) {  // uniform over the block
@@ -220,14 +224,28 @@ at::Tensor lcc_backward_cuda(const at::Tensor& grad_sums, const at::Tensor& f_s,
   AT_DISPATCH_FLOATING_TYPES(maps.acc, "lcc_backward_cuda", [&] {
     using acc_t = scalar_t;
     const LccArgs<acc_t> args = make_args<acc_t>(maps, f_s, f_t, in.inv_norm_s, in.inv_norm_t);
-    // Column splits: enough blocks for a GPU when N is small, at most kMaxSplits accumulators.
-    const int64_t splits = std::clamp<int64_t>(ceil_div(kBackwardBlocks, args.blocks), 1,
-                                               std::min<int64_t>(kMaxSplits, args.blocks));
-    at::Tensor g = at::zeros({splits, maps.rows, maps.s.dim}, f_s.options().dtype(maps.acc));
-    launch(backward_kernel<acc_t>, dim3(args.blocks, splits), args, in.grad_sums.const_data_ptr<acc_t>(),
-           static_cast<int>(splits), g.mutable_data_ptr<acc_t>());
-    launch(project_kernel<acc_t>, dim3(maps.rows), args.s, g.const_data_ptr<acc_t>(), static_cast<int>(splits),
-           maps.rows, grad.mutable_data_ptr(), dtype_of(grad), regions_like(maps.s, grad));
+    constexpr int kTile = TileShape<acc_t>::kTile;
+    const int blocks = args.blocks, rows = maps.rows;
+    // Stripes of row blocks: the stripe of P holds at most kStripeElements entries (one row block at least).
+    const int height = static_cast<int>(std::clamp<int64_t>(kStripeElements / (int64_t(kTile) * rows), 1, blocks));
+    const auto acc_options = f_s.options().dtype(maps.acc);
+    at::Tensor g = at::zeros({rows, maps.s.dim}, acc_options);
+    at::Tensor p = at::empty({std::min<int64_t>(int64_t(height) * kTile, rows) * rows}, acc_options);
+    const Net<acc_t> u_s = args.s;
+    for (int first = 0; first < blocks; first += height) {
+      const int end = std::min(first + height, blocks);
+      // the stripe's upper tiles, counted from the last block: c' in [blocks - end, blocks - first)
+      const int64_t c_lo = blocks - end, c_hi = blocks - first;
+      const int64_t first_tile = c_lo * (c_lo + 1) / 2, tiles = c_hi * (c_hi + 1) / 2 - first_tile;
+      launch(weights_kernel<acc_t>, dim3(tiles), args, in.grad_sums.const_data_ptr<acc_t>(), first, end, first_tile,
+             p.mutable_data_ptr<acc_t>());
+      const int base = first * kTile;
+      launch_product<false, acc_t>({p.const_data_ptr<acc_t>(), rows - base, base, std::min(end * kTile, rows), rows},
+                                   u_s, first, {g.mutable_data_ptr<acc_t>(), dtype_of_acc<acc_t>(), maps.s.dim,
+                                                acc_t(1), true});
+    }
+    launch(project_kernel<acc_t>, dim3(rows), args.s, g.const_data_ptr<acc_t>(), grad.mutable_data_ptr(),
+           dtype_of(grad), regions_like(maps.s, grad));
   });
   return grad;
 }

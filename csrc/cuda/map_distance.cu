@@ -6,15 +6,18 @@
 // map_distance_backward: grad_v_s[u][b, s, n] = 2 g / (B N_u) sum_t att[b, t, s] (v_s - v_t[t - t0]),
 //                        grad_att = g dist / B
 //
-// ONE forward launch: block i is the (sample, teacher map) pair (i / T, i % T); its threads stride over
-// the positions, kStudents students at a time (v_t's element loaded once per round), and the per-thread
-// sums are added with block_sum (warps in order); thread 0 writes the dist row and the block's partial
-// sum_s att dist. torch then sums the B*T partials (a fixed order). ONE backward launch: block i is a
-// (group, sample, block of kThreads positions), one position per thread, kStudents students at a time,
-// looping over the group's teachers; the blocks of position block 0 also write grad_att. The groups travel
-// in a small table of GroupRow (pointers and strides) copied to the device from pinned memory without a
-// host sync, so any number of groups fits in one launch. Accumulation in float (double for double
-// values); att and the gradients' accumulation-dtype buffers are contiguous; no atomics.
+// Forward: block i of a launch is the (sample, teacher map) pair (i / T_run, t_begin + i % T_run) of the
+// run of teachers it covers (all T in one launch for up to kMaxGroups size groups); its threads stride over the
+// positions, kStudents students at a time (v_t's element loaded once per round), and the per-thread sums
+// are added with block_sum (warps in order); thread 0 writes the dist row and the block's partial
+// sum_s att dist. torch then sums the B*T partials (a fixed order). Backward: block i is a (group,
+// sample, block of kThreads positions), one position per thread, kStudents students at a time, looping
+// over the group's teachers; the blocks of position block 0 also write grad_att. The size groups travel
+// in a table of GroupRow (pointers and strides) passed by value as a kernel parameter (no host staging
+// buffer: the launches can be captured in a CUDA graph), kMaxGroups groups per launch (one launch for
+// any AFD/RTK network; more groups: one launch per run of kMaxGroups, along consecutive teachers).
+// v_s and v_t are read with read-only global loads (global_load.cuh). Accumulation in float (double for
+// double values); att and the gradients' accumulation-dtype buffers are contiguous; no atomics.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -26,14 +29,16 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "../map_distance.h"
+#include "global_load.cuh"
+#include "launch.cuh"
 #include "reduce.cuh"
 
 namespace kdfast {
@@ -42,68 +47,62 @@ namespace {
 using gpu::block_sum;
 
 constexpr int kThreads = 128;
-constexpr int kStudents = 8;  // students per round: the forward's block sums, the backward's accumulators
+constexpr int kStudents = 8;   // students per round: the forward's block sums, the backward's accumulators
+constexpr int kMaxGroups = 32;  // size groups per launch: the argument table stays within 4 KB of parameters
 
 KDFAST_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// One size group as the kernels read it (a table row on the device).
+// One size group as the kernels read it.
+template <typename scalar_t>
 struct GroupRow {
   int64_t t0, teachers, n;
   int64_t first_block;  // of the group in the backward launch
-  const void* vs;       // v_s[u] (B, S, N_u), unit-stride positions
+  const scalar_t* vs;   // v_s[u] (B, S, N_u), unit-stride positions
   int64_t vs_sb, vs_ss;
-  const void* vt;  // v_t[u] (B, T_u, N_u), unit-stride positions
+  const scalar_t* vt;  // v_t[u] (B, T_u, N_u), unit-stride positions
   int64_t vt_sb, vt_st;
-  void* gvs;  // grad_v_s[u], contiguous (backward only)
+  scalar_t* gvs;  // grad_v_s[u], contiguous (backward only)
 };
 
-// The rows of `in`'s groups on its device (copied from pinned memory, no host sync).
-at::Tensor group_table(const MapDistanceInputs& in, const std::vector<at::Tensor>* grads) {
-  std::vector<GroupRow> rows;
-  int64_t first_block = 0;
-  for (size_t u = 0; u < in.groups.size(); ++u) {
-    const MapDistanceGroup& g = in.groups[u];
-    rows.push_back({g.t0, g.teachers, g.n, first_block, in.v_s[u].const_data_ptr(), g.vs_sb, g.vs_ss,
-                    in.v_t[u].const_data_ptr(), g.vt_sb, g.vt_st,
-                    grads != nullptr ? (*grads)[u].mutable_data_ptr() : nullptr});
-    first_block += in.batch * ceil_div(g.n, kThreads);
-  }
-  static_assert(sizeof(GroupRow) % sizeof(int64_t) == 0, "GroupRow must be a whole number of int64");
-  const int64_t words = static_cast<int64_t>(rows.size() * sizeof(GroupRow) / sizeof(int64_t));
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::memcpy(host.mutable_data_ptr(), rows.data(), rows.size() * sizeof(GroupRow));
-  return host.to(in.v_s[0].device(), at::kLong, /*non_blocking=*/true);
-}
+// The groups of one launch, whose teachers are t_begin .. t_begin + t_count - 1 of att's T axis.
+template <typename scalar_t>
+struct Groups {
+  GroupRow<scalar_t> rows[kMaxGroups];
+  int count;
+  int64_t t_begin, t_count;
+};
+static_assert(sizeof(Groups<double>) <= 4096, "the argument table must fit 4 KB of kernel parameters");
 
 // The last group whose `field` is <= i (rows are in group order, field increasing).
-template <typename Field>
-__device__ __forceinline__ GroupRow find_group(const GroupRow* rows, int groups, int64_t i, Field field) {
+template <typename scalar_t, typename Field>
+__device__ __forceinline__ const GroupRow<scalar_t>& find_group(const Groups<scalar_t>& groups, int64_t i,
+                                                                Field field) {
   int u = 0;
-  while (u + 1 < groups && i >= field(rows[u + 1])) ++u;
-  return rows[u];
+  while (u + 1 < groups.count && i >= field(groups.rows[u + 1])) ++u;
+  return groups.rows[u];
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    map_distance_forward_kernel(const GroupRow* __restrict__ rows, int groups, const acc_t* __restrict__ att,
+    map_distance_forward_kernel(const Groups<scalar_t> groups, const acc_t* __restrict__ att,
                                 acc_t* __restrict__ dist, acc_t* __restrict__ partials, int64_t teachers,
                                 int64_t students) {
-  const int64_t i = blockIdx.x;  // (b, t), row-major: dist and att rows start at i * students
-  const int64_t b = i / teachers, t = i % teachers;
-  const GroupRow row = find_group(rows, groups, t, [](const GroupRow& r) { return r.t0; });
-  const scalar_t* vt = static_cast<const scalar_t*>(row.vt) + b * row.vt_sb + (t - row.t0) * row.vt_st;
-  const scalar_t* vs = static_cast<const scalar_t*>(row.vs) + b * row.vs_sb;
+  const int64_t b = blockIdx.x / groups.t_count, t = groups.t_begin + blockIdx.x % groups.t_count;
+  const int64_t i = b * teachers + t;  // (b, t), row-major: dist and att rows start at i * students
+  const GroupRow<scalar_t>& row = find_group(groups, t, [](const GroupRow<scalar_t>& r) { return r.t0; });
+  const scalar_t* vt = row.vt + b * row.vt_sb + (t - row.t0) * row.vt_st;
+  const scalar_t* vs = row.vs + b * row.vs_sb;
   acc_t weighted = 0;
   for (int64_t s0 = 0; s0 < students; s0 += kStudents) {
     acc_t sums[kStudents];
 #pragma unroll
     for (int k = 0; k < kStudents; ++k) sums[k] = 0;
     for (int64_t n = threadIdx.x; n < row.n; n += kThreads) {
-      const acc_t x_t = static_cast<acc_t>(vt[n]);
+      const acc_t x_t = gpu::load_global<acc_t>(vt + n);
 #pragma unroll
       for (int k = 0; k < kStudents; ++k) {
         if (s0 + k < students) {
-          const acc_t d = static_cast<acc_t>(vs[(s0 + k) * row.vs_ss + n]) - x_t;
+          const acc_t d = gpu::load_global<acc_t>(vs + (s0 + k) * row.vs_ss + n) - x_t;
           sums[k] += d * d;
         }
       }
@@ -122,11 +121,12 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    map_distance_backward_kernel(const GroupRow* __restrict__ rows, int groups, const acc_t* __restrict__ grad_loss,
+    map_distance_backward_kernel(const Groups<scalar_t> groups, const acc_t* __restrict__ grad_loss,
                                  const acc_t* __restrict__ att, const acc_t* __restrict__ dist,
                                  acc_t* __restrict__ grad_att, int64_t batch, int64_t teachers, int64_t students) {
   const int64_t i = blockIdx.x;
-  const GroupRow row = find_group(rows, groups, i, [](const GroupRow& r) { return r.first_block; });
+  const GroupRow<scalar_t>& row =
+      find_group(groups, i, [](const GroupRow<scalar_t>& r) { return r.first_block; });
   const int64_t n_blocks = ceil_div(row.n, kThreads);
   const int64_t local = i - row.first_block, b = local / n_blocks, block = local % n_blocks;
   const int64_t n = block * kThreads + threadIdx.x;
@@ -134,18 +134,18 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t att_offset = (b * teachers + row.t0) * students;  // att[b, t0, 0]
   if (n < row.n) {
     const acc_t scale = acc_t(2) * g / static_cast<acc_t>(batch * row.n);
-    const scalar_t* vs = static_cast<const scalar_t*>(row.vs) + b * row.vs_sb + n;
-    const scalar_t* vt = static_cast<const scalar_t*>(row.vt) + b * row.vt_sb + n;
-    scalar_t* out = static_cast<scalar_t*>(row.gvs) + b * students * row.n + n;
+    const scalar_t* vs = row.vs + b * row.vs_sb + n;
+    const scalar_t* vt = row.vt + b * row.vt_sb + n;
+    scalar_t* out = row.gvs + b * students * row.n + n;
     for (int64_t s0 = 0; s0 < students; s0 += kStudents) {
       acc_t x_s[kStudents], acc[kStudents];
 #pragma unroll
       for (int k = 0; k < kStudents; ++k) {
-        x_s[k] = s0 + k < students ? static_cast<acc_t>(vs[(s0 + k) * row.vs_ss]) : acc_t(0);
+        x_s[k] = s0 + k < students ? gpu::load_global<acc_t>(vs + (s0 + k) * row.vs_ss) : acc_t(0);
         acc[k] = 0;
       }
       for (int64_t j = 0; j < row.teachers; ++j) {
-        const acc_t x_t = static_cast<acc_t>(vt[j * row.vt_st]);
+        const acc_t x_t = gpu::load_global<acc_t>(vt + j * row.vt_st);
         const acc_t* a = att + att_offset + j * students + s0;
 #pragma unroll
         for (int k = 0; k < kStudents; ++k) {
@@ -166,18 +166,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// fn(groups, blocks) for each run of up to kMaxGroups consecutive groups: the run's argument table
+// and its block count (forward: B x the run's teachers; backward: B x the position blocks of each
+// group). `grads`: the backward's outputs, nullptr in the forward.
+template <typename scalar_t, typename Fn>
+void for_each_run(const MapDistanceInputs& in, std::vector<at::Tensor>* grads, Fn&& fn) {
+  const int64_t count = static_cast<int64_t>(in.groups.size());
+  for (int64_t first = 0; first < count; first += kMaxGroups) {
+    Groups<scalar_t> groups{};
+    groups.count = static_cast<int>(std::min<int64_t>(kMaxGroups, count - first));
+    groups.t_begin = in.groups[first].t0;
+    int64_t backward_blocks = 0;
+    for (int k = 0; k < groups.count; ++k) {
+      const size_t u = static_cast<size_t>(first + k);
+      const MapDistanceGroup& g = in.groups[u];
+      groups.rows[k] = {g.t0, g.teachers, g.n, backward_blocks, in.v_s[u].const_data_ptr<scalar_t>(), g.vs_sb,
+                        g.vs_ss, in.v_t[u].const_data_ptr<scalar_t>(), g.vt_sb, g.vt_st,
+                        grads != nullptr ? (*grads)[u].mutable_data_ptr<scalar_t>() : nullptr};
+      groups.t_count += g.teachers;
+      backward_blocks += in.batch * ceil_div(g.n, kThreads);
+    }
+    fn(groups, grads != nullptr ? backward_blocks : in.batch * groups.t_count);
+  }
+}
+
 // kernel<<<blocks, kThreads>>>(args...) on the current stream; zero blocks launch nothing.
 template <typename... Params, typename... Args>
 void launch(const char* op, void (*kernel)(Params...), int64_t blocks, Args&&... args) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many blocks for one launch (", blocks, ")");
   if (blocks == 0) return;
-  kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      std::forward<Args>(args)...);
+  gpu::launch_kernel(kernel, static_cast<unsigned int>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream(),
+                     std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-const GroupRow* rows_of(const at::Tensor& table) {
-  return reinterpret_cast<const GroupRow*>(table.const_data_ptr<int64_t>());
 }
 
 std::tuple<at::Tensor, at::Tensor> map_distance_forward_cuda(const std::vector<at::Tensor>& v_s,
@@ -188,13 +208,12 @@ std::tuple<at::Tensor, at::Tensor> map_distance_forward_cuda(const std::vector<a
   const auto options = att.options().dtype(in.acc);
   at::Tensor dist = at::empty({in.batch, in.teachers, in.students}, options);
   at::Tensor partials = at::empty({in.batch * in.teachers}, options);
-  const at::Tensor table = group_table(in, nullptr);
-  const int groups = static_cast<int>(in.groups.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.v_s[0].scalar_type(), "map_distance_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch(op, map_distance_forward_kernel<scalar_t, acc_t>, in.batch * in.teachers, rows_of(table), groups,
-           in.att.const_data_ptr<acc_t>(), dist.mutable_data_ptr<acc_t>(), partials.mutable_data_ptr<acc_t>(),
-           in.teachers, in.students);
+    for_each_run<scalar_t>(in, nullptr, [&](const Groups<scalar_t>& groups, int64_t blocks) {
+      launch(op, map_distance_forward_kernel<scalar_t, acc_t>, blocks, groups, in.att.const_data_ptr<acc_t>(),
+             dist.mutable_data_ptr<acc_t>(), partials.mutable_data_ptr<acc_t>(), in.teachers, in.students);
+    });
   });
   return {at::sum(partials).div_(static_cast<double>(in.batch)), dist};
 }
@@ -209,19 +228,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> map_distance_backward_cuda(const
   const at::Tensor g = upstream_grad(op, "grad_loss", grad_loss, {}, in.acc, in.att);
   const at::Tensor d = check_saved(op, "dist", dist, {in.batch, in.teachers, in.students}, in.acc, in.att, "att");
   std::vector<at::Tensor> grads;
-  int64_t blocks = 0;
-  for (size_t u = 0; u < in.v_s.size(); ++u) {
-    grads.push_back(at::empty(in.v_s[u].sizes(), in.v_s[u].options()));
-    blocks += in.batch * ceil_div(in.groups[u].n, kThreads);
-  }
+  for (const at::Tensor& v : in.v_s) grads.push_back(at::empty(v.sizes(), v.options()));
   at::Tensor grad_att = at::empty_like(in.att);
-  const at::Tensor table = group_table(in, &grads);
-  const int groups = static_cast<int>(in.groups.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.v_s[0].scalar_type(), "map_distance_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch(op, map_distance_backward_kernel<scalar_t, acc_t>, blocks, rows_of(table), groups, g.const_data_ptr<acc_t>(),
-           in.att.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), grad_att.mutable_data_ptr<acc_t>(), in.batch,
-           in.teachers, in.students);
+    for_each_run<scalar_t>(in, &grads, [&](const Groups<scalar_t>& groups, int64_t blocks) {
+      launch(op, map_distance_backward_kernel<scalar_t, acc_t>, blocks, groups, g.const_data_ptr<acc_t>(),
+             in.att.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), grad_att.mutable_data_ptr<acc_t>(), in.batch,
+             in.teachers, in.students);
+    });
   });
   return {grads, grad_att.to(att.scalar_type())};
 }

@@ -28,6 +28,7 @@
 #include <tuple>
 
 #include "../masked_mse.h"
+#include "launch.cuh"
 #include "reduce.cuh"
 
 namespace kdfast {
@@ -165,6 +166,26 @@ struct Grads {
   Bchw dx, dy;
 };
 
+// grad = w (x - y) along a span's channels (pointers stepping by their jumps), written to gx when
+// kX and its negation to gy when kY: the choice is made once per thread, not per element.
+template <bool kX, bool kY, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void span_grads(const scalar_t* x, const scalar_t* y, scalar_t* gx, scalar_t* gy,
+                                           int64_t jx, int64_t jy, int64_t jgx, int64_t jgy, int64_t count,
+                                           acc_t w) {
+#pragma unroll 4
+  for (int64_t i = 0; i < count; ++i, x += jx, y += jy) {
+    const acc_t grad = w * (static_cast<acc_t>(*x) - static_cast<acc_t>(*y));
+    if constexpr (kX) {
+      *gx = static_cast<scalar_t>(grad);
+      gx += jgx;
+    }
+    if constexpr (kY) {
+      *gy = static_cast<scalar_t>(-grad);
+      gy += jgy;
+    }
+  }
+}
+
 template <typename scalar_t, typename mask_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     masked_mse_backward_kernel(const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ scale,
@@ -175,14 +196,14 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t w = acc_t(2) * *grad_loss * *scale * mask_square<mask_t, acc_t>(mask, t, s);
   const scalar_t* xp = x + span_offset(t.dx, s);
   const scalar_t* yp = y + span_offset(t.dy, s);
-  scalar_t* __restrict__ gxp = g.x == nullptr ? nullptr : g.x + span_offset(g.dx, s);
-  scalar_t* __restrict__ gyp = g.y == nullptr ? nullptr : g.y + span_offset(g.dy, s);
   const int64_t jx = span_jump(t.dx, t), jy = span_jump(t.dy, t), jgx = span_jump(g.dx, t), jgy = span_jump(g.dy, t);
-#pragma unroll 4
-  for (int64_t i = 0; i < s.count; ++i) {
-    const acc_t grad = w * (static_cast<acc_t>(xp[i * jx]) - static_cast<acc_t>(yp[i * jy]));
-    if (gxp != nullptr) gxp[i * jgx] = static_cast<scalar_t>(grad);
-    if (gyp != nullptr) gyp[i * jgy] = static_cast<scalar_t>(-grad);
+  if (g.x != nullptr && g.y != nullptr) {  // uniform over the launch
+    span_grads<true, true>(xp, yp, g.x + span_offset(g.dx, s), g.y + span_offset(g.dy, s), jx, jy, jgx, jgy, s.count,
+                           w);
+  } else if (g.x != nullptr) {
+    span_grads<true, false>(xp, yp, g.x + span_offset(g.dx, s), g.y, jx, jy, jgx, jgy, s.count, w);
+  } else {
+    span_grads<false, true>(xp, yp, g.x, g.y + span_offset(g.dy, s), jx, jy, jgx, jgy, s.count, w);
   }
 }
 
@@ -190,8 +211,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename... Params, typename... Args>
 void launch(const char* op, void (*kernel)(Params...), int64_t blocks, Args&&... args) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many blocks for one launch (", blocks, ")");
-  kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      std::forward<Args>(args)...);
+  gpu::launch_kernel(kernel, static_cast<unsigned int>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream(),
+                     std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

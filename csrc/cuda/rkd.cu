@@ -3,9 +3,10 @@
 // csrc/cpu/rkd.cpp; the per-entry math is csrc/common.h's (RkdTriplets, rkd_*). 256 threads per
 // block; within a row, a thread takes the columns k = threadIdx.x mod 256:
 //
-// rkd_forward:  sq_dist_kernel   block (upper tile (r, c >= r), network): the tile of
-//                                R[a][b] = ||e_a - e_b||^2 (summed squared differences, csrc/cuda/tiles.cuh),
-//                                written at (r, c) and mirrored at (c, r), each pair by one thread:
+// rkd_forward:  gram_kernel      (csrc/cuda/tiles.cuh) block (upper tile (r, c >= r), split of the
+//                                elements, network): R[a][b] = ||e_a - e_b||^2 (summed squared
+//                                differences), written at (r, c) and mirrored at (c, r), each pair by
+//                                one thread; splits (small B) are added in order by sum_splits_kernel:
 //                                bitwise symmetric, exactly 0 for duplicated rows
 //               pairs_kernel     a block per row i: (length, inv) of R_s[i] and R_t[i], and (SUMS)
 //                                the row's positive-distance sums and counts
@@ -15,17 +16,21 @@
 //               finish_kernel    one block: terms and stats[2]
 // rkd_backward: pairs_kernel, then anchor_backward_kernel (a block per anchor i): dR[i][k] without the
 //               triplet part; triplet_backward_kernel (a block per row j): dR[j][k] -= sum_i A_ijk / 2;
-//               grad_kernel (block (row i, chunk of D)): dE_i = 2 sum_j (dR_ij + dR_ji) (e_i - e_j)
+//               symmetrize_kernel: M = dR + dR^T in place; product_kernel (tiles.cuh, a tile of 64 rows
+//               x 64 elements per block, a 1-D grid): dE_i = 2 sum_j M_ij (e_i - e_j), the tiled
+//               product of M with E through shared memory
 //
-// Memory: R (an output), the (length, inv) of both networks (4 B x B), dR, O(B) row sums; nothing of
-// size B x B x D. Every reduction has a fixed order (no atomics): the results are deterministic on
-// a given device, and the grid sizes depend only on the shapes.
+// Memory: R (an output), the (length, inv) of both networks (4 B x B), dR, O(B) row sums, the
+// splits of R at small B; nothing of size B x B x D. Every reduction has a fixed order (no
+// atomics): the results are deterministic on a given device, and the grid sizes depend only on
+// the shapes.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 
@@ -42,33 +47,6 @@ struct Pairs {
   RkdPairs<acc_t> s, t;
   int n;
 };
-
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) sq_dist_kernel(const Net<acc_t> es, const Net<acc_t> et, int n,
-                                                           acc_t* sq_dist) {
-  constexpr int kTile = TileShape<acc_t>::kTile, kMicro = TileShape<acc_t>::kMicro;
-  __shared__ ChunkSmem<acc_t> smem;
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide, net = blockIdx.y;
-  int r, c;
-  upper_tile(blockIdx.x, r, c);
-  acc_t tile[kMicro][kMicro];
-  if (net == 0) {  // uniform over the block; one call per network keeps the Net in parameter space
-    correlation_tile(es, n, r * kTile, c * kTile, smem, tile, SquaredDifference());
-  } else {
-    correlation_tile(et, n, r * kTile, c * kTile, smem, tile, SquaredDifference());
-  }
-  acc_t* out = sq_dist + static_cast<int64_t>(net) * n * n;
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) {
-      const int a = r * kTile + ty + kSide * i, b = c * kTile + tx + kSide * j;
-      if (a < n && b < n && (r != c || a <= b)) {
-        out[static_cast<int64_t>(a) * n + b] = out[static_cast<int64_t>(b) * n + a] = tile[i][j];
-      }
-    }
-  }
-}
 
 // Row i = blockIdx.x of both networks' (length, inv); kSums: positive[i] = the row's rkd_add_positive sums.
 template <bool kSums, typename acc_t>
@@ -176,20 +154,18 @@ __global__ void __launch_bounds__(kThreads) triplet_backward_kernel(const Pairs<
   }
 }
 
-// grad[i][e] = 2 sum_j (dR_ij + dR_ji) (e_i - e_j) for the row i = blockIdx.x, e = blockIdx.y kThreads + threadIdx.x.
+// m[i][j] = m[j][i] = m[i][j] + m[j][i] (B x B, in place): a thread per pair i <= j.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) grad_kernel(const Net<acc_t> e, int n, const acc_t* dr, void* grad,
-                                                        Dtype grad_dtype) {
-  const int i = blockIdx.x, el = blockIdx.y * kThreads + threadIdx.x, dim = e.regions.dim;
-  if (el >= dim) return;
-  const int64_t element = e.regions.element_offset(el);
-  const acc_t x_i = load_as<acc_t>(e.data, e.dtype, e.regions.row_offset(i) + element);
-  acc_t acc = 0;
-  for (int j = 0; j < n; ++j) {
-    const acc_t m = dr[static_cast<int64_t>(i) * n + j] + dr[static_cast<int64_t>(j) * n + i];
-    acc += m * (x_i - load_as<acc_t>(e.data, e.dtype, e.regions.row_offset(j) + element));
+__global__ void __launch_bounds__(kThreads) symmetrize_kernel(acc_t* m, int n) {
+  const int64_t nn = static_cast<int64_t>(n) * n;
+  for (int64_t idx = blockIdx.x * int64_t(kThreads) + threadIdx.x; idx < nn; idx += int64_t(gridDim.x) * kThreads) {
+    const int64_t i = idx / n, j = idx % n;
+    if (i <= j) {
+      const acc_t v = m[i * n + j] + m[j * n + i];
+      m[i * n + j] = v;
+      m[j * n + i] = v;
+    }
   }
-  store(grad, grad_dtype, static_cast<int64_t>(i) * dim + el, acc_t(2) * acc);
 }
 
 // The pairs of sq_dist (2, B, B), with their (length, inv) in `scratch` (2, 2, B, B).
@@ -212,9 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_forward_cuda(const at::Tensor
     at::Tensor scratch = at::empty({2, 2, n, n}, options);
     at::Tensor positive = at::empty({n, 4}, options), rows = at::empty({n, 3}, options);
     at::Tensor totals = at::empty({4}, options);
-    const int64_t blocks = ceil_div(n, TileShape<acc_t>::kTile);
-    launch(sq_dist_kernel<acc_t>, dim3(blocks * (blocks + 1) / 2, 2), net_of<acc_t>(e_s, in.s, nullptr),
-           net_of<acc_t>(e_t, in.t, nullptr), n, sq_dist.mutable_data_ptr<acc_t>());
+    launch_gram<acc_t, SquaredDifference>(net_of<acc_t>(e_s, in.s, nullptr), net_of<acc_t>(e_t, in.t, nullptr), n,
+                                          sq_dist);
     launch(pairs_kernel<true, acc_t>, dim3(n), sq_dist.const_data_ptr<acc_t>(), n, scratch.mutable_data_ptr<acc_t>(),
            positive.mutable_data_ptr<acc_t>());
     launch(scales_kernel<acc_t>, dim3(1), positive.const_data_ptr<acc_t>(), n, totals.mutable_data_ptr<acc_t>(),
@@ -247,8 +222,11 @@ at::Tensor rkd_backward_cuda(const at::Tensor& grad_terms, const at::Tensor& e_s
     launch(anchor_backward_kernel<acc_t>, dim3(n), pairs, g.const_data_ptr<acc_t>(), st.const_data_ptr<acc_t>(),
            dr.mutable_data_ptr<acc_t>());
     launch(triplet_backward_kernel<acc_t>, dim3(n), pairs, g.const_data_ptr<acc_t>(), dr.mutable_data_ptr<acc_t>());
-    launch(grad_kernel<acc_t>, dim3(n, ceil_div(in.s.dim, kThreads)), net_of<acc_t>(e_s, in.s, nullptr), n,
-           dr.const_data_ptr<acc_t>(), grad.mutable_data_ptr(), dtype_of(grad));
+    const int64_t nn = static_cast<int64_t>(n) * n;
+    launch(symmetrize_kernel<acc_t>, dim3(std::min(ceil_div(nn, kThreads), kSumBlocks)), dr.mutable_data_ptr<acc_t>(),
+           n);
+    launch_product<true, acc_t>({dr.const_data_ptr<acc_t>(), n, 0, n, n}, net_of<acc_t>(e_s, in.s, nullptr), 0,
+                                {grad.mutable_data_ptr(), dtype_of(grad), in.s.dim, acc_t(2), false});
   });
   return grad;
 }

@@ -7,8 +7,11 @@ from torch import Tensor
 
 
 def namespace(backend: str):
-    """torch.ops namespace of a fused backend: the C++ kernels ("cpu", "cuda") or the Triton ones."""
-    return torch.ops.kdfast_triton if backend == "triton" else torch.ops.kdfast
+    """torch.ops namespace of a fused backend: the C++ kernels ("cpu", "cuda"), the Triton ones, or
+    the CUDA C++ kernels run on CPU tensors through the emulation ("cuda_emu")."""
+    if backend == "triton":
+        return torch.ops.kdfast_triton
+    return torch.ops.kdfast_emu if backend == "cuda_emu" else torch.ops.kdfast
 
 
 def unit_stride(z: Tensor) -> Tensor:

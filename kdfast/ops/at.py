@@ -23,7 +23,6 @@ from kdfast import _extension
 from kdfast.ops import namespace
 from kdfast.reference import at as reference
 
-CPP_NS = "kdfast"
 TRITON_NS = "kdfast_triton"
 
 
@@ -107,8 +106,8 @@ def _register(ns: str) -> None:
 
 
 _register(TRITON_NS)
-if _extension.has_op("at_maps"):
-    _register(CPP_NS)
+for library in _extension.cpp_libraries("at_maps"):
+    _register(library)
 
 
 # --- Dispatch from a concrete backend name (kdfast.backends.resolve) to the ops.

@@ -23,8 +23,9 @@ registered here once it declares them)::
 * ``grad_terms``: (L, 2), any floating dtype. ``grad_f_s``, ``grad_h_s``: contiguous, in the
   inputs' shapes and dtype: the gradient of ``sum_l grad_terms[l, 0] feat_l + grad_terms[l, 1]
   map_l``. The teacher gets no gradient.
-* One kernel launch per direction over all (module, sample) pairs; per-(module, sample) partials
-  are reduced in a fixed order (deterministic).
+* Launches cover all modules at once (each backend's module docstring gives its design: Triton
+  splits a (module, sample) over several programs, two launches forward and one backward); every
+  partial is reduced in a fixed order (deterministic, no atomics).
 
 This module registers the fake (meta) kernels and the autograd formula of both namespaces.
 Backend "torch" calls the eager reference.
@@ -101,8 +102,8 @@ def _register(ns: str) -> None:
 
 
 _register("kdfast_triton")
-if _extension.has_op("block_attention_forward"):
-    _register("kdfast")
+for library in _extension.cpp_libraries("block_attention_forward"):
+    _register(library)
 
 
 def block_attention_terms(

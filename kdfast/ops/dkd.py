@@ -33,8 +33,8 @@ def _dkd_backward_triton(
 
 
 _row_loss.register("kdfast_triton", "dkd", num_tensors=3, num_stats=NUM_STATS)
-if _extension.has_op("dkd_forward"):
-    _row_loss.register("kdfast", "dkd", num_tensors=3, num_stats=NUM_STATS)
+for library in _extension.cpp_libraries("dkd_forward"):
+    _row_loss.register(library, "dkd", num_tensors=3, num_stats=NUM_STATS)
 
 
 def dkd_rows(

@@ -29,8 +29,8 @@ def _kd_backward_triton(grad_loss: Tensor, z_s: Tensor, z_t: Tensor, stats: Tens
 
 
 _row_loss.register("kdfast_triton", "kd", num_tensors=2, num_stats=NUM_STATS)
-if _extension.has_op("kd_forward"):
-    _row_loss.register("kdfast", "kd", num_tensors=2, num_stats=NUM_STATS)
+for library in _extension.cpp_libraries("kd_forward"):
+    _row_loss.register(library, "kd", num_tensors=2, num_stats=NUM_STATS)
 
 
 def kd_rows(z_s: Tensor, z_t: Tensor, temperature: float, with_grad: bool, backend: str) -> Tensor:

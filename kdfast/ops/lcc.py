@@ -72,8 +72,8 @@ def _register(ns: str) -> None:
 
 
 _register("kdfast_triton")
-if _extension.has_op("lcc_forward"):
-    _register("kdfast")
+for library in _extension.cpp_libraries("lcc_forward"):
+    _register(library)
 
 
 def lcc_terms(f_s: Tensor, f_t: Tensor, grid: int, mask: Tensor | None, backend: str) -> Tensor:

@@ -31,9 +31,10 @@ registered here once it declares them)::
   (contiguous, att's dtype); ``grad_v_s[u][b, s, n] = (grad_loss / B) sum_{t in u} att[b, t, s]
   * 2 (v_s[u][b, s, n] - v_t[u][b, t', n]) / N_u`` (contiguous, the values' dtype). v_t gets no
   gradient; ``dist`` is not differentiable.
-* One kernel launch forward, over every (sample, teacher map) with pointer tables over the groups
-  (each program writes its dist row and its partial ``sum_s att * dist``; the B*T partials are
-  summed in a fixed order), and one backward, over every (group, sample, block of positions).
+* One forward launch over every (sample, teacher map), the groups' pointers passed by value as
+  kernel arguments (each program writes its dist row and its partial ``sum_s att * dist``; the
+  B*T partials are summed in a fixed order), and one backward launch over every (group, sample,
+  block of positions); Triton splits a launch only between groups of different alignment.
   Accumulation in float32 (float64 for float64 values); deterministic (no atomics).
 
 This module registers the fake (meta) kernels and the autograd formula of both namespaces and
@@ -103,8 +104,8 @@ def _register(ns: str) -> None:
 
 
 _register("kdfast_triton")
-if _extension.has_op("map_distance_forward"):
-    _register("kdfast")
+for library in _extension.cpp_libraries("map_distance_forward"):
+    _register(library)
 
 
 def _fused_values(

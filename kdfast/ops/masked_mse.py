@@ -100,8 +100,8 @@ def _register(ns: str) -> None:
 
 
 _register("kdfast_triton")
-if _extension.has_op("masked_mse_forward"):
-    _register("kdfast")
+for library in _extension.cpp_libraries("masked_mse_forward"):
+    _register(library)
 
 
 def masked_mse(x: Tensor, y: Tensor, mask: Tensor, reduction: str, backend: str) -> Tensor:

@@ -28,7 +28,8 @@ them)::
 * Every distance and cosine comes from R, exactly as kernels/rkd.py writes them (distances
   ``sqrt(max(R, 1e-12))`` off the diagonal, 0 on it; ``cos_ijk = ((R_ij + R_ik) - R_jk) / 2``
   times ``1 / max(sqrt(R_ij), 1e-12)`` and the same for ik, 0 where one of those lengths is below
-  1e-12): nothing of size B x B x D is ever built. Extra memory: three B x B matrices.
+  1e-12): nothing of size B x B x D is ever built. Extra memory: three B x B matrices (Triton:
+  four, plus split partial sums of about 2.2 MB at most on 132 SMs; kernels/rkd.py).
 
 This module registers the fake (meta) kernels and the autograd formula (the teacher gets no
 gradient) of both namespaces. Backend "torch" calls the eager reference.
@@ -88,8 +89,8 @@ def _register(ns: str) -> None:
 
 
 _register("kdfast_triton")
-if _extension.has_op("rkd_forward"):
-    _register("kdfast")
+for library in _extension.cpp_libraries("rkd_forward"):
+    _register(library)
 
 
 def rkd_terms(e_s: Tensor, e_t: Tensor, backend: str) -> Tensor:

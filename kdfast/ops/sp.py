@@ -19,9 +19,11 @@ them)::
 * ``grad_x_s``: (B, Ds) contiguous in x_s's dtype: the gradient of ``grad_loss * loss``, i.e.
   ``M X_s`` with ``M_ij = (a_i + a_j) S_s_ij - (b_i + b_j) S_t_ij``, ``k = 2 grad_loss / B^2``,
   ``a = k inv_s^2 (1 - proj)``, ``b = k inv_s inv_t``.
-* Memory: the fused kernels never store a B x B matrix. Triton and CUDA: flash-style tiles
-  recomputed from X, extra memory O(B) plus float32 (B, Ds) gradient accumulators (CUDA: up to
-  4, one per column split). C++ CPU: strips of 64 rows x B computed with at::mm (two strips,
+* Memory. Triton: the Gram matrices split over D, (2, splits, B, B) float32 partial sums (about
+  2 programs per SM; at most ~8.6 MB when split, 8 B^2 bytes unsplit), M (B, B) and O(B), no
+  (B, Ds) buffer (kernels/sp.py). CUDA: flash-style tiles recomputed from X, never a B x B
+  matrix, extra memory O(B) plus float32 (B, Ds) gradient accumulators (up to 4, one per column
+  split). C++ CPU: strips of 64 rows x B computed with at::mm (two strips,
   O(B)), plus accumulation-dtype copies of X_s/X_t for float16/bfloat16 inputs.
 
 This module registers the fake (meta) kernels and the autograd formula (the teacher gets no
@@ -80,8 +82,8 @@ def _register(ns: str) -> None:
 
 
 _register("kdfast_triton")
-if _extension.has_op("sp_forward"):
-    _register("kdfast")
+for library in _extension.cpp_libraries("sp_forward"):
+    _register(library)
 
 
 def sp_loss(f_s: Tensor, f_t: Tensor, backend: str) -> Tensor:
