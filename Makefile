@@ -7,9 +7,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 JOBS := $(shell nproc 2>/dev/null || echo 2)
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/emu/*.h csrc/emu/*.cpp) $(shell find csrc/emu/include -name "*.h")
 
-.PHONY: quickstart demo test bench
+.PHONY: quickstart demo test bench gpu-check gpu-data compile-check compile-check-triton36
 
 quickstart: $(VENV)/.built
 	$(BIN)/kdfast quickstart
@@ -22,6 +22,31 @@ test: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(BIN)/python -m benchmarks.run
+
+# The GPU compile check of every Triton specialisation (benchmarks/README.md), with the project's
+# Triton (sm_90 and sm_80) and with triton 3.6.0 (the GPU machine's; sm_90) in a side venv with
+# torch 2.13 (a CPU build) and numpy.
+TRITON36 := .venv-triton36
+compile-check: compile-check-triton36 $(VENV)/.built
+	env -u TRITON_INTERPRET $(BIN)/python -m benchmarks.triton_compile
+
+compile-check-triton36: $(TRITON36)/.built
+	env -u TRITON_INTERPRET $(TRITON36)/bin/python -m benchmarks.triton_compile --arch sm90
+
+$(TRITON36)/.built:
+	$(PYTHON) -m venv $(TRITON36)
+	$(TRITON36)/bin/pip install triton==3.6.0 torch==2.13.0 numpy
+	touch $@
+
+# The prepared session of a lent GPU machine (benchmarks/README.md): its python3 holds torch, and
+# the script builds kdfast itself. GPU_CHECK_ARGS, e.g. --stages ops e2e, or --dry-run (CPU).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+# The CIFAR-10 subset that the session's real-data stage reads (.gpu-data/, git-ignored, carried).
+gpu-data: $(VENV)/.built
+	$(BIN)/python -m benchmarks.gpu_data
 
 # Build requirements first: the editable build runs without isolation against this torch.
 $(VENV)/.requirements:

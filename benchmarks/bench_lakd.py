@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import torch
 
 from benchmarks import common
+from kdfast.engine.bench import peak_bytes
 
 SPECS: tuple[common.OpSpec, ...] = ()
 PAIRS = (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"))
@@ -88,20 +89,6 @@ def build_step(variant: str, teacher: str, student: str, batch: int, device: tor
     return step, sum(storages.values())
 
 
-def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated during one call of `step` above what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with common.LiveTensorBytes() as tracker:
-        step()
-    return tracker.peak
-
-
 def step_times(step: Callable[[], None], device: torch.device, iters: int) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of `iters` steps."""
     times = []
@@ -132,7 +119,7 @@ def measure(pairs: Sequence[tuple[str, str]], variants: Sequence[str], batch: in
             step, teacher_bytes = build_step(variant, teacher, student, batch, device)
             for _ in range(warmup):
                 step()
-            peak = peak_bytes(step, device)
+            peak = peak_bytes(step, device, common)
             median, p20, p80 = step_times(step, device, iters)
             print(f"{teacher + '->' + student:<24} {variant:<16} {peak / 2**20:>9.1f} {median:>9.1f}", flush=True)
             note = f"peak: {what}; teacher Features {teacher_bytes / 2**20:.1f} MiB of it; {iters} timed steps"

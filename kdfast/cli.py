@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -97,7 +97,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         batch = args.batch or (8 if args.quick else 64)
         iters = args.iters or (3 if args.quick else 20)
-        run_e2e(device, args.methods, batch, iters, warmup=1 if args.quick else 3, out=args.out)
+        run_e2e(device, args.methods, batch, iters, warmup=1 if args.quick else 3, out=args.out, note=args.note)
         return 0
     from kdfast.engine.bench import benchmarks_common
 
@@ -229,6 +229,7 @@ def _add_bench(commands) -> None:
     p.add_argument("--iters", type=int, help="--e2e timed steps (default 20, 3 with --quick)")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", type=Path, help="CSV to merge into (default: benchmarks/results/<device>.csv)")
+    p.add_argument("--note", default="", help="--e2e: text for the rows' note column (e.g. the machine's load)")
     p.set_defaults(func=_bench)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 
 import pytest
@@ -108,9 +109,48 @@ def test_viz_needs_a_distiller_state(tmp_path, checkpoints, capsys):
 
 def test_e2e_bench_rows(tmp_path, capsys):
     out = tmp_path / "e2e.csv"
-    bench.run_e2e(torch.device("cpu"), ["kd", "at"], batch=2, iters=1, warmup=0, teacher="resnet14", student="resnet8", out=out)
+    methods = ("kd", "at", "lakd", "afd")
+    bench.run_e2e(torch.device("cpu"), methods, batch=2, iters=1, warmup=0, teacher="resnet14", student="resnet8", out=out)
     rows = list(csv.DictReader(out.open()))
-    assert {(r["op"], r["backend"]) for r in rows} == {(f"e2e_{m}", b) for m in ("kd", "at") for b in ("eager-fp32", "kdfast")}
+    assert {(r["op"], r["backend"]) for r in rows} == {(f"e2e_{m}", b) for m in methods for b in ("eager-fp32", "kdfast")}
     assert all(float(r["median_ms"]) > 0 and r["pass"] == "train_step" for r in rows)
     assert "images/s" in capsys.readouterr().out
+
+
+# The distiller's sub-module that holds the trainable extras of the method's eager peer (same structure).
+PEER_EXTRAS = {"lcc": lambda d: d.attention[0], "lakd": lambda d: d.local, "afd": lambda d: d.attention}
+
+
+@pytest.mark.parametrize("method", bench.METHODS)
+def test_e2e_peer_matches_distiller(method):
+    """Same weights, same float64 batch: the eager peer's loss is the sum of the distiller's losses
+    (with bench's parameters, past every warm-up), and its backward gives the same gradients."""
+    torch.manual_seed(0)
+    teacher = models.create("resnet14", bench.NUM_CLASSES).eval().requires_grad_(False)
+    student = models.create("resnet8", bench.NUM_CLASSES)
+    twin = copy.deepcopy(student)
+    distiller = distillers.create(method, student, teacher, bench.DISTILLER_PARAMS.get(method))
+    peer_loss, extras = bench.REFERENCE_METHODS[method](twin, teacher)
+    for module in (teacher, twin, distiller, extras):  # in place: the distiller and the peer keep their views
+        module.double()
+    if method in PEER_EXTRAS:
+        extras.load_state_dict(PEER_EXTRAS[method](distiller).state_dict())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, bench.NUM_CLASSES, (4,))
+    with torch.no_grad():
+        feats = teacher.features(x)
+
+    _, losses = distiller(x, y, feats, bench.STEP_EPOCH)
+    total = sum(losses.values())
+    if not distiller.backward_done:
+        total.backward()
+    expected = peer_loss(x, feats, y)
+    expected.backward()
+
+    torch.testing.assert_close(total.detach(), expected.detach(), rtol=1e-10, atol=0)
+    ours = [*student.parameters(), *(PEER_EXTRAS[method](distiller).parameters() if method in PEER_EXTRAS else [])]
+    theirs = [*twin.parameters(), *extras.parameters()]
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-12)
 

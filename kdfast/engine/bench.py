@@ -9,12 +9,20 @@ same process:
 * ``eager-fp32``: what the peers' code does (mdistiller / RepDistiller): a ``DataLoader`` over a
   CPU ``TensorDataset`` copied to the device every step, fp32, no compile, the teacher under
   ``no_grad``, the unfused losses of ``kdfast.reference`` (and the same trainable extras as the
-  distiller: LCC's class-aware attention).
+  distiller: LCC's class-aware attention, LAKD's connectors, AFD's queries and keys), summed for
+  one backward.
 
-Every method runs with its distiller's default parameters, which the reference losses repeat.
+Every method runs with its distiller's default parameters, which the reference losses repeat,
+except where :data:`DISTILLER_PARAMS` says otherwise (AFD: the objective of its public code).
+LAKD's peer is a straightforward eager implementation of the method in an mdistiller-style
+trainer: the student's local modules with a detach at each boundary (kdfast's
+:class:`~kdfast.distillers.local.LocalModules`, mode "joint"), every module's loss summed and one
+backward; the distiller runs its default mode "local" (a backward per module). Both give the same
+gradients (``tests/test_cli.py`` checks losses and gradients of every method against its peer).
 
 Rows use the columns of ``benchmarks/common.py`` (op ``e2e_<method>``, pass ``train_step``,
-shape ``BxCxHxW`` of the batch, so images/s = B * 1000 / median_ms).
+shape ``BxCxHxW`` of the batch, so images/s = B * 1000 / median_ms; ``peak_mem_bytes`` of one
+step after the warm-up, see :func:`peak_bytes`).
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ import csv
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,45 +40,105 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast import distillers, models
+from kdfast.distillers.afd import LayerAttention
+from kdfast.distillers.base import feature_shapes
+from kdfast.distillers.local import LocalModules, ModuleOutput, stage_boundaries
 from kdfast.engine.trainer import autocast
 from kdfast.models import Features, KDModel
 from kdfast.nn import ClassAwareAttention
-from kdfast.reference import at as ref_at, dkd as ref_dkd, kd as ref_kd, lcc as ref_lcc, rkd as ref_rkd, sp as ref_sp
+from kdfast.reference import at as ref_at
+from kdfast.reference import block_attention as ref_ndam
+from kdfast.reference import dkd as ref_dkd
+from kdfast.reference import kd as ref_kd
+from kdfast.reference import lcc as ref_lcc
+from kdfast.reference import map_distance as ref_afd
+from kdfast.reference import rkd as ref_rkd
+from kdfast.reference import sp as ref_sp
 
-__all__ = ["METHODS", "run_e2e", "benchmarks_common"]
+__all__ = ["DISTILLER_PARAMS", "METHODS", "REFERENCE_METHODS", "benchmarks_common", "peak_bytes", "run_e2e"]
 
 NUM_CLASSES = 100
-ReferenceLoss = Callable[[Features, Features, Tensor], Tensor]
+FeatureLoss = Callable[[Features, Features, Tensor], Tensor]
 """(student features, teacher features, labels) -> the total loss of one batch, unfused."""
+ExtrasLoss = Callable[[Features, Features, Tensor, nn.Module], Tensor]
+"""A :data:`FeatureLoss` that also uses the method's trainable extras (last argument)."""
+PeerLoss = Callable[[Tensor, Features, Tensor], Tensor]
+"""(images, teacher features, labels) -> the total loss of one batch, unfused, student forward included."""
+Peer = Callable[[KDModel, KDModel], tuple[PeerLoss, nn.Module]]
+"""f(student, teacher) = (the peer's loss, the trainable extras it uses)."""
 
 
-def _lcc_reference(teacher: KDModel) -> tuple[ReferenceLoss, nn.Module]:
+def _on_features(loss: FeatureLoss) -> Peer:
+    """A method without trainable extras whose loss needs the student's ordinary features."""
+    return lambda student, teacher: ((lambda x, t, y: loss(student.features(x), t, y)), nn.Module())
+
+
+def _with_extras(loss: ExtrasLoss, extras: Callable[[KDModel, KDModel], nn.Module]) -> Peer:
+    """A method on the student's ordinary features with trainable extras ``extras(student, teacher)``."""
+
+    def peer(student: KDModel, teacher: KDModel) -> tuple[PeerLoss, nn.Module]:
+        module = extras(student, teacher)
+        return (lambda x, t, y: loss(student.features(x), t, y, module)), module
+
+    return peer
+
+
+def _lcc_loss(s: Features, t: Features, y: Tensor, attention: nn.Module) -> Tensor:
     """LCC's defaults: 0.1 CE + 0.9 KD (T=4) + 3 LCC (last stage, grid 4, mask of a class-aware attention)."""
-    attention = ClassAwareAttention(teacher.stage_channels[-1], NUM_CLASSES)
-
-    def loss(s: Features, t: Features, y: Tensor) -> Tensor:
-        mask, attention_ce = attention(t.stages[-1], y)
-        lcc = ref_lcc.local_correlation_loss(s.stages[-1], t.stages[-1], 4, mask=mask)
-        return 0.1 * F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0) + 3.0 * lcc + attention_ce
-
-    return loss, attention
+    mask, attention_ce = attention(t.stages[-1], y)
+    lcc = ref_lcc.local_correlation_loss(s.stages[-1], t.stages[-1], 4, mask=mask)
+    return 0.1 * F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0) + 3.0 * lcc + attention_ce
 
 
-def _stateless(loss: ReferenceLoss) -> Callable[[KDModel], tuple[ReferenceLoss, nn.Module]]:
-    """A method without trainable extras."""
-    return lambda teacher: (loss, nn.Module())
+def _afd_loss(s: Features, t: Features, y: Tensor, attention: nn.Module) -> Tensor:
+    """AFD's public code (clovaai/attention-feature-distillation, main.py defaults): CE + 0.9 KD (T=4)
+    + 200 * sum_t mean_b sum_s softmax_s(logit)[b,t,s] * mean_n (v_s - v_t)^2 over every block output,
+    logit = (bilinear key . query + p_t . p_s) / sqrt(128), student values ``pool_t(mean_c f^2)``."""
+    att = F.softmax(attention(s.blocks, t.blocks), dim=2)
+    afd = ref_afd.map_distance_loss(s.blocks, t.blocks, att, "map")
+    return F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0) + 200.0 * afd
 
 
-# method -> f(teacher) = (reference loss, the trainable extras it uses)
-REFERENCE_METHODS: dict[str, Callable[[KDModel], tuple[ReferenceLoss, nn.Module]]] = {
-    "kd": _stateless(lambda s, t, y: 0.1 * F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0)),
-    "at": _stateless(lambda s, t, y: F.cross_entropy(s.logits, y) + 1000 * ref_at.at_stage_losses(s.stages[1:], t.stages[1:]).sum()),
-    "dkd": _stateless(lambda s, t, y: F.cross_entropy(s.logits, y) + ref_dkd.dkd_loss(s.logits, t.logits, y, 1.0, 8.0, 4.0)),
-    "sp": _stateless(lambda s, t, y: F.cross_entropy(s.logits, y) + 3000 * ref_sp.sp_loss(s.stages[-1], t.stages[-1])),
-    "rkd": _stateless(lambda s, t, y: F.cross_entropy(s.logits, y) + ref_rkd.rkd_loss(s.pooled, t.pooled, 25.0, 50.0)),
-    "lcc": _lcc_reference,
+def _afd_attention(student: KDModel, teacher: KDModel) -> nn.Module:
+    """AFD's queries (teacher blocks), keys (student blocks), bilinear key layer and positions, qk_dim 128."""
+    channels = [[shape[0] for shape in feature_shapes(m, 32, "blocks")] for m in (teacher, student)]
+    return LayerAttention(*channels, qk_dim=128, bilinear=True)
+
+
+def _lakd_peer(student: KDModel, teacher: KDModel) -> tuple[PeerLoss, nn.Module]:
+    """LAKD's defaults past the warm-up (alpha_e = 0.9), one local module per stage after the stem,
+    each on its predecessor's detached output: ``sum_l [MSE(c_l(fs_l), ft_l) + 0.1 * 1000 * NDAM_l]
+    + 0.9 CE + KD (T=4)`` (NDAM grid 4, ``c_l`` a 1x1 conv + BN), one backward of the sum."""
+    cuts = stage_boundaries(student)
+    local = LocalModules(student, [teacher.stage_channels[b] for b in cuts], cuts)
+
+    def loss(x: Tensor, t: Features, y: Tensor) -> Tensor:
+        def module_losses(outputs: Sequence[ModuleOutput]) -> dict[str, Tensor]:
+            terms = ref_ndam.block_attention_terms([o.feature for o in outputs], [o.hint for o in outputs],
+                                                   [t.stages[b] for b in cuts], grid=4, power=1.0)
+            logits = outputs[-1].output
+            local_losses = ref_ndam.weigh(terms, 1.0, 0.1 * 1000.0, "sum")
+            return {"total": local_losses + 0.9 * F.cross_entropy(logits, y) + ref_kd.kd_loss(logits, t.logits, 4.0)}
+
+        return local(x, module_losses, "joint")[1]["total"]
+
+    return loss, local
+
+
+REFERENCE_METHODS: dict[str, Peer] = {
+    "kd": _on_features(lambda s, t, y: 0.1 * F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0)),
+    "at": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + 1000 * ref_at.at_stage_losses(s.stages[1:], t.stages[1:]).sum()),
+    "dkd": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + ref_dkd.dkd_loss(s.logits, t.logits, y, 1.0, 8.0, 4.0)),
+    "sp": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + 3000 * ref_sp.sp_loss(s.stages[-1], t.stages[-1])),
+    "rkd": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + ref_rkd.rkd_loss(s.pooled, t.pooled, 25.0, 50.0)),
+    "lcc": _with_extras(_lcc_loss, lambda student, teacher: ClassAwareAttention(teacher.stage_channels[-1], NUM_CLASSES)),
+    "lakd": _lakd_peer,
+    "afd": _with_extras(_afd_loss, _afd_attention),
 }
+"""method -> its eager peer, f(student, teacher) = (loss, trainable extras)."""
 METHODS = tuple(REFERENCE_METHODS)
+DISTILLER_PARAMS: dict[str, dict[str, object]] = {"afd": {"bilinear": True, "kd_weight": 0.9}}
+"""kdfast's side: parameters other than the distiller's defaults (AFD: what its public code trains)."""
 STEP_EPOCH = 10**6  # past every warm-up ramp (DKD): the full loss is timed
 
 
@@ -101,7 +169,7 @@ def _models(teacher: str, student: str, device: torch.device, memory_format: tor
 def _kdfast_step(method: str, teacher: str, student: str, device: torch.device, data: tuple[Tensor, Tensor],
                  batch: int) -> Callable[[], None]:
     t, s = _models(teacher, student, device, torch.channels_last)
-    distiller = distillers.create(method, s, t).to(device, memory_format=torch.channels_last)
+    distiller = distillers.create(method, s, t, DISTILLER_PARAMS.get(method)).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     images = data[0].to(device).contiguous(memory_format=torch.channels_last)
     labels = data[1].to(device)
@@ -125,7 +193,7 @@ def _kdfast_step(method: str, teacher: str, student: str, device: torch.device, 
 def _eager_step(method: str, teacher: str, student: str, device: torch.device, data: tuple[Tensor, Tensor],
                 batch: int) -> Callable[[], None]:
     t, s = _models(teacher, student, device, torch.contiguous_format)
-    loss_fn, extras = REFERENCE_METHODS[method](t)
+    loss_fn, extras = REFERENCE_METHODS[method](s, t)
     extras.to(device)
     opt = torch.optim.SGD([*s.parameters(), *extras.parameters()], lr=0.05, momentum=0.9, weight_decay=5e-4)
     loader = DataLoader(TensorDataset(*data), batch_size=batch, shuffle=True, drop_last=True)
@@ -135,7 +203,7 @@ def _eager_step(method: str, teacher: str, student: str, device: torch.device, d
         x, y = (v.to(device, non_blocking=True) for v in next(batches))
         with torch.no_grad():
             feats_t = t.features(x)
-        loss = loss_fn(s.features(x), feats_t, y)
+        loss = loss_fn(x, feats_t, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -148,25 +216,38 @@ def _cycle(iterable) -> Iterator:
         yield from iterable
 
 
-def _time(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> tuple[list[float], int | None]:
-    """Per-step milliseconds and (GPU) peak bytes allocated above the step's starting point."""
+def _time(step: Callable[[], None], device: torch.device, warmup: int, iters: int, common) -> tuple[list[float], int | None]:
+    """Per-step milliseconds of `iters` steps after `warmup` ones, and the peak memory of one more
+    step in between (:func:`peak_bytes`)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     for _ in range(warmup):
         step()
-    sync(device)
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    peak = peak_bytes(step, device, common)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         step()
         sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - before
     return times, peak
+
+
+def peak_bytes(step: Callable[[], None], device: torch.device, common) -> int | None:
+    """Peak bytes of one step above what was allocated before it: on CUDA
+    ``max_memory_allocated - memory_allocated``; on the CPU the peak of the tensor storages created
+    during the step and still alive (``benchmarks.common.LiveTensorBytes``; None without a checkout)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if common is None:
+        return None
+    with common.LiveTensorBytes() as tracker:
+        step()
+    return tracker.peak
 
 
 def _quantiles(times: Sequence[float]) -> tuple[float, float, float]:
@@ -177,31 +258,38 @@ def _quantiles(times: Sequence[float]) -> tuple[float, float, float]:
 
 
 def run_e2e(device: torch.device, methods: Sequence[str] = METHODS, batch: int = 64, iters: int = 20, warmup: int = 3,
-            teacher: str = "resnet32x4", student: str = "resnet8x4", out: Path | None = None) -> list[dict[str, str]]:
-    """Measure every method both ways, print a table, merge the rows into the results CSV; returns the rows."""
+            teacher: str = "resnet32x4", student: str = "resnet8x4", out: Path | None = None,
+            note: str = "") -> list[dict[str, str]]:
+    """Measure every method both ways, print a table, merge each method's rows into the results CSV
+    as soon as they are measured (a run cut short keeps them), with `note` in their note column;
+    returns the rows."""
     common = benchmarks_common()
     data = _synthetic(batch, 4)
     env = common.environment(device) if common else {"device": str(device), "torch": torch.__version__, "triton": ""}
     amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
     rows = []
     print(f"end-to-end distillation step, {teacher} -> {student}, batch {batch}, {device} ({env['device']})")
-    print(f"{'method':<8} {'backend':<11} {'ms/step':>9} {'images/s':>9} {'speed-up':>9}")
+    print(f"{'method':<8} {'backend':<11} {'ms/step':>9} {'images/s':>9} {'speed-up':>9} {'peak MiB':>9}")
     for method in methods:
         base_ms = None
         for backend, build, dtype in (("eager-fp32", _eager_step, "float32"), ("kdfast", _kdfast_step, amp_dtype)):
-            times, peak = _time(build(method, teacher, student, device, data, batch), device, warmup, iters)
+            times, peak = _time(build(method, teacher, student, device, data, batch), device, warmup, iters, common)
             median, p20, p80 = _quantiles(times)
             base_ms = base_ms or median
-            print(f"{method:<8} {backend:<11} {median:>9.2f} {batch * 1e3 / median:>9.1f} {base_ms / median:>8.2f}x", flush=True)
+            mib = "-" if peak is None else f"{peak / 2**20:.1f}"
+            print(f"{method:<8} {backend:<11} {median:>9.2f} {batch * 1e3 / median:>9.1f} {base_ms / median:>8.2f}x {mib:>9}",
+                  flush=True)
             rows.append({"op": f"e2e_{method}", "backend": backend, "pass": "train_step", "dtype": dtype,
                          "shape": f"{batch}x3x32x32", "median_ms": f"{median:.6g}", "p20_ms": f"{p20:.6g}",
                          "p80_ms": f"{p80:.6g}", "peak_mem_bytes": "" if peak is None else str(peak), "gbps": "",
-                         **env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "note": ""})
-    _write(rows, device, out, common)
+                         **env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "note": note})
+        path = _write(rows[-2:], device, out, common)
+    print(f"rows written to {path}")
     return rows
 
 
-def _write(rows: list[dict[str, str]], device: torch.device, out: Path | None, common) -> None:
+def _write(rows: list[dict[str, str]], device: torch.device, out: Path | None, common) -> Path:
+    """Merge `rows` into the results CSV (appends without a checkout); returns its path."""
     if common is not None:
         path = out or common.default_results_path(device)
         common.merge_csv(path, [common.Row(*(row[c] for c in common.CSV_COLUMNS)) for row in rows])
@@ -213,4 +301,4 @@ def _write(rows: list[dict[str, str]], device: torch.device, out: Path | None, c
             if new:
                 writer.writeheader()
             writer.writerows(rows)
-    print(f"rows written to {path}")
+    return path
