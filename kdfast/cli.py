@@ -30,15 +30,33 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"repeated seed in {text!r}")
+    return seeds
+
+
 def _train(args: argparse.Namespace) -> int:
-    """Exit status 0 when the run ends, 1 when it diverged, 128 + signal when SIGTERM/SIGINT
-    stopped it after a checkpoint (as a shell reports a process a signal ended)."""
-    from kdfast.engine import distributed, load_config, train
+    """Exit status 0 when the run ends, 1 when it (or a student of it) diverged, 128 + signal when
+    SIGTERM/SIGINT stopped it after a checkpoint (as a shell reports a process a signal ended)."""
+    from kdfast.engine import distributed, load_config, train, train_students
+    from kdfast.engine.config import validate, with_seeds
+    from kdfast.engine.report import format_table
     from kdfast.engine.trainer import Diverged, Interrupted
 
     cfg = load_config(args.config, _train_overrides(args))
+    if args.seeds:
+        cfg = with_seeds(cfg, args.seeds)
+        validate(cfg)
     try:
-        summary = train(cfg, resume=args.resume)
+        if cfg.runs:
+            report = train_students(cfg, resume=args.resume)
+        else:
+            summary = train(cfg, resume=args.resume)
     except Diverged as error:
         print(f"kdfast: error: {error}", file=sys.stderr)
         return 1
@@ -47,6 +65,10 @@ def _train(args: argparse.Namespace) -> int:
         return 128 + error.signum
     finally:
         distributed.teardown()
+    if cfg.runs:
+        print(f"\n{format_table(report.rows)}\n(mean ± sample std over seeds; each student's run under "
+              f"{cfg.train.out_dir}/<label>-s<seed>/, the table in summary.json, every curve in curves.png)")
+        return 1 if any(row.stopped for row in report.rows) else 0
     print(f"best top-1 {summary.best_top1:.2f} (epoch {summary.best_epoch}), last {summary.last_top1:.2f}, "
           f"{summary.wall_s:.1f} s, {summary.images_per_s:.0f} img/s"
           + (f", peak GPU memory {summary.peak_gpu_mem_bytes / 2**20:.0f} MiB" if summary.peak_gpu_mem_bytes else "")
@@ -195,6 +217,9 @@ def _add_train(commands) -> None:
     p.add_argument("--out-dir", help="output folder: checkpoints, metrics.jsonl, tensorboard/, curves.png, summary.json")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--seeds", type=_seeds, metavar="S1,S2,...",
+                   help="train one student per seed (each of the config's runs, or its student, per seed) on one "
+                        "teacher forward per batch and one data order (train.data_seed, default train.seed)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (train.device)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns, slower)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student step")

@@ -302,6 +302,26 @@ def test_digits_default():
     torch.testing.assert_close(stats.std((0, 2, 3)), torch.tensor(digits.STD, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
+def test_digits_are_not_flipped_and_cifar_is():
+    digits_train = build_loaders("digits", batch_size=8).train
+    assert not digits_train.flip and not digits_train._augment_draws(0)[2].any()
+    images, labels = torch.zeros(64, 3, 8, 8, dtype=torch.uint8), torch.arange(64) % 10
+    loader = ResidentLoader(images, labels, 8, mean=(0.5,) * 3, std=(0.5,) * 3, train=True)
+    assert loader._augment_draws(0)[2].any()
+
+
+def test_train_per_class_keeps_the_first_images_of_each_class():
+    images, labels = load_digits32(train=True)
+    train = build_loaders("digits", batch_size=10, train_per_class=5).train
+    assert train.num_samples == 50 and torch.bincount(train.labels).tolist() == [5] * 10
+    expected = torch.cat([torch.nonzero(labels == c)[:5, 0] for c in range(10)]).sort().values
+    assert torch.equal(train.images, images[expected]) and torch.equal(train.labels, labels[expected])
+    with pytest.raises(ValueError, match="class 0 has"):
+        build_loaders("digits", train_per_class=1000)
+    with pytest.raises(ValueError, match="ImageNet|imagenet|device-resident"):
+        build_loaders("imagenet", root="/nonexistent", train_per_class=5)
+
+
 def test_build_loaders_names(tmp_path):
     with pytest.raises(ValueError, match="digits, cifar10, cifar100, imagenet"):
         build_loaders("mnist")

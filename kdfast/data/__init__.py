@@ -9,8 +9,9 @@ Datasets:
 - ``"imagenet"``: an ``ImageFolder`` tree ``root/{train,val}/<class>/<image>``
   (``kdfast.data.imagenet``).
 
-The small datasets live on the device as uint8 and are cropped, flipped and normalized there
-(``ResidentLoader``); ImageNet is decoded by DataLoader workers (``WorkerLoader``). Both loaders
+The small datasets live on the device as uint8 and are cropped, flipped (not the digits: a
+mirrored 2 or 7 is no digit) and normalized there (``ResidentLoader``); ImageNet is decoded by
+DataLoader workers (``WorkerLoader``). Both loaders
 yield ``(images, labels)`` on the device (normalized float images, int64 labels) and share one
 interface: ``len()`` (batches per epoch on this rank), ``num_samples``, ``set_epoch(epoch)``,
 ``state_dict()`` / ``load_state_dict()`` for exact mid-epoch resume. Sharding follows the
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from kdfast.data import cifar, digits
 from kdfast.data.cifar import load_cifar
@@ -32,6 +34,20 @@ from kdfast.data.schedule import EpochSchedule, ScheduledLoader
 from kdfast.data.transforms import Normalize, pad_crop_flip
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
+
+
+def first_per_class(images: Tensor, labels: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The first `count` images of each class, in dataset order; ValueError when a class has fewer."""
+    if count < 1:
+        raise ValueError(f"train_per_class must be >= 1, got {count}")
+    rank = torch.zeros_like(labels)  # position of each image among those of its class
+    for label in labels.unique():
+        where = labels == label
+        if int(where.sum()) < count:
+            raise ValueError(f"train_per_class={count}, but class {int(label)} has {int(where.sum())} training images")
+        rank[where] = torch.arange(int(where.sum()))
+    keep = rank < count
+    return images[keep], labels[keep]
 
 
 class Loaders(NamedTuple):
@@ -46,14 +62,16 @@ def build_loaders(name: str = "digits", root: str | Path | None = None, batch_si
                   device: torch.device | str = "cpu", *, eval_batch_size: int | None = None,
                   download: bool = False, workers: int | None = None, seed: int = 0, drop_last: bool = False,
                   rank: int | None = None, world_size: int | None = None, dtype: torch.dtype = torch.float32,
-                  channels_last: bool = False) -> Loaders:
+                  channels_last: bool = False, train_per_class: int | None = None) -> Loaders:
     """Training and test loaders of dataset `name` (one of ``DATASETS``) on `device`.
 
     root: the data folder (not used by "digits"). eval_batch_size: test batch size (default
     `batch_size`). download: let torchvision fetch missing CIFAR files (network needed).
     workers: DataLoader processes for ImageNet (default min(8, CPUs)). seed: sample order and
     augmentation of every epoch. drop_last: drop each epoch's last partial training batch.
-    dtype / channels_last: the images' dtype and memory format.
+    dtype / channels_last: the images' dtype and memory format. train_per_class: train on the
+    first N training images of each class only (in the split's order: a fixed subset, the same
+    for every seed; digits and CIFAR), the test split unchanged.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -64,6 +82,8 @@ def build_loaders(name: str = "digits", root: str | Path | None = None, batch_si
     test_batch = eval_batch_size or batch_size
 
     if name == "imagenet":
+        if train_per_class is not None:
+            raise ValueError("train_per_class is for the device-resident datasets (digits, cifar10, cifar100)")
         from kdfast.data.imagenet import WorkerLoader, image_folder
 
         train_set, test_set = image_folder(root, True, seed), image_folder(root, False, seed)
@@ -78,11 +98,14 @@ def build_loaders(name: str = "digits", root: str | Path | None = None, batch_si
         spec = cifar.cifar_spec(name)
         (train_x, train_y), (test_x, test_y) = (load_cifar(root, name, split, download) for split in (True, False))
         mean, std, num_classes = spec.mean, spec.std, spec.num_classes
+    if train_per_class is not None:
+        train_x, train_y = first_per_class(train_x, train_y, train_per_class)
     common.update(mean=mean, std=std)
-    return Loaders(ResidentLoader(train_x, train_y, batch_size, train=True, drop_last=drop_last, **common),
+    return Loaders(ResidentLoader(train_x, train_y, batch_size, train=True, drop_last=drop_last,
+                                  flip=name != "digits", **common),
                    ResidentLoader(test_x, test_y, test_batch, train=False, **common),
                    num_classes)
 
 
 __all__ = ["DATASETS", "EpochSchedule", "Loaders", "Normalize", "ResidentLoader", "ScheduledLoader",
-           "build_loaders", "load_cifar", "load_digits32", "pad_crop_flip"]
+           "build_loaders", "first_per_class", "load_cifar", "load_digits32", "pad_crop_flip"]

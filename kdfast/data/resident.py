@@ -20,8 +20,8 @@ class ResidentLoader(ScheduledLoader):
     """Batches ``(images, labels)`` from uint8 images held on `device`.
 
     ``train=True``: each epoch a shuffled order (see ``EpochSchedule``), and per image a random
-    crop of the image zero-padded by `padding` pixels plus a random horizontal flip (torchvision
-    ``RandomCrop(H, padding=padding)`` + ``RandomHorizontalFlip()``). The draws are made once per
+    crop of the image zero-padded by `padding` pixels plus, with `flip`, a random horizontal flip
+    (torchvision ``RandomCrop(H, padding=padding)`` + ``RandomHorizontalFlip()``). The draws are made once per
     epoch on a CPU generator seeded from (seed, epoch), one per dataset image, so they do not
     depend on the device, the rank or where iteration resumed. ``train=False``: dataset order,
     no augmentation.
@@ -33,7 +33,8 @@ class ResidentLoader(ScheduledLoader):
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], train: bool, device: torch.device | str = "cpu", drop_last: bool = False,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False, padding: int = 4) -> None:
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, padding: int = 4,
+                 flip: bool = True) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.dim() != 1 or len(labels) != len(images):
@@ -44,6 +45,7 @@ class ResidentLoader(ScheduledLoader):
         self.labels = labels.to(self.device, torch.int64)
         self.train = train
         self.padding = padding
+        self.flip = flip
         self.normalize = Normalize(mean, std, self.device, dtype=dtype, channels_last=channels_last)
         self.schedule = EpochSchedule(len(images), batch_size, shuffle=train, drop_last=drop_last,
                                       seed=seed, rank=rank, world_size=world_size)
@@ -53,7 +55,7 @@ class ResidentLoader(ScheduledLoader):
         generator = torch.Generator().manual_seed(mix_seed(self.schedule.seed, epoch, AUGMENT_STREAM))
         n = len(self.images)
         offsets = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator)
-        flip = torch.randint(0, 2, (n,), generator=generator, dtype=torch.bool)
+        flip = torch.randint(0, 2, (n,), generator=generator, dtype=torch.bool) & self.flip
         return offsets[0].to(self.device), offsets[1].to(self.device), flip.to(self.device)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:

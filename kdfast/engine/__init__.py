@@ -1,6 +1,7 @@
-"""The training engine: configs, the trainer, checkpoints, distributed set-up, metrics."""
+"""The training engine: configs, the trainer, checkpoints, distributed set-up, metrics, reports."""
 
 from kdfast.engine.config import Config, ConfigError, load_config
-from kdfast.engine.trainer import Summary, evaluate, train
+from kdfast.engine.report import StudentsReport, Summary
+from kdfast.engine.trainer import evaluate, train, train_students
 
-__all__ = ["Config", "ConfigError", "Summary", "evaluate", "load_config", "train"]
+__all__ = ["Config", "ConfigError", "StudentsReport", "Summary", "evaluate", "load_config", "train", "train_students"]

@@ -2,7 +2,10 @@
 
 A config file has the sections ``data``, ``model``, ``method``, ``optim`` and ``train`` (see the
 dataclasses below and the files under ``kdfast/configs/``). A file may name a ``base:`` file
-(relative to itself) whose values it overrides. Unknown keys, methods, models and datasets, and
+(relative to itself) whose values it overrides. An optional ``runs:`` list trains several
+students in one run on one teacher and one data order (:class:`RunConfig`, :func:`students`):
+each entry says what its student changes (label, seed, student model, method, optim values),
+and each student becomes a complete single-run config of its own. Unknown keys, methods, models and datasets, and
 missing data or teacher checkpoints, raise :class:`ConfigError` naming the problem before any
 training starts.
 """
@@ -20,8 +23,9 @@ from kdfast import distillers, models
 from kdfast._coerce import coerce_fields
 from kdfast.data import DATASETS
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "TrainConfig",
-           "CONFIG_DIR", "load_config", "from_dict", "apply_overrides", "validate", "validate_data", "resolve_path", "to_dict"]
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "TrainConfig", "RunConfig",
+           "CONFIG_DIR", "load_config", "from_dict", "apply_overrides", "validate", "validate_data", "resolve_path", "to_dict",
+           "students", "with_seeds"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -36,6 +40,7 @@ class DataConfig:
     root: str | None = None  # folder of the dataset's files (not used by "digits")
     batch_size: int = 64  # per process
     eval_batch_size: int | None = None  # default: batch_size
+    train_per_class: int | None = None  # train on the first N images of each class only (digits, CIFAR)
 
 
 @dataclass
@@ -64,7 +69,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 240
-    seed: int = 0
+    seed: int = 0  # model initialisation and every random draw of the training step
+    data_seed: int | None = None  # sample order and augmentation of every epoch (None: seed)
     deterministic: bool = False  # deterministic algorithms only (slower), for bit-exact reruns
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "bf16" autocast, "none", or "auto" (bf16 on GPU, none on CPU)
@@ -79,16 +85,33 @@ class TrainConfig:
 
 
 @dataclass
+class RunConfig:
+    """One student of a multi-student run: what it changes in the config's own student.
+
+    Students with the same ``label`` (default: the method's name) are seeds of one table row;
+    each student is named ``<label>-s<seed>`` and writes to ``<train.out_dir>/<name>/``.
+    """
+
+    label: str | None = None  # the table row (default: the method name)
+    seed: int | None = None  # default: train.seed
+    student: str | None = None  # default: model.student
+    method: str | dict[str, Any] | None = None  # a method name, or {name: ..., <param>: ...}; default: method
+    optim: dict[str, Any] = field(default_factory=dict)  # optim values of this student (lr, milestones, ...)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runs: list[RunConfig] = field(default_factory=list)  # several students in one run (empty: one)
 
 
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "optim": OptimConfig,
                     "train": TrainConfig}
+_LABEL_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
 
 
 def _build_section(name: str, values: Any) -> Any:
@@ -113,20 +136,85 @@ def _build_section(name: str, values: Any) -> Any:
         raise ConfigError(f"bad config: {error}") from None
 
 
+def _build_runs(values: Any) -> list[RunConfig]:
+    if values is None:
+        return []
+    if not isinstance(values, (list, tuple)):
+        raise ConfigError(f"runs must be a list of mappings, got {type(values).__name__}")
+    runs, valid = [], [f.name for f in dataclasses.fields(RunConfig)]
+    for i, entry in enumerate(values):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"runs[{i}] must be a mapping (e.g. {{method: kd, seed: 1}}), got {entry!r}")
+        unknown = sorted(set(entry) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown key(s) in runs[{i}]: {', '.join(map(str, unknown))}; valid keys: {', '.join(valid)}")
+        try:
+            runs.append(RunConfig(**coerce_fields(RunConfig, entry, f"runs[{i}]")))
+        except TypeError as error:
+            raise ConfigError(f"bad config: {error}") from None
+    return runs
+
+
 def from_dict(values: Mapping[str, Any]) -> Config:
     """A Config from nested mappings; unknown sections or keys raise ConfigError naming them."""
-    unknown = sorted(set(values) - set(_SECTION_CLASSES))
+    unknown = sorted(set(values) - {*_SECTION_CLASSES, "runs"})
     if unknown:
-        raise ConfigError(f"unknown section(s): {', '.join(unknown)}; valid sections: {', '.join(_SECTION_CLASSES)}")
-    return Config(**{name: _build_section(name, values.get(name)) for name in _SECTION_CLASSES})
+        raise ConfigError(f"unknown section(s): {', '.join(unknown)}; valid sections: {', '.join(_SECTION_CLASSES)}, runs")
+    return Config(**{name: _build_section(name, values.get(name)) for name in _SECTION_CLASSES},
+                  runs=_build_runs(values.get("runs")))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """The nested-mapping form of `cfg` (as written in YAML; method params inline)."""
+    """The nested-mapping form of `cfg` (as written in YAML; method params inline; no ``runs``
+    when it has none)."""
     values = dataclasses.asdict(cfg)
     method = values.pop("method")
     values["method"] = {"name": method["name"], **method["params"]}
+    if not values["runs"]:
+        del values["runs"]
     return values
+
+
+def _student_values(cfg: Config, run: RunConfig) -> tuple[str, str, dict[str, Any]]:
+    """(label, name, the single-run config values) of one entry of ``cfg.runs``."""
+    values = to_dict(dataclasses.replace(cfg, runs=[]))
+    if run.method is not None:
+        values["method"] = {"name": run.method} if isinstance(run.method, str) else dict(run.method)
+    if run.student is not None:
+        values["model"]["student"] = run.student
+    values["optim"].update(run.optim)
+    seed = cfg.train.seed if run.seed is None else run.seed
+    label = run.label or str(values["method"].get("name", "vanilla"))
+    name = f"{label}-s{seed}"
+    values["train"].update(seed=seed, data_seed=cfg.train.data_seed if cfg.train.data_seed is not None else cfg.train.seed,
+                           out_dir=str(Path(cfg.train.out_dir) / name))
+    return label, name, values
+
+
+def students(cfg: Config) -> list[tuple[str, str, Config]]:
+    """(label, name, config) of every student `cfg` trains: its ``runs``, each a complete single-run
+    config (its own seed, method, model, optim and ``<out_dir>/<name>``, the shared data order
+    ``train.data_seed``); for a config without runs, ``[(method, "", cfg)]``. Raises ConfigError."""
+    if not cfg.runs:
+        return [(cfg.method.name, "", cfg)]
+    found: list[tuple[str, str, Config]] = []
+    for i, run in enumerate(cfg.runs):
+        label, name, values = _student_values(cfg, run)
+        if not set(label) <= _LABEL_CHARACTERS:
+            raise ConfigError(f"runs[{i}]: label {label!r} may only hold letters, digits and _ . + -")
+        if any(name == other for _, other, _ in found):
+            raise ConfigError(f"runs[{i}]: two students are named {name!r} (same label and seed); give a label or seed")
+        try:
+            found.append((label, name, from_dict(values)))
+        except ConfigError as error:
+            raise ConfigError(f"runs[{i}] ({name}): {error}") from None
+    return found
+
+
+def with_seeds(cfg: Config, seeds: Sequence[int]) -> Config:
+    """`cfg` with each of its runs (or its own student) repeated for every seed of `seeds`."""
+    runs = cfg.runs or [RunConfig()]
+    return dataclasses.replace(cfg, runs=[dataclasses.replace(run, seed=seed) for run in runs for seed in seeds])
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -204,6 +292,10 @@ def _value_problems(cfg: Config) -> list[str]:
         (data.batch_size >= 1, f"data.batch_size must be >= 1, got {data.batch_size}"),
         (data.eval_batch_size is None or data.eval_batch_size >= 1,
          f"data.eval_batch_size must be >= 1, got {data.eval_batch_size}"),
+        (data.train_per_class is None or data.train_per_class >= 1,
+         f"data.train_per_class must be >= 1, got {data.train_per_class}"),
+        (data.train_per_class is None or data.dataset != "imagenet",
+         "data.train_per_class is for digits, cifar10 and cifar100"),
         (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
         (0 <= optim.momentum < 1, f"optim.momentum must be in [0, 1), got {optim.momentum}"),
         (optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}"),
@@ -223,7 +315,15 @@ def _value_problems(cfg: Config) -> list[str]:
 
 
 def validate(cfg: Config, check_files: bool = True) -> None:
-    """Check names, method parameters and (with `check_files`) data and checkpoint files."""
+    """Check names, method parameters and (with `check_files`) data and checkpoint files, of the
+    config and of each student of its ``runs``."""
+    if cfg.runs:
+        for _, name, student in students(cfg):
+            try:
+                validate(student, check_files)
+            except ConfigError as error:
+                raise ConfigError(f"student {name}: {error}") from None
+        return
     problems = _data_problems(cfg.data, check_files)
     for role in ("student", "teacher"):
         name = getattr(cfg.model, role)

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
@@ -38,14 +38,16 @@ from tqdm import tqdm
 
 from kdfast import distillers, models
 from kdfast.data import build_loaders
-from kdfast.engine import checkpoint, distributed
+from kdfast.engine import checkpoint, distributed, report
 from kdfast.engine.config import Config, ConfigError, to_dict
+from kdfast.engine.config import students as config_students
 from kdfast.engine.distributed import Dist, all_reduce_sum
 from kdfast.engine.guard import Diverged, NonFiniteGuard
 from kdfast.engine.metrics import MetricsLogger, plot_curves
+from kdfast.engine.report import Summary
 
-__all__ = ["Diverged", "Interrupted", "Summary", "train", "evaluate", "frozen_teacher", "image_size", "autocast",
-           "seed_everything", "set_deterministic"]
+__all__ = ["Diverged", "Interrupted", "Summary", "train", "train_students", "evaluate", "frozen_teacher", "image_size",
+           "autocast", "seed_everything", "set_deterministic"]
 
 LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
 # Config keys a resumed checkpoint must share with the run (anything else may change, e.g. epochs).
@@ -59,20 +61,6 @@ class Interrupted(Exception):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.signum = signum
-
-
-@dataclass
-class Summary:
-    """What a run reports at its end (also written to ``summary.json``)."""
-
-    best_top1: float
-    best_epoch: int
-    last_top1: float
-    epochs: int
-    wall_s: float
-    images_per_s: float
-    peak_gpu_mem_bytes: int | None
-    out_dir: str
 
 
 def image_size(dataset: str) -> int:
@@ -172,67 +160,192 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-class _Run:
-    """The state of one training run (built from a config, optionally restored from ``last.pt``)."""
+class _RngSlot:
+    """One student's own random-number generators (python, numpy, torch CPU and CUDA), swapped in
+    around its steps so that each student draws exactly as if it trained alone."""
 
-    def __init__(self, cfg: Config, dist: Dist, resume: bool) -> None:
-        self.cfg, self.dist = cfg, dist
+    def __init__(self) -> None:
+        self.state = checkpoint.rng_state()
+
+    @contextlib.contextmanager
+    def active(self):
+        checkpoint.set_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = checkpoint.rng_state()
+
+
+class _Student:
+    """One student of a run: its distiller, optimizer, scheduler, guard, random state, history and
+    outputs (``cfg.train.out_dir``), built from its own single-run config."""
+
+    def __init__(self, label: str, name: str, cfg: Config, dist: Dist, teacher: models.KDModel | None,
+                 num_classes: int, memory_format: torch.memory_format) -> None:
+        self.label, self.name, self.cfg, self.dist = label, name, cfg, dist
         self.out = Path(cfg.train.out_dir)
-        set_deterministic(cfg.train.deterministic)
         seed_everything(cfg.train.seed)
-        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        data = cfg.data
-        self.loaders = build_loaders(data.dataset, data.root, data.batch_size, dist.device,
-                                     eval_batch_size=data.eval_batch_size, seed=cfg.train.seed,
-                                     channels_last=cfg.train.channels_last)
-        size = image_size(data.dataset)
-        self.teacher = frozen_teacher(cfg, self.loaders.num_classes, dist.device, memory_format)
-        student = models.create(cfg.model.student, self.loaders.num_classes)
-        self.distiller = distillers.create(cfg.method.name, student, self.teacher, cfg.method.params, size)
+        student = models.create(cfg.model.student, num_classes)
+        method = distillers.get(cfg.method.name)
+        self.distiller = distillers.create(cfg.method.name, student, teacher if method.needs_teacher else None,
+                                           cfg.method.params, image_size(cfg.data.dataset))
         self.distiller.to(dist.device, memory_format=memory_format)
         if self.distiller.backward_done and (dist.enabled or cfg.train.compile):
             raise ConfigError(f"method {cfg.method.name!r} runs its backward inside forward (LAKD's mode 'local'), which "
                               "DistributedDataParallel and torch.compile cannot run; use a mode with one backward "
                               "(LAKD: --set method.mode=joint)")
         opt = cfg.optim
-        skip = cfg.train.on_nonfinite == "skip"  # the fused step drops an update on the device (found_inf)
+        self.skip = cfg.train.on_nonfinite == "skip"  # the fused step drops an update on the device (found_inf)
         self.optimizer = torch.optim.SGD(self.distiller.sgd_parameters(), lr=opt.lr, momentum=opt.momentum,
-                                         weight_decay=opt.weight_decay, nesterov=opt.nesterov, fused=skip or None)
+                                         weight_decay=opt.weight_decay, nesterov=opt.nesterov, fused=self.skip or None)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, opt.milestones, opt.gamma)
         self.guard = NonFiniteGuard(dist.device, cfg.train.on_nonfinite, cfg.train.max_nonfinite)
-        self.signals = _StopSignals()
+        self.rng = _RngSlot()
         self.epoch, self.history, self.best = 0, [], (-1.0, 0)
-        self.partial: dict | None = None  # the sums of an epoch interrupted mid-way
-        if resume:
-            self._restore(load_resume_state(cfg))
+        self.stopped: str | None = None  # why the student stopped before the run's end (diverged)
+        self.partial: dict | None = None  # this student's sums of an epoch interrupted mid-way
+        self.logger: MetricsLogger | None = None
         step_module: nn.Module = self.distiller
         if dist.enabled:  # batches are already on this process's device: no device_ids, no input scatter
             step_module = nn.parallel.DistributedDataParallel(step_module)
         self.step_module = torch.compile(step_module) if cfg.train.compile else step_module
 
-    def _restore(self, state: dict) -> None:
+    def restore(self, state: dict) -> None:
         self.distiller.load_state_dict(state["distiller"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loaders.train.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
+        self.rng.state = state["rng"]
         self.epoch, self.history, self.best = state["epoch"], state["history"], tuple(state["best"])
         self.partial = state.get("partial")
         self.guard.bad_steps.fill_(state.get("nonfinite_steps", 0))
 
-    def _save(self, improved: bool = False, partial: dict | None = None) -> None:
+    def save(self, loader_state: dict, improved: bool = False, partial: dict | None = None) -> None:
         """Checkpoints after `self.epoch` complete epochs (plus, with `partial`, the sums of the
-        epoch in progress, whose loader position the loader state holds)."""
+        epoch in progress, whose loader position `loader_state` holds)."""
         student = self.distiller.student.state_dict()
         if improved:
             checkpoint.save_atomic({"model": student, "epoch": self.epoch, "best_acc": self.best[0]}, self.out / BEST)
         checkpoint.save_rotating({
             "model": student, "distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": None, "epoch": self.epoch,
-            "loader": self.loaders.train.state_dict(), "rng": checkpoint.rng_state(), "history": self.history,
+            "loader": loader_state, "rng": self.rng.state, "history": self.history,
             "best": list(self.best), "config": to_dict(self.cfg), "partial": partial,
             "nonfinite_steps": int(self.guard.bad_steps),
         }, self.out / LAST, self.out / PREV)
+
+    def new_epoch(self, device: torch.device) -> None:
+        """Starts this student's sums of an epoch (or of the rest of one interrupted mid-way)."""
+        partial, self.partial = self.partial or {"sums": {}, "correct": 0.0, "seen": 0}, None
+        self.sums = {name: torch.tensor(value, dtype=torch.float64, device=device) for name, value in partial["sums"].items()}
+        self.correct = torch.tensor(partial["correct"], dtype=torch.float64, device=device)
+        self.seen = partial["seen"]
+        self.distiller.train()
+        self.guard.new_epoch()
+
+    def step(self, images: Tensor, labels: Tensor, teacher: models.Features | None, epoch: int, step: int) -> Tensor:
+        """One optimisation step on a batch of `epoch` (counted from 1), with this student's random
+        state; returns the loss."""
+        with self.rng.active():
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast(self.dist.device, self.cfg.train.amp):
+                logits, losses = self.step_module(images, labels, teacher, epoch)
+            loss = sum(losses.values())
+            if not self.distiller.backward_done:
+                loss.backward()
+            found_inf = self.guard.observe(loss, self.params, step)
+            if self.skip:
+                self.optimizer.found_inf = found_inf  # read by the fused SGD step: a bad step changes nothing
+            self.optimizer.step()
+            self.distiller.after_step(epoch)
+        for key, value in (("loss", loss), *((f"loss.{k}", v) for k, v in losses.items())):
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().double() * labels.numel()
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += labels.numel()
+        return loss
+
+    def partial_state(self) -> dict:
+        return {"sums": {key: value.item() for key, value in self.sums.items()}, "correct": self.correct.item(),
+                "seen": self.seen}
+
+    def epoch_stats(self, elapsed: float) -> dict[str, float]:
+        """The epoch's mean losses and train top-1 over every process, and images/s."""
+        device = self.dist.device
+        totals = all_reduce_sum(torch.stack([*self.sums.values(), self.correct,
+                                             torch.tensor(self.seen, dtype=torch.float64, device=device)]))
+        n = totals[-1].item()
+        stats = {key: value.item() / n for key, value in zip(self.sums, totals[:-2], strict=True)}
+        stats.update({"train.top1": 100.0 * totals[-2].item() / n, "images_per_s": n / elapsed, "epoch_s": elapsed})
+        return stats
+
+    def summary(self, wall_s: float) -> Summary:
+        device, rows = self.dist.device, self.history
+        summary = Summary(
+            best_top1=self.best[0], best_epoch=self.best[1], last_top1=rows[-1]["test.top1"] if rows else float("nan"),
+            epochs=len(rows), wall_s=wall_s,
+            images_per_s=float(np.mean([r["images_per_s"] for r in rows])) if rows else float("nan"),
+            peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            out_dir=str(self.out), stopped=self.stopped)
+        if self.dist.is_main:
+            (self.out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+            if rows:
+                plot_curves(rows, self.out / "curves.png", f"{self.cfg.method.name}: {self.cfg.model.student}")
+        return summary
+
+
+class _Run:
+    """A training run: one data order and (optionally) one frozen teacher, shared by its students.
+
+    Each batch the teacher's features are computed once, under ``torch.inference_mode``, and each
+    student in turn takes its step on them (one student's activations alive at a time); a
+    student's own RNG state is swapped in around its step, so it trains exactly as it would alone.
+    """
+
+    def __init__(self, cfg: Config, dist: Dist, resume: bool) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.out = Path(cfg.train.out_dir)
+        set_deterministic(cfg.train.deterministic)
+        entries = config_students(cfg)
+        train_cfg = entries[0][2].train  # what the students share: data, teacher, epochs, device, amp, ...
+        memory_format = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
+        data = cfg.data
+        data_seed = train_cfg.seed if train_cfg.data_seed is None else train_cfg.data_seed
+        self.loaders = build_loaders(data.dataset, data.root, data.batch_size, dist.device,
+                                     eval_batch_size=data.eval_batch_size, seed=data_seed,
+                                     channels_last=train_cfg.channels_last, train_per_class=data.train_per_class)
+        needs_teacher = any(distillers.get(c.method.name).needs_teacher for _, _, c in entries)
+        teacher_cfg = next((c for _, _, c in entries if distillers.get(c.method.name).needs_teacher), cfg)
+        self.teacher = (frozen_teacher(teacher_cfg, self.loaders.num_classes, dist.device, memory_format)
+                        if needs_teacher else None)
+        self.students = [_Student(label, name, c, dist, self.teacher, self.loaders.num_classes, memory_format)
+                         for label, name, c in entries]
+        self.signals = _StopSignals()
+        self.epoch = 0
+        self.partial: dict | None = None  # the position of an epoch interrupted mid-way
+        if resume:
+            self._restore([_resume_state(student.cfg) for student in self.students])
+
+    def _restore(self, states: list[dict | None]) -> None:
+        """Each student from its checkpoint; the run continues from the furthest position, and a
+        student that is behind it or has none (it stopped earlier: diverged) stays stopped."""
+        position = [(-1, 0) if state is None else (state["epoch"], (state.get("partial") or {}).get("steps", 0))
+                    for state in states]
+        lead = states[position.index(max(position))]
+        if lead is None:
+            raise ConfigError(f"cannot resume {self.out}: every student stopped (diverged) in an earlier session")
+        self.loaders.train.load_state_dict(lead["loader"])
+        self.epoch = lead["epoch"]
+        partial = lead.get("partial")
+        self.partial = None if partial is None else {"steps": partial["steps"], "elapsed": partial["elapsed"]}
+        for student, state, where in zip(self.students, states, position, strict=True):
+            if state is not None:
+                student.restore(state)
+            if where != max(position):
+                student.stopped = _stopped_before(student.out) or f"stopped at epoch {where[0]} in an earlier session"
+
+    @property
+    def active(self) -> list[_Student]:
+        return [student for student in self.students if student.stopped is None]
 
     def _stop_requested(self, step: int) -> int:
         """The signal to stop on at this step boundary (0: go on). Under DDP every process must
@@ -252,126 +365,156 @@ class _Run:
         with torch.no_grad() if self.cfg.train.compile else torch.inference_mode():
             return self.teacher.features(images)
 
-    def train_epoch(self) -> dict[str, float]:
-        """One epoch of training (or the rest of one interrupted mid-way); returns the mean losses,
-        train top-1 and images/s. Raises Diverged or Interrupted (after checkpointing)."""
+    def _check_guards(self) -> None:
+        """Reads each active student's divergence guard (one host sync each). A diverged student
+        stops (its last good checkpoint kept) while the others go on; Diverged when none is left."""
+        for student in self.active:
+            try:
+                student.guard.check(self.epoch)
+            except Diverged as error:
+                if len(self.students) == 1:
+                    raise
+                student.stopped = f"diverged: {error}"
+                print(f"student {student.name} stopped, {error}", file=sys.stderr, flush=True)
+                student.summary(0.0)
+        if not self.active:
+            raise Diverged("every student diverged (see the messages above)")
+
+    def train_epoch(self) -> dict[str, dict[str, float]]:
+        """One epoch of training (or the rest of one interrupted mid-way) of every active student;
+        returns {student name: mean losses, train top-1 and images/s}. Raises Diverged or
+        Interrupted (after checkpointing)."""
         cfg, device, loader = self.cfg, self.dist.device, self.loaders.train
         partial, self.partial = self.partial, None
         if partial is None:
             loader.set_epoch(self.epoch - 1)
-            partial = {"sums": {}, "correct": 0.0, "seen": 0, "steps": 0, "elapsed": 0.0}
-        self.distiller.train()
-        self.guard.new_epoch()
-        sums = {name: torch.tensor(value, dtype=torch.float64, device=device) for name, value in partial["sums"].items()}
-        correct = torch.tensor(partial["correct"], dtype=torch.float64, device=device)
-        seen, done = partial["seen"], partial["steps"]
-        limit = cfg.train.max_train_batches
+            partial = {"steps": 0, "elapsed": 0.0}
+        for student in self.active:
+            student.new_epoch(device)
+        done, limit = partial["steps"], cfg.train.max_train_batches
         total = min(len(loader), limit or len(loader))
         show_bar = cfg.train.progress and self.dist.is_main and sys.stderr.isatty()  # no bar in logs and files
         bar = tqdm(total=total, initial=done, desc=f"epoch {self.epoch}/{cfg.train.epochs}", leave=False,
                    dynamic_ncols=True, disable=not show_bar)
         start = time.perf_counter() - partial["elapsed"]
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for step, (images, labels) in enumerate(_batches(loader, None if limit is None else limit - done), start=done):
-            self.optimizer.zero_grad(set_to_none=True)
             with autocast(device, cfg.train.amp):
                 teacher = self._teacher_features(images)
-                logits, losses = self.step_module(images, labels, teacher, self.epoch)
-            loss = sum(losses.values())
-            if not self.distiller.backward_done:
-                loss.backward()
-            found_inf = self.guard.observe(loss, params, step)
-            if cfg.train.on_nonfinite == "skip":
-                self.optimizer.found_inf = found_inf  # read by the fused SGD step: a bad step changes nothing
-            self.optimizer.step()
-            self.distiller.after_step(self.epoch)
-            for name, value in (("loss", loss), *((f"loss.{k}", v) for k, v in losses.items())):
-                sums[name] = sums.get(name, 0.0) + value.detach().double() * labels.numel()
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += labels.numel()
+            losses = [student.step(images, labels, teacher, self.epoch, step) for student in self.active]
             bar.update()
             if step % _SYNC_EVERY == 0:
-                self.guard.check(self.epoch)
+                self._check_guards()
                 if bar.n and show_bar:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                                    img_s=f"{seen * self.dist.world_size / (time.perf_counter() - start):.0f}")
+                    first = self.active[0]
+                    bar.set_postfix(loss=f"{losses[0].item():.3f}", acc=f"{100 * first.correct.item() / first.seen:.1f}",
+                                    img_s=f"{first.seen * self.dist.world_size / (time.perf_counter() - start):.0f}")
             signum = self._stop_requested(step)
             if signum:
                 bar.close()
-                self._interrupt(signum, step, {
-                    "sums": {name: value.item() for name, value in sums.items()}, "correct": correct.item(),
-                    "seen": seen, "steps": step + 1, "elapsed": time.perf_counter() - start})
+                self._interrupt(signum, step, {"steps": step + 1, "elapsed": time.perf_counter() - start})
         bar.close()
-        self.guard.check(self.epoch)
-        totals = all_reduce_sum(torch.stack([*sums.values(), correct, torch.tensor(seen, dtype=torch.float64, device=device)]))
+        self._check_guards()
         elapsed = time.perf_counter() - start
-        n = totals[-1].item()
-        stats = {name: value.item() / n for name, value in zip(sums, totals)}
-        stats.update({"train.top1": 100.0 * totals[-2].item() / n, "images_per_s": n / elapsed, "epoch_s": elapsed})
-        return stats
+        return {student.name: student.epoch_stats(elapsed) for student in self.active}
 
-    def _interrupt(self, signum: int, step: int, partial: dict) -> None:
-        """Checkpoints the epoch in progress after `step` and raises Interrupted."""
-        self.epoch -= 1  # epochs completed; the checkpoint's "partial" holds the one in progress
-        if self.dist.is_main:
-            self._save(partial=partial)
+    def _interrupt(self, signum: int, step: int, position: dict) -> None:
+        """Checkpoints every active student's epoch in progress after `step`; raises Interrupted."""
+        for student in self.active:  # student.epoch: epochs completed; "partial" holds the one in progress
+            if self.dist.is_main:
+                student.save(self.loaders.train.state_dict(), partial={**student.partial_state(), **position})
         name = signal.Signals(signum).name
-        raise Interrupted(signum, f"{name}: stopped after epoch {self.epoch + 1} step {step}; checkpoint written to "
-                                  f"{self.out / LAST}; continue with --resume")
+        where = self.out / LAST if len(self.students) == 1 else self.out / f"*/{LAST}"
+        raise Interrupted(signum, f"{name}: stopped after epoch {self.epoch} step {step}; checkpoint written to "
+                                  f"{where}; continue with --resume")
 
-    def fit(self) -> Summary:
-        logger = MetricsLogger(self.out, self.dist.is_main, resume_epoch=self.epoch)
+    def fit(self) -> list[Summary]:
+        for student in self.students:
+            student.logger = MetricsLogger(student.out, self.dist.is_main, resume_epoch=student.epoch)
         try:
             with self.signals:
-                return self._fit(logger)
+                return self._fit()
         finally:
-            logger.close()
+            for student in self.students:
+                student.logger.close()
 
-    def _fit(self, logger: MetricsLogger) -> Summary:
-        cfg = self.cfg
+    def _fit(self) -> list[Summary]:
+        cfg, device = self.cfg, self.dist.device
         start = time.perf_counter()
-        if self.dist.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dist.device)
-        while self.epoch < cfg.train.epochs:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        while self.epoch < cfg.train.epochs and self.active:
             self.epoch += 1
-            lr = self.optimizer.param_groups[0]["lr"]
-            row = {"epoch": self.epoch, "lr": lr, **self.train_epoch()}
-            self.scheduler.step()
-            row["test.top1"] = evaluate(self.distiller.student, self.loaders.test, self.dist.device, cfg.train.amp,
-                                        cfg.train.max_eval_batches)
-            improved = row["test.top1"] > self.best[0]
-            if improved:
-                self.best = (row["test.top1"], self.epoch)
-            self.history.append(row)
-            logger.log(row)
-            if self.dist.is_main:
-                self._save(improved)
-                print(f"epoch {self.epoch}/{cfg.train.epochs}: loss {row['loss']:.4f}, train top-1 {row['train.top1']:.2f}, "
-                      f"test top-1 {row['test.top1']:.2f}, {row['images_per_s']:.0f} img/s", flush=True)
-        return self._summary(time.perf_counter() - start)
+            lrs = {student.name: student.optimizer.param_groups[0]["lr"] for student in self.active}
+            stats = self.train_epoch()
+            for student in self.active:
+                student.epoch = self.epoch
+                student.scheduler.step()
+                row = {"epoch": self.epoch, "lr": lrs[student.name], **stats[student.name]}
+                row["test.top1"] = evaluate(student.distiller.student, self.loaders.test, device, cfg.train.amp,
+                                            cfg.train.max_eval_batches)
+                improved = row["test.top1"] > student.best[0]
+                if improved:
+                    student.best = (row["test.top1"], self.epoch)
+                student.history.append(row)
+                student.logger.log(row)
+                if self.dist.is_main:
+                    student.save(self.loaders.train.state_dict(), improved)
+                    who = f" {student.name}" if len(self.students) > 1 else ""
+                    print(f"epoch {self.epoch}/{cfg.train.epochs}{who}: loss {row['loss']:.4f}, train top-1 "
+                          f"{row['train.top1']:.2f}, test top-1 {row['test.top1']:.2f}, {row['images_per_s']:.0f} img/s",
+                          flush=True)
+        wall_s = time.perf_counter() - start
+        return [student.summary(wall_s) for student in self.students]
 
-    def _summary(self, wall_s: float) -> Summary:
-        device = self.dist.device
-        rows = self.history
-        summary = Summary(
-            best_top1=self.best[0], best_epoch=self.best[1], last_top1=rows[-1]["test.top1"], epochs=len(rows),
-            wall_s=wall_s, images_per_s=float(np.mean([r["images_per_s"] for r in rows])),
-            peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            out_dir=str(self.out))
-        if self.dist.is_main:
-            (self.out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-            plot_curves(rows, self.out / "curves.png", f"{self.cfg.method.name}: {self.cfg.model.student}")
-        return summary
+
+def _stopped_before(out: Path) -> str | None:
+    """Why the student writing to `out` stopped early in an earlier session (its summary.json), if it did."""
+    try:
+        return json.loads((out / "summary.json").read_text()).get("stopped")
+    except (OSError, ValueError):
+        return None
+
+
+def _resume_state(cfg: Config) -> dict | None:
+    """The checkpoint a student resumes from; None for one that diverged before its first checkpoint."""
+    out = Path(cfg.train.out_dir)
+    if not ((out / LAST).is_file() or (out / PREV).is_file()) and _stopped_before(out):
+        return None
+    return load_resume_state(cfg)
+
+
+def _start(cfg: Config, resume: bool) -> _Run:
+    if resume:  # before any set-up: fail fast when a student has nothing to resume from
+        for _, _, student in config_students(cfg):
+            out = Path(student.train.out_dir)
+            if not ((out / LAST).is_file() or (out / PREV).is_file() or _stopped_before(out)):
+                raise ConfigError(f"cannot resume: {out / LAST} not found")
+    return _Run(cfg, distributed.setup(cfg.train.device), resume)
 
 
 def train(cfg: Config, resume: bool = False) -> Summary:
     """Train by `cfg` (resume: continue ``<out_dir>/last.pt``); joins torchrun's process group if any.
 
     Under DDP every process reads ``last.pt`` on resume (a shared file system across nodes) and
-    restores rank 0's saved RNG states; only rank 0 writes checkpoints and logs.
+    restores rank 0's saved RNG states; only rank 0 writes checkpoints and logs. A config with
+    ``runs`` trains several students: see :func:`train_students`.
     """
-    out = Path(cfg.train.out_dir)
-    if resume and not ((out / LAST).is_file() or (out / PREV).is_file()):
-        raise ConfigError(f"cannot resume: {out / LAST} not found")
-    dist = distributed.setup(cfg.train.device)
-    return _Run(cfg, dist, resume).fit()
+    if cfg.runs:
+        raise ConfigError("this config trains several students (runs:): use train_students")
+    return _start(cfg, resume).fit()[0]
+
+
+def train_students(cfg: Config, resume: bool = False) -> report.StudentsReport:
+    """Train every student of `cfg` (its ``runs``, or its one student) on one teacher forward per
+    batch and one data order; each writes its own run under ``<out_dir>/<name>/`` as if it had
+    trained alone. Writes ``<out_dir>/summary.json`` and ``<out_dir>/curves.png`` (every student)
+    and returns the report, whose table has mean and std over seeds per label.
+    """
+    run = _start(cfg, resume)
+    summaries = run.fit()
+    students = [report.StudentResult(s.label, s.name, s.cfg.train.seed, s.cfg.method.name, s.cfg.model.student, summary,
+                                     s.history) for s, summary in zip(run.students, summaries, strict=True)]
+    result = report.StudentsReport(students, report.table(students))
+    if run.dist.is_main:
+        report.write(result, Path(cfg.train.out_dir))
+    return result
