@@ -115,11 +115,18 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.e2e:
-        from kdfast.engine.bench import run_e2e
+        from kdfast.engine.bench import METHODS, run_e2e
 
         batch = args.batch or (8 if args.quick else 64)
         iters = args.iters or (3 if args.quick else 20)
-        run_e2e(device, args.methods, batch, iters, warmup=1 if args.quick else 3, out=args.out, note=args.note)
+        warmup = 1 if args.quick else 3
+        if args.students:
+            from kdfast.engine.bench import run_students_e2e
+
+            run_students_e2e(device, args.methods or ["kd"], args.students, batch, iters, warmup, out=args.out,
+                             note=args.note)
+            return 0
+        run_e2e(device, args.methods or list(METHODS), batch, iters, warmup=warmup, out=args.out, note=args.note)
         return 0
     from kdfast.engine.bench import benchmarks_common
 
@@ -249,7 +256,10 @@ def _add_bench(commands) -> None:
     p.add_argument("--e2e", action="store_true", help="end-to-end distillation step instead of single ops")
     p.add_argument("--quick", action="store_true", help="few shapes / small batch and few steps (CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="--e2e methods (default: all)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="--e2e methods (default: all; kd with --students)")
+    p.add_argument("--students", nargs="+", type=int, metavar="N",
+                   help="--e2e: images/s per student of N students on one teacher forward vs N separate runs, "
+                        "for each N (e.g. 1 2 4)")
     p.add_argument("--batch", type=int, help="--e2e batch size (default 64, 8 with --quick)")
     p.add_argument("--iters", type=int, help="--e2e timed steps (default 20, 3 with --quick)")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")

@@ -117,6 +117,16 @@ def test_e2e_bench_rows(tmp_path, capsys):
     assert "images/s" in capsys.readouterr().out
 
 
+def test_students_bench_rows(tmp_path, capsys):
+    out = tmp_path / "students.csv"
+    bench.run_students_e2e(torch.device("cpu"), ("kd",), (1, 2), batch=2, iters=1, warmup=0, teacher="resnet14",
+                           student="resnet8", out=out)
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["op"], r["backend"]) for r in rows] == [("e2e_students_kd", f"kdfast-{kind}-{n}")
+                                                       for n in (1, 2) for kind in ("separate", "shared")]
+    assert all(float(r["median_ms"]) > 0 for r in rows) and "img/s/student" in capsys.readouterr().out
+
+
 # The distiller's sub-module that holds the trainable extras of the method's eager peer (same structure).
 PEER_EXTRAS = {"lcc": lambda d: d.attention[0], "lakd": lambda d: d.local, "afd": lambda d: d.attention}
 

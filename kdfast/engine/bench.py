@@ -55,7 +55,8 @@ from kdfast.reference import map_distance as ref_afd
 from kdfast.reference import rkd as ref_rkd
 from kdfast.reference import sp as ref_sp
 
-__all__ = ["DISTILLER_PARAMS", "METHODS", "REFERENCE_METHODS", "benchmarks_common", "peak_bytes", "run_e2e"]
+__all__ = ["DISTILLER_PARAMS", "METHODS", "REFERENCE_METHODS", "benchmarks_common", "peak_bytes", "run_e2e",
+           "run_students_e2e"]
 
 NUM_CLASSES = 100
 FeatureLoss = Callable[[Features, Features, Tensor], Tensor]
@@ -167,25 +168,31 @@ def _models(teacher: str, student: str, device: torch.device, memory_format: tor
 
 
 def _kdfast_step(method: str, teacher: str, student: str, device: torch.device, data: tuple[Tensor, Tensor],
-                 batch: int) -> Callable[[], None]:
-    t, s = _models(teacher, student, device, torch.channels_last)
-    distiller = distillers.create(method, s, t, DISTILLER_PARAMS.get(method)).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+                 batch: int, students: int = 1) -> Callable[[], None]:
+    """One kdfast training step of `students` students (own models and optimizers) on one teacher
+    forward per batch, as ``kdfast train`` runs a multi-student config."""
+    t, _ = _models(teacher, student, device, torch.channels_last)
+    runs = []
+    for _ in range(students):
+        s = models.create(student, NUM_CLASSES).to(device, memory_format=torch.channels_last)
+        distiller = distillers.create(method, s, t, DISTILLER_PARAMS.get(method)).to(device, memory_format=torch.channels_last)
+        runs.append((distiller, torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)))
     images = data[0].to(device).contiguous(memory_format=torch.channels_last)
     labels = data[1].to(device)
-    batches = _cycle(list(zip(images.split(batch), labels.split(batch))))
+    batches = _cycle(list(zip(images.split(batch), labels.split(batch), strict=True)))
 
     def step() -> None:
         x, y = next(batches)
-        opt.zero_grad(set_to_none=True)
-        with autocast(device, "auto"):
-            with torch.inference_mode():
-                feats = t.features(x)
-            _, losses = distiller(x, y, feats, STEP_EPOCH)
-        if not distiller.backward_done:
-            sum(losses.values()).backward()
-        opt.step()
-        distiller.after_step(STEP_EPOCH)
+        with autocast(device, "auto"), torch.inference_mode():
+            feats = t.features(x)
+        for distiller, opt in runs:
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, "auto"):
+                _, losses = distiller(x, y, feats, STEP_EPOCH)
+            if not distiller.backward_done:
+                sum(losses.values()).backward()
+            opt.step()
+            distiller.after_step(STEP_EPOCH)
 
     return step
 
@@ -284,6 +291,44 @@ def run_e2e(device: torch.device, methods: Sequence[str] = METHODS, batch: int =
                          "p80_ms": f"{p80:.6g}", "peak_mem_bytes": "" if peak is None else str(peak), "gbps": "",
                          **env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "note": note})
         path = _write(rows[-2:], device, out, common)
+    print(f"rows written to {path}")
+    return rows
+
+
+def run_students_e2e(device: torch.device, methods: Sequence[str] = ("kd",), counts: Sequence[int] = (1, 2, 4),
+                     batch: int = 64, iters: int = 20, warmup: int = 3, teacher: str = "resnet32x4",
+                     student: str = "resnet8x4", out: Path | None = None, note: str = "") -> list[dict[str, str]]:
+    """Images/s per student of N students trained together on one teacher forward per batch
+    ("kdfast-shared", as ``kdfast train --seeds``) against N separate runs (N kdfast steps, each
+    with its own teacher forward), for each N of `counts`. One timed "step" is one batch for all N
+    students, so per-student images/s = batch * 1000 / median_ms (op ``e2e_students_<method>``,
+    backend ``kdfast-shared-N`` / ``kdfast-separate-N``). Rows merged into the results CSV."""
+    common = benchmarks_common()
+    data = _synthetic(batch, 4)
+    env = common.environment(device) if common else {"device": str(device), "torch": torch.__version__, "triton": ""}
+    amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    rows = []
+    print(f"N students on one teacher forward vs N separate runs, {teacher} -> {student}, batch {batch}, {device} "
+          f"({env['device']})")
+    print(f"{'method':<8} {'N':>2} {'backend':<11} {'ms/batch':>9} {'img/s/student':>14} {'speed-up':>9}")
+    for method in methods:
+        for n in counts:
+            separate = [_kdfast_step(method, teacher, student, device, data, batch) for _ in range(n)]
+            builds = (("separate", lambda: [step() for step in separate]),
+                      ("shared", _kdfast_step(method, teacher, student, device, data, batch, students=n)))
+            base_ms = None
+            for kind, step in builds:
+                times, peak = _time(step, device, warmup, iters, common)
+                median, p20, p80 = _quantiles(times)
+                base_ms = base_ms or median
+                print(f"{method:<8} {n:>2} {kind:<11} {median:>9.2f} {batch * 1e3 / median:>14.1f} {base_ms / median:>8.2f}x",
+                      flush=True)
+                rows.append({"op": f"e2e_students_{method}", "backend": f"kdfast-{kind}-{n}", "pass": "train_step",
+                             "dtype": amp_dtype, "shape": f"{batch}x3x32x32", "median_ms": f"{median:.6g}",
+                             "p20_ms": f"{p20:.6g}", "p80_ms": f"{p80:.6g}",
+                             "peak_mem_bytes": "" if peak is None else str(peak), "gbps": "", **env,
+                             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "note": note})
+            path = _write(rows[-2:], device, out, common)
     print(f"rows written to {path}")
     return rows
 
