@@ -218,6 +218,15 @@ def _eager_step(method: str, teacher: str, student: str, device: torch.device, d
     return step
 
 
+def _in_turn(steps: Sequence[Callable[[], None]]) -> Callable[[], None]:
+    """One step of each of `steps`, one after another."""
+    def step() -> None:
+        for one in steps:
+            one()
+
+    return step
+
+
 def _cycle(iterable) -> Iterator:
     while True:
         yield from iterable
@@ -314,7 +323,7 @@ def run_students_e2e(device: torch.device, methods: Sequence[str] = ("kd",), cou
     for method in methods:
         for n in counts:
             separate = [_kdfast_step(method, teacher, student, device, data, batch) for _ in range(n)]
-            builds = (("separate", lambda: [step() for step in separate]),
+            builds = (("separate", _in_turn(separate)),
                       ("shared", _kdfast_step(method, teacher, student, device, data, batch, students=n)))
             base_ms = None
             for kind, step in builds:
