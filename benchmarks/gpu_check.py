@@ -193,7 +193,8 @@ STAGES = (
     Stage("correctness", "pytest -m gpu (JUnit XML, durations)", correctness),
     Stage("sanitizers", "compute-sanitizer memcheck and racecheck, every CUDA op fwd+bwd", sanitizers),
     Stage("ops", "copy and matmul peaks; every op and backend, eager and compiled, CIFAR/ImageNet shapes", ops),
-    Stage("e2e", "kdfast bench --e2e: KD, AT, DKD, LCC, LAKD, AFD vs the eager fp32 peer", e2e),
+    Stage("e2e", "kdfast bench --e2e: KD, AT, DKD, LCC, LAKD, AFD vs the eager fp32 peer; 1, 2, 4 KD students "
+                 "on one teacher forward vs separate runs", e2e),
     Stage("real-data", "CIFAR-10 subset: resnet20 teacher, resnet8 KD student, top-1 and wall time", real_data),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
@@ -256,6 +257,7 @@ def summarize(ctx: Context, stages: list[dict[str, Any]], wall_s: float) -> dict
         "peaks": peaks,
         "ops": gpu_report.op_summary(gpu_report.read_rows(work / "ops.csv"), peaks),
         "e2e": gpu_report.e2e_summary(gpu_report.read_rows(work / "e2e.csv")),
+        "e2e_students": gpu_report.students_summary(gpu_report.read_rows(work / "e2e.csv")),
         "e2e_missing": json.loads((work / "e2e.missing.json").read_text()) if (work / "e2e.missing.json").is_file() else [],
         "real_data": gpu_report.read_json(work / "real_data" / "real_data.json"),
     }  # fmt: skip

@@ -171,6 +171,8 @@ def e2e_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Per method: ms/step and images/s of eager-fp32 and kdfast, the speed-up, kdfast's peak memory."""
     by_method: dict[str, dict[str, dict[str, str]]] = {}
     for row in rows:
+        if row["op"].startswith(STUDENTS_PREFIX):
+            continue
         by_method.setdefault(row["op"].removeprefix("e2e_"), {})[row["backend"]] = row
     summary = []
     for method, runs in by_method.items():
@@ -183,6 +185,25 @@ def e2e_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
             entry["speedup"] = entry["eager-fp32"]["ms"] / entry["kdfast"]["ms"]
         summary.append(entry)
     return summary
+
+
+STUDENTS_PREFIX = "e2e_students_"
+
+
+def students_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Per method and N (``kdfast bench --e2e --students``): ms per batch of N separate runs and of
+    N students on one teacher forward, images/s per student of the latter, the speed-up."""
+    found: dict[tuple[str, int], dict[str, float]] = {}
+    for row in rows:
+        if row["op"].startswith(STUDENTS_PREFIX):
+            kind, n = row["backend"].removeprefix("kdfast-").rsplit("-", 1)
+            entry = found.setdefault((row["op"].removeprefix(STUDENTS_PREFIX), int(n)), {})
+            entry[kind] = _ms(row)
+            entry["batch"] = int(row["shape"].split("x")[0])
+    return [{"method": method, "n": n, "separate_ms": e.get("separate"), "shared_ms": e.get("shared"),
+             "images_per_s_per_student": e["batch"] * 1e3 / e["shared"] if "shared" in e else None,
+             "speedup": e["separate"] / e["shared"] if "separate" in e and "shared" in e else None}
+            for (method, n), e in found.items()]
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -232,6 +253,13 @@ def table(summary: dict[str, Any]) -> str:
             lines.append(f"{entry['method']:<10} {fmt_num(eager.get('ms'), '9.2f')} {fmt_num(fast.get('ms'), '9.2f')} "
                          f"{fmt_num(fast.get('images_per_s'), '9.0f')} {fmt_num(entry.get('speedup'), '7.2f')}x "
                          f"{fmt_num(None if peak is None else peak / 2**20, '9.1f')}")
+    students = summary.get("e2e_students", [])
+    if students:
+        lines += ["", f"{'students':<10} {'N':>2} {'separate ms':>11} {'shared ms':>9} {'img/s/student':>13} {'speed-up':>8}"]
+        for entry in students:
+            lines.append(f"{entry['method']:<10} {entry['n']:>2} {fmt_num(entry['separate_ms'], '11.2f')} "
+                         f"{fmt_num(entry['shared_ms'], '9.2f')} {fmt_num(entry['images_per_s_per_student'], '13.0f')} "
+                         f"{fmt_num(entry['speedup'], '7.2f')}x")
     missing = summary.get("e2e_missing", [])
     if missing:
         lines.append(f"  not in kdfast bench --e2e: {', '.join(missing)}")

@@ -192,7 +192,8 @@ E2E_METHODS = ("kd", "at", "dkd", "lcc", "lakd", "afd")
 
 def e2e(device: torch.device, out: Path, dry_run: bool) -> int:
     """``kdfast bench --e2e`` for the E2E_METHODS that it has an eager peer for (the others are
-    listed in `out` with suffix .missing.json); the dry run takes one method, batch 2, 1 step."""
+    listed in `out` with suffix .missing.json), then ``--students 1 2 4`` for KD (N students on one
+    teacher forward vs N separate runs); the dry run takes one method, batch 2, 1 step."""
     from kdfast import cli
     from kdfast.engine.bench import METHODS
 
@@ -201,8 +202,10 @@ def e2e(device: torch.device, out: Path, dry_run: bool) -> int:
     out.with_suffix(".missing.json").write_text(json.dumps(missing) + "\n")
     if missing:
         print(f"no eager peer in kdfast/engine/bench.py for {', '.join(missing)}: not measured", flush=True)
-    argv = ["bench", "--e2e", "--device", device.type, "--out", str(out), "--methods", *methods]
-    return cli.main(argv + (["--quick", "--batch", "2", "--iters", "1"] if dry_run else []))
+    quick = ["--quick", "--batch", "2", "--iters", "1"] if dry_run else []
+    status = cli.main(["bench", "--e2e", "--device", device.type, "--out", str(out), "--methods", *methods, *quick])
+    students = ["bench", "--e2e", "--device", device.type, "--out", str(out), "--methods", "kd", "--students", "1", "2", "4"]
+    return status or cli.main(students + (quick or ["--iters", "10"]))
 
 
 # --- Real data: a CIFAR-10 teacher, then a KD student from it.
