@@ -176,3 +176,15 @@ def test_two_process_gloo_ddp_students(tmp_path, teacher_ckpt):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert rows[0]["seeds"] == [0, 1] and proc.stdout.count("epoch 1/1 kd-s0") == 1
+
+
+def test_quickstart_smoke(tmp_path, capsys):
+    """The main job end to end at one epoch: teacher, then the nine students, then the table."""
+    from kdfast.engine import quickstart
+
+    report = quickstart.run(tmp_path, epochs=1, progress=False)
+    assert [row.label for row in report.rows] == ["vanilla", "kd", "at"]
+    assert all(row.seeds == [0, 1, 2] and row.best_std is not None for row in report.rows)
+    out = capsys.readouterr().out
+    assert "mean ± sample std over seeds" in out and "30 training images per class" in out
+    assert (tmp_path / "teacher" / "best.pt").is_file() and (tmp_path / "students" / "summary.json").is_file()
