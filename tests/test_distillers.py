@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kdfast import distillers, models
+from kdfast.distillers.fitnet import ConvReg
 from kdfast.reference import at as ref_at, dkd as ref_dkd, kd as ref_kd
 
 
@@ -68,6 +70,55 @@ def test_fitnet_connector_maps_to_teacher_channels():
     teacher = models.create("resnet8x4", 10).eval()
     student = models.create("resnet8", 10)
     d = distillers.create("fitnet", student, teacher)
-    conv = d.connector[0]
+    conv = d.connector.conv
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (32, 128, (1, 1))
     assert any(name.startswith("connector.") for name, _ in d.named_parameters())
+
+
+# The peers' ConvReg cases (student map (Cs, Hs, Ws) -> teacher map (Ct, Ht, Wt)): conv type, kernel, stride, padding.
+CONVREG_CASES = [
+    ((16, 32, 32), (32, 16, 16), nn.Conv2d, (3, 3), (2, 2), (1, 1)),           # student twice the teacher's size
+    ((480, 8, 8), (128, 16, 16), nn.ConvTranspose2d, (4, 4), (2, 2), (1, 1)),  # half: resnet32x4 -> ShuffleV1, hint 2
+    ((32, 8, 8), (128, 8, 8), nn.Conv2d, (1, 1), (1, 1), (0, 0)),              # same size: resnet32x4 -> resnet8x4
+    ((16, 10, 9), (64, 8, 8), nn.Conv2d, (3, 2), (1, 1), (0, 0)),             # larger: (1 + Hs - Ht) x (1 + Ws - Wt)
+]
+
+
+@pytest.mark.parametrize("s_shape, t_shape, conv_type, kernel, stride, padding", CONVREG_CASES)
+def test_convreg_branches_match_the_peers(s_shape, t_shape, conv_type, kernel, stride, padding):
+    reg = ConvReg(s_shape, t_shape)
+    assert type(reg.conv) is conv_type and reg.conv.bias is not None
+    assert (reg.conv.in_channels, reg.conv.out_channels) == (s_shape[0], t_shape[0])
+    assert (reg.conv.kernel_size, reg.conv.stride, reg.conv.padding) == (kernel, stride, padding)
+    x = torch.randn(2, *s_shape)
+    out = reg(x)
+    assert out.shape == (2, *t_shape) and (out >= 0).all()
+    # the peers' key layout (their ConvReg: conv, bn, relu) loads strictly and gives relu(bn(conv(x)))
+    gen = torch.Generator().manual_seed(0)
+    peer = {k: torch.rand(v.shape, generator=gen) + 0.5 if v.is_floating_point() else v.clone()
+            for k, v in reg.state_dict().items()}
+    assert set(peer) == {"conv.weight", "conv.bias", *(f"bn.{b}" for b in ("weight", "bias", "running_mean", "running_var",
+                                                                            "num_batches_tracked"))}
+    reg.load_state_dict(peer, strict=True)
+    reg.eval()
+    conv = F.conv_transpose2d if conv_type is nn.ConvTranspose2d else F.conv2d
+    expected = F.relu(F.batch_norm(conv(x, peer["conv.weight"], peer["conv.bias"], stride, padding), peer["bn.running_mean"],
+                                   peer["bn.running_var"], peer["bn.weight"], peer["bn.bias"]))
+    torch.testing.assert_close(reg(x), expected)
+
+
+def test_convreg_refuses_a_smaller_student_map_of_no_peer_case():
+    with pytest.raises(ValueError, match=r"no ConvReg from a student map \(16, 6, 6\) to a teacher map \(32, 8, 8\)"):
+        ConvReg((16, 6, 6), (32, 8, 8))
+
+
+@pytest.mark.parametrize("teacher, student", [("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
+                                              ("wrn_40_2", "ShuffleV1")])
+def test_fitnet_builds_for_the_cross_architecture_pairs(teacher, student):
+    t = models.create(teacher).eval()
+    d = distillers.create("fitnet", models.create(student), t)
+    assert type(d.connector.conv) is nn.ConvTranspose2d
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, losses = d(x, torch.tensor([1, 2]), t.features(x), 1)
+    assert torch.isfinite(losses["fitnet"])

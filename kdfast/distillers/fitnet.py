@@ -1,7 +1,13 @@
 """FitNet (Romero et al. 2015): ``CE + 100 * MSE(connector(fs), ft)`` on the hint stage, as mdistiller.
 
-The connector is mdistiller's ``ConvReg``: a conv to the teacher's channels (1x1 when the spatial
-sizes match, ``1 + Hs - Ht`` wide when the student's map is larger), BatchNorm and ReLU.
+The connector is the peers' ``ConvReg`` (mdistiller / RepDistiller), chosen by the map heights:
+
+* ``Hs == 2 Ht``: 3x3 conv, stride 2, padding 1;
+* ``2 Hs == Ht``: 4x4 transposed conv, stride 2, padding 1;
+* otherwise (``Hs >= Ht``): a ``(1 + Hs - Ht) x (1 + Ws - Wt)`` conv (1x1 when the sizes match);
+
+each to the teacher's channels (with bias), then BatchNorm and ReLU, as modules ``conv``, ``bn``,
+``relu``, so the connector's state_dict keys are the peers' (``conv.weight``, ``bn.running_mean``, ...).
 """
 
 from __future__ import annotations
@@ -24,14 +30,27 @@ class FitNetParams(Params):
     hint_layer: int = 2  # index into Features.stages (mdistiller's CIFAR default)
 
 
-class ConvReg(nn.Sequential):
-    """Conv + BN + ReLU from a student map (Cs, Hs, Ws) to a teacher map (Ct, Ht, Wt), Hs >= Ht."""
+class ConvReg(nn.Module):
+    """``relu(bn(conv(x)))`` from a student map (Cs, Hs, Ws) to a teacher map (Ct, Ht, Wt): the module docstring's three cases."""
 
     def __init__(self, s_shape: tuple[int, int, int], t_shape: tuple[int, int, int]) -> None:
+        super().__init__()
         (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
-        if s_h < t_h or s_w < t_w:
-            raise ValueError(f"FitNet connector needs a student map at least as large as the teacher's, got {s_shape} -> {t_shape}")
-        super().__init__(nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w)), nn.BatchNorm2d(t_c), nn.ReLU(inplace=True))
+        self.conv: nn.Module
+        if s_h == 2 * t_h:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+        elif 2 * s_h == t_h:
+            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h and s_w >= t_w:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            raise ValueError(f"FitNet connector: no ConvReg from a student map {tuple(s_shape)} to a teacher map "
+                             f"{tuple(t_shape)} (the student's map must be twice, half, or at least the teacher's size)")
+        self.bn = nn.BatchNorm2d(t_c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn(self.conv(x)))
 
 
 class FitNet(Distiller):
@@ -42,7 +61,8 @@ class FitNet(Distiller):
     def __init__(self, student: KDModel, teacher: KDModel, params: FitNetParams, image_size: int = 32) -> None:
         super().__init__(student, teacher, params, image_size)
         hint = params.hint_layer
-        self.connector = ConvReg(tuple(feature_shapes(student, image_size)[hint]), tuple(feature_shapes(teacher, image_size)[hint]))
+        s_shape, t_shape = feature_shapes(student, image_size)[hint], feature_shapes(teacher, image_size)[hint]
+        self.connector = ConvReg(tuple(s_shape), tuple(t_shape))
 
     def distill_losses(self, student: Features, teacher: Features, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         p = self.params
