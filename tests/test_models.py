@@ -388,3 +388,113 @@ def test_imagenet_resnet_equals_torchvision(name):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+# The peers' CIFAR ResNet18/ResNet50 (mdistiller / RepDistiller resnetv2.py): blocks per stage,
+# bottleneck, parameters (100 classes).
+CIFAR_V2 = {"ResNet18": ((2, 2, 2, 2), False, 11_220_132), "ResNet50": ((3, 4, 6, 3), True, 23_705_252)}
+_BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _peer_v2_keys(name: str) -> dict[str, tuple[int, ...]]:
+    """Every (key, shape) of the peers' CIFAR ResNet: conv1/bn1, layerL.i.{conv,bn}k, layerL.i.shortcut.{0,1}, linear."""
+    num_blocks, bottleneck, _ = CIFAR_V2[name]
+    e = 4 if bottleneck else 1
+    keys = {"conv1.weight": (64, 3, 3, 3), **{f"bn1.{b}": (64,) for b in _BN}}
+    inplanes = 64
+    for layer, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2), strict=True), start=1):
+        for i in range(blocks):
+            p, cin = f"layer{layer}.{i}", inplanes if i == 0 else planes * e
+            convs = ([(cin, planes, 1), (planes, planes, 3), (planes, planes * e, 1)] if bottleneck
+                     else [(cin, planes, 3), (planes, planes, 3)])
+            for k, (c_in, c_out, size) in enumerate(convs, start=1):
+                keys[f"{p}.conv{k}.weight"] = (c_out, c_in, size, size)
+                keys |= {f"{p}.bn{k}.{b}": (c_out,) for b in _BN}
+            if i == 0 and (stride != 1 or cin != planes * e):
+                keys[f"{p}.shortcut.0.weight"] = (planes * e, cin, 1, 1)
+                keys |= {f"{p}.shortcut.1.{b}": (planes * e,) for b in _BN}
+        inplanes = planes * e
+    keys |= {"linear.weight": (100, 512 * e), "linear.bias": (100,)}
+    return {k: () if k.endswith("num_batches_tracked") else v for k, v in keys.items()}
+
+
+def _peer_v2_forward(state: dict[str, torch.Tensor], x: torch.Tensor, bottleneck: bool) -> torch.Tensor:
+    """The peers' CIFAR ResNet forward (eval mode) written out from a state_dict."""
+    def bn(h, p):
+        return F.batch_norm(h, state[f"{p}.running_mean"], state[f"{p}.running_var"], state[f"{p}.weight"], state[f"{p}.bias"])
+
+    out = F.relu(bn(F.conv2d(x, state["conv1.weight"], padding=1), "bn1"))
+    for layer, stride0 in zip(range(1, 5), (1, 2, 2, 2), strict=True):
+        i = 0
+        while f"layer{layer}.{i}.conv1.weight" in state:
+            p, s = f"layer{layer}.{i}", stride0 if i == 0 else 1
+            if bottleneck:
+                h = F.relu(bn(F.conv2d(out, state[f"{p}.conv1.weight"]), f"{p}.bn1"))
+                h = F.relu(bn(F.conv2d(h, state[f"{p}.conv2.weight"], stride=s, padding=1), f"{p}.bn2"))
+                h = bn(F.conv2d(h, state[f"{p}.conv3.weight"]), f"{p}.bn3")
+            else:
+                h = F.relu(bn(F.conv2d(out, state[f"{p}.conv1.weight"], stride=s, padding=1), f"{p}.bn1"))
+                h = bn(F.conv2d(h, state[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
+            shortcut = (bn(F.conv2d(out, state[f"{p}.shortcut.0.weight"], stride=s), f"{p}.shortcut.1")
+                        if f"{p}.shortcut.0.weight" in state else out)
+            out = F.relu(h + shortcut)
+            i += 1
+    return F.linear(out.mean((2, 3)), state["linear.weight"], state["linear.bias"])
+
+
+@pytest.mark.parametrize("name", list(CIFAR_V2))
+def test_cifar_resnet_v2_loads_peer_checkpoint_strictly_with_the_same_outputs(name, tmp_path):
+    num_blocks, bottleneck, params = CIFAR_V2[name]
+    model = models.create(name, dataset="cifar100")
+    state = model.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == _peer_v2_keys(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    gen = torch.Generator().manual_seed(1)
+    peer = {k: torch.randn(shape, generator=gen) * 0.05 for k, shape in _peer_v2_keys(name).items() if "num_batches" not in k}
+    peer |= {k: torch.rand(v.shape, generator=gen) + 0.5 for k, v in peer.items() if k.endswith(("running_var", "bn1.weight"))}
+    path = tmp_path / f"{name}_last.pth"
+    torch.save({"model": peer, "epoch": 240}, path)  # peers' format, without num_batches_tracked (as old files)
+    loaded = models.create(name, 100, weights=path, dataset="cifar100").eval()
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        f = loaded.features(x)
+        torch.testing.assert_close(loaded(x), _peer_v2_forward(peer, x, bottleneck), rtol=1e-4, atol=1e-4)
+    e = 4 if bottleneck else 1
+    assert loaded.stage_channels == (64, 64 * e, 128 * e, 256 * e, 512 * e)
+    assert [t.shape[1:] for t in f.stages] == [(c, s, s) for c, s in zip(loaded.stage_channels, (32, 32, 16, 8, 4), strict=True)]
+    assert len(f.blocks) == sum(num_blocks) and torch.equal(f.blocks[-1], f.stages[-1]) and f.pooled.shape == (2, 512 * e)
+
+
+def test_names_resolve_per_dataset():
+    for dataset in ("cifar100", "cifar10", "digits"):
+        assert type(models.create("ResNet50", dataset=dataset)).__name__ == "CIFARResNetV2"
+        assert "MobileNetV1" not in models.names(dataset) and "ResNet18" in models.names(dataset)
+    assert type(models.create("ResNet50", dataset="imagenet")).__name__ == "ImageNetResNet"
+    assert type(models.create("ResNet50")).__name__ == "ImageNetResNet"  # no dataset: as before
+    assert models.names("imagenet") == ["ResNet18", "ResNet34", "ResNet50", "MobileNetV1"]
+    with pytest.raises(ValueError, match="'ResNet34' is an ImageNet model, not one for dataset 'cifar100'"):
+        models.create("ResNet34", dataset="cifar100")
+    with pytest.raises(ValueError, match="'resnet32x4' is a CIFAR model, not one for dataset 'imagenet'"):
+        models.create("resnet32x4", dataset="imagenet")
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        models.create("resnet8", dataset="mnist")
+
+
+def test_repdistiller_last_checkpoint_with_namespace(tmp_path):
+    """RepDistiller's *_last.pth pickles its argparse options: the weights load; another object is a clear error."""
+    import argparse
+    import fractions
+
+    model = models.create("resnet8")
+    _randomize_bn(model)
+    path = tmp_path / "resnet8_last.pth"
+    torch.save({"opt": argparse.Namespace(model_s="resnet8", learning_rate=0.05, lr_decay_epochs=[150, 180, 210]),
+                "model": model.state_dict()}, path)
+    loaded = models.create("resnet8", weights=path).eval()
+    x = _input("resnet8")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    odd = tmp_path / "odd_last.pth"
+    torch.save({"opt": fractions.Fraction(1, 2), "model": model.state_dict()}, odd)
+    with pytest.raises(ValueError, match=r"odd_last\.pth: the checkpoint pickles .*fractions\.Fraction.*weights_only=False"):
+        models.create("resnet8", weights=odd)

@@ -114,7 +114,7 @@ def frozen_teacher(cfg: Config, num_classes: int, device: torch.device, memory_f
     """The config's teacher with its checkpoint, in eval mode without gradients; None when the method needs none."""
     if cfg.model.teacher is None or not distillers.get(cfg.method.name).needs_teacher:
         return None
-    teacher = models.create(cfg.model.teacher, num_classes, weights=cfg.model.teacher_checkpoint)
+    teacher = models.create(cfg.model.teacher, num_classes, weights=cfg.model.teacher_checkpoint, dataset=cfg.data.dataset)
     teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
     return teacher
 
@@ -185,7 +185,7 @@ class _Student:
         self.label, self.name, self.cfg, self.dist = label, name, cfg, dist
         self.out = Path(cfg.train.out_dir)
         seed_everything(cfg.train.seed)
-        student = models.create(cfg.model.student, num_classes)
+        student = models.create(cfg.model.student, num_classes, dataset=cfg.data.dataset)
         method = distillers.get(cfg.method.name)
         self.distiller = distillers.create(cfg.method.name, student, teacher if method.needs_teacher else None,
                                            cfg.method.params, image_size(cfg.data.dataset))

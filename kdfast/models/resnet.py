@@ -37,7 +37,17 @@ def conv3x3(inp: int, oup: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(inp, oup, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
-class BasicBlock(Block):
+class ResidualBlock(Block):
+    """A residual block: ``preact(x) = branch(x) + skip(x)``, the skip an identity or its ``downsample``."""
+
+    downsample: nn.Module | None
+
+    def skip(self, x: Tensor) -> Tensor:
+        """The shortcut path: ``x`` or ``downsample(x)``."""
+        return x if self.downsample is None else self.downsample(x)
+
+
+class BasicBlock(ResidualBlock):
     """Two 3x3 conv-BN, identity or ``downsample`` shortcut, ReLU after the sum."""
 
     expansion = 1
@@ -52,11 +62,11 @@ class BasicBlock(Block):
 
     def preact(self, x: Tensor) -> Tensor:
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        out += x if self.downsample is None else self.downsample(x)
+        out += self.skip(x)
         return out
 
 
-class Bottleneck(Block):
+class Bottleneck(ResidualBlock):
     """1x1 reduce, 3x3 (carrying the stride: torchvision's "ResNet v1.5"), 1x1 expand x4; ReLU after the sum."""
 
     expansion = 4
@@ -75,7 +85,7 @@ class Bottleneck(Block):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        out += x if self.downsample is None else self.downsample(x)
+        out += self.skip(x)
         return out
 
 
