@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdfast import distillers, models
 from kdfast.distillers.afd import top_r_mask
@@ -51,6 +52,43 @@ def test_attention_shape_rows_and_loss_match_reference(batch):
     torch.testing.assert_close(losses["afd"], expected, rtol=1e-4, atol=1e-6)
 
 
+PUBLIC = {"kd_weight": 0.9, "bilinear": True}  # AFD's public objective: CE + 0.9 KD(T=4) + 200 L_AFD, bilinear keys
+
+
+def test_public_objective_step_by_step(batch):
+    """CE + 0.9 KD(T=4) + 200 L_AFD with keys through the bilinear layer and the positional term inside
+    the logit, written out from the distiller's own parameters (BN in training mode: batch statistics)."""
+    teacher, x, y, feats = batch
+    d = make("afd", teacher, PUBLIC)
+    _, losses = d(x, y, feats, 1)
+    assert set(losses) == {"ce", "kd", "afd"}
+    s = d.student.features(x)
+    a, dim = d.attention, 128
+
+    def bn(h, layer):  # BatchNorm1d in training mode
+        return (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + layer.eps) * layer.weight + layer.bias
+
+    q = torch.stack([bn(lin(f.mean((2, 3))), norm) for (lin, norm), f in zip(a.query, feats.blocks, strict=True)], 1)
+    k = torch.stack([bn(lin(f.mean((2, 3))), norm).relu() for (lin, norm, _), f in zip(a.key, s.blocks, strict=True)], 1)
+    lin, norm = a.bilinear
+    pair = bn(lin(k.reshape(-1, dim)), norm).reshape(4, S_BLOCKS, T_BLOCKS, dim)  # K_s[t]
+    logits = torch.empty(4, T_BLOCKS, S_BLOCKS)
+    for t in range(T_BLOCKS):
+        for j in range(S_BLOCKS):
+            logits[:, t, j] = ((q[:, t] * pair[:, j, t]).sum(-1) + a.p_t[t] @ a.p_s[j]) / math.sqrt(dim)
+    att = logits.softmax(-1)
+    afd = torch.zeros(())
+    for t, ft in enumerate(feats.blocks):
+        v_t = F.normalize(ft.pow(2).mean(1).flatten(1), dim=1)
+        for j, fs in enumerate(s.blocks):
+            v_s = F.normalize(F.adaptive_avg_pool2d(fs.pow(2).mean(1, keepdim=True), ft.shape[2:]).flatten(1), dim=1)
+            afd = afd + (att[:, t, j] * (v_s - v_t).pow(2).mean(1)).sum() / 4
+    kl = F.kl_div(F.log_softmax(s.logits / 4, 1), F.softmax(feats.logits / 4, 1), reduction="batchmean") * 16
+    torch.testing.assert_close(losses["afd"], 200 * afd, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses["kd"], 0.9 * kl, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses["ce"], F.cross_entropy(s.logits, y))
+
+
 def _loss_and_grads(d, x, y, feats):
     _, losses = d(x, y, feats, 1)
     loss = sum(losses.values())
@@ -60,10 +98,11 @@ def _loss_and_grads(d, x, y, feats):
 
 @pytest.mark.parametrize("r, select", [(None, "teacher"), ("all", "student"), (S_BLOCKS, "student"),
                                        (T_BLOCKS, "teacher"), (50, "teacher")])
-def test_rtk_with_every_key_is_afd_bit_for_bit(batch, r, select):
+@pytest.mark.parametrize("objective", [{}, PUBLIC], ids=["ce+afd", "public"])
+def test_rtk_with_every_key_is_afd_bit_for_bit(batch, r, select, objective):
     teacher, x, y, feats = batch
-    afd_loss, afd_grads = _loss_and_grads(make("afd", teacher), x, y, feats)
-    rtk_loss, rtk_grads = _loss_and_grads(make("rtk", teacher, {"r": r, "select": select}), x, y, feats)
+    afd_loss, afd_grads = _loss_and_grads(make("afd", teacher, objective), x, y, feats)
+    rtk_loss, rtk_grads = _loss_and_grads(make("rtk", teacher, {"r": r, "select": select, **objective}), x, y, feats)
     assert torch.equal(afd_loss, rtk_loss)
     assert afd_grads.keys() == rtk_grads.keys()
     for name, grad in afd_grads.items():
@@ -192,6 +231,7 @@ def test_shipped_config_builds(name):
     d = distillers.create(cfg.method.name, models.create(cfg.model.student, 100), teacher, cfg.method.params)
     t, s = len(d.attention.query), len(d.attention.key)
     assert (d.params.afd_weight, d.params.qk_dim, d.attention.p_t.shape, d.attention.p_s.shape) == (200.0, 128, (t, 128), (s, 128))
+    assert (d.params.ce_weight, d.params.kd_weight, d.params.temperature, d.params.bilinear) == (1.0, 0.9, 4.0, True)
     if cfg.method.name == "rtk":
         assert (d.params.r * s, d.params.select) == (t, "teacher")
 

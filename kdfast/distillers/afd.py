@@ -16,10 +16,13 @@ public code does, ``"feature"`` pools the feature map first) and
 ``{"ce": ce_weight * CE, "afd": ...}``, plus ``"kd": kd_weight * kd_loss(zs, zt, temperature)``
 when ``kd_weight != 0``.
 
-Defaults follow METHODS.md (qk_dim 128, weight 200, CE + AFD only). Two knobs reproduce what the
-public code does beyond that formula: its ``main.py`` adds Hinton KD at ``--alpha 0.9``, T=4
+The Params defaults are METHODS.md's first formula (qk_dim 128, weight 200, CE + AFD only). Two
+knobs give the objective AFD's public code trains with, which the published AFD numbers come from
+and the shipped AFD/RTK configs use: its ``main.py`` adds Hinton KD at ``--alpha 0.9``, T=4
 (``kd_weight=0.9``), and it passes each key through one more Linear + BN1d from d to T*d, giving a
-key per (s, t) pair: ``logit[b,t,s] = q_t . K_s[t]`` (``bilinear=True``).
+key per (s, t) pair, the positional term staying inside the logit (``bilinear=True``)::
+
+    total = CE + 0.9 * KD(T=4) + 200 * L_AFD,   logit[b,t,s] = (q_t . K_s[t] + p_t . p_s) / sqrt(d)
 
 RTK is this project's **reading** of "representative teacher keys": AFD's attention with only the r
 most representative entries kept in the softmax, the others masked out (the selection is top-r by
