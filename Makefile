@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/emu/*.h csrc/emu/*.cpp) $(shell find csrc/emu/include -name "*.h")
 
-.PHONY: quickstart demo test bench gpu-check gpu-data compile-check compile-check-triton36
+.PHONY: quickstart demo test bench gpu-check gpu-data compile-check compile-check-triton36 wheel-check
 
 quickstart: $(VENV)/.built
 	$(BIN)/kdfast quickstart
@@ -37,6 +37,23 @@ $(TRITON36)/.built:
 	$(PYTHON) -m venv $(TRITON36)
 	$(TRITON36)/bin/pip install triton==3.6.0 torch==2.13.0 numpy
 	touch $@
+
+# kdfast as a user installs it: a wheel of the committed tree (CPU kernels only, to keep it short),
+# installed into a folder outside the checkout and run from another folder with this venv's torch:
+# the CLI's help and a one-step `kdfast bench --e2e`, which must not need benchmarks/.
+WHEEL_CHECK := $(CURDIR)/.wheel-check
+wheel-check: $(VENV)/.built
+	rm -rf $(WHEEL_CHECK) && mkdir -p $(WHEEL_CHECK)/src $(WHEEL_CHECK)/run
+	git archive HEAD | tar -x -C $(WHEEL_CHECK)/src
+	cd $(WHEEL_CHECK)/src && KDFAST_SKIP_CUDA=1 KDFAST_SKIP_CUDA_EMU=1 MAX_JOBS=$(JOBS) \
+		$(CURDIR)/$(BIN)/pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_CHECK)/dist .
+	$(BIN)/pip install -q --no-deps --target $(WHEEL_CHECK)/site $(WHEEL_CHECK)/dist/kdfast-*.whl
+	cd $(WHEEL_CHECK)/run && PYTHONPATH=$(WHEEL_CHECK)/site $(CURDIR)/$(BIN)/python -c \
+		"import kdfast, sys; assert kdfast.__file__.startswith('$(WHEEL_CHECK)/site/'), kdfast.__file__; print('kdfast from', kdfast.__file__)"
+	cd $(WHEEL_CHECK)/run && PYTHONPATH=$(WHEEL_CHECK)/site $(CURDIR)/$(BIN)/python -m kdfast.cli bench --e2e --help > /dev/null
+	cd $(WHEEL_CHECK)/run && PYTHONPATH=$(WHEEL_CHECK)/site $(CURDIR)/$(BIN)/python -m kdfast.cli bench --e2e --quick \
+		--device cpu --methods kd --batch 2 --iters 1 --out e2e.csv
+	test -s $(WHEEL_CHECK)/run/e2e.csv
 
 # The prepared session of a lent GPU machine (benchmarks/README.md): its python3 holds torch, and
 # the script builds kdfast itself. GPU_CHECK_ARGS, e.g. --stages ops e2e, or --dry-run (CPU).

@@ -119,7 +119,7 @@ def measure(pairs: Sequence[tuple[str, str]], variants: Sequence[str], batch: in
             step, teacher_bytes = build_step(variant, teacher, student, batch, device)
             for _ in range(warmup):
                 step()
-            peak = peak_bytes(step, device, common)
+            peak = peak_bytes(step, device)
             median, p20, p80 = step_times(step, device, iters)
             print(f"{teacher + '->' + student:<24} {variant:<16} {peak / 2**20:>9.1f} {median:>9.1f}", flush=True)
             note = f"peak: {what}; teacher Features {teacher_bytes / 2**20:.1f} MiB of it; {iters} timed steps"

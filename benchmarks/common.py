@@ -5,34 +5,42 @@ An op family's module ``bench_<family>.py`` only describes its ops, as a tuple `
 specs into :class:`Case` objects (op x shape x dtype x backend x pass), builds one case's pass
 (:func:`prepare`, a :class:`Timed`), measures its peak memory (:func:`peak_memory_bytes`), times
 it on the GPU (:func:`cuda_times`; the CPU is timed by pytest-benchmark in cpu_timing.py) and
-writes :class:`Row` objects into the device's CSV (:func:`merge_csv`).
+writes :class:`Row` objects into the device's CSV (:func:`merge_csv`). Rows, result files,
+environment columns and :class:`LiveTensorBytes` live in the package (``kdfast.engine.results``,
+re-exported here), so that ``kdfast bench --e2e`` writes the same files from a wheel.
 
-This module does not import kdfast at import time (:func:`kdfast_backends`): kdfast reads
-``TRITON_INTERPRET`` when it is imported, which ``benchmarks.run`` sets after parsing its options.
+This module imports no kdfast op at import time (:func:`kdfast_backends`): kdfast reads
+``TRITON_INTERPRET`` when its ops are imported, which ``benchmarks.run`` sets after parsing its
+options (``kdfast.engine.results`` imports torch only).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import os
-import platform
-import re
 import statistics
-import weakref
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch._functorch.config as functorch_config
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
+
+from kdfast.engine.results import (  # noqa: F401  (re-exported: the op benchmarks' rows and files)
+    CSV_COLUMNS,
+    KEY_COLUMNS,
+    RESULTS_DIR,
+    LiveTensorBytes,
+    Row,
+    cpu_model,
+    default_results_path,
+    device_model,
+    environment,
+    merge_csv,
+    now,
+    results_path,
+)
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 REFERENCE_BACKENDS = ("eager", "compiled")
@@ -43,15 +51,9 @@ WARMUP_CALLS = 2  # before memory and timing; the first call of a "compiled" cas
 CUDA_WARMUP_MS = 25  # triton.testing.do_bench's warmup and rep are milliseconds of GPU time
 CUDA_REP_MS = 100
 CUDA_FLUSH_BYTES = 256 << 20  # zeroed before every call of a setup-timed pass (do_bench flushes as much)
-RESULTS_DIR = Path(__file__).parent / "results"
 # Reference cases ("eager", "compiled") whose OpSpec.reference_bytes estimate exceeds this are
 # not run but recorded (unmeasured_row): NaN times, the estimate as peak memory, the reason.
 REFERENCE_MEMORY_LIMIT = 8 << 30
-CSV_COLUMNS = (
-    "op", "backend", "pass", "dtype", "shape", "median_ms", "p20_ms", "p80_ms",
-    "peak_mem_bytes", "gbps", "device", "torch", "triton", "timestamp", "note",
-)  # fmt: skip
-KEY_COLUMNS = ("op", "backend", "pass", "dtype", "shape")
 
 # The shape of one input tensor of a call: a (B, C, H, W) feature map (AT ops) or (B, K) logits
 # (KD, DKD: the student's; the teacher's is the same).
@@ -128,31 +130,6 @@ class Case:
         if need <= REFERENCE_MEMORY_LIMIT:
             return None
         return f"not run: the reference needs about {need / 2**30:.3g} GiB (limit {REFERENCE_MEMORY_LIMIT / 2**30:g} GiB)"
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of a results CSV (CSV_COLUMNS, with ``pass_`` written as "pass")."""
-
-    op: str
-    backend: str
-    pass_: str
-    dtype: str
-    shape: str
-    median_ms: float
-    p20_ms: float
-    p80_ms: float
-    peak_mem_bytes: int | None  # None where it cannot be measured (see peak_memory_bytes)
-    gbps: float
-    device: str
-    torch: str
-    triton: str
-    timestamp: str
-    note: str = ""  # why a row has no measurement (Case.skip_reason)
-
-    def as_csv(self) -> dict[str, str]:
-        values = {("pass" if k == "pass_" else k): v for k, v in asdict(self).items()}
-        return {k: _csv_value(v) for k, v in values.items()}
 
 
 # --- Names.
@@ -316,48 +293,6 @@ def gbps(bytes_moved: int, milliseconds: float) -> float:
 # --- Peak memory.
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages created while the mode is active and still alive.
-
-    Every op that goes through the dispatcher passes here (aten ops, kdfast's C++ and Triton
-    custom ops, autograd's backward ops); a storage that one of its outputs owns and that no
-    input owned (i.e. not a view, not an in-place or ``out=`` result) counts with its nbytes
-    from its creation until it is freed (a weakref finalizer on the untyped storage). Not
-    counted: allocator slack and caching, scratch memory a kernel allocates and frees inside
-    one op, and storages resized after their creation.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._known: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storages seen (or counted)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for tensor in _tensors((args, kwargs)):
-            self._known.setdefault(tensor.untyped_storage(), False)
-        out = func(*args, **(kwargs or {}))
-        for tensor in _tensors(out):
-            self._count(tensor.untyped_storage())
-        return out
-
-    def _count(self, storage: torch.UntypedStorage) -> None:
-        if storage in self._known:
-            return
-        self._known[storage] = True
-        nbytes = storage.nbytes()
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._release, nbytes)
-
-    def _release(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-
-def _tensors(tree: object) -> list[Tensor]:
-    return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor)]
-
-
 def peak_memory_bytes(timed: Timed, case: Case) -> int | None:
     """Peak bytes allocated during one timed call (``timed.run``, after an unmeasured
     ``timed.setup`` if any), above what was allocated before it.
@@ -428,10 +363,6 @@ def cuda_times(timed: Timed) -> tuple[float, float, float]:
 # --- Rows and CSV files.
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def make_row(case: Case, times_ms: tuple[float, float, float], peak: int | None, timestamp: str) -> Row:
     median, p20, p80 = times_ms
     speed = gbps(case.bytes_moved, median)
@@ -446,72 +377,3 @@ def unmeasured_row(case: Case) -> Row:
     return Row(*case.key, nan, nan, nan, peak, nan, timestamp=now(), note=case.skip_reason, **environment(case.device))
 
 
-def cpu_model() -> str:
-    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Platinum 8480+", ...)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_model(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    """The device, torch and triton columns of the rows measured on `device` (on the CPU, the
-    device includes torch's thread count)."""
-    name = device_model(device)
-    if device.type == "cpu":
-        threads = torch.get_num_threads()
-        name += f" ({threads} thread{'' if threads == 1 else 's'})"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    return {"device": name, "torch": torch.__version__, "triton": triton_version}
-
-
-def default_results_path(device: torch.device) -> Path:
-    """benchmarks/results/<device type>-<device column, sanitised>.csv, e.g.
-    cpu-amd-epyc-2-threads.csv, cuda-nvidia-h100-80gb-hbm3.csv."""
-    return results_path(device.type, environment(device)["device"])
-
-
-def results_path(device_type: str, device_name: str) -> Path:
-    """The results CSV of a device named `device_name` (the rows' device column): see default_results_path."""
-    name = re.sub(r"\((r|tm)\)", "", device_name, flags=re.IGNORECASE)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return RESULTS_DIR / f"{device_type}-{slug}.csv"
-
-
-def merge_csv(path: Path, rows: Iterable[Row]) -> None:
-    """Write `rows` into the CSV at `path`, replacing rows with the same key (KEY_COLUMNS)."""
-    merged: dict[tuple[str, ...], dict[str, str]] = {}
-    if path.exists():
-        with path.open(newline="") as file:
-            for line in csv.DictReader(file):
-                merged[tuple(line[k] for k in KEY_COLUMNS)] = line
-    for row in rows:
-        line = row.as_csv()
-        merged[tuple(line[k] for k in KEY_COLUMNS)] = line
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".csv.partial")
-    with partial.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(merged.values())
-    os.replace(partial, path)
-
-
-def _csv_value(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)

@@ -7,6 +7,7 @@ reported as ``kdfast: error: ...`` with exit status 2 before any training starts
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,7 +116,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.e2e:
-        from kdfast.engine.bench import METHODS, run_e2e
+        from kdfast.engine.bench import run_e2e
+        from kdfast.engine.e2e_methods import METHODS
 
         batch = args.batch or (8 if args.quick else 64)
         iters = args.iters or (3 if args.quick else 20)
@@ -128,16 +130,15 @@ def _bench(args: argparse.Namespace) -> int:
             return 0
         run_e2e(device, args.methods or list(METHODS), batch, iters, warmup=warmup, out=args.out, note=args.note)
         return 0
-    from kdfast.engine.bench import benchmarks_common
-
-    if benchmarks_common() is None:
+    checkout = Path(__file__).resolve().parents[1]  # the op benchmarks are a source checkout's, not the package's
+    if not (checkout / "benchmarks" / "run.py").is_file():
         from kdfast.engine import ConfigError
 
-        raise ConfigError("op benchmarks need a source checkout (benchmarks/ next to kdfast/); --e2e works anywhere")
-    from benchmarks import run
-
-    argv = ["--device", device.type] + (["--quick"] if args.quick else []) + (["--out", str(args.out)] if args.out else [])
-    return run.main(argv + (["--threads", str(args.threads)] if args.threads else []))
+        raise ConfigError("the op benchmarks run from a source checkout (benchmarks/ next to kdfast/, an editable "
+                          "install); --e2e works anywhere")
+    argv = ["--device", device.type] + (["--quick"] if args.quick else []) + (["--out", str(args.out.resolve())] if args.out else [])
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    return subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=checkout).returncode
 
 
 def _viz_from_models(args: argparse.Namespace, device: str):
@@ -247,7 +248,7 @@ def _add_eval(commands) -> None:
 
 
 def _add_bench(commands) -> None:
-    from kdfast.engine.bench import METHODS
+    from kdfast.engine.e2e_methods import METHODS
 
     p = commands.add_parser("bench", help="op benchmarks (from a checkout) or --e2e training-step throughput",
                             description="Without --e2e: the op benchmarks of benchmarks/run.py. With --e2e: images/s "

@@ -164,3 +164,17 @@ def test_e2e_peer_matches_distiller(method):
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-12)
 
+
+
+def test_help_imports_no_torch():
+    """``kdfast --help`` and ``kdfast bench --e2e --help`` load neither torch, the models nor the distillers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom kdfast import cli\nfor argv in (['--help'], ['bench', '--e2e', '--help'], ['train', '--help']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = [m for m in sys.modules if m == 'torch' or m.startswith(('kdfast.models', 'kdfast.distillers'))]\n"
+            "assert not heavy, heavy\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "--students" in run.stdout and "--seeds" in run.stdout

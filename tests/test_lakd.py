@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from kdfast import distillers, functional, models
 from kdfast.distillers.lakd import LAKD
 from kdfast.distillers.local import LocalModules, stage_boundaries
-from kdfast.engine import ConfigError, bench, load_config, train
+from kdfast.engine import ConfigError, load_config, train
+from kdfast.engine.results import LiveTensorBytes
 from kdfast.engine.trainer import image_size
 from kdfast.reference import block_attention as ref_ba, kd as ref_kd
 
@@ -238,13 +239,10 @@ def test_loss_decreases_on_a_fixed_batch(pair):
 
 def test_local_mode_keeps_less_memory(pair):
     """The point of the local mode: peak live tensor bytes of a step below the joint mode's."""
-    common = bench.benchmarks_common()
-    if common is None:
-        pytest.skip("benchmarks/common.py not found")
     peaks = {}
     for mode in ("local", "joint", "end_to_end"):
         d = make_lakd(pair, mode=mode)
-        with common.LiveTensorBytes() as tracker:
+        with LiveTensorBytes() as tracker:
             step(d, pair)
         peaks[mode] = tracker.peak
     assert peaks["local"] < peaks["joint"] and peaks["local"] < peaks["end_to_end"], peaks

@@ -20,16 +20,14 @@ trainer: the student's local modules with a detach at each boundary (kdfast's
 backward; the distiller runs its default mode "local" (a backward per module). Both give the same
 gradients (``tests/test_cli.py`` checks losses and gradients of every method against its peer).
 
-Rows use the columns of ``benchmarks/common.py`` (op ``e2e_<method>``, pass ``train_step``,
+Rows use the columns of ``kdfast.engine.results`` (op ``e2e_<method>``, pass ``train_step``,
 shape ``BxCxHxW`` of the batch, so images/s = B * 1000 / median_ms; ``peak_mem_bytes`` of one
 step after the warm-up, see :func:`peak_bytes`).
 """
 
 from __future__ import annotations
 
-import csv
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -43,6 +41,8 @@ from kdfast import distillers, models
 from kdfast.distillers.afd import LayerAttention
 from kdfast.distillers.base import feature_shapes
 from kdfast.distillers.local import LocalModules, ModuleOutput, stage_boundaries
+from kdfast.engine import results
+from kdfast.engine.e2e_methods import METHODS
 from kdfast.engine.trainer import autocast
 from kdfast.models import Features, KDModel
 from kdfast.nn import ClassAwareAttention
@@ -55,7 +55,7 @@ from kdfast.reference import map_distance as ref_afd
 from kdfast.reference import rkd as ref_rkd
 from kdfast.reference import sp as ref_sp
 
-__all__ = ["DISTILLER_PARAMS", "METHODS", "REFERENCE_METHODS", "benchmarks_common", "peak_bytes", "run_e2e",
+__all__ = ["DISTILLER_PARAMS", "METHODS", "REFERENCE_METHODS", "peak_bytes", "run_e2e",
            "run_students_e2e"]
 
 NUM_CLASSES = 100
@@ -137,22 +137,11 @@ REFERENCE_METHODS: dict[str, Peer] = {
     "afd": _with_extras(_afd_loss, _afd_attention),
 }
 """method -> its eager peer, f(student, teacher) = (loss, trainable extras)."""
-METHODS = tuple(REFERENCE_METHODS)
+if tuple(REFERENCE_METHODS) != METHODS:
+    raise ImportError(f"kdfast.engine.e2e_methods.METHODS {METHODS} must list the peers {tuple(REFERENCE_METHODS)}")
 DISTILLER_PARAMS: dict[str, dict[str, object]] = {"afd": {"bilinear": True, "kd_weight": 0.9}}
 """kdfast's side: parameters other than the distiller's defaults (AFD: what its public code trains)."""
 STEP_EPOCH = 10**6  # past every warm-up ramp (DKD): the full loss is timed
-
-
-def benchmarks_common():
-    """``benchmarks.common`` from a source checkout (it is not an installed package), or None."""
-    root = Path(__file__).resolve().parents[2]
-    if (root / "benchmarks" / "common.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from benchmarks import common
-    except ImportError:
-        return None
-    return common
 
 
 def _synthetic(batch: int, batches: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -232,13 +221,13 @@ def _cycle(iterable) -> Iterator:
         yield from iterable
 
 
-def _time(step: Callable[[], None], device: torch.device, warmup: int, iters: int, common) -> tuple[list[float], int | None]:
+def _time(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> tuple[list[float], int]:
     """Per-step milliseconds of `iters` steps after `warmup` ones, and the peak memory of one more
     step in between (:func:`peak_bytes`)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     for _ in range(warmup):
         step()
-    peak = peak_bytes(step, device, common)
+    peak = peak_bytes(step, device)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -248,10 +237,10 @@ def _time(step: Callable[[], None], device: torch.device, warmup: int, iters: in
     return times, peak
 
 
-def peak_bytes(step: Callable[[], None], device: torch.device, common) -> int | None:
+def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     """Peak bytes of one step above what was allocated before it: on CUDA
     ``max_memory_allocated - memory_allocated``; on the CPU the peak of the tensor storages created
-    during the step and still alive (``benchmarks.common.LiveTensorBytes``; None without a checkout)."""
+    during the step and still alive (:class:`~kdfast.engine.results.LiveTensorBytes`)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -259,9 +248,7 @@ def peak_bytes(step: Callable[[], None], device: torch.device, common) -> int | 
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if common is None:
-        return None
-    with common.LiveTensorBytes() as tracker:
+    with results.LiveTensorBytes() as tracker:
         step()
     return tracker.peak
 
@@ -279,9 +266,8 @@ def run_e2e(device: torch.device, methods: Sequence[str] = METHODS, batch: int =
     """Measure every method both ways, print a table, merge each method's rows into the results CSV
     as soon as they are measured (a run cut short keeps them), with `note` in their note column;
     returns the rows."""
-    common = benchmarks_common()
     data = _synthetic(batch, 4)
-    env = common.environment(device) if common else {"device": str(device), "torch": torch.__version__, "triton": ""}
+    env = results.environment(device)
     amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
     rows = []
     print(f"end-to-end distillation step, {teacher} -> {student}, batch {batch}, {device} ({env['device']})")
@@ -289,17 +275,17 @@ def run_e2e(device: torch.device, methods: Sequence[str] = METHODS, batch: int =
     for method in methods:
         base_ms = None
         for backend, build, dtype in (("eager-fp32", _eager_step, "float32"), ("kdfast", _kdfast_step, amp_dtype)):
-            times, peak = _time(build(method, teacher, student, device, data, batch), device, warmup, iters, common)
+            times, peak = _time(build(method, teacher, student, device, data, batch), device, warmup, iters)
             median, p20, p80 = _quantiles(times)
             base_ms = base_ms or median
-            mib = "-" if peak is None else f"{peak / 2**20:.1f}"
+            mib = f"{peak / 2**20:.1f}"
             print(f"{method:<8} {backend:<11} {median:>9.2f} {batch * 1e3 / median:>9.1f} {base_ms / median:>8.2f}x {mib:>9}",
                   flush=True)
             rows.append({"op": f"e2e_{method}", "backend": backend, "pass": "train_step", "dtype": dtype,
                          "shape": f"{batch}x3x32x32", "median_ms": f"{median:.6g}", "p20_ms": f"{p20:.6g}",
-                         "p80_ms": f"{p80:.6g}", "peak_mem_bytes": "" if peak is None else str(peak), "gbps": "",
+                         "p80_ms": f"{p80:.6g}", "peak_mem_bytes": str(peak), "gbps": "",
                          **env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "note": note})
-        path = _write(rows[-2:], device, out, common)
+        path = _write(rows[-2:], device, out)
     print(f"rows written to {path}")
     return rows
 
@@ -312,9 +298,8 @@ def run_students_e2e(device: torch.device, methods: Sequence[str] = ("kd",), cou
     with its own teacher forward), for each N of `counts`. One timed "step" is one batch for all N
     students, so per-student images/s = batch * 1000 / median_ms (op ``e2e_students_<method>``,
     backend ``kdfast-shared-N`` / ``kdfast-separate-N``). Rows merged into the results CSV."""
-    common = benchmarks_common()
     data = _synthetic(batch, 4)
-    env = common.environment(device) if common else {"device": str(device), "torch": torch.__version__, "triton": ""}
+    env = results.environment(device)
     amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
     rows = []
     print(f"N students on one teacher forward vs N separate runs, {teacher} -> {student}, batch {batch}, {device} "
@@ -327,7 +312,7 @@ def run_students_e2e(device: torch.device, methods: Sequence[str] = ("kd",), cou
                       ("shared", _kdfast_step(method, teacher, student, device, data, batch, students=n)))
             base_ms = None
             for kind, step in builds:
-                times, peak = _time(step, device, warmup, iters, common)
+                times, peak = _time(step, device, warmup, iters)
                 median, p20, p80 = _quantiles(times)
                 base_ms = base_ms or median
                 print(f"{method:<8} {n:>2} {kind:<11} {median:>9.2f} {batch * 1e3 / median:>14.1f} {base_ms / median:>8.2f}x",
@@ -335,24 +320,15 @@ def run_students_e2e(device: torch.device, methods: Sequence[str] = ("kd",), cou
                 rows.append({"op": f"e2e_students_{method}", "backend": f"kdfast-{kind}-{n}", "pass": "train_step",
                              "dtype": amp_dtype, "shape": f"{batch}x3x32x32", "median_ms": f"{median:.6g}",
                              "p20_ms": f"{p20:.6g}", "p80_ms": f"{p80:.6g}",
-                             "peak_mem_bytes": "" if peak is None else str(peak), "gbps": "", **env,
+                             "peak_mem_bytes": str(peak), "gbps": "", **env,
                              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "note": note})
-            path = _write(rows[-2:], device, out, common)
+            path = _write(rows[-2:], device, out)
     print(f"rows written to {path}")
     return rows
 
 
-def _write(rows: list[dict[str, str]], device: torch.device, out: Path | None, common) -> Path:
-    """Merge `rows` into the results CSV (appends without a checkout); returns its path."""
-    if common is not None:
-        path = out or common.default_results_path(device)
-        common.merge_csv(path, [common.Row(*(row[c] for c in common.CSV_COLUMNS)) for row in rows])
-    else:  # an installed kdfast without the checkout's benchmarks/: same columns, appended
-        path = out or Path(f"kdfast-e2e-{device.type}.csv")
-        new = not path.exists()
-        with path.open("a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+def _write(rows: list[dict[str, str]], device: torch.device, out: Path | None) -> Path:
+    """Merge `rows` into the results CSV (default: the device's, ``kdfast.engine.results``); returns its path."""
+    path = out or results.default_results_path(device)
+    results.merge_csv(path, [results.Row(*(row[c] for c in results.CSV_COLUMNS)) for row in rows])
     return path
