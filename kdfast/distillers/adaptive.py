@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdfast._dist import all_reduce_sum
+
 __all__ = ["LossRateWeights"]
 
 _TINY = 1e-12
@@ -71,8 +73,6 @@ class LossRateWeights(nn.Module):
             self._close_epoch()
             self._epoch = epoch
         batch = torch.cat([losses.detach().double() * samples, losses.new_tensor([samples], dtype=torch.float64)])
-        from kdfast.engine.distributed import all_reduce_sum  # lazy: kdfast.engine imports the distillers
-
         batch = all_reduce_sum(batch)
         self._sums = batch if self._sums is None else self._sums.to(batch.device) + batch
         cached = self._on_device

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kdfast._dist import all_reduce_sum
+
 __all__ = ["Dist", "setup", "teardown", "all_reduce_sum"]
 
 
@@ -58,10 +60,3 @@ def teardown() -> None:
     """Leave the process group, if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum of `values` over every process (itself when not distributed)."""
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return values
