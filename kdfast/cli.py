@@ -103,7 +103,7 @@ def _eval(args: argparse.Namespace) -> int:
     _check_checkpoint(args.model, args.checkpoint)
     device = setup(args.device).device
     loaders = build_loaders(args.dataset, args.data_root, args.batch_size, device)
-    model = models.create(args.model, loaders.num_classes, weights=args.checkpoint).to(device)
+    model = models.create(args.model, loaders.num_classes, weights=args.checkpoint, dataset=args.dataset).to(device)
     top1 = evaluate(model, loaders.test, device, args.amp)
     print(f"{args.model} {args.checkpoint} on {args.dataset} test: top-1 {top1:.2f}%")
     return 0
@@ -136,8 +136,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         raise ConfigError("the op benchmarks run from a source checkout (benchmarks/ next to kdfast/, an editable "
                           "install); --e2e works anywhere")
-    argv = ["--device", device.type] + (["--quick"] if args.quick else []) + (["--out", str(args.out.resolve())] if args.out else [])
-    argv += ["--threads", str(args.threads)] if args.threads else []
+    argv = ["--device", device.type, *(["--quick"] if args.quick else []),
+            *(["--out", str(args.out.resolve())] if args.out else []), *(["--threads", str(args.threads)] if args.threads else [])]
     return subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=checkout).returncode
 
 
@@ -157,7 +157,7 @@ def _viz_from_models(args: argparse.Namespace, device: str):
     _check_checkpoint(args.teacher, args.teacher_checkpoint)
     _check_checkpoint(args.student, args.student_checkpoint)
     loaders = build_loaders(dataset, args.data_root, args.images, device)
-    teacher, student = (models.create(name, loaders.num_classes, weights=path).to(device)
+    teacher, student = (models.create(name, loaders.num_classes, weights=path, dataset=dataset).to(device)
                         for name, path in ((args.teacher, args.teacher_checkpoint), (args.student, args.student_checkpoint)))
     return Distiller(student, teacher, Params()), teacher, loaders
 
@@ -166,10 +166,9 @@ def _viz_from_config(args: argparse.Namespace, device: str):
     """The distiller of a training config with its trained state (last.pt or --checkpoint), its teacher, the loaders."""
     import torch
 
-    from kdfast import distillers, models
     from kdfast.data import build_loaders
     from kdfast.engine import ConfigError, checkpoint, load_config
-    from kdfast.engine.trainer import LAST, frozen_teacher, image_size
+    from kdfast.engine.trainer import LAST, build_distiller, frozen_teacher
 
     given = [flag for flag in ("teacher", "teacher_checkpoint", "student", "student_checkpoint", "dataset")
              if getattr(args, flag) is not None]
@@ -185,8 +184,7 @@ def _viz_from_config(args: argparse.Namespace, device: str):
         raise ConfigError(f"checkpoint {str(path)!r} has no 'distiller' state (a run's last.pt has one)")
     loaders = build_loaders(cfg.data.dataset, cfg.data.root, args.images, device)
     teacher = frozen_teacher(cfg, loaders.num_classes, torch.device(device), torch.contiguous_format)
-    student = models.create(cfg.model.student, loaders.num_classes)
-    distiller = distillers.create(cfg.method.name, student, teacher, cfg.method.params, image_size(cfg.data.dataset))
+    distiller = build_distiller(cfg, loaders.num_classes, teacher)
     distiller.load_state_dict(state["distiller"])
     return distiller.to(device), teacher, loaders
 

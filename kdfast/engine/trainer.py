@@ -47,7 +47,7 @@ from kdfast.engine.metrics import MetricsLogger, plot_curves
 from kdfast.engine.report import Summary
 
 __all__ = ["Diverged", "Interrupted", "Summary", "train", "train_students", "evaluate", "frozen_teacher", "image_size",
-           "autocast", "seed_everything", "set_deterministic"]
+           "autocast", "build_distiller", "seed_everything", "set_deterministic"]
 
 LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
 # Config keys a resumed checkpoint must share with the run (anything else may change, e.g. epochs).
@@ -119,6 +119,15 @@ def frozen_teacher(cfg: Config, num_classes: int, device: torch.device, memory_f
     return teacher
 
 
+def build_distiller(cfg: Config, num_classes: int, teacher: models.KDModel | None) -> distillers.Distiller:
+    """The student of `cfg` (from its dataset's model zoo, freshly initialised) inside its method's
+    distiller; `teacher` is passed on only to a method that needs one."""
+    student = models.create(cfg.model.student, num_classes, dataset=cfg.data.dataset)
+    needs_teacher = distillers.get(cfg.method.name).needs_teacher
+    return distillers.create(cfg.method.name, student, teacher if needs_teacher else None, cfg.method.params,
+                             image_size(cfg.data.dataset))
+
+
 def _identity_mismatches(saved: dict, cfg: Config) -> list[str]:
     current = to_dict(cfg)
     return [f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, config {current[section][key]!r}"
@@ -185,10 +194,7 @@ class _Student:
         self.label, self.name, self.cfg, self.dist = label, name, cfg, dist
         self.out = Path(cfg.train.out_dir)
         seed_everything(cfg.train.seed)
-        student = models.create(cfg.model.student, num_classes, dataset=cfg.data.dataset)
-        method = distillers.get(cfg.method.name)
-        self.distiller = distillers.create(cfg.method.name, student, teacher if method.needs_teacher else None,
-                                           cfg.method.params, image_size(cfg.data.dataset))
+        self.distiller = build_distiller(cfg, num_classes, teacher)
         self.distiller.to(dist.device, memory_format=memory_format)
         if self.distiller.backward_done and (dist.enabled or cfg.train.compile):
             raise ConfigError(f"method {cfg.method.name!r} runs its backward inside forward (LAKD's mode 'local'), which "
