@@ -137,7 +137,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError("the op benchmarks run from a source checkout (benchmarks/ next to kdfast/, an editable "
                           "install); --e2e works anywhere")
     argv = ["--device", device.type, *(["--quick"] if args.quick else []),
-            *(["--out", str(args.out.resolve())] if args.out else []), *(["--threads", str(args.threads)] if args.threads else [])]
+            *(["--out", str(args.out.resolve())] if args.out else []),
+            *(["--threads", str(args.threads)] if args.threads else [])]
     return subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=checkout).returncode
 
 
