@@ -56,21 +56,18 @@ COLUMNS = ("kernel", "op", "dtypes", "constexprs", "specialisation", "num_warps"
            "spill_stores", "spill_loads", "shared", "grid", "launches", "example", "status")
 SPILL_FREE_DTYPES = ("float32", "bfloat16", "float16")
 # Residual spills (issue 13, open): kernel -> the most spill bytes (stores + loads) that one of its
-# float32/bfloat16/float16 specialisations may have, on any target and Triton version. These are
-# ptxas's own trade at -O3 (CUDA 12.8/12.9): just under a register count that fits one more
-# block per SM (48, 80, 96, 128 or 168 registers here) it keeps a few loop invariants in local
-# memory (the lcc case inspected: 4 values stored before the tile loop; `ptxas -O1` on the same
-# PTX has none, at 116 registers). --register-usage-level, other warp counts and recomputing the
-# invariants inside the loops moved these spills between specialisations without removing them
-# all. Measured 2026-12-04 (sm90 triton 3.8 and 3.6, sm80 triton 3.8); any other spill, or more
-# bytes, fails, and the tables list every one.
+# float32/bfloat16/float16 specialisations may have, on any target and Triton version. Only LCC's
+# backward tile kernel is left: ptxas's own trade at -O3 (CUDA 12.8/12.9): just under a register
+# count that fits one more program per SM (80 or 128 registers at 8 warps) it keeps a few values
+# in local memory (sm_90: bfloat16 contiguous, 16 + 16 bytes at 80 registers with triton 3.8;
+# channels_last, 8 + 8 at 128 with triton 3.6). ptxas -O1 on the same PTX has none;
+# --register-usage-level, other warp counts, recomputing the invariants inside the loops and
+# maxnreg (128: 200+ bytes of spills; 184: none, but channels_last at 160-168 registers, one
+# program per SM instead of two) moved or traded them without a clean win. Measured 2026-12-04
+# (sm90 triton 3.8 and 3.6, sm80 triton 3.8); any other spill, or more bytes, fails, and the
+# tables list every one.
 RESIDUAL_SPILLS: dict[str, int] = {
-    "at:_at_maps_backward_kernel": 48,  # sm80 only: float32 channels_last
-    "block_attention:_partials_kernel": 48,  # triton 3.6 only: float32 channels_last, an odd edge shape
     "lcc:_grad_tiles_kernel": 32,
-    "masked_mse:_masked_mse_backward_kernel": 8,  # sm80 only: bfloat16 channels_last
-    "relational:pair_kernel": 40,  # SP's float32 Gram at B = 64 (BLOCK 64, IEEE dot)
-    "rkd:_triplet_backward_kernel": 8,  # sm80 only
 }
 
 

@@ -48,21 +48,25 @@ _EPS = tl.constexpr(1e-12)  # normalize(v) = v / max(||v||_2, eps), as F.normali
 # exp2(p * log2|x|) (no libdevice pow: it does not run in the Triton interpreter).
 _MAX_INT_POWER = 8
 
-# Block sizes of the map kernels (one config: multi-config autotuning breaks the interpreter).
-# The unit-stride block (BLOCK_HW for contiguous, BLOCK_C for channels_last) fits the smallest
-# stage, clamped to [32, 128] elements: rows are read in 128-byte (float32) segments, yet small
-# late-stage maps (8x8) mask little. The other block fills a _TILE-element tile (16 elements per
-# thread at 4 warps). Then BLOCK_HW is halved (down to 32 for contiguous, 1 for channels_last)
-# until the launch has _PROGRAMS_PER_SM programs per SM, so that a small late-stage map still fills
-# the GPU: 8x8x256 at B=64 on an H100 runs as 128 programs of 256x32 elements (contiguous) or
-# 1024 programs of 256x4 (channels_last) instead of 64 of 256x64. Stages are launched in order of
-# decreasing C, so the longest programs start first.
+# Block sizes of the map kernels (one config: multi-config autotuning breaks the interpreter). The
+# unit-stride block (BLOCK_HW for contiguous, BLOCK_C for channels_last) fits the smallest stage,
+# clamped to [32, 128] elements: rows are read in 128-byte (float32) segments, yet small late-stage
+# maps (8x8) mask little. The other block fills a _TILE-element tile (16 elements per thread at 4
+# warps, 8 on the backward's 8). Then BLOCK_HW is halved (down to 32 for contiguous, 1 for
+# channels_last) until the launch has _PROGRAMS_PER_SM programs per SM, so that a small late-stage
+# map still fills the GPU: 8x8x256 at B=64 on an H100 runs as 128 programs of 256x32 elements
+# (contiguous) or 1024 programs of 256x4 (channels_last) instead of 64 of 256x64. Stages are
+# launched in order of decreasing C, so the longest programs start first.
 _UNIT_BLOCK_MIN = 32
 _UNIT_BLOCK_MAX = 128
 _TILE = 2048
 _PROGRAMS_PER_SM = 4
 _MAX_ALIGN = 16  # elements; the divisibility Triton itself assumes for its integer arguments
 _NUM_WARPS = 4
+# The map backward runs its tiles on 8 warps (8 elements a thread): on 4 warps ptxas spilled 48
+# bytes at 48 registers (sm_80, float32 channels_last) to fit more programs per SM; on 8 warps
+# every specialisation takes 12-53 registers on sm_80 and sm_90 (triton 3.6 and 3.8), no spills.
+_BACKWARD_WARPS = 8
 _LOSS_BLOCK_MAX = 1024  # the loss kernel streams each (B, HW) row in blocks of up to this many
 
 _MAX_STAGES = 8  # stages per launch (tuple arguments); longer lists are launched in chunks
@@ -514,7 +518,8 @@ def _run_maps(kernel: triton.JITFunction, launch: _MapLaunch, maps: list[Tensor]
                 args += zip(*[_strides(y, cl) for y in ys])
                 stage_tensors = [[f, y] for f, y in zip(feats, ys)]
             aligns = tuple(_alignment(t, cl) for t in stage_tensors)
-            kernel[(firsts[-1],)](*args, ALIGNS=aligns, num_warps=_NUM_WARPS, **launch.constexprs)
+            warps = _NUM_WARPS if grads is None else _BACKWARD_WARPS
+            kernel[(firsts[-1],)](*args, ALIGNS=aligns, num_warps=warps, **launch.constexprs)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -83,6 +83,12 @@ _BLOCK_MIN = 16  # tl.dot's smallest dimension (the D products), and the smalles
 _UNIT_BLOCK_MAX = 128  # the unit-stride block (512 bytes of float32)
 _MAX_SPLITS = 64  # splits per (module, sample)
 _NUM_WARPS = 4
+# BLOCK_HW at most, for channels_last maps with a feature grid: there BLOCK_HW is the K of the D
+# products' IEEE (FMA) tl.dot, whose operand rows sit in registers. It only binds for maps of at
+# most 64 channels (BLOCK_C < 128); with 16 channels, BLOCK_HW = 64 spilled 48 bytes at 168
+# registers (sm_90, triton 3.6), 32 spilled 20 (triton 3.8), 16 none (measured with ptxas,
+# benchmarks/triton_compile.py).
+_CL_DOT_K = 16
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -571,6 +577,8 @@ def _plan(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, po
     g2 = triton.next_power_of_2(grid * grid)
     fg2 = max(triton.next_power_of_2(feature_grid ** 2), _BLOCK_MIN) if feature_grid > 0 else 1
     block_c, block_hw = _blocks(tensors, layout, max(g2, fg2))
+    if feature_grid > 0 and layout == _CHANNELS_LAST:
+        block_hw = min(block_hw, _CL_DOT_K)
     block_cf = max(_BLOCK_MIN, min(block_c, _d_channels(fg2, backward), _TILE // block_hw)) if feature_grid > 0 else block_c
     splits_c, splits_hw = _splits(f_s, h_s, block_c, block_cf, block_hw, feature_grid == 0, f_s[0].device)
     power = float(power)

@@ -53,6 +53,8 @@ matrices R_s and R_t (saved for the backward), dR and the (splits, B, B) triplet
 at most when split, on 132 SMs); nothing of size B x B x D.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -304,6 +306,17 @@ def _constexprs(dtype: torch.dtype) -> dict[str, object]:
     return dict(ACC=_common.TL_DTYPES[_common.acc_dtype(dtype)], BLOCK=BLOCK, num_warps=rel.NUM_WARPS)
 
 
+@functools.cache
+def _triplet_warps(device: torch.device) -> int:
+    """Warps of ``_triplet_backward_kernel``: 4 (rel.NUM_WARPS), 8 on CUDA GPUs before sm_90.
+    Measured with ptxas (benchmarks/triton_compile.py): on sm_80 the 4-warp kernel spills 8 bytes
+    at 96 registers, on 8 warps none at 72; on sm_90 8 warps spill with triton 3.6 (8 bytes at 64
+    registers), 4 warps none (96-111 registers at B = 64)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return 2 * rel.NUM_WARPS
+    return rel.NUM_WARPS
+
+
 def _anchors_per_split(n: int, device: torch.device) -> int:
     """Anchors per program of ``_triplet_backward_kernel``: about target_programs(device)
     programs over the upper-triangular tiles, at least MIN_ANCHORS anchors each."""
@@ -362,7 +375,8 @@ def rkd_backward(grad_terms: Tensor, e_s: Tensor, sq_dist: Tensor, stats: Tensor
     kw = _constexprs(e_s.dtype)
     tiles = triton.cdiv(n, BLOCK)
     with _common.on_device(device):
-        _triplet_backward_kernel[(tiles * tiles, splits)](sq_dist, grad_terms, triplets, n, per, **kw)
+        _triplet_backward_kernel[(tiles * tiles, splits)](sq_dist, grad_terms, triplets, n, per,
+                                                          **{**kw, "num_warps": _triplet_warps(device)})
         _anchor_backward_kernel[(n,)](sq_dist, grad_terms, stats, triplets, dr, n, splits, **kw)
         _grad_kernel[(tiles, triton.cdiv(d, BLOCK_D))](dr, e_s, grad, n, d, *e_s.stride(), BLOCK_D=BLOCK_D, **kw)
     return grad

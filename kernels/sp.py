@@ -37,6 +37,8 @@ atomics, every sum in a fixed order. Extra memory: the (2, splits, B, B) partial
 O(B) statistics; the gradient is written once, in x_s's dtype.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -48,11 +50,15 @@ from kdfast.kernels.softmax import check_rows
 
 _EPS = tl.constexpr(1e-12)
 _N_STATS = tl.constexpr(3)  # stats columns: inv_s, inv_t, proj
-# Gram columns per tl.dot and gradient columns per program, by whether the tiles go to tl.dot as
-# they are (16-bit, tensor cores) or not (IEEE float32 and float64 dots hold whole operand rows in
-# registers: [64, 64] float32 tiles spill 16-56 bytes on sm_80 at 255 registers).
-BLOCK_D = {True: 64, False: 32}
-BLOCK_N = {True: 64, False: 32}
+# Gram columns per tl.dot (BLOCK_D) and gradient columns per program (BLOCK_N), by how the tiles go
+# to tl.dot (:func:`_dot_kind`): "native" (16-bit tiles as they are, tensor cores), "float32" (IEEE
+# FMA dots, which hold whole operand rows in registers), "float32_sm80" (the same before sm_90)
+# and "float64". Measured with ptxas (benchmarks/triton_compile.py, float32 Gram at B = 64, BLOCK
+# 64, 8 warps): on sm_90 64 columns compile at 127 registers without spills where 32 spill 8-16
+# bytes at 128; on sm_80 64 columns spill 88-144 bytes at 255 registers and 32 spill 40 at 80,
+# 16 columns none (128 registers). float64 [64, 64] tiles would take 256 KiB of shared memory.
+BLOCK_D = {"native": 64, "float32": 64, "float32_sm80": 16, "float64": 32}
+BLOCK_N = {"native": 64, "float32": 64, "float32_sm80": 32, "float64": 32}
 MAX_BLOCK_C = 1024  # row kernels: columns per step
 
 
@@ -161,12 +167,28 @@ def _block(n: int) -> int:
     return min(64, max(16, triton.next_power_of_2(n)))
 
 
+@functools.cache
+def _sm80_fma(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU before sm_90 (the narrower float32 tiles of BLOCK_D/BLOCK_N);
+    False off CUDA: the interpreter runs the sm_90 widths."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9
+
+
+def _dot_kind(dtypes: tuple[torch.dtype, ...], device: torch.device) -> str:
+    """The key of BLOCK_D/BLOCK_N for tiles of ``dtypes`` (all native, or not) on ``device``."""
+    acc = _common.acc_dtype(dtypes[0])
+    if all(rel.native_dot(dtype, acc, device) for dtype in dtypes):
+        return "native"
+    if acc == torch.float64:
+        return "float64"
+    return "float32_sm80" if _sm80_fma(device) else "float32"
+
+
 def _block_d(block: int, x_s: Tensor, x_t: Tensor) -> int:
-    """Gram columns per tl.dot: BLOCK_D (64 only if both networks' dots are native), at most
-    2 * block (16 x 64 float32 tiles spill a few bytes where the rows are not 16-element aligned)."""
-    acc = _common.acc_dtype(x_s.dtype)
-    native = all(rel.native_dot(x.dtype, acc, x.device) for x in (x_s, x_t))
-    return min(BLOCK_D[native], 2 * block)
+    """Gram columns per tl.dot: BLOCK_D (the native width only if both networks' dots are
+    native), at most 2 * block (16 x 64 float32 tiles spill a few bytes where the rows are not
+    16-element aligned)."""
+    return min(BLOCK_D[_dot_kind((x_s.dtype, x_t.dtype), x_s.device)], 2 * block)
 
 
 def _block_c(n: int) -> int:
@@ -210,8 +232,8 @@ def sp_backward(grad_loss: Tensor, x_s: Tensor, x_t: Tensor, stats: Tensor) -> T
     with _common.on_device(device):
         _sp_m_kernel[(n,)](grad_loss, partials, stats.contiguous(), m, scales, n, partials.size(1), ACC=tl_acc,
                            BLOCK_C=_block_c(n), num_warps=rel.NUM_WARPS)
-        native = rel.native_dot(x_s.dtype, acc, device)
-        _sp_grad_kernel[(triton.cdiv(n, block), triton.cdiv(ds, BLOCK_N[native]))](
-            m, scales, x_s, grad, n, ds, *x_s.stride(), ACC=tl_acc, NATIVE=native, BLOCK=block,
-            BLOCK_N=BLOCK_N[native], num_warps=rel.num_warps(block))
+        kind = _dot_kind((x_s.dtype,), device)
+        _sp_grad_kernel[(triton.cdiv(n, block), triton.cdiv(ds, BLOCK_N[kind]))](
+            m, scales, x_s, grad, n, ds, *x_s.stride(), ACC=tl_acc, NATIVE=kind == "native", BLOCK=block,
+            BLOCK_N=BLOCK_N[kind], num_warps=rel.num_warps(block))
     return grad
