@@ -39,8 +39,8 @@ says which entries are kept:
   over s (top-r sparse attention of AFD's own queries and keys); every teacher row keeps weight 1.
 
 ``r=None`` (or ``"all"``), or r at least the number of candidates (T for "teacher", S for
-"student"), is AFD exactly. The shipped RTK configs use ``r = T / S`` (the teacher/student block
-ratio): with select "teacher" that is the smallest r with which the kept entries can cover every
+"student"), is AFD exactly. The shipped RTK configs use ``r = ceil(T / S)`` (the teacher/student
+block ratio, rounded up): with select "teacher" that is the smallest r with which the kept entries can cover every
 teacher block once; it is the project's choice, not the paper's (the Params default is r=3).
 """
 

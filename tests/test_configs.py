@@ -1,0 +1,92 @@
+"""Every shipped config builds its distiller and takes one training step on CPU.
+
+Random teacher weights, a synthetic batch of 2 at the dataset's training resolution, one SGD step
+as the engine takes it (zero_grad, forward, backward unless the distiller ran it, step, after_step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdfast import distillers, models
+from kdfast.engine import load_config
+from kdfast.engine.config import CONFIG_DIR, Config, students
+from kdfast.engine.trainer import image_size
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # batches of 2: threads only add overhead
+
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+# The CIFAR-100 pairs of the public tables (mdistiller / RepDistiller), teacher_student.
+SAME_ARCH = ["resnet56_resnet20", "resnet110_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4",
+             "wrn_40_2_wrn_16_2", "wrn_40_2_wrn_40_1", "vgg13_vgg8"]
+CROSS_ARCH = ["vgg13_MobileNetV2", "ResNet50_MobileNetV2", "ResNet50_vgg8", "resnet32x4_ShuffleV1",
+              "resnet32x4_ShuffleV2", "wrn_40_2_ShuffleV1"]
+METHODS = ["kd", "at", "fitnet", "sp", "rkd", "dkd", "lcc", "lakd", "aft", "afd", "rtk"]
+# mdistiller's configs/cifar100/dkd/*.yaml (DKD.BETA, else its default 8.0; 8.0 also where it ships no config)
+DKD_BETA = {"resnet56_resnet20": 2.0, "resnet110_resnet32": 2.0, "resnet32x4_resnet8x4": 8.0, "wrn_40_2_wrn_16_2": 6.0,
+            "wrn_40_2_wrn_40_1": 6.0, "vgg13_vgg8": 6.0, "vgg13_MobileNetV2": 6.0, "ResNet50_MobileNetV2": 8.0,
+            "resnet32x4_ShuffleV1": 8.0, "resnet32x4_ShuffleV2": 8.0, "wrn_40_2_ShuffleV1": 8.0,
+            "resnet110_resnet20": 8.0, "ResNet50_vgg8": 8.0}
+
+
+def shipped() -> list[str]:
+    return sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml") if p.name != "base.yaml")
+
+
+def test_every_public_pair_is_shipped_with_every_method_and_teacher():
+    names = set(shipped())
+    for pair in SAME_ARCH + CROSS_ARCH:
+        for method in METHODS:
+            assert f"cifar100/{method}/{pair}.yaml" in names
+    teachers = {pair.rsplit("_", 1)[0] if not pair.startswith("wrn") else "wrn_40_2" for pair in SAME_ARCH + CROSS_ARCH}
+    assert teachers == {"resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13", "ResNet50"}
+    assert {f"cifar100/teacher/{t}.yaml" for t in teachers} <= names
+
+
+@pytest.mark.parametrize("pair", SAME_ARCH + CROSS_ARCH)
+def test_recipe_lr_and_dkd_beta_of_each_pair(pair):
+    for method in METHODS:
+        cfg = load_config(f"cifar100/{method}/{pair}", check_files=False)
+        assert cfg.optim.lr == (0.01 if cfg.model.student in LOW_LR_STUDENTS else 0.05), (method, cfg.optim.lr)
+        assert f"{cfg.model.teacher}_{cfg.model.student}" == pair
+    assert load_config(f"cifar100/dkd/{pair}", check_files=False).method.params["beta"] == DKD_BETA[pair]
+
+
+def one_step(cfg: Config) -> dict[str, float]:
+    """Builds the config's student, random teacher and distiller, takes one SGD step; returns the losses."""
+    dataset, size = cfg.data.dataset, image_size(cfg.data.dataset)
+    classes = NUM_CLASSES[dataset]
+    torch.manual_seed(0)
+    method = distillers.get(cfg.method.name)
+    teacher = None
+    if method.needs_teacher:
+        teacher = models.create(cfg.model.teacher, classes, dataset=dataset).eval().requires_grad_(False)
+    student = models.create(cfg.model.student, classes, dataset=dataset)
+    distiller = distillers.create(cfg.method.name, student, teacher, cfg.method.params, size)
+    params = distiller.sgd_parameters()
+    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    images, labels = torch.randn(2, 3, size, size), torch.tensor([0, classes - 1])
+    with torch.inference_mode():
+        feats = teacher.features(images) if teacher is not None else None
+    before = [p.detach().clone() for p in params]
+    optimizer.zero_grad(set_to_none=True)
+    _, losses = distiller(images, labels, feats, 1)
+    if not distiller.backward_done:
+        sum(losses.values()).backward()
+    optimizer.step()
+    distiller.after_step(1)
+    assert any(not torch.equal(b, p) for b, p in zip(before, params, strict=True)), "the step changed no parameter"
+    return {name: float(value.detach()) for name, value in losses.items()}
+
+
+@pytest.mark.parametrize("name", shipped())
+def test_shipped_config_builds_and_takes_a_step(name):
+    cfg = load_config(name, check_files=False)
+    for _, _, single in students(cfg):
+        losses = one_step(single)
+        assert losses and all(math.isfinite(v) for v in losses.values()), losses
