@@ -14,7 +14,7 @@ import torch
 from kdfast import distillers, models
 from kdfast.engine import load_config
 from kdfast.engine.config import CONFIG_DIR, Config, students
-from kdfast.engine.trainer import image_size
+from kdfast.engine.trainer import build_distiller, image_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # batches of 2: threads only add overhead
 
@@ -58,7 +58,7 @@ def test_recipe_lr_and_dkd_beta_of_each_pair(pair):
 
 
 def one_step(cfg: Config) -> dict[str, float]:
-    """Builds the config's student, random teacher and distiller, takes one SGD step; returns the losses."""
+    """Builds a random teacher and the config's distiller as training does, takes one SGD step; returns the losses."""
     dataset, size = cfg.data.dataset, image_size(cfg.data.dataset)
     classes = NUM_CLASSES[dataset]
     torch.manual_seed(0)
@@ -66,8 +66,7 @@ def one_step(cfg: Config) -> dict[str, float]:
     teacher = None
     if method.needs_teacher:
         teacher = models.create(cfg.model.teacher, classes, dataset=dataset).eval().requires_grad_(False)
-    student = models.create(cfg.model.student, classes, dataset=dataset)
-    distiller = distillers.create(cfg.method.name, student, teacher, cfg.method.params, size)
+    distiller = build_distiller(cfg, classes, teacher)
     params = distiller.sgd_parameters()
     optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     images, labels = torch.randn(2, 3, size, size), torch.tensor([0, classes - 1])
