@@ -60,6 +60,7 @@ def test_shipped_config_is_valid(name):
     ("trian.epochs=2", "unknown section.*trian"),
     ("method.name=nope", "unknown method 'nope'"),
     ("model.student=nope", "unknown model.student 'nope'"),
+    ("model.student=ResNet34", "unknown model.student 'ResNet34' for dataset 'digits'"),
     ("method.tau=2", "unknown key.*method 'kd': tau"),
     ("data.dataset=cifar10", "needs data.root"),
     ("data.root=/nonexistent", None),

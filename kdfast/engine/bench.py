@@ -151,8 +151,9 @@ def _synthetic(batch: int, batches: int, seed: int = 0) -> tuple[Tensor, Tensor]
 
 def _models(teacher: str, student: str, device: torch.device, memory_format: torch.memory_format):
     torch.manual_seed(0)
-    t = models.create(teacher, NUM_CLASSES).to(device, memory_format=memory_format).eval().requires_grad_(False)
-    s = models.create(student, NUM_CLASSES).to(device, memory_format=memory_format)
+    t = models.create(teacher, NUM_CLASSES, dataset="cifar100").to(device, memory_format=memory_format)
+    s = models.create(student, NUM_CLASSES, dataset="cifar100").to(device, memory_format=memory_format)
+    t.eval().requires_grad_(False)
     return t, s
 
 
@@ -163,7 +164,7 @@ def _kdfast_step(method: str, teacher: str, student: str, device: torch.device, 
     t, _ = _models(teacher, student, device, torch.channels_last)
     runs = []
     for _ in range(students):
-        s = models.create(student, NUM_CLASSES).to(device, memory_format=torch.channels_last)
+        s = models.create(student, NUM_CLASSES, dataset="cifar100").to(device, memory_format=torch.channels_last)
         distiller = distillers.create(method, s, t, DISTILLER_PARAMS.get(method)).to(device, memory_format=torch.channels_last)
         runs.append((distiller, torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)))
     images = data[0].to(device).contiguous(memory_format=torch.channels_last)

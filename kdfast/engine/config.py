@@ -21,7 +21,7 @@ import yaml
 
 from kdfast import distillers, models
 from kdfast._coerce import coerce_fields
-from kdfast.data import DATASETS
+from kdfast.data import DATASETS, DECODES
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "TrainConfig", "RunConfig",
            "CONFIG_DIR", "load_config", "from_dict", "apply_overrides", "validate", "validate_data", "resolve_path", "to_dict",
@@ -41,6 +41,8 @@ class DataConfig:
     batch_size: int = 64  # per process
     eval_batch_size: int | None = None  # default: batch_size
     train_per_class: int | None = None  # train on the first N images of each class only (digits, CIFAR)
+    decode: str = "auto"  # ImageNet only (others ignore it): gpu (batched nvJPEG, main process), cpu (PIL in workers), auto
+    workers: int | None = None  # ImageNet's DataLoader processes (None: the cores available to the process)
 
 
 @dataclass
@@ -296,6 +298,8 @@ def _value_problems(cfg: Config) -> list[str]:
          f"data.train_per_class must be >= 1, got {data.train_per_class}"),
         (data.train_per_class is None or data.dataset != "imagenet",
          "data.train_per_class is for digits, cifar10 and cifar100"),
+        (data.decode in DECODES, f"data.decode must be one of {', '.join(DECODES)}, got {data.decode!r}"),
+        (data.workers is None or data.workers >= 0, f"data.workers must be >= 0, got {data.workers}"),
         (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
         (0 <= optim.momentum < 1, f"optim.momentum must be in [0, 1), got {optim.momentum}"),
         (optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}"),
@@ -327,8 +331,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     problems = _data_problems(cfg.data, check_files)
     for role in ("student", "teacher"):
         name = getattr(cfg.model, role)
-        if name is not None and name not in models.names():
-            problems.append(f"unknown model.{role} {name!r}; valid: {', '.join(models.names())}")
+        valid = models.names(cfg.data.dataset if cfg.data.dataset in DATASETS else None)
+        if name is not None and name not in valid:
+            problems.append(f"unknown model.{role} {name!r} for dataset {cfg.data.dataset!r}; valid: {', '.join(valid)}")
     try:
         method = distillers.get(cfg.method.name)
         distillers.make_params(cfg.method.name, cfg.method.params)
