@@ -335,7 +335,14 @@ def test_build_loaders_names(tmp_path):
 
 # ---------------------------------------------------------------- ImageFolder
 
+# ImageNet's decode paths; ids "decode=..." since a bare "gpu" id is the keyword conftest skips without a GPU
+# (decode="gpu" runs on CPU tensors here, the CPU JPEG decoder standing in for nvJPEG).
+DECODE_PATHS = [pytest.param(decode, id=f"decode={decode}") for decode in ("cpu", "gpu")]
+
+
 def make_image_tree(root: Path) -> None:
+    """Two classes of three 40 x 40 images per split: a PNG and two JPEGs each (the JPEGs take the
+    batched decoder of decode="gpu", the PNG its PIL fallback)."""
     rng = np.random.default_rng(0)
     from PIL import Image
 
@@ -344,12 +351,13 @@ def make_image_tree(root: Path) -> None:
             (root / split / cls).mkdir(parents=True)
             for i in range(3):
                 pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.{'png' if i == 0 else 'jpg'}")
 
 
-def test_image_folder_batches_determinism_and_resume(tmp_path):
+@pytest.mark.parametrize("decode", DECODE_PATHS)
+def test_image_folder_batches_determinism_and_resume(tmp_path, decode):
     make_image_tree(tmp_path)
-    train, test, num_classes = build_loaders("imagenet", tmp_path, batch_size=2, workers=0)
+    train, test, num_classes = build_loaders("imagenet", tmp_path, batch_size=2, workers=0, decode=decode)
     assert num_classes == 2 and len(train) == 3 and len(test) == 3
     rng_state = torch.get_rng_state()
     batches = epoch_batches(train)
@@ -357,17 +365,18 @@ def test_image_folder_batches_determinism_and_resume(tmp_path):
     x, y = batches[0]
     assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert sorted(torch.cat([y for _, y in epoch_batches(test)]).tolist()) == [0, 0, 0, 1, 1, 1]
-    again = build_loaders("imagenet", tmp_path, batch_size=2, workers=0).train
+    again = build_loaders("imagenet", tmp_path, batch_size=2, workers=0, decode=decode).train
     assert_same_batches(batches, epoch_batches(again))
-    resumed = build_loaders("imagenet", tmp_path, batch_size=2, workers=0).train
+    resumed = build_loaders("imagenet", tmp_path, batch_size=2, workers=0, decode=decode).train
     resumed.load_state_dict({**train.state_dict(), "epoch": 0, "batch": 1})
     assert_same_batches(batches[1:], epoch_batches(resumed))
 
 
-def test_image_folder_workers_give_the_same_batches(tmp_path):
+@pytest.mark.parametrize("decode", DECODE_PATHS)
+def test_image_folder_workers_give_the_same_batches(tmp_path, decode):
     make_image_tree(tmp_path)
-    alone = build_loaders("imagenet", tmp_path, batch_size=2, workers=0).train
-    pooled = build_loaders("imagenet", tmp_path, batch_size=2, workers=2).train
+    alone = build_loaders("imagenet", tmp_path, batch_size=2, workers=0, decode=decode).train
+    pooled = build_loaders("imagenet", tmp_path, batch_size=2, workers=2, decode=decode).train
     expected = epoch_batches(alone)
     assert_same_batches(expected, epoch_batches(pooled))
     pooled.set_epoch(0)
@@ -379,7 +388,8 @@ def test_image_folder_workers_give_the_same_batches(tmp_path):
 @pytest.mark.gpu
 def test_image_folder_on_cuda(tmp_path):
     make_image_tree(tmp_path)
-    on_gpu = build_loaders("imagenet", tmp_path, batch_size=2, workers=1, device="cuda").train
+    # the PIL path's copy to the device (decode="auto" would pick the nvJPEG path: tests/test_imagenet_decode.py)
+    on_gpu = build_loaders("imagenet", tmp_path, batch_size=2, workers=1, device="cuda", decode="cpu").train
     assert on_gpu.dataloader.pin_memory
     on_cpu = epoch_batches(build_loaders("imagenet", tmp_path, batch_size=2, workers=0).train)
     for (x, y), (x_cpu, y_cpu) in zip(on_gpu, on_cpu):
@@ -387,12 +397,13 @@ def test_image_folder_on_cuda(tmp_path):
         torch.testing.assert_close(x.cpu(), x_cpu)
 
 
+@pytest.mark.parametrize("decode", DECODE_PATHS)
 @pytest.mark.parametrize("workers", [0, 1])
-def test_unreadable_image_names_the_file(tmp_path, workers):
+def test_unreadable_image_names_the_file(tmp_path, workers, decode):
     make_image_tree(tmp_path)
     bad = tmp_path / "val" / "dog" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
-    test = build_loaders("imagenet", tmp_path, batch_size=7, workers=workers).test
+    test = build_loaders("imagenet", tmp_path, batch_size=7, workers=workers, decode=decode).test
     with pytest.raises(ValueError, match=re.escape(f"cannot read image file {bad}")):
         next(iter(test))
 

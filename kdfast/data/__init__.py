@@ -10,8 +10,10 @@ Datasets:
   (``kdfast.data.imagenet``).
 
 The small datasets live on the device as uint8 and are cropped, flipped (not the digits: a
-mirrored 2 or 7 is no digit) and normalized there (``ResidentLoader``); ImageNet is decoded by
-DataLoader workers (``WorkerLoader``). Both loaders
+mirrored 2 or 7 is no digit) and normalized there (``ResidentLoader``); ImageNet is read by
+DataLoader workers (``WorkerLoader``) and decoded either by them with PIL (``decode="cpu"``) or
+in the main process on the device (``decode="gpu"``: batched nvJPEG on CUDA; see
+``kdfast.data.imagenet``). Both loaders
 yield ``(images, labels)`` on the device (normalized float images, int64 labels) and share one
 interface: ``len()`` (batches per epoch on this rank), ``num_samples``, ``set_epoch(epoch)``,
 ``state_dict()`` / ``load_state_dict()`` for exact mid-epoch resume. Sharding follows the
@@ -34,6 +36,16 @@ from kdfast.data.schedule import EpochSchedule, ScheduledLoader
 from kdfast.data.transforms import Normalize, pad_crop_flip
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
+DECODES = ("gpu", "cpu", "auto")  # ImageNet's decode path; "auto": gpu when the device is CUDA, else cpu
+
+
+def resolve_decode(decode: str, device: torch.device | str) -> str:
+    """The decode path ("gpu" or "cpu") that `decode` (one of ``DECODES``) means on `device`."""
+    if decode not in DECODES:
+        raise ValueError(f"unknown decode {decode!r}; valid: {', '.join(DECODES)}")
+    if decode == "auto":
+        return "gpu" if torch.device(device).type == "cuda" else "cpu"
+    return decode
 
 
 def first_per_class(images: Tensor, labels: Tensor, count: int) -> tuple[Tensor, Tensor]:
@@ -62,12 +74,16 @@ def build_loaders(name: str = "digits", root: str | Path | None = None, batch_si
                   device: torch.device | str = "cpu", *, eval_batch_size: int | None = None,
                   download: bool = False, workers: int | None = None, seed: int = 0, drop_last: bool = False,
                   rank: int | None = None, world_size: int | None = None, dtype: torch.dtype = torch.float32,
-                  channels_last: bool = False, train_per_class: int | None = None) -> Loaders:
+                  channels_last: bool = False, train_per_class: int | None = None, decode: str = "auto") -> Loaders:
     """Training and test loaders of dataset `name` (one of ``DATASETS``) on `device`.
 
     root: the data folder (not used by "digits"). eval_batch_size: test batch size (default
     `batch_size`). download: let torchvision fetch missing CIFAR files (network needed).
-    workers: DataLoader processes for ImageNet (default min(8, CPUs)). seed: sample order and
+    workers: DataLoader processes for ImageNet (default: the CPU cores available to the process,
+    ``len(os.sched_getaffinity(0))``). decode: ImageNet's decode path, one of ``DECODES``: "cpu"
+    (PIL in the workers), "gpu" (workers read the files; the batch is decoded, cropped and flipped
+    on `device`, nvJPEG on CUDA) or "auto" (gpu on CUDA, else cpu); the same crops and flips on
+    either path; the other datasets ignore it (they are not decoded per batch). seed: sample order and
     augmentation of every epoch. drop_last: drop each epoch's last partial training batch.
     dtype / channels_last: the images' dtype and memory format. train_per_class: train on the
     first N training images of each class only (in the split's order: a fixed subset, the same
@@ -75,6 +91,7 @@ def build_loaders(name: str = "digits", root: str | Path | None = None, batch_si
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    decode = resolve_decode(decode, device)
     if name != "digits" and root is None:
         raise ValueError(f"dataset {name!r} needs root, the folder that holds its files")
     common = dict(device=device, seed=seed, rank=rank, world_size=world_size, dtype=dtype,
@@ -86,7 +103,7 @@ def build_loaders(name: str = "digits", root: str | Path | None = None, batch_si
             raise ValueError("train_per_class is for the device-resident datasets (digits, cifar10, cifar100)")
         from kdfast.data.imagenet import WorkerLoader, image_folder
 
-        train_set, test_set = image_folder(root, True, seed), image_folder(root, False, seed)
+        train_set, test_set = image_folder(root, True, seed, decode), image_folder(root, False, seed, decode)
         return Loaders(WorkerLoader(train_set, batch_size, train=True, workers=workers, drop_last=drop_last, **common),
                        WorkerLoader(test_set, test_batch, train=False, workers=workers, **common),
                        len(train_set.classes))
@@ -107,5 +124,6 @@ def build_loaders(name: str = "digits", root: str | Path | None = None, batch_si
                    num_classes)
 
 
-__all__ = ["DATASETS", "EpochSchedule", "Loaders", "Normalize", "ResidentLoader", "ScheduledLoader",
-           "build_loaders", "first_per_class", "load_cifar", "load_digits32", "pad_crop_flip"]
+__all__ = ["DATASETS", "DECODES", "EpochSchedule", "Loaders", "Normalize", "ResidentLoader", "ScheduledLoader",
+           "build_loaders", "first_per_class", "load_cifar", "load_digits32", "pad_crop_flip",
+           "resolve_decode"]

@@ -318,7 +318,8 @@ class _Run:
         data_seed = train_cfg.seed if train_cfg.data_seed is None else train_cfg.data_seed
         self.loaders = build_loaders(data.dataset, data.root, data.batch_size, dist.device,
                                      eval_batch_size=data.eval_batch_size, seed=data_seed,
-                                     channels_last=train_cfg.channels_last, train_per_class=data.train_per_class)
+                                     channels_last=train_cfg.channels_last, train_per_class=data.train_per_class,
+                                     workers=data.workers, decode=data.decode)
         needs_teacher = any(distillers.get(c.method.name).needs_teacher for _, _, c in entries)
         teacher_cfg = next((c for _, _, c in entries if distillers.get(c.method.name).needs_teacher), cfg)
         self.teacher = (frozen_teacher(teacher_cfg, self.loaders.num_classes, dist.device, memory_format)
