@@ -57,7 +57,7 @@ MIN_COMMAND_S = 10  # a command with less time left than this is skipped
 SECONDS_LEFT = "{seconds_left}"
 STOP_MARGIN_S = 20
 DATA_FILE = ROOT / ".gpu-data" / "cifar10-subset.npz.xz"  # benchmarks/gpu_data.py writes it (make gpu-data)
-REPORT_FILES = ("summary.json", "summary.txt", "tests.xml", "ops.csv", "e2e.csv")  # copied from the work folder
+REPORT_FILES = ("summary.json", "summary.txt", "tests.xml", "ops.csv", "e2e.csv", "loader.csv")  # copied from the work folder
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,17 @@ def real_data(ctx: Context) -> list[Command]:
     return [Command("real-data", argv + (["--dry-run"] if ctx.dry_run else []), 150)]
 
 
+def loader(ctx: Context) -> list[Command]:
+    """ImageNet input alone (benchmarks/bench_loader.py): nvJPEG decode on the GPU vs PIL in workers."""
+    out = ["--out", str(ctx.work / "loader.csv")]
+    if ctx.dry_run:
+        return [Command("loader", [ctx.python, "-m", "benchmarks.bench_loader", "--device", "cpu", "--workers", "0",
+                                   "--images", "16", "--batch", "8", "--epochs", "1", *out], 60)]
+    workers = sorted({0, 4, min(16, ctx.cpus)})
+    return [Command("loader", [ctx.python, "-m", "benchmarks.bench_loader", "--device", "cuda", "--images", "2000",
+                               "--batch", "256", "--epochs", "2", "--workers", *map(str, workers), *out], 90)]
+
+
 STAGES = (
     Stage("build", "pip install -e . for sm_90 on all cores; which kernels kdfast._C holds", build),
     Stage("correctness", "pytest -m gpu (JUnit XML, durations)", correctness),
@@ -196,6 +207,7 @@ STAGES = (
     Stage("e2e", "kdfast bench --e2e: KD, AT, DKD, LCC, LAKD, AFD vs the eager fp32 peer; 1, 2, 4 KD students "
                  "on one teacher forward vs separate runs", e2e),
     Stage("real-data", "CIFAR-10 subset: resnet20 teacher, resnet8 KD student, top-1 and wall time", real_data),
+    Stage("loader", "ImageNet input alone: nvJPEG decode on the GPU vs PIL in workers, images/s", loader),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # Runs first, whatever --stages says: the device and versions that the report names.
