@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/emu/*.h csrc/emu/*.cpp) $(shell find csrc/emu/include -name "*.h")
 
-.PHONY: quickstart demo test bench gpu-check gpu-data compile-check compile-check-triton36 wheel-check
+.PHONY: quickstart demo test bench gpu-check gpu-data compile-check compile-check-triton36 wheel-check lint
 
 quickstart: $(VENV)/.built
 	$(BIN)/kdfast quickstart
@@ -19,6 +19,11 @@ demo: $(VENV)/.built
 
 test: $(VENV)/.built
 	$(BIN)/python -m pytest
+
+# ruff's lint and format check over the whole tree (pyproject.toml [tool.ruff]).
+lint: $(VENV)/.built
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: $(VENV)/.built
 	$(BIN)/python -m benchmarks.run

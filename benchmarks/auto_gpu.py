@@ -28,8 +28,9 @@ CHOICES = ("triton", "cuda")
 
 def op_families() -> dict[str, str]:
     """Benchmarked op name -> kdfast.backends op family (e.g. "attention_map" -> "at")."""
-    return {spec.name: spec.family for name in bench_run.OPS
-            for spec in importlib.import_module(f"benchmarks.bench_{name}").SPECS}
+    return {
+        spec.name: spec.family for name in bench_run.OPS for spec in importlib.import_module(f"benchmarks.bench_{name}").SPECS
+    }
 
 
 def cuda_over_triton(rows: list[dict[str, str]], pass_: str) -> dict[str, tuple[float, int]]:
@@ -55,8 +56,9 @@ def cuda_over_triton(rows: list[dict[str, str]], pass_: str) -> dict[str, tuple[
 def choose(rows: list[dict[str, str]], current: dict[str, str], pass_: str) -> dict[str, str]:
     """The new choice of every family in `current` (see the module docstring)."""
     ratios = cuda_over_triton(rows, pass_)
-    return {family: (("cuda" if ratios[family][0] < 1 else "triton") if family in ratios else old)
-            for family, old in current.items()}
+    return {
+        family: (("cuda" if ratios[family][0] < 1 else "triton") if family in ratios else old) for family, old in current.items()
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

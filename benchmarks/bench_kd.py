@@ -19,7 +19,8 @@ from torch import Tensor
 
 from benchmarks.common import Inputs, OpSpec, Shape, by_pass, element_size
 from kdfast import functional
-from kdfast.reference import dkd as dkd_reference, kd as kd_reference
+from kdfast.reference import dkd as dkd_reference
+from kdfast.reference import kd as kd_reference
 
 LOGITS = {
     "cuda": [((64, 100),), ((512, 100),), ((256, 1000),), ((1024, 1000),), ((256, 21843),)],
@@ -104,9 +105,17 @@ def dkd_fused_bytes(shape: Shape, dtype: torch.dtype, pass_: str) -> int:
 def _logit_spec(name: str, reference, fused, make_inputs, bytes_moved, fused_bytes_moved) -> OpSpec:
     """A logit loss's spec: op key = name without "_loss", the LOGITS shapes, one backward per
     forward (module docstring)."""
-    return OpSpec(name=name, family=name.removesuffix("_loss"), reference=reference, fused=fused,
-                  make_inputs=make_inputs, bytes_moved=bytes_moved, shapes=LOGITS,
-                  fused_bytes_moved=fused_bytes_moved, backward_once=True)
+    return OpSpec(
+        name=name,
+        family=name.removesuffix("_loss"),
+        reference=reference,
+        fused=fused,
+        make_inputs=make_inputs,
+        bytes_moved=bytes_moved,
+        shapes=LOGITS,
+        fused_bytes_moved=fused_bytes_moved,
+        backward_once=True,
+    )
 
 
 SPECS = (

@@ -33,8 +33,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -106,8 +106,9 @@ def step_times(step: Callable[[], None], device: torch.device, iters: int) -> tu
     return statistics.median(times), cuts[0], cuts[3]
 
 
-def measure(pairs: Sequence[tuple[str, str]], variants: Sequence[str], batch: int, device: torch.device,
-            iters: int, warmup: int) -> list[common.Row]:
+def measure(
+    pairs: Sequence[tuple[str, str]], variants: Sequence[str], batch: int, device: torch.device, iters: int, warmup: int
+) -> list[common.Row]:
     """Every (pair, variant): warm-up steps, one step for the peak memory, `iters` timed steps."""
     rows = []
     dtype = "bfloat16" if device.type == "cuda" else "float32"  # the engine's amp "auto"
@@ -123,9 +124,23 @@ def measure(pairs: Sequence[tuple[str, str]], variants: Sequence[str], batch: in
             median, p20, p80 = step_times(step, device, iters)
             print(f"{teacher + '->' + student:<24} {variant:<16} {peak / 2**20:>9.1f} {median:>9.1f}", flush=True)
             note = f"peak: {what}; teacher Features {teacher_bytes / 2**20:.1f} MiB of it; {iters} timed steps"
-            rows.append(common.Row(f"{teacher}->{student}", variant, "train_step", dtype, f"{batch}x3x32x32",
-                                   median, p20, p80, peak, float("nan"), timestamp=common.now(), note=note,
-                                   **common.environment(device)))
+            rows.append(
+                common.Row(
+                    f"{teacher}->{student}",
+                    variant,
+                    "train_step",
+                    dtype,
+                    f"{batch}x3x32x32",
+                    median,
+                    p20,
+                    p80,
+                    peak,
+                    float("nan"),
+                    timestamp=common.now(),
+                    note=note,
+                    **common.environment(device),
+                )
+            )
     return rows
 
 

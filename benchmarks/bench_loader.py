@@ -28,8 +28,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -74,8 +74,9 @@ def epoch_times(root: Path, decode: str, workers: int, batch: int, device: torch
     return times[1:]
 
 
-def measure(root: Path, images: int, decodes: Sequence[str], workers: Sequence[int], batch: int,
-            device: torch.device, epochs: int) -> list[common.Row]:
+def measure(
+    root: Path, images: int, decodes: Sequence[str], workers: Sequence[int], batch: int, device: torch.device, epochs: int
+) -> list[common.Row]:
     """One row per (decode path, worker count)."""
     rows = []
     batches = -(-images // batch)
@@ -89,11 +90,27 @@ def measure(root: Path, images: int, decodes: Sequence[str], workers: Sequence[i
             rate = images / statistics.median(times)
             load = " ".join(f"{v:.2f}" for v in os.getloadavg())
             print(f"{decode:<8} {count:>7} {rate:>9.1f} {statistics.median(per_batch):>9.1f}  {load}", flush=True)
-            note = (f"{rate:.1f} images/s; {epochs} timed epochs; load average {load} (1/5/15 min) on "
-                    f"{len(os.sched_getaffinity(0))} cores shared with other processes")
-            rows.append(common.Row("imagenet-loader", f"decode-{decode}", f"workers={count}", "uint8->float32",
-                                   f"{images}x{WIDTH}x{HEIGHT}-b{batch}", statistics.median(per_batch), cuts[0], cuts[3],
-                                   None, float("nan"), timestamp=common.now(), note=note, **common.environment(device)))
+            note = (
+                f"{rate:.1f} images/s; {epochs} timed epochs; load average {load} (1/5/15 min) on "
+                f"{len(os.sched_getaffinity(0))} cores shared with other processes"
+            )
+            rows.append(
+                common.Row(
+                    "imagenet-loader",
+                    f"decode-{decode}",
+                    f"workers={count}",
+                    "uint8->float32",
+                    f"{images}x{WIDTH}x{HEIGHT}-b{batch}",
+                    statistics.median(per_batch),
+                    cuts[0],
+                    cuts[3],
+                    None,
+                    float("nan"),
+                    timestamp=common.now(),
+                    note=note,
+                    **common.environment(device),
+                )
+            )
     return rows
 
 

@@ -34,7 +34,7 @@ from kdfast.reference import map_distance as reference
 Entry = tuple[int, int, int, int, int]  # (n maps, B, C, H, W)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def block_shapes(model: str) -> tuple[tuple[int, int, int], ...]:
     """(C, H, W) of every residual-block output of a CIFAR-100 model (one forward at batch 1)."""
     net = models.create(model, 100).eval()
@@ -54,8 +54,7 @@ def _entries(chws: tuple[tuple[int, int, int], ...], batch: int) -> tuple[Entry,
     return tuple(entries)
 
 
-def pair_shape(student: tuple[tuple[int, int, int], ...], teacher: tuple[tuple[int, int, int], ...],
-               batch: int) -> Shape:
+def pair_shape(student: tuple[tuple[int, int, int], ...], teacher: tuple[tuple[int, int, int], ...], batch: int) -> Shape:
     s, t = _entries(student, batch), _entries(teacher, batch)
     return ((len(s),), *s, *t)
 

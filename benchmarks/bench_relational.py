@@ -28,7 +28,8 @@ import torch
 
 from benchmarks.common import Inputs, OpSpec, Shape, by_pass, element_size
 from kdfast import functional
-from kdfast.reference import rkd as rkd_reference, sp as sp_reference
+from kdfast.reference import rkd as rkd_reference
+from kdfast.reference import sp as sp_reference
 
 # Peak of the eager RKD reference per B^2 (Ds + Dt) (float32 differences, their normalisation
 # and the cosines of both networks, the student's retained for the backward; LiveTensorBytes at

@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch._functorch.config as functorch_config
@@ -140,7 +141,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def shape_label(shape: Shape) -> str:
-    """"64x16x32x32" for one feature map, stages joined by "+" for several; "256x1000" for logits."""
+    """ "64x16x32x32" for one feature map, stages joined by "+" for several; "256x1000" for logits."""
     return "+".join("x".join(map(str, stage)) for stage in shape)
 
 
@@ -375,5 +376,3 @@ def unmeasured_row(case: Case) -> Row:
     nan = float("nan")
     peak = case.spec.reference_bytes(case.shape, case.dtype, case.pass_)
     return Row(*case.key, nan, nan, nan, peak, nan, timestamp=now(), note=case.skip_reason, **environment(case.device))
-
-

@@ -12,8 +12,8 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 
@@ -42,9 +42,7 @@ def test_case(benchmark, case: common.Case) -> None:
     of setup and call together (at least MIN_ROUNDS).
     """
     timed = common.prepare(case)
-    benchmark.extra_info.update(
-        case_id=case.id, peak_mem_bytes=common.peak_memory_bytes(timed, case), timestamp=common.now()
-    )
+    benchmark.extra_info.update(case_id=case.id, peak_mem_bytes=common.peak_memory_bytes(timed, case), timestamp=common.now())
     if timed.setup is None:
         benchmark(timed.run)
         return
@@ -62,7 +60,8 @@ def run(cases: Sequence[common.Case], out: Path) -> int:
             [
                 __file__,
                 "-q",
-                "-p", "no:cacheprovider",
+                "-p",
+                "no:cacheprovider",
                 "--benchmark-enable",  # the project's addopts disable benchmarks for the test suite
                 f"--benchmark-json={report}",
                 f"--benchmark-max-time={MAX_TIME_S}",

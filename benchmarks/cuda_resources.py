@@ -54,8 +54,19 @@ EIATTR_MAXREG_COUNT = 0x1B
 EIATTR_REGCOUNT = 0x2F
 EIATTR_NUM_BARRIERS = 0x4C
 
-FIELDS = ["file", "kernel", "dtype", "registers", "register_cap", "stack_frame_bytes", "stack_bytes", "shared_bytes",
-          "max_threads", "param_bytes", "barriers"]
+FIELDS = [
+    "file",
+    "kernel",
+    "dtype",
+    "registers",
+    "register_cap",
+    "stack_frame_bytes",
+    "stack_bytes",
+    "shared_bytes",
+    "max_threads",
+    "param_bytes",
+    "barriers",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +98,14 @@ class Section:
 
 def elf_sections(elf: bytes) -> list[Section]:
     """The section headers of a little-endian ELF64 image, named."""
-    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    (shoff,) = struct.unpack_from("<Q", elf, 0x28)
     entsize, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
     raw = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * entsize) for i in range(count)]
     names_offset = raw[names_index][4]
 
     def name(offset: int) -> str:
         start = names_offset + offset
-        return elf[start:elf.index(b"\0", start)].decode()
+        return elf[start : elf.index(b"\0", start)].decode()
 
     return [Section(name(r[0]), r[4], r[5]) for r in raw]
 
@@ -105,11 +116,11 @@ def nv_info(data: bytes) -> Iterator[tuple[int, bytes]]:
     while pos + 4 <= len(data):
         fmt, attr = data[pos], data[pos + 1]
         if fmt == 0x04:
-            size, = struct.unpack_from("<H", data, pos + 2)
-            yield attr, data[pos + 4:pos + 4 + size]
+            (size,) = struct.unpack_from("<H", data, pos + 2)
+            yield attr, data[pos + 4 : pos + 4 + size]
             pos += 4 + size
         else:  # 0x01-0x03: the value (if any) in the entry's last two bytes
-            yield attr, data[pos + 2:pos + 4]
+            yield attr, data[pos + 2 : pos + 4]
             pos += 4
 
 
@@ -119,7 +130,7 @@ def fatbin_cubins(so: Path, arch: int) -> Iterator[tuple[str, bytes]]:
     fatbin = next((s for s in elf_sections(image) if s.name == ".nv_fatbin"), None)
     if fatbin is None:
         return
-    data = image[fatbin.offset:fatbin.offset + fatbin.size]
+    data = image[fatbin.offset : fatbin.offset + fatbin.size]
     pos = 0
     while pos + 16 <= len(data):
         magic, _, header_size, body_size = struct.unpack_from("<IHHQ", data, pos)
@@ -130,14 +141,15 @@ def fatbin_cubins(so: Path, arch: int) -> Iterator[tuple[str, bytes]]:
         while entry < end:
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
             entry_arch, name_offset, name_size = struct.unpack_from("<III", data, entry + 28)
-            flags, = struct.unpack_from("<Q", data, entry + 40)
+            (flags,) = struct.unpack_from("<Q", data, entry + 40)
             if kind == FATBIN_ELF and entry_arch == arch:
                 if flags & FATBIN_COMPRESSED:
-                    raise RuntimeError(f"{so}: compressed fatbin entries are not supported (build without "
-                                       "-Xfatbin -compress-all)")
-                name = data[entry + name_offset:entry + name_offset + name_size].split(b"\0")[0].decode()
+                    raise RuntimeError(
+                        f"{so}: compressed fatbin entries are not supported (build without -Xfatbin -compress-all)"
+                    )
+                name = data[entry + name_offset : entry + name_offset + name_size].split(b"\0")[0].decode()
                 start = entry + entry_header
-                yield name, data[start:start + payload]
+                yield name, data[start : start + payload]
             entry += entry_header + payload
         pos = end
 
@@ -148,7 +160,7 @@ def cubin_kernels(cubin: bytes) -> Iterator[tuple[str, dict[str, int]]]:
     per_symbol: dict[int, dict[int, int]] = {}  # .nv.info: attribute -> value, by symbol index
     for section in sections:
         if section.name == ".nv.info":
-            for attr, value in nv_info(cubin[section.offset:section.offset + section.size]):
+            for attr, value in nv_info(cubin[section.offset : section.offset + section.size]):
                 if len(value) == 8:
                     symbol, number = struct.unpack("<II", value)
                     per_symbol.setdefault(symbol, {})[attr] = number
@@ -159,27 +171,30 @@ def cubin_kernels(cubin: bytes) -> Iterator[tuple[str, dict[str, int]]]:
         name_offset, info = struct.unpack_from("<IB", cubin, symtab.offset + 24 * i)
         if info & 0xF == 2:  # STT_FUNC
             start = strtab.offset + name_offset
-            symbols[cubin[start:cubin.index(b"\0", start)].decode()] = i
+            symbols[cubin[start : cubin.index(b"\0", start)].decode()] = i
     for section in sections:
         if not section.name.startswith(".text."):
             continue
-        name = section.name[len(".text."):]
+        name = section.name[len(".text.") :]
         own: dict[int, bytes] = {}
         info = next((s for s in sections if s.name == f".nv.info.{name}"), None)
         if info is not None:
-            own = dict(nv_info(cubin[info.offset:info.offset + info.size]))
+            own = dict(nv_info(cubin[info.offset : info.offset + info.size]))
         shared = next((s.size for s in sections if s.name == f".nv.shared.{name}"), 0)
         attrs = per_symbol.get(symbols.get(name, -1), {})
-        yield name, {
-            "registers": attrs.get(EIATTR_REGCOUNT, 0),
-            "register_cap": int.from_bytes(own.get(EIATTR_MAXREG_COUNT, b"\0\0"), "little"),
-            "stack_frame_bytes": attrs.get(EIATTR_FRAME_SIZE, 0),
-            "stack_bytes": attrs.get(EIATTR_MIN_STACK_SIZE, 0),
-            "shared_bytes": max(shared - RESERVED_SHARED, 0),
-            "max_threads": int.from_bytes(own.get(EIATTR_MAX_THREADS, b"\0\0\0\0")[:4], "little"),
-            "param_bytes": int.from_bytes(own.get(EIATTR_CBANK_PARAM_SIZE, b"\0\0"), "little"),
-            "barriers": own.get(EIATTR_NUM_BARRIERS, b"\0")[0],
-        }
+        yield (
+            name,
+            {
+                "registers": attrs.get(EIATTR_REGCOUNT, 0),
+                "register_cap": int.from_bytes(own.get(EIATTR_MAXREG_COUNT, b"\0\0"), "little"),
+                "stack_frame_bytes": attrs.get(EIATTR_FRAME_SIZE, 0),
+                "stack_bytes": attrs.get(EIATTR_MIN_STACK_SIZE, 0),
+                "shared_bytes": max(shared - RESERVED_SHARED, 0),
+                "max_threads": int.from_bytes(own.get(EIATTR_MAX_THREADS, b"\0\0\0\0")[:4], "little"),
+                "param_bytes": int.from_bytes(own.get(EIATTR_CBANK_PARAM_SIZE, b"\0\0"), "little"),
+                "barriers": own.get(EIATTR_NUM_BARRIERS, b"\0")[0],
+            },
+        )
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -205,18 +220,22 @@ def short_name(demangled: str) -> str:
 
 def read_kernels(so: Path, arch: int = 90) -> list[Kernel]:
     """Every kernel instantiation of the .so for sm_<arch>, sorted by file and name."""
-    found = [(Path(file).name, name, res) for file, cubin in fatbin_cubins(so, arch)
-             for name, res in cubin_kernels(cubin)]
+    found = [(Path(file).name, name, res) for file, cubin in fatbin_cubins(so, arch) for name, res in cubin_kernels(cubin)]
     names = [short_name(n) for n in demangle([name for _, name, _ in found])]
-    kernels = [Kernel(file, name, "float64" if "double" in name else "reduced", **res)
-               for (file, _, res), name in zip(found, names, strict=True)]
+    kernels = [
+        Kernel(file, name, "float64" if "double" in name else "reduced", **res)
+        for (file, _, res), name in zip(found, names, strict=True)
+    ]
     return sorted(kernels, key=lambda k: (k.file, k.kernel))
 
 
 def spill_failures(kernels: list[Kernel]) -> list[str]:
     """The reduced-precision instantiations that use a stack (spills, local arrays, calls)."""
-    return [f"{k.file}: {k.kernel}: {k.stack_frame_bytes} bytes stack frame, {k.stack_bytes} bytes stack "
-            f"({k.registers} registers)" for k in kernels if k.dtype == "reduced" and k.stack_bytes > 0]
+    return [
+        f"{k.file}: {k.kernel}: {k.stack_frame_bytes} bytes stack frame, {k.stack_bytes} bytes stack ({k.registers} registers)"
+        for k in kernels
+        if k.dtype == "reduced" and k.stack_bytes > 0
+    ]
 
 
 def extension_path() -> Path:

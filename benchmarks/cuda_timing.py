@@ -3,8 +3,8 @@ the CSV as soon as it is measured (a run cut short keeps what it measured)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

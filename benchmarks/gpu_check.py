@@ -120,16 +120,18 @@ def build(ctx: Context) -> list[Command]:
     pip = [ctx.python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."]
     # kdfast._C_emu (the CUDA kernels emulated on the CPU, for CPU tests) is not needed here
     env = {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": str(ctx.cpus), "KDFAST_SKIP_CUDA_EMU": "1"}
-    return [Command("build", pip, 300, env),
-            Command("build-without-cuda", pip, 150, {**env, "KDFAST_SKIP_CUDA": "1"}, fallback_for="build"), check]
+    return [
+        Command("build", pip, 300, env),
+        Command("build-without-cuda", pip, 150, {**env, "KDFAST_SKIP_CUDA": "1"}, fallback_for="build"),
+        check,
+    ]
 
 
 def correctness(ctx: Context) -> list[Command]:
     """The GPU part of the test suite (``-m gpu``: every op on cuda and triton, opcheck,
     compile, training on the GPU), per-test times in the JUnit report, xdist workers and a
     per-test timeout where those plugins are installed (they are on the lent machine)."""
-    argv = [ctx.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15",
-            f"--junitxml={ctx.work / 'tests.xml'}"]
+    argv = [ctx.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15", f"--junitxml={ctx.work / 'tests.xml'}"]
     if find_spec("pytest_timeout"):  # per test; for the session (2.3+): stop, write the report, before the kill
         argv.append("--timeout=120")
         if tuple(int(n) for n in version("pytest-timeout").split(".")[:2]) >= (2, 3):
@@ -158,18 +160,35 @@ def sanitizers(ctx: Context) -> list[Command]:
         return [Command("op-cases", driver, 120)]
     tool = compute_sanitizer()
     if tool is None:
-        missing = [ctx.python, "-c", "raise SystemExit('compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)')"]
+        missing = [
+            ctx.python,
+            "-c",
+            "raise SystemExit('compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)')",
+        ]
         return [Command("memcheck", missing, 10), Command("racecheck", missing, 10)]
-    sanitize = [tool, "--error-exitcode", "1", "--print-limit", "20", "--report-api-errors", "no",
-                "--kernel-name", "kns=kdfast", "--tool"]
-    return [Command("memcheck", [*sanitize, "memcheck", *driver], 60, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
-            Command("racecheck", [*sanitize, "racecheck", *driver], 60)]
+    sanitize = [
+        tool,
+        "--error-exitcode",
+        "1",
+        "--print-limit",
+        "20",
+        "--report-api-errors",
+        "no",
+        "--kernel-name",
+        "kns=kdfast",
+        "--tool",
+    ]
+    return [
+        Command("memcheck", [*sanitize, "memcheck", *driver], 60, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
+        Command("racecheck", [*sanitize, "racecheck", *driver], 60),
+    ]
 
 
 def ops(ctx: Context) -> list[Command]:
     """Device peaks (copy, bf16 matmul), then the op sweep of benchmarks/gpu_tasks.py."""
-    argv = ctx.task("op-sweep", "--device", ctx.device, "--out", str(ctx.work / "ops.csv"),
-                    "--peaks", str(ctx.work / "peaks.json"))
+    argv = ctx.task(
+        "op-sweep", "--device", ctx.device, "--out", str(ctx.work / "ops.csv"), "--peaks", str(ctx.work / "peaks.json")
+    )
     return [Command("ops", argv + (["--dry-run"] if ctx.dry_run else []), 120)]
 
 
@@ -192,11 +211,51 @@ def loader(ctx: Context) -> list[Command]:
     """ImageNet input alone (benchmarks/bench_loader.py): nvJPEG decode on the GPU vs PIL in workers."""
     out = ["--out", str(ctx.work / "loader.csv")]
     if ctx.dry_run:
-        return [Command("loader", [ctx.python, "-m", "benchmarks.bench_loader", "--device", "cpu", "--workers", "0",
-                                   "--images", "16", "--batch", "8", "--epochs", "1", *out], 60)]
+        return [
+            Command(
+                "loader",
+                [
+                    ctx.python,
+                    "-m",
+                    "benchmarks.bench_loader",
+                    "--device",
+                    "cpu",
+                    "--workers",
+                    "0",
+                    "--images",
+                    "16",
+                    "--batch",
+                    "8",
+                    "--epochs",
+                    "1",
+                    *out,
+                ],
+                60,
+            )
+        ]
     workers = sorted({0, 4, min(16, ctx.cpus)})
-    return [Command("loader", [ctx.python, "-m", "benchmarks.bench_loader", "--device", "cuda", "--images", "2000",
-                               "--batch", "256", "--epochs", "2", "--workers", *map(str, workers), *out], 90)]
+    return [
+        Command(
+            "loader",
+            [
+                ctx.python,
+                "-m",
+                "benchmarks.bench_loader",
+                "--device",
+                "cuda",
+                "--images",
+                "2000",
+                "--batch",
+                "256",
+                "--epochs",
+                "2",
+                "--workers",
+                *map(str, workers),
+                *out,
+            ],
+            90,
+        )
+    ]
 
 
 STAGES = (
@@ -204,15 +263,22 @@ STAGES = (
     Stage("correctness", "pytest -m gpu (JUnit XML, durations)", correctness),
     Stage("sanitizers", "compute-sanitizer memcheck and racecheck, every CUDA op fwd+bwd", sanitizers),
     Stage("ops", "copy and matmul peaks; every op and backend, eager and compiled, CIFAR/ImageNet shapes", ops),
-    Stage("e2e", "kdfast bench --e2e: KD, AT, DKD, LCC, LAKD, AFD vs the eager fp32 peer; 1, 2, 4 KD students "
-                 "on one teacher forward vs separate runs", e2e),
+    Stage(
+        "e2e",
+        "kdfast bench --e2e: KD, AT, DKD, LCC, LAKD, AFD vs the eager fp32 peer; 1, 2, 4 KD students "
+        "on one teacher forward vs separate runs",
+        e2e,
+    ),
     Stage("real-data", "CIFAR-10 subset: resnet20 teacher, resnet8 KD student, top-1 and wall time", real_data),
     Stage("loader", "ImageNet input alone: nvJPEG decode on the GPU vs PIL in workers, images/s", loader),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # Runs first, whatever --stages says: the device and versions that the report names.
-ENVIRONMENT = Stage("environment", "device, torch, triton, CUDA versions", lambda ctx: [
-    Command("environment", ctx.task("environment", "--out", str(ctx.work / "environment.json")), 60)])
+ENVIRONMENT = Stage(
+    "environment",
+    "device, torch, triton, CUDA versions",
+    lambda ctx: [Command("environment", ctx.task("environment", "--out", str(ctx.work / "environment.json")), 60)],
+)
 
 
 # --- Running.
@@ -329,10 +395,20 @@ def run(ctx: Context, stage_names: Sequence[str], report: Path, budget_s: float)
             result = run_command(command, ctx, deadline)
             results.append(result)
             print(f"   {command.name}: {result.status} in {result.wall_s:.1f} s {result.note}", flush=True)
-        notes = "; ".join(f"{r.name}: {r.status}{' (' + r.note + ')' if r.note else ''}" for r in results
-                          if r.status not in ("pass", "unneeded"))
-        stages.append({"name": stage.name, "status": stage_status(results), "wall_s": time.monotonic() - stage_start,
-                       "note": notes, "commands": [asdict(r) for r in results]})
+        notes = "; ".join(
+            f"{r.name}: {r.status}{' (' + r.note + ')' if r.note else ''}"
+            for r in results
+            if r.status not in ("pass", "unneeded")
+        )
+        stages.append(
+            {
+                "name": stage.name,
+                "status": stage_status(results),
+                "wall_s": time.monotonic() - stage_start,
+                "note": notes,
+                "commands": [asdict(r) for r in results],
+            }
+        )
         summary = summarize(ctx, stages, time.monotonic() - start)
         write_report(ctx, report, summary)
     summary = summarize(ctx, stages, time.monotonic() - start)
@@ -346,7 +422,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stages", nargs="+", choices=STAGE_NAMES, default=list(STAGE_NAMES), help="default: all, in order")
     parser.add_argument("--dry-run", action="store_true", help="the same stages on the CPU, tiny (the CI test)")
     parser.add_argument("--out", type=Path, help="report folder (default: $OUT, else benchmarks/results/gpu-<date>/)")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help=f"deadline of the whole run (default {DEFAULT_BUDGET_S})")
+    parser.add_argument(
+        "--budget-s", type=float, default=DEFAULT_BUDGET_S, help=f"deadline of the whole run (default {DEFAULT_BUDGET_S})"
+    )
     parser.add_argument("--data", type=Path, default=DATA_FILE, help=f"CIFAR-10 subset (default {DATA_FILE.relative_to(ROOT)})")
     parser.add_argument("--list", action="store_true", help="list the stages and their commands' time boxes, run nothing")
     return parser.parse_args(argv)

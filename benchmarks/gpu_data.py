@@ -52,8 +52,13 @@ def prepare(source: Path, out_dir: Path, train: int, test: int) -> Path:
     if train > len(train_x) or test > len(test_x):
         raise ValueError(f"asked for {train} + {test} images; {source} has {len(train_x)} + {len(test_x)}")
     buffer = io.BytesIO()
-    np.savez(buffer, train_x=_hwc(train_x[:train]), train_y=train_y[:train].numpy(),
-             test_x=_hwc(test_x[:test]), test_y=test_y[:test].numpy())
+    np.savez(
+        buffer,
+        train_x=_hwc(train_x[:train]),
+        train_y=train_y[:train].numpy(),
+        test_x=_hwc(test_x[:test]),
+        test_y=test_y[:test].numpy(),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SUBSET_NAME
     partial = path.with_suffix(".partial")
@@ -81,8 +86,9 @@ def unpack(path: Path, root: Path) -> Path:
         with open(folder / name, "wb") as file:
             pickle.dump({b"data": np.ascontiguousarray(rows), spec.label_key: labels.astype(np.int64)}, file, protocol=2)
 
-    for name, images, labels in zip(spec.train_files, np.array_split(arrays["train_x"], TRAIN_BATCHES),
-                                    np.array_split(arrays["train_y"], TRAIN_BATCHES)):
+    for name, images, labels in zip(
+        spec.train_files, np.array_split(arrays["train_x"], TRAIN_BATCHES), np.array_split(arrays["train_y"], TRAIN_BATCHES)
+    ):
         write(name, images, labels)
     write(spec.test_files[0], arrays["test_x"], arrays["test_y"])
     return root
@@ -91,15 +97,17 @@ def unpack(path: Path, root: Path) -> Path:
 def tree_bytes(root: Path) -> int:
     """Bytes of the working tree that a call to the lent machine sends: the files git tracks or
     would track (untracked, not ignored)."""
-    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=root, capture_output=True, check=True).stdout.decode()
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root, capture_output=True, check=True
+    ).stdout.decode()
     return sum(path.stat().st_size for name in listing.split("\0") if name and (path := root / name).is_file())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
-                        help=f"folder holding cifar-10-batches-py/ (default {DEFAULT_SOURCE})")
+    parser.add_argument(
+        "--source", type=Path, default=DEFAULT_SOURCE, help=f"folder holding cifar-10-batches-py/ (default {DEFAULT_SOURCE})"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"output folder (default {DEFAULT_DIR})")
     parser.add_argument("--train", type=int, default=20000, help="training images (default 20000)")
     parser.add_argument("--test", type=int, default=2000, help="test images (default 2000)")
@@ -109,8 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{path}: {args.train} training + {args.test} test images, {subset / 2**20:.1f} MiB")
     tree = tree_bytes(Path(__file__).resolve().parent.parent)
     total = tree + subset
-    print(f"a call carrying it sends {tree / 2**20:.1f} MiB of working tree + {subset / 2**20:.1f} MiB = "
-          f"{total / 2**20:.1f} MiB (limit {TRAVEL_LIMIT >> 20} MiB)")
+    print(
+        f"a call carrying it sends {tree / 2**20:.1f} MiB of working tree + {subset / 2**20:.1f} MiB = "
+        f"{total / 2**20:.1f} MiB (limit {TRAVEL_LIMIT >> 20} MiB)"
+    )
     return 0 if total < TRAVEL_LIMIT else 1
 
 

@@ -44,7 +44,10 @@ def slowest_tests(junit: Path, count: int = 10) -> list[dict[str, Any]]:
     """The `count` slowest test cases: {"test": classname::name, "seconds"}."""
     if not junit.is_file():
         return []
-    cases = [(float(c.get("time", 0)), f"{c.get('classname')}::{c.get('name')}") for c in ElementTree.parse(junit).getroot().iter("testcase")]
+    cases = [
+        (float(c.get("time", 0)), f"{c.get('classname')}::{c.get('name')}")
+        for c in ElementTree.parse(junit).getroot().iter("testcase")
+    ]
     return [{"test": name, "seconds": round(seconds, 2)} for seconds, name in sorted(cases, reverse=True)[:count]]
 
 
@@ -52,8 +55,11 @@ def failed_tests(junit: Path) -> list[str]:
     """classname::name of every failed or erroring test case."""
     if not junit.is_file():
         return []
-    return [f"{c.get('classname')}::{c.get('name')}" for c in ElementTree.parse(junit).getroot().iter("testcase")
-            if any(child.tag in ("failure", "error") for child in c)]
+    return [
+        f"{c.get('classname')}::{c.get('name')}"
+        for c in ElementTree.parse(junit).getroot().iter("testcase")
+        if any(child.tag in ("failure", "error") for child in c)
+    ]
 
 
 # --- Sanitizers (compute-sanitizer's summary lines).
@@ -145,8 +151,10 @@ def op_summary(rows: list[dict[str, str]], peaks: dict[str, float]) -> list[dict
             groups.setdefault(row["op"], {}).setdefault((row["shape"], row["dtype"]), {})[row["backend"]] = row
     summary = []
     for op, cases in groups.items():
-        fastest = {key: min((_ms(row) for b, row in case.items() if b not in REFERENCE_BACKENDS), default=math.nan)
-                   for key, case in cases.items()}
+        fastest = {
+            key: min((_ms(row) for b, row in case.items() if b not in REFERENCE_BACKENDS), default=math.nan)
+            for key, case in cases.items()
+        }
         fused = sorted({b for case in cases.values() for b in case if b not in REFERENCE_BACKENDS})
         if not fused:
             continue
@@ -179,8 +187,11 @@ def e2e_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"method": method}
         for backend, row in runs.items():
             batch = int(row["shape"].split("x")[0])
-            entry[backend] = {"ms": _ms(row), "images_per_s": batch * 1e3 / _ms(row),
-                              "peak_mem_bytes": int(row["peak_mem_bytes"]) if row.get("peak_mem_bytes") else None}
+            entry[backend] = {
+                "ms": _ms(row),
+                "images_per_s": batch * 1e3 / _ms(row),
+                "peak_mem_bytes": int(row["peak_mem_bytes"]) if row.get("peak_mem_bytes") else None,
+            }
         if "eager-fp32" in runs and "kdfast" in runs:
             entry["speedup"] = entry["eager-fp32"]["ms"] / entry["kdfast"]["ms"]
         summary.append(entry)
@@ -200,10 +211,17 @@ def students_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
             entry = found.setdefault((row["op"].removeprefix(STUDENTS_PREFIX), int(n)), {})
             entry[kind] = _ms(row)
             entry["batch"] = int(row["shape"].split("x")[0])
-    return [{"method": method, "n": n, "separate_ms": e.get("separate"), "shared_ms": e.get("shared"),
-             "images_per_s_per_student": e["batch"] * 1e3 / e["shared"] if "shared" in e else None,
-             "speedup": e["separate"] / e["shared"] if "separate" in e and "shared" in e else None}
-            for (method, n), e in found.items()]
+    return [
+        {
+            "method": method,
+            "n": n,
+            "separate_ms": e.get("separate"),
+            "shared_ms": e.get("shared"),
+            "images_per_s_per_student": e["batch"] * 1e3 / e["shared"] if "shared" in e else None,
+            "speedup": e["separate"] / e["shared"] if "separate" in e and "shared" in e else None,
+        }
+        for (method, n), e in found.items()
+    ]
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -220,8 +238,12 @@ def fmt_num(value: float | None, spec: str) -> str:
 def table(summary: dict[str, Any]) -> str:
     """The summary as text: stages, tests, slowest tests, sanitizers, ops, e2e, real data."""
     env = summary.get("environment", {})
-    lines = [(f"gpu-check on {env.get('device', '?')} (torch {env.get('torch', '?')}, triton {env.get('triton', '?')}), "
-              f"{'DRY RUN (CPU), ' if summary.get('dry_run') else ''}{summary.get('wall_s', 0):.0f} s")]
+    lines = [
+        (
+            f"gpu-check on {env.get('device', '?')} (torch {env.get('torch', '?')}, triton {env.get('triton', '?')}), "
+            f"{'DRY RUN (CPU), ' if summary.get('dry_run') else ''}{summary.get('wall_s', 0):.0f} s"
+        )
+    ]
     lines += ["", f"{'stage':<12} {'status':<8} {'s':>6}  notes"]
     for stage in summary.get("stages", []):
         lines.append(f"{stage['name']:<12} {stage['status']:<8} {stage['wall_s']:>6.1f}  {stage.get('note', '')}")
@@ -235,43 +257,65 @@ def table(summary: dict[str, Any]) -> str:
         lines += ["", "sanitizers: " + ", ".join(f"{tool} {'-' if n is None else n}" for tool, n in sanitizers.items())]
     peaks = summary.get("peaks", {})
     if peaks:
-        lines += ["", (f"peaks: copy {peaks['copy_gbps']:.0f} GB/s (read + write), matmul {peaks['matmul_tflops']:.3g} "
-                       f"TFLOP/s ({peaks['matmul_dtype']} {peaks['matmul_n']}^3)")]
+        lines += [
+            "",
+            (
+                f"peaks: copy {peaks['copy_gbps']:.0f} GB/s (read + write), matmul {peaks['matmul_tflops']:.3g} "
+                f"TFLOP/s ({peaks['matmul_dtype']} {peaks['matmul_n']}^3)"
+            ),
+        ]
     ops = summary.get("ops", [])
     if ops:
-        lines += ["", f"ops ({SWEEP_PASS}; ratios: reference time / best time, geometric mean over cases):",
-                  f"{'op':<24} {'best':<7} {'wins':>7} {'x eager':>8} {'x compile':>9} {'roofline med':>12} {'max':>6}"]
+        lines += [
+            "",
+            f"ops ({SWEEP_PASS}; ratios: reference time / best time, geometric mean over cases):",
+            f"{'op':<24} {'best':<7} {'wins':>7} {'x eager':>8} {'x compile':>9} {'roofline med':>12} {'max':>6}",
+        ]
         for op in ops:
-            lines.append(f"{op['op']:<24} {op['best']:<7} {op['wins']:>3}/{op['cases']:<3} {fmt_num(op['vs_eager'], '8.2f')} "
-                         f"{fmt_num(op['vs_compiled'], '9.2f')} {fmt_num(op['roofline_median'], '12.1%')} {fmt_num(op['roofline_max'], '6.1%')}")
+            lines.append(
+                f"{op['op']:<24} {op['best']:<7} {op['wins']:>3}/{op['cases']:<3} {fmt_num(op['vs_eager'], '8.2f')} "
+                f"{fmt_num(op['vs_compiled'], '9.2f')} {fmt_num(op['roofline_median'], '12.1%')} "
+                f"{fmt_num(op['roofline_max'], '6.1%')}"
+            )
     e2e = summary.get("e2e", [])
     if e2e:
         lines += ["", f"{'e2e method':<10} {'eager ms':>9} {'kdfast ms':>9} {'img/s':>9} {'speed-up':>8} {'peak MiB':>9}"]
         for entry in e2e:
             eager, fast = entry.get("eager-fp32", {}), entry.get("kdfast", {})
             peak = fast.get("peak_mem_bytes")
-            lines.append(f"{entry['method']:<10} {fmt_num(eager.get('ms'), '9.2f')} {fmt_num(fast.get('ms'), '9.2f')} "
-                         f"{fmt_num(fast.get('images_per_s'), '9.0f')} {fmt_num(entry.get('speedup'), '7.2f')}x "
-                         f"{fmt_num(None if peak is None else peak / 2**20, '9.1f')}")
+            lines.append(
+                f"{entry['method']:<10} {fmt_num(eager.get('ms'), '9.2f')} {fmt_num(fast.get('ms'), '9.2f')} "
+                f"{fmt_num(fast.get('images_per_s'), '9.0f')} {fmt_num(entry.get('speedup'), '7.2f')}x "
+                f"{fmt_num(None if peak is None else peak / 2**20, '9.1f')}"
+            )
     students = summary.get("e2e_students", [])
     if students:
         lines += ["", f"{'students':<10} {'N':>2} {'separate ms':>11} {'shared ms':>9} {'img/s/student':>13} {'speed-up':>8}"]
         for entry in students:
-            lines.append(f"{entry['method']:<10} {entry['n']:>2} {fmt_num(entry['separate_ms'], '11.2f')} "
-                         f"{fmt_num(entry['shared_ms'], '9.2f')} {fmt_num(entry['images_per_s_per_student'], '13.0f')} "
-                         f"{fmt_num(entry['speedup'], '7.2f')}x")
+            lines.append(
+                f"{entry['method']:<10} {entry['n']:>2} {fmt_num(entry['separate_ms'], '11.2f')} "
+                f"{fmt_num(entry['shared_ms'], '9.2f')} {fmt_num(entry['images_per_s_per_student'], '13.0f')} "
+                f"{fmt_num(entry['speedup'], '7.2f')}x"
+            )
     missing = summary.get("e2e_missing", [])
     if missing:
         lines.append(f"  not in kdfast bench --e2e: {', '.join(missing)}")
     real = summary.get("real_data", {})
     if real:
-        lines += ["", (f"real data: CIFAR-10, {real['train_images']} training / {real['test_images']} test images, "
-                       f"{real['epochs']} epochs, batch {real['batch_size']}")]
+        lines += [
+            "",
+            (
+                f"real data: CIFAR-10, {real['train_images']} training / {real['test_images']} test images, "
+                f"{real['epochs']} epochs, batch {real['batch_size']}"
+            ),
+        ]
         for name in ("teacher", "student_kd"):
             if name in real:
                 run = real[name]
-                lines.append(f"  {name:<11} {run['model']:<9} top-1 best {run['best_top1']:.2f}% last "
-                             f"{run['last_top1']:.2f}%, {run['wall_s']:.1f} s, {run['images_per_s']:.0f} img/s")
+                lines.append(
+                    f"  {name:<11} {run['model']:<9} top-1 best {run['best_top1']:.2f}% last "
+                    f"{run['last_top1']:.2f}%, {run['wall_s']:.1f} s, {run['images_per_s']:.0f} img/s"
+                )
     return "\n".join(lines)
 
 
@@ -292,10 +336,14 @@ def merge_into_results(folder: Path) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_report",
-                                     description="Print a gpu_check report's table; --merge: its rows into benchmarks/results/.")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_report",
+        description="Print a gpu_check report's table; --merge: its rows into benchmarks/results/.",
+    )
     parser.add_argument("folder", type=Path, help="a gpu_check report folder (summary.json, ops.csv, e2e.csv, ...)")
-    parser.add_argument("--merge", action="store_true", help="merge ops.csv and e2e.csv into benchmarks/results/cuda-<device>.csv")
+    parser.add_argument(
+        "--merge", action="store_true", help="merge ops.csv and e2e.csv into benchmarks/results/cuda-<device>.csv"
+    )
     args = parser.parse_args(argv)
     print(table(read_json(args.folder / "summary.json")))
     if args.merge:

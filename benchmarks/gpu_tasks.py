@@ -167,8 +167,11 @@ def sweep_cases(device: torch.device, plan: SweepPlan) -> list[common.Case]:
             ["eager", *(b for b in plan.fused if common.unavailable_reason(spec, b, device) is None)],
             dtypes, (SWEEP_PASS,))]  # fmt: skip
 
-    compiled = [common.make_cases([spec], device, plan.shape_set, ["compiled"], plan.dtypes[:1], (SWEEP_PASS,))[0]
-                for spec in specs if plan.compiled_ops is None or spec.name in plan.compiled_ops]
+    compiled = [
+        common.make_cases([spec], device, plan.shape_set, ["compiled"], plan.dtypes[:1], (SWEEP_PASS,))[0]
+        for spec in specs
+        if plan.compiled_ops is None or spec.name in plan.compiled_ops
+    ]
     cases = measured(plan.dtypes[:1]) + compiled + measured(plan.dtypes[1:])
     return [case for case in cases if case.skip_reason is None]
 

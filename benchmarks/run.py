@@ -14,8 +14,8 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -38,13 +38,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="default: eager, compiled and every fused backend available on the device (triton on "
         "the CPU, i.e. the interpreter, only when named here: then with tiny shapes)",
     )
-    parser.add_argument(
-        "--dtypes", nargs="+", choices=tuple(common.DTYPES), help="default: float32 bfloat16 (+ float16 on cuda)"
-    )
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(common.DTYPES), help="default: float32 bfloat16 (+ float16 on cuda)")
     parser.add_argument("--passes", nargs="+", choices=common.PASSES, default=common.PASSES)
-    parser.add_argument(
-        "--shapes", default="", metavar="TEXT", help="only shapes whose label contains TEXT, e.g. 256x64x56x56"
-    )
+    parser.add_argument("--shapes", default="", metavar="TEXT", help="only shapes whose label contains TEXT, e.g. 256x64x56x56")
     parser.add_argument(
         "--threads", type=int, metavar="N", help="CPU: torch.set_num_threads(N) (part of the CPU device: own CSV)"
     )

@@ -42,30 +42,69 @@ EDGE = ("float32", "float64")
 
 # (dtypes, B, K) logits of KD and DKD: bench_kd.py, DKD's packed-row regime (B >= 2048, K <= 128),
 # ImageNet-21k, a 32000-class vocabulary, edges.
-LOGITS = ((ALL, 64, 100), (ALL, 4096, 100), (TRAINING, 1024, 1000), (TRAINING, 256, 21843),
-          (TRAINING, 4096, 32000), (EDGE, 1, 1), (EDGE, 1, 100), (EDGE, 3, 7))
+LOGITS = (
+    (ALL, 64, 100),
+    (ALL, 4096, 100),
+    (TRAINING, 1024, 1000),
+    (TRAINING, 256, 21843),
+    (TRAINING, 4096, 32000),
+    (EDGE, 1, 1),
+    (EDGE, 1, 100),
+    (EDGE, 3, 7),
+)
 
 # AT: (dtypes, B, stages) of one launch; the p/mode variants on the first row only.
-AT_NETWORKS = ((ALL, 64, CIFAR_RESNET32X4), (TRAINING, 64, CIFAR_RESNET56), (TRAINING, 256, IMAGENET),
-               (TRAINING, 512, CIFAR_RESNET32X4[2:]), (EDGE, 1, EDGE_1X1), (EDGE, 5, EDGE_ODD))
+AT_NETWORKS = (
+    (ALL, 64, CIFAR_RESNET32X4),
+    (TRAINING, 64, CIFAR_RESNET56),
+    (TRAINING, 256, IMAGENET),
+    (TRAINING, 512, CIFAR_RESNET32X4[2:]),
+    (EDGE, 1, EDGE_1X1),
+    (EDGE, 5, EDGE_ODD),
+)
 AT_POWERS = ((2.0, "mean"), (3.0, "mean"), (2.5, "sum"))
 
 # LCC: (dtypes, B, Cs, Ct, H, W, grid): bench_lcc.py's 8x8 maps at grid 4 (N = 16 B: 1024, 256
 # and 16384 rows: the three tile sizes), edges.
-LCC = ((ALL, 64, 64, 64, 8, 8, 4), (TRAINING, 16, 64, 64, 8, 8, 4), (TRAINING, 1024, 128, 256, 8, 8, 4),
-       (EDGE, 1, 1, 1, 1, 1, 1), (EDGE, 3, 5, 7, 6, 6, 3))
+LCC = (
+    (ALL, 64, 64, 64, 8, 8, 4),
+    (TRAINING, 16, 64, 64, 8, 8, 4),
+    (TRAINING, 1024, 128, 256, 8, 8, 4),
+    (EDGE, 1, 1, 1, 1, 1, 1),
+    (EDGE, 3, 5, 7, 6, 6, 3),
+)
 
 # SP: (dtypes, B, Ds, Dt) flattened maps (bench_relational.py: CIFAR and ImageNet last stages), edges.
-SP = ((ALL, 64, 4096, 4096), (TRAINING, 256, 16384, 16384), (TRAINING, 1024, 16384, 16384),
-      (TRAINING, 256, 25088, 25088), (EDGE, 1, 1, 1), (EDGE, 1, 64, 64), (EDGE, 3, 5, 7))
+SP = (
+    (ALL, 64, 4096, 4096),
+    (TRAINING, 256, 16384, 16384),
+    (TRAINING, 1024, 16384, 16384),
+    (TRAINING, 256, 25088, 25088),
+    (EDGE, 1, 1, 1),
+    (EDGE, 1, 64, 64),
+    (EDGE, 3, 5, 7),
+)
 
 # RKD: (dtypes, B, Ds, Dt) embeddings (bench_relational.py), edges.
-RKD = ((ALL, 64, 64, 64), (TRAINING, 256, 256, 256), (TRAINING, 1024, 512, 512), (TRAINING, 256, 512, 2048),
-       (EDGE, 1, 1, 1), (EDGE, 1, 64, 64), (EDGE, 33, 7, 9))
+RKD = (
+    (ALL, 64, 64, 64),
+    (TRAINING, 256, 256, 256),
+    (TRAINING, 1024, 512, 512),
+    (TRAINING, 256, 512, 2048),
+    (EDGE, 1, 1, 1),
+    (EDGE, 1, 64, 64),
+    (EDGE, 33, 7, 9),
+)
 
 # masked MSE: (dtypes, (B, C, H, W)) (bench_masked_mse.py), edges; every reduction and gradient flags.
-MASKED_MSE = ((ALL, (64, 256, 8, 8)), (TRAINING, (64, 128, 16, 16)), (TRAINING, (32, 512, 28, 28)),
-              (TRAINING, (256, 256, 8, 8)), (EDGE, (1, 1, 1, 1)), (EDGE, (3, 5, 7, 9)))
+MASKED_MSE = (
+    (ALL, (64, 256, 8, 8)),
+    (TRAINING, (64, 128, 16, 16)),
+    (TRAINING, (32, 512, 28, 28)),
+    (TRAINING, (256, 256, 8, 8)),
+    (EDGE, (1, 1, 1, 1)),
+    (EDGE, (3, 5, 7, 9)),
+)
 MASKED_MSE_REDUCTIONS = ("mean", "masked_mean", "sum")
 MASKED_MSE_GRADS = ((True, True), (True, False), (False, True))
 
@@ -78,14 +117,25 @@ BLOCK_ATTENTION_MODES = {"ndam": (1.0, 0, False), "ndam-teacher": (1.0, 0, True)
 # maps have the teacher's channels.
 BLOCK_ATTENTION = (
     (ALL, "resnet32x4-resnet8x4", 64, CIFAR_RESNET8X4, CIFAR_RESNET32X4, (("ndam", 4, False), ("aft", 4, False))),
-    (TRAINING, "resnet32x4-resnet8x4", 64, CIFAR_RESNET8X4, CIFAR_RESNET32X4,
-     (("ndam", 4, True), ("ndam-teacher", 4, False))),
-    (TRAINING, "wrn_40_2-wrn_16_2", 256, ((32, 32, 32), (64, 16, 16), (128, 8, 8)),
-     ((32, 32, 32), (64, 16, 16), (128, 8, 8)), (("aft", 4, False),)),
+    (TRAINING, "resnet32x4-resnet8x4", 64, CIFAR_RESNET8X4, CIFAR_RESNET32X4, (("ndam", 4, True), ("ndam-teacher", 4, False))),
+    (
+        TRAINING,
+        "wrn_40_2-wrn_16_2",
+        256,
+        ((32, 32, 32), (64, 16, 16), (128, 8, 8)),
+        ((32, 32, 32), (64, 16, 16), (128, 8, 8)),
+        (("aft", 4, False),),
+    ),
     (TRAINING, "imagenet", 256, IMAGENET, IMAGENET, (("ndam", 4, False), ("aft", 4, False))),
     (EDGE, "edge-1x1", 1, EDGE_1X1, EDGE_1X1, (("ndam", 4, False), ("ndam-teacher", 4, False), ("aft", 4, False))),
-    (EDGE, "edge-odd", 3, ((3, 7, 7), (5, 9, 5)), ((4, 7, 7), (6, 9, 5)),
-     (("ndam-teacher", 4, False), ("aft", 4, False), ("aft", 2, False))),
+    (
+        EDGE,
+        "edge-odd",
+        3,
+        ((3, 7, 7), (5, 9, 5)),
+        ((4, 7, 7), (6, 9, 5)),
+        (("ndam-teacher", 4, False), ("aft", 4, False), ("aft", 2, False)),
+    ),
 )
 
 # map distance (AFD/RTK): (dtypes, name, B, S students, teacher groups (T_u, N_u)): bench_map_distance.py's
@@ -192,10 +242,9 @@ def _block_attention(batch, students, teachers, mode, grid, local, dtype, layout
     h_s, f_t = _maps(batch, teachers, dtype, layout), _maps(batch, teachers, dtype, layout)
     step = 1 if local else len(f_s)
     for lo in range(0, len(f_s), step):
-        parts = [x[lo:lo + step] for x in (f_s, h_s, f_t)]
+        parts = [x[lo : lo + step] for x in (f_s, h_s, f_t)]
         _, maps = ba.block_attention_forward(*parts, grid, power, feature_grid, weighting)
-        ba.block_attention_backward(_empty((len(parts[0]), 2), _acc(dtype)), *parts, maps, grid, power,
-                                    feature_grid, weighting)
+        ba.block_attention_backward(_empty((len(parts[0]), 2), _acc(dtype)), *parts, maps, grid, power, feature_grid, weighting)
 
 
 def _map_distance(batch, students, groups, dtype, att_layout):
@@ -230,28 +279,42 @@ def _op_cases() -> Iterator[tuple[str, tuple[str, ...], str, Callable[[torch.dty
     for layout in MATRIX_LAYOUTS:
         for op, table, drive in (("sp", SP, _sp), ("rkd", RKD, _rkd)):
             for dtypes, b, ds, dt in table:
-                yield op, dtypes, f"{layout} B={b} Ds={ds} Dt={dt}", \
-                    lambda d, f=drive, a=(b, ds, dt), lay=layout: f(*a, d, lay)
+                yield op, dtypes, f"{layout} B={b} Ds={ds} Dt={dt}", lambda d, f=drive, a=(b, ds, dt), lay=layout: f(*a, d, lay)
     for layout in MAP_LAYOUTS:
         for i, (dtypes, b, stages) in enumerate(AT_NETWORKS):
             powers = AT_POWERS if i == 0 else AT_POWERS[:1]
-            yield "at", dtypes, f"{layout} {_label(b, stages)}", \
-                lambda d, a=(b, stages), lay=layout, p=powers: _at(*a, d, lay, p)
+            yield "at", dtypes, f"{layout} {_label(b, stages)}", lambda d, a=(b, stages), lay=layout, p=powers: _at(*a, d, lay, p)
         for dtypes, b, cs, ct, h, w, g in LCC:
-            yield "lcc", dtypes, f"{layout} B={b} Cs={cs} Ct={ct} {h}x{w} grid={g}", \
-                lambda d, a=(b, cs, ct, h, w, g), lay=layout: _lcc(*a, d, lay)
+            yield (
+                "lcc",
+                dtypes,
+                f"{layout} B={b} Cs={cs} Ct={ct} {h}x{w} grid={g}",
+                lambda d, a=(b, cs, ct, h, w, g), lay=layout: _lcc(*a, d, lay),
+            )
         for dtypes, shape in MASKED_MSE:
-            yield "masked_mse", dtypes, f"{layout} {'x'.join(map(str, shape))}", \
-                lambda d, s=shape, lay=layout: _masked_mse(s, d, lay)
+            yield (
+                "masked_mse",
+                dtypes,
+                f"{layout} {'x'.join(map(str, shape))}",
+                lambda d, s=shape, lay=layout: _masked_mse(s, d, lay),
+            )
         for dtypes, name, b, students, teachers, uses in BLOCK_ATTENTION:
             for mode, grid, local in uses:
                 label = f"{layout} {mode} grid={grid} {'local' if local else 'joint'} {name} B={b}"
-                yield "block_attention", dtypes, label, \
-                    lambda d, a=(b, students, teachers, mode, grid, local), lay=layout: _block_attention(*a, d, lay)
+                yield (
+                    "block_attention",
+                    dtypes,
+                    label,
+                    lambda d, a=(b, students, teachers, mode, grid, local), lay=layout: _block_attention(*a, d, lay),
+                )
     for dtypes, name, b, students, groups in MAP_DISTANCE:
         for att in ("contiguous", "expanded"):
-            yield "map_distance", dtypes, f"att {att} {name} B={b} S={students} groups={groups}", \
-                lambda d, a=(b, students, groups), att=att: _map_distance(*a, d, att)
+            yield (
+                "map_distance",
+                dtypes,
+                f"att {att} {name} B={b} S={students} groups={groups}",
+                lambda d, a=(b, students, groups), att=att: _map_distance(*a, d, att),
+            )
 
 
 OPS = ("kd", "dkd", "at", "lcc", "sp", "rkd", "masked_mse", "block_attention", "map_distance")

@@ -52,8 +52,23 @@ from benchmarks.triton_launches import (
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-COLUMNS = ("kernel", "op", "dtypes", "constexprs", "specialisation", "num_warps", "num_stages", "registers",
-           "spill_stores", "spill_loads", "shared", "grid", "launches", "example", "status")
+COLUMNS = (
+    "kernel",
+    "op",
+    "dtypes",
+    "constexprs",
+    "specialisation",
+    "num_warps",
+    "num_stages",
+    "registers",
+    "spill_stores",
+    "spill_loads",
+    "shared",
+    "grid",
+    "launches",
+    "example",
+    "status",
+)
 SPILL_FREE_DTYPES = ("float32", "bfloat16", "float16")
 # Residual spills (issue 13, open): kernel -> the most spill bytes (stores + loads) that one of its
 # float32/bfloat16/float16 specialisations may have, on any target and Triton version. Only LCC's
@@ -145,14 +160,22 @@ def _describe_binding(fn, signature: dict, constexprs: dict, attrs: dict) -> tup
     def label(path: tuple[int, ...]) -> str:
         return names[path[0]] + "".join(f"[{i}]" for i in path[1:])
 
-    consts = " ".join(f"{label(path)}={value!r}" for path, value in constexprs.items()
-                      if names[path[0]] not in ("debug", "instrumentation_mode"))
+    consts = " ".join(
+        f"{label(path)}={value!r}"
+        for path, value in constexprs.items()
+        if names[path[0]] not in ("debug", "instrumentation_mode")
+    )
     attr_of = defaultdict(list)
     for path, values in attrs.items():
-        attr_of[path[0]] += [("" if len(path) == 1 else f"{label(path)}:")
-                             + (f"div{v}" if k == "tt.divisibility" else f"{k}={v}") for k, v in values]
-    params = " ".join(f"{name}:{signature[name]}" + (f"[{','.join(attr_of[i])}]" if attr_of[i] else "")
-                      for i, name in enumerate(names) if signature[name] != "constexpr")
+        attr_of[path[0]] += [
+            ("" if len(path) == 1 else f"{label(path)}:") + (f"div{v}" if k == "tt.divisibility" else f"{k}={v}")
+            for k, v in values
+        ]
+    params = " ".join(
+        f"{name}:{signature[name]}" + (f"[{','.join(attr_of[i])}]" if attr_of[i] else "")
+        for i, name in enumerate(names)
+        if signature[name] != "constexpr"
+    )
     return consts.replace("triton.language.", "tl."), params
 
 
@@ -178,8 +201,9 @@ def compile_one(job: tuple[Launch, int]) -> dict:
     start = _cpu_seconds()
     try:
         with contextlib.redirect_stdout(log):  # Triton prints the ptxas -v log (TRITON_DUMP_PTXAS_LOG)
-            compiled = triton.compile(ASTSource(_kernel(launch.kernel), signature, constexprs, attrs),
-                                      target=target, options=options.__dict__)
+            compiled = triton.compile(
+                ASTSource(_kernel(launch.kernel), signature, constexprs, attrs), target=target, options=options.__dict__
+            )
     except Exception as e:  # noqa: BLE001 -- a compile error is a finding of the check
         lines = [line for line in str(e).splitlines() if line.strip()]
         return {"status": "error", "error": f"{type(e).__name__}: " + " | ".join(lines[-3:])[:900]}
@@ -189,9 +213,16 @@ def compile_one(job: tuple[Launch, int]) -> dict:
     if not (regs and spills):
         return {"status": "error", "error": "no ptxas -v report in Triton's log"}
     md = compiled.metadata
-    return {"status": "ok", "registers": int(regs.group(1)), "spill_stores": int(spills.group(1)),
-            "spill_loads": int(spills.group(2)), "shared": md.shared, "num_warps": md.num_warps, "num_stages": md.num_stages,
-            "cpu_seconds": _cpu_seconds() - start}
+    return {
+        "status": "ok",
+        "registers": int(regs.group(1)),
+        "spill_stores": int(spills.group(1)),
+        "spill_loads": int(spills.group(2)),
+        "shared": md.shared,
+        "num_warps": md.num_warps,
+        "num_stages": md.num_stages,
+        "cpu_seconds": _cpu_seconds() - start,
+    }
 
 
 def _cpu_seconds() -> float:
@@ -229,8 +260,7 @@ def specialise(launches: list[Launch], arch: int) -> list[Specialisation]:
     for launch in launches:
         key, _, signature, constexprs, attrs, _, _ = bind(launch, arch)
         if key not in specs:
-            specs[key] = Specialisation(launch, *_describe_binding(_kernel(launch.kernel), signature, constexprs,
-                                                                   attrs))
+            specs[key] = Specialisation(launch, *_describe_binding(_kernel(launch.kernel), signature, constexprs, attrs))
         specs[key].launches.append(launch)
     return list(specs.values())
 
@@ -260,16 +290,19 @@ def failures(specs: list[Specialisation], device: Device) -> list[str]:
     found = []
     for spec in specs:
         r = spec.result
-        where = f"{spec.launch.kernel.split('.')[-1]} [{spec.constexprs}] ({', '.join(spec.ops)}; " \
-                f"{', '.join(spec.dtypes)}; e.g. {spec.launch.dtype} {spec.launch.case})"
+        where = (
+            f"{spec.launch.kernel.split('.')[-1]} [{spec.constexprs}] ({', '.join(spec.ops)}; "
+            f"{', '.join(spec.dtypes)}; e.g. {spec.launch.dtype} {spec.launch.case})"
+        )
         if r["status"] != "ok":
             found.append(f"compile error: {where}: {r['error']}")
             continue
         spilled = r["spill_stores"] + r["spill_loads"]
         allowed = RESIDUAL_SPILLS.get(spec.launch.kernel.removeprefix("kdfast.kernels."), 0)
         if spilled > allowed and set(spec.dtypes) & set(SPILL_FREE_DTYPES):
-            found.append(f"spills {r['spill_stores']}/{r['spill_loads']} bytes (stores/loads), "
-                         f"{r['registers']} registers: {where}")
+            found.append(
+                f"spills {r['spill_stores']}/{r['spill_loads']} bytes (stores/loads), {r['registers']} registers: {where}"
+            )
         if r["shared"] > device.shared_optin:
             found.append(f"shared memory {r['shared']} > {device.shared_optin} bytes: {where}")
     return found
@@ -283,14 +316,23 @@ def write_table(path: Path, specs: list[Specialisation]) -> None:
         for spec in sorted(specs, key=lambda s: (s.launch.kernel, s.constexprs, s.params)):
             r = spec.result
             ok = r["status"] == "ok"
-            writer.writerow([
-                spec.launch.kernel.removeprefix("kdfast.kernels."), " ".join(spec.ops), " ".join(spec.dtypes),
-                spec.constexprs, spec.params,
-                *(r[k] if ok else "" for k in ("num_warps", "num_stages", "registers", "spill_stores", "spill_loads",
-                                               "shared")),
-                "x".join(map(str, spec.largest_grid)), len(spec.launches),
-                f"{spec.launch.dtype} {spec.launch.case}", "ok" if ok else r["error"],
-            ])
+            writer.writerow(
+                [
+                    spec.launch.kernel.removeprefix("kdfast.kernels."),
+                    " ".join(spec.ops),
+                    " ".join(spec.dtypes),
+                    spec.constexprs,
+                    spec.params,
+                    *(
+                        r[k] if ok else ""
+                        for k in ("num_warps", "num_stages", "registers", "spill_stores", "spill_loads", "shared")
+                    ),
+                    "x".join(map(str, spec.largest_grid)),
+                    len(spec.launches),
+                    f"{spec.launch.dtype} {spec.launch.case}",
+                    "ok" if ok else r["error"],
+                ]
+            )
 
 
 def check(arch_names: list[str], ops: tuple[str, ...], jobs: int, out: Path) -> list[str]:
@@ -304,9 +346,12 @@ def check(arch_names: list[str], ops: tuple[str, ...], jobs: int, out: Path) -> 
         launches, errors, helpers = record(device, ops)
         errors += [f"{la.op} {la.dtype} {la.case}: {la.kernel}: {e}" for la in launches for e in grid_errors(la)]
         specs = specialise(launches, device.arch)
-        print(f"{name}: {len(launches)} launches -> {len(specs)} specialisations "
-              f"({time.perf_counter() - start:.1f} s; device helpers answering as {device.sms} SMs: "
-              f"{', '.join(helpers)})", flush=True)
+        print(
+            f"{name}: {len(launches)} launches -> {len(specs)} specialisations "
+            f"({time.perf_counter() - start:.1f} s; device helpers answering as {device.sms} SMs: "
+            f"{', '.join(helpers)})",
+            flush=True,
+        )
         start = time.perf_counter()
         compile_all(specs, device.arch, jobs)
         found = errors + failures(specs, device)
@@ -315,8 +360,11 @@ def check(arch_names: list[str], ops: tuple[str, ...], jobs: int, out: Path) -> 
         cpu = defaultdict(float)
         for spec in specs:
             cpu[spec.launch.op] += spec.result.get("cpu_seconds", 0.0)
-        print(f"{name}: compiled in {time.perf_counter() - start:.1f} s, {len(found)} failures; table: {path}; "
-              f"CPU seconds {sum(cpu.values()):.0f}: " + ", ".join(f"{op} {s:.0f}" for op, s in cpu.items()), flush=True)
+        print(
+            f"{name}: compiled in {time.perf_counter() - start:.1f} s, {len(found)} failures; table: {path}; "
+            f"CPU seconds {sum(cpu.values()):.0f}: " + ", ".join(f"{op} {s:.0f}" for op, s in cpu.items()),
+            flush=True,
+        )
         everything += [f"{name} triton {triton.__version__}: {f}" for f in found]
     return everything
 
@@ -337,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         found = check(args.arch, tuple(args.ops), args.jobs, args.out)
     for line in found:
         print("FAIL", line)
-    print(f"{len(found)} failures" if found else "all specialisations compile, within the limits, no spills but those RESIDUAL_SPILLS bounds")
+    print(
+        f"{len(found)} failures"
+        if found
+        else "all specialisations compile, within the limits, no spills but those RESIDUAL_SPILLS bounds"
+    )
     return 1 if found else 0
 
 

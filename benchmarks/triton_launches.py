@@ -167,14 +167,29 @@ def recording(device: Device, sink: list[Launch], case: Callable[[], tuple[str, 
 
     cuda = torch.device("cuda", 0)
     props = types.SimpleNamespace(
-        name=device.name, major=device.arch // 10, minor=device.arch % 10, multi_processor_count=device.sms,
-        shared_memory_per_block_optin=device.shared_optin, warp_size=32, total_memory=80 << 30)
+        name=device.name,
+        major=device.arch // 10,
+        minor=device.arch % 10,
+        multi_processor_count=device.sms,
+        shared_memory_per_block_optin=device.shared_optin,
+        warp_size=32,
+        total_memory=80 << 30,
+    )
 
     def run(kernel, *args, grid, warmup, **kwargs):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         op, dtype, label = case()
-        sink.append(Launch(f"{kernel.fn.__module__}:{kernel.fn.__qualname__}", grid, [describe(a) for a in args],
-                           {k: describe(v) for k, v in kwargs.items()}, op, dtype, label))
+        sink.append(
+            Launch(
+                f"{kernel.fn.__module__}:{kernel.fn.__qualname__}",
+                grid,
+                [describe(a) for a in args],
+                {k: describe(v) for k, v in kwargs.items()},
+                op,
+                dtype,
+                label,
+            )
+        )
 
     def on_cuda(fn):
         inner = getattr(fn, "__wrapped__", fn)  # past an lru_cache: answers depend on `device`
@@ -214,5 +229,8 @@ class _Patcher:
 
 def grid_errors(launch: Launch) -> list[str]:
     """The launch's grid dimensions over the CUDA limits (x < 2^31, y and z <= 65535), or < 1."""
-    return [f"grid {'xyz'[i]} = {g} outside [1, {limit}]" for i, (g, limit) in enumerate(zip(launch.grid, MAX_GRID, strict=True))
-            if not 1 <= g <= limit]
+    return [
+        f"grid {'xyz'[i]} = {g} outside [1, {limit}]"
+        for i, (g, limit) in enumerate(zip(launch.grid, MAX_GRID, strict=True))
+        if not 1 <= g <= limit
+    ]

@@ -8,7 +8,7 @@ result (see the docs of each function).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -66,7 +66,9 @@ def check_power(p: float, mode: str) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
         raise ValueError(f"p must be a finite number >= 1, got {p!r}")
     if mode == "mean" and p != int(p):
-        raise ValueError(f"mode 'mean' computes f**p (signed, as the published code) and needs an integer p, got {p}; use mode 'sum' (|f|**p)")
+        raise ValueError(
+            f"mode 'mean' computes f**p (signed, as the published code) and needs an integer p, got {p}; use mode 'sum' (|f|**p)"
+        )
 
 
 def check_logits(name: str, z: Tensor) -> None:

@@ -87,5 +87,4 @@ def coerce_fields(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str
     against the fields' types; keys are reported as ``prefix.key``."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    return {name: coerce(f"{prefix}.{name}", hints[name], value) if name in fields else value
-            for name, value in values.items()}
+    return {name: coerce(f"{prefix}.{name}", hints[name], value) if name in fields else value for name, value in values.items()}

@@ -93,7 +93,10 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
             return TRITON_MISSING
         if device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRET):
             return None
-        return f"backend 'triton' runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set before importing kdfast), got tensors on {device}"
+        return (
+            "backend 'triton' runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set before importing kdfast), "
+            f"got tensors on {device}"
+        )
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 

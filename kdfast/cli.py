@@ -22,9 +22,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     """--set items, then the shortcut options (which win)."""
-    shortcuts = {"train.epochs": args.epochs, "train.seed": args.seed, "train.out_dir": args.out_dir,
-                 "train.device": args.device, "model.teacher_checkpoint": args.teacher_checkpoint,
-                 "data.root": args.data_root}
+    shortcuts = {
+        "train.epochs": args.epochs,
+        "train.seed": args.seed,
+        "train.out_dir": args.out_dir,
+        "train.device": args.device,
+        "model.teacher_checkpoint": args.teacher_checkpoint,
+        "data.root": args.data_root,
+    }
     overrides = list(args.set)
     overrides += [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
     overrides += [f"train.{flag}=true" for flag in ("deterministic", "compile") if getattr(args, flag)]
@@ -67,13 +72,17 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         distributed.teardown()
     if cfg.runs:
-        print(f"\n{format_table(report.rows)}\n(mean ± sample std over seeds; each student's run under "
-              f"{cfg.train.out_dir}/<label>-s<seed>/, the table in summary.json, every curve in curves.png)")
+        print(
+            f"\n{format_table(report.rows)}\n(mean ± sample std over seeds; each student's run under "
+            f"{cfg.train.out_dir}/<label>-s<seed>/, the table in summary.json, every curve in curves.png)"
+        )
         return 1 if any(row.stopped for row in report.rows) else 0
-    print(f"best top-1 {summary.best_top1:.2f} (epoch {summary.best_epoch}), last {summary.last_top1:.2f}, "
-          f"{summary.wall_s:.1f} s, {summary.images_per_s:.0f} img/s"
-          + (f", peak GPU memory {summary.peak_gpu_mem_bytes / 2**20:.0f} MiB" if summary.peak_gpu_mem_bytes else "")
-          + f"; outputs in {summary.out_dir}")
+    print(
+        f"best top-1 {summary.best_top1:.2f} (epoch {summary.best_epoch}), last {summary.last_top1:.2f}, "
+        f"{summary.wall_s:.1f} s, {summary.images_per_s:.0f} img/s"
+        + (f", peak GPU memory {summary.peak_gpu_mem_bytes / 2**20:.0f} MiB" if summary.peak_gpu_mem_bytes else "")
+        + f"; outputs in {summary.out_dir}"
+    )
     return 0
 
 
@@ -125,8 +134,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.students:
             from kdfast.engine.bench import run_students_e2e
 
-            run_students_e2e(device, args.methods or ["kd"], args.students, batch, iters, warmup, out=args.out,
-                             note=args.note)
+            run_students_e2e(device, args.methods or ["kd"], args.students, batch, iters, warmup, out=args.out, note=args.note)
             return 0
         run_e2e(device, args.methods or list(METHODS), batch, iters, warmup=warmup, out=args.out, note=args.note)
         return 0
@@ -134,11 +142,17 @@ def _bench(args: argparse.Namespace) -> int:
     if not (checkout / "benchmarks" / "run.py").is_file():
         from kdfast.engine import ConfigError
 
-        raise ConfigError("the op benchmarks run from a source checkout (benchmarks/ next to kdfast/, an editable "
-                          "install); --e2e works anywhere")
-    argv = ["--device", device.type, *(["--quick"] if args.quick else []),
-            *(["--out", str(args.out.resolve())] if args.out else []),
-            *(["--threads", str(args.threads)] if args.threads else [])]
+        raise ConfigError(
+            "the op benchmarks run from a source checkout (benchmarks/ next to kdfast/, an editable "
+            "install); --e2e works anywhere"
+        )
+    argv = [
+        "--device",
+        device.type,
+        *(["--quick"] if args.quick else []),
+        *(["--out", str(args.out.resolve())] if args.out else []),
+        *(["--threads", str(args.threads)] if args.threads else []),
+    ]
     return subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=checkout).returncode
 
 
@@ -151,15 +165,19 @@ def _viz_from_models(args: argparse.Namespace, device: str):
 
     missing = [flag for flag in ("teacher", "teacher_checkpoint", "student", "student_checkpoint") if getattr(args, flag) is None]
     if missing:
-        raise ConfigError("viz needs --config, or all of --teacher, --teacher-checkpoint, --student, --student-checkpoint; "
-                          f"missing: {', '.join('--' + flag.replace('_', '-') for flag in missing)}")
+        raise ConfigError(
+            "viz needs --config, or all of --teacher, --teacher-checkpoint, --student, --student-checkpoint; "
+            f"missing: {', '.join('--' + flag.replace('_', '-') for flag in missing)}"
+        )
     dataset = args.dataset or "digits"
     _check_data(dataset, args.data_root)
     _check_checkpoint(args.teacher, args.teacher_checkpoint)
     _check_checkpoint(args.student, args.student_checkpoint)
     loaders = build_loaders(dataset, args.data_root, args.images, device)
-    teacher, student = (models.create(name, loaders.num_classes, weights=path, dataset=dataset).to(device)
-                        for name, path in ((args.teacher, args.teacher_checkpoint), (args.student, args.student_checkpoint)))
+    teacher, student = (
+        models.create(name, loaders.num_classes, weights=path, dataset=dataset).to(device)
+        for name, path in ((args.teacher, args.teacher_checkpoint), (args.student, args.student_checkpoint))
+    )
     return Distiller(student, teacher, Params()), teacher, loaders
 
 
@@ -171,11 +189,16 @@ def _viz_from_config(args: argparse.Namespace, device: str):
     from kdfast.engine import ConfigError, checkpoint, load_config
     from kdfast.engine.trainer import LAST, build_distiller, frozen_teacher
 
-    given = [flag for flag in ("teacher", "teacher_checkpoint", "student", "student_checkpoint", "dataset")
-             if getattr(args, flag) is not None]
+    given = [
+        flag
+        for flag in ("teacher", "teacher_checkpoint", "student", "student_checkpoint", "dataset")
+        if getattr(args, flag) is not None
+    ]
     if given:
-        raise ConfigError(f"--config takes the models and data from the config; drop "
-                          f"{', '.join('--' + flag.replace('_', '-') for flag in given)} (or use --set)")
+        raise ConfigError(
+            f"--config takes the models and data from the config; drop "
+            f"{', '.join('--' + flag.replace('_', '-') for flag in given)} (or use --set)"
+        )
     cfg = load_config(args.config, [*args.set, *([f"data.root={args.data_root}"] if args.data_root else [])])
     path = Path(args.checkpoint) if args.checkpoint else Path(cfg.train.out_dir) / LAST
     if not path.is_file():
@@ -213,20 +236,32 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _add_train(commands) -> None:
-    p = commands.add_parser("train", help="train a teacher or distil a student from a YAML config",
-                            description="Train by a YAML config (a path, or one shipped under kdfast/configs, e.g. "
-                                        "cifar100/kd/resnet32x4_resnet8x4). Multi-GPU / multi-node: run under torchrun.")
+    p = commands.add_parser(
+        "train",
+        help="train a teacher or distil a student from a YAML config",
+        description="Train by a YAML config (a path, or one shipped under kdfast/configs, e.g. "
+        "cifar100/kd/resnet32x4_resnet8x4). Multi-GPU / multi-node: run under torchrun.",
+    )
     p.add_argument("config", help="config file, e.g. digits/kd or cifar100/dkd/resnet32x4_resnet8x4.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.epochs=2 --set method.temperature=2")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set train.epochs=2 --set method.temperature=2",
+    )
     p.add_argument("--teacher-checkpoint", help="teacher weights (mdistiller {'model': ...} or a state_dict)")
     p.add_argument("--data-root", help="dataset folder (data.root)")
     p.add_argument("--out-dir", help="output folder: checkpoints, metrics.jsonl, tensorboard/, curves.png, summary.json")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--seed", type=int, help="train.seed")
-    p.add_argument("--seeds", type=_seeds, metavar="S1,S2,...",
-                   help="train one student per seed (each of the config's runs, or its student, per seed) on one "
-                        "teacher forward per batch and one data order (train.data_seed, default train.seed)")
+    p.add_argument(
+        "--seeds",
+        type=_seeds,
+        metavar="S1,S2,...",
+        help="train one student per seed (each of the config's runs, or its student, per seed) on one "
+        "teacher forward per batch and one data order (train.data_seed, default train.seed)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (train.device)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns, slower)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student step")
@@ -249,17 +284,24 @@ def _add_eval(commands) -> None:
 def _add_bench(commands) -> None:
     from kdfast.engine.e2e_methods import METHODS
 
-    p = commands.add_parser("bench", help="op benchmarks (from a checkout) or --e2e training-step throughput",
-                            description="Without --e2e: the op benchmarks of benchmarks/run.py. With --e2e: images/s "
-                                        "of a resnet32x4 -> resnet8x4 distillation step, kdfast vs an eager fp32 "
-                                        "peer-style baseline. Rows are merged into benchmarks/results/<device>.csv.")
+    p = commands.add_parser(
+        "bench",
+        help="op benchmarks (from a checkout) or --e2e training-step throughput",
+        description="Without --e2e: the op benchmarks of benchmarks/run.py. With --e2e: images/s "
+        "of a resnet32x4 -> resnet8x4 distillation step, kdfast vs an eager fp32 "
+        "peer-style baseline. Rows are merged into benchmarks/results/<device>.csv.",
+    )
     p.add_argument("--e2e", action="store_true", help="end-to-end distillation step instead of single ops")
     p.add_argument("--quick", action="store_true", help="few shapes / small batch and few steps (CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="--e2e methods (default: all; kd with --students)")
-    p.add_argument("--students", nargs="+", type=int, metavar="N",
-                   help="--e2e: images/s per student of N students on one teacher forward vs N separate runs, "
-                        "for each N (e.g. 1 2 4)")
+    p.add_argument(
+        "--students",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="--e2e: images/s per student of N students on one teacher forward vs N separate runs, for each N (e.g. 1 2 4)",
+    )
     p.add_argument("--batch", type=int, help="--e2e batch size (default 64, 8 with --quick)")
     p.add_argument("--iters", type=int, help="--e2e timed steps (default 20, 3 with --quick)")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
@@ -269,16 +311,24 @@ def _add_bench(commands) -> None:
 
 
 def _add_viz(commands) -> None:
-    p = commands.add_parser("viz", help="PNG grid of what a method transfers (Distiller.inspect) on a few test images",
-                            description="Two modes. --config: the distiller of a training config with its trained state "
-                                        "(<out_dir>/last.pt or --checkpoint), drawing its inspect() maps (AFT's blocks, "
-                                        "AFD's attention weights, ...). Otherwise: teacher vs student attention maps of "
-                                        "two model checkpoints (--teacher, --teacher-checkpoint, --student, "
-                                        "--student-checkpoint).")
+    p = commands.add_parser(
+        "viz",
+        help="PNG grid of what a method transfers (Distiller.inspect) on a few test images",
+        description="Two modes. --config: the distiller of a training config with its trained state "
+        "(<out_dir>/last.pt or --checkpoint), drawing its inspect() maps (AFT's blocks, "
+        "AFD's attention weights, ...). Otherwise: teacher vs student attention maps of "
+        "two model checkpoints (--teacher, --teacher-checkpoint, --student, "
+        "--student-checkpoint).",
+    )
     p.add_argument("--config", help="training config (a path or a shipped name, e.g. cifar100/aft/resnet32x4_resnet8x4)")
     p.add_argument("--checkpoint", help="--config mode: checkpoint with a 'distiller' state (default: <out_dir>/last.pt)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="--config mode: override a config value (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="--config mode: override a config value (repeatable)",
+    )
     p.add_argument("--teacher", help="model mode: teacher model name")
     p.add_argument("--teacher-checkpoint", help="model mode: teacher checkpoint file")
     p.add_argument("--student", help="model mode: student model name")
@@ -292,16 +342,23 @@ def _add_viz(commands) -> None:
 
 
 def _add_quickstart(commands) -> None:
-    p = commands.add_parser("quickstart", help="train a teacher, then students with and without distillation, on digits",
-                            description="What distillation buys, on the embedded digits dataset: a resnet14 teacher "
-                                        "(configs digits/teacher), then resnet8 students without a teacher, with fused KD "
-                                        "and with fused AT, three seeds each, on one teacher forward per batch "
-                                        "(digits/students); prints mean ± std over seeds per method.")
+    p = commands.add_parser(
+        "quickstart",
+        help="train a teacher, then students with and without distillation, on digits",
+        description="What distillation buys, on the embedded digits dataset: a resnet14 teacher "
+        "(configs digits/teacher), then resnet8 students without a teacher, with fused KD "
+        "and with fused AT, three seeds each, on one teacher forward per batch "
+        "(digits/students); prints mean ± std over seeds per method.",
+    )
     p.add_argument("--out-dir", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--epochs", type=int, help="epochs of every run (default: the configs', 12 and 24)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default: 1, robust on a busy machine; 2 is faster on an idle 2-core one)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default: 1, robust on a busy machine; 2 is faster on an idle 2-core one)",
+    )
     p.set_defaults(func=_quickstart)
 
 

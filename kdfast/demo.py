@@ -61,7 +61,7 @@ def run(batch: int = 64, device: str | None = None, dtype: str = "float32", repe
             print(f"{name:<8} unavailable: {reason}")
             continue
 
-        def step() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        def step(name: str = name) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
             loss = functional.at_loss(f_s, f_t, backend=name)
             return loss, torch.autograd.grad(loss, f_s)
 

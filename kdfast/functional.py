@@ -6,30 +6,49 @@ Every function takes ``backend=None`` (then ``$KDFAST_BACKEND``, then "auto"), o
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from kdfast import _checks, backends
+from kdfast.ops import at as at_ops
 from kdfast.ops import block_attention as block_attention_ops
-from kdfast.ops import masked_mse as masked_mse_ops
+from kdfast.ops import dkd as dkd_ops
+from kdfast.ops import kd as kd_ops
+from kdfast.ops import lcc as lcc_ops
 from kdfast.ops import map_distance as map_distance_ops
-from kdfast.ops import at as at_ops, dkd as dkd_ops, kd as kd_ops, lcc as lcc_ops, rkd as rkd_ops, sp as sp_ops
+from kdfast.ops import masked_mse as masked_mse_ops
+from kdfast.ops import rkd as rkd_ops
+from kdfast.ops import sp as sp_ops
 from kdfast.reference import at as at_reference
 from kdfast.reference import block_attention as block_attention_reference
-from kdfast.reference.map_distance import POOLS as MAP_DISTANCE_POOLS
 from kdfast.reference.kd import REDUCTIONS, reduce_rows
+from kdfast.reference.lcc import TERMS as LCC_TERMS
+from kdfast.reference.lcc import weigh_terms
+from kdfast.reference.map_distance import POOLS as MAP_DISTANCE_POOLS
 from kdfast.reference.masked_mse import REDUCTIONS as MASKED_MSE_REDUCTIONS
-from kdfast.reference.lcc import TERMS as LCC_TERMS, weigh_terms
-from kdfast.reference.rkd import REDUCTIONS as RKD_REDUCTIONS, weigh as weigh_rkd
+from kdfast.reference.rkd import REDUCTIONS as RKD_REDUCTIONS
+from kdfast.reference.rkd import weigh as weigh_rkd
 
-__all__ = ["attention_map", "at_loss", "kd_loss", "dkd_loss", "local_correlation_loss", "sp_loss", "rkd_loss", "ndam_map", "ndam_loss", "aft_loss", "masked_mse", "map_distance_loss", "map_distances"]
+__all__ = [
+    "attention_map",
+    "at_loss",
+    "kd_loss",
+    "dkd_loss",
+    "local_correlation_loss",
+    "sp_loss",
+    "rkd_loss",
+    "ndam_map",
+    "ndam_loss",
+    "aft_loss",
+    "masked_mse",
+    "map_distance_loss",
+    "map_distances",
+]
 
 
-def attention_map(
-    feat: Tensor, p: float = 2, mode: str = "mean", normalize: bool = True, backend: str | None = None
-) -> Tensor:
+def attention_map(feat: Tensor, p: float = 2, mode: str = "mean", normalize: bool = True, backend: str | None = None) -> Tensor:
     """Attention map of a feature map (Zagoruyko & Komodakis 2017), (B, C, H, W) -> (B, H*W).
 
     ``mode="mean"``: ``m = mean_c f**p`` (the published code; integer p, sign kept for odd p);
@@ -339,7 +358,8 @@ def ndam_loss(
     _checks.check_choice("reduction", reduction, block_attention_reference.REDUCTIONS)
     backend = backends.resolve("block_attention", backend, students[0].device)
     terms = block_attention_ops.block_attention_terms(
-        students, connectors, teachers, grid, 1.0, 0, weighting == "teacher", backend)
+        students, connectors, teachers, grid, 1.0, 0, weighting == "teacher", backend
+    )
     return block_attention_reference.weigh(terms, float(feature_weight), float(map_weight), reduction)
 
 
@@ -403,9 +423,7 @@ def masked_mse(x: Tensor, y: Tensor, mask: Tensor, reduction: str = "mean", back
         raise TypeError(f"mask must be float16, bfloat16, float32, float64 or bool, got {mask.dtype}")
     batch, _, height, width = x.shape
     if tuple(mask.shape) not in ((batch, 1, height, width), (batch, height, width)):
-        raise ValueError(
-            f"mask must be (B, 1, H, W) or (B, H, W) = {(batch, height, width)} of x, got shape {tuple(mask.shape)}"
-        )
+        raise ValueError(f"mask must be (B, 1, H, W) or (B, H, W) = {(batch, height, width)} of x, got shape {tuple(mask.shape)}")
     _checks.check_same("x, y and mask", [x, y, mask], "device")
     _checks.check_choice("reduction", reduction, MASKED_MSE_REDUCTIONS)
     return masked_mse_ops.masked_mse(x, y, mask, reduction, backends.resolve("masked_mse", backend, x.device))
@@ -472,5 +490,4 @@ def map_distances(
     """The (B, T, S) distances ``dist[b, t, s]`` of :func:`map_distance_loss` (for inspection: no
     gradient), float32 (float64 for float64 students), from the same fused launch."""
     students, teachers = _map_lists(f_s, f_t, pool)
-    return map_distance_ops.map_distances(
-        students, teachers, pool, backends.resolve("map_distance", backend, students[0].device))
+    return map_distance_ops.map_distances(students, teachers, pool, backends.resolve("map_distance", backend, students[0].device))

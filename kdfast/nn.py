@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,19 @@ from torch import Tensor, nn
 from kdfast import functional
 from kdfast.reference.lcc import TERMS as LCC_TERMS
 
-__all__ = ["ATLoss", "KDLoss", "DKDLoss", "LocalCorrelationLoss", "ClassAwareAttention", "SPLoss", "RKDLoss", "NDAMLoss", "AFTLoss", "MaskedMSELoss", "MapDistanceLoss"]
+__all__ = [
+    "ATLoss",
+    "KDLoss",
+    "DKDLoss",
+    "LocalCorrelationLoss",
+    "ClassAwareAttention",
+    "SPLoss",
+    "RKDLoss",
+    "NDAMLoss",
+    "AFTLoss",
+    "MaskedMSELoss",
+    "MapDistanceLoss",
+]
 
 
 class ATLoss(nn.Module):
@@ -49,7 +61,12 @@ class DKDLoss(nn.Module):
     """Decoupled KD loss ``T^2 (alpha TCKD + beta NCKD)``; see :func:`kdfast.functional.dkd_loss`."""
 
     def __init__(
-        self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, reduction: str = "batchmean", backend: str | None = None
+        self,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+        reduction: str = "batchmean",
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.alpha, self.beta, self.temperature, self.reduction, self.backend = alpha, beta, temperature, reduction, backend
@@ -58,7 +75,10 @@ class DKDLoss(nn.Module):
         return functional.dkd_loss(z_s, z_t, target, self.alpha, self.beta, self.temperature, self.reduction, self.backend)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
 
 
 class LocalCorrelationLoss(nn.Module):
@@ -81,10 +101,15 @@ class LocalCorrelationLoss(nn.Module):
         self.reduction, self.backend = reduction, backend
 
     def forward(self, f_s: Tensor, f_t: Tensor, mask: Tensor | None = None) -> Tensor:
-        return functional.local_correlation_loss(f_s, f_t, self.grid, self.terms, self.weights, mask, self.reduction, self.backend)
+        return functional.local_correlation_loss(
+            f_s, f_t, self.grid, self.terms, self.weights, mask, self.reduction, self.backend
+        )
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, terms={self.terms}, weights={self.weights}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (
+            f"grid={self.grid}, terms={self.terms}, weights={self.weights}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
 
 
 class ClassAwareAttention(nn.Module):
@@ -105,21 +130,33 @@ class ClassAwareAttention(nn.Module):
     ``width=None`` means ``max(in_channels // 4, 16)``.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, layers: int = 2, width: int | None = None,
-                 kernel_size: int = 3, threshold: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        layers: int = 2,
+        width: int | None = None,
+        kernel_size: int = 3,
+        threshold: float = 0.0,
+    ) -> None:
         super().__init__()
         width = max(in_channels // 4, 16) if width is None else width
         if in_channels < 1 or num_classes < 2 or layers < 0 or width < 1 or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"ClassAwareAttention needs in_channels >= 1, num_classes >= 2, layers >= 0, width >= 1 "
-                             f"and an odd kernel_size, got in_channels={in_channels}, num_classes={num_classes}, "
-                             f"layers={layers}, width={width}, kernel_size={kernel_size}")
+            raise ValueError(
+                f"ClassAwareAttention needs in_channels >= 1, num_classes >= 2, layers >= 0, width >= 1 "
+                f"and an odd kernel_size, got in_channels={in_channels}, num_classes={num_classes}, "
+                f"layers={layers}, width={width}, kernel_size={kernel_size}"
+            )
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
         blocks: list[nn.Module] = []
         channels = in_channels
         for _ in range(layers):
-            blocks += [nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2, bias=False), nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=True)]
+            blocks += [
+                nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
             channels = width
         blocks.append(nn.Conv2d(channels, 1, kernel_size=1))
         self.generator = nn.Sequential(*blocks)
@@ -167,7 +204,10 @@ class RKDLoss(nn.Module):
         return functional.rkd_loss(e_s, e_t, self.distance_weight, self.angle_weight, self.reduction, self.backend)
 
     def extra_repr(self) -> str:
-        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (
+            f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
 
 
 class NDAMLoss(nn.Module):
@@ -190,9 +230,7 @@ class NDAMLoss(nn.Module):
         self.grid, self.feature_weight, self.map_weight = grid, feature_weight, map_weight
         self.weighting, self.reduction, self.backend = weighting, reduction, backend
 
-    def forward(
-        self, f_s: Tensor | Sequence[Tensor], h_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]
-    ) -> Tensor:
+    def forward(self, f_s: Tensor | Sequence[Tensor], h_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]) -> Tensor:
         return functional.ndam_loss(
             f_s, h_s, f_t, self.grid, self.feature_weight, self.map_weight, self.weighting, self.reduction, self.backend
         )
@@ -223,9 +261,7 @@ class AFTLoss(nn.Module):
         self.grid, self.attention_weight, self.feature_weight = grid, attention_weight, feature_weight
         self.reduction, self.backend = reduction, backend
 
-    def forward(
-        self, f_s: Tensor | Sequence[Tensor], h_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]
-    ) -> Tensor:
+    def forward(self, f_s: Tensor | Sequence[Tensor], h_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]) -> Tensor:
         return functional.aft_loss(
             f_s, h_s, f_t, self.grid, self.attention_weight, self.feature_weight, self.reduction, self.backend
         )

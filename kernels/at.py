@@ -40,7 +40,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast.kernels._common import TL_DTYPES as _TL_DTYPES, acc_dtype as _acc_dtype, on_device as _on_device
+from kdfast.kernels._common import TL_DTYPES as _TL_DTYPES
+from kdfast.kernels._common import acc_dtype as _acc_dtype
+from kdfast.kernels._common import on_device as _on_device
 
 _EPS = tl.constexpr(1e-12)  # normalize(v) = v / max(||v||_2, eps), as F.normalize
 
@@ -188,8 +190,7 @@ def _stage_tensor(ptr, b, stride_b, stride, DTYPE: tl.constexpr, ALIGN: tl.const
 
 
 @triton.jit
-def _stage_block(local, channels, hw, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-                 BLOCK_HW: tl.constexpr):
+def _stage_block(local, channels, hw, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Sample, hw offsets [BLOCK_HW], channels and hw of the stage's program ``local``."""
     channels = _i32(channels)
     hw = _i32(hw)
@@ -223,10 +224,25 @@ def _channel_block(c0, channels, hw_mask, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _maps_stage(local, x, x_sb, x_s, m, channels, hw, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                P: tl.constexpr, INT_P: tl.constexpr, ODD_SIGNED: tl.constexpr, MEAN: tl.constexpr,
-                CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_HW: tl.constexpr):
+def _maps_stage(
+    local,
+    x,
+    x_sb,
+    x_s,
+    m,
+    channels,
+    hw,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    P: tl.constexpr,
+    INT_P: tl.constexpr,
+    ODD_SIGNED: tl.constexpr,
+    MEAN: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """m[b, hw] = scale * sum_c g(f[b, c, hw]) for the stage's program ``local``."""
     b, offs_hw, channels, hw = _stage_block(local, channels, hw, CHANNELS_LAST, ALIGN, BLOCK_HW)
     x, stride = _stage_tensor(x, b, x_sb, x_s, DTYPE, ALIGN)
@@ -243,24 +259,74 @@ def _maps_stage(local, x, x_sb, x_s, m, channels, hw, DTYPE: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _at_maps_kernel(xs, maps, firsts, channels, hws, x_sb, x_s, DTYPE: tl.constexpr,
-                    ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, ODD_SIGNED: tl.constexpr,
-                    MEAN: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGNS: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _at_maps_kernel(
+    xs,
+    maps,
+    firsts,
+    channels,
+    hws,
+    x_sb,
+    x_s,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    P: tl.constexpr,
+    INT_P: tl.constexpr,
+    ODD_SIGNED: tl.constexpr,
+    MEAN: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    ALIGNS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """Maps of every stage: the programs ``firsts[s] .. firsts[s + 1] - 1`` cover stage s."""
     pid = tl.program_id(0)
     for s in tl.static_range(len(xs)):
         if _in_stage(pid, firsts, s):
             ALIGN: tl.constexpr = ALIGNS[s]
-            _maps_stage(pid - firsts[s], xs[s], x_sb[s], x_s[s], maps[s], channels[s], hws[s], DTYPE, ACC,
-                        P, INT_P, ODD_SIGNED, MEAN, CHANNELS_LAST, ALIGN, BLOCK_C, BLOCK_HW)
+            _maps_stage(
+                pid - firsts[s],
+                xs[s],
+                x_sb[s],
+                x_s[s],
+                maps[s],
+                channels[s],
+                hws[s],
+                DTYPE,
+                ACC,
+                P,
+                INT_P,
+                ODD_SIGNED,
+                MEAN,
+                CHANNELS_LAST,
+                ALIGN,
+                BLOCK_C,
+                BLOCK_HW,
+            )
 
 
 @triton.jit
-def _maps_backward_stage(local, x, x_sb, x_s, y, y_sb, y_s, dm, channels, hw, DTYPE: tl.constexpr,
-                         ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr,
-                         ODD_SIGNED: tl.constexpr, MEAN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                         ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _maps_backward_stage(
+    local,
+    x,
+    x_sb,
+    x_s,
+    y,
+    y_sb,
+    y_s,
+    dm,
+    channels,
+    hw,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    P: tl.constexpr,
+    INT_P: tl.constexpr,
+    ODD_SIGNED: tl.constexpr,
+    MEAN: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """df[b, c, hw] = dm[b, hw] * scale * g'(f[b, c, hw]) for the stage's program ``local``."""
     b, offs_hw, channels, hw = _stage_block(local, channels, hw, CHANNELS_LAST, ALIGN, BLOCK_HW)
     x, x_stride = _stage_tensor(x, b, x_sb, x_s, DTYPE, ALIGN)
@@ -277,19 +343,55 @@ def _maps_backward_stage(local, x, x_sb, x_s, y, y_sb, y_s, dm, channels, hw, DT
 
 
 @triton.jit
-def _at_maps_backward_kernel(xs, ys, grad_maps, firsts, channels, hws, x_sb, x_s, y_sb, y_s,
-                             DTYPE: tl.constexpr, ACC: tl.constexpr, P: tl.constexpr,
-                             INT_P: tl.constexpr, ODD_SIGNED: tl.constexpr, MEAN: tl.constexpr,
-                             CHANNELS_LAST: tl.constexpr, ALIGNS: tl.constexpr,
-                             BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _at_maps_backward_kernel(
+    xs,
+    ys,
+    grad_maps,
+    firsts,
+    channels,
+    hws,
+    x_sb,
+    x_s,
+    y_sb,
+    y_s,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    P: tl.constexpr,
+    INT_P: tl.constexpr,
+    ODD_SIGNED: tl.constexpr,
+    MEAN: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    ALIGNS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """Feature gradients of every stage (programs as in :func:`_at_maps_kernel`)."""
     pid = tl.program_id(0)
     for s in tl.static_range(len(xs)):
         if _in_stage(pid, firsts, s):
             ALIGN: tl.constexpr = ALIGNS[s]
-            _maps_backward_stage(pid - firsts[s], xs[s], x_sb[s], x_s[s], ys[s], y_sb[s], y_s[s], grad_maps[s],
-                                 channels[s], hws[s], DTYPE, ACC, P, INT_P, ODD_SIGNED, MEAN, CHANNELS_LAST,
-                                 ALIGN, BLOCK_C, BLOCK_HW)
+            _maps_backward_stage(
+                pid - firsts[s],
+                xs[s],
+                x_sb[s],
+                x_s[s],
+                ys[s],
+                y_sb[s],
+                y_s[s],
+                grad_maps[s],
+                channels[s],
+                hws[s],
+                DTYPE,
+                ACC,
+                P,
+                INT_P,
+                ODD_SIGNED,
+                MEAN,
+                CHANNELS_LAST,
+                ALIGN,
+                BLOCK_C,
+                BLOCK_HW,
+            )
 
 
 @triton.jit
@@ -301,8 +403,9 @@ def _row_block(ms, mt, j, hw, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _map_loss_row(loss, ms, mt, grad, hw, b, batch, ACC: tl.constexpr, MSE: tl.constexpr,
-                  ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+def _map_loss_row(
+    loss, ms, mt, grad, hw, b, batch, ACC: tl.constexpr, MSE: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr
+):
     """Loss and d loss / d m_s of one (stage, sample): three passes over HW (the sums ss, tt,
     st; the squared normalised difference; the gradient)."""
     hw = tl.multiple_of(_i32(hw), ALIGN)
@@ -351,8 +454,9 @@ def _map_loss_row(loss, ms, mt, grad, hw, b, batch, ACC: tl.constexpr, MSE: tl.c
 
 
 @triton.jit
-def _at_map_loss_kernel(maps_s, maps_t, grads, hws, losses, batch, ACC: tl.constexpr, MSE: tl.constexpr,
-                        ALIGNS: tl.constexpr, BLOCK: tl.constexpr):
+def _at_map_loss_kernel(
+    maps_s, maps_t, grads, hws, losses, batch, ACC: tl.constexpr, MSE: tl.constexpr, ALIGNS: tl.constexpr, BLOCK: tl.constexpr
+):
     """One program per (stage, sample): ``losses[stage, b]`` and the stage's gradient row b."""
     pid = tl.program_id(0)
     stage = pid // batch
@@ -441,10 +545,10 @@ def _alignment(tensors: list[Tensor], channels_last: bool) -> int:
 
 def chunks(items: list, size: int = _MAX_STAGES) -> list[list]:
     """``items`` in consecutive launches of at most ``size`` (the tuple arguments' length)."""
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _min_programs(device: torch.device) -> int:
     """Programs a launch should have to fill the device (1 off CUDA: the interpreter)."""
     if device.type != "cuda":
@@ -489,18 +593,22 @@ def _map_launch(feats: list[Tensor], p: float, mode: str, name: str) -> _MapLaun
     _check_feats(feats, name)
     power = _power(p, mode)
     channels_last = not _fits(feats[0], False) and _fits(feats[0], True)
-    feats = [f if _fits(f, channels_last) else f.contiguous(memory_format=_memory_format(channels_last))
-             for f in feats]
+    feats = [f if _fits(f, channels_last) else f.contiguous(memory_format=_memory_format(channels_last)) for f in feats]
     order = sorted(range(len(feats)), key=lambda s: -feats[s].size(1))
     block_c, block_hw = _map_blocks(feats, channels_last)
     dtype = feats[0].dtype
-    constexprs = dict(DTYPE=_TL_DTYPES[dtype], ACC=_TL_DTYPES[_acc_dtype(dtype)], CHANNELS_LAST=channels_last,
-                      BLOCK_C=block_c, BLOCK_HW=block_hw, **power)
+    constexprs = dict(
+        DTYPE=_TL_DTYPES[dtype],
+        ACC=_TL_DTYPES[_acc_dtype(dtype)],
+        CHANNELS_LAST=channels_last,
+        BLOCK_C=block_c,
+        BLOCK_HW=block_hw,
+        **power,
+    )
     return _MapLaunch(feats, channels_last, order, constexprs)
 
 
-def _run_maps(kernel: triton.JITFunction, launch: _MapLaunch, maps: list[Tensor],
-              grads: list[Tensor] | None = None) -> None:
+def _run_maps(kernel: triton.JITFunction, launch: _MapLaunch, maps: list[Tensor], grads: list[Tensor] | None = None) -> None:
     """Launches ``kernel`` over all stages (one launch per _MAX_STAGES); ``grads`` (launch
     layout) for the backward. Every argument is a kernel argument: nothing is staged on the host."""
     cl = launch.channels_last
@@ -509,8 +617,14 @@ def _run_maps(kernel: triton.JITFunction, launch: _MapLaunch, maps: list[Tensor]
             feats = [launch.feats[s] for s in stages]
             firsts = _first_programs(feats, launch.constexprs["BLOCK_HW"])
             x_strides = [_strides(f, cl) for f in feats]
-            args = [tuple(feats), tuple(maps[s] for s in stages), tuple(firsts), tuple(f.size(1) for f in feats),
-                    tuple(f.size(2) * f.size(3) for f in feats), *zip(*x_strides)]
+            args = [
+                tuple(feats),
+                tuple(maps[s] for s in stages),
+                tuple(firsts),
+                tuple(f.size(1) for f in feats),
+                tuple(f.size(2) * f.size(3) for f in feats),
+                *zip(*x_strides),
+            ]
             stage_tensors = [[f] for f in feats]
             if grads is not None:
                 ys = [grads[s] for s in stages]
@@ -536,14 +650,12 @@ def at_maps(feats: list[Tensor], p: float, mode: str) -> list[Tensor]:
     """
     launch = _map_launch(feats, p, mode, "at_maps")
     acc = _acc_dtype(feats[0].dtype)
-    maps = [torch.empty((f.size(0), f.size(2) * f.size(3)), dtype=acc, device=f.device)
-            for f in launch.feats]
+    maps = [torch.empty((f.size(0), f.size(2) * f.size(3)), dtype=acc, device=f.device) for f in launch.feats]
     _run_maps(_at_maps_kernel, launch, maps)
     return maps
 
 
-def at_maps_backward(grad_maps: list[Tensor], feats: list[Tensor], p: float,
-                     mode: str) -> list[Tensor]:
+def at_maps_backward(grad_maps: list[Tensor], feats: list[Tensor], p: float, mode: str) -> list[Tensor]:
     """Gradient of :func:`at_maps` w.r.t. the feats, all stages in one launch.
 
     ``df[b, c, hw] = dm[b, hw] * scale * g'(f[b, c, hw])``, ``g'(x) = p |x|^(p-1)`` times
@@ -562,9 +674,10 @@ def at_maps_backward(grad_maps: list[Tensor], feats: list[Tensor], p: float,
             raise ValueError(f"at_maps_backward: grad_maps[{s}] must be {acc} on {f.device}")
     grads = [torch.empty_like(f) for f in feats]
     # The kernel writes the launch layout; a grad of the other layout is filled by a copy.
-    bufs = [g if _fits(g, launch.channels_last)
-            else torch.empty_like(f, memory_format=_memory_format(launch.channels_last))
-            for g, f in zip(grads, launch.feats)]
+    bufs = [
+        g if _fits(g, launch.channels_last) else torch.empty_like(f, memory_format=_memory_format(launch.channels_last))
+        for g, f in zip(grads, launch.feats)
+    ]
     _run_maps(_at_maps_backward_kernel, launch, [g.contiguous() for g in grad_maps], bufs)
     for g, buf in zip(grads, bufs):
         if buf is not g:
@@ -591,8 +704,7 @@ def at_map_loss(maps_s: list[Tensor], maps_t: list[Tensor], loss: str) -> tuple[
     for s, (ms, mt) in enumerate(zip(maps_s, maps_t)):
         # maps_s[0] is known 2-D when a later stage compares its B with it
         if ms.dim() != 2 or ms.shape != mt.shape or ms.size(0) != maps_s[0].size(0) or ms.size(1) == 0:
-            raise ValueError(f"at_map_loss: maps_s[{s}] and maps_t[{s}] must both be (B, HW) "
-                             "with one B for all")
+            raise ValueError(f"at_map_loss: maps_s[{s}] and maps_t[{s}] must both be (B, HW) with one B for all")
         if ms.dtype != dtype or mt.dtype != dtype:
             raise ValueError("at_map_loss: maps must share one dtype")
         if ms.device != device or mt.device != device:
@@ -608,9 +720,21 @@ def at_map_loss(maps_s: list[Tensor], maps_t: list[Tensor], loss: str) -> tuple[
         with _on_device(device):
             for stages in chunks(list(range(len(maps_s)))):
                 ms, mt, gs = ([t[s] for s in stages] for t in (maps_s, maps_t, grads))
-                aligns = tuple(min(_MAX_ALIGN, math.gcd(_MAX_ALIGN, m.size(1), *(t.data_ptr() // size for t in ts)))
-                               for m, *ts in zip(ms, ms, mt, gs))
+                aligns = tuple(
+                    min(_MAX_ALIGN, math.gcd(_MAX_ALIGN, m.size(1), *(t.data_ptr() // size for t in ts)))
+                    for m, *ts in zip(ms, ms, mt, gs)
+                )
                 _at_map_loss_kernel[(len(stages) * batch,)](
-                    tuple(ms), tuple(mt), tuple(gs), tuple(m.size(1) for m in ms), losses[stages[0]:], batch,
-                    ACC=_TL_DTYPES[dtype], MSE=loss == "mse", ALIGNS=aligns, BLOCK=block, num_warps=_NUM_WARPS)
+                    tuple(ms),
+                    tuple(mt),
+                    tuple(gs),
+                    tuple(m.size(1) for m in ms),
+                    losses[stages[0] :],
+                    batch,
+                    ACC=_TL_DTYPES[dtype],
+                    MSE=loss == "mse",
+                    ALIGNS=aligns,
+                    BLOCK=block,
+                    num_warps=_NUM_WARPS,
+                )
     return losses, grads

@@ -246,9 +246,28 @@ def _weights(a_t, height, width, GRID: tl.constexpr, G2: tl.constexpr):
 
 
 @triton.jit
-def _pooled_partial(x, sc, sy, sx, channels, height, width, hw, c_lo, c_hi, hw_lo, hw_hi, ACC: tl.constexpr,
-                    P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr, G2: tl.constexpr,
-                    LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _pooled_partial(
+    x,
+    sc,
+    sy,
+    sx,
+    channels,
+    height,
+    width,
+    hw,
+    c_lo,
+    c_hi,
+    hw_lo,
+    hw_hi,
+    ACC: tl.constexpr,
+    P: tl.constexpr,
+    INT_P: tl.constexpr,
+    GRID: tl.constexpr,
+    G2: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """[G2] bin sums of ``sum_c |x|^p`` over channels [c_lo, c_hi) and positions [hw_lo, hw_hi)."""
     acc = tl.zeros([G2], ACC)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
@@ -263,10 +282,33 @@ def _pooled_partial(x, sc, sy, sx, channels, height, width, hw, c_lo, c_hi, hw_l
 
 
 @triton.jit
-def _dense_partial(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, channels, height, width, hw, c_lo, c_hi, hw_lo,
-                   hw_hi, ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr,
-                   G2: tl.constexpr, WEIGHTED: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_HW: tl.constexpr):
+def _dense_partial(
+    hp,
+    h_sc,
+    h_sy,
+    h_sx,
+    tp,
+    t_sc,
+    t_sy,
+    t_sx,
+    channels,
+    height,
+    width,
+    hw,
+    c_lo,
+    c_hi,
+    hw_lo,
+    hw_hi,
+    ACC: tl.constexpr,
+    P: tl.constexpr,
+    INT_P: tl.constexpr,
+    GRID: tl.constexpr,
+    G2: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """fb == 0 over (h, t) in the range: (the teacher's [G2] bin sums of ``sum_c |t|^p``, the
     feature term ``sum (h - t)^2``: per cell [G2] when WEIGHTED, else its total in element 0)."""
     p_t = tl.zeros([G2], ACC)
@@ -295,10 +337,33 @@ def _dense_partial(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, channels, height,
 
 
 @triton.jit
-def _block_diffs(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, offs_c, channels, height, width, hw, p_t,
-                 ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr, G2: tl.constexpr,
-                 FGRID: tl.constexpr, FG2: tl.constexpr, MAP_T: tl.constexpr, LAYOUT: tl.constexpr,
-                 BLOCK_CF: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _block_diffs(
+    hp,
+    h_sc,
+    h_sy,
+    h_sx,
+    tp,
+    t_sc,
+    t_sy,
+    t_sx,
+    offs_c,
+    channels,
+    height,
+    width,
+    hw,
+    p_t,
+    ACC: tl.constexpr,
+    P: tl.constexpr,
+    INT_P: tl.constexpr,
+    GRID: tl.constexpr,
+    G2: tl.constexpr,
+    FGRID: tl.constexpr,
+    FG2: tl.constexpr,
+    MAP_T: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    BLOCK_CF: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """D [BLOCK_CF, FG2] of the channels offs_c (pooled differences of h and t over the fb x fb
     bins: ``(h - t) [channels, positions] x membership [positions, bins]`` by ``tl.dot`` in full
     precision), and with MAP_T the teacher's bin sums of ``|t|^p`` of these channels added to p_t."""
@@ -311,8 +376,7 @@ def _block_diffs(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, offs_c, channels, h
         inside = _bins(offs_hw, hw, height, width, FGRID, FG2)
         diffs = tl.dot(d, tl.trans(inside.to(ACC)), diffs, input_precision="ieee", out_dtype=ACC)
         if MAP_T:
-            p_t += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2),
-                             tl.sum(at_kernels._g(tv, P, INT_P, False), axis=0))
+            p_t += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2), tl.sum(at_kernels._g(tv, P, INT_P, False), axis=0))
     return diffs * _inv_area(height, width, ACC, FGRID, FG2)[None, :], p_t
 
 
@@ -320,18 +384,39 @@ def _block_diffs(hp, h_sc, h_sy, h_sx, tp, t_sc, t_sy, t_sx, offs_c, channels, h
 
 
 @triton.jit(do_not_specialize=["batch"])  # batch.to(ACC): never a constexpr
-def _partials_kernel(fs, hs, ft, dims, strides, part, batch, splits_c, splits_hw, ACC: tl.constexpr,
-                     P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr, G2: tl.constexpr,
-                     FGRID: tl.constexpr, FG2: tl.constexpr, WEIGHTED: tl.constexpr, LAYOUT: tl.constexpr,
-                     ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CF: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _partials_kernel(
+    fs,
+    hs,
+    ft,
+    dims,
+    strides,
+    part,
+    batch,
+    splits_c,
+    splits_hw,
+    ACC: tl.constexpr,
+    P: tl.constexpr,
+    INT_P: tl.constexpr,
+    GRID: tl.constexpr,
+    G2: tl.constexpr,
+    FGRID: tl.constexpr,
+    FG2: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_CF: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """part[program] = [bin sums of P_s, of P_t, feature term] of one (module, sample, split)."""
     r, b, split_c, split_hw = _locate(batch, splits_c, splits_hw)
     cs, hs_, ws, hw_s = _dims(dims, r, _DIMS_S, LAYOUT, ALIGN)
     f = _sample(fs, strides, r, _FS, b, LAYOUT, ALIGN)
     c_lo, c_hi = _range(split_c, splits_c, cs, BLOCK_C)
     hw_lo, hw_hi = _range(split_hw, splits_hw, hw_s, BLOCK_HW)
-    p_s = _pooled_partial(f[0], f[1], f[2], f[3], cs, hs_, ws, hw_s, c_lo, c_hi, hw_lo, hw_hi, ACC, P, INT_P, GRID,
-                          G2, LAYOUT, BLOCK_C, BLOCK_HW)
+    p_s = _pooled_partial(
+        f[0], f[1], f[2], f[3], cs, hs_, ws, hw_s, c_lo, c_hi, hw_lo, hw_hi, ACC, P, INT_P, GRID, G2, LAYOUT, BLOCK_C, BLOCK_HW
+    )
     # the connector output and the teacher: looked up only now (shorter live ranges)
     ct, height, width, hw = _dims(dims, r, _DIMS_T, LAYOUT, ALIGN)
     h = _sample(hs, strides, r, _HS, b, LAYOUT, ALIGN)
@@ -341,16 +426,65 @@ def _partials_kernel(fs, hs, ft, dims, strides, part, batch, splits_c, splits_hw
         sq = tl.zeros([BLOCK_CF, FG2], ACC)
         c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_CF)
         for c0 in range(c_lo, c_hi, BLOCK_CF):
-            diffs, p_t = _block_diffs(h[0], h[1], h[2], h[3], t[0], t[1], t[2], t[3], c0 + tl.arange(0, BLOCK_CF), ct,
-                                      height, width, hw, p_t, ACC, P, INT_P, GRID, G2, FGRID, FG2, True, LAYOUT,
-                                      BLOCK_CF, BLOCK_HW)
+            diffs, p_t = _block_diffs(
+                h[0],
+                h[1],
+                h[2],
+                h[3],
+                t[0],
+                t[1],
+                t[2],
+                t[3],
+                c0 + tl.arange(0, BLOCK_CF),
+                ct,
+                height,
+                width,
+                hw,
+                p_t,
+                ACC,
+                P,
+                INT_P,
+                GRID,
+                G2,
+                FGRID,
+                FG2,
+                True,
+                LAYOUT,
+                BLOCK_CF,
+                BLOCK_HW,
+            )
             sq += diffs * diffs
         feat = tl.where(tl.arange(0, G2) == 0, tl.sum(tl.sum(sq, axis=1), axis=0), 0.0)
     else:
         c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_C)
         hw_lo, hw_hi = _range(split_hw, splits_hw, hw, BLOCK_HW)
-        p_t, feat = _dense_partial(h[0], h[1], h[2], h[3], t[0], t[1], t[2], t[3], ct, height, width, hw, c_lo, c_hi,
-                                   hw_lo, hw_hi, ACC, P, INT_P, GRID, G2, WEIGHTED, LAYOUT, BLOCK_C, BLOCK_HW)
+        p_t, feat = _dense_partial(
+            h[0],
+            h[1],
+            h[2],
+            h[3],
+            t[0],
+            t[1],
+            t[2],
+            t[3],
+            ct,
+            height,
+            width,
+            hw,
+            c_lo,
+            c_hi,
+            hw_lo,
+            hw_hi,
+            ACC,
+            P,
+            INT_P,
+            GRID,
+            G2,
+            WEIGHTED,
+            LAYOUT,
+            BLOCK_C,
+            BLOCK_HW,
+        )
     out = part + tl.program_id(0).to(tl.int64) * (3 * G2) + tl.arange(0, G2)
     tl.store(out, p_s)
     tl.store(out + G2, p_t)
@@ -358,8 +492,20 @@ def _partials_kernel(fs, hs, ft, dims, strides, part, batch, splits_c, splits_hw
 
 
 @triton.jit(do_not_specialize=["batch"])  # batch.to(ACC): never a constexpr
-def _finish_kernel(dims, part, partials, maps, batch, n_splits, ACC: tl.constexpr, GRID: tl.constexpr,
-                   G2: tl.constexpr, FGRID: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_S: tl.constexpr):
+def _finish_kernel(
+    dims,
+    part,
+    partials,
+    maps,
+    batch,
+    n_splits,
+    ACC: tl.constexpr,
+    GRID: tl.constexpr,
+    G2: tl.constexpr,
+    FGRID: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """P_s, P_t (to maps) and the partial terms [feat, map] of one (module, sample), summing the
     splits' part rows in order."""
     pid = tl.program_id(0)
@@ -400,10 +546,33 @@ def _finish_kernel(dims, part, partials, maps, batch, n_splits, ACC: tl.constexp
 
 
 @triton.jit(do_not_specialize=["batch"])  # batch.to(ACC): never a constexpr
-def _backward_kernel(fs, hs, ft, grads_fs, grads_hs, dims, strides, grad_terms, maps, batch, splits_c, splits_hw,
-                     ACC: tl.constexpr, P: tl.constexpr, INT_P: tl.constexpr, GRID: tl.constexpr, G2: tl.constexpr,
-                     FGRID: tl.constexpr, FG2: tl.constexpr, WEIGHTED: tl.constexpr, LAYOUT: tl.constexpr,
-                     ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CF: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _backward_kernel(
+    fs,
+    hs,
+    ft,
+    grads_fs,
+    grads_hs,
+    dims,
+    strides,
+    grad_terms,
+    maps,
+    batch,
+    splits_c,
+    splits_hw,
+    ACC: tl.constexpr,
+    P: tl.constexpr,
+    INT_P: tl.constexpr,
+    GRID: tl.constexpr,
+    G2: tl.constexpr,
+    FGRID: tl.constexpr,
+    FG2: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_CF: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """grad_f_s and grad_h_s (contiguous) of one (module, sample, split)'s channels and positions."""
     r, b, split_c, split_hw = _locate(batch, splits_c, splits_hw)
     cs, hs_, ws, hw_s = _dims(dims, r, _DIMS_S, LAYOUT, ALIGN)
@@ -443,16 +612,43 @@ def _backward_kernel(fs, hs, ft, grads_fs, grads_hs, dims, strides, grad_terms, 
         c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_CF)
         for c0 in range(c_lo, c_hi, BLOCK_CF):
             offs_c = c0 + tl.arange(0, BLOCK_CF)
-            diffs = _block_diffs(h[0], h[1], h[2], h[3], t[0], t[1], t[2], t[3], offs_c, ct, height, width, hw,
-                                 tl.zeros([G2], ACC), ACC, P, INT_P, GRID, G2, FGRID, FG2, False, LAYOUT, BLOCK_CF,
-                                 BLOCK_HW)[0]
+            diffs = _block_diffs(
+                h[0],
+                h[1],
+                h[2],
+                h[3],
+                t[0],
+                t[1],
+                t[2],
+                t[3],
+                offs_c,
+                ct,
+                height,
+                width,
+                hw,
+                tl.zeros([G2], ACC),
+                ACC,
+                P,
+                INT_P,
+                GRID,
+                G2,
+                FGRID,
+                FG2,
+                False,
+                LAYOUT,
+                BLOCK_CF,
+                BLOCK_HW,
+            )[0]
             d_bins = coef * diffs * inv_area[None, :]
             for hw0 in range(0, hw, BLOCK_HW):
                 offs_hw = hw0 + tl.arange(0, BLOCK_HW)
                 inside = _bins(offs_hw, hw, height, width, FGRID, FG2).to(ACC)
                 grad = tl.dot(d_bins, inside, input_precision="ieee", out_dtype=ACC)
-                tl.store(g_h + offs_c[:, None] * hw + offs_hw[None, :], grad.to(g_h.dtype.element_ty),
-                         mask=_mask(offs_c, offs_hw, ct, hw))
+                tl.store(
+                    g_h + offs_c[:, None] * hw + offs_hw[None, :],
+                    grad.to(g_h.dtype.element_ty),
+                    mask=_mask(offs_c, offs_hw, ct, hw),
+                )
     else:
         coef = grad_feat * 2.0 / (batch.to(ACC) * ct.to(ACC) * hw.to(ACC))
         wk = _weights(a_t, height, width, GRID, G2)
@@ -499,8 +695,7 @@ def _strides(t: Tensor, layout: int) -> tuple[int, int, int, int]:
     b, c, h, w = t.shape
     x = at_kernels._hw_stride(t) if layout == _CHANNELS_LAST else t.stride(3)
     x_size = h * w if layout == _CHANNELS_LAST else w
-    return tuple(st if size > 1 else 0 for size, st in ((b, t.stride(0)), (c, t.stride(1)), (h, t.stride(2)),
-                                                        (x_size, x)))
+    return tuple(st if size > 1 else 0 for size, st in ((b, t.stride(0)), (c, t.stride(1)), (h, t.stride(2)), (x_size, x)))
 
 
 def _alignment(tensors: list[Tensor], layout: int) -> int:
@@ -550,8 +745,9 @@ def _d_channels(fg2: int, backward: bool) -> int:
     return _TILE // fg2 if fg2 <= 32 or backward else _BLOCK_MIN
 
 
-def _splits(f_s: list[Tensor], h_s: list[Tensor], block_c: int, block_cf: int, block_hw: int, dense: bool,
-            device: torch.device) -> tuple[int, int]:
+def _splits(
+    f_s: list[Tensor], h_s: list[Tensor], block_c: int, block_cf: int, block_hw: int, dense: bool, device: torch.device
+) -> tuple[int, int]:
     """(channel splits, position splits) per (module, sample): doubled, along the axis with more
     blocks left per split, while the launch has fewer than at.py's _min_programs programs
     (positions only when ``dense``, i.e. fb == 0)."""
@@ -570,12 +766,20 @@ def _splits(f_s: list[Tensor], h_s: list[Tensor], block_c: int, block_cf: int, b
     return splits_c, splits_hw
 
 
-def _plan(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float, feature_grid: int,
-          teacher_weighting: bool, backward: bool = False) -> _Plan:
+def _plan(
+    f_s: list[Tensor],
+    h_s: list[Tensor],
+    f_t: list[Tensor],
+    grid: int,
+    power: float,
+    feature_grid: int,
+    teacher_weighting: bool,
+    backward: bool = False,
+) -> _Plan:
     tensors = [*f_s, *h_s, *f_t]
     layout = _layout(tensors)
     g2 = triton.next_power_of_2(grid * grid)
-    fg2 = max(triton.next_power_of_2(feature_grid ** 2), _BLOCK_MIN) if feature_grid > 0 else 1
+    fg2 = max(triton.next_power_of_2(feature_grid**2), _BLOCK_MIN) if feature_grid > 0 else 1
     block_c, block_hw = _blocks(tensors, layout, max(g2, fg2))
     if feature_grid > 0 and layout == _CHANNELS_LAST:
         block_hw = min(block_hw, _CL_DOT_K)
@@ -584,9 +788,20 @@ def _plan(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, po
     power = float(power)
     integer = power.is_integer() and power <= at_kernels._MAX_INT_POWER
     constexprs = {
-        "ACC": TL_DTYPES[acc_dtype(f_s[0].dtype)], "P": power, "INT_P": int(power) if integer else -1, "GRID": grid,
-        "G2": g2, "FGRID": feature_grid, "FG2": fg2, "WEIGHTED": teacher_weighting, "LAYOUT": layout,
-        "ALIGN": _alignment(tensors, layout), "BLOCK_C": block_c, "BLOCK_CF": block_cf, "BLOCK_HW": block_hw}
+        "ACC": TL_DTYPES[acc_dtype(f_s[0].dtype)],
+        "P": power,
+        "INT_P": int(power) if integer else -1,
+        "GRID": grid,
+        "G2": g2,
+        "FGRID": feature_grid,
+        "FG2": fg2,
+        "WEIGHTED": teacher_weighting,
+        "LAYOUT": layout,
+        "ALIGN": _alignment(tensors, layout),
+        "BLOCK_C": block_c,
+        "BLOCK_CF": block_cf,
+        "BLOCK_HW": block_hw,
+    }
     return _Plan(splits_c, splits_hw, constexprs)
 
 
@@ -597,8 +812,16 @@ def _module_args(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], layout
     return tuple(f_s), tuple(h_s), tuple(f_t), dims, strides
 
 
-def _check(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float,
-           feature_grid: int, teacher_weighting: bool, name: str) -> None:
+def _check(
+    f_s: list[Tensor],
+    h_s: list[Tensor],
+    f_t: list[Tensor],
+    grid: int,
+    power: float,
+    feature_grid: int,
+    teacher_weighting: bool,
+    name: str,
+) -> None:
     """The contract's checks, as the C++ entry points make them."""
     if len(f_s) == 0:
         raise ValueError(f"{name}: f_s must hold at least one module")
@@ -633,7 +856,6 @@ def _check(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, p
         raise ValueError(f"{name}: teacher_weighting needs feature_grid 0, got {feature_grid}")
 
 
-
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -642,8 +864,9 @@ def _module_chunks(count: int) -> list[slice]:
     return [slice(lo, min(lo + at_kernels._MAX_STAGES, count)) for lo in range(0, count, at_kernels._MAX_STAGES)]
 
 
-def block_attention_forward(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float,
-                            feature_grid: int, teacher_weighting: bool) -> tuple[Tensor, Tensor]:
+def block_attention_forward(
+    f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float, feature_grid: int, teacher_weighting: bool
+) -> tuple[Tensor, Tensor]:
     """``(terms (L, 2) [feat, map], maps (L, 2, B, g*g) [P_s, P_t])`` of every module: two launches
     (splits, then per (module, sample)) and torch's sum of the (L, B, 2) per-sample partials over B.
     Contract: kdfast/ops/block_attention.py."""
@@ -660,17 +883,38 @@ def block_attention_forward(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tens
         for m in _module_chunks(len(f_s)):
             args = _module_args(f_s[m], h_s[m], f_t[m], c["LAYOUT"])
             modules = len(args[0])
-            _partials_kernel[(modules * batch * plan.splits,)](*args, part[m], batch, plan.splits_c, plan.splits_hw,
-                                                               num_warps=_NUM_WARPS, **c)
-            _finish_kernel[(modules * batch,)](args[3], part[m], partials[m], maps[m], batch, plan.splits,
-                                               ACC=c["ACC"], GRID=grid, G2=c["G2"], FGRID=feature_grid,
-                                               WEIGHTED=teacher_weighting, BLOCK_S=block_s, num_warps=_NUM_WARPS)
+            _partials_kernel[(modules * batch * plan.splits,)](
+                *args, part[m], batch, plan.splits_c, plan.splits_hw, num_warps=_NUM_WARPS, **c
+            )
+            _finish_kernel[(modules * batch,)](
+                args[3],
+                part[m],
+                partials[m],
+                maps[m],
+                batch,
+                plan.splits,
+                ACC=c["ACC"],
+                GRID=grid,
+                G2=c["G2"],
+                FGRID=feature_grid,
+                WEIGHTED=teacher_weighting,
+                BLOCK_S=block_s,
+                num_warps=_NUM_WARPS,
+            )
     return partials.sum(1), maps
 
 
-def block_attention_backward(grad_terms: Tensor, f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor],
-                             maps: Tensor, grid: int, power: float, feature_grid: int,
-                             teacher_weighting: bool) -> tuple[list[Tensor], list[Tensor]]:
+def block_attention_backward(
+    grad_terms: Tensor,
+    f_s: list[Tensor],
+    h_s: list[Tensor],
+    f_t: list[Tensor],
+    maps: Tensor,
+    grid: int,
+    power: float,
+    feature_grid: int,
+    teacher_weighting: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
     """Contiguous gradients of ``sum_l grad_terms[l, 0] feat_l + grad_terms[l, 1] map_l`` w.r.t.
     f_s and h_s, one launch. ``maps``: the forward's. Contract: kdfast/ops/block_attention.py."""
     name = "block_attention_backward"
@@ -692,6 +936,19 @@ def block_attention_backward(grad_terms: Tensor, f_s: list[Tensor], h_s: list[Te
         for m in _module_chunks(len(f_s)):
             fs, hs, ft, dims, strides = _module_args(f_s[m], h_s[m], f_t[m], plan.constexprs["LAYOUT"])
             _backward_kernel[(len(fs) * batch * plan.splits,)](
-                fs, hs, ft, tuple(grads_fs[m]), tuple(grads_hs[m]), dims, strides, grad_terms[m], maps[m], batch,
-                plan.splits_c, plan.splits_hw, num_warps=_NUM_WARPS, **plan.constexprs)
+                fs,
+                hs,
+                ft,
+                tuple(grads_fs[m]),
+                tuple(grads_hs[m]),
+                dims,
+                strides,
+                grad_terms[m],
+                maps[m],
+                batch,
+                plan.splits_c,
+                plan.splits_hw,
+                num_warps=_NUM_WARPS,
+                **plan.constexprs,
+            )
     return grads_fs, grads_hs

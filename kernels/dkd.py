@@ -83,8 +83,23 @@ def _dkd_rows(d_s, d_t, temp, alpha, beta, scale):
 
 
 @triton.jit
-def _dkd_row_setup(zs_ptr, zt_ptr, rows, n, stride_s, stride_t, target_ptr, stride_target, t_hi,
-                   t_lo, alpha_hi, alpha_lo, beta_hi, beta_lo, ACC: tl.constexpr):
+def _dkd_row_setup(
+    zs_ptr,
+    zt_ptr,
+    rows,
+    n,
+    stride_s,
+    stride_t,
+    target_ptr,
+    stride_target,
+    t_hi,
+    t_lo,
+    alpha_hi,
+    alpha_lo,
+    beta_hi,
+    beta_lo,
+    ACC: tl.constexpr,
+):
     """Per-row start of both kernels: the row pointers, T, 1 / T, alpha, beta, the target g and
     the gathered z_s[g], z_t[g] with g's validity (``rows`` are clamped in bounds)."""
     zs_rows = zs_ptr + rows * stride_s
@@ -99,23 +114,55 @@ def _dkd_row_setup(zs_ptr, zt_ptr, rows, n, stride_s, stride_t, target_ptr, stri
 
 
 @sm.row_kernel
-def _dkd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n, stride_s,
-                        stride_t, target_ptr, stride_target, t_hi, t_lo, alpha_hi, alpha_lo,
-                        beta_hi, beta_lo, WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _dkd_forward_kernel(
+    zs_ptr,
+    zt_ptr,
+    loss_ptr,
+    stats_ptr,
+    grad_ptr,
+    batch,
+    n,
+    stride_s,
+    stride_t,
+    target_ptr,
+    stride_target,
+    t_hi,
+    t_lo,
+    alpha_hi,
+    alpha_lo,
+    beta_hi,
+    beta_lo,
+    WITH_GRAD: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     rows, row_ok = sm.program_rows(batch, ROWS)
     zs_rows, zt_rows, temp, inv_t, alpha, beta, g, zg_s, zg_t, g_ok = _dkd_row_setup(
-        zs_ptr, zt_ptr, rows, n, stride_s, stride_t, target_ptr, stride_target, t_hi, t_lo,
-        alpha_hi, alpha_lo, beta_hi, beta_lo, ACC)
+        zs_ptr,
+        zt_ptr,
+        rows,
+        n,
+        stride_s,
+        stride_t,
+        target_ptr,
+        stride_target,
+        t_hi,
+        t_lo,
+        alpha_hi,
+        alpha_lo,
+        beta_hi,
+        beta_lo,
+        ACC,
+    )
 
     if ONE_BLOCK:
         cols, valid, zs, zt = sm.load_block(zs_rows[:, None], zt_rows[:, None], 0, n, BLOCK_K, ACC)
         m_s, l_s, m_t, l_t, a = sm.kl_init(ROWS, ACC)
-        m_s, l_s, m_t, l_t, a = sm.kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, g, inv_t,
-                                           True)
+        m_s, l_s, m_t, l_t, a = sm.kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, g, inv_t, True)
     else:
-        m_s, l_s, m_t, l_t, a = sm.kl_stream(zs_rows[:, None], zt_rows[:, None], n, g, inv_t, True,
-                                             ROWS, BLOCK_K, ACC)
+        m_s, l_s, m_t, l_t, a = sm.kl_stream(zs_rows[:, None], zt_rows[:, None], n, g, inv_t, True, ROWS, BLOCK_K, ACC)
 
     log_l_s = tl.log(l_s)
     log_l_t = tl.log(l_t)
@@ -123,8 +170,7 @@ def _dkd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n,
     d_s = (zg_s - m_s) * inv_t - log_l_s
     d_t = (zg_t - m_t) * inv_t - log_l_t
     one = tl.full([ROWS], 1.0, ACC)
-    tckd, nckd_target, log_ws, log_wt, c_s, c_t, at_target = _dkd_rows(d_s, d_t, temp, alpha,
-                                                                       beta, one)
+    tckd, nckd_target, log_ws, log_wt, c_s, c_t, at_target = _dkd_rows(d_s, d_t, temp, alpha, beta, one)
     kl_other = sm.kl_term(log_wt, sm.kl_rows(m_s, l_s, m_t, l_t, a, inv_t) + log_wt - log_ws)
     loss = temp * temp * (alpha * tckd + beta * (nckd_target + kl_other))
     tl.store(loss_ptr + rows, tl.where(g_ok, loss, float("nan")), mask=row_ok)
@@ -145,47 +191,116 @@ def _dkd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n,
         c_t += bad
         grad_rows = grad_ptr + rows[:, None] * n
         if ONE_BLOCK:
-            gr = sm.grad_tile(cols, valid, zs, zt, m_s, log_l_s, c_s, m_t, log_l_t, c_t, g,
-                              at_target, inv_t, True)
+            gr = sm.grad_tile(cols, valid, zs, zt, m_s, log_l_s, c_s, m_t, log_l_t, c_t, g, at_target, inv_t, True)
             sm.store_grad(grad_rows, cols, valid, row_ok, gr)
         else:
-            sm.grad_stream(grad_rows, zs_rows[:, None], zt_rows[:, None], n, row_ok, m_s, log_l_s,
-                           c_s, m_t, log_l_t, c_t, g, at_target, inv_t, True, BLOCK_K, ACC)
+            sm.grad_stream(
+                grad_rows,
+                zs_rows[:, None],
+                zt_rows[:, None],
+                n,
+                row_ok,
+                m_s,
+                log_l_s,
+                c_s,
+                m_t,
+                log_l_t,
+                c_t,
+                g,
+                at_target,
+                inv_t,
+                True,
+                BLOCK_K,
+                ACC,
+            )
 
 
 @sm.row_kernel
-def _dkd_backward_kernel(gl_ptr, stride_gl, zs_ptr, zt_ptr, stats_ptr, stride_stats, grad_ptr,
-                         batch, n, stride_s, stride_t, target_ptr, stride_target, t_hi, t_lo,
-                         alpha_hi, alpha_lo, beta_hi, beta_lo, ROWS: tl.constexpr,
-                         BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _dkd_backward_kernel(
+    gl_ptr,
+    stride_gl,
+    zs_ptr,
+    zt_ptr,
+    stats_ptr,
+    stride_stats,
+    grad_ptr,
+    batch,
+    n,
+    stride_s,
+    stride_t,
+    target_ptr,
+    stride_target,
+    t_hi,
+    t_lo,
+    alpha_hi,
+    alpha_lo,
+    beta_hi,
+    beta_lo,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     rows, row_ok = sm.program_rows(batch, ROWS)  # rows are clamped in bounds: unmasked row loads
     zs_rows, zt_rows, temp, inv_t, alpha, beta, g, zg_s, zg_t, g_ok = _dkd_row_setup(
-        zs_ptr, zt_ptr, rows, n, stride_s, stride_t, target_ptr, stride_target, t_hi, t_lo,
-        alpha_hi, alpha_lo, beta_hi, beta_lo, ACC)
+        zs_ptr,
+        zt_ptr,
+        rows,
+        n,
+        stride_s,
+        stride_t,
+        target_ptr,
+        stride_target,
+        t_hi,
+        t_lo,
+        alpha_hi,
+        alpha_lo,
+        beta_hi,
+        beta_lo,
+        ACC,
+    )
     lo_s = tl.load(stats_ptr + rows * stride_stats + 2).to(ACC)  # lse_other_s
     lo_t = tl.load(stats_ptr + rows * stride_stats + 3).to(ACC)
     scale = tl.load(gl_ptr + rows * stride_gl).to(ACC)
-    _, _, _, _, c_s, c_t, at_target = _dkd_rows(zg_s * inv_t - lo_s, zg_t * inv_t - lo_t, temp,
-                                                alpha, beta, scale)
+    _, _, _, _, c_s, c_t, at_target = _dkd_rows(zg_s * inv_t - lo_s, zg_t * inv_t - lo_t, temp, alpha, beta, scale)
     bad = tl.where(g_ok, 0.0, float("nan"))
     zero = tl.zeros([ROWS], ACC)
-    sm.grad_stream(grad_ptr + rows[:, None] * n, zs_rows[:, None], zt_rows[:, None], n, row_ok,
-                   zero, lo_s, c_s + bad, zero, lo_t, c_t + bad, g, at_target, inv_t, True,
-                   BLOCK_K, ACC)
+    sm.grad_stream(
+        grad_ptr + rows[:, None] * n,
+        zs_rows[:, None],
+        zt_rows[:, None],
+        n,
+        row_ok,
+        zero,
+        lo_s,
+        c_s + bad,
+        zero,
+        lo_t,
+        c_t + bad,
+        g,
+        at_target,
+        inv_t,
+        True,
+        BLOCK_K,
+        ACC,
+    )
 
 
-def dkd_forward(z_s: Tensor, z_t: Tensor, target: Tensor, alpha: float, beta: float,
-                temperature: float, with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def dkd_forward(
+    z_s: Tensor, z_t: Tensor, target: Tensor, alpha: float, beta: float, temperature: float, with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row DKD loss, the 6 stats and (with_grad) the gradient; see the module docstring.
     ``z_s``, ``z_t``: (B, K), floating, dtypes independent; ``target``: (B,) int64."""
-    return sm.launch_forward(_dkd_forward_kernel, "dkd_forward", z_s, z_t, (target,), temperature,
-                             (alpha, beta), _N_STATS.value, with_grad)
+    return sm.launch_forward(
+        _dkd_forward_kernel, "dkd_forward", z_s, z_t, (target,), temperature, (alpha, beta), _N_STATS.value, with_grad
+    )
 
 
-def dkd_backward(grad_loss: Tensor, z_s: Tensor, z_t: Tensor, target: Tensor, stats: Tensor,
-                 alpha: float, beta: float, temperature: float) -> Tensor:
+def dkd_backward(
+    grad_loss: Tensor, z_s: Tensor, z_t: Tensor, target: Tensor, stats: Tensor, alpha: float, beta: float, temperature: float
+) -> Tensor:
     """``grad_loss[b]`` times the DKD gradient, (B, K) contiguous in z_s's dtype. ``stats``:
     (B, 6) of :func:`dkd_forward` (only ``lse_other_s``, ``lse_other_t`` are read: with the
     gathered ``z_g`` they give every other statistic)."""
-    return sm.launch_backward(_dkd_backward_kernel, "dkd_backward", grad_loss, z_s, z_t, (target,),
-                              stats, temperature, (alpha, beta), _N_STATS.value)
+    return sm.launch_backward(
+        _dkd_backward_kernel, "dkd_backward", grad_loss, z_s, z_t, (target,), stats, temperature, (alpha, beta), _N_STATS.value
+    )

@@ -32,9 +32,24 @@ _N_STATS = tl.constexpr(2)  # stats columns: lse_s, lse_t
 
 
 @sm.row_kernel
-def _kd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n, stride_s,
-                       stride_t, t_hi, t_lo, WITH_GRAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _kd_forward_kernel(
+    zs_ptr,
+    zt_ptr,
+    loss_ptr,
+    stats_ptr,
+    grad_ptr,
+    batch,
+    n,
+    stride_s,
+    stride_t,
+    t_hi,
+    t_lo,
+    WITH_GRAD: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     rows, row_ok = sm.program_rows(batch, ROWS)
     zs_rows = zs_ptr + rows[:, None] * stride_s
     zt_rows = zt_ptr + rows[:, None] * stride_t
@@ -45,11 +60,9 @@ def _kd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n, 
     if ONE_BLOCK:
         cols, valid, zs, zt = sm.load_block(zs_rows, zt_rows, 0, n, BLOCK_K, ACC)
         m_s, l_s, m_t, l_t, a = sm.kl_init(ROWS, ACC)
-        m_s, l_s, m_t, l_t, a = sm.kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, none,
-                                           inv_t, False)
+        m_s, l_s, m_t, l_t, a = sm.kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, none, inv_t, False)
     else:
-        m_s, l_s, m_t, l_t, a = sm.kl_stream(zs_rows, zt_rows, n, none, inv_t, False, ROWS,
-                                             BLOCK_K, ACC)
+        m_s, l_s, m_t, l_t, a = sm.kl_stream(zs_rows, zt_rows, n, none, inv_t, False, ROWS, BLOCK_K, ACC)
 
     log_l_s = tl.log(l_s)
     log_l_t = tl.log(l_t)
@@ -61,18 +74,49 @@ def _kd_forward_kernel(zs_ptr, zt_ptr, loss_ptr, stats_ptr, grad_ptr, batch, n, 
         grad_rows = grad_ptr + rows[:, None] * n
         coef = tl.full([ROWS], 1.0, ACC) * temp
         if ONE_BLOCK:
-            g = sm.grad_tile(cols, valid, zs, zt, m_s, log_l_s, coef, m_t, log_l_t, coef, none,
-                             coef, inv_t, False)
+            g = sm.grad_tile(cols, valid, zs, zt, m_s, log_l_s, coef, m_t, log_l_t, coef, none, coef, inv_t, False)
             sm.store_grad(grad_rows, cols, valid, row_ok, g)
         else:
-            sm.grad_stream(grad_rows, zs_rows, zt_rows, n, row_ok, m_s, log_l_s, coef, m_t,
-                           log_l_t, coef, none, coef, inv_t, False, BLOCK_K, ACC)
+            sm.grad_stream(
+                grad_rows,
+                zs_rows,
+                zt_rows,
+                n,
+                row_ok,
+                m_s,
+                log_l_s,
+                coef,
+                m_t,
+                log_l_t,
+                coef,
+                none,
+                coef,
+                inv_t,
+                False,
+                BLOCK_K,
+                ACC,
+            )
 
 
 @sm.row_kernel
-def _kd_backward_kernel(gl_ptr, stride_gl, zs_ptr, zt_ptr, stats_ptr, stride_stats, grad_ptr,
-                        batch, n, stride_s, stride_t, t_hi, t_lo, ROWS: tl.constexpr,
-                        BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _kd_backward_kernel(
+    gl_ptr,
+    stride_gl,
+    zs_ptr,
+    zt_ptr,
+    stats_ptr,
+    stride_stats,
+    grad_ptr,
+    batch,
+    n,
+    stride_s,
+    stride_t,
+    t_hi,
+    t_lo,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     rows, row_ok = sm.program_rows(batch, ROWS)  # rows are clamped in bounds: unmasked row loads
     temp = sm.scalar(t_hi, t_lo, ACC)
     inv_t = 1.0 / temp
@@ -80,22 +124,34 @@ def _kd_backward_kernel(gl_ptr, stride_gl, zs_ptr, zt_ptr, stats_ptr, stride_sta
     lse_s = tl.load(stats_ptr + rows * stride_stats).to(ACC)
     lse_t = tl.load(stats_ptr + rows * stride_stats + 1).to(ACC)
     zero = tl.zeros([ROWS], ACC)
-    sm.grad_stream(grad_ptr + rows[:, None] * n, zs_ptr + rows[:, None] * stride_s,
-                   zt_ptr + rows[:, None] * stride_t, n, row_ok, zero, lse_s, coef, zero, lse_t,
-                   coef, rows, coef, inv_t, False, BLOCK_K, ACC)
+    sm.grad_stream(
+        grad_ptr + rows[:, None] * n,
+        zs_ptr + rows[:, None] * stride_s,
+        zt_ptr + rows[:, None] * stride_t,
+        n,
+        row_ok,
+        zero,
+        lse_s,
+        coef,
+        zero,
+        lse_t,
+        coef,
+        rows,
+        coef,
+        inv_t,
+        False,
+        BLOCK_K,
+        ACC,
+    )
 
 
-def kd_forward(z_s: Tensor, z_t: Tensor, temperature: float,
-               with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def kd_forward(z_s: Tensor, z_t: Tensor, temperature: float, with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row KD loss, stats ``[lse_s, lse_t]`` and (with_grad) ``T (ps - pt)``; see the module
     docstring. ``z_s``, ``z_t``: (B, K), floating, dtypes independent."""
-    return sm.launch_forward(_kd_forward_kernel, "kd_forward", z_s, z_t, (), temperature, (),
-                             _N_STATS.value, with_grad)
+    return sm.launch_forward(_kd_forward_kernel, "kd_forward", z_s, z_t, (), temperature, (), _N_STATS.value, with_grad)
 
 
-def kd_backward(grad_loss: Tensor, z_s: Tensor, z_t: Tensor, stats: Tensor,
-                temperature: float) -> Tensor:
+def kd_backward(grad_loss: Tensor, z_s: Tensor, z_t: Tensor, stats: Tensor, temperature: float) -> Tensor:
     """``grad_loss[b] * T * (exp(zs - lse_s) - exp(zt - lse_t))``, (B, K) contiguous in z_s's
     dtype; ``stats``: (B, 2) ``[lse_s, lse_t]`` of :func:`kd_forward`; ``grad_loss``: (B,)."""
-    return sm.launch_backward(_kd_backward_kernel, "kd_backward", grad_loss, z_s, z_t, (), stats,
-                              temperature, (), _N_STATS.value)
+    return sm.launch_backward(_kd_backward_kernel, "kd_backward", grad_loss, z_s, z_t, (), stats, temperature, (), _N_STATS.value)

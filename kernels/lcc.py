@@ -91,8 +91,7 @@ def _row_base(n, grid, rh, rw, stride_b, stride_y, stride_x):
     """Offset (int64) of the first element of the region of rows ``n``."""
     k2 = grid * grid
     p = n % k2
-    return ((n // k2).to(tl.int64) * stride_b + ((p // grid) * rh) * stride_y
-            + ((p % grid) * rw) * stride_x)
+    return (n // k2).to(tl.int64) * stride_b + ((p // grid) * rh) * stride_y + ((p % grid) * rw) * stride_x
 
 
 @triton.jit
@@ -126,8 +125,25 @@ def _mm(a, b, acc):
 
 
 @triton.jit
-def _gram(x, rows, cols, n, grid, rh, rw, channels, dim, stride_b, stride_c, stride_y, stride_x,
-          C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gram(
+    x,
+    rows,
+    cols,
+    n,
+    grid,
+    rh,
+    rw,
+    channels,
+    dim,
+    stride_b,
+    stride_c,
+    stride_y,
+    stride_x,
+    C_INNER: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """The [BLOCK, BLOCK] tile ``<x[rows], x[cols]>`` of one map (0 outside [0, n))."""
     row_base = _row_base(rows, grid, rh, rw, stride_b, stride_y, stride_x)
     col_base = _row_base(cols, grid, rh, rw, stride_b, stride_y, stride_x)
@@ -138,24 +154,45 @@ def _gram(x, rows, cols, n, grid, rh, rw, channels, dim, stride_b, stride_c, str
         d = k0 + tl.arange(0, BLOCK_K)
         d_ok = d < dim
         off = _offset(d, channels, rh, rw, stride_c, stride_y, stride_x, C_INNER)
-        a = tl.load(x + row_base[:, None] + off[None, :], mask=rows_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(ACC)
-        b = tl.load(x + off[:, None] + col_base[None, :], mask=d_ok[:, None] & cols_ok[None, :],
-                    other=0.0).to(ACC)
+        a = tl.load(x + row_base[:, None] + off[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
+        b = tl.load(x + off[:, None] + col_base[None, :], mask=d_ok[:, None] & cols_ok[None, :], other=0.0).to(ACC)
         acc = _mm(a, b, acc)
     return acc
 
 
 @triton.jit
-def _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t,
-           xs, cs, ds, sbs, scs, sys, sxs, xt, ct, dt, sbt, sct, syt, sxt,
-           S_C_INNER: tl.constexpr, T_C_INNER: tl.constexpr, ACC: tl.constexpr,
-           BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _delta(
+    rows,
+    cols,
+    n,
+    grid,
+    rh,
+    rw,
+    inv_s,
+    inv_t,
+    xs,
+    cs,
+    ds,
+    sbs,
+    scs,
+    sys,
+    sxs,
+    xt,
+    ct,
+    dt,
+    sbt,
+    sct,
+    syt,
+    sxt,
+    S_C_INNER: tl.constexpr,
+    T_C_INNER: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """The tiles ``Delta = S_s - S_t`` and ``S_s`` at [rows, cols] (exactly 0 outside [0, n)^2)."""
-    gs = _gram(xs, rows, cols, n, grid, rh, rw, cs, ds, sbs, scs, sys, sxs, S_C_INNER, ACC,
-               BLOCK, BLOCK_K)
-    gt = _gram(xt, rows, cols, n, grid, rh, rw, ct, dt, sbt, sct, syt, sxt, T_C_INNER, ACC,
-               BLOCK, BLOCK_K)
+    gs = _gram(xs, rows, cols, n, grid, rh, rw, cs, ds, sbs, scs, sys, sxs, S_C_INNER, ACC, BLOCK, BLOCK_K)
+    gt = _gram(xt, rows, cols, n, grid, rh, rw, ct, dt, sbt, sct, syt, sxt, T_C_INNER, ACC, BLOCK, BLOCK_K)
     rows_ok = rows < n
     cols_ok = cols < n
     s_r = tl.load(inv_s + rows, mask=rows_ok, other=0.0)
@@ -177,9 +214,24 @@ def _classes(rows, cols, grid):
 
 
 @triton.jit
-def _sum_squares(x, rows, n, grid, rh, rw, channels, dim, stride_b, stride_c, stride_y, stride_x,
-                 C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _sum_squares(
+    x,
+    rows,
+    n,
+    grid,
+    rh,
+    rw,
+    channels,
+    dim,
+    stride_b,
+    stride_c,
+    stride_y,
+    stride_x,
+    C_INNER: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """``||x[rows]||^2`` ([BLOCK], 0 outside [0, n))."""
     base = _row_base(rows, grid, rh, rw, stride_b, stride_y, stride_x)
     rows_ok = rows < n
@@ -187,15 +239,13 @@ def _sum_squares(x, rows, n, grid, rh, rw, channels, dim, stride_b, stride_c, st
     for k0 in range(0, dim, BLOCK_K):
         d = k0 + tl.arange(0, BLOCK_K)
         off = _offset(d, channels, rh, rw, stride_c, stride_y, stride_x, C_INNER)
-        v = tl.load(x + base[:, None] + off[None, :], mask=rows_ok[:, None] & (d < dim)[None, :],
-                    other=0.0).to(ACC)
+        v = tl.load(x + base[:, None] + off[None, :], mask=rows_ok[:, None] & (d < dim)[None, :], other=0.0).to(ACC)
         acc += v * v
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _split_sum(g, rows64, d, mask, n, dim, n_splits, ACC: tl.constexpr, BLOCK: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+def _split_sum(g, rows64, d, mask, n, dim, n_splits, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """``sum_s g[s, rows, d]`` of the (SPLITS, n, dim) accumulators, in split order."""
     acc = tl.zeros([BLOCK, BLOCK_K], ACC)
     for s in range(0, n_splits):
@@ -204,9 +254,33 @@ def _split_sum(g, rows64, d, mask, n, dim, n_splits, ACC: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def _store_grad(out, g, n_splits, proj, inv_s, rows, n, grid, rh, rw, xs, cs, ds, sbs, scs, sys,
-                sxs, sbo, sco, syo, sxo, S_C_INNER: tl.constexpr, ACC: tl.constexpr,
-                BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _store_grad(
+    out,
+    g,
+    n_splits,
+    proj,
+    inv_s,
+    rows,
+    n,
+    grid,
+    rh,
+    rw,
+    xs,
+    cs,
+    ds,
+    sbs,
+    scs,
+    sys,
+    sxs,
+    sbo,
+    sco,
+    syo,
+    sxo,
+    S_C_INNER: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Writes ``grad_x = inv (g - u proj)`` (``u = x inv``, ``proj = <u, g>``) of rows ``rows`` at
     the map positions, ``g`` summed over the splits' accumulators; ``inv g`` where the norm is
     clamped (inv = 1 / eps)."""
@@ -220,41 +294,86 @@ def _store_grad(out, g, n_splits, proj, inv_s, rows, n, grid, rh, rw, xs, cs, ds
         d = k0 + tl.arange(0, BLOCK_K)
         mask = rows_ok[:, None] & (d < ds)[None, :]
         c, y, x = _element(d, cs, rh, rw, S_C_INNER)
-        v = tl.load(xs + x_base[:, None] + (c * scs + y * sys + x * sxs)[None, :], mask=mask,
-                    other=0.0).to(ACC)
+        v = tl.load(xs + x_base[:, None] + (c * scs + y * sys + x * sxs)[None, :], mask=mask, other=0.0).to(ACC)
         gv = _split_sum(g, rows64, d, mask, n, ds, n_splits, ACC, BLOCK, BLOCK_K)
         grad = inv[:, None] * (gv - v * x_coef[:, None])
-        tl.store(out + o_base[:, None] + (c * sco + y * syo + x * sxo)[None, :],
-                 grad.to(out.dtype.element_ty), mask=mask)
+        tl.store(out + o_base[:, None] + (c * sco + y * syo + x * sxo)[None, :], grad.to(out.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _norms_kernel(inv_s, inv_t, n, grid, rh, rw,
-                  xs, cs, ds, sbs, scs, sys, sxs, xt, ct, dt, sbt, sct, syt, sxt,
-                  S_C_INNER: tl.constexpr, T_C_INNER: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _norms_kernel(
+    inv_s,
+    inv_t,
+    n,
+    grid,
+    rh,
+    rw,
+    xs,
+    cs,
+    ds,
+    sbs,
+    scs,
+    sys,
+    sxs,
+    xt,
+    ct,
+    dt,
+    sbt,
+    sct,
+    syt,
+    sxt,
+    S_C_INNER: tl.constexpr,
+    T_C_INNER: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """inv[n] = 1 / max(||x[n]||, eps) of BLOCK rows, student (axis 1 = 0) or teacher (1)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     if tl.program_id(1) == 0:
-        ss = _sum_squares(xs, rows, n, grid, rh, rw, cs, ds, sbs, scs, sys, sxs, S_C_INNER, ACC,
-                          BLOCK, BLOCK_K)
+        ss = _sum_squares(xs, rows, n, grid, rh, rw, cs, ds, sbs, scs, sys, sxs, S_C_INNER, ACC, BLOCK, BLOCK_K)
         out = inv_s
     else:
-        ss = _sum_squares(xt, rows, n, grid, rh, rw, ct, dt, sbt, sct, syt, sxt, T_C_INNER, ACC,
-                          BLOCK, BLOCK_K)
+        ss = _sum_squares(xt, rows, n, grid, rh, rw, ct, dt, sbt, sct, syt, sxt, T_C_INNER, ACC, BLOCK, BLOCK_K)
         out = inv_t
     norm = at_kernels._sqrt(ss)
     tl.store(out + rows, 1.0 / tl.where(norm < _EPS, _EPS, norm), mask=rows < n)
 
 
 @triton.jit
-def _sums_kernel(partial, n, grid, rh, rw, inv_s, inv_t,
-                 xs, cs, ds, sbs, scs, sys, sxs, xt, ct, dt, sbt, sct, syt, sxt,
-                 n_blocks, per_split, S_C_INNER: tl.constexpr, T_C_INNER: tl.constexpr,
-                 ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sums_kernel(
+    partial,
+    n,
+    grid,
+    rh,
+    rw,
+    inv_s,
+    inv_t,
+    xs,
+    cs,
+    ds,
+    sbs,
+    scs,
+    sys,
+    sxs,
+    xt,
+    ct,
+    dt,
+    sbt,
+    sct,
+    syt,
+    sxt,
+    n_blocks,
+    per_split,
+    S_C_INNER: tl.constexpr,
+    T_C_INNER: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Partial class sums of Delta^2 over the tiles (a, (a + o) mod nb) of this program's offsets."""
     a = tl.program_id(0)
     split = tl.program_id(1)
@@ -266,9 +385,35 @@ def _sums_kernel(partial, n, grid, rh, rw, inv_s, inv_t,
     cross = tl.zeros([BLOCK], ACC)
     for o in range(first, last):
         cols = ((a + o) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-        delta, _ = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, cs, ds, sbs, scs, sys,
-                          sxs, xt, ct, dt, sbt, sct, syt, sxt, S_C_INNER, T_C_INNER, ACC, BLOCK,
-                          BLOCK_K)
+        delta, _ = _delta(
+            rows,
+            cols,
+            n,
+            grid,
+            rh,
+            rw,
+            inv_s,
+            inv_t,
+            xs,
+            cs,
+            ds,
+            sbs,
+            scs,
+            sys,
+            sxs,
+            xt,
+            ct,
+            dt,
+            sbt,
+            sct,
+            syt,
+            sxt,
+            S_C_INNER,
+            T_C_INNER,
+            ACC,
+            BLOCK,
+            BLOCK_K,
+        )
         weight = tl.where((o == 0) | (2 * o == n_blocks), 1.0, 2.0)
         sq = delta * delta * weight
         same_sample, same_position = _classes(rows, cols, grid)
@@ -282,11 +427,45 @@ def _sums_kernel(partial, n, grid, rh, rw, inv_s, inv_t,
 
 
 @triton.jit
-def _grad_tiles_kernel(g, proj, out, grad_sums, grad_sums_stride, n, grid, rh, rw, inv_s, inv_t,
-                       xs, cs, ds, sbs, scs, sys, sxs, xt, ct, dt, sbt, sct, syt, sxt,
-                       sbo, sco, syo, sxo, n_blocks, per_split, S_C_INNER: tl.constexpr,
-                       T_C_INNER: tl.constexpr, FINISH: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grad_tiles_kernel(
+    g,
+    proj,
+    out,
+    grad_sums,
+    grad_sums_stride,
+    n,
+    grid,
+    rh,
+    rw,
+    inv_s,
+    inv_t,
+    xs,
+    cs,
+    ds,
+    sbs,
+    scs,
+    sys,
+    sxs,
+    xt,
+    ct,
+    dt,
+    sbt,
+    sct,
+    syt,
+    sxt,
+    sbo,
+    sco,
+    syo,
+    sxo,
+    n_blocks,
+    per_split,
+    S_C_INNER: tl.constexpr,
+    T_C_INNER: tl.constexpr,
+    FINISH: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Over the split's column blocks b, with ``Q = 4 w Delta``: ``g[split, rows] += (Q inv_s[cols])
     @ X_s[cols]`` and ``proj[split, rows] += rowsum(Q S_s)`` (= ``<u[n], g[n]>``, as g = Q U).
     FINISH (a single split): then writes grad_x of the rows (:func:`_store_grad`)."""
@@ -304,9 +483,35 @@ def _grad_tiles_kernel(g, proj, out, grad_sums, grad_sums_stride, n, grid, rh, r
     for b in range(first, last):
         cols = b * BLOCK + tl.arange(0, BLOCK)
         cols_ok = cols < n
-        delta, corr_s = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, cs, ds, sbs, scs,
-                               sys, sxs, xt, ct, dt, sbt, sct, syt, sxt, S_C_INNER, T_C_INNER,
-                               ACC, BLOCK, BLOCK_K)
+        delta, corr_s = _delta(
+            rows,
+            cols,
+            n,
+            grid,
+            rh,
+            rw,
+            inv_s,
+            inv_t,
+            xs,
+            cs,
+            ds,
+            sbs,
+            scs,
+            sys,
+            sxs,
+            xt,
+            ct,
+            dt,
+            sbt,
+            sct,
+            syt,
+            sxt,
+            S_C_INNER,
+            T_C_INNER,
+            ACC,
+            BLOCK,
+            BLOCK_K,
+        )
         same_sample, same_position = _classes(rows, cols, grid)
         q = delta * tl.where(same_sample, w_intra, tl.where(same_position, w_inter, w_cross))
         row_proj += tl.sum(q * corr_s, axis=1)
@@ -319,33 +524,104 @@ def _grad_tiles_kernel(g, proj, out, grad_sums, grad_sums_stride, n, grid, rh, r
             d = k0 + tl.arange(0, BLOCK_K)
             d_ok = d < ds
             off = _offset(d, cs, rh, rw, scs, sys, sxs, S_C_INNER)
-            xc = tl.load(xs + col_base[:, None] + off[None, :], mask=cols_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(ACC)
+            xc = tl.load(xs + col_base[:, None] + off[None, :], mask=cols_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
             mask = rows_ok[:, None] & d_ok[None, :]
             acc = tl.load(g_rows + d[None, :], mask=mask & started, other=0.0)
             acc = _mm(p, xc, acc)
             tl.store(g_rows + d[None, :], acc, mask=mask)
     if FINISH:
         tl.debug_barrier()
-        _store_grad(out, g, 1, row_proj, inv_s, rows, n, grid, rh, rw, xs, cs, ds, sbs, scs, sys,
-                    sxs, sbo, sco, syo, sxo, S_C_INNER, ACC, BLOCK, BLOCK_K)
+        _store_grad(
+            out,
+            g,
+            1,
+            row_proj,
+            inv_s,
+            rows,
+            n,
+            grid,
+            rh,
+            rw,
+            xs,
+            cs,
+            ds,
+            sbs,
+            scs,
+            sys,
+            sxs,
+            sbo,
+            sco,
+            syo,
+            sxo,
+            S_C_INNER,
+            ACC,
+            BLOCK,
+            BLOCK_K,
+        )
     else:
         tl.store(proj + split * n + rows, row_proj, mask=rows_ok)
 
 
 @triton.jit
-def _grad_kernel(out, g, proj, n_splits, inv_s, n, grid, rh, rw,
-                 xs, cs, ds, sbs, scs, sys, sxs, sbo, sco, syo, sxo,
-                 S_C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _grad_kernel(
+    out,
+    g,
+    proj,
+    n_splits,
+    inv_s,
+    n,
+    grid,
+    rh,
+    rw,
+    xs,
+    cs,
+    ds,
+    sbs,
+    scs,
+    sys,
+    sxs,
+    sbo,
+    sco,
+    syo,
+    sxo,
+    S_C_INNER: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """grad_x of BLOCK rows from the splits' partial g and proj, summed in split order."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rows_ok = rows < n
     row_proj = tl.zeros([BLOCK], ACC)
     for s in range(n_splits):
         row_proj += tl.load(proj + s * n + rows, mask=rows_ok, other=0.0)
-    _store_grad(out, g, n_splits, row_proj, inv_s, rows, n, grid, rh, rw, xs, cs, ds, sbs, scs,
-                sys, sxs, sbo, sco, syo, sxo, S_C_INNER, ACC, BLOCK, BLOCK_K)
+    _store_grad(
+        out,
+        g,
+        n_splits,
+        row_proj,
+        inv_s,
+        rows,
+        n,
+        grid,
+        rh,
+        rw,
+        xs,
+        cs,
+        ds,
+        sbs,
+        scs,
+        sys,
+        sxs,
+        sbo,
+        sco,
+        syo,
+        sxo,
+        S_C_INNER,
+        ACC,
+        BLOCK,
+        BLOCK_K,
+    )
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -367,18 +643,22 @@ def _map(f: Tensor, grid: int) -> _Map:
 def _check(name: str, f_s: Tensor, f_t: Tensor, grid: int) -> None:
     for label, f in (("f_s", f_s), ("f_t", f_t)):
         if f.dim() != 4 or f.numel() == 0 or f.dtype not in sm.TL_DTYPES:
-            raise ValueError(f"{name}: {label} must be a non-empty 4-D (B, C, H, W) float16/bfloat16/"
-                             f"float32/float64 tensor, got {f.dtype} of shape {tuple(f.shape)}")
+            raise ValueError(
+                f"{name}: {label} must be a non-empty 4-D (B, C, H, W) float16/bfloat16/"
+                f"float32/float64 tensor, got {f.dtype} of shape {tuple(f.shape)}"
+            )
     if (f_s.shape[0], *f_s.shape[2:]) != (f_t.shape[0], *f_t.shape[2:]) or f_s.device != f_t.device:
-        raise ValueError(f"{name}: f_s and f_t must share B, H, W and the device, got "
-                         f"{tuple(f_s.shape)} on {f_s.device} and {tuple(f_t.shape)} on {f_t.device}")
+        raise ValueError(
+            f"{name}: f_s and f_t must share B, H, W and the device, got "
+            f"{tuple(f_s.shape)} on {f_s.device} and {tuple(f_t.shape)} on {f_t.device}"
+        )
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"{name}: grid must be an int >= 1, got {grid!r}")
     if f_s.shape[2] % grid or f_s.shape[3] % grid:
         raise ValueError(f"{name}: grid {grid} must divide H and W, got {tuple(f_s.shape[2:])}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device; 1 elsewhere (the interpreter)."""
     if device.type != "cuda":
@@ -423,18 +703,23 @@ def _launch(f_s: Tensor, f_t: Tensor, grid: int, block: int | None) -> _Launch:
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     ms, mt = _map(f_s, grid), _map(f_t, grid)
-    constexprs = dict(S_C_INNER=ms.c_inner, T_C_INNER=mt.c_inner,
-                      ACC=sm.TL_DTYPES[acc], BLOCK=block, BLOCK_K=_BLOCK_K[acc],
-                      num_warps=_NUM_WARPS)
-    return _Launch(n, (n, grid, h // grid, w // grid), ms.args + mt.args, constexprs, block,
-                   triton.cdiv(n, block))
+    constexprs = dict(
+        S_C_INNER=ms.c_inner,
+        T_C_INNER=mt.c_inner,
+        ACC=sm.TL_DTYPES[acc],
+        BLOCK=block,
+        BLOCK_K=_BLOCK_K[acc],
+        num_warps=_NUM_WARPS,
+    )
+    return _Launch(n, (n, grid, h // grid, w // grid), ms.args + mt.args, constexprs, block, triton.cdiv(n, block))
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def lcc_forward(f_s: Tensor, f_t: Tensor, grid: int, *, block: int | None = None,
-                splits: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def lcc_forward(
+    f_s: Tensor, f_t: Tensor, grid: int, *, block: int | None = None, splits: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Class sums of ``Delta^2`` and the inverse descriptor norms of both maps (module docstring).
 
     ``f_s`` (B, Cs, H, W), ``f_t`` (B, Ct, H, W): float16/bfloat16/float32/float64 (dtypes
@@ -455,13 +740,21 @@ def lcc_forward(f_s: Tensor, f_t: Tensor, grid: int, *, block: int | None = None
     partial = torch.empty((nb * n_splits, 3), dtype=acc, device=device)
     with sm.on_device(device):
         _norms_kernel[(nb, 2)](inv_s, inv_t, *launch.shared, *launch.maps, **launch.constexprs)
-        _sums_kernel[(nb, n_splits)](partial, *launch.shared, inv_s, inv_t, *launch.maps, nb, per,
-                                     **launch.constexprs)
+        _sums_kernel[(nb, n_splits)](partial, *launch.shared, inv_s, inv_t, *launch.maps, nb, per, **launch.constexprs)
     return partial.sum(0), inv_s, inv_t
 
 
-def lcc_backward(grad_sums: Tensor, f_s: Tensor, f_t: Tensor, inv_norm_s: Tensor, inv_norm_t: Tensor,
-                 grid: int, *, block: int | None = None, splits: int | None = None) -> Tensor:
+def lcc_backward(
+    grad_sums: Tensor,
+    f_s: Tensor,
+    f_t: Tensor,
+    inv_norm_s: Tensor,
+    inv_norm_t: Tensor,
+    grid: int,
+    *,
+    block: int | None = None,
+    splits: int | None = None,
+) -> Tensor:
     """Gradient w.r.t. ``f_s`` of ``sum_c grad_sums[c] * sums[c]`` (module docstring).
 
     ``grad_sums`` (3,) and the inverse norms (N,) of :func:`lcc_forward` live on the maps'
@@ -487,14 +780,36 @@ def lcc_backward(grad_sums: Tensor, f_s: Tensor, f_t: Tensor, inv_norm_s: Tensor
     grad = torch.empty_like(f_s)
     student = launch.maps[:7]
     with sm.on_device(device):
-        _grad_tiles_kernel[(nb, n_splits)](g, proj, grad, grad_sums, grad_sums.stride(0),
-                                           *launch.shared, inv_s, inv_t, *launch.maps,
-                                           *grad.stride(), nb, per, FINISH=n_splits == 1,
-                                           **launch.constexprs)
+        _grad_tiles_kernel[(nb, n_splits)](
+            g,
+            proj,
+            grad,
+            grad_sums,
+            grad_sums.stride(0),
+            *launch.shared,
+            inv_s,
+            inv_t,
+            *launch.maps,
+            *grad.stride(),
+            nb,
+            per,
+            FINISH=n_splits == 1,
+            **launch.constexprs,
+        )
         if n_splits > 1:
-            _grad_kernel[(nb,)](grad, g, proj, n_splits, inv_s, *launch.shared, *student,
-                                *grad.stride(), S_C_INNER=launch.constexprs["S_C_INNER"],
-                                ACC=launch.constexprs["ACC"], BLOCK=launch.block,
-                                BLOCK_K=launch.constexprs["BLOCK_K"],
-                                num_warps=launch.constexprs["num_warps"])
+            _grad_kernel[(nb,)](
+                grad,
+                g,
+                proj,
+                n_splits,
+                inv_s,
+                *launch.shared,
+                *student,
+                *grad.stride(),
+                S_C_INNER=launch.constexprs["S_C_INNER"],
+                ACC=launch.constexprs["ACC"],
+                BLOCK=launch.block,
+                BLOCK_K=launch.constexprs["BLOCK_K"],
+                num_warps=launch.constexprs["num_warps"],
+            )
     return grad

@@ -74,8 +74,24 @@ def _student_tile(vs, stride_s, offs_s, offs_n, n_students, n, ACC: tl.constexpr
 
 
 @triton.jit
-def _forward_kernel(vs, vt, firsts, groups, att, att_sb, att_st, att_ss, dist, partials, n_teachers, n_students,
-                    ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+def _forward_kernel(
+    vs,
+    vt,
+    firsts,
+    groups,
+    att,
+    att_sb,
+    att_st,
+    att_ss,
+    dist,
+    partials,
+    n_teachers,
+    n_students,
+    ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dist[b, t, :] and partials[b, t] = sum_s att[b, t, s] dist[b, t, s] of one (sample, teacher):
     group u's programs are ``firsts[u] .. firsts[u + 1] - 1``."""
     pid = tl.program_id(0)
@@ -109,9 +125,27 @@ def _forward_kernel(vs, vt, firsts, groups, att, att_sb, att_st, att_ss, dist, p
 
 
 @triton.jit
-def _backward_kernel(vs, vt, gvs, firsts, groups, grad_loss, att, att_sb, att_st, att_ss, dist, grad_att, batch,
-                     n_teachers, n_students, ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_S: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+def _backward_kernel(
+    vs,
+    vt,
+    gvs,
+    firsts,
+    groups,
+    grad_loss,
+    att,
+    att_sb,
+    att_st,
+    att_ss,
+    dist,
+    grad_att,
+    batch,
+    n_teachers,
+    n_students,
+    ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """grad_v_s[u][b, :, block j] of one (group, sample, position block); grad_att[b, group's t, :]
     where j == 0 (programs as in :func:`_forward_kernel`)."""
     pid = tl.program_id(0)
@@ -141,8 +175,11 @@ def _backward_kernel(vs, vt, gvs, firsts, groups, grad_loss, att, att_sb, att_st
             a = tl.load(att_b + (t0 + i) * att_st + offs_s * att_ss, mask=s_mask, other=0.0).to(ACC)
             x_t = tl.load(vt + i * stride_t + offs_n, mask=n_mask, other=0.0).to(ACC)
             acc += a[:, None] * (x_s - x_t[None, :])
-        tl.store(gvs + offs_s[:, None] * n + offs_n[None, :], (scale * acc).to(gvs.dtype.element_ty),
-                 mask=s_mask[:, None] & n_mask[None, :])
+        tl.store(
+            gvs + offs_s[:, None] * n + offs_n[None, :],
+            (scale * acc).to(gvs.dtype.element_ty),
+            mask=s_mask[:, None] & n_mask[None, :],
+        )
         if j == 0:
             for i in range(0, t_count):
                 idx = (b.to(tl.int64) * n_teachers + t0 + i) * n_students + offs_s
@@ -164,11 +201,12 @@ def _check(name: str, v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> None
     students = v_s[0].size(1) if v_s[0].dim() == 3 else -1
     for u, (s, t) in enumerate(zip(v_s, v_t)):
         if s.dim() != 3 or t.dim() != 3 or s.size(0) != batch or t.size(0) != batch or s.size(1) != students:
-            raise ValueError(f"{name}: v_s[{u}] must be (B, S, N) and v_t[{u}] (B, T_u, N) with one B and S for "
-                             f"all groups, got {tuple(s.shape)} and {tuple(t.shape)}")
+            raise ValueError(
+                f"{name}: v_s[{u}] must be (B, S, N) and v_t[{u}] (B, T_u, N) with one B and S for "
+                f"all groups, got {tuple(s.shape)} and {tuple(t.shape)}"
+            )
         if s.size(2) != t.size(2) or s.numel() == 0 or t.numel() == 0:
-            raise ValueError(f"{name}: v_s[{u}] {tuple(s.shape)} and v_t[{u}] {tuple(t.shape)} must be non-empty "
-                             "with one N")
+            raise ValueError(f"{name}: v_s[{u}] {tuple(s.shape)} and v_t[{u}] {tuple(t.shape)} must be non-empty with one N")
         if s.dtype != dtype or t.dtype != dtype or s.device != device or t.device != device:
             raise ValueError(f"{name}: all v_s and v_t must share one dtype and device (group {u})")
     teachers = sum(t.size(1) for t in v_t)
@@ -214,8 +252,7 @@ def _launch(kernel, v_s: list[Tensor], v_t: list[Tensor], args: tuple, grads: li
     for v in v_t[:-1]:
         starts.append(starts[-1] + v.size(1))
     order = sorted(range(len(v_s)), key=lambda u: -v_s[u].size(2))
-    aligns = {u: _alignment([v_s[u], v_t[u], *([grads[u]] if grads is not None else [])], v_s[u].size(2))
-              for u in order}
+    aligns = {u: _alignment([v_s[u], v_t[u], *([grads[u]] if grads is not None else [])], v_s[u].size(2)) for u in order}
     with on_device(v_s[0].device):
         for align in dict.fromkeys(aligns[u] for u in order):
             for groups in chunks([u for u in order if aligns[u] == align]):
@@ -224,12 +261,33 @@ def _launch(kernel, v_s: list[Tensor], v_t: list[Tensor], args: tuple, grads: li
                 firsts = [0]
                 for v, blocks in zip(t, n_blocks):
                     firsts.append(firsts[-1] + batch * (blocks if grads is not None else v.size(1)))
-                rows = tuple((starts[u], v_t[u].size(1), v_s[u].size(2), blocks, _stride(v_s[u], 0), _stride(v_s[u], 1),
-                              _stride(v_t[u], 0), _stride(v_t[u], 1)) for u, blocks in zip(groups, n_blocks))
+                rows = tuple(
+                    (
+                        starts[u],
+                        v_t[u].size(1),
+                        v_s[u].size(2),
+                        blocks,
+                        _stride(v_s[u], 0),
+                        _stride(v_s[u], 1),
+                        _stride(v_t[u], 0),
+                        _stride(v_t[u], 1),
+                    )
+                    for u, blocks in zip(groups, n_blocks)
+                )
                 outs = [tuple(grads[u] for u in groups)] if grads is not None else []
-                kernel[(firsts[-1],)](tuple(s), tuple(t), *outs, tuple(firsts), rows, *args,
-                                      ACC=TL_DTYPES[acc_dtype(v_s[0].dtype)], ALIGN=align, BLOCK_S=block_s,
-                                      BLOCK_N=block_n, num_warps=_NUM_WARPS)
+                kernel[(firsts[-1],)](
+                    tuple(s),
+                    tuple(t),
+                    *outs,
+                    tuple(firsts),
+                    rows,
+                    *args,
+                    ACC=TL_DTYPES[acc_dtype(v_s[0].dtype)],
+                    ALIGN=align,
+                    BLOCK_S=block_s,
+                    BLOCK_N=block_n,
+                    num_warps=_NUM_WARPS,
+                )
 
 
 def map_distance_forward(v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> tuple[Tensor, Tensor]:
@@ -246,8 +304,9 @@ def map_distance_forward(v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> t
     return partials.sum() / batch, dist
 
 
-def map_distance_backward(grad_loss: Tensor, v_s: list[Tensor], v_t: list[Tensor], att: Tensor,
-                          dist: Tensor) -> tuple[list[Tensor], Tensor]:
+def map_distance_backward(
+    grad_loss: Tensor, v_s: list[Tensor], v_t: list[Tensor], att: Tensor, dist: Tensor
+) -> tuple[list[Tensor], Tensor]:
     """``(grad_v_s, grad_att)``, contiguous in the dtypes of v_s and att, one launch. ``dist``: the
     forward's. Contract: kdfast/ops/map_distance.py."""
     name = "map_distance_backward"
@@ -261,6 +320,11 @@ def map_distance_backward(grad_loss: Tensor, v_s: list[Tensor], v_t: list[Tensor
     batch, students = v_s[0].shape[:2]
     grads = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in v_s]
     grad_att = torch.empty(att.shape, dtype=att.dtype, device=att.device)
-    _launch(_backward_kernel, v_s, v_t,
-            (grad_loss, att, *att.stride(), dist.contiguous(), grad_att, batch, att.size(1), students), grads)
+    _launch(
+        _backward_kernel,
+        v_s,
+        v_t,
+        (grad_loss, att, *att.stride(), dist.contiguous(), grad_att, batch, att.size(1), students),
+        grads,
+    )
     return grads, grad_att

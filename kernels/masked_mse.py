@@ -85,20 +85,37 @@ def _difference(x, y, sxc, sxhw, syc, syhw, offs_c, offs_hw, mask, ACC: tl.const
 
 
 @triton.jit
-def _masked_mse_forward_kernel(x, y, mask, partials, channels, hw, hw_blocks, c_splits, c_per_program,
-                               sxb, sxc, sxhw, syb, syc, syhw, smb, smhw,
-                               ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _masked_mse_forward_kernel(
+    x,
+    y,
+    mask,
+    partials,
+    channels,
+    hw,
+    hw_blocks,
+    c_splits,
+    c_per_program,
+    sxb,
+    sxc,
+    sxhw,
+    syb,
+    syc,
+    syhw,
+    smb,
+    smhw,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """partials[pid] = [sum over the tile column of m^2 (x - y)^2, sum of m^2 (first split only)]."""
-    b, split, c_start, c_end, offs_hw, hw_ok = _locate(hw_blocks, c_splits, c_per_program, channels, hw,
-                                                       BLOCK_HW)
+    b, split, c_start, c_end, offs_hw, hw_ok = _locate(hw_blocks, c_splits, c_per_program, channels, hw, BLOCK_HW)
     m = tl.load(mask + b * smb + offs_hw * smhw, mask=hw_ok, other=0.0).to(ACC)
     x += b * sxb
     y += b * syb
     acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
     for c0 in range(c_start, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        d = _difference(x, y, sxc, sxhw, syc, syhw, offs_c, offs_hw,
-                        (offs_c < c_end)[:, None] & hw_ok[None, :], ACC)
+        d = _difference(x, y, sxc, sxhw, syc, syhw, offs_c, offs_hw, (offs_c < c_end)[:, None] & hw_ok[None, :], ACC)
         acc += d * d
     w = m * m
     out = partials + tl.program_id(0) * 2
@@ -107,8 +124,9 @@ def _masked_mse_forward_kernel(x, y, mask, partials, channels, hw, hw_blocks, c_
 
 
 @triton.jit(do_not_specialize=["numel", "channels"])  # converted to ACC: never constexprs
-def _masked_mse_finish_kernel(partials, n_partials, loss, scale, numel, channels, ACC: tl.constexpr,
-                              REDUCTION: tl.constexpr, BLOCK: tl.constexpr):
+def _masked_mse_finish_kernel(
+    partials, n_partials, loss, scale, numel, channels, ACC: tl.constexpr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr
+):
     """loss = scale * sum of the partials' first column; scale = 1 / denom of the reduction."""
     sq = tl.zeros([BLOCK], ACC)
     m2 = tl.zeros([BLOCK], ACC)
@@ -131,11 +149,39 @@ def _masked_mse_finish_kernel(partials, n_partials, loss, scale, numel, channels
 
 
 @triton.jit
-def _masked_mse_backward_kernel(grad_loss, scale, x, y, mask, gx, gy, channels, hw, hw_blocks, c_splits,
-                                c_per_program, sxb, sxc, sxhw, syb, syc, syhw, smb, smhw,
-                                sgxb, sgxc, sgxhw, sgyb, sgyc, sgyhw, ACC: tl.constexpr,
-                                NEED_X: tl.constexpr, NEED_Y: tl.constexpr, BLOCK_C: tl.constexpr,
-                                BLOCK_HW: tl.constexpr):
+def _masked_mse_backward_kernel(
+    grad_loss,
+    scale,
+    x,
+    y,
+    mask,
+    gx,
+    gy,
+    channels,
+    hw,
+    hw_blocks,
+    c_splits,
+    c_per_program,
+    sxb,
+    sxc,
+    sxhw,
+    syb,
+    syc,
+    syhw,
+    smb,
+    smhw,
+    sgxb,
+    sgxc,
+    sgxhw,
+    sgyb,
+    sgyc,
+    sgyhw,
+    ACC: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_Y: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """gx = k m^2 (x - y), gy = -gx on the program's tile column, k = 2 grad_loss scale."""
     b, _, c_start, c_end, offs_hw, hw_ok = _locate(hw_blocks, c_splits, c_per_program, channels, hw, BLOCK_HW)
     m = tl.load(mask + b * smb + offs_hw * smhw, mask=hw_ok, other=0.0).to(ACC)
@@ -226,13 +272,15 @@ def _plan(x: Tensor) -> tuple[_Plan, int]:
 def _check(name: str, x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The checked inputs in their launch views."""
     if x.dim() != 4 or y.shape != x.shape or x.numel() == 0:
-        raise ValueError(f"{name}: x and y must be non-empty (B, C, H, W) tensors of one shape, got "
-                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"{name}: x and y must be non-empty (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if mask.shape != (x.shape[0], *x.shape[2:]):
         raise ValueError(f"{name}: mask must be (B, H, W) = {(x.shape[0], *x.shape[2:])}, got {tuple(mask.shape)}")
     if x.dtype not in _common.TL_DTYPES or y.dtype != x.dtype or mask.dtype not in _common.TL_DTYPES:
-        raise TypeError(f"{name}: x and y must share one floating dtype and mask be floating, got {x.dtype}, "
-                        f"{y.dtype} and {mask.dtype}")
+        raise TypeError(
+            f"{name}: x and y must share one floating dtype and mask be floating, got {x.dtype}, {y.dtype} and {mask.dtype}"
+        )
     if y.device != x.device or mask.device != x.device:
         raise ValueError(f"{name}: x, y and mask must be on one device")
     views = launch_view(x), launch_view(y), launch_view(mask)
@@ -269,17 +317,40 @@ def masked_mse_forward(x: Tensor, y: Tensor, mask: Tensor, reduction: str) -> tu
     tl_acc = _common.TL_DTYPES[acc]
     batch, channels, h, w = x.shape
     with _common.on_device(x.device):
-        _masked_mse_forward_kernel[(grid,)](x, y, mask, partials, channels, h * w, *plan.args, *_strides(x),
-                                            *_strides(y), *_mask_strides(mask), ACC=tl_acc,
-                                            BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS)
-        _masked_mse_finish_kernel[(1,)](partials, grid, loss, scale, x.numel(), channels, ACC=tl_acc,
-                                        REDUCTION=code, BLOCK=min(triton.next_power_of_2(grid), _FINISH_BLOCK),
-                                        num_warps=_NUM_WARPS)
+        _masked_mse_forward_kernel[(grid,)](
+            x,
+            y,
+            mask,
+            partials,
+            channels,
+            h * w,
+            *plan.args,
+            *_strides(x),
+            *_strides(y),
+            *_mask_strides(mask),
+            ACC=tl_acc,
+            BLOCK_C=plan.block_c,
+            BLOCK_HW=plan.block_hw,
+            num_warps=_NUM_WARPS,
+        )
+        _masked_mse_finish_kernel[(1,)](
+            partials,
+            grid,
+            loss,
+            scale,
+            x.numel(),
+            channels,
+            ACC=tl_acc,
+            REDUCTION=code,
+            BLOCK=min(triton.next_power_of_2(grid), _FINISH_BLOCK),
+            num_warps=_NUM_WARPS,
+        )
     return loss, scale
 
 
-def masked_mse_backward(grad_loss: Tensor, x: Tensor, y: Tensor, mask: Tensor, scale: Tensor, x_grad: bool,
-                        y_grad: bool) -> tuple[Tensor, Tensor]:
+def masked_mse_backward(
+    grad_loss: Tensor, x: Tensor, y: Tensor, mask: Tensor, scale: Tensor, x_grad: bool, y_grad: bool
+) -> tuple[Tensor, Tensor]:
     """``(grad_x, grad_y)`` of ``grad_loss * loss``: ``grad_x = 2 grad_loss scale m^2 (x - y)``,
     ``grad_y = -grad_x``, in x's dtype, from one launch: ``grad_buffer(x, x_grad)`` and
     ``grad_buffer(y, y_grad)`` (an empty (0,) tensor where the flag is False). ``grad_loss``: 0-d,
@@ -289,8 +360,10 @@ def masked_mse_backward(grad_loss: Tensor, x: Tensor, y: Tensor, mask: Tensor, s
     acc = _common.acc_dtype(x.dtype)
     for label, t, dtypes in (("grad_loss", grad_loss, tuple(_common.TL_DTYPES)), ("scale", scale, (acc,))):
         if t.shape != () or t.device != x.device or t.dtype not in dtypes:
-            raise ValueError(f"{name}: {label} must be 0-d, one of {[str(d) for d in dtypes]}, on {x.device}; "
-                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+            raise ValueError(
+                f"{name}: {label} must be 0-d, one of {[str(d) for d in dtypes]}, on {x.device}; "
+                f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
     grad_x, grad_y = grad_buffer(x, x_grad), grad_buffer(y, y_grad)
     if not (x_grad or y_grad):
         return grad_x, grad_y
@@ -298,10 +371,27 @@ def masked_mse_backward(grad_loss: Tensor, x: Tensor, y: Tensor, mask: Tensor, s
     batch, channels, h, w = x.shape
     out_x, out_y = grad_x if x_grad else x, grad_y if y_grad else y  # an unused output: never written
     with _common.on_device(x.device):
-        _masked_mse_backward_kernel[(grid,)](grad_loss, scale, x, y, mask, out_x, out_y, channels, h * w,
-                                             *plan.args, *_strides(x), *_strides(y), *_mask_strides(mask),
-                                             *_strides(out_x), *_strides(out_y),
-                                             ACC=_common.TL_DTYPES[acc], NEED_X=x_grad, NEED_Y=y_grad,
-                                             BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
-                                             num_warps=_BACKWARD_WARPS)
+        _masked_mse_backward_kernel[(grid,)](
+            grad_loss,
+            scale,
+            x,
+            y,
+            mask,
+            out_x,
+            out_y,
+            channels,
+            h * w,
+            *plan.args,
+            *_strides(x),
+            *_strides(y),
+            *_mask_strides(mask),
+            *_strides(out_x),
+            *_strides(out_y),
+            ACC=_common.TL_DTYPES[acc],
+            NEED_X=x_grad,
+            NEED_Y=y_grad,
+            BLOCK_C=plan.block_c,
+            BLOCK_HW=plan.block_hw,
+            num_warps=_BACKWARD_WARPS,
+        )
     return grad_x, grad_y

@@ -70,8 +70,22 @@ def dot(a, b, acc, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _tile(x, stride_b, stride_d, rows, ok_r, cols, ok_c, d0, d1, GRAM: tl.constexpr, ACC: tl.constexpr,
-          NATIVE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tile(
+    x,
+    stride_b,
+    stride_d,
+    rows,
+    ok_r,
+    cols,
+    ok_c,
+    d0,
+    d1,
+    GRAM: tl.constexpr,
+    ACC: tl.constexpr,
+    NATIVE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """[BLOCK, BLOCK] ``<x_a, x_b>`` (GRAM) or ``||x_a - x_b||^2`` over the columns [d0, d1) of
     the rows ``rows`` x ``cols``."""
     acc = tl.zeros([BLOCK, BLOCK], ACC)
@@ -87,9 +101,26 @@ def _tile(x, stride_b, stride_d, rows, ok_r, cols, ok_c, d0, d1, GRAM: tl.conste
 
 
 @triton.jit
-def pair_kernel(xs, xt, out, n, ds, dt, sbs, sds, sbt, sdt, chunk_s, chunk_t, GRAM: tl.constexpr,
-                ACC: tl.constexpr, NATIVE_S: tl.constexpr, NATIVE_T: tl.constexpr, BLOCK: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+def pair_kernel(
+    xs,
+    xt,
+    out,
+    n,
+    ds,
+    dt,
+    sbs,
+    sds,
+    sbt,
+    sdt,
+    chunk_s,
+    chunk_t,
+    GRAM: tl.constexpr,
+    ACC: tl.constexpr,
+    NATIVE_S: tl.constexpr,
+    NATIVE_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Grid (tiles^2, splits, 2): the tile (ti, tj) = divmod(program_id(0), tiles), ti <= tj, of
     the student's (program_id(2) == 0) or teacher's matrix over the columns of split
     program_id(1), into ``out[net, split]`` (and transposed into (tj, ti))."""
@@ -103,12 +134,14 @@ def pair_kernel(xs, xt, out, n, ds, dt, sbs, sds, sbt, sdt, chunk_s, chunk_t, GR
         cols, ok_c = span(tj * BLOCK, n, BLOCK)
         if net == 0:
             d0 = split * chunk_s
-            tile = _tile(xs, sbs, sds, rows, ok_r, cols, ok_c, d0, tl.minimum(d0 + chunk_s, ds), GRAM, ACC,
-                         NATIVE_S, BLOCK, BLOCK_D)
+            tile = _tile(
+                xs, sbs, sds, rows, ok_r, cols, ok_c, d0, tl.minimum(d0 + chunk_s, ds), GRAM, ACC, NATIVE_S, BLOCK, BLOCK_D
+            )
         else:
             d0 = split * chunk_t
-            tile = _tile(xt, sbt, sdt, rows, ok_r, cols, ok_c, d0, tl.minimum(d0 + chunk_t, dt), GRAM, ACC,
-                         NATIVE_T, BLOCK, BLOCK_D)
+            tile = _tile(
+                xt, sbt, sdt, rows, ok_r, cols, ok_c, d0, tl.minimum(d0 + chunk_t, dt), GRAM, ACC, NATIVE_T, BLOCK, BLOCK_D
+            )
         nn = as_dtype(n, tl.int64)
         plane = out + (net * tl.num_programs(1) + split) * nn * nn
         # int32 offsets within a tile: int64 ones per element spill registers where n % 16 != 0
@@ -174,9 +207,20 @@ def pairs(x_s: Tensor, x_t: Tensor, gram: bool, block: int, block_d: int, out: T
     tiles = triton.cdiv(n, block)
     with _common.on_device(device):
         pair_kernel[(tiles * tiles, splits, 2)](
-            x_s, x_t, out, *pair_args(x_s, x_t), chunk_s, chunk_t, GRAM=gram, ACC=_common.TL_DTYPES[acc],
-            NATIVE_S=native_dot(x_s.dtype, acc, device), NATIVE_T=native_dot(x_t.dtype, acc, device), BLOCK=block,
-            BLOCK_D=block_d, num_warps=num_warps(block))
+            x_s,
+            x_t,
+            out,
+            *pair_args(x_s, x_t),
+            chunk_s,
+            chunk_t,
+            GRAM=gram,
+            ACC=_common.TL_DTYPES[acc],
+            NATIVE_S=native_dot(x_s.dtype, acc, device),
+            NATIVE_T=native_dot(x_t.dtype, acc, device),
+            BLOCK=block,
+            BLOCK_D=block_d,
+            num_warps=num_warps(block),
+        )
     return out.view(2, splits, n, n)
 
 
@@ -184,11 +228,15 @@ def check_pair(name: str, x_s: Tensor, x_t: Tensor) -> None:
     """A (B, Ds) student and (B, Dt) teacher: 2-D, floating, one B >= 1 and device, D >= 1."""
     for label, x in (("x_s", x_s), ("x_t", x_t)):
         if x.dim() != 2 or x.size(0) < 1 or x.size(1) < 1 or x.dtype not in _common.TL_DTYPES:
-            raise ValueError(f"{name}: {label} must be 2-D (B >= 1, D >= 1) float16/bfloat16/"
-                             f"float32/float64, got {x.dtype} of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: {label} must be 2-D (B >= 1, D >= 1) float16/bfloat16/"
+                f"float32/float64, got {x.dtype} of shape {tuple(x.shape)}"
+            )
     if x_s.size(0) != x_t.size(0) or x_s.device != x_t.device:
-        raise ValueError(f"{name}: x_s and x_t must have one batch size and device, got "
-                         f"{tuple(x_s.shape)} on {x_s.device} and {tuple(x_t.shape)} on {x_t.device}")
+        raise ValueError(
+            f"{name}: x_s and x_t must have one batch size and device, got "
+            f"{tuple(x_s.shape)} on {x_s.device} and {tuple(x_t.shape)} on {x_t.device}"
+        )
 
 
 def pair_args(x_s: Tensor, x_t: Tensor) -> tuple[int, ...]:

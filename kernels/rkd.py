@@ -60,7 +60,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast.kernels import _common, relational as rel
+from kdfast.kernels import _common
+from kdfast.kernels import relational as rel
 from kdfast.kernels.at import _sqrt
 from kdfast.kernels.softmax import check_rows
 
@@ -123,17 +124,14 @@ def _nets(sq_dist, n):
 
 
 @triton.jit
-def _triplet_tile(rs, rt, n, i, js, ok_j, ks, ok_k, r_ik_s, inv_ik_s, zero_ik_s, r_ik_t,
-                  inv_ik_t, zero_ik_t):
+def _triplet_tile(rs, rt, n, i, js, ok_j, ks, ok_k, r_ik_s, inv_ik_s, zero_ik_s, r_ik_t, inv_ik_t, zero_ik_t):
     """cos_s, cos_t of the anchor i and the (js, ks) tile, and the student's j-side inv and zero."""
     r_ij_s, inv_ij_s, zero_ij_s = _pairs(rs, n, i, js, ok_j)
     r_ij_t, inv_ij_t, zero_ij_t = _pairs(rt, n, i, js, ok_j)
     tile = js[:, None] * n + ks[None, :]
     mask = ok_j[:, None] & ok_k[None, :]
-    cos_s = _cosines(tl.load(rs + tile, mask=mask, other=0.0), r_ij_s, inv_ij_s, zero_ij_s, r_ik_s,
-                     inv_ik_s, zero_ik_s)
-    cos_t = _cosines(tl.load(rt + tile, mask=mask, other=0.0), r_ij_t, inv_ij_t, zero_ij_t, r_ik_t,
-                     inv_ik_t, zero_ik_t)
+    cos_s = _cosines(tl.load(rs + tile, mask=mask, other=0.0), r_ij_s, inv_ij_s, zero_ij_s, r_ik_s, inv_ik_s, zero_ik_s)
+    cos_t = _cosines(tl.load(rt + tile, mask=mask, other=0.0), r_ij_t, inv_ij_t, zero_ij_t, r_ik_t, inv_ik_t, zero_ik_t)
     return cos_s, cos_t, inv_ij_s, zero_ij_s
 
 
@@ -153,8 +151,7 @@ def _sum_splits_kernel(partials, sq_dist, n, splits, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _distance_kernel(sq_dist, scales, out, n, LOSS: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _distance_kernel(sq_dist, scales, out, n, LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Row i of the distance term. LOSS False: out[i] = [sum_pos d_s, count_s, sum_pos d_t,
     count_t]; LOSS True: out[i] = [sum_k smooth_l1(x_s - x_t), sum_k smooth_l1'(x_s - x_t) x_s]."""
     i = tl.program_id(0).to(tl.int64)
@@ -205,15 +202,15 @@ def _angle_kernel(sq_dist, out, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
         r_ik_t, inv_ik_t, zero_ik_t = _pairs(rt, nn, i, ks, ok_k)
         for j0 in range(0, n, BLOCK):
             js, ok_j = rel.span(j0, n, BLOCK)
-            cos_s, cos_t, _, _ = _triplet_tile(rs, rt, nn, i, js, ok_j, ks, ok_k, r_ik_s, inv_ik_s,
-                                               zero_ik_s, r_ik_t, inv_ik_t, zero_ik_t)
+            cos_s, cos_t, _, _ = _triplet_tile(
+                rs, rt, nn, i, js, ok_j, ks, ok_k, r_ik_s, inv_ik_s, zero_ik_s, r_ik_t, inv_ik_t, zero_ik_t
+            )
             acc += _smooth_l1(cos_s - cos_t)  # 0 - 0 on the masked lanes
     tl.store(out + i, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 @triton.jit
-def _anchor_backward_kernel(sq_dist, grad_terms, stats, triplets, dr, n, splits, ACC: tl.constexpr,
-                            BLOCK: tl.constexpr):
+def _anchor_backward_kernel(sq_dist, grad_terms, stats, triplets, dr, n, splits, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Row i of dR (see the module docstring); ``triplets``: the split partials of
     ``sum_i A_ijk`` from ``_triplet_backward_kernel``."""
     i = tl.program_id(0).to(tl.int64)
@@ -233,17 +230,16 @@ def _anchor_backward_kernel(sq_dist, grad_terms, stats, triplets, dr, n, splits,
         p = tl.zeros([BLOCK], ACC)  # sum_j c_ijk cos_ijk
         for j0 in range(0, n, BLOCK):
             js, ok_j = rel.span(j0, n, BLOCK)
-            cos_s, cos_t, inv_ij_s, zero_ij_s = _triplet_tile(rs, rt, nn, i, js, ok_j, ks, ok_k,
-                                                              r_ik_s, inv_ik_s, zero_ik_s, r_ik_t,
-                                                              inv_ik_t, zero_ik_t)
+            cos_s, cos_t, inv_ij_s, zero_ij_s = _triplet_tile(
+                rs, rt, nn, i, js, ok_j, ks, ok_k, r_ik_s, inv_ik_s, zero_ik_s, r_ik_t, inv_ik_t, zero_ik_t
+            )
             c = ga * _smooth_l1_grad(cos_s - cos_t)  # 0 on the masked lanes
             a += tl.sum(_pair_weight(c, zero_ij_s, zero_ik_s) * inv_ij_s[:, None], axis=0)
             p += tl.sum(c * cos_s, axis=0)
         angle = a * inv_ik_s - tl.where(zero_ik_s, 0.0, p * inv_ik_s * inv_ik_s)
         d_s = _distance(r_ik_s, keep)
         x_s = d_s * scale_s
-        dd = gd * scale_s * (_smooth_l1_grad(x_s - _distance(r_ik_t, keep) * scale_t)
-                             - tl.where(d_s > 0.0, mean_gx, 0.0))
+        dd = gd * scale_s * (_smooth_l1_grad(x_s - _distance(r_ik_t, keep) * scale_t) - tl.where(d_s > 0.0, mean_gx, 0.0))
         distance = tl.where(keep & (r_ik_s >= _EPS), dd * 0.5 / tl.where(keep, d_s, 1.0), 0.0)
         triplet = rel.summed(triplets, 0, splits, nn, i, ks, ok_k)
         tl.store(dr + i * nn + ks, angle + distance - 0.5 * triplet, mask=ok_k)
@@ -268,9 +264,9 @@ def _triplet_backward_kernel(sq_dist, grad_terms, triplets, n, per, ACC: tl.cons
         for i in range(i0, tl.minimum(i0 + per, n)):  # offsets via int64 nn (the interpreter's i is an int)
             r_ik_s, inv_ik_s, zero_ik_s = _pairs(rs, nn, i, ks, ok_k)
             r_ik_t, inv_ik_t, zero_ik_t = _pairs(rt, nn, i, ks, ok_k)
-            cos_s, cos_t, inv_ij_s, zero_ij_s = _triplet_tile(rs, rt, nn, i, js, ok_j, ks, ok_k, r_ik_s,
-                                                              inv_ik_s, zero_ik_s, r_ik_t, inv_ik_t,
-                                                              zero_ik_t)
+            cos_s, cos_t, inv_ij_s, zero_ij_s = _triplet_tile(
+                rs, rt, nn, i, js, ok_j, ks, ok_k, r_ik_s, inv_ik_s, zero_ik_s, r_ik_t, inv_ik_t, zero_ik_t
+            )
             c = _pair_weight(ga * _smooth_l1_grad(cos_s - cos_t), zero_ij_s, zero_ik_s)
             acc += c * (inv_ij_s[:, None] * inv_ik_s[None, :])
         plane = triplets + tl.program_id(1) * nn * nn
@@ -280,8 +276,7 @@ def _triplet_backward_kernel(sq_dist, grad_terms, triplets, n, per, ACC: tl.cons
 
 
 @triton.jit
-def _grad_kernel(dr, e, out, n, d, sb, sd, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+def _grad_kernel(dr, e, out, n, d, sb, sd, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """One [BLOCK, BLOCK_D] tile of ``dE_i = 2 sum_j (dR_ij + dR_ji) (e_i - e_j)``."""
     rows, ok_r = rel.span(tl.program_id(0) * BLOCK, n, BLOCK)
     d0 = tl.program_id(1) * BLOCK_D
@@ -290,13 +285,15 @@ def _grad_kernel(dr, e, out, n, d, sb, sd, ACC: tl.constexpr, BLOCK: tl.constexp
     for j0 in range(0, n, BLOCK):
         js, ok_j = rel.span(j0, n, BLOCK)
         mask = ok_r[:, None] & ok_j[None, :]
-        m = (tl.load(dr + rows[:, None] * n + js[None, :], mask=mask, other=0.0)
-             + tl.load(dr + js[None, :] * n + rows[:, None], mask=mask, other=0.0))
+        m = tl.load(dr + rows[:, None] * n + js[None, :], mask=mask, other=0.0) + tl.load(
+            dr + js[None, :] * n + rows[:, None], mask=mask, other=0.0
+        )
         e_j = rel.load_rows(e, sb, sd, js, ok_j, d0, d, BLOCK_D).to(ACC)
         acc += tl.sum(m[:, :, None] * (e_i[:, None, :] - e_j[None, :, :]), axis=1)
     offs = d0 + tl.arange(0, BLOCK_D)
-    tl.store(out + rows[:, None] * d + offs[None, :], (2.0 * acc).to(out.dtype.element_ty),
-             mask=ok_r[:, None] & (offs < d)[None, :])
+    tl.store(
+        out + rows[:, None] * d + offs[None, :], (2.0 * acc).to(out.dtype.element_ty), mask=ok_r[:, None] & (offs < d)[None, :]
+    )
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -375,8 +372,9 @@ def rkd_backward(grad_terms: Tensor, e_s: Tensor, sq_dist: Tensor, stats: Tensor
     kw = _constexprs(e_s.dtype)
     tiles = triton.cdiv(n, BLOCK)
     with _common.on_device(device):
-        _triplet_backward_kernel[(tiles * tiles, splits)](sq_dist, grad_terms, triplets, n, per,
-                                                          **{**kw, "num_warps": _triplet_warps(device)})
+        _triplet_backward_kernel[(tiles * tiles, splits)](
+            sq_dist, grad_terms, triplets, n, per, **{**kw, "num_warps": _triplet_warps(device)}
+        )
         _anchor_backward_kernel[(n,)](sq_dist, grad_terms, stats, triplets, dr, n, splits, **kw)
         _grad_kernel[(tiles, triton.cdiv(d, BLOCK_D))](dr, e_s, grad, n, d, *e_s.stride(), BLOCK_D=BLOCK_D, **kw)
     return grad

@@ -118,9 +118,9 @@ def gather(rows_ptr, col, n, ACC: tl.constexpr):
 
 
 @triton.jit
-def online_lse(m, l, z, keep, inv_t):
+def online_lse(m, total, z, keep, inv_t):
     """One block of the online log-sum-exp of ``z / T`` over the ``keep`` lanes. ``m``: running
-    max of the raw logits; returns the new (m, l), the block's weights exp((z - m') / T) (0 off
+    max of the raw logits, ``total``: running sum l; returns the new (m, l), the block's weights exp((z - m') / T) (0 off
     ``keep`` and for -inf logits) and the rescale factor exp((m - m') / T) of the old sums (0
     while m = -inf). As long as every kept logit so far is -inf, m' stays -inf and l 0: the
     shift is then 0, never -inf (exp(-inf - -inf) would be NaN)."""
@@ -129,7 +129,7 @@ def online_lse(m, l, z, keep, inv_t):
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     rescale = tl.exp((m - shift) * inv_t)
     e = tl.exp((zk - shift[:, None]) * inv_t)
-    return m_new, l * rescale + tl.sum(e, axis=1), e, rescale
+    return m_new, total * rescale + tl.sum(e, axis=1), e, rescale
 
 
 @triton.jit
@@ -154,14 +154,14 @@ def kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, exclude, inv_t, EXCLUDE:
 
 
 @triton.jit
-def kl_stream(zs_rows, zt_rows, n, exclude, inv_t, EXCLUDE: tl.constexpr, ROWS: tl.constexpr,
-              BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def kl_stream(
+    zs_rows, zt_rows, n, exclude, inv_t, EXCLUDE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr
+):
     """Pass 1 over whole rows: the final (m_s, l_s, m_t, l_t, a)."""
     m_s, l_s, m_t, l_t, a = kl_init(ROWS, ACC)
     for k0 in range(0, n, BLOCK_K):
         cols, valid, zs, zt = load_block(zs_rows, zt_rows, k0, n, BLOCK_K, ACC)
-        m_s, l_s, m_t, l_t, a = kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, exclude,
-                                        inv_t, EXCLUDE)
+        m_s, l_s, m_t, l_t, a = kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, exclude, inv_t, EXCLUDE)
     return m_s, l_s, m_t, l_t, a
 
 
@@ -193,8 +193,7 @@ def kl_term(log_p, log_ratio):
 
 
 @triton.jit
-def grad_tile(cols, valid, zs, zt, shift_s, off_s, c_s, shift_t, off_t, c_t, hit_col, hit_val,
-              inv_t, HIT: tl.constexpr):
+def grad_tile(cols, valid, zs, zt, shift_s, off_s, c_s, shift_t, off_t, c_t, hit_col, hit_val, inv_t, HIT: tl.constexpr):
     """[ROWS, BLOCK_K] gradient: c_s exp((zs - shift_s)/T - off_s) - c_t exp((zt - shift_t)/T - off_t),
     and ``hit_val`` at column ``hit_col`` (with HIT). Lanes that are not computed (past n, the
     hit column) take exp(-inf) = 0: no overflow there; so do -inf logits (probability 0, also
@@ -220,14 +219,29 @@ def store_grad(grad_rows, cols, valid, row_ok, g):
 
 
 @triton.jit
-def grad_stream(grad_rows, zs_rows, zt_rows, n, row_ok, shift_s, off_s, c_s, shift_t, off_t, c_t,
-                hit_col, hit_val, inv_t, HIT: tl.constexpr, BLOCK_K: tl.constexpr,
-                ACC: tl.constexpr):
+def grad_stream(
+    grad_rows,
+    zs_rows,
+    zt_rows,
+    n,
+    row_ok,
+    shift_s,
+    off_s,
+    c_s,
+    shift_t,
+    off_t,
+    c_t,
+    hit_col,
+    hit_val,
+    inv_t,
+    HIT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Pass 2 over whole rows: computes and stores every :func:`grad_tile`."""
     for k0 in range(0, n, BLOCK_K):
         cols, valid, zs, zt = load_block(zs_rows, zt_rows, k0, n, BLOCK_K, ACC)
-        g = grad_tile(cols, valid, zs, zt, shift_s, off_s, c_s, shift_t, off_t, c_t, hit_col,
-                      hit_val, inv_t, HIT)
+        g = grad_tile(cols, valid, zs, zt, shift_s, off_s, c_s, shift_t, off_t, c_t, hit_col, hit_val, inv_t, HIT)
         store_grad(grad_rows, cols, valid, row_ok, g)
 
 
@@ -242,7 +256,7 @@ def split_scalar(x: float) -> tuple[float, float]:
     return hi, struct.unpack("f", struct.pack("f", lo))[0] if math.isfinite(lo) else 0.0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _min_programs(device: torch.device) -> int:
     """Programs a launch should keep: _PROGRAMS_PER_SM per SM of a CUDA device, 1 elsewhere (the
     interpreter)."""
@@ -269,8 +283,7 @@ def row_launch(batch: int, classes: int, acc: torch.dtype, device: torch.device)
     block_k = min(triton.next_power_of_2(classes), MAX_BLOCK_K[acc])
     rows = 1
     target = _min_programs(device)
-    while (rows * 2 * block_k <= _MAX_PACKED_TILE and rows < batch
-           and triton.cdiv(batch, rows * 2) >= target):
+    while rows * 2 * block_k <= _MAX_PACKED_TILE and rows < batch and triton.cdiv(batch, rows * 2) >= target:
         rows *= 2
     per_thread = _ROW_ELEMS_PER_THREAD if rows == 1 else _PACKED_ELEMS_PER_THREAD
     num_warps = max(1, min(rows * block_k // (32 * per_thread), _MAX_WARPS))
@@ -290,19 +303,25 @@ def check_logits(name: str, z_s: Tensor, z_t: Tensor) -> tuple[Tensor, Tensor]:
     returns them with unit-stride rows (a copy only of a tensor whose rows are strided)."""
     for label, z in (("z_s", z_s), ("z_t", z_t)):
         if z.dim() != 2 or z.size(1) < 1 or z.dtype not in TL_DTYPES:
-            raise ValueError(f"{name}: {label} must be 2-D (B, K >= 1) float16/bfloat16/float32/"
-                             f"float64, got {z.dtype} of shape {tuple(z.shape)}")
+            raise ValueError(
+                f"{name}: {label} must be 2-D (B, K >= 1) float16/bfloat16/float32/"
+                f"float64, got {z.dtype} of shape {tuple(z.shape)}"
+            )
     if z_s.shape != z_t.shape or z_s.device != z_t.device:
-        raise ValueError(f"{name}: z_s and z_t must have one shape and device, got "
-                         f"{tuple(z_s.shape)} on {z_s.device} and {tuple(z_t.shape)} on {z_t.device}")
+        raise ValueError(
+            f"{name}: z_s and z_t must have one shape and device, got "
+            f"{tuple(z_s.shape)} on {z_s.device} and {tuple(z_t.shape)} on {z_t.device}"
+        )
     return tuple(z if z.size(1) == 1 or z.stride(1) == 1 else z.contiguous() for z in (z_s, z_t))
 
 
 def check_rows(name: str, label: str, t: Tensor, shape: tuple[int, ...], dtypes, device) -> None:
     """``t`` has ``shape``, one of ``dtypes`` and lives on ``device``."""
     if tuple(t.shape) != shape or t.dtype not in dtypes or t.device != device:
-        raise ValueError(f"{name}: {label} must be {shape} of {[str(d) for d in dtypes]} on "
-                         f"{device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+        raise ValueError(
+            f"{name}: {label} must be {shape} of {[str(d) for d in dtypes]} on "
+            f"{device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
+        )
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -315,8 +334,9 @@ def check_rows(name: str, label: str, t: Tensor, shape: tuple[int, ...], dtypes,
 #              stride_t, <row inputs>, <scalars>, ROWS, BLOCK_K, ACC)
 
 
-def _checked(name: str, z_s: Tensor, z_t: Tensor, row_inputs: tuple[Tensor, ...],
-             temperature: float) -> tuple[Tensor, Tensor, float]:
+def _checked(
+    name: str, z_s: Tensor, z_t: Tensor, row_inputs: tuple[Tensor, ...], temperature: float
+) -> tuple[Tensor, Tensor, float]:
     """The checked logits (unit-stride rows) and temperature; `row_inputs` (the target) must be
     (B,) int64 on z_s's device."""
     temperature = check_temperature(name, temperature)
@@ -331,9 +351,17 @@ def _tail_args(row_inputs: tuple[Tensor, ...], scalars: tuple[float, ...]) -> li
     return [a for t in row_inputs for a in (t, t.stride(0))] + [x for v in scalars for x in split_scalar(v)]
 
 
-def launch_forward(kernel: triton.JITFunction, name: str, z_s: Tensor, z_t: Tensor, row_inputs: tuple[Tensor, ...],
-                   temperature: float, scalars: tuple[float, ...], num_stats: int,
-                   with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def launch_forward(
+    kernel: triton.JITFunction,
+    name: str,
+    z_s: Tensor,
+    z_t: Tensor,
+    row_inputs: tuple[Tensor, ...],
+    temperature: float,
+    scalars: tuple[float, ...],
+    num_stats: int,
+    with_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Checks, allocates ``(loss (B,), stats (B, num_stats), grad)`` and runs a forward kernel;
     grad is (B, K) in z_s's dtype with `with_grad`, else an empty tensor. ``scalars``: the op's
     floats after the temperature."""
@@ -347,16 +375,38 @@ def launch_forward(kernel: triton.JITFunction, name: str, z_s: Tensor, z_t: Tens
         launch = row_launch(batch, n, acc, z_s.device)
         with on_device(z_s.device):
             kernel[launch.grid](
-                z_s, z_t, loss, stats, grad, batch, n, z_s.stride(0), z_t.stride(0),
-                *_tail_args(row_inputs, (temperature, *scalars)), WITH_GRAD=bool(with_grad),
-                ONE_BLOCK=launch.one_block, ROWS=launch.rows, BLOCK_K=launch.block_k,
-                ACC=TL_DTYPES[acc], num_warps=launch.num_warps)
+                z_s,
+                z_t,
+                loss,
+                stats,
+                grad,
+                batch,
+                n,
+                z_s.stride(0),
+                z_t.stride(0),
+                *_tail_args(row_inputs, (temperature, *scalars)),
+                WITH_GRAD=bool(with_grad),
+                ONE_BLOCK=launch.one_block,
+                ROWS=launch.rows,
+                BLOCK_K=launch.block_k,
+                ACC=TL_DTYPES[acc],
+                num_warps=launch.num_warps,
+            )
     return loss, stats, grad
 
 
-def launch_backward(kernel: triton.JITFunction, name: str, grad_loss: Tensor, z_s: Tensor, z_t: Tensor,
-                    row_inputs: tuple[Tensor, ...], stats: Tensor, temperature: float,
-                    scalars: tuple[float, ...], num_stats: int) -> Tensor:
+def launch_backward(
+    kernel: triton.JITFunction,
+    name: str,
+    grad_loss: Tensor,
+    z_s: Tensor,
+    z_t: Tensor,
+    row_inputs: tuple[Tensor, ...],
+    stats: Tensor,
+    temperature: float,
+    scalars: tuple[float, ...],
+    num_stats: int,
+) -> Tensor:
     """Checks, allocates the (B, K) gradient (z_s's dtype) and runs a backward kernel;
     ``grad_loss``: (B,), ``stats``: (B, num_stats) of the forward."""
     z_s, z_t, temperature = _checked(name, z_s, z_t, row_inputs, temperature)
@@ -371,8 +421,21 @@ def launch_backward(kernel: triton.JITFunction, name: str, grad_loss: Tensor, z_
         launch = row_launch(batch, n, acc, z_s.device)
         with on_device(z_s.device):
             kernel[launch.grid](
-                grad_loss, grad_loss.stride(0), z_s, z_t, stats, stats.stride(0), grad, batch, n,
-                z_s.stride(0), z_t.stride(0), *_tail_args(row_inputs, (temperature, *scalars)),
-                ROWS=launch.rows, BLOCK_K=launch.block_k, ACC=TL_DTYPES[acc],
-                num_warps=launch.num_warps)
+                grad_loss,
+                grad_loss.stride(0),
+                z_s,
+                z_t,
+                stats,
+                stats.stride(0),
+                grad,
+                batch,
+                n,
+                z_s.stride(0),
+                z_t.stride(0),
+                *_tail_args(row_inputs, (temperature, *scalars)),
+                ROWS=launch.rows,
+                BLOCK_K=launch.block_k,
+                ACC=TL_DTYPES[acc],
+                num_warps=launch.num_warps,
+            )
     return grad

@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast.kernels import _common, relational as rel
+from kdfast.kernels import _common
+from kdfast.kernels import relational as rel
 from kdfast.kernels.at import _sqrt
 from kdfast.kernels.softmax import check_rows
 
@@ -124,8 +125,9 @@ def _sp_m_kernel(grad_loss, partials, stats, m, scales, n, splits, ACC: tl.const
     for c0 in range(0, n, BLOCK_C):
         cols, ok = rel.span(c0, n, BLOCK_C)
         alpha_j, beta_j = _coefficients(stats, cols, ok, k)
-        row = ((alpha_i + alpha_j) * rel.summed(partials, 0, splits, nn, i, cols, ok)
-               - (beta_i + beta_j) * rel.summed(partials, 1, splits, nn, i, cols, ok))
+        row = (alpha_i + alpha_j) * rel.summed(partials, 0, splits, nn, i, cols, ok) - (beta_i + beta_j) * rel.summed(
+            partials, 1, splits, nn, i, cols, ok
+        )
         tl.store(m + i * nn + cols, row, mask=ok)
         largest = tl.maximum(largest, tl.abs(row))
     scale = tl.max(largest, axis=0)
@@ -133,8 +135,9 @@ def _sp_m_kernel(grad_loss, partials, stats, m, scales, n, splits, ACC: tl.const
 
 
 @triton.jit
-def _sp_grad_kernel(m, scales, xs, grad, n, ds, sb, sd, ACC: tl.constexpr, NATIVE: tl.constexpr,
-                    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sp_grad_kernel(
+    m, scales, xs, grad, n, ds, sb, sd, ACC: tl.constexpr, NATIVE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """The [BLOCK, BLOCK_N] tile (program_id(0), program_id(1)) of ``dX_s = M X_s``. NATIVE:
     X_s's float16/bfloat16 tiles as they are, times ``hi + lo`` of the scaled M rows."""
     rows, ok_r = rel.span(tl.program_id(0) * BLOCK, n, BLOCK)
@@ -158,8 +161,7 @@ def _sp_grad_kernel(m, scales, xs, grad, n, ds, sb, sd, ACC: tl.constexpr, NATIV
             acc = rel.dot(mt, xj, acc, False)
     if NATIVE:
         acc = acc * scale[:, None]
-    tl.store(grad + rows[:, None] * ds + cols[None, :], acc.to(grad.dtype.element_ty),
-             mask=ok_r[:, None] & ok_c[None, :])
+    tl.store(grad + rows[:, None] * ds + cols[None, :], acc.to(grad.dtype.element_ty), mask=ok_r[:, None] & ok_c[None, :])
 
 
 def _block(n: int) -> int:
@@ -208,8 +210,16 @@ def sp_forward(x_s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
     stats = torch.empty((n, 3), dtype=acc, device=x_s.device)
     loss_rows = torch.empty(n, dtype=acc, device=x_s.device)
     with _common.on_device(x_s.device):
-        _sp_rows_kernel[(n,)](partials, stats, loss_rows, n, partials.size(1), ACC=_common.TL_DTYPES[acc],
-                              BLOCK_C=_block_c(n), num_warps=rel.NUM_WARPS)
+        _sp_rows_kernel[(n,)](
+            partials,
+            stats,
+            loss_rows,
+            n,
+            partials.size(1),
+            ACC=_common.TL_DTYPES[acc],
+            BLOCK_C=_block_c(n),
+            num_warps=rel.NUM_WARPS,
+        )
     return loss_rows.sum() / (n * n), stats
 
 
@@ -230,10 +240,31 @@ def sp_backward(grad_loss: Tensor, x_s: Tensor, x_t: Tensor, stats: Tensor) -> T
     grad = torch.empty((n, ds), dtype=x_s.dtype, device=device)
     tl_acc = _common.TL_DTYPES[acc]
     with _common.on_device(device):
-        _sp_m_kernel[(n,)](grad_loss, partials, stats.contiguous(), m, scales, n, partials.size(1), ACC=tl_acc,
-                           BLOCK_C=_block_c(n), num_warps=rel.NUM_WARPS)
+        _sp_m_kernel[(n,)](
+            grad_loss,
+            partials,
+            stats.contiguous(),
+            m,
+            scales,
+            n,
+            partials.size(1),
+            ACC=tl_acc,
+            BLOCK_C=_block_c(n),
+            num_warps=rel.NUM_WARPS,
+        )
         kind = _dot_kind((x_s.dtype,), device)
         _sp_grad_kernel[(triton.cdiv(n, block), triton.cdiv(ds, BLOCK_N[kind]))](
-            m, scales, x_s, grad, n, ds, *x_s.stride(), ACC=tl_acc, NATIVE=kind == "native", BLOCK=block,
-            BLOCK_N=BLOCK_N[kind], num_warps=rel.num_warps(block))
+            m,
+            scales,
+            x_s,
+            grad,
+            n,
+            ds,
+            *x_s.stride(),
+            ACC=tl_acc,
+            NATIVE=kind == "native",
+            BLOCK=block,
+            BLOCK_N=BLOCK_N[kind],
+            num_warps=rel.num_warps(block),
+        )
     return grad

@@ -96,8 +96,9 @@ def _loss_and_grads(d, x, y, feats):
     return loss.detach(), {name: p.grad for name, p in d.named_parameters()}
 
 
-@pytest.mark.parametrize("r, select", [(None, "teacher"), ("all", "student"), (S_BLOCKS, "student"),
-                                       (T_BLOCKS, "teacher"), (50, "teacher")])
+@pytest.mark.parametrize(
+    "r, select", [(None, "teacher"), ("all", "student"), (S_BLOCKS, "student"), (T_BLOCKS, "teacher"), (50, "teacher")]
+)
 @pytest.mark.parametrize("objective", [{}, PUBLIC], ids=["ce+afd", "public"])
 def test_rtk_with_every_key_is_afd_bit_for_bit(batch, r, select, objective):
     teacher, x, y, feats = batch
@@ -146,8 +147,10 @@ def test_select_teacher_keeps_top_r_teacher_blocks_per_student_column(batch, r):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize("method, params", [("afd", {}), ("afd", {"bilinear": True, "kd_weight": 0.9}),
-                                            ("rtk", {}), ("rtk", {"r": 2, "select": "student"})])
+@pytest.mark.parametrize(
+    "method, params",
+    [("afd", {}), ("afd", {"bilinear": True, "kd_weight": 0.9}), ("rtk", {}), ("rtk", {"r": 2, "select": "student"})],
+)
 def test_gradients_reach_attention_and_student_never_teacher(method, params):
     torch.manual_seed(0)
     teacher = models.create("resnet20", 10).train()  # trainable, features with grad: must still get none
@@ -188,23 +191,31 @@ def test_inspect_returns_attention_and_value_maps(batch):
     assert maps["attention"].shape == (4, T_BLOCKS, S_BLOCKS)
     torch.testing.assert_close(maps["attention"], d.attention_weights(d.student.features(x).blocks, feats.blocks))
     values = {k: v.shape for k, v in maps.items() if k != "attention"}
-    assert values == {"teacher block 2 value": (4, 16, 16), "teacher block 5 value": (4, 8, 8),
-                      "teacher block 8 value": (4, 4, 4), "student block 0 value": (4, 16, 16),
-                      "student block 1 value": (4, 8, 8), "student block 2 value": (4, 4, 4)}
+    assert values == {
+        "teacher block 2 value": (4, 16, 16),
+        "teacher block 5 value": (4, 8, 8),
+        "teacher block 8 value": (4, 4, 4),
+        "student block 0 value": (4, 16, 16),
+        "student block 1 value": (4, 8, 8),
+        "student block 2 value": (4, 4, 4),
+    }
     torch.testing.assert_close(maps["teacher block 8 value"].flatten(1).norm(dim=1), torch.ones(4))
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"qk_dim": 0}, "qk_dim must be an integer >= 1"),
-    ({"r": 0}, "r must be an integer >= 1, 'all' or null"),
-    ({"r": "some"}, "r must be an integer"),
-    ({"r": True}, "r must be an integer"),
-    ({"select": "both"}, "select must be one of teacher, student"),
-    ({"pool": "max"}, "pool must be one of map, feature"),
-    ({"bilinear": "yes"}, "bilinear must be true or false"),
-    ({"temperature": 0}, "temperature must be > 0"),
-    ({"k": 3}, "unknown key.*'rtk': k"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"qk_dim": 0}, "qk_dim must be an integer >= 1"),
+        ({"r": 0}, "r must be an integer >= 1, 'all' or null"),
+        ({"r": "some"}, "r must be an integer"),
+        ({"r": True}, "r must be an integer"),
+        ({"select": "both"}, "select must be one of teacher, student"),
+        ({"pool": "max"}, "pool must be one of map, feature"),
+        ({"bilinear": "yes"}, "bilinear must be true or false"),
+        ({"temperature": 0}, "temperature must be > 0"),
+        ({"k": 3}, "unknown key.*'rtk': k"),
+    ],
+)
 def test_bad_params_raise(params, message):
     with pytest.raises(ValueError, match=message):
         distillers.make_params("rtk", params)
@@ -225,7 +236,12 @@ def test_shipped_config_builds(name):
     teacher = models.create(cfg.model.teacher, 100, dataset="cifar100").eval()
     d = distillers.create(cfg.method.name, models.create(cfg.model.student, 100, dataset="cifar100"), teacher, cfg.method.params)
     t, s = len(d.attention.query), len(d.attention.key)
-    assert (d.params.afd_weight, d.params.qk_dim, d.attention.p_t.shape, d.attention.p_s.shape) == (200.0, 128, (t, 128), (s, 128))
+    assert (d.params.afd_weight, d.params.qk_dim, d.attention.p_t.shape, d.attention.p_s.shape) == (
+        200.0,
+        128,
+        (t, 128),
+        (s, 128),
+    )
     assert (d.params.ce_weight, d.params.kd_weight, d.params.temperature, d.params.bilinear) == (1.0, 0.9, 4.0, True)
     if cfg.method.name == "rtk":
         assert (d.params.r, d.params.select) == (math.ceil(t / s), "teacher")
@@ -237,11 +253,19 @@ def test_short_engine_run(tmp_path, method):
     ckpt = tmp_path / "teacher.pth"
     torch.save({"model": models.create("resnet8", 10).state_dict()}, ckpt)
     config = tmp_path / "c.yaml"
-    config.write_text(f"base: {CONFIG_DIR / 'digits/base.yaml'}\nmodel:\n  student: resnet8\n  teacher: resnet8\n"
-                      f"  teacher_checkpoint: {ckpt}\nmethod:\n  name: {method}\n")
+    config.write_text(
+        f"base: {CONFIG_DIR / 'digits/base.yaml'}\nmodel:\n  student: resnet8\n  teacher: resnet8\n"
+        f"  teacher_checkpoint: {ckpt}\nmethod:\n  name: {method}\n"
+    )
     out = tmp_path / "run"
-    overrides = ["data.batch_size=8", "train.epochs=1", "train.max_train_batches=2", "train.max_eval_batches=1",
-                 "train.progress=false", f"train.out_dir={out}"] + (["method.r=1"] if method == "rtk" else [])
+    overrides = [
+        "data.batch_size=8",
+        "train.epochs=1",
+        "train.max_train_batches=2",
+        "train.max_eval_batches=1",
+        "train.progress=false",
+        f"train.out_dir={out}",
+    ] + (["method.r=1"] if method == "rtk" else [])
     train(load_config(config, overrides))
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row[f"loss.{method}"]) and row[f"loss.{method}"] > 0

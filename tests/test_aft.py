@@ -19,14 +19,24 @@ from kdfast.engine import checkpoint, load_config, train
 from kdfast.reference import block_attention as ref
 
 PAIRS = ("resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2", "resnet56_resnet20", "vgg13_vgg8")
-TINY = ["data.batch_size=16", "train.max_train_batches=3", "train.max_eval_batches=1", "train.progress=false",
-        "train.deterministic=true", "model.student=resnet8", "model.teacher=resnet8", "method.name=aft",
-        "method.kd_weight=0.0", "optim.milestones=[5]"]
+TINY = [
+    "data.batch_size=16",
+    "train.max_train_batches=3",
+    "train.max_eval_batches=1",
+    "train.progress=false",
+    "train.deterministic=true",
+    "model.student=resnet8",
+    "model.teacher=resnet8",
+    "method.name=aft",
+    "method.kd_weight=0.0",
+    "optim.milestones=[5]",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- LossRateWeights ---------------------------------------------------------------------------
+
 
 def feed(rates: LossRateWeights, epochs: dict[int, list[tuple[list[float], int]]]) -> dict[int, torch.Tensor]:
     """Feed (losses, samples) batches per epoch; the weights returned by each epoch's first batch."""
@@ -39,10 +49,12 @@ def feed(rates: LossRateWeights, epochs: dict[int, list[tuple[list[float], int]]
     return seen
 
 
-SEQUENCE = {1: [([4.0, 2.0], 2), ([1.0, 8.0], 6)],   # sample-weighted means (1.75, 6.5)
-            2: [([1.5, 5.2], 4)],                     # (1.5, 5.2)
-            3: [([0.6, 5.0], 1), ([0.9, 5.0], 2)],    # (0.8, 5.0)
-            4: [([0.1, 0.1], 3)]}
+SEQUENCE = {
+    1: [([4.0, 2.0], 2), ([1.0, 8.0], 6)],  # sample-weighted means (1.75, 6.5)
+    2: [([1.5, 5.2], 4)],  # (1.5, 5.2)
+    3: [([0.6, 5.0], 1), ([0.9, 5.0], 2)],  # (0.8, 5.0)
+    4: [([0.1, 0.1], 3)],
+}
 
 
 def expected_weights(old: tuple[float, float], new: tuple[float, float], tau: float = 2.0) -> list[float]:
@@ -56,8 +68,9 @@ def test_loss_rate_weights_exact_values():
     seen = feed(rates, SEQUENCE)
     assert seen[1].tolist() == seen[2].tolist() == [1.0, 1.0]  # w = 1 in epochs 1 and 2
     torch.testing.assert_close(seen[3].double(), torch.tensor(expected_weights((1.75, 6.5), (1.5, 5.2)), dtype=torch.float64))
-    torch.testing.assert_close(rates.weights, torch.tensor(expected_weights((1.5, 5.2), (0.8, 5.0)), dtype=torch.float64),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        rates.weights, torch.tensor(expected_weights((1.5, 5.2), (0.8, 5.0)), dtype=torch.float64), rtol=1e-12, atol=1e-12
+    )
     assert float(rates.weights.sum()) == pytest.approx(2.0, rel=1e-12)
     assert rates(torch.ones(2), 4).dtype == torch.float32  # the losses' dtype
     torch.testing.assert_close(rates.epoch_means, torch.tensor([[1.5, 5.2], [0.8, 5.0]], dtype=torch.float64))
@@ -118,18 +131,33 @@ def test_loss_rate_weights_average_over_processes(tmp_path):
     mp.spawn(_ddp_worker, args=(str(tmp_path),), nprocs=2)
     weights = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
     assert torch.equal(weights[0], weights[1])
-    torch.testing.assert_close(weights[0], torch.tensor(expected_weights((1.5, 5.2), (0.8, 5.0)), dtype=torch.float64),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        weights[0], torch.tensor(expected_weights((1.5, 5.2), (0.8, 5.0)), dtype=torch.float64), rtol=1e-12, atol=1e-12
+    )
 
 
 # ---- the distiller -----------------------------------------------------------------------------
 
+
 def test_params_defaults_and_errors():
     p = distillers.make_params("aft", {})
-    assert (p.ce_weight, p.kd_weight, p.grid, p.attention_weight, p.feature_weight, p.tau, p.stages, p.adaptive,
-            p.connector_bn) == (1.0, 0.0, 4, 1000.0, 1.0, 2.0, None, True, False)
-    for bad, message in [({"grid": 0}, "grid must be"), ({"stages": []}, "stages must be"),
-                         ({"stages": [1.5]}, "stages must be"), ({"tau": -1.0}, "tau must be")]:
+    assert (
+        p.ce_weight,
+        p.kd_weight,
+        p.grid,
+        p.attention_weight,
+        p.feature_weight,
+        p.tau,
+        p.stages,
+        p.adaptive,
+        p.connector_bn,
+    ) == (1.0, 0.0, 4, 1000.0, 1.0, 2.0, None, True, False)
+    for bad, message in [
+        ({"grid": 0}, "grid must be"),
+        ({"stages": []}, "stages must be"),
+        ({"stages": [1.5]}, "stages must be"),
+        ({"tau": -1.0}, "tau must be"),
+    ]:
         with pytest.raises(ValueError, match=message):
             AFTParams(**bad)
     with pytest.raises(ValueError, match="unknown key.*alpha"):
@@ -140,8 +168,9 @@ def test_stages_and_connectors(pair):
     teacher, student, *_ = pair
     d = distillers.create("aft", student, teacher)
     assert d.stage_indices == [1, 2, 3]  # every stage after the stem
-    assert [(c[0].in_channels, c[0].out_channels, c[0].kernel_size) for c in d.connectors] == \
-        [(s, t, (1, 1)) for s, t in zip(student.stage_channels[1:], teacher.stage_channels[1:])]
+    assert [(c[0].in_channels, c[0].out_channels, c[0].kernel_size) for c in d.connectors] == [
+        (s, t, (1, 1)) for s, t in zip(student.stage_channels[1:], teacher.stage_channels[1:])
+    ]
     d = distillers.create("aft", student, teacher, {"stages": [-1, 1], "connector_bn": True, "adaptive": False})
     assert d.stage_indices == [3, 1] and isinstance(d.connectors[0][1], torch.nn.BatchNorm2d) and d.stage_weights is None
     with pytest.raises(ValueError, match="out of range"):
@@ -194,6 +223,7 @@ def test_inspect_maps(pair):
 
 # ---- engine and configs ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "ckpt_epoch_240.pth"
@@ -203,8 +233,9 @@ def teacher_ckpt(tmp_path_factory) -> Path:
 
 
 def _config(out: Path, teacher_ckpt: Path, epochs: int):
-    return load_config("digits/kd", [*TINY, f"train.epochs={epochs}", f"train.out_dir={out}",
-                                     f"model.teacher_checkpoint={teacher_ckpt}"])
+    return load_config(
+        "digits/kd", [*TINY, f"train.epochs={epochs}", f"train.out_dir={out}", f"model.teacher_checkpoint={teacher_ckpt}"]
+    )
 
 
 def _weights_state(path: Path) -> dict:
@@ -219,8 +250,9 @@ def test_engine_run_weights_change_after_epoch_two_and_resume(tmp_path, teacher_
     state = _weights_state(tmp_path / "full" / "last.pt")
     assert state["epoch"] == 3
     # the closed means are the logged per-stage epoch means of epochs 1 and 2 (weights 1 there)
-    torch.testing.assert_close(state["means"], torch.tensor([[r[k] for k in stages] for r in rows[:2]], dtype=torch.float64),
-                               rtol=1e-9, atol=0.0)
+    torch.testing.assert_close(
+        state["means"], torch.tensor([[r[k] for k in stages] for r in rows[:2]], dtype=torch.float64), rtol=1e-9, atol=0.0
+    )
     d = distillers.create("aft", models.create("resnet8", 10), models.create("resnet8", 10))
     d.stage_weights.set_extra_state(state)
     weights = d.stage_weights.weights

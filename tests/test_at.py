@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DTYPES, HAS_GPU, TOL, assert_close_scaled, device_backends
-from kdfast import backends, functional as F, nn as knn
+
+from kdfast import backends
+from kdfast import functional as F
+from kdfast import nn as knn
 from kdfast.ops import namespace
 from kdfast.reference import at as ref
 
@@ -59,9 +61,7 @@ def test_at_loss_matches_reference(device, backend, dtype, channels_last, mode):
 
 
 @pytest.mark.parametrize("device,backend", device_backends("at"))
-@pytest.mark.parametrize(
-    "p,mode", [(1, "code"), (3, "code"), (4, "code"), (1, "paper"), (2.5, "paper"), (3, "paper")]
-)
+@pytest.mark.parametrize("p,mode", [(1, "code"), (3, "code"), (4, "code"), (1, "paper"), (2.5, "paper"), (3, "paper")])
 def test_at_loss_powers(device, backend, p, mode):
     stages = STAGES + POOLED_STUDENT
     f_s = make_features([s for s, _ in stages], 2, torch.float32, device, requires_grad=True, seed=3)
@@ -188,7 +188,10 @@ def test_gradcheck_float64(device, backend, mode):
 
 def _op_samples(device):
     gen = torch.Generator().manual_seed(13)
-    feats = [torch.randn(2, 3, 4, 5, generator=gen).to(device), torch.randn(2, 6, 3, 3, generator=gen).to(device).contiguous(memory_format=torch.channels_last)]
+    feats = [
+        torch.randn(2, 3, 4, 5, generator=gen).to(device),
+        torch.randn(2, 6, 3, 3, generator=gen).to(device).contiguous(memory_format=torch.channels_last),
+    ]
     maps_s = [torch.rand(2, 20, generator=gen).to(device), torch.rand(2, 9, generator=gen).to(device)]
     maps_t = [torch.rand(2, 20, generator=gen).to(device), torch.rand(2, 9, generator=gen).to(device)]
     return feats, maps_s, maps_t
@@ -252,7 +255,11 @@ def _pair(**kwargs):
         (dict(mode="fast"), ValueError, "mode must be one of"),
         (dict(reduction="mean"), ValueError, "reduction must be one of"),
         (dict(backend="tpu"), ValueError, "unknown backend"),
-        (dict(f_s=[torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, dtype=torch.float64)], f_t=[torch.randn(2, 3, 4, 4)] * 2), ValueError, "one dtype"),
+        (
+            dict(f_s=[torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, dtype=torch.float64)], f_t=[torch.randn(2, 3, 4, 4)] * 2),
+            ValueError,
+            "one dtype",
+        ),
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -308,10 +315,11 @@ def test_triton_alignment_is_per_stage(monkeypatch, channels_last):
     recorder = _LaunchRecorder()
     monkeypatch.setattr(kernels, "_at_maps_kernel", recorder)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    feats = [torch.empty(2, c, s, s, device="meta").contiguous(memory_format=memory_format)
-             for c, s in ((64, 56), (48, 14), (3, 7))]
+    feats = [
+        torch.empty(2, c, s, s, device="meta").contiguous(memory_format=memory_format) for c, s in ((64, 56), (48, 14), (3, 7))
+    ]
     kernels.at_maps(feats, 2.0, "mean")
-    (_, args, kwargs), = recorder.launches
+    ((_, args, kwargs),) = recorder.launches
     assert kwargs["ALIGNS"] == ((16, 16, 1) if channels_last else (16, 4, 1))  # stages by decreasing C
     assert all(isinstance(a, tuple) for a in args)  # tensors and integers: kernel arguments, no host table
 

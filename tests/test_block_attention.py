@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends
-from kdfast import functional as F, nn as knn
-from kdfast.ops import block_attention as ops, namespace
+
+from kdfast import functional as F
+from kdfast import nn as knn
+from kdfast.ops import block_attention as ops
+from kdfast.ops import namespace
 from kdfast.reference import block_attention as ref
 from kdfast.reference.at import compute_dtype
 
@@ -177,7 +179,8 @@ def test_several_blocks(device, backend, variant):
 def test_triton_splits(monkeypatch, variant, layout):
     """Every (module, sample) split over channel and position ranges (as on a large GPU): the same
     values and gradients, and the same bits on a rerun."""
-    from kdfast.kernels import at as at_kernels, block_attention as kernels
+    from kdfast.kernels import at as at_kernels
+    from kdfast.kernels import block_attention as kernels
 
     monkeypatch.setattr(at_kernels, "_min_programs", lambda device: 10_000)
     modules = [((40, 13, 11), (136, 6, 6), (136, 6, 6)), ((20, 5, 5), (24, 5, 5), (24, 5, 5))]
@@ -205,7 +208,8 @@ def test_triton_local_module_fills_an_h200(monkeypatch, layout):
     """LAKD's local mode launches one module at a time: at B = 64 a resnet8x4 or resnet20 module
     still gets at least 3 programs per SM of a 132-SM GPU, not 64 programs; a small 64x8x8 map,
     which has only 2 blocks, gets them both (meta tensors: no data)."""
-    from kdfast.kernels import at as at_kernels, block_attention as kernels
+    from kdfast.kernels import at as at_kernels
+    from kdfast.kernels import block_attention as kernels
 
     monkeypatch.setattr(at_kernels, "_min_programs", lambda device: 4 * 132)
     memory_format = torch.channels_last if layout == "nhwc" else torch.contiguous_format

@@ -39,14 +39,17 @@ def test_subcommand_help_lists_every_option(capsys, command):
             assert flag in text, (command, flag)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "digits/kd", "--set", "method.name=nope"], "unknown method 'nope'"),
-    (["train", "digits/kd", "--set", "model.student=nope"], "unknown model.student 'nope'"),
-    (["train", "digits/kd", "--set", "train.epoch=1"], "unknown key(s) in section 'train': epoch"),
-    (["train", "digits/kd", "--set", "data.dataset=cifar10", "--data-root", "/nonexistent"], "missing data for 'cifar10'"),
-    (["train", "no/such/config"], "config file 'no/such/config' not found"),
-    (["eval", "--model", "resnet8", "--checkpoint", "/nope.pt"], "checkpoint '/nope.pt' not found"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "digits/kd", "--set", "method.name=nope"], "unknown method 'nope'"),
+        (["train", "digits/kd", "--set", "model.student=nope"], "unknown model.student 'nope'"),
+        (["train", "digits/kd", "--set", "train.epoch=1"], "unknown key(s) in section 'train': epoch"),
+        (["train", "digits/kd", "--set", "data.dataset=cifar10", "--data-root", "/nonexistent"], "missing data for 'cifar10'"),
+        (["train", "no/such/config"], "config file 'no/such/config' not found"),
+        (["eval", "--model", "resnet8", "--checkpoint", "/nope.pt"], "checkpoint '/nope.pt' not found"),
+    ],
+)
 def test_bad_configs_fail_before_training(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
@@ -70,9 +73,26 @@ def test_eval_mdistiller_checkpoint(capsys, checkpoints):
 
 def test_viz_writes_png(tmp_path, checkpoints):
     out = tmp_path / "att.png"
-    assert cli.main(["viz", "--teacher", "resnet14", "--teacher-checkpoint", str(checkpoints / "resnet14.pth"),
-                     "--student", "resnet8", "--student-checkpoint", str(checkpoints / "resnet8.pth"),
-                     "--images", "2", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "viz",
+                "--teacher",
+                "resnet14",
+                "--teacher-checkpoint",
+                str(checkpoints / "resnet14.pth"),
+                "--student",
+                "resnet8",
+                "--student-checkpoint",
+                str(checkpoints / "resnet8.pth"),
+                "--images",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -83,17 +103,39 @@ def test_viz_config_mode_draws_the_distillers_maps(tmp_path, checkpoints, capsys
     distiller = distillers.create("aft", models.create("resnet8", 10), teacher.eval())
     torch.save({"distiller": distiller.state_dict()}, tmp_path / "run.pt")
     out = tmp_path / "aft.png"
-    assert cli.main(["viz", "--config", "digits/kd", "--set", "method.name=aft", "--set", "method.kd_weight=0",
-                     "--set", f"model.teacher_checkpoint={checkpoints / 'resnet14.pth'}",
-                     "--checkpoint", str(tmp_path / "run.pt"), "--images", "2", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "viz",
+                "--config",
+                "digits/kd",
+                "--set",
+                "method.name=aft",
+                "--set",
+                "method.kd_weight=0",
+                "--set",
+                f"model.teacher_checkpoint={checkpoints / 'resnet14.pth'}",
+                "--checkpoint",
+                str(tmp_path / "run.pt"),
+                "--images",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "AFT maps written" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["viz", "--teacher", "resnet14"], "missing: --teacher-checkpoint, --student, --student-checkpoint"),
-    (["viz", "--config", "digits/student", "--checkpoint", "/nope.pt"], "checkpoint '/nope.pt' not found"),
-    (["viz", "--config", "digits/student", "--student", "resnet8"], "drop --student"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["viz", "--teacher", "resnet14"], "missing: --teacher-checkpoint, --student, --student-checkpoint"),
+        (["viz", "--config", "digits/student", "--checkpoint", "/nope.pt"], "checkpoint '/nope.pt' not found"),
+        (["viz", "--config", "digits/student", "--student", "resnet8"], "drop --student"),
+    ],
+)
 def test_viz_bad_arguments(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
@@ -119,11 +161,13 @@ def test_e2e_bench_rows(tmp_path, capsys):
 
 def test_students_bench_rows(tmp_path, capsys):
     out = tmp_path / "students.csv"
-    bench.run_students_e2e(torch.device("cpu"), ("kd",), (1, 2), batch=2, iters=1, warmup=0, teacher="resnet14",
-                           student="resnet8", out=out)
+    bench.run_students_e2e(
+        torch.device("cpu"), ("kd",), (1, 2), batch=2, iters=1, warmup=0, teacher="resnet14", student="resnet8", out=out
+    )
     rows = list(csv.DictReader(out.open()))
-    assert [(r["op"], r["backend"]) for r in rows] == [("e2e_students_kd", f"kdfast-{kind}-{n}")
-                                                       for n in (1, 2) for kind in ("separate", "shared")]
+    assert [(r["op"], r["backend"]) for r in rows] == [
+        ("e2e_students_kd", f"kdfast-{kind}-{n}") for n in (1, 2) for kind in ("separate", "shared")
+    ]
     assert all(float(r["median_ms"]) > 0 for r in rows) and "img/s/student" in capsys.readouterr().out
 
 
@@ -165,16 +209,17 @@ def test_e2e_peer_matches_distiller(method):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-12)
 
 
-
 def test_help_imports_no_torch():
     """``kdfast --help`` and ``kdfast bench --e2e --help`` load neither torch, the models nor the distillers."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom kdfast import cli\nfor argv in (['--help'], ['bench', '--e2e', '--help'], ['train', '--help']):\n"
-            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
-            "heavy = [m for m in sys.modules if m == 'torch' or m.startswith(('kdfast.models', 'kdfast.distillers'))]\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys\nfrom kdfast import cli\nfor argv in (['--help'], ['bench', '--e2e', '--help'], ['train', '--help']):\n"
+        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+        "heavy = [m for m in sys.modules if m == 'torch' or m.startswith(('kdfast.models', 'kdfast.distillers'))]\n"
+        "assert not heavy, heavy\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "--students" in run.stdout and "--seeds" in run.stdout

@@ -22,16 +22,40 @@ NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 # The CIFAR-100 pairs of the public tables (mdistiller / RepDistiller), teacher_student.
-SAME_ARCH = ["resnet56_resnet20", "resnet110_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4",
-             "wrn_40_2_wrn_16_2", "wrn_40_2_wrn_40_1", "vgg13_vgg8"]
-CROSS_ARCH = ["vgg13_MobileNetV2", "ResNet50_MobileNetV2", "ResNet50_vgg8", "resnet32x4_ShuffleV1",
-              "resnet32x4_ShuffleV2", "wrn_40_2_ShuffleV1"]
+SAME_ARCH = [
+    "resnet56_resnet20",
+    "resnet110_resnet20",
+    "resnet110_resnet32",
+    "resnet32x4_resnet8x4",
+    "wrn_40_2_wrn_16_2",
+    "wrn_40_2_wrn_40_1",
+    "vgg13_vgg8",
+]
+CROSS_ARCH = [
+    "vgg13_MobileNetV2",
+    "ResNet50_MobileNetV2",
+    "ResNet50_vgg8",
+    "resnet32x4_ShuffleV1",
+    "resnet32x4_ShuffleV2",
+    "wrn_40_2_ShuffleV1",
+]
 METHODS = ["kd", "at", "fitnet", "sp", "rkd", "dkd", "lcc", "lakd", "aft", "afd", "rtk"]
 # mdistiller's configs/cifar100/dkd/*.yaml (DKD.BETA, else its default 8.0; 8.0 also where it ships no config)
-DKD_BETA = {"resnet56_resnet20": 2.0, "resnet110_resnet32": 2.0, "resnet32x4_resnet8x4": 8.0, "wrn_40_2_wrn_16_2": 6.0,
-            "wrn_40_2_wrn_40_1": 6.0, "vgg13_vgg8": 6.0, "vgg13_MobileNetV2": 6.0, "ResNet50_MobileNetV2": 8.0,
-            "resnet32x4_ShuffleV1": 8.0, "resnet32x4_ShuffleV2": 8.0, "wrn_40_2_ShuffleV1": 8.0,
-            "resnet110_resnet20": 8.0, "ResNet50_vgg8": 8.0}
+DKD_BETA = {
+    "resnet56_resnet20": 2.0,
+    "resnet110_resnet32": 2.0,
+    "resnet32x4_resnet8x4": 8.0,
+    "wrn_40_2_wrn_16_2": 6.0,
+    "wrn_40_2_wrn_40_1": 6.0,
+    "vgg13_vgg8": 6.0,
+    "vgg13_MobileNetV2": 6.0,
+    "ResNet50_MobileNetV2": 8.0,
+    "resnet32x4_ShuffleV1": 8.0,
+    "resnet32x4_ShuffleV2": 8.0,
+    "wrn_40_2_ShuffleV1": 8.0,
+    "resnet110_resnet20": 8.0,
+    "ResNet50_vgg8": 8.0,
+}
 
 
 def shipped() -> list[str]:

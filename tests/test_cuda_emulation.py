@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdfast import _extension, functional as F
+from kdfast import _extension
+from kdfast import functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(
@@ -120,8 +121,14 @@ def controls():
     source = build / "controls.cpp"
     if not source.exists() or source.read_text() != CONTROLS:
         source.write_text(CONTROLS)
-    load("kdfast_emu_controls", [str(source)], extra_cflags=["-O1", "-g0"], build_directory=str(build),
-         extra_include_paths=[str(ROOT / "csrc" / "emu"), str(ROOT / "csrc")], is_python_module=False)
+    load(
+        "kdfast_emu_controls",
+        [str(source)],
+        extra_cflags=["-O1", "-g0"],
+        build_directory=str(build),
+        extra_include_paths=[str(ROOT / "csrc" / "emu"), str(ROOT / "csrc")],
+        is_python_module=False,
+    )
     return torch.ops.kdfast_emu_controls
 
 
@@ -223,8 +230,9 @@ def test_missing_syncthreads_is_reported(controls):
 @pytest.mark.parametrize("other", [False, True], ids=["others-exit", "other-barrier"])
 @pytest.mark.parametrize("threads", ["forward", "reverse"])
 def test_divergent_syncthreads_is_reported(controls, other, threads):
-    with schedule("forward", threads, 0, controls.set_schedule), pytest.raises(
-        RuntimeError, match="__syncthreads in divergent code"
+    with (
+        schedule("forward", threads, 0, controls.set_schedule),
+        pytest.raises(RuntimeError, match="__syncthreads in divergent code"),
     ):
         controls.divergent_barrier(other)
 

@@ -50,23 +50,37 @@ def test_resource_table_is_current(kernels, tmp_path):
     with fresh.open() as f:
         new = list(csv.DictReader(f))
     changed = [row for row in new if row not in old] + [row for row in old if row not in new]
-    assert not changed, (f"{len(changed)} rows differ from {committed.relative_to(ROOT)} (first: {changed[0]}): "
-                         "run `python -m benchmarks.cuda_resources` and commit the table")
+    assert not changed, (
+        f"{len(changed)} rows differ from {committed.relative_to(ROOT)} (first: {changed[0]}): "
+        "run `python -m benchmarks.cuda_resources` and commit the table"
+    )
 
 
 def test_reader_on_a_known_cubin_layout():
     """The .nv.info parser on a hand-made section: a REGCOUNT and a FRAME_SIZE entry (format 0x04,
     symbol index and value) and a MAXREG_COUNT entry (format 0x03, a u16)."""
-    section = (bytes([0x04, cuda_resources.EIATTR_REGCOUNT, 8, 0]) + (7).to_bytes(4, "little") + (40).to_bytes(4, "little")
-               + bytes([0x04, cuda_resources.EIATTR_FRAME_SIZE, 8, 0]) + (7).to_bytes(4, "little")
-               + (16).to_bytes(4, "little") + bytes([0x03, cuda_resources.EIATTR_MAXREG_COUNT]) + (128).to_bytes(2, "little"))
+    section = (
+        bytes([0x04, cuda_resources.EIATTR_REGCOUNT, 8, 0])
+        + (7).to_bytes(4, "little")
+        + (40).to_bytes(4, "little")
+        + bytes([0x04, cuda_resources.EIATTR_FRAME_SIZE, 8, 0])
+        + (7).to_bytes(4, "little")
+        + (16).to_bytes(4, "little")
+        + bytes([0x03, cuda_resources.EIATTR_MAXREG_COUNT])
+        + (128).to_bytes(2, "little")
+    )
     entries = list(cuda_resources.nv_info(section))
-    assert [a for a, _ in entries] == [cuda_resources.EIATTR_REGCOUNT, cuda_resources.EIATTR_FRAME_SIZE,
-                                       cuda_resources.EIATTR_MAXREG_COUNT]
+    assert [a for a, _ in entries] == [
+        cuda_resources.EIATTR_REGCOUNT,
+        cuda_resources.EIATTR_FRAME_SIZE,
+        cuda_resources.EIATTR_MAXREG_COUNT,
+    ]
     assert int.from_bytes(entries[0][1][4:], "little") == 40 and int.from_bytes(entries[2][1], "little") == 128
 
 
 def test_short_names():
-    demangled = ("void kdfast::(anonymous namespace)::forward_kernel<float, c10::Half>(kdfast::(anonymous "
-                 "namespace)::Args<float, c10::Half>, float*, float*)")
+    demangled = (
+        "void kdfast::(anonymous namespace)::forward_kernel<float, c10::Half>(kdfast::(anonymous "
+        "namespace)::Args<float, c10::Half>, float*, float*)"
+    )
     assert cuda_resources.short_name(demangled) == "forward_kernel<float, c10::Half>"

@@ -14,8 +14,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdfast.data import (DATASETS, EpochSchedule, Normalize, ResidentLoader, build_loaders, cifar, digits,
-                         load_cifar, load_digits32, pad_crop_flip)
+from kdfast.data import (
+    DATASETS,
+    EpochSchedule,
+    Normalize,
+    ResidentLoader,
+    build_loaders,
+    cifar,
+    digits,
+    load_cifar,
+    load_digits32,
+    pad_crop_flip,
+)
 
 REAL_CIFAR10 = Path(__file__).resolve().parents[1] / "shared" / "data"
 if not (REAL_CIFAR10 / "cifar-10-batches-py").is_dir():
@@ -25,14 +35,22 @@ MEAN, STD = (0.25, 0.5, 0.75), (0.5, 0.25, 0.125)
 
 # ---------------------------------------------------------------- official-format files
 
+
 def write_pickle(path: Path, obj: object) -> None:
     with open(path, "wb") as f:
         pickle.dump(obj, f, protocol=2)
 
 
 def write_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: bytes) -> None:
-    write_pickle(path, {b"batch_label": b"test batch", label_key: labels.tolist(),
-                        b"data": images.reshape(len(images), -1), b"filenames": [b"x.png"] * len(images)})
+    write_pickle(
+        path,
+        {
+            b"batch_label": b"test batch",
+            label_key: labels.tolist(),
+            b"data": images.reshape(len(images), -1),
+            b"filenames": [b"x.png"] * len(images),
+        },
+    )
 
 
 def make_cifar(root: Path, name: str, per_file: int = 4, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -50,8 +68,10 @@ def make_cifar(root: Path, name: str, per_file: int = 4, seed: int = 0) -> dict[
     if name == "cifar10":
         write_pickle(folder / "batches.meta", {b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072})
     else:
-        write_pickle(folder / "meta", {b"fine_label_names": [b"f%d" % i for i in range(100)],
-                                       b"coarse_label_names": [b"c%d" % i for i in range(20)]})
+        write_pickle(
+            folder / "meta",
+            {b"fine_label_names": [b"f%d" % i for i in range(100)], b"coarse_label_names": [b"c%d" % i for i in range(20)]},
+        )
     return written
 
 
@@ -115,8 +135,9 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(pickle.dumps(os.getcwd))  # a pickle that would call a function
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage", "empty", "wrong shape", "wrong dtype", "label count",
-                                 "label range", "missing key", "code"])
+@pytest.mark.parametrize(
+    "how", ["truncated", "garbage", "empty", "wrong shape", "wrong dtype", "label count", "label range", "missing key", "code"]
+)
 def test_damaged_file_error_names_it(tmp_path, how):
     make_cifar(tmp_path, "cifar10")
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
@@ -131,6 +152,7 @@ def test_unknown_cifar_variant():
 
 
 # ---------------------------------------------------------------- device-side transforms
+
 
 def test_normalize_matches_formula_dtype_and_layout():
     images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
@@ -149,16 +171,17 @@ def test_pad_crop_flip_equals_padded_slice_for_every_draw():
     padding, h, w = 2, 5, 6
     image = torch.randint(1, 256, (1, 3, h, w), dtype=torch.uint8)  # nonzero: padding shows as 0
     padded = F.pad(image, (padding,) * 4)
-    draws = [(t, l, f) for t in range(2 * padding + 1) for l in range(2 * padding + 1) for f in (False, True)]
+    draws = [(t, c, f) for t in range(2 * padding + 1) for c in range(2 * padding + 1) for f in (False, True)]
     top, left, flip = (torch.tensor(v) for v in zip(*draws))
     out = pad_crop_flip(image.expand(len(draws), -1, -1, -1), top, left, flip, padding)
-    for i, (t, l, f) in enumerate(draws):
-        window = padded[0, :, t:t + h, l:l + w]
-        assert torch.equal(out[i], window.flip(-1) if f else window), (t, l, f)
+    for i, (t, c, f) in enumerate(draws):
+        window = padded[0, :, t : t + h, c : c + w]
+        assert torch.equal(out[i], window.flip(-1) if f else window), (t, c, f)
     assert torch.equal(out[draws.index((padding, padding, False))], image[0])  # centred, unflipped: the image
 
 
 # ---------------------------------------------------------------- resident loader
+
 
 def identity_dataset(n: int = 20, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Random uint8 images labelled by their own index, so a batch tells which images it holds."""
@@ -197,7 +220,7 @@ def test_train_batches_are_crops_and_flips_of_their_images():
     ld = loader(train=True, drop_last=True, dtype=torch.bfloat16, channels_last=True)
     images, _ = identity_dataset()
     normalize = Normalize(MEAN, STD, dtype=torch.bfloat16)
-    candidates = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)]
+    candidates = [(t, c, f) for t in range(9) for c in range(9) for f in (False, True)]
     top, left, flip = (torch.tensor(v) for v in zip(*candidates))
     seen = set()
     batches = epoch_batches(ld)
@@ -238,7 +261,7 @@ def test_state_dict_resume_reproduces_remaining_batches():
     assert state["epoch"] == 1 and state["batch"] == 2
     resumed = loader(seed=0)  # the seed comes from the state
     resumed.load_state_dict(pickle.loads(pickle.dumps(state)))
-    assert_same_batches(epoch_batches(resumed), expected[len(run) + 2:])
+    assert_same_batches(epoch_batches(resumed), expected[len(run) + 2 :])
     with pytest.raises(ValueError, match="world_size"):
         loader(rank=0, world_size=2).load_state_dict(state)
 
@@ -255,7 +278,7 @@ def test_ranks_see_disjoint_shards_of_the_same_permutation(n):
         full.set_epoch(epoch)
         order = torch.cat(full.remaining())
         assert len(shards[0]) == len(shards[1]) == n // 2
-        assert torch.equal(shards[0], order[0:n - n % 2:2]) and torch.equal(shards[1], order[1:n - n % 2:2])
+        assert torch.equal(shards[0], order[0 : n - n % 2 : 2]) and torch.equal(shards[1], order[1 : n - n % 2 : 2])
     evaluation = [torch.cat(EpochSchedule(n, 4, shuffle=False, rank=r, world_size=2).remaining()) for r in (0, 1)]
     assert sorted(torch.cat(evaluation).tolist()) == list(range(n))  # evaluation covers every sample once
 
@@ -288,6 +311,7 @@ def test_bad_arguments():
 
 
 # ---------------------------------------------------------------- build_loaders, digits
+
 
 def test_digits_default():
     train, test, num_classes = build_loaders(batch_size=64)
@@ -415,8 +439,10 @@ def test_missing_image_folder(tmp_path):
 
 # ---------------------------------------------------------------- real data (when present)
 
-@pytest.mark.skipif(not (REAL_CIFAR10 / "cifar-10-batches-py" / "test_batch").is_file(),
-                    reason="real CIFAR-10 not present under shared/data")
+
+@pytest.mark.skipif(
+    not (REAL_CIFAR10 / "cifar-10-batches-py" / "test_batch").is_file(), reason="real CIFAR-10 not present under shared/data"
+)
 def test_real_cifar10_test_batch():
     images, labels = load_cifar(REAL_CIFAR10, "cifar10", train=False)
     assert images.shape == (10000, 3, 32, 32) and images.dtype == torch.uint8

@@ -9,8 +9,9 @@ from torch import nn
 
 from kdfast import distillers, models
 from kdfast.distillers.fitnet import ConvReg
-from kdfast.reference import at as ref_at, dkd as ref_dkd, kd as ref_kd
-
+from kdfast.reference import at as ref_at
+from kdfast.reference import dkd as ref_dkd
+from kdfast.reference import kd as ref_kd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,10 +78,10 @@ def test_fitnet_connector_maps_to_teacher_channels():
 
 # The peers' ConvReg cases (student map (Cs, Hs, Ws) -> teacher map (Ct, Ht, Wt)): conv type, kernel, stride, padding.
 CONVREG_CASES = [
-    ((16, 32, 32), (32, 16, 16), nn.Conv2d, (3, 3), (2, 2), (1, 1)),           # student twice the teacher's size
+    ((16, 32, 32), (32, 16, 16), nn.Conv2d, (3, 3), (2, 2), (1, 1)),  # student twice the teacher's size
     ((480, 8, 8), (128, 16, 16), nn.ConvTranspose2d, (4, 4), (2, 2), (1, 1)),  # half: resnet32x4 -> ShuffleV1, hint 2
-    ((32, 8, 8), (128, 8, 8), nn.Conv2d, (1, 1), (1, 1), (0, 0)),              # same size: resnet32x4 -> resnet8x4
-    ((16, 10, 9), (64, 8, 8), nn.Conv2d, (3, 2), (1, 1), (0, 0)),             # larger: (1 + Hs - Ht) x (1 + Ws - Wt)
+    ((32, 8, 8), (128, 8, 8), nn.Conv2d, (1, 1), (1, 1), (0, 0)),  # same size: resnet32x4 -> resnet8x4
+    ((16, 10, 9), (64, 8, 8), nn.Conv2d, (3, 2), (1, 1), (0, 0)),  # larger: (1 + Hs - Ht) x (1 + Ws - Wt)
 ]
 
 
@@ -95,15 +96,26 @@ def test_convreg_branches_match_the_peers(s_shape, t_shape, conv_type, kernel, s
     assert out.shape == (2, *t_shape) and (out >= 0).all()
     # the peers' key layout (their ConvReg: conv, bn, relu) loads strictly and gives relu(bn(conv(x)))
     gen = torch.Generator().manual_seed(0)
-    peer = {k: torch.rand(v.shape, generator=gen) + 0.5 if v.is_floating_point() else v.clone()
-            for k, v in reg.state_dict().items()}
-    assert set(peer) == {"conv.weight", "conv.bias", *(f"bn.{b}" for b in ("weight", "bias", "running_mean", "running_var",
-                                                                            "num_batches_tracked"))}
+    peer = {
+        k: torch.rand(v.shape, generator=gen) + 0.5 if v.is_floating_point() else v.clone() for k, v in reg.state_dict().items()
+    }
+    assert set(peer) == {
+        "conv.weight",
+        "conv.bias",
+        *(f"bn.{b}" for b in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")),
+    }
     reg.load_state_dict(peer, strict=True)
     reg.eval()
     conv = F.conv_transpose2d if conv_type is nn.ConvTranspose2d else F.conv2d
-    expected = F.relu(F.batch_norm(conv(x, peer["conv.weight"], peer["conv.bias"], stride, padding), peer["bn.running_mean"],
-                                   peer["bn.running_var"], peer["bn.weight"], peer["bn.bias"]))
+    expected = F.relu(
+        F.batch_norm(
+            conv(x, peer["conv.weight"], peer["conv.bias"], stride, padding),
+            peer["bn.running_mean"],
+            peer["bn.running_var"],
+            peer["bn.weight"],
+            peer["bn.bias"],
+        )
+    )
     torch.testing.assert_close(reg(x), expected)
 
 
@@ -112,8 +124,9 @@ def test_convreg_refuses_a_smaller_student_map_of_no_peer_case():
         ConvReg((16, 6, 6), (32, 8, 8))
 
 
-@pytest.mark.parametrize("teacher, student", [("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
-                                              ("wrn_40_2", "ShuffleV1")])
+@pytest.mark.parametrize(
+    "teacher, student", [("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"), ("wrn_40_2", "ShuffleV1")]
+)
 def test_fitnet_builds_for_the_cross_architecture_pairs(teacher, student):
     t = models.create(teacher).eval()
     d = distillers.create("fitnet", models.create(student), t)

@@ -17,8 +17,13 @@ from kdfast.engine.config import CONFIG_DIR
 
 CIFAR_ROOT = Path("/work/shared/data")
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.batch_size=16", "train.max_train_batches=3", "train.max_eval_batches=1", "train.progress=false",
-        "model.student=resnet8"]
+TINY = [
+    "data.batch_size=16",
+    "train.max_train_batches=3",
+    "train.max_eval_batches=1",
+    "train.progress=false",
+    "model.student=resnet8",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,17 +60,20 @@ def test_shipped_config_is_valid(name):
         assert (cfg.train.epochs, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.milestones) == (100, 0.2, 1e-4, [30, 60, 90])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epoch=2", "unknown key.*'train': epoch"),
-    ("trian.epochs=2", "unknown section.*trian"),
-    ("method.name=nope", "unknown method 'nope'"),
-    ("model.student=nope", "unknown model.student 'nope'"),
-    ("model.student=ResNet34", "unknown model.student 'ResNet34' for dataset 'digits'"),
-    ("method.tau=2", "unknown key.*method 'kd': tau"),
-    ("data.dataset=cifar10", "needs data.root"),
-    ("data.root=/nonexistent", None),
-    ("epochs=2", "bad override"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=2", "unknown key.*'train': epoch"),
+        ("trian.epochs=2", "unknown section.*trian"),
+        ("method.name=nope", "unknown method 'nope'"),
+        ("model.student=nope", "unknown model.student 'nope'"),
+        ("model.student=ResNet34", "unknown model.student 'ResNet34' for dataset 'digits'"),
+        ("method.tau=2", "unknown key.*method 'kd': tau"),
+        ("data.dataset=cifar10", "needs data.root"),
+        ("data.root=/nonexistent", None),
+        ("epochs=2", "bad override"),
+    ],
+)
 def test_bad_config_names_the_problem(override, message, teacher_ckpt):
     overrides = [f"model.teacher_checkpoint={teacher_ckpt}", override]
     if message is None:
@@ -82,9 +90,15 @@ def test_missing_teacher_checkpoint():
 
 def test_overrides_parse_yaml_values(tmp_path, teacher_ckpt):
     (tmp_path / "c.yaml").write_text(f"base: {CONFIG_DIR / 'digits/kd.yaml'}\noptim:\n  lr: 0.1\n")
-    cfg = load_config(tmp_path / "c.yaml", ["optim.milestones=[1, 2]", "method.temperature=2",
-                                            f"model.teacher_checkpoint={teacher_ckpt}"])
-    assert (cfg.optim.lr, cfg.optim.milestones, cfg.method.params["temperature"], cfg.model.teacher) == (0.1, [1, 2], 2, "resnet14")
+    cfg = load_config(
+        tmp_path / "c.yaml", ["optim.milestones=[1, 2]", "method.temperature=2", f"model.teacher_checkpoint={teacher_ckpt}"]
+    )
+    assert (cfg.optim.lr, cfg.optim.milestones, cfg.method.params["temperature"], cfg.model.teacher) == (
+        0.1,
+        [1, 2],
+        2,
+        "resnet14",
+    )
 
 
 def test_atomic_save_and_rng_roundtrip(tmp_path):
@@ -97,9 +111,18 @@ def test_atomic_save_and_rng_roundtrip(tmp_path):
 
 
 def _kd_config(out: Path, teacher_ckpt: Path, epochs: int):
-    return load_config("digits/kd", [*TINY, f"train.epochs={epochs}", f"train.out_dir={out}", "train.deterministic=true",
-                                     "model.teacher=resnet8", f"model.teacher_checkpoint={teacher_ckpt}",
-                                     "optim.milestones=[2, 3]"])
+    return load_config(
+        "digits/kd",
+        [
+            *TINY,
+            f"train.epochs={epochs}",
+            f"train.out_dir={out}",
+            "train.deterministic=true",
+            "model.teacher=resnet8",
+            f"model.teacher_checkpoint={teacher_ckpt}",
+            "optim.milestones=[2, 3]",
+        ],
+    )
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, teacher_ckpt):
@@ -124,9 +147,18 @@ def test_resume_equals_uninterrupted_run(tmp_path, teacher_ckpt):
 def test_compiled_step_trains_like_eager(tmp_path, teacher_ckpt):
     """train.compile=true (torch.compile of the step, fused kernels inside) gives the eager run's losses."""
     eager = _kd_config(tmp_path / "eager", teacher_ckpt, 1)
-    compiled = load_config("digits/kd", [*TINY, "train.epochs=1", f"train.out_dir={tmp_path / 'compiled'}",
-                                         "train.deterministic=true", "model.teacher=resnet8",
-                                         f"model.teacher_checkpoint={teacher_ckpt}", "train.compile=true"])
+    compiled = load_config(
+        "digits/kd",
+        [
+            *TINY,
+            "train.epochs=1",
+            f"train.out_dir={tmp_path / 'compiled'}",
+            "train.deterministic=true",
+            "model.teacher=resnet8",
+            f"model.teacher_checkpoint={teacher_ckpt}",
+            "train.compile=true",
+        ],
+    )
     rows = []
     for cfg in (eager, compiled):
         train(cfg)
@@ -149,9 +181,24 @@ def test_run_outputs(tmp_path, teacher_ckpt):
 
 def test_two_process_gloo_ddp(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "kdfast.cli", "train", "digits/student", "--out-dir", str(tmp_path), "--epochs", "2",
-           *(arg for item in TINY for arg in ("--set", item))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "kdfast.cli",
+        "train",
+        "digits/student",
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "2",
+        *(arg for item in TINY for arg in ("--set", item)),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -161,13 +208,32 @@ def test_two_process_gloo_ddp(tmp_path):
 
 @pytest.mark.skipif(not (CIFAR_ROOT / "cifar-10-batches-py").is_dir(), reason="real CIFAR-10 not present")
 def test_real_cifar10_teacher_then_kd_student(tmp_path):
-    common = [f"data.root={CIFAR_ROOT}", "data.dataset=cifar10", "data.batch_size=64", "train.max_train_batches=15",
-              "train.max_eval_batches=4", "data.eval_batch_size=250", "train.progress=false", "optim.lr=0.05"]
-    teacher = train(load_config("digits/teacher", [*common, "model.student=resnet8", "train.epochs=3",
-                                                   f"train.out_dir={tmp_path / 't'}"]))
-    student = train(load_config("digits/kd", [*common, "model.teacher=resnet8", "model.student=resnet8",
-                                              f"model.teacher_checkpoint={tmp_path / 't' / 'best.pt'}",
-                                              "train.epochs=2", f"train.out_dir={tmp_path / 's'}"]))
+    common = [
+        f"data.root={CIFAR_ROOT}",
+        "data.dataset=cifar10",
+        "data.batch_size=64",
+        "train.max_train_batches=15",
+        "train.max_eval_batches=4",
+        "data.eval_batch_size=250",
+        "train.progress=false",
+        "optim.lr=0.05",
+    ]
+    teacher = train(
+        load_config("digits/teacher", [*common, "model.student=resnet8", "train.epochs=3", f"train.out_dir={tmp_path / 't'}"])
+    )
+    student = train(
+        load_config(
+            "digits/kd",
+            [
+                *common,
+                "model.teacher=resnet8",
+                "model.student=resnet8",
+                f"model.teacher_checkpoint={tmp_path / 't' / 'best.pt'}",
+                "train.epochs=2",
+                f"train.out_dir={tmp_path / 's'}",
+            ],
+        )
+    )
     for run, summary in (("t", teacher), ("s", student)):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["train.top1"] > rows[0]["train.top1"]

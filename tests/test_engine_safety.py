@@ -21,8 +21,13 @@ from kdfast.engine.guard import Diverged, NonFiniteGuard
 from kdfast.engine.trainer import LAST, PREV
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.batch_size=16", "train.max_train_batches=3", "train.max_eval_batches=1", "train.progress=false",
-        "model.student=resnet8"]
+TINY = [
+    "data.batch_size=16",
+    "train.max_train_batches=3",
+    "train.max_eval_batches=1",
+    "train.progress=false",
+    "model.student=resnet8",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,23 +45,26 @@ def test_float_values_in_every_yaml_spelling(raw, value):
     assert cfg.optim.lr == value and isinstance(cfg.optim.lr, float)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epochs=abc", r"train\.epochs: expected int, got 'abc' \(str\)"),
-    ("train.epochs=2.5", r"train\.epochs: expected int, got 2\.5 \(float\)"),
-    ("optim.lr=fast", r"optim\.lr: expected float, got 'fast'"),
-    ("train.compile=maybe", r"train\.compile: expected bool, got 'maybe'"),
-    ("optim.milestones=[1,x]", r"optim\.milestones\[1\]: expected int, got 'x'"),
-    ("optim.milestones=3", r"optim\.milestones: expected list\[int\], got 3"),
-    ("data.eval_batch_size=none", r"data\.eval_batch_size: expected int \| None, got 'none'"),
-    ("method.temperature=hot", r"method\.temperature: expected float, got 'hot'"),
-    ("train.epochs=-1", r"train\.epochs must be >= 1, got -1"),
-    ("optim.lr=0", r"optim\.lr must be > 0"),
-    ("optim.lr=-1e-3", r"optim\.lr must be > 0"),
-    ("optim.milestones=[3,2]", r"milestones must be strictly increasing"),
-    ("optim.momentum=1.5", r"optim\.momentum must be in \[0, 1\)"),
-    ("train.amp=fp8", r"train\.amp must be auto, bf16 or none"),
-    ("train.on_nonfinite=ignore", r"train\.on_nonfinite must be stop or skip"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=abc", r"train\.epochs: expected int, got 'abc' \(str\)"),
+        ("train.epochs=2.5", r"train\.epochs: expected int, got 2\.5 \(float\)"),
+        ("optim.lr=fast", r"optim\.lr: expected float, got 'fast'"),
+        ("train.compile=maybe", r"train\.compile: expected bool, got 'maybe'"),
+        ("optim.milestones=[1,x]", r"optim\.milestones\[1\]: expected int, got 'x'"),
+        ("optim.milestones=3", r"optim\.milestones: expected list\[int\], got 3"),
+        ("data.eval_batch_size=none", r"data\.eval_batch_size: expected int \| None, got 'none'"),
+        ("method.temperature=hot", r"method\.temperature: expected float, got 'hot'"),
+        ("train.epochs=-1", r"train\.epochs must be >= 1, got -1"),
+        ("optim.lr=0", r"optim\.lr must be > 0"),
+        ("optim.lr=-1e-3", r"optim\.lr must be > 0"),
+        ("optim.milestones=[3,2]", r"milestones must be strictly increasing"),
+        ("optim.momentum=1.5", r"optim\.momentum must be in \[0, 1\)"),
+        ("train.amp=fp8", r"train\.amp must be auto, bf16 or none"),
+        ("train.on_nonfinite=ignore", r"train\.on_nonfinite must be stop or skip"),
+    ],
+)
 def test_bad_values_are_named(override, message):
     name = "digits/kd" if override.startswith("method.") else "digits/student"
     with pytest.raises(ConfigError, match=message):
@@ -114,8 +122,18 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkey
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_skip_drops_bad_updates_and_stops_after_max(tmp_path, amp):
-    cfg = load_config("digits/student", tiny(tmp_path, "train.epochs=2", "optim.lr=1e4", "train.on_nonfinite=skip",
-                                             "train.max_nonfinite=4", f"train.amp={amp}", "train.max_train_batches=12"))
+    cfg = load_config(
+        "digits/student",
+        tiny(
+            tmp_path,
+            "train.epochs=2",
+            "optim.lr=1e4",
+            "train.on_nonfinite=skip",
+            "train.max_nonfinite=4",
+            f"train.amp={amp}",
+            "train.max_train_batches=12",
+        ),
+    )
     with pytest.raises(Diverged, match=r"4 steps .* were skipped|\d+ steps .* were skipped"):
         train(cfg)
 
@@ -203,17 +221,32 @@ def test_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
     overrides = [*TINY, "train.epochs=3", "train.max_train_batches=4"]
     sets = lambda out: sum((["--set", o] for o in [*overrides, f"train.out_dir={out}"]), [])  # noqa: E731
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", _SIGNAL_RUN.replace("{sig}", sig), *sets(tmp_path / "a")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_RUN.replace("{sig}", sig), *sets(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert run.returncode == 128 + getattr(signal, sig), run.stderr
     assert "checkpoint written" in run.stderr and "Traceback" not in run.stderr
     state = checkpoint.load_verified(tmp_path / "a" / LAST)
     assert state["epoch"] == 1 and state["partial"]["steps"] == 1
-    resumed = subprocess.run([sys.executable, "-m", "kdfast.cli", "train", "digits/student", "--resume",
-                              *sets(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "kdfast.cli", "train", "digits/student", "--resume", *sets(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
-    straight = subprocess.run([sys.executable, "-m", "kdfast.cli", "train", "digits/student", *sets(tmp_path / "b")],
-                              capture_output=True, text=True, env=env, timeout=600)
+    straight = subprocess.run(
+        [sys.executable, "-m", "kdfast.cli", "train", "digits/student", *sets(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert straight.returncode == 0, straight.stderr
     a, b = (checkpoint.load_verified(tmp_path / d / LAST) for d in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
@@ -225,9 +258,13 @@ def test_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
 
 def test_no_carriage_returns_when_output_is_not_a_terminal(tmp_path):
     overrides = [*TINY, "train.epochs=2", "train.progress=true", f"train.out_dir={tmp_path}"]
-    run = subprocess.run([sys.executable, "-m", "kdfast.cli", "train", "digits/student",
-                          *sum((["--set", o] for o in overrides), [])],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "kdfast.cli", "train", "digits/student", *sum((["--set", o] for o in overrides), [])],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr
     assert "\r" not in run.stdout + run.stderr
     assert [line.split(":")[0] for line in run.stdout.splitlines() if line.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]

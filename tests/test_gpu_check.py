@@ -23,8 +23,10 @@ def _fake_cifar10(root, per_batch: int = 32) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, per_batch).tolist()}
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+        }
         (folder / name).write_bytes(pickle.dumps(batch))
 
 
@@ -60,8 +62,18 @@ def test_dry_run(tmp_path):
 
 def _rows(times: dict[tuple[str, str, str], float]) -> list[dict[str, str]]:
     """Results rows of the sweep pass: (op, backend, shape) -> median ms."""
-    return [{"op": op, "backend": backend, "pass": "fwd+bwd", "dtype": "bfloat16", "shape": shape,
-             "median_ms": str(ms), "device": "NVIDIA H200"} for (op, backend, shape), ms in times.items()]
+    return [
+        {
+            "op": op,
+            "backend": backend,
+            "pass": "fwd+bwd",
+            "dtype": "bfloat16",
+            "shape": shape,
+            "median_ms": str(ms),
+            "device": "NVIDIA H200",
+        }
+        for (op, backend, shape), ms in times.items()
+    ]
 
 
 def test_set_auto(tmp_path):
@@ -70,7 +82,8 @@ def test_set_auto(tmp_path):
     rows = _rows({
         ("kd_loss", "triton", "512x100"): 1.0, ("kd_loss", "cuda", "512x100"): 2.0,
         ("dkd_loss", "triton", "512x100"): 1.0, ("dkd_loss", "cuda", "512x100"): 0.5,
-        ("attention_map", "triton", "a"): 1.0, ("attention_map", "cuda", "a"): 0.5,  # family "at": cuda/triton 0.5 and 1.5, mean 0.87
+        # family "at": cuda/triton 0.5 and 1.5, mean 0.87
+        ("attention_map", "triton", "a"): 1.0, ("attention_map", "cuda", "a"): 0.5,
         ("at_loss", "triton", "a"): 1.0, ("at_loss", "cuda", "a"): 1.5,
         ("masked_mse", "triton", "a"): 1.0, ("masked_mse", "eager", "a"): 0.1,  # no cuda row: unchanged
     })  # fmt: skip
@@ -123,8 +136,14 @@ def test_runner_time_boxes_and_fallbacks(tmp_path, monkeypatch):
     ctx.work.mkdir()
     summary = gpu_check.run(ctx, ["first", "second", "third"], tmp_path / "report", budget_s=8)
     status = {c["name"]: c["status"] for stage in summary["stages"] for c in stage["commands"]}
-    assert status == {"fails": "fail", "fallback": "pass", "passes": "pass", "unneeded": "unneeded",
-                      "hangs": "timeout", "late": "skipped"}
+    assert status == {
+        "fails": "fail",
+        "fallback": "pass",
+        "passes": "pass",
+        "unneeded": "unneeded",
+        "hangs": "timeout",
+        "late": "skipped",
+    }
     assert [s["status"] for s in summary["stages"]] == ["pass", "fail", "timeout", "skipped"]
 
 

@@ -51,29 +51,44 @@ def _at(device, dtype):
 
 
 def _kd(device, dtype):
-    return lambda z_s, z_t, backend: KF.kd_loss(z_s, z_t, backend=backend), [
-        _randn(device, dtype, 4, 10), _randn(device, dtype, 4, 10)], 1
+    return (
+        lambda z_s, z_t, backend: KF.kd_loss(z_s, z_t, backend=backend),
+        [_randn(device, dtype, 4, 10), _randn(device, dtype, 4, 10)],
+        1,
+    )
 
 
 def _dkd(device, dtype):
     target = torch.randint(0, 10, (4,), device=device)
-    return lambda z_s, z_t, backend: KF.dkd_loss(z_s, z_t, target, backend=backend), [
-        _randn(device, dtype, 4, 10), _randn(device, dtype, 4, 10)], 1
+    return (
+        lambda z_s, z_t, backend: KF.dkd_loss(z_s, z_t, target, backend=backend),
+        [_randn(device, dtype, 4, 10), _randn(device, dtype, 4, 10)],
+        1,
+    )
 
 
 def _lcc(device, dtype):
-    return lambda f_s, f_t, backend: KF.local_correlation_loss(f_s, f_t, grid=2, backend=backend), [
-        _randn(device, dtype, 2, 4, 4, 4), _randn(device, dtype, 2, 6, 4, 4)], 1
+    return (
+        lambda f_s, f_t, backend: KF.local_correlation_loss(f_s, f_t, grid=2, backend=backend),
+        [_randn(device, dtype, 2, 4, 4, 4), _randn(device, dtype, 2, 6, 4, 4)],
+        1,
+    )
 
 
 def _sp(device, dtype):
-    return lambda f_s, f_t, backend: KF.sp_loss(f_s, f_t, backend=backend), [
-        _randn(device, dtype, 4, 3, 2, 2), _randn(device, dtype, 4, 5, 2, 2)], 1
+    return (
+        lambda f_s, f_t, backend: KF.sp_loss(f_s, f_t, backend=backend),
+        [_randn(device, dtype, 4, 3, 2, 2), _randn(device, dtype, 4, 5, 2, 2)],
+        1,
+    )
 
 
 def _rkd(device, dtype):
-    return lambda e_s, e_t, backend: KF.rkd_loss(e_s, e_t, backend=backend), [
-        _randn(device, dtype, 5, 6), _randn(device, dtype, 5, 8)], 1
+    return (
+        lambda e_s, e_t, backend: KF.rkd_loss(e_s, e_t, backend=backend),
+        [_randn(device, dtype, 5, 6), _randn(device, dtype, 5, 8)],
+        1,
+    )
 
 
 def _modules(device, dtype):
@@ -86,8 +101,12 @@ def _modules(device, dtype):
 def _ndam(weighting):
     def build(device, dtype):
         tensors, leaves = _modules(device, dtype)
-        return (lambda a, b, c, d, e, f, backend: KF.ndam_loss([a, b], [c, d], [e, f], grid=2, weighting=weighting,
-                                                                backend=backend), tensors, leaves)
+        return (
+            lambda a, b, c, d, e, f, backend: KF.ndam_loss([a, b], [c, d], [e, f], grid=2, weighting=weighting, backend=backend),
+            tensors,
+            leaves,
+        )
+
     return build
 
 
@@ -97,21 +116,32 @@ def _aft(device, dtype):
 
 
 def _masked_mse(device, dtype):
-    return lambda x, y, m, backend: KF.masked_mse(x, y, m, backend=backend), [
-        _randn(device, dtype, 2, 3, 4, 4), _randn(device, dtype, 2, 3, 4, 4), torch.rand(2, 4, 4, device=device)], 2
+    return (
+        lambda x, y, m, backend: KF.masked_mse(x, y, m, backend=backend),
+        [_randn(device, dtype, 2, 3, 4, 4), _randn(device, dtype, 2, 3, 4, 4), torch.rand(2, 4, 4, device=device)],
+        2,
+    )
 
 
 def _map_distance(device, dtype):
     fs = [_randn(device, dtype, 2, 3, 8, 8), _randn(device, dtype, 2, 4, 4, 4)]
     ft = [_randn(device, dtype, 2, 5, 8, 8), _randn(device, dtype, 2, 6, 4, 4), _randn(device, dtype, 2, 2, 4, 4)]
     att = torch.rand(2, 3, 2, device=device, dtype=dtype).softmax(-1)
-    return (lambda a, b, att, c, d, e, backend: KF.map_distance_loss([a, b], [c, d, e], att, backend=backend),
-            [*fs, att, *ft], 3)
+    return (lambda a, b, att, c, d, e, backend: KF.map_distance_loss([a, b], [c, d, e], att, backend=backend), [*fs, att, *ft], 3)
 
 
 CASES: dict[str, Case] = {
-    "at": _at, "kd": _kd, "dkd": _dkd, "lcc": _lcc, "sp": _sp, "rkd": _rkd, "ndam": _ndam("none"),
-    "ndam_teacher": _ndam("teacher"), "aft": _aft, "masked_mse": _masked_mse, "map_distance": _map_distance,
+    "at": _at,
+    "kd": _kd,
+    "dkd": _dkd,
+    "lcc": _lcc,
+    "sp": _sp,
+    "rkd": _rkd,
+    "ndam": _ndam("none"),
+    "ndam_teacher": _ndam("teacher"),
+    "aft": _aft,
+    "masked_mse": _masked_mse,
+    "map_distance": _map_distance,
 }
 
 
@@ -190,14 +220,14 @@ def _host_staging_events(run: Callable[[], object]) -> list[str]:
     for event in prof.events():
         values = list(getattr(event, "concrete_inputs", None) or [])
         flagged = "pin_memory" in event.name or any(
-            count == len(values) and values[i] is True for count, i in _flag_arguments(event.name))
+            count == len(values) and values[i] is True for count, i in _flag_arguments(event.name)
+        )
         if flagged:
             staged.append(f"{event.name}{values}")
     return staged
 
 
-@pytest.mark.skipif(_extension.EMU_LOAD_ERROR is not None,
-                    reason=f"kdfast._C_emu is not loaded ({_extension.EMU_LOAD_ERROR})")
+@pytest.mark.skipif(_extension.EMU_LOAD_ERROR is not None, reason=f"kdfast._C_emu is not loaded ({_extension.EMU_LOAD_ERROR})")
 @pytest.mark.parametrize("op", sorted(CASES))
 def test_cuda_launchers_stage_nothing_on_the_host(op):
     fn, tensors, n_leaves = CASES[op](torch.device("cpu"), torch.float32)
@@ -207,8 +237,7 @@ def test_cuda_launchers_stage_nothing_on_the_host(op):
 
 def test_host_staging_events_see_pinning_and_async_copies():
     """Negative control: the profiler check reports a pinned allocation and a non-blocking copy."""
-    staged = _host_staging_events(lambda: (torch.ones(3).to(torch.float64, non_blocking=True),
-                                           torch.empty(4, pin_memory=True)))
+    staged = _host_staging_events(lambda: (torch.ones(3).to(torch.float64, non_blocking=True), torch.empty(4, pin_memory=True)))
     assert any(s.startswith("aten::to") for s in staged) and any("pin" in s or "empty" in s for s in staged[1:])
 
 

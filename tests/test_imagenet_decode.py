@@ -16,16 +16,23 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms
 
-from kdfast.data import build_loaders, resolve_decode
-from kdfast.data import imagenet
+from kdfast.data import build_loaders, imagenet, resolve_decode
 from kdfast.data.imagenet import EncodedImageFolder, SeededImageFolder, WorkerLoader, draw_crop, image_folder, jpeg_components
 from kdfast.engine.config import ConfigError, from_dict, validate
 
 SEED = 3
 # (height, width, format, PIL mode): landscape, portrait, square, smaller than the crop, very wide,
 # then the files the batched decoder is not given (decoded by PIL): PNG, greyscale and CMYK JPEG.
-FILES = [(375, 500, "JPEG", "RGB"), (500, 333, "JPEG", "RGB"), (256, 256, "JPEG", "RGB"), (120, 160, "JPEG", "RGB"),
-         (200, 600, "JPEG", "RGB"), (300, 400, "PNG", "RGB"), (333, 500, "JPEG", "L"), (280, 360, "JPEG", "CMYK")]
+FILES = [
+    (375, 500, "JPEG", "RGB"),
+    (500, 333, "JPEG", "RGB"),
+    (256, 256, "JPEG", "RGB"),
+    (120, 160, "JPEG", "RGB"),
+    (200, 600, "JPEG", "RGB"),
+    (300, 400, "PNG", "RGB"),
+    (333, 500, "JPEG", "L"),
+    (280, 360, "JPEG", "CMYK"),
+]
 # Max |difference| in uint8 levels between the two paths. Both decode with libjpeg-turbo (Pillow's
 # and torchvision's give the same pixels here, as they do for PNG via the PIL fallback), so what
 # remains is the resize: PIL's bilinear filter vs torchvision's antialiased tensor resize, whose

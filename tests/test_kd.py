@@ -9,11 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
-
 from conftest import assert_close_scaled, device_backends
-from kdfast import functional as F, nn as knn
+
+from kdfast import functional as F
+from kdfast import nn as knn
 from kdfast.ops import namespace
-from kdfast.reference import dkd as dkd_reference, kd as kd_reference
+from kdfast.reference import dkd as dkd_reference
+from kdfast.reference import kd as kd_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Relative tolerance (scaled by the reference's largest magnitude) of the loss and the gradient.

@@ -18,7 +18,8 @@ from kdfast.distillers.local import LocalModules, stage_boundaries
 from kdfast.engine import ConfigError, load_config, train
 from kdfast.engine.results import LiveTensorBytes
 from kdfast.engine.trainer import image_size
-from kdfast.reference import block_attention as ref_ba, kd as ref_kd
+from kdfast.reference import block_attention as ref_ba
+from kdfast.reference import kd as ref_kd
 
 PAIRS = ("resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2", "resnet56_resnet20", "vgg13_vgg8")
 
@@ -45,11 +46,14 @@ def step(d: LAKD, pair, epoch: int = 3) -> dict[str, torch.Tensor]:
 
 def module_parameters(d: LAKD) -> list[list[torch.nn.Parameter]]:
     """The parameters of every local module: its segments' and its connector's."""
-    return [[p for seg in segs for p in seg.parameters()] + list(conn.parameters())
-            for segs, conn in zip(d.local.segments, d.local.connectors)]
+    return [
+        [p for seg in segs for p in seg.parameters()] + list(conn.parameters())
+        for segs, conn in zip(d.local.segments, d.local.connectors)
+    ]
 
 
 # The wrapper
+
 
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet18"])
 def test_modules_reproduce_the_model(name):
@@ -97,7 +101,7 @@ def test_generic_local_loss_modes_agree():
         local = LocalModules(model, [4, 4, 4])
         x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
 
-        def loss_fn(outs):
+        def loss_fn(outs, y=y):
             losses = {f"m{o.index}": o.hint.pow(2).mean() for o in outs}
             if outs[-1].last:
                 losses["ce"] = F.cross_entropy(outs[-1].output, y)
@@ -113,6 +117,7 @@ def test_generic_local_loss_modes_agree():
 
 # The distiller
 
+
 @pytest.mark.parametrize("weighting", ["none", "teacher"])
 def test_local_and_joint_modes_give_equal_updates(pair, weighting):
     params = {"warmup_epochs": 4, "weighting": weighting}
@@ -122,8 +127,11 @@ def test_local_and_joint_modes_give_equal_updates(pair, weighting):
         assert d.backward_done == (mode == "local")
         losses = step(d, pair)
         assert all(v.requires_grad != d.backward_done for v in losses.values())
-        results[mode] = (losses, {n: p.grad.clone() for n, p in d.named_parameters()},
-                         {n: b.clone() for n, b in d.named_buffers()})
+        results[mode] = (
+            losses,
+            {n: p.grad.clone() for n, p in d.named_parameters()},
+            {n: b.clone() for n, b in d.named_buffers()},
+        )
     (loss_l, grad_l, buf_l), (loss_j, grad_j, buf_j) = results["local"], results["joint"]
     assert list(loss_l) == list(loss_j) == ["lakd.module1", "lakd.module2", "lakd.module3", "ce", "kd"]
     for name in loss_l:
@@ -141,15 +149,15 @@ def test_no_gradient_crosses_a_module_boundary(pair):
     _, _, x, y, feats = pair
     losses = d(x, y, feats, 30)[1]
     per_module = module_parameters(d)
-    for l in range(len(per_module)):
-        earlier = [p for k in range(l) for p in per_module[k]]
-        own = per_module[l]
-        names = [f"lakd.module{l + 1}"] + (["ce", "kd"] if l == len(per_module) - 1 else [])
+    for m in range(len(per_module)):
+        earlier = [p for k in range(m) for p in per_module[k]]
+        own = per_module[m]
+        names = [f"lakd.module{m + 1}"] + (["ce", "kd"] if m == len(per_module) - 1 else [])
         for name in names:
             grads = torch.autograd.grad(losses[name], earlier + own, retain_graph=True, allow_unused=True)
             # None, or exact zeros where one fused ndam_loss call covers every module
-            assert all(g is None or not g.any() for g in grads[:len(earlier)]), (name, l)
-            assert any(g is not None and g.abs().sum() > 0 for g in grads[len(earlier):]), (name, l)
+            assert all(g is None or not g.any() for g in grads[: len(earlier)]), (name, m)
+            assert any(g is not None and g.abs().sum() > 0 for g in grads[len(earlier) :]), (name, m)
     # end to end (no detach) the same losses do reach the modules before them
     e2e = make_lakd(pair, mode="end_to_end")
     loss = e2e(x, y, feats, 30)[1]["ce"]
@@ -166,17 +174,28 @@ def test_end_to_end_has_the_same_losses(pair):
 
 def test_losses_follow_the_formula(pair):
     teacher, _, x, y, feats = pair
-    d = make_lakd(pair, mode="joint", alpha=0.8, warmup_epochs=4, beta=2.0, map_scale=500.0, kd_weight=0.5,
-                  temperature=2.0, ce_weight=1.5, grid=2, weighting="teacher")
+    d = make_lakd(
+        pair,
+        mode="joint",
+        alpha=0.8,
+        warmup_epochs=4,
+        beta=2.0,
+        map_scale=500.0,
+        kd_weight=0.5,
+        temperature=2.0,
+        ce_weight=1.5,
+        grid=2,
+        weighting="teacher",
+    )
     losses = d(x, y, feats, 3)[1]
     alpha = 0.8 * 2 / 4
     s = d.student.features(x)  # train-mode BN: a second forward gives the same features
     stages = [s.stages[b] for b in (1, 2, 3)]
     hints = [c(f) for c, f in zip(d.local.connectors, stages)]
     terms = ref_ba.block_attention_terms(stages, hints, [feats.stages[b].clone() for b in (1, 2, 3)], 2, 1.0, 0, True)
-    for l in range(3):
-        expected = 2.0 * terms[l, 0] + (1 - alpha) * 500.0 * terms[l, 1]
-        torch.testing.assert_close(losses[f"lakd.module{l + 1}"], expected, rtol=1e-5, atol=1e-7)
+    for m in range(3):
+        expected = 2.0 * terms[m, 0] + (1 - alpha) * 500.0 * terms[m, 1]
+        torch.testing.assert_close(losses[f"lakd.module{m + 1}"], expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(losses["ce"], 1.5 * alpha * F.cross_entropy(s.logits, y), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(losses["kd"], 0.5 * ref_kd.kd_loss(s.logits, feats.logits.clone(), 2.0), rtol=1e-4, atol=1e-6)
     assert "kd" not in d.__class__(d.student, teacher, distillers.make_params("lakd", {"kd_weight": 0.0}))(x, y, feats, 3)[1]
@@ -187,8 +206,14 @@ def test_alpha_schedule(pair):
     assert [p.alpha_at(e) for e in range(1, 8)] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.8, 0.8])
     assert distillers.make_params("lakd", {"alpha": 0.7, "warmup_epochs": 0}).alpha_at(1) == pytest.approx(0.7)
     defaults = distillers.make_params("lakd", {})
-    assert (defaults.alpha, defaults.warmup_epochs, defaults.beta, defaults.map_scale, defaults.grid, defaults.mode) == \
-        (0.9, 20, 1.0, 1000.0, 4, "local")
+    assert (defaults.alpha, defaults.warmup_epochs, defaults.beta, defaults.map_scale, defaults.grid, defaults.mode) == (
+        0.9,
+        20,
+        1.0,
+        1000.0,
+        4,
+        "local",
+    )
     # epoch 1: alpha 0, so no CE and the full NDAM weight; the map weight falls as alpha rises
     d = make_lakd(pair, mode="joint", alpha=1.0, warmup_epochs=2)
     _, _, x, y, feats = pair
@@ -197,20 +222,23 @@ def test_alpha_schedule(pair):
     assert later < first  # alpha 1: only the feature term is left
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"alpha": 1.5}, "alpha must be a number in"),
-    ({"alpha": -0.1}, "alpha must be a number in"),
-    ({"warmup_epochs": -1}, "warmup_epochs must be an integer"),
-    ({"warmup_epochs": 2.5}, "warmup_epochs must be an integer"),
-    ({"beta": -1.0}, "beta must be a finite number"),
-    ({"map_scale": float("inf")}, "map_scale must be a finite number"),
-    ({"kd_weight": "one"}, "kd_weight must be a finite number"),
-    ({"temperature": 0}, "temperature must be a finite number > 0"),
-    ({"grid": 0}, "grid must be an integer >= 1"),
-    ({"weighting": "student"}, "weighting must be one of none, teacher"),
-    ({"mode": "global"}, "mode must be one of local, joint, end_to_end"),
-    ({"boundaries": 3}, "boundaries must be a list"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"alpha": 1.5}, "alpha must be a number in"),
+        ({"alpha": -0.1}, "alpha must be a number in"),
+        ({"warmup_epochs": -1}, "warmup_epochs must be an integer"),
+        ({"warmup_epochs": 2.5}, "warmup_epochs must be an integer"),
+        ({"beta": -1.0}, "beta must be a finite number"),
+        ({"map_scale": float("inf")}, "map_scale must be a finite number"),
+        ({"kd_weight": "one"}, "kd_weight must be a finite number"),
+        ({"temperature": 0}, "temperature must be a finite number > 0"),
+        ({"grid": 0}, "grid must be an integer >= 1"),
+        ({"weighting": "student"}, "weighting must be one of none, teacher"),
+        ({"mode": "global"}, "mode must be one of local, joint, end_to_end"),
+        ({"boundaries": 3}, "boundaries must be a list"),
+    ],
+)
 def test_bad_params(values, message):
     with pytest.raises(ValueError, match=message):
         distillers.make_params("lakd", values)
@@ -252,13 +280,14 @@ def test_inspect_gives_ndam_maps_per_module(pair):
     _, _, x, y, feats = pair
     d = make_lakd(pair, grid=2).eval()
     maps = d.inspect(x, y, feats)
-    assert list(maps) == [f"{net} module {l}" for net in ("teacher", "student") for l in (1, 2, 3)]
+    assert list(maps) == [f"{net} module {m}" for net in ("teacher", "student") for m in (1, 2, 3)]
     assert all(m.shape == (x.shape[0], 2, 2) for m in maps.values())
     torch.testing.assert_close(maps["teacher module 2"], functional.ndam_map(feats.stages[2], 2).reshape(-1, 2, 2))
     torch.testing.assert_close(maps["student module 3"].flatten(1).norm(dim=1), torch.ones(x.shape[0]))
 
 
 # Configs and engine
+
 
 def test_lakd_configs_are_shipped_and_build():
     for pair_name in PAIRS:
@@ -283,10 +312,23 @@ def teacher_ckpt(tmp_path_factory) -> Path:
 
 
 def lakd_config(out: Path, teacher_ckpt: Path, *extra: str):
-    return load_config("digits/kd", ["method.name=lakd", "model.teacher=resnet8", f"model.teacher_checkpoint={teacher_ckpt}",
-                                     "method.warmup_epochs=1", "data.batch_size=16", "train.max_train_batches=3",
-                                     "train.max_eval_batches=1", "train.progress=false", "train.epochs=2",
-                                     f"train.out_dir={out}", "train.deterministic=true", *extra])
+    return load_config(
+        "digits/kd",
+        [
+            "method.name=lakd",
+            "model.teacher=resnet8",
+            f"model.teacher_checkpoint={teacher_ckpt}",
+            "method.warmup_epochs=1",
+            "data.batch_size=16",
+            "train.max_train_batches=3",
+            "train.max_eval_batches=1",
+            "train.progress=false",
+            "train.epochs=2",
+            f"train.out_dir={out}",
+            "train.deterministic=true",
+            *extra,
+        ],
+    )
 
 
 def test_engine_runs_both_modes_alike(tmp_path, teacher_ckpt):
@@ -312,12 +354,35 @@ def test_local_mode_refuses_compile(tmp_path, teacher_ckpt):
 def test_two_process_ddp_runs_joint_mode_and_refuses_local(tmp_path, teacher_ckpt):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    sets = ["method.name=lakd", "model.teacher=resnet8", f"model.teacher_checkpoint={teacher_ckpt}", "data.batch_size=16",
-            "train.max_train_batches=3", "train.max_eval_batches=1", "train.progress=false", "model.student=resnet8"]
+    sets = [
+        "method.name=lakd",
+        "model.teacher=resnet8",
+        f"model.teacher_checkpoint={teacher_ckpt}",
+        "data.batch_size=16",
+        "train.max_train_batches=3",
+        "train.max_eval_batches=1",
+        "train.progress=false",
+        "model.student=resnet8",
+    ]
     for mode, port in (("joint", 29541), ("local", 29542)):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-               "-m", "kdfast.cli", "train", "digits/kd", "--out-dir", str(tmp_path / mode), "--epochs", "1",
-               *(arg for item in [*sets, f"method.mode={mode}"] for arg in ("--set", item))]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(port),
+            "-m",
+            "kdfast.cli",
+            "train",
+            "digits/kd",
+            "--out-dir",
+            str(tmp_path / mode),
+            "--epochs",
+            "1",
+            *(arg for item in [*sets, f"method.mode={mode}"] for arg in ("--set", item)),
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if mode == "joint":
             assert proc.returncode == 0, proc.stderr[-3000:]
@@ -331,8 +396,9 @@ def test_joint_mode_compiles(tmp_path, teacher_ckpt):
     """train.compile=true runs LAKD's joint mode (its fused op re-reads the teacher's features in the
     backward: the engine computes them under no_grad rather than inference_mode when compiling)."""
     eager = train(lakd_config(tmp_path / "eager", teacher_ckpt, "method.mode=joint", "train.epochs=1"))
-    compiled = train(lakd_config(tmp_path / "compiled", teacher_ckpt, "method.mode=joint", "train.epochs=1",
-                                 "train.compile=true"))
+    compiled = train(
+        lakd_config(tmp_path / "compiled", teacher_ckpt, "method.mode=joint", "train.epochs=1", "train.compile=true")
+    )
     rows = [json.loads((Path(s.out_dir) / "metrics.jsonl").read_text().splitlines()[0]) for s in (eager, compiled)]
     for key in ("loss", "loss.lakd.module1", "loss.lakd.module3"):
         assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-3), key

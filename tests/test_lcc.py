@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
-from kdfast import functional as F, nn as knn
+
+from kdfast import functional as F
+from kdfast import nn as knn
 from kdfast.ops import namespace
 from kdfast.reference import lcc as ref
 from kdfast.reference.at import compute_dtype
@@ -186,7 +187,7 @@ def test_triton_tiles_and_splits(device, backend, batch, block, splits, channels
     grad_sums = torch.tensor([0.5, 0.0, -2.0, 0.0, 1.5, 0.0], device=device)[::2]  # strided: read in place
     grad = kernels.lcc_backward(grad_sums, f_s, f_t, inv_s, inv_t, 4, block=block, splits=splits)
     s64 = f_s.detach().double().cpu().requires_grad_()
-    expected = (ref.lcc_terms(s64, f_t.double().cpu(), 4) * torch.tensor(ref.term_counts(batch, 4)).double())
+    expected = ref.lcc_terms(s64, f_t.double().cpu(), 4) * torch.tensor(ref.term_counts(batch, 4)).double()
     (expected_grad,) = torch.autograd.grad(expected, s64, grad_sums.double().cpu())
     assert grad.stride() == f_s.stride()
     assert_close_scaled(grad, expected_grad, 2e-5, "grad")

@@ -13,7 +13,8 @@ from kdfast import distillers, functional, models
 from kdfast.engine import bench, checkpoint, load_config, train
 from kdfast.engine.trainer import image_size
 from kdfast.nn import ClassAwareAttention
-from kdfast.reference import kd as ref_kd, lcc as ref_lcc
+from kdfast.reference import kd as ref_kd
+from kdfast.reference import lcc as ref_lcc
 
 PAIRS = ("resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2", "resnet56_resnet20", "vgg13_vgg8")
 NEW_METHODS = ("sp", "rkd", "lcc")
@@ -24,11 +25,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ClassAwareAttention
 
+
 def test_attention_shapes_range_and_detached_mask():
     torch.manual_seed(0)
     module = ClassAwareAttention(24, 10, layers=3, width=8, kernel_size=1)
     convs = [m for m in module.generator if isinstance(m, torch.nn.Conv2d)]
-    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(24, 8, (1, 1)), (8, 8, (1, 1)), (8, 8, (1, 1)), (8, 1, (1, 1))]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (24, 8, (1, 1)),
+        (8, 8, (1, 1)),
+        (8, 8, (1, 1)),
+        (8, 1, (1, 1)),
+    ]
     f = torch.randn(4, 24, 6, 5)
     mask, ce = module(f, torch.tensor([0, 1, 2, 9]))
     assert mask.shape == (4, 1, 6, 5) and ce.shape == ()
@@ -68,17 +75,21 @@ def test_attention_ce_trains_generator_and_classifier():
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"threshold": 1.0}, "threshold must be in"),
-    ({"kernel_size": 2}, "odd kernel_size"),
-    ({"layers": -1}, "layers >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"threshold": 1.0}, "threshold must be in"),
+        ({"kernel_size": 2}, "odd kernel_size"),
+        ({"layers": -1}, "layers >= 0"),
+    ],
+)
 def test_attention_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClassAwareAttention(8, 5, **kwargs)
 
 
 # Registry and parameters
+
 
 def test_registry_and_defaults():
     assert set(NEW_METHODS) <= set(distillers.names())
@@ -88,14 +99,17 @@ def test_registry_and_defaults():
     assert (lcc.grid, lcc.stages, lcc.terms, lcc.attention) == (4, [-1], ["intra", "inter", "cross"], True)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"grid": 0}, "grid must be an integer >= 1"),
-    ({"terms": ["intra", "outer"]}, "terms must be distinct names"),
-    ({"term_weights": [1.0, 1.0]}, "term_weights must hold 3 weights"),
-    ({"stages": []}, "stages must be a non-empty list"),
-    ({"stages": -1}, "stages must be a non-empty list"),
-    ({"stages": [1, 1]}, "must not repeat"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"grid": 0}, "grid must be an integer >= 1"),
+        ({"terms": ["intra", "outer"]}, "terms must be distinct names"),
+        ({"term_weights": [1.0, 1.0]}, "term_weights must hold 3 weights"),
+        ({"stages": []}, "stages must be a non-empty list"),
+        ({"stages": -1}, "stages must be a non-empty list"),
+        ({"stages": [1, 1]}, "must not repeat"),
+    ],
+)
 def test_lcc_bad_params(values, message):
     with pytest.raises(ValueError, match=message):
         distillers.make_params("lcc", values)
@@ -108,6 +122,7 @@ def test_lcc_stage_out_of_range(pair):
 
 
 # Losses against the formulas
+
 
 def test_sp_on_last_stage(pair):
     teacher, student, x, y, feats = pair
@@ -138,8 +153,10 @@ def test_lcc_without_attention(pair):
     s = student.features(x)
     torch.testing.assert_close(losses["ce"], 0.1 * F.cross_entropy(s.logits, y))
     torch.testing.assert_close(losses["kd"], 0.9 * ref_kd.kd_loss(s.logits, feats.logits.clone(), 4.0), rtol=1e-4, atol=1e-6)
-    expected = 3.0 * sum(ref_lcc.local_correlation_loss(s.stages[i], feats.stages[i].clone(), 2, ("intra", "cross"), (1.0, 0.5, 2.0))
-                         for i in (2, 3))
+    expected = 3.0 * sum(
+        ref_lcc.local_correlation_loss(s.stages[i], feats.stages[i].clone(), 2, ("intra", "cross"), (1.0, 0.5, 2.0))
+        for i in (2, 3)
+    )
     torch.testing.assert_close(losses["lcc"], expected, rtol=1e-4, atol=1e-6)
     assert "kd" not in distillers.create("lcc", student, teacher, {**params, "kd_weight": 0.0})(x, y, feats, 1)[1]
 
@@ -173,6 +190,7 @@ def test_lcc_with_attention_masks_both_networks(pair):
 
 # Training steps
 
+
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_optimizer_steps_decrease_loss_and_spare_teacher(pair, method):
     teacher, _, x, y, feats = pair
@@ -196,6 +214,7 @@ def test_optimizer_steps_decrease_loss_and_spare_teacher(pair, method):
 
 # Configs and engine
 
+
 def test_new_configs_are_shipped_and_build():
     for method in NEW_METHODS:
         for pair_name in PAIRS:
@@ -212,9 +231,20 @@ def test_lcc_engine_epoch(tmp_path):
     torch.manual_seed(1)
     ckpt = tmp_path / "teacher.pth"
     torch.save({"model": models.create("resnet8", 10).state_dict()}, ckpt)
-    cfg = load_config("digits/kd", ["method.name=lcc", "model.teacher=resnet8", f"model.teacher_checkpoint={ckpt}",
-                                    "data.batch_size=16", "train.max_train_batches=3", "train.max_eval_batches=1",
-                                    "train.progress=false", "train.epochs=1", f"train.out_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        "digits/kd",
+        [
+            "method.name=lcc",
+            "model.teacher=resnet8",
+            f"model.teacher_checkpoint={ckpt}",
+            "data.batch_size=16",
+            "train.max_train_batches=3",
+            "train.max_eval_batches=1",
+            "train.progress=false",
+            "train.epochs=1",
+            f"train.out_dir={tmp_path / 'run'}",
+        ],
+    )
     summary = train(cfg)
     assert summary.epochs == 1
     row = json.loads((Path(summary.out_dir) / "metrics.jsonl").read_text().splitlines()[0])
@@ -223,9 +253,16 @@ def test_lcc_engine_epoch(tmp_path):
     assert any(k.startswith("attention.0.generator.") for k in state)
 
 
-
 def test_e2e_bench_measures_new_methods(tmp_path):
-    rows = bench.run_e2e(torch.device("cpu"), list(NEW_METHODS), batch=2, iters=1, warmup=0, teacher="resnet14", student="resnet8",
-                         out=tmp_path / "e2e.csv")
+    rows = bench.run_e2e(
+        torch.device("cpu"),
+        list(NEW_METHODS),
+        batch=2,
+        iters=1,
+        warmup=0,
+        teacher="resnet14",
+        student="resnet8",
+        out=tmp_path / "e2e.csv",
+    )
     assert {(r["op"], r["backend"]) for r in rows} == {(f"e2e_{m}", b) for m in NEW_METHODS for b in ("eager-fp32", "kdfast")}
     assert all(float(r["median_ms"]) > 0 for r in rows)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
-
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends
-from kdfast import functional as F, nn as knn
+
+from kdfast import functional as F
+from kdfast import nn as knn
 from kdfast.ops import namespace
 from kdfast.reference import map_distance as ref
 from kdfast.reference.at import compute_dtype
@@ -32,8 +33,9 @@ STUDENTS = [(4, 6, 6), (5, 3, 3), (3, 5, 4)]
 TEACHERS = [(3, 3, 3), (2, 6, 6), (2, 3, 3), (4, 5, 4), (3, 6, 6)]
 
 
-def make(students=STUDENTS, teachers=TEACHERS, batch=3, dtype=torch.float32, device="cpu", teacher_dtype=None,
-         layout="nchw", seed=0):
+def make(
+    students=STUDENTS, teachers=TEACHERS, batch=3, dtype=torch.float32, device="cpu", teacher_dtype=None, layout="nchw", seed=0
+):
     """f_s (requiring grad), f_t and att (B, T, S) (a softmax over s, requiring grad, in `dtype`);
     layout "nhwc" (channels_last) or "strided" (every map a transposed view)."""
     gen = torch.Generator().manual_seed(seed)
@@ -131,8 +133,9 @@ def test_map_distances(device, backend):
     assert_close_scaled(dist, ref.map_distances(s64, t64), 2e-5, "dist")
     loss = F.map_distance_loss(f_s, f_t, att, backend=backend)
     torch.testing.assert_close(loss, (att * dist).sum() / att.shape[0])
-    assert_close_scaled(F.map_distances(f_s, f_t, pool="feature", backend=backend),
-                        ref.map_distances(s64, t64, "feature"), 2e-5, "dist (feature)")
+    assert_close_scaled(
+        F.map_distances(f_s, f_t, pool="feature", backend=backend), ref.map_distances(s64, t64, "feature"), 2e-5, "dist (feature)"
+    )
 
 
 @pytest.mark.parametrize("device,backend", WITH_TORCH)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
-from kdfast import functional as F, nn as knn
-from kdfast.ops import namespace
+from kdfast import functional as F
+from kdfast import nn as knn
 from kdfast.kernels import masked_mse as kernels
+from kdfast.ops import namespace
 from kdfast.reference import masked_mse as ref
 
 FUSED = device_backends("masked_mse")
@@ -54,8 +55,9 @@ def check(backend, x, y, mask, reduction, loss_tol, grad_tol, upstream=1.0, floo
     grads = torch.autograd.grad(loss, wrt, torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
     x64, y64 = (t.detach().double().cpu().requires_grad_(t.requires_grad) for t in (x, y))
     expected = ref.masked_mse(x64, y64, mask.cpu().double(), reduction)
-    expected_grads = torch.autograd.grad(expected, [t for t in (x64, y64) if t.requires_grad],
-                                         torch.tensor(upstream, dtype=torch.float64))
+    expected_grads = torch.autograd.grad(
+        expected, [t for t in (x64, y64) if t.requires_grad], torch.tensor(upstream, dtype=torch.float64)
+    )
     assert loss.dtype == ref.loss_dtype(x, y) and loss.shape == ()
     assert torch.isfinite(loss)
     assert_close_scaled(loss, expected, loss_tol, "loss", floor)
@@ -77,8 +79,14 @@ def test_matches_reference(device, backend, dtype, reduction):
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
 @pytest.mark.parametrize(
     "kind,mask_dtype,keepdim",
-    [("soft", torch.float32, False), ("binary", torch.float32, True), ("binary", torch.float16, False),
-     ("bool", None, True), ("soft", torch.float64, True), ("soft", torch.bfloat16, False)],
+    [
+        ("soft", torch.float32, False),
+        ("binary", torch.float32, True),
+        ("binary", torch.float16, False),
+        ("bool", None, True),
+        ("soft", torch.float64, True),
+        ("soft", torch.bfloat16, False),
+    ],
 )
 def test_masks(device, backend, kind, mask_dtype, keepdim):
     """(B, 1, H, W) and (B, H, W), soft, binary and bool masks, of another dtype than the maps."""
@@ -257,8 +265,9 @@ def test_reference_formula():
     masked = mask * (x - y)
     torch.testing.assert_close(ref.masked_mse(x, y, mask, "mean"), torch.nn.functional.mse_loss(mask * x, mask * y))
     torch.testing.assert_close(ref.masked_mse(x, y, mask, "sum"), masked.pow(2).sum())
-    torch.testing.assert_close(ref.masked_mse(x, y, mask[:, 0], "masked_mean"),
-                               masked.pow(2).sum() / (x.shape[1] * mask.pow(2).sum()))
+    torch.testing.assert_close(
+        ref.masked_mse(x, y, mask[:, 0], "masked_mean"), masked.pow(2).sum() / (x.shape[1] * mask.pow(2).sum())
+    )
 
 
 def test_module_matches_functional():
@@ -309,7 +318,7 @@ def test_gradcheck_float64(device, backend):
     y = feature(shape, torch.float64, device, requires_grad=True, seed=44)
     mask = spatial_mask(shape, dtype=torch.float64, device=device)
     for reduction in REDUCTIONS:
-        loss = lambda a, b: F.masked_mse(a, b, mask, reduction, backend=backend)  # noqa: E731
+        loss = lambda a, b, reduction=reduction: F.masked_mse(a, b, mask, reduction, backend=backend)  # noqa: E731
         assert torch.autograd.gradcheck(loss, (x, y), fast_mode=True)
 
 

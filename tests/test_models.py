@@ -60,9 +60,20 @@ ALL = {**CIFAR, **IMAGENET}
 # Millions of parameters as printed in the published tables (CRD / RepDistiller, CIFAR-100), to two
 # decimals (rounded or truncated: vgg8 has 3,965,028 and is printed 3.96M).
 PUBLISHED_M = {
-    "resnet20": 0.28, "resnet32": 0.47, "resnet56": 0.86, "resnet110": 1.74, "resnet8x4": 1.23, "resnet32x4": 7.43,
-    "wrn_16_2": 0.70, "wrn_40_1": 0.57, "wrn_40_2": 2.26, "vgg8": 3.96, "vgg13": 9.46,
-    "MobileNetV2": 0.81, "ShuffleV1": 0.95, "ShuffleV2": 1.36,
+    "resnet20": 0.28,
+    "resnet32": 0.47,
+    "resnet56": 0.86,
+    "resnet110": 1.74,
+    "resnet8x4": 1.23,
+    "resnet32x4": 7.43,
+    "wrn_16_2": 0.70,
+    "wrn_40_1": 0.57,
+    "wrn_40_2": 2.26,
+    "vgg8": 3.96,
+    "vgg13": 9.46,
+    "MobileNetV2": 0.81,
+    "ShuffleV1": 0.95,
+    "ShuffleV2": 1.36,
 }
 
 
@@ -405,8 +416,11 @@ def _peer_v2_keys(name: str) -> dict[str, tuple[int, ...]]:
     for layer, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2), strict=True), start=1):
         for i in range(blocks):
             p, cin = f"layer{layer}.{i}", inplanes if i == 0 else planes * e
-            convs = ([(cin, planes, 1), (planes, planes, 3), (planes, planes * e, 1)] if bottleneck
-                     else [(cin, planes, 3), (planes, planes, 3)])
+            convs = (
+                [(cin, planes, 1), (planes, planes, 3), (planes, planes * e, 1)]
+                if bottleneck
+                else [(cin, planes, 3), (planes, planes, 3)]
+            )
             for k, (c_in, c_out, size) in enumerate(convs, start=1):
                 keys[f"{p}.conv{k}.weight"] = (c_out, c_in, size, size)
                 keys |= {f"{p}.bn{k}.{b}": (c_out,) for b in _BN}
@@ -420,6 +434,7 @@ def _peer_v2_keys(name: str) -> dict[str, tuple[int, ...]]:
 
 def _peer_v2_forward(state: dict[str, torch.Tensor], x: torch.Tensor, bottleneck: bool) -> torch.Tensor:
     """The peers' CIFAR ResNet forward (eval mode) written out from a state_dict."""
+
     def bn(h, p):
         return F.batch_norm(h, state[f"{p}.running_mean"], state[f"{p}.running_var"], state[f"{p}.weight"], state[f"{p}.bias"])
 
@@ -435,8 +450,11 @@ def _peer_v2_forward(state: dict[str, torch.Tensor], x: torch.Tensor, bottleneck
             else:
                 h = F.relu(bn(F.conv2d(out, state[f"{p}.conv1.weight"], stride=s, padding=1), f"{p}.bn1"))
                 h = bn(F.conv2d(h, state[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
-            shortcut = (bn(F.conv2d(out, state[f"{p}.shortcut.0.weight"], stride=s), f"{p}.shortcut.1")
-                        if f"{p}.shortcut.0.weight" in state else out)
+            shortcut = (
+                bn(F.conv2d(out, state[f"{p}.shortcut.0.weight"], stride=s), f"{p}.shortcut.1")
+                if f"{p}.shortcut.0.weight" in state
+                else out
+            )
             out = F.relu(h + shortcut)
             i += 1
     return F.linear(out.mean((2, 3)), state["linear.weight"], state["linear.bias"])
@@ -488,8 +506,13 @@ def test_repdistiller_last_checkpoint_with_namespace(tmp_path):
     model = models.create("resnet8")
     _randomize_bn(model)
     path = tmp_path / "resnet8_last.pth"
-    torch.save({"opt": argparse.Namespace(model_s="resnet8", learning_rate=0.05, lr_decay_epochs=[150, 180, 210]),
-                "model": model.state_dict()}, path)
+    torch.save(
+        {
+            "opt": argparse.Namespace(model_s="resnet8", learning_rate=0.05, lr_decay_epochs=[150, 180, 210]),
+            "model": model.state_dict(),
+        },
+        path,
+    )
     loaded = models.create("resnet8", weights=path).eval()
     x = _input("resnet8")
     with torch.no_grad():

@@ -12,14 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
-
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
-from kdfast import functional as F, nn as knn
-from kdfast.ops import namespace
+from test_sp import LargestTensor, feature, force_splits
+
+from kdfast import functional as F
+from kdfast import nn as knn
 from kdfast.kernels import rkd as rkd_kernels
+from kdfast.ops import namespace
 from kdfast.reference import rkd as ref
 from kdfast.reference.at import compute_dtype
-from test_sp import LargestTensor, feature, force_splits
 
 TRITON = triton_backends("rkd")
 WITH_TORCH = backends_with_torch("rkd")
@@ -56,7 +57,11 @@ def test_matches_reference(device, backend, dtype, layout):
         assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
-WEIGHTS = {"default": dict(), "distance": dict(distance_weight=1.0, angle_weight=0.0), "angle": dict(distance_weight=0.0, angle_weight=2.0)}
+WEIGHTS = {
+    "default": dict(),
+    "distance": dict(distance_weight=1.0, angle_weight=0.0),
+    "angle": dict(distance_weight=0.0, angle_weight=2.0),
+}
 
 
 @pytest.mark.parametrize("device,backend", device_backends("rkd"))

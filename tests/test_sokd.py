@@ -35,6 +35,7 @@ def _dafa_params(d) -> list[torch.Tensor]:
 
 # DAFA
 
+
 @pytest.mark.parametrize("name", OPS)
 def test_op_at_zero_magnitude_is_identity(name):
     torch.manual_seed(0)
@@ -89,18 +90,22 @@ def test_dafa_eval_mode_is_identity():
     assert dafa(f) is f
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"ops": ["rotate"]}, "at least 2 distinct ops"),
-    ({"ops": ["rotate", "zoom"]}, "unknown DAFA op.*zoom"),
-    ({"op_ranges": {"zoom": 1.0}}, "unknown DAFA op.*zoom"),
-    ({"gumbel_temperature": 0.0}, "gumbel_temperature must be a number > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ops": ["rotate"]}, "at least 2 distinct ops"),
+        ({"ops": ["rotate", "zoom"]}, "unknown DAFA op.*zoom"),
+        ({"op_ranges": {"zoom": 1.0}}, "unknown DAFA op.*zoom"),
+        ({"gumbel_temperature": 0.0}, "gumbel_temperature must be a number > 0"),
+    ],
+)
 def test_dafa_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DAFA(**kwargs)
 
 
 # DAM
+
 
 def _head_output(h: int, w: int, peaks: dict[tuple[int, int], tuple[float, float, float, float, float]]) -> torch.Tensor:
     out = torch.zeros(1, 5, h, w)
@@ -135,35 +140,48 @@ def test_mask_is_binary_without_grad_and_the_union_of_k_boxes():
             for x in range(9):
                 inside = any(x < x1 and x + 1 > x0 and y < y1 and y + 1 > y0 for x0, y0, x1, y1 in boxes[b].tolist())
                 assert mask[b, y, x].item() == float(inside)
-    torch.testing.assert_close(mutual_interest_mask(out_s, out_t, k=4, peaks_from="teacher"),
-                               box_mask(peak_boxes(out_t.detach(), 4), 7, 9))
+    torch.testing.assert_close(
+        mutual_interest_mask(out_s, out_t, k=4, peaks_from="teacher"), box_mask(peak_boxes(out_t.detach(), 4), 7, 9)
+    )
     assert mutual_interest_mask(out_s, out_t, k=1000).flatten(1).sum(1).tolist() == [63.0] * 3  # k > H*W: every cell
 
 
 # Params
 
+
 def test_registry_and_defaults():
     assert "sokd" in distillers.names() and distillers.get("sokd") is distillers.SoKD
     p = distillers.make_params("sokd", {})
-    assert (p.base, p.d_weight, p.da_weight, p.aug_lr, p.aug_epochs, p.top_k, p.gumbel_temperature) == ("fitnet", 1000.0, 1000.0, 3e-4, 50, 8, 0.5)
+    assert (p.base, p.d_weight, p.da_weight, p.aug_lr, p.aug_epochs, p.top_k, p.gumbel_temperature) == (
+        "fitnet",
+        1000.0,
+        1000.0,
+        3e-4,
+        50,
+        8,
+        0.5,
+    )
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"base": "kd"}, "SoKD base must be one of fitnet, at, lcc"),
-    ({"base_params": [1]}, "base_params must be a mapping"),
-    ({"base_params": {"feat_weight": 1.0}}, "must not set feat_weight"),
-    ({"base": "lcc", "base_params": {"ce_weight": 1.0}}, "must not set ce_weight"),
-    ({"base_params": {"hint": 1}}, "unknown key.*'fitnet': hint"),
-    ({"base": "lcc", "base_params": {"grid": 0}}, "grid must be an integer >= 1"),
-    ({"stage": 2}, "stage is only for the AT base"),
-    ({"base": "at", "stage": 1.5}, "stage is only for the AT base"),
-    ({"da_reduction": "max"}, "da_reduction must be one of"),
-    ({"peaks_from": "both"}, "peaks_from must be one of"),
-    ({"top_k": 0}, "top_k must be an integer >= 1"),
-    ({"aug_epochs": -1}, "aug_epochs must be an integer >= 0"),
-    ({"aug_betas": [0.9]}, "aug_betas must be two numbers"),
-    ({"d_weight": float("nan")}, "d_weight must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"base": "kd"}, "SoKD base must be one of fitnet, at, lcc"),
+        ({"base_params": [1]}, "base_params must be a mapping"),
+        ({"base_params": {"feat_weight": 1.0}}, "must not set feat_weight"),
+        ({"base": "lcc", "base_params": {"ce_weight": 1.0}}, "must not set ce_weight"),
+        ({"base_params": {"hint": 1}}, "unknown key.*'fitnet': hint"),
+        ({"base": "lcc", "base_params": {"grid": 0}}, "grid must be an integer >= 1"),
+        ({"stage": 2}, "stage is only for the AT base"),
+        ({"base": "at", "stage": 1.5}, "stage is only for the AT base"),
+        ({"da_reduction": "max"}, "da_reduction must be one of"),
+        ({"peaks_from": "both"}, "peaks_from must be one of"),
+        ({"top_k": 0}, "top_k must be an integer >= 1"),
+        ({"aug_epochs": -1}, "aug_epochs must be an integer >= 0"),
+        ({"aug_betas": [0.9]}, "aug_betas must be two numbers"),
+        ({"d_weight": float("nan")}, "d_weight must be a finite number"),
+    ],
+)
 def test_bad_params(values, message):
     with pytest.raises((ValueError, TypeError), match=message):
         distillers.make_params("sokd", values)
@@ -178,6 +196,7 @@ def test_bad_stages(pair):
 
 
 # Losses
+
 
 def test_fitnet_losses_follow_the_formulas(pair):
     teacher, _, x, y, feats = pair
@@ -216,6 +235,7 @@ def test_at_and_lcc_losses(pair):
 
 
 # Training
+
 
 @pytest.mark.parametrize("base", BASES)
 def test_each_base_trains_with_decreasing_loss(pair, base):
@@ -296,23 +316,45 @@ def test_inspect_returns_mask_and_heatmaps(pair):
 
 # Configs and engine
 
+
 @pytest.mark.parametrize("base", BASES)
 def test_configs_are_shipped_and_build(base):
     cfg = load_config(f"cifar100/sokd/{base}_resnet32x4_resnet8x4", check_files=False)
     assert cfg.method.name == "sokd" and cfg.method.params["base"] == base
     assert (cfg.train.epochs, cfg.data.batch_size, cfg.optim.lr) == (240, 64, 0.05)
-    assert (cfg.method.params["d_weight"], cfg.method.params["da_weight"], cfg.method.params["aug_epochs"]) == (1000.0, 1000.0, 50)
-    d = distillers.create("sokd", models.create(cfg.model.student, 100), models.create(cfg.model.teacher, 100),
-                          cfg.method.params, image_size(cfg.data.dataset))
+    assert (cfg.method.params["d_weight"], cfg.method.params["da_weight"], cfg.method.params["aug_epochs"]) == (
+        1000.0,
+        1000.0,
+        50,
+    )
+    d = distillers.create(
+        "sokd",
+        models.create(cfg.model.student, 100),
+        models.create(cfg.model.teacher, 100),
+        cfg.method.params,
+        image_size(cfg.data.dataset),
+    )
     assert d.base.__class__.__name__.lower() == base
 
 
 def _engine_config(out: Path, teacher_ckpt: Path, epochs: int, base: str = "fitnet"):
-    return load_config("digits/student", ["method.name=sokd", f"method.base={base}", "method.aug_epochs=2",
-                                          "model.teacher=resnet8", f"model.teacher_checkpoint={teacher_ckpt}",
-                                          "data.batch_size=16", "train.max_train_batches=2", "train.max_eval_batches=1",
-                                          "train.progress=false", "train.deterministic=true", f"train.epochs={epochs}",
-                                          f"train.out_dir={out}"])
+    return load_config(
+        "digits/student",
+        [
+            "method.name=sokd",
+            f"method.base={base}",
+            "method.aug_epochs=2",
+            "model.teacher=resnet8",
+            f"model.teacher_checkpoint={teacher_ckpt}",
+            "data.batch_size=16",
+            "train.max_train_batches=2",
+            "train.max_eval_batches=1",
+            "train.progress=false",
+            "train.deterministic=true",
+            f"train.epochs={epochs}",
+            f"train.out_dir={out}",
+        ],
+    )
 
 
 def test_engine_resume_is_exact(tmp_path):

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
-from kdfast import functional as F, nn as knn
+from kdfast import functional as F
+from kdfast import nn as knn
+from kdfast.kernels import relational
+from kdfast.kernels import sp as sp_kernels
 from kdfast.ops import namespace
-from kdfast.kernels import relational, sp as sp_kernels
 from kdfast.reference import sp as ref
 from kdfast.reference.at import compute_dtype
 
@@ -146,7 +148,9 @@ def test_reference_is_mdistillers_formula():
     expected = ((g_t - g_s) * (g_t - g_s)).view(-1, 1).sum(0) / 64
     actual = ref.sp_loss(f_s, f_t)
     torch.testing.assert_close(actual, expected[0], rtol=1e-12, atol=0)
-    torch.testing.assert_close(torch.autograd.grad(actual, f_s)[0], torch.autograd.grad(expected[0], f_s)[0], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        torch.autograd.grad(actual, f_s)[0], torch.autograd.grad(expected[0], f_s)[0], rtol=1e-10, atol=1e-14
+    )
 
 
 def test_module_matches_functional():
@@ -237,7 +241,9 @@ def test_launcher_checks(device, backend):
     _, stats = sp_kernels.sp_forward(x, x)
     with pytest.raises(ValueError, match="stats must be"):
         sp_kernels.sp_backward(torch.ones((), device=device), x, x, stats[:2])
-    assert min(sp_kernels._block(1), *sp_kernels.BLOCK_D.values(), *sp_kernels.BLOCK_N.values()) >= 16  # tl.dot's smallest side on the GPU
+    assert (
+        min(sp_kernels._block(1), *sp_kernels.BLOCK_D.values(), *sp_kernels.BLOCK_N.values()) >= 16
+    )  # tl.dot's smallest side on the GPU
 
 
 # --- bad input

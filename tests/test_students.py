@@ -19,8 +19,15 @@ from kdfast.engine.config import RunConfig, from_dict, students, validate, with_
 from kdfast.engine.report import format_table
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.batch_size=16", "train.max_train_batches=3", "train.max_eval_batches=1", "train.progress=false",
-        "model.student=resnet8", "model.teacher=resnet8", "train.data_seed=7"]
+TINY = [
+    "data.batch_size=16",
+    "train.max_train_batches=3",
+    "train.max_eval_batches=1",
+    "train.progress=false",
+    "model.student=resnet8",
+    "model.teacher=resnet8",
+    "train.data_seed=7",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,8 +90,19 @@ def test_teacher_runs_once_per_batch(tmp_path, teacher_ckpt, monkeypatch):
 
 
 def test_seeds_cli_prints_the_table(tmp_path, teacher_ckpt, capsys):
-    args = ["train", "digits/kd", "--seeds", "0,1", "--teacher-checkpoint", str(teacher_ckpt), "--out-dir", str(tmp_path),
-            "--epochs", "1", *sum((["--set", o] for o in TINY), [])]
+    args = [
+        "train",
+        "digits/kd",
+        "--seeds",
+        "0,1",
+        "--teacher-checkpoint",
+        str(teacher_ckpt),
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        *sum((["--set", o] for o in TINY), []),
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "kd-s0" in out and "kd-s1" in out and "±" in out
@@ -128,17 +146,20 @@ def test_resume_per_student_equals_a_straight_run(tmp_path, teacher_ckpt):
     train_students(straight)
     first = dataclasses.replace(_config(tmp_path / "split", teacher_ckpt, "train.epochs=1"), runs=runs)
     train_students(first)
-    train_students(dataclasses.replace(straight, train=dataclasses.replace(straight.train, out_dir=str(tmp_path / "split"))),
-                   resume=True)
+    train_students(
+        dataclasses.replace(straight, train=dataclasses.replace(straight.train, out_dir=str(tmp_path / "split"))), resume=True
+    )
     for name in ("kd-s0", "at-s1"):
         _same_run(tmp_path / "straight" / name, tmp_path / "split" / name)
 
 
 def test_runs_in_yaml_and_their_errors(tmp_path, teacher_ckpt):
     path = tmp_path / "many.yaml"
-    path.write_text(f"base: {REPO / 'kdfast/configs/digits/kd.yaml'}\n"
-                    "runs:\n  - {seed: 0}\n  - {method: {name: dkd, beta: 4.0}, seed: 2, optim: {lr: 1e-2}}\n"
-                    "  - {label: at-long, method: at, student: resnet14}\n")
+    path.write_text(
+        f"base: {REPO / 'kdfast/configs/digits/kd.yaml'}\n"
+        "runs:\n  - {seed: 0}\n  - {method: {name: dkd, beta: 4.0}, seed: 2, optim: {lr: 1e-2}}\n"
+        "  - {label: at-long, method: at, student: resnet14}\n"
+    )
     cfg = load_config(path, [f"model.teacher_checkpoint={teacher_ckpt}"])
     found = students(cfg)
     assert [name for _, name, _ in found] == ["kd-s0", "dkd-s2", "at-long-s0"]
@@ -169,9 +190,28 @@ def test_seeds_flag_errors(capsys):
 
 def test_two_process_gloo_ddp_students(tmp_path, teacher_ckpt):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
-           "-m", "kdfast.cli", "train", "digits/kd", "--seeds", "0,1", "--out-dir", str(tmp_path), "--epochs", "1",
-           "--teacher-checkpoint", str(teacher_ckpt), *(arg for item in TINY for arg in ("--set", item))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29519",
+        "-m",
+        "kdfast.cli",
+        "train",
+        "digits/kd",
+        "--seeds",
+        "0,1",
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--teacher-checkpoint",
+        str(teacher_ckpt),
+        *(arg for item in TINY for arg in ("--set", item)),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]

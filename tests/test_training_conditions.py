@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdfast import backends, functional as F
+from kdfast import backends
+from kdfast import functional as F
 
 
 def _inputs():

@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _run(args: list[str], cwd: Path = ROOT, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_every_triton_specialisation_compiles_for_sm90_and_sm80(tmp_path):
@@ -36,7 +35,7 @@ def test_every_triton_specialisation_compiles_for_sm90_and_sm80(tmp_path):
         assert list(tmp_path.glob(f"triton-compile-{arch}-triton*.csv"))
 
 
-CONTROLS = '''
+CONTROLS = """
 import triton
 import triton.language as tl
 
@@ -51,9 +50,9 @@ def wide_rows(x, out, BLOCK: tl.constexpr):  # a [BLOCK, BLOCK] float32 tile on 
     offs = tl.arange(0, BLOCK)
     tile = tl.load(x + offs[:, None] * BLOCK + offs[None, :])
     tl.store(out + offs[:, None] * BLOCK + offs[None, :], tl.exp(tile) / tl.sum(tile, axis=1)[:, None])
-'''
+"""
 
-PROBE = '''
+PROBE = """
 import torch
 from benchmarks import triton_compile as tc
 from benchmarks.triton_launches import DEVICES, Launch, describe, grid_errors
@@ -70,7 +69,7 @@ specs = tc.specialise(launches, 90)
 tc.compile_all(specs, 90, 1)
 for line in tc.failures(specs, DEVICES["sm90"]) + [e for la in launches for e in grid_errors(la)]:
     print("FAIL", line)
-'''
+"""
 
 
 def test_check_reports_compile_errors_spills_and_grid_limits(tmp_path):

@@ -54,8 +54,19 @@ def test_inspect_grid_default_is_attention_of_both(pair, tmp_path):
 
 
 def test_plot_curves_draws_every_logged_loss(tmp_path):
-    rows = [{"epoch": e, "lr": 0.1, "loss": 3.0 / e, "loss.ce": 1.0 / e, "loss.aft_stage1": 0.5 / e,
-             "loss.aft_stage2": 0.7 / e, "train.top1": 10.0 * e, "test.top1": 9.0 * e} for e in (1, 2, 3)]
+    rows = [
+        {
+            "epoch": e,
+            "lr": 0.1,
+            "loss": 3.0 / e,
+            "loss.ce": 1.0 / e,
+            "loss.aft_stage1": 0.5 / e,
+            "loss.aft_stage2": 0.7 / e,
+            "train.top1": 10.0 * e,
+            "test.top1": 9.0 * e,
+        }
+        for e in (1, 2, 3)
+    ]
     rows[2]["loss.module3"] = 0.2  # a loss logged from a later epoch only
     assert loss_keys(rows) == ["loss", "loss.aft_stage1", "loss.aft_stage2", "loss.ce", "loss.module3"]
     plot_curves(rows, tmp_path / "curves.png", "aft: resnet8")

@@ -70,11 +70,24 @@ class Loaders(NamedTuple):
     num_classes: int
 
 
-def build_loaders(name: str = "digits", root: str | Path | None = None, batch_size: int = 128,
-                  device: torch.device | str = "cpu", *, eval_batch_size: int | None = None,
-                  download: bool = False, workers: int | None = None, seed: int = 0, drop_last: bool = False,
-                  rank: int | None = None, world_size: int | None = None, dtype: torch.dtype = torch.float32,
-                  channels_last: bool = False, train_per_class: int | None = None, decode: str = "auto") -> Loaders:
+def build_loaders(
+    name: str = "digits",
+    root: str | Path | None = None,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    *,
+    eval_batch_size: int | None = None,
+    download: bool = False,
+    workers: int | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    train_per_class: int | None = None,
+    decode: str = "auto",
+) -> Loaders:
     """Training and test loaders of dataset `name` (one of ``DATASETS``) on `device`.
 
     root: the data folder (not used by "digits"). eval_batch_size: test batch size (default
@@ -94,8 +107,7 @@ def build_loaders(name: str = "digits", root: str | Path | None = None, batch_si
     decode = resolve_decode(decode, device)
     if name != "digits" and root is None:
         raise ValueError(f"dataset {name!r} needs root, the folder that holds its files")
-    common = dict(device=device, seed=seed, rank=rank, world_size=world_size, dtype=dtype,
-                  channels_last=channels_last)
+    common = dict(device=device, seed=seed, rank=rank, world_size=world_size, dtype=dtype, channels_last=channels_last)
     test_batch = eval_batch_size or batch_size
 
     if name == "imagenet":
@@ -104,9 +116,11 @@ def build_loaders(name: str = "digits", root: str | Path | None = None, batch_si
         from kdfast.data.imagenet import WorkerLoader, image_folder
 
         train_set, test_set = image_folder(root, True, seed, decode), image_folder(root, False, seed, decode)
-        return Loaders(WorkerLoader(train_set, batch_size, train=True, workers=workers, drop_last=drop_last, **common),
-                       WorkerLoader(test_set, test_batch, train=False, workers=workers, **common),
-                       len(train_set.classes))
+        return Loaders(
+            WorkerLoader(train_set, batch_size, train=True, workers=workers, drop_last=drop_last, **common),
+            WorkerLoader(test_set, test_batch, train=False, workers=workers, **common),
+            len(train_set.classes),
+        )
 
     if name == "digits":
         (train_x, train_y), (test_x, test_y) = load_digits32(True), load_digits32(False)
@@ -118,12 +132,25 @@ def build_loaders(name: str = "digits", root: str | Path | None = None, batch_si
     if train_per_class is not None:
         train_x, train_y = first_per_class(train_x, train_y, train_per_class)
     common.update(mean=mean, std=std)
-    return Loaders(ResidentLoader(train_x, train_y, batch_size, train=True, drop_last=drop_last,
-                                  flip=name != "digits", **common),
-                   ResidentLoader(test_x, test_y, test_batch, train=False, **common),
-                   num_classes)
+    return Loaders(
+        ResidentLoader(train_x, train_y, batch_size, train=True, drop_last=drop_last, flip=name != "digits", **common),
+        ResidentLoader(test_x, test_y, test_batch, train=False, **common),
+        num_classes,
+    )
 
 
-__all__ = ["DATASETS", "DECODES", "EpochSchedule", "Loaders", "Normalize", "ResidentLoader", "ScheduledLoader",
-           "build_loaders", "first_per_class", "load_cifar", "load_digits32", "pad_crop_flip",
-           "resolve_decode"]
+__all__ = [
+    "DATASETS",
+    "DECODES",
+    "EpochSchedule",
+    "Loaders",
+    "Normalize",
+    "ResidentLoader",
+    "ScheduledLoader",
+    "build_loaders",
+    "first_per_class",
+    "load_cifar",
+    "load_digits32",
+    "pad_crop_flip",
+    "resolve_decode",
+]

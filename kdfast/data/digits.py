@@ -27,8 +27,7 @@ def load_digits32(train: bool = True) -> tuple[Tensor, Tensor]:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    train_idx, test_idx = train_test_split(range(len(digits.target)), test_size=TEST_SIZE,
-                                           stratify=digits.target, random_state=0)
+    train_idx, test_idx = train_test_split(range(len(digits.target)), test_size=TEST_SIZE, stratify=digits.target, random_state=0)
     idx = torch.tensor(train_idx if train else test_idx)
     small = torch.from_numpy(digits.images).float()[idx, None]  # (N, 1, 8, 8), values 0..16
     large = F.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False)

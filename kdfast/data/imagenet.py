@@ -27,8 +27,9 @@ import contextlib
 import io
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ def jpeg_components(data: bytes | memoryview) -> int:
         marker = data[at + 1]
         if marker in _SOF_MARKERS:
             return data[at + 9]
-        at += 2 + int.from_bytes(data[at + 2: at + 4], "big")
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
     return 0
 
 
@@ -188,8 +189,10 @@ class EncodedImageFolder(datasets.ImageFolder):
         fails on a damaged one) through ``decode_one``."""
         jpegs = [i for i, c in enumerate(batch.components) if c == 3]
         decoded = dict(zip(jpegs, decode_jpegs([batch.data[i] for i in jpegs], device), strict=False))
-        return [decoded[i] if i in decoded else self.decode_one(data, index, device, c == 3)
-                for i, (data, index, c) in enumerate(zip(batch.data, batch.indices, batch.components, strict=True))]
+        return [
+            decoded[i] if i in decoded else self.decode_one(data, index, device, c == 3)
+            for i, (data, index, c) in enumerate(zip(batch.data, batch.indices, batch.components, strict=True))
+        ]
 
     def decode_one(self, data: Tensor, index: int, device: torch.device, jpeg: bool) -> Tensor:
         """File `index` (bytes `data`) as uint8 (3, H, W) RGB on `device`: ``decode_jpeg`` if it is a
@@ -210,14 +213,15 @@ class EncodedImageFolder(datasets.ImageFolder):
         return F.horizontal_flip(out) if flip else out
 
 
-def image_folder(root: str | Path, train: bool, seed: int = 0,
-                 decode: str = "cpu") -> SeededImageFolder | EncodedImageFolder:
+def image_folder(root: str | Path, train: bool, seed: int = 0, decode: str = "cpu") -> SeededImageFolder | EncodedImageFolder:
     """The ``train`` or ``val`` split under `root`, with the standard ImageNet transforms (uint8
     output), decoded by the workers with PIL (`decode` "cpu") or on the device ("gpu")."""
     folder = Path(root).expanduser() / ("train" if train else "val")
     if not folder.is_dir():
-        raise FileNotFoundError(f"ImageFolder split not found: {folder} does not exist; expected "
-                                f"{Path(root) / 'train'} and {Path(root) / 'val'}, each with one folder of images per class")
+        raise FileNotFoundError(
+            f"ImageFolder split not found: {folder} does not exist; expected "
+            f"{Path(root) / 'train'} and {Path(root) / 'val'}, each with one folder of images per class"
+        )
     if decode == "gpu":
         return EncodedImageFolder(folder, train, seed)
     crop = [RANDOM_CROP, FLIP] if train else [transforms.Resize(RESIZE), transforms.CenterCrop(CROP)]
@@ -246,22 +250,41 @@ class WorkerLoader(ScheduledLoader):
     `dtype` (NHWC-strided if `channels_last`).
     """
 
-    def __init__(self, dataset: SeededImageFolder | EncodedImageFolder, batch_size: int, *, train: bool,
-                 device: torch.device | str = "cpu", workers: int | None = None, drop_last: bool = False,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: SeededImageFolder | EncodedImageFolder,
+        batch_size: int,
+        *,
+        train: bool,
+        device: torch.device | str = "cpu",
+        workers: int | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        mean: tuple[float, ...] = MEAN,
+        std: tuple[float, ...] = STD,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> None:
         self.device = torch.device(device)
-        self.schedule = EpochSchedule(len(dataset), batch_size, shuffle=train, drop_last=drop_last,
-                                      seed=seed, rank=rank, world_size=world_size)
+        self.schedule = EpochSchedule(
+            len(dataset), batch_size, shuffle=train, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size
+        )
         self.normalize = Normalize(mean, std, self.device, dtype=dtype, channels_last=channels_last)
         self.dataset = dataset
         workers = default_workers() if workers is None else workers
         # A private generator: the DataLoader then draws its worker base seeds without consuming the
         # global RNG (the images' randomness comes from SeededImageFolder anyway).
-        self.dataloader = DataLoader(dataset, batch_sampler=_ScheduleBatches(self.schedule), num_workers=workers,
-                                     collate_fn=dataset.collate, pin_memory=self.device.type == "cuda",
-                                     persistent_workers=workers > 0, generator=torch.Generator())
+        self.dataloader = DataLoader(
+            dataset,
+            batch_sampler=_ScheduleBatches(self.schedule),
+            num_workers=workers,
+            collate_fn=dataset.collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            generator=torch.Generator(),
+        )
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in self.dataloader:

@@ -7,7 +7,7 @@ code runs on CPU tensors.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -30,16 +30,31 @@ class ResidentLoader(ScheduledLoader):
     (NHWC-strided if `channels_last`) and int64 labels, both on `device`.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, *, mean: Sequence[float],
-                 std: Sequence[float], train: bool, device: torch.device | str = "cpu", drop_last: bool = False,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False, padding: int = 4,
-                 flip: bool = True) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        padding: int = 4,
+        flip: bool = True,
+    ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.dim() != 1 or len(labels) != len(images):
-            raise ValueError(f"labels must be 1-D with one label per image, got shape {tuple(labels.shape)} "
-                             f"for {len(images)} images")
+            raise ValueError(
+                f"labels must be 1-D with one label per image, got shape {tuple(labels.shape)} for {len(images)} images"
+            )
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -47,8 +62,9 @@ class ResidentLoader(ScheduledLoader):
         self.padding = padding
         self.flip = flip
         self.normalize = Normalize(mean, std, self.device, dtype=dtype, channels_last=channels_last)
-        self.schedule = EpochSchedule(len(images), batch_size, shuffle=train, drop_last=drop_last,
-                                      seed=seed, rank=rank, world_size=world_size)
+        self.schedule = EpochSchedule(
+            len(images), batch_size, shuffle=train, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size
+        )
 
     def _augment_draws(self, epoch: int) -> tuple[Tensor, Tensor, Tensor]:
         """(top, left, flip) for every dataset image in `epoch`, on the device."""

@@ -51,8 +51,17 @@ def distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int,
 class EpochSchedule:
     """The batches of sample indices of each epoch on one rank, and the position (epoch, batch)."""
 
-    def __init__(self, dataset_size: int, batch_size: int, *, shuffle: bool, drop_last: bool = False,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset_size = dataset_size
@@ -64,8 +73,10 @@ class EpochSchedule:
         self.epoch = 0
         self.batch = 0
         if len(self) == 0:
-            raise ValueError(f"no batch to serve: {self.num_samples} samples on rank {self.rank} of {self.world_size} "
-                             f"(dataset of {dataset_size}), batch_size {batch_size}, drop_last={drop_last}")
+            raise ValueError(
+                f"no batch to serve: {self.num_samples} samples on rank {self.rank} of {self.world_size} "
+                f"(dataset of {dataset_size}), batch_size {batch_size}, drop_last={drop_last}"
+            )
 
     @property
     def num_samples(self) -> int:
@@ -86,11 +97,11 @@ class EpochSchedule:
             return torch.arange(self.rank, self.dataset_size, self.world_size)
         generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, ORDER_STREAM))
         order = torch.randperm(self.dataset_size, generator=generator)
-        return order[self.rank: self.num_samples * self.world_size: self.world_size]
+        return order[self.rank : self.num_samples * self.world_size : self.world_size]
 
     def remaining(self, device: torch.device | str = "cpu") -> list[Tensor]:
         """The index batches still to come in the current epoch, on `device` (one transfer)."""
-        indices = self.indices(self.epoch)[self.batch * self.batch_size: len(self) * self.batch_size]
+        indices = self.indices(self.epoch)[self.batch * self.batch_size : len(self) * self.batch_size]
         return list(indices.to(device).split(self.batch_size))
 
     def advance(self) -> None:
@@ -105,15 +116,22 @@ class EpochSchedule:
 
     def state_dict(self) -> dict[str, int]:
         """The position and the settings that must match on resume."""
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed,
-                "world_size": self.world_size, "batch_size": self.batch_size}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a saved position; the same world size and batch size are required."""
         for key in ("world_size", "batch_size"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume exactly: the state was saved with {key}={state[key]}, "
-                                 f"this loader has {key}={getattr(self, key)}")
+                raise ValueError(
+                    f"cannot resume exactly: the state was saved with {key}={state[key]}, "
+                    f"this loader has {key}={getattr(self, key)}"
+                )
         if not 0 <= state["batch"] < len(self):
             raise ValueError(f"saved batch {state['batch']} is outside this loader's {len(self)} batches per epoch")
         self.epoch, self.batch, self.seed = state["epoch"], state["batch"], state["seed"]

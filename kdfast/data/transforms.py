@@ -5,7 +5,7 @@ Both are whole-batch tensor ops (no per-image Python loop) and run on CPU tensor
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,15 @@ class Normalize:
     cast to `dtype` (e.g. ``torch.bfloat16``); ``channels_last`` returns NHWC-strided tensors.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu", *,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str = "cpu",
+        *,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> None:
         if len(mean) != len(std) or min(std) <= 0:
             raise ValueError(f"mean and std need one value per channel and std > 0, got mean={mean}, std={std}")
         mean_t = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
@@ -32,8 +39,7 @@ class Normalize:
 
     def __call__(self, images: Tensor) -> Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != self.scale.shape[1]:
-            raise ValueError(f"expected uint8 (B, {self.scale.shape[1]}, H, W) images, "
-                             f"got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"expected uint8 (B, {self.scale.shape[1]}, H, W) images, got {images.dtype} {tuple(images.shape)}")
         x = images.to(torch.float32, memory_format=self.memory_format)
         return x.mul_(self.scale).add_(self.bias).to(self.dtype)
 

@@ -30,8 +30,21 @@ from kdfast.models import KDModel
 
 __all__ = ["Distiller", "Params", "SoKD", "create", "feature_shapes", "get", "make_params", "names"]
 
-_METHODS: dict[str, type[Distiller]] = {"vanilla": Vanilla, "kd": KD, "dkd": DKD, "at": AT, "fitnet": FitNet, "sp": SP,
-                                        "rkd": RKD, "lcc": LCC, "afd": AFD, "rtk": RTK, "lakd": LAKD, "aft": AFT, "sokd": SoKD}
+_METHODS: dict[str, type[Distiller]] = {
+    "vanilla": Vanilla,
+    "kd": KD,
+    "dkd": DKD,
+    "at": AT,
+    "fitnet": FitNet,
+    "sp": SP,
+    "rkd": RKD,
+    "lcc": LCC,
+    "afd": AFD,
+    "rtk": RTK,
+    "lakd": LAKD,
+    "aft": AFT,
+    "sokd": SoKD,
+}
 
 
 def names() -> list[str]:
@@ -64,8 +77,9 @@ def make_params(name: str, values: Mapping[str, Any]) -> Params:
     return cls(**coerced)
 
 
-def create(name: str, student: KDModel, teacher: KDModel | None, params: Mapping[str, Any] | Params | None = None,
-           image_size: int = 32) -> Distiller:
+def create(
+    name: str, student: KDModel, teacher: KDModel | None, params: Mapping[str, Any] | Params | None = None, image_size: int = 32
+) -> Distiller:
     """The distiller of method `name` around `student` (teacher: the frozen teacher, for shapes)."""
     if not isinstance(params, Params):
         params = make_params(name, params or {})

@@ -97,8 +97,11 @@ class LossRateWeights(nn.Module):
         return self.count * torch.softmax(rates / self.tau, dim=0)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "sums": None if self._sums is None else self._sums.detach().cpu().clone(),
-                "means": self._means.clone()}
+        return {
+            "epoch": self._epoch,
+            "sums": None if self._sums is None else self._sums.detach().cpu().clone(),
+            "means": self._means.clone(),
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         means = state["means"].to(torch.float64)

@@ -88,7 +88,9 @@ class AFDParams(Params):
 @dataclass
 class RTKParams(AFDParams):
     r: int | str | None = 3  # entries kept per selection; None or "all": every one (AFD)
-    select: str = "teacher"  # "teacher": top-r teacher blocks per student block; "student": top-r student blocks per teacher block
+    select: str = (
+        "teacher"  # "teacher": top-r teacher blocks per student block; "student": top-r student blocks per teacher block
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -63,8 +63,10 @@ class AFTParams(Params):
 
     def __post_init__(self) -> None:
         if self.stages is not None and (
-                not isinstance(self.stages, (list, tuple)) or not self.stages
-                or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.stages)):
+            not isinstance(self.stages, (list, tuple))
+            or not self.stages
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.stages)
+        ):
             raise ValueError(f"stages must be null or a non-empty list of stage indices, got {self.stages!r}")
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
             raise ValueError(f"grid must be an integer >= 1, got {self.grid!r}")
@@ -84,13 +86,16 @@ class AFT(Distiller):
         chosen = params.stages if params.stages is not None else range(1, depth)
         bad = [s for s in chosen if not -depth <= s < depth]
         if bad:
-            raise ValueError(f"AFT stages {bad} out of range: student and teacher have {depth} stages in common "
-                             f"(valid indices {-depth}..{depth - 1})")
+            raise ValueError(
+                f"AFT stages {bad} out of range: student and teacher have {depth} stages in common "
+                f"(valid indices {-depth}..{depth - 1})"
+            )
         self.stage_indices = [s % depth for s in chosen]
         if len(set(self.stage_indices)) != len(self.stage_indices):
             raise ValueError(f"AFT stages must name distinct stages, got {list(chosen)} ({depth} stages)")
         self.connectors = nn.ModuleList(
-            _connector(student.stage_channels[s], teacher.stage_channels[s], params.connector_bn) for s in self.stage_indices)
+            _connector(student.stage_channels[s], teacher.stage_channels[s], params.connector_bn) for s in self.stage_indices
+        )
         self.stage_weights = LossRateWeights(len(self.stage_indices), params.tau) if params.adaptive else None
 
     def _stage_maps(self, student: Features, teacher: Features) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -104,11 +109,18 @@ class AFT(Distiller):
         losses = {}
         if p.kd_weight:
             losses["kd"] = p.kd_weight * functional.kd_loss(student.logits, teacher.logits, p.temperature)
-        stage_losses = functional.aft_loss(*self._stage_maps(student, teacher), grid=p.grid,
-                                           attention_weight=p.attention_weight, feature_weight=p.feature_weight,
-                                           reduction="none")
-        weights = (self.stage_weights(stage_losses, epoch, labels.numel()) if self.stage_weights is not None
-                   else torch.ones_like(stage_losses))
+        stage_losses = functional.aft_loss(
+            *self._stage_maps(student, teacher),
+            grid=p.grid,
+            attention_weight=p.attention_weight,
+            feature_weight=p.feature_weight,
+            reduction="none",
+        )
+        weights = (
+            self.stage_weights(stage_losses, epoch, labels.numel())
+            if self.stage_weights is not None
+            else torch.ones_like(stage_losses)
+        )
         losses.update({f"aft_stage{s}": w * loss for s, w, loss in zip(self.stage_indices, weights, stage_losses)})
         return losses
 

@@ -78,9 +78,12 @@ class Distiller(nn.Module):
         from kdfast import functional
 
         nets = {"teacher": teacher, "student": self.student.features(images)}
-        return {f"{name} stage {s}": functional.attention_map(f).reshape(f.shape[0], *f.shape[2:]).float()
-                for name, feats in nets.items() if feats is not None
-                for s, f in enumerate(feats.stages[1:], start=1)}
+        return {
+            f"{name} stage {s}": functional.attention_map(f).reshape(f.shape[0], *f.shape[2:]).float()
+            for name, feats in nets.items()
+            if feats is not None
+            for s, f in enumerate(feats.stages[1:], start=1)
+        }
 
 
 @torch.no_grad()

@@ -44,8 +44,10 @@ class ConvReg(nn.Module):
         elif s_h >= t_h and s_w >= t_w:
             self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
         else:
-            raise ValueError(f"FitNet connector: no ConvReg from a student map {tuple(s_shape)} to a teacher map "
-                             f"{tuple(t_shape)} (the student's map must be twice, half, or at least the teacher's size)")
+            raise ValueError(
+                f"FitNet connector: no ConvReg from a student map {tuple(s_shape)} to a teacher map "
+                f"{tuple(t_shape)} (the student's map must be twice, half, or at least the teacher's size)"
+            )
         self.bn = nn.BatchNorm2d(t_c)
         self.relu = nn.ReLU(inplace=True)
 

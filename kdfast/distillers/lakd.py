@@ -52,8 +52,8 @@ Defaults (the project's choice; the paper's values were not available):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,15 +88,27 @@ class LAKDParams(Params):
             value = getattr(self, name)
             _require(_is_number(value) and 0 <= value < math.inf, name, "a finite number >= 0", value)
         _require(_is_number(self.alpha) and 0 <= self.alpha <= 1, "alpha", "a number in [0, 1]", self.alpha)
-        _require(_is_number(self.warmup_epochs, integer=True) and self.warmup_epochs >= 0, "warmup_epochs",
-                 "an integer >= 0", self.warmup_epochs)
-        _require(_is_number(self.temperature) and 0 < self.temperature < math.inf, "temperature", "a finite number > 0",
-                 self.temperature)
+        _require(
+            _is_number(self.warmup_epochs, integer=True) and self.warmup_epochs >= 0,
+            "warmup_epochs",
+            "an integer >= 0",
+            self.warmup_epochs,
+        )
+        _require(
+            _is_number(self.temperature) and 0 < self.temperature < math.inf,
+            "temperature",
+            "a finite number > 0",
+            self.temperature,
+        )
         _require(_is_number(self.grid, integer=True) and self.grid >= 1, "grid", "an integer >= 1", self.grid)
         _require(self.weighting in WEIGHTINGS, "weighting", f"one of {', '.join(WEIGHTINGS)}", self.weighting)
         _require(self.mode in MODES, "mode", f"one of {', '.join(MODES)}", self.mode)
-        _require(self.boundaries is None or isinstance(self.boundaries, (list, tuple)), "boundaries",
-                 "a list of stage indices or null", self.boundaries)
+        _require(
+            self.boundaries is None or isinstance(self.boundaries, (list, tuple)),
+            "boundaries",
+            "a list of stage indices or null",
+            self.boundaries,
+        )
 
     def alpha_at(self, epoch: int) -> float:
         """``alpha_e = alpha * min((epoch - 1) / warmup_epochs, 1)`` (epoch counts from 1)."""
@@ -125,16 +137,22 @@ class LAKD(Distiller):
 
         return self.local(images, loss_fn, self.params.mode)
 
-    def module_losses(self, outputs: Sequence[ModuleOutput], teacher: Features, labels: Tensor,
-                      epoch: int) -> dict[str, Tensor]:
+    def module_losses(self, outputs: Sequence[ModuleOutput], teacher: Features, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         """The named losses of the given modules: ``lakd.module<l>`` of each (one fused
         ``ndam_loss`` call for all of them), plus ``ce`` and ``kd`` if the last module is among them."""
         p = self.params
         alpha = p.alpha_at(epoch)
         targets = [teacher.stages[self.local.boundaries[out.index]] for out in outputs]
-        local = functional.ndam_loss([out.feature for out in outputs], [out.hint for out in outputs], targets, p.grid,
-                                     feature_weight=p.beta, map_weight=(1.0 - alpha) * p.map_scale,
-                                     weighting=p.weighting, reduction="none")
+        local = functional.ndam_loss(
+            [out.feature for out in outputs],
+            [out.hint for out in outputs],
+            targets,
+            p.grid,
+            feature_weight=p.beta,
+            map_weight=(1.0 - alpha) * p.map_scale,
+            weighting=p.weighting,
+            reduction="none",
+        )
         # modules first, then ce and kd: one order in every mode, so that the logged totals agree
         losses = {f"lakd.module{out.index + 1}": loss for out, loss in zip(outputs, local.unbind())}
         if outputs[-1].last:
@@ -150,17 +168,22 @@ class LAKD(Distiller):
         module's boundary: ``"teacher module 1"``, ``"student module 1"``, ..."""
         g = self.params.grid
         nets = {"teacher": teacher, "student": self.student.features(images)}
-        return {f"{name} module {l + 1}": functional.ndam_map(feats.stages[b], g).reshape(-1, g, g).float()
-                for name, feats in nets.items() if feats is not None
-                for l, b in enumerate(self.local.boundaries)}
+        return {
+            f"{name} module {i + 1}": functional.ndam_map(feats.stages[b], g).reshape(-1, g, g).float()
+            for name, feats in nets.items()
+            if feats is not None
+            for i, b in enumerate(self.local.boundaries)
+        }
 
 
 def _teacher_channels(student: KDModel, teacher: KDModel, boundaries: list[int] | None) -> list[int]:
     """The teacher's channels at the student's module boundaries (the same stage indices)."""
     cuts = stage_boundaries(student, boundaries)
     if cuts[-1] >= len(teacher.stage_channels):
-        raise ValueError(f"LAKD pairs module l with the teacher's stage boundaries[l]: {type(teacher).__name__} has "
-                         f"stages 0..{len(teacher.stage_channels) - 1}, the student's modules end at {cuts}")
+        raise ValueError(
+            f"LAKD pairs module l with the teacher's stage boundaries[l]: {type(teacher).__name__} has "
+            f"stages 0..{len(teacher.stage_channels) - 1}, the student's modules end at {cuts}"
+        )
     return [teacher.stage_channels[b] for b in cuts]
 
 

@@ -60,8 +60,11 @@ class LCCParams(Params):
     attention_weight: float = 1.0  # weight of the auxiliary classifier's CE
 
     def __post_init__(self) -> None:
-        if (not isinstance(self.stages, (list, tuple)) or not self.stages
-                or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.stages)):
+        if (
+            not isinstance(self.stages, (list, tuple))
+            or not self.stages
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.stages)
+        ):
             raise ValueError(f"stages must be a non-empty list of stage indices, got {self.stages!r}")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages must not repeat an index, got {self.stages!r}")
@@ -83,15 +86,24 @@ class LCC(Distiller):
         depth = min(len(student.stage_channels), len(teacher.stage_channels))
         bad = [s for s in params.stages if not -depth <= s < depth]
         if bad:
-            raise ValueError(f"LCC stages {bad} out of range: student and teacher have {depth} stages in common "
-                             f"(valid indices {-depth}..{depth - 1})")
+            raise ValueError(
+                f"LCC stages {bad} out of range: student and teacher have {depth} stages in common "
+                f"(valid indices {-depth}..{depth - 1})"
+            )
         self.attention: nn.ModuleList | None = None
         if params.attention:
             num_classes = _num_classes(teacher)
             self.attention = nn.ModuleList(
-                ClassAwareAttention(teacher.stage_channels[s], num_classes, params.attention_layers, params.attention_width,
-                                    params.attention_kernel, params.attention_threshold)
-                for s in params.stages)
+                ClassAwareAttention(
+                    teacher.stage_channels[s],
+                    num_classes,
+                    params.attention_layers,
+                    params.attention_width,
+                    params.attention_kernel,
+                    params.attention_threshold,
+                )
+                for s in params.stages
+            )
 
     def distill_losses(self, student: Features, teacher: Features, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         p = self.params
@@ -106,8 +118,11 @@ class LCC(Distiller):
                 # the teacher's features are inference tensors, which a trained module cannot save for backward
                 mask, ce = self.attention[k](f_t.clone(), labels)
                 attention_ce.append(ce)
-            lcc.append(functional.local_correlation_loss(f_s, f_t, grid=p.grid, terms=tuple(p.terms),
-                                                         weights=tuple(p.term_weights), mask=mask))
+            lcc.append(
+                functional.local_correlation_loss(
+                    f_s, f_t, grid=p.grid, terms=tuple(p.terms), weights=tuple(p.term_weights), mask=mask
+                )
+            )
         losses["lcc"] = p.lcc_weight * sum(lcc)
         if attention_ce:
             losses["lcc_attention"] = p.attention_weight * sum(attention_ce)
@@ -119,5 +134,7 @@ def _num_classes(model: KDModel) -> int:
     head = model.stage_modules()[-1]
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"LCC's class-aware attention needs the number of classes: no Linear in the head of {type(model).__name__}")
+        raise ValueError(
+            f"LCC's class-aware attention needs the number of classes: no Linear in the head of {type(model).__name__}"
+        )
     return linears[-1].out_features

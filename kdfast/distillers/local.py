@@ -29,8 +29,8 @@ moves and checkpoints it, so its weights are stored once); only the connectors a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,12 +73,17 @@ def stage_boundaries(model: KDModel, boundaries: Sequence[int] | None = None) ->
     if boundaries is None:
         return list(range(1, last + 1)) if last >= 1 else [0]
     values = list(boundaries)
-    if (not values or any(isinstance(b, bool) or not isinstance(b, int) for b in values)
-            or any(b >= c for b, c in zip(values, values[1:]))):
+    if (
+        not values
+        or any(isinstance(b, bool) or not isinstance(b, int) for b in values)
+        or any(b >= c for b, c in zip(values, values[1:]))
+    ):
         raise ValueError(f"boundaries must be a non-empty, strictly increasing list of stage indices, got {boundaries!r}")
     if values[0] < 0 or values[-1] != last:
-        raise ValueError(f"boundaries must lie in 0..{last} and end at the last stage {last} of {type(model).__name__} "
-                         f"(its head joins the last module), got {values}")
+        raise ValueError(
+            f"boundaries must lie in 0..{last} and end at the last stage {last} of {type(model).__name__} "
+            f"(its head joins the last module), got {values}"
+        )
     return values
 
 
@@ -93,8 +98,9 @@ class LocalModules(nn.Module):
         super().__init__()
         self.boundaries = stage_boundaries(model, boundaries)
         if len(hint_channels) != len(self.boundaries):
-            raise ValueError(f"hint_channels must give one channel count per module ({len(self.boundaries)}), "
-                             f"got {list(hint_channels)}")
+            raise ValueError(
+                f"hint_channels must give one channel count per module ({len(self.boundaries)}), got {list(hint_channels)}"
+            )
         segments = model.stage_modules()  # [stem, stage 1, ..., stage n, head]: segment k records stages[k]
         starts = [0, *(b + 1 for b in self.boundaries[:-1])]
         ends = [*(b + 1 for b in self.boundaries[:-1]), len(segments)]

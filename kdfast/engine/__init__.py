@@ -10,8 +10,16 @@ import importlib
 from typing import Any
 
 __all__ = ["Config", "ConfigError", "StudentsReport", "Summary", "evaluate", "load_config", "train", "train_students"]
-_WHERE = {"Config": "config", "ConfigError": "config", "load_config": "config", "StudentsReport": "report",
-          "Summary": "report", "evaluate": "trainer", "train": "trainer", "train_students": "trainer"}
+_WHERE = {
+    "Config": "config",
+    "ConfigError": "config",
+    "load_config": "config",
+    "StudentsReport": "report",
+    "Summary": "report",
+    "evaluate": "trainer",
+    "train": "trainer",
+    "train_students": "trainer",
+}
 
 
 def __getattr__(name: str) -> Any:

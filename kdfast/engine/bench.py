@@ -55,8 +55,7 @@ from kdfast.reference import map_distance as ref_afd
 from kdfast.reference import rkd as ref_rkd
 from kdfast.reference import sp as ref_sp
 
-__all__ = ["DISTILLER_PARAMS", "METHODS", "REFERENCE_METHODS", "peak_bytes", "run_e2e",
-           "run_students_e2e"]
+__all__ = ["DISTILLER_PARAMS", "METHODS", "REFERENCE_METHODS", "peak_bytes", "run_e2e", "run_students_e2e"]
 
 NUM_CLASSES = 100
 FeatureLoss = Callable[[Features, Features, Tensor], Tensor]
@@ -115,8 +114,9 @@ def _lakd_peer(student: KDModel, teacher: KDModel) -> tuple[PeerLoss, nn.Module]
 
     def loss(x: Tensor, t: Features, y: Tensor) -> Tensor:
         def module_losses(outputs: Sequence[ModuleOutput]) -> dict[str, Tensor]:
-            terms = ref_ndam.block_attention_terms([o.feature for o in outputs], [o.hint for o in outputs],
-                                                   [t.stages[b] for b in cuts], grid=4, power=1.0)
+            terms = ref_ndam.block_attention_terms(
+                [o.feature for o in outputs], [o.hint for o in outputs], [t.stages[b] for b in cuts], grid=4, power=1.0
+            )
             logits = outputs[-1].output
             local_losses = ref_ndam.weigh(terms, 1.0, 0.1 * 1000.0, "sum")
             return {"total": local_losses + 0.9 * F.cross_entropy(logits, y) + ref_kd.kd_loss(logits, t.logits, 4.0)}
@@ -128,7 +128,9 @@ def _lakd_peer(student: KDModel, teacher: KDModel) -> tuple[PeerLoss, nn.Module]
 
 REFERENCE_METHODS: dict[str, Peer] = {
     "kd": _on_features(lambda s, t, y: 0.1 * F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0)),
-    "at": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + 1000 * ref_at.at_stage_losses(s.stages[1:], t.stages[1:]).sum()),
+    "at": _on_features(
+        lambda s, t, y: F.cross_entropy(s.logits, y) + 1000 * ref_at.at_stage_losses(s.stages[1:], t.stages[1:]).sum()
+    ),
     "dkd": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + ref_dkd.dkd_loss(s.logits, t.logits, y, 1.0, 8.0, 4.0)),
     "sp": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + 3000 * ref_sp.sp_loss(s.stages[-1], t.stages[-1])),
     "rkd": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + ref_rkd.rkd_loss(s.pooled, t.pooled, 25.0, 50.0)),
@@ -146,7 +148,9 @@ STEP_EPOCH = 10**6  # past every warm-up ramp (DKD): the full loss is timed
 
 def _synthetic(batch: int, batches: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch * batches, 3, 32, 32, generator=gen), torch.randint(0, NUM_CLASSES, (batch * batches,), generator=gen)
+    return torch.randn(batch * batches, 3, 32, 32, generator=gen), torch.randint(
+        0, NUM_CLASSES, (batch * batches,), generator=gen
+    )
 
 
 def _models(teacher: str, student: str, device: torch.device, memory_format: torch.memory_format):
@@ -157,8 +161,9 @@ def _models(teacher: str, student: str, device: torch.device, memory_format: tor
     return t, s
 
 
-def _kdfast_step(method: str, teacher: str, student: str, device: torch.device, data: tuple[Tensor, Tensor],
-                 batch: int, students: int = 1) -> Callable[[], None]:
+def _kdfast_step(
+    method: str, teacher: str, student: str, device: torch.device, data: tuple[Tensor, Tensor], batch: int, students: int = 1
+) -> Callable[[], None]:
     """One kdfast training step of `students` students (own models and optimizers) on one teacher
     forward per batch, as ``kdfast train`` runs a multi-student config."""
     t, _ = _models(teacher, student, device, torch.channels_last)
@@ -187,8 +192,9 @@ def _kdfast_step(method: str, teacher: str, student: str, device: torch.device, 
     return step
 
 
-def _eager_step(method: str, teacher: str, student: str, device: torch.device, data: tuple[Tensor, Tensor],
-                batch: int) -> Callable[[], None]:
+def _eager_step(
+    method: str, teacher: str, student: str, device: torch.device, data: tuple[Tensor, Tensor], batch: int
+) -> Callable[[], None]:
     t, s = _models(teacher, student, device, torch.contiguous_format)
     loss_fn, extras = REFERENCE_METHODS[method](s, t)
     extras.to(device)
@@ -210,6 +216,7 @@ def _eager_step(method: str, teacher: str, student: str, device: torch.device, d
 
 def _in_turn(steps: Sequence[Callable[[], None]]) -> Callable[[], None]:
     """One step of each of `steps`, one after another."""
+
     def step() -> None:
         for one in steps:
             one()
@@ -261,9 +268,17 @@ def _quantiles(times: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(times), cuts[0], cuts[3]
 
 
-def run_e2e(device: torch.device, methods: Sequence[str] = METHODS, batch: int = 64, iters: int = 20, warmup: int = 3,
-            teacher: str = "resnet32x4", student: str = "resnet8x4", out: Path | None = None,
-            note: str = "") -> list[dict[str, str]]:
+def run_e2e(
+    device: torch.device,
+    methods: Sequence[str] = METHODS,
+    batch: int = 64,
+    iters: int = 20,
+    warmup: int = 3,
+    teacher: str = "resnet32x4",
+    student: str = "resnet8x4",
+    out: Path | None = None,
+    note: str = "",
+) -> list[dict[str, str]]:
     """Measure every method both ways, print a table, merge each method's rows into the results CSV
     as soon as they are measured (a run cut short keeps them), with `note` in their note column;
     returns the rows."""
@@ -280,20 +295,44 @@ def run_e2e(device: torch.device, methods: Sequence[str] = METHODS, batch: int =
             median, p20, p80 = _quantiles(times)
             base_ms = base_ms or median
             mib = f"{peak / 2**20:.1f}"
-            print(f"{method:<8} {backend:<11} {median:>9.2f} {batch * 1e3 / median:>9.1f} {base_ms / median:>8.2f}x {mib:>9}",
-                  flush=True)
-            rows.append({"op": f"e2e_{method}", "backend": backend, "pass": "train_step", "dtype": dtype,
-                         "shape": f"{batch}x3x32x32", "median_ms": f"{median:.6g}", "p20_ms": f"{p20:.6g}",
-                         "p80_ms": f"{p80:.6g}", "peak_mem_bytes": str(peak), "gbps": "",
-                         **env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "note": note})
+            print(
+                f"{method:<8} {backend:<11} {median:>9.2f} {batch * 1e3 / median:>9.1f} {base_ms / median:>8.2f}x {mib:>9}",
+                flush=True,
+            )
+            rows.append(
+                {
+                    "op": f"e2e_{method}",
+                    "backend": backend,
+                    "pass": "train_step",
+                    "dtype": dtype,
+                    "shape": f"{batch}x3x32x32",
+                    "median_ms": f"{median:.6g}",
+                    "p20_ms": f"{p20:.6g}",
+                    "p80_ms": f"{p80:.6g}",
+                    "peak_mem_bytes": str(peak),
+                    "gbps": "",
+                    **env,
+                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                    "note": note,
+                }
+            )
         path = _write(rows[-2:], device, out)
     print(f"rows written to {path}")
     return rows
 
 
-def run_students_e2e(device: torch.device, methods: Sequence[str] = ("kd",), counts: Sequence[int] = (1, 2, 4),
-                     batch: int = 64, iters: int = 20, warmup: int = 3, teacher: str = "resnet32x4",
-                     student: str = "resnet8x4", out: Path | None = None, note: str = "") -> list[dict[str, str]]:
+def run_students_e2e(
+    device: torch.device,
+    methods: Sequence[str] = ("kd",),
+    counts: Sequence[int] = (1, 2, 4),
+    batch: int = 64,
+    iters: int = 20,
+    warmup: int = 3,
+    teacher: str = "resnet32x4",
+    student: str = "resnet8x4",
+    out: Path | None = None,
+    note: str = "",
+) -> list[dict[str, str]]:
     """Images/s per student of N students trained together on one teacher forward per batch
     ("kdfast-shared", as ``kdfast train --seeds``) against N separate runs (N kdfast steps, each
     with its own teacher forward), for each N of `counts`. One timed "step" is one batch for all N
@@ -303,26 +342,43 @@ def run_students_e2e(device: torch.device, methods: Sequence[str] = ("kd",), cou
     env = results.environment(device)
     amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
     rows = []
-    print(f"N students on one teacher forward vs N separate runs, {teacher} -> {student}, batch {batch}, {device} "
-          f"({env['device']})")
+    print(
+        f"N students on one teacher forward vs N separate runs, {teacher} -> {student}, batch {batch}, {device} ({env['device']})"
+    )
     print(f"{'method':<8} {'N':>2} {'backend':<11} {'ms/batch':>9} {'img/s/student':>14} {'speed-up':>9}")
     for method in methods:
         for n in counts:
             separate = [_kdfast_step(method, teacher, student, device, data, batch) for _ in range(n)]
-            builds = (("separate", _in_turn(separate)),
-                      ("shared", _kdfast_step(method, teacher, student, device, data, batch, students=n)))
+            builds = (
+                ("separate", _in_turn(separate)),
+                ("shared", _kdfast_step(method, teacher, student, device, data, batch, students=n)),
+            )
             base_ms = None
             for kind, step in builds:
                 times, peak = _time(step, device, warmup, iters)
                 median, p20, p80 = _quantiles(times)
                 base_ms = base_ms or median
-                print(f"{method:<8} {n:>2} {kind:<11} {median:>9.2f} {batch * 1e3 / median:>14.1f} {base_ms / median:>8.2f}x",
-                      flush=True)
-                rows.append({"op": f"e2e_students_{method}", "backend": f"kdfast-{kind}-{n}", "pass": "train_step",
-                             "dtype": amp_dtype, "shape": f"{batch}x3x32x32", "median_ms": f"{median:.6g}",
-                             "p20_ms": f"{p20:.6g}", "p80_ms": f"{p80:.6g}",
-                             "peak_mem_bytes": str(peak), "gbps": "", **env,
-                             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "note": note})
+                print(
+                    f"{method:<8} {n:>2} {kind:<11} {median:>9.2f} {batch * 1e3 / median:>14.1f} {base_ms / median:>8.2f}x",
+                    flush=True,
+                )
+                rows.append(
+                    {
+                        "op": f"e2e_students_{method}",
+                        "backend": f"kdfast-{kind}-{n}",
+                        "pass": "train_step",
+                        "dtype": amp_dtype,
+                        "shape": f"{batch}x3x32x32",
+                        "median_ms": f"{median:.6g}",
+                        "p20_ms": f"{p20:.6g}",
+                        "p80_ms": f"{p80:.6g}",
+                        "peak_mem_bytes": str(peak),
+                        "gbps": "",
+                        **env,
+                        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                        "note": note,
+                    }
+                )
             path = _write(rows[-2:], device, out)
     print(f"rows written to {path}")
     return rows

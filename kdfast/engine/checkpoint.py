@@ -20,8 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_atomic", "save_rotating", "load", "load_verified", "load_latest", "rng_state",
-           "set_rng_state"]
+__all__ = [
+    "CheckpointError",
+    "save_atomic",
+    "save_rotating",
+    "load",
+    "load_verified",
+    "load_latest",
+    "rng_state",
+    "set_rng_state",
+]
 
 CHECKSUM_SUFFIX = ".sha256"
 
@@ -78,8 +86,7 @@ def load_verified(path: str | Path) -> dict[str, Any]:
         expected = checksum.read_text().strip()
         actual = hashlib.sha256(path.read_bytes()).hexdigest()
         if actual != expected:
-            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt file): sha256 {actual}, "
-                                  f"recorded {expected}")
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt file): sha256 {actual}, recorded {expected}")
     try:
         state = load(path)
     except Exception as error:  # torch.load raises many types for a damaged archive

@@ -13,9 +13,10 @@ training starts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -23,9 +24,26 @@ from kdfast import distillers, models
 from kdfast._coerce import coerce_fields
 from kdfast.data import DATASETS, DECODES
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "TrainConfig", "RunConfig",
-           "CONFIG_DIR", "load_config", "from_dict", "apply_overrides", "validate", "validate_data", "resolve_path", "to_dict",
-           "students", "with_seeds"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "MethodConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "RunConfig",
+    "CONFIG_DIR",
+    "load_config",
+    "from_dict",
+    "apply_overrides",
+    "validate",
+    "validate_data",
+    "resolve_path",
+    "to_dict",
+    "students",
+    "with_seeds",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -111,8 +129,7 @@ class Config:
     runs: list[RunConfig] = field(default_factory=list)  # several students in one run (empty: one)
 
 
-_SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "optim": OptimConfig,
-                    "train": TrainConfig}
+_SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "optim": OptimConfig, "train": TrainConfig}
 _LABEL_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
 
 
@@ -162,8 +179,9 @@ def from_dict(values: Mapping[str, Any]) -> Config:
     unknown = sorted(set(values) - {*_SECTION_CLASSES, "runs"})
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(unknown)}; valid sections: {', '.join(_SECTION_CLASSES)}, runs")
-    return Config(**{name: _build_section(name, values.get(name)) for name in _SECTION_CLASSES},
-                  runs=_build_runs(values.get("runs")))
+    return Config(
+        **{name: _build_section(name, values.get(name)) for name in _SECTION_CLASSES}, runs=_build_runs(values.get("runs"))
+    )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -188,8 +206,11 @@ def _student_values(cfg: Config, run: RunConfig) -> tuple[str, str, dict[str, An
     seed = cfg.train.seed if run.seed is None else run.seed
     label = run.label or str(values["method"].get("name", "vanilla"))
     name = f"{label}-s{seed}"
-    values["train"].update(seed=seed, data_seed=cfg.train.data_seed if cfg.train.data_seed is not None else cfg.train.seed,
-                           out_dir=str(Path(cfg.train.out_dir) / name))
+    values["train"].update(
+        seed=seed,
+        data_seed=cfg.train.data_seed if cfg.train.data_seed is not None else cfg.train.seed,
+        out_dir=str(Path(cfg.train.out_dir) / name),
+    )
     return label, name, values
 
 
@@ -292,12 +313,15 @@ def _value_problems(cfg: Config) -> list[str]:
         (train.amp in ("auto", "bf16", "none"), f"train.amp must be auto, bf16 or none, got {train.amp!r}"),
         (train.epochs >= 1, f"train.epochs must be >= 1, got {train.epochs}"),
         (data.batch_size >= 1, f"data.batch_size must be >= 1, got {data.batch_size}"),
-        (data.eval_batch_size is None or data.eval_batch_size >= 1,
-         f"data.eval_batch_size must be >= 1, got {data.eval_batch_size}"),
-        (data.train_per_class is None or data.train_per_class >= 1,
-         f"data.train_per_class must be >= 1, got {data.train_per_class}"),
-        (data.train_per_class is None or data.dataset != "imagenet",
-         "data.train_per_class is for digits, cifar10 and cifar100"),
+        (
+            data.eval_batch_size is None or data.eval_batch_size >= 1,
+            f"data.eval_batch_size must be >= 1, got {data.eval_batch_size}",
+        ),
+        (
+            data.train_per_class is None or data.train_per_class >= 1,
+            f"data.train_per_class must be >= 1, got {data.train_per_class}",
+        ),
+        (data.train_per_class is None or data.dataset != "imagenet", "data.train_per_class is for digits, cifar10 and cifar100"),
         (data.decode in DECODES, f"data.decode must be one of {', '.join(DECODES)}, got {data.decode!r}"),
         (data.workers is None or data.workers >= 0, f"data.workers must be >= 0, got {data.workers}"),
         (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
@@ -305,13 +329,19 @@ def _value_problems(cfg: Config) -> list[str]:
         (optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}"),
         (optim.gamma > 0, f"optim.gamma must be > 0, got {optim.gamma}"),
         (all(m >= 1 for m in optim.milestones), f"optim.milestones must be epochs >= 1, got {optim.milestones}"),
-        (all(a < b for a, b in zip(optim.milestones, optim.milestones[1:])),
-         f"optim.milestones must be strictly increasing, got {optim.milestones}"),
+        (
+            all(a < b for a, b in zip(optim.milestones, optim.milestones[1:])),
+            f"optim.milestones must be strictly increasing, got {optim.milestones}",
+        ),
         (not optim.nesterov or optim.momentum > 0, "optim.nesterov needs optim.momentum > 0"),
-        (train.max_train_batches is None or train.max_train_batches >= 1,
-         f"train.max_train_batches must be >= 1, got {train.max_train_batches}"),
-        (train.max_eval_batches is None or train.max_eval_batches >= 1,
-         f"train.max_eval_batches must be >= 1, got {train.max_eval_batches}"),
+        (
+            train.max_train_batches is None or train.max_train_batches >= 1,
+            f"train.max_train_batches must be >= 1, got {train.max_train_batches}",
+        ),
+        (
+            train.max_eval_batches is None or train.max_eval_batches >= 1,
+            f"train.max_eval_batches must be >= 1, got {train.max_eval_batches}",
+        ),
         (train.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {train.on_nonfinite!r}"),
         (train.max_nonfinite >= 1, f"train.max_nonfinite must be >= 1, got {train.max_nonfinite}"),
     ]

@@ -54,11 +54,15 @@ class NonFiniteGuard:
         (skipped ones, in mode "skip"). One host sync."""
         bad, first = (int(v) for v in torch.stack([self.bad_steps, self.first_bad]).tolist())
         if bad and self.mode == "stop":
-            raise Diverged(f"non-finite loss or gradients at epoch {epoch}, step {first} (train.on_nonfinite=stop); "
-                           "the last good checkpoint is kept. Lower optim.lr, or set train.on_nonfinite=skip")
+            raise Diverged(
+                f"non-finite loss or gradients at epoch {epoch}, step {first} (train.on_nonfinite=stop); "
+                "the last good checkpoint is kept. Lower optim.lr, or set train.on_nonfinite=skip"
+            )
         if bad >= self.max_nonfinite:
-            raise Diverged(f"{bad} steps with a non-finite loss or gradients were skipped (the first at epoch {epoch}, "
-                           f"step {first}), train.max_nonfinite={self.max_nonfinite}; the last good checkpoint is kept")
+            raise Diverged(
+                f"{bad} steps with a non-finite loss or gradients were skipped (the first at epoch {epoch}, "
+                f"step {first}), train.max_nonfinite={self.max_nonfinite}; the last good checkpoint is kept"
+            )
         return bad
 
     def new_epoch(self) -> None:

@@ -32,17 +32,28 @@ def run(out_dir: str | Path = "runs/quickstart", epochs: int | None = None, prog
     teacher_cfg = load_config("digits/teacher", [*common, f"train.out_dir={out / 'teacher'}"])
     print(f"== teacher: {teacher_cfg.model.student} on all training images, {teacher_cfg.train.epochs} epochs", flush=True)
     teacher = train(teacher_cfg)
-    cfg = load_config("digits/students", [*common, f"train.out_dir={out / 'students'}",
-                                          f"model.teacher_checkpoint={out / 'teacher' / 'best.pt'}"])
+    cfg = load_config(
+        "digits/students",
+        [*common, f"train.out_dir={out / 'students'}", f"model.teacher_checkpoint={out / 'teacher' / 'best.pt'}"],
+    )
     per_class = cfg.data.train_per_class
-    print(f"\n== students: {cfg.model.student}, {len(cfg.runs)} runs on one teacher forward per batch, "
-          f"{per_class} training images per class, {cfg.train.epochs} epochs", flush=True)
+    print(
+        f"\n== students: {cfg.model.student}, {len(cfg.runs)} runs on one teacher forward per batch, "
+        f"{per_class} training images per class, {cfg.train.epochs} epochs",
+        flush=True,
+    )
     report = train_students(cfg)
-    print(f"\nteacher {teacher_cfg.model.student} (all training images): best test top-1 {teacher.best_top1:.2f}, "
-          f"last {teacher.last_top1:.2f}")
-    print(f"students {cfg.model.student} ({per_class} training images per class), test top-1 on 360 images "
-          f"(one image = 0.28), mean ± sample std over seeds:")
+    print(
+        f"\nteacher {teacher_cfg.model.student} (all training images): best test top-1 {teacher.best_top1:.2f}, "
+        f"last {teacher.last_top1:.2f}"
+    )
+    print(
+        f"students {cfg.model.student} ({per_class} training images per class), test top-1 on 360 images "
+        f"(one image = 0.28), mean ± sample std over seeds:"
+    )
     print(format_table(report.rows))
-    print(f"\ntotal {time.perf_counter() - start:.0f} s; runs, metrics and curves under {out}/ "
-          f"(every student's curve in {out / 'students' / 'curves.png'})")
+    print(
+        f"\ntotal {time.perf_counter() - start:.0f} s; runs, metrics and curves under {out}/ "
+        f"(every student's curve in {out / 'students' / 'curves.png'})"
+    )
     return report

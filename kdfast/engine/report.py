@@ -81,8 +81,7 @@ def table(students: list[StudentResult]) -> list[Row]:
         done = [s for s in group if s.summary.stopped is None]
         best = _mean_std([s.summary.best_top1 for s in done])
         last = _mean_std([s.summary.last_top1 for s in done])
-        rows.append(Row(label, group[0].method, group[0].model, [s.seed for s in group], *best, *last,
-                        len(group) - len(done)))
+        rows.append(Row(label, group[0].method, group[0].model, [s.seed for s in group], *best, *last, len(group) - len(done)))
     return rows
 
 
@@ -95,8 +94,10 @@ def format_table(rows: list[Row]) -> str:
     lines = [f"{'label':<14} {'method':<8} {'model':<10} {'n':>2} {'best top-1':>14} {'last top-1':>14}"]
     for row in rows:
         stopped = f"  ({row.stopped} diverged)" if row.stopped else ""
-        lines.append(f"{row.label:<14} {row.method:<8} {row.model:<10} {len(row.seeds) - row.stopped:>2} "
-                     f"{_cell(row.best_mean, row.best_std):>14} {_cell(row.last_mean, row.last_std):>14}{stopped}")
+        lines.append(
+            f"{row.label:<14} {row.method:<8} {row.model:<10} {len(row.seeds) - row.stopped:>2} "
+            f"{_cell(row.best_mean, row.best_std):>14} {_cell(row.last_mean, row.last_std):>14}{stopped}"
+        )
     return "\n".join(lines)
 
 
@@ -104,8 +105,9 @@ def write(report: StudentsReport, out_dir: Path) -> None:
     """``summary.json`` (rows and students, without histories) and ``curves.png`` under `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     students = [{key: value for key, value in asdict(s).items() if key != "history"} for s in report.students]
-    (out_dir / "summary.json").write_text(json.dumps({"rows": [asdict(r) for r in report.rows], "students": students},
-                                                     indent=2) + "\n")
+    (out_dir / "summary.json").write_text(
+        json.dumps({"rows": [asdict(r) for r in report.rows], "students": students}, indent=2) + "\n"
+    )
     plot_students(report.students, out_dir / "curves.png")
 
 
@@ -122,8 +124,9 @@ def plot_students(students: list[StudentResult], path: Path) -> None:
     styles = ("-", "--", ":", "-.")
     for s in students:
         epochs = [row["epoch"] for row in s.history]
-        style = dict(color=colours[s.label], linestyle=styles[[t.name for t in students if t.label == s.label].index(s.name)
-                                                              % len(styles)])
+        style = dict(
+            color=colours[s.label], linestyle=styles[[t.name for t in students if t.label == s.label].index(s.name) % len(styles)]
+        )
         ax_loss.plot(epochs, [row["loss"] for row in s.history], label=s.name, **style)
         ax_acc.plot(epochs, [row["test.top1"] for row in s.history], label=s.name, **style)
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")

@@ -15,10 +15,10 @@ import os
 import platform
 import re
 import weakref
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -26,8 +26,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["CSV_COLUMNS", "KEY_COLUMNS", "RESULTS_DIR", "LiveTensorBytes", "Row", "cpu_model", "default_results_path",
-           "device_model", "environment", "merge_csv", "now", "results_path"]
+__all__ = [
+    "CSV_COLUMNS",
+    "KEY_COLUMNS",
+    "RESULTS_DIR",
+    "LiveTensorBytes",
+    "Row",
+    "cpu_model",
+    "default_results_path",
+    "device_model",
+    "environment",
+    "merge_csv",
+    "now",
+    "results_path",
+]
 
 _CHECKOUT_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 RESULTS_DIR = _CHECKOUT_RESULTS if _CHECKOUT_RESULTS.is_dir() else Path("kdfast-results")

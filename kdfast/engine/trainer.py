@@ -27,9 +27,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -46,8 +46,20 @@ from kdfast.engine.guard import Diverged, NonFiniteGuard
 from kdfast.engine.metrics import MetricsLogger, plot_curves
 from kdfast.engine.report import Summary
 
-__all__ = ["Diverged", "Interrupted", "Summary", "train", "train_students", "evaluate", "frozen_teacher", "image_size",
-           "autocast", "build_distiller", "seed_everything", "set_deterministic"]
+__all__ = [
+    "Diverged",
+    "Interrupted",
+    "Summary",
+    "train",
+    "train_students",
+    "evaluate",
+    "frozen_teacher",
+    "image_size",
+    "autocast",
+    "build_distiller",
+    "seed_everything",
+    "set_deterministic",
+]
 
 LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
 # Config keys a resumed checkpoint must share with the run (anything else may change, e.g. epochs).
@@ -110,7 +122,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "auto", 
     return 100.0 * correct / max(total, 1.0)
 
 
-def frozen_teacher(cfg: Config, num_classes: int, device: torch.device, memory_format: torch.memory_format) -> models.KDModel | None:
+def frozen_teacher(
+    cfg: Config, num_classes: int, device: torch.device, memory_format: torch.memory_format
+) -> models.KDModel | None:
     """The config's teacher with its checkpoint, in eval mode without gradients; None when the method needs none."""
     if cfg.model.teacher is None or not distillers.get(cfg.method.name).needs_teacher:
         return None
@@ -124,14 +138,18 @@ def build_distiller(cfg: Config, num_classes: int, teacher: models.KDModel | Non
     distiller; `teacher` is passed on only to a method that needs one."""
     student = models.create(cfg.model.student, num_classes, dataset=cfg.data.dataset)
     needs_teacher = distillers.get(cfg.method.name).needs_teacher
-    return distillers.create(cfg.method.name, student, teacher if needs_teacher else None, cfg.method.params,
-                             image_size(cfg.data.dataset))
+    return distillers.create(
+        cfg.method.name, student, teacher if needs_teacher else None, cfg.method.params, image_size(cfg.data.dataset)
+    )
 
 
 def _identity_mismatches(saved: dict, cfg: Config) -> list[str]:
     current = to_dict(cfg)
-    return [f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, config {current[section][key]!r}"
-            for section, key in _IDENTITY if saved.get(section, {}).get(key) != current[section][key]]
+    return [
+        f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, config {current[section][key]!r}"
+        for section, key in _IDENTITY
+        if saved.get(section, {}).get(key) != current[section][key]
+    ]
 
 
 def load_resume_state(cfg: Config) -> dict:
@@ -155,7 +173,7 @@ class _StopSignals:
         self.signum = 0
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._record)
@@ -189,21 +207,37 @@ class _Student:
     """One student of a run: its distiller, optimizer, scheduler, guard, random state, history and
     outputs (``cfg.train.out_dir``), built from its own single-run config."""
 
-    def __init__(self, label: str, name: str, cfg: Config, dist: Dist, teacher: models.KDModel | None,
-                 num_classes: int, memory_format: torch.memory_format) -> None:
+    def __init__(
+        self,
+        label: str,
+        name: str,
+        cfg: Config,
+        dist: Dist,
+        teacher: models.KDModel | None,
+        num_classes: int,
+        memory_format: torch.memory_format,
+    ) -> None:
         self.label, self.name, self.cfg, self.dist = label, name, cfg, dist
         self.out = Path(cfg.train.out_dir)
         seed_everything(cfg.train.seed)
         self.distiller = build_distiller(cfg, num_classes, teacher)
         self.distiller.to(dist.device, memory_format=memory_format)
         if self.distiller.backward_done and (dist.enabled or cfg.train.compile):
-            raise ConfigError(f"method {cfg.method.name!r} runs its backward inside forward (LAKD's mode 'local'), which "
-                              "DistributedDataParallel and torch.compile cannot run; use a mode with one backward "
-                              "(LAKD: --set method.mode=joint)")
+            raise ConfigError(
+                f"method {cfg.method.name!r} runs its backward inside forward (LAKD's mode 'local'), which "
+                "DistributedDataParallel and torch.compile cannot run; use a mode with one backward "
+                "(LAKD: --set method.mode=joint)"
+            )
         opt = cfg.optim
         self.skip = cfg.train.on_nonfinite == "skip"  # the fused step drops an update on the device (found_inf)
-        self.optimizer = torch.optim.SGD(self.distiller.sgd_parameters(), lr=opt.lr, momentum=opt.momentum,
-                                         weight_decay=opt.weight_decay, nesterov=opt.nesterov, fused=self.skip or None)
+        self.optimizer = torch.optim.SGD(
+            self.distiller.sgd_parameters(),
+            lr=opt.lr,
+            momentum=opt.momentum,
+            weight_decay=opt.weight_decay,
+            nesterov=opt.nesterov,
+            fused=self.skip or None,
+        )
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, opt.milestones, opt.gamma)
         self.guard = NonFiniteGuard(dist.device, cfg.train.on_nonfinite, cfg.train.max_nonfinite)
@@ -232,13 +266,25 @@ class _Student:
         student = self.distiller.student.state_dict()
         if improved:
             checkpoint.save_atomic({"model": student, "epoch": self.epoch, "best_acc": self.best[0]}, self.out / BEST)
-        checkpoint.save_rotating({
-            "model": student, "distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": None, "epoch": self.epoch,
-            "loader": loader_state, "rng": self.rng.state, "history": self.history,
-            "best": list(self.best), "config": to_dict(self.cfg), "partial": partial,
-            "nonfinite_steps": int(self.guard.bad_steps),
-        }, self.out / LAST, self.out / PREV)
+        checkpoint.save_rotating(
+            {
+                "model": student,
+                "distiller": self.distiller.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": None,
+                "epoch": self.epoch,
+                "loader": loader_state,
+                "rng": self.rng.state,
+                "history": self.history,
+                "best": list(self.best),
+                "config": to_dict(self.cfg),
+                "partial": partial,
+                "nonfinite_steps": int(self.guard.bad_steps),
+            },
+            self.out / LAST,
+            self.out / PREV,
+        )
 
     def new_epoch(self, device: torch.device) -> None:
         """Starts this student's sums of an epoch (or of the rest of one interrupted mid-way)."""
@@ -271,14 +317,18 @@ class _Student:
         return loss
 
     def partial_state(self) -> dict:
-        return {"sums": {key: value.item() for key, value in self.sums.items()}, "correct": self.correct.item(),
-                "seen": self.seen}
+        return {
+            "sums": {key: value.item() for key, value in self.sums.items()},
+            "correct": self.correct.item(),
+            "seen": self.seen,
+        }
 
     def epoch_stats(self, elapsed: float) -> dict[str, float]:
         """The epoch's mean losses and train top-1 over every process, and images/s."""
         device = self.dist.device
-        totals = all_reduce_sum(torch.stack([*self.sums.values(), self.correct,
-                                             torch.tensor(self.seen, dtype=torch.float64, device=device)]))
+        totals = all_reduce_sum(
+            torch.stack([*self.sums.values(), self.correct, torch.tensor(self.seen, dtype=torch.float64, device=device)])
+        )
         n = totals[-1].item()
         stats = {key: value.item() / n for key, value in zip(self.sums, totals[:-2], strict=True)}
         stats.update({"train.top1": 100.0 * totals[-2].item() / n, "images_per_s": n / elapsed, "epoch_s": elapsed})
@@ -287,11 +337,16 @@ class _Student:
     def summary(self, wall_s: float) -> Summary:
         device, rows = self.dist.device, self.history
         summary = Summary(
-            best_top1=self.best[0], best_epoch=self.best[1], last_top1=rows[-1]["test.top1"] if rows else float("nan"),
-            epochs=len(rows), wall_s=wall_s,
+            best_top1=self.best[0],
+            best_epoch=self.best[1],
+            last_top1=rows[-1]["test.top1"] if rows else float("nan"),
+            epochs=len(rows),
+            wall_s=wall_s,
             images_per_s=float(np.mean([r["images_per_s"] for r in rows])) if rows else float("nan"),
             peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            out_dir=str(self.out), stopped=self.stopped)
+            out_dir=str(self.out),
+            stopped=self.stopped,
+        )
         if self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
             if rows:
@@ -316,16 +371,26 @@ class _Run:
         memory_format = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
         data = cfg.data
         data_seed = train_cfg.seed if train_cfg.data_seed is None else train_cfg.data_seed
-        self.loaders = build_loaders(data.dataset, data.root, data.batch_size, dist.device,
-                                     eval_batch_size=data.eval_batch_size, seed=data_seed,
-                                     channels_last=train_cfg.channels_last, train_per_class=data.train_per_class,
-                                     workers=data.workers, decode=data.decode)
+        self.loaders = build_loaders(
+            data.dataset,
+            data.root,
+            data.batch_size,
+            dist.device,
+            eval_batch_size=data.eval_batch_size,
+            seed=data_seed,
+            channels_last=train_cfg.channels_last,
+            train_per_class=data.train_per_class,
+            workers=data.workers,
+            decode=data.decode,
+        )
         needs_teacher = any(distillers.get(c.method.name).needs_teacher for _, _, c in entries)
         teacher_cfg = next((c for _, _, c in entries if distillers.get(c.method.name).needs_teacher), cfg)
-        self.teacher = (frozen_teacher(teacher_cfg, self.loaders.num_classes, dist.device, memory_format)
-                        if needs_teacher else None)
-        self.students = [_Student(label, name, c, dist, self.teacher, self.loaders.num_classes, memory_format)
-                         for label, name, c in entries]
+        self.teacher = (
+            frozen_teacher(teacher_cfg, self.loaders.num_classes, dist.device, memory_format) if needs_teacher else None
+        )
+        self.students = [
+            _Student(label, name, c, dist, self.teacher, self.loaders.num_classes, memory_format) for label, name, c in entries
+        ]
         self.signals = _StopSignals()
         self.epoch = 0
         self.partial: dict | None = None  # the position of an epoch interrupted mid-way
@@ -335,8 +400,9 @@ class _Run:
     def _restore(self, states: list[dict | None]) -> None:
         """Each student from its checkpoint; the run continues from the furthest position, and a
         student that is behind it or has none (it stopped earlier: diverged) stays stopped."""
-        position = [(-1, 0) if state is None else (state["epoch"], (state.get("partial") or {}).get("steps", 0))
-                    for state in states]
+        position = [
+            (-1, 0) if state is None else (state["epoch"], (state.get("partial") or {}).get("steps", 0)) for state in states
+        ]
         lead = states[position.index(max(position))]
         if lead is None:
             raise ConfigError(f"cannot resume {self.out}: every student stopped (diverged) in an earlier session")
@@ -401,8 +467,14 @@ class _Run:
         done, limit = partial["steps"], cfg.train.max_train_batches
         total = min(len(loader), limit or len(loader))
         show_bar = cfg.train.progress and self.dist.is_main and sys.stderr.isatty()  # no bar in logs and files
-        bar = tqdm(total=total, initial=done, desc=f"epoch {self.epoch}/{cfg.train.epochs}", leave=False,
-                   dynamic_ncols=True, disable=not show_bar)
+        bar = tqdm(
+            total=total,
+            initial=done,
+            desc=f"epoch {self.epoch}/{cfg.train.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not show_bar,
+        )
         start = time.perf_counter() - partial["elapsed"]
         for step, (images, labels) in enumerate(_batches(loader, None if limit is None else limit - done), start=done):
             with autocast(device, cfg.train.amp):
@@ -413,8 +485,11 @@ class _Run:
                 self._check_guards()
                 if bar.n and show_bar:
                     first = self.active[0]
-                    bar.set_postfix(loss=f"{losses[0].item():.3f}", acc=f"{100 * first.correct.item() / first.seen:.1f}",
-                                    img_s=f"{first.seen * self.dist.world_size / (time.perf_counter() - start):.0f}")
+                    bar.set_postfix(
+                        loss=f"{losses[0].item():.3f}",
+                        acc=f"{100 * first.correct.item() / first.seen:.1f}",
+                        img_s=f"{first.seen * self.dist.world_size / (time.perf_counter() - start):.0f}",
+                    )
             signum = self._stop_requested(step)
             if signum:
                 bar.close()
@@ -431,8 +506,9 @@ class _Run:
                 student.save(self.loaders.train.state_dict(), partial={**student.partial_state(), **position})
         name = signal.Signals(signum).name
         where = self.out / LAST if len(self.students) == 1 else self.out / f"*/{LAST}"
-        raise Interrupted(signum, f"{name}: stopped after epoch {self.epoch} step {step}; checkpoint written to "
-                                  f"{where}; continue with --resume")
+        raise Interrupted(
+            signum, f"{name}: stopped after epoch {self.epoch} step {step}; checkpoint written to {where}; continue with --resume"
+        )
 
     def fit(self) -> list[Summary]:
         for student in self.students:
@@ -457,8 +533,9 @@ class _Run:
                 student.epoch = self.epoch
                 student.scheduler.step()
                 row = {"epoch": self.epoch, "lr": lrs[student.name], **stats[student.name]}
-                row["test.top1"] = evaluate(student.distiller.student, self.loaders.test, device, cfg.train.amp,
-                                            cfg.train.max_eval_batches)
+                row["test.top1"] = evaluate(
+                    student.distiller.student, self.loaders.test, device, cfg.train.amp, cfg.train.max_eval_batches
+                )
                 improved = row["test.top1"] > student.best[0]
                 if improved:
                     student.best = (row["test.top1"], self.epoch)
@@ -467,9 +544,11 @@ class _Run:
                 if self.dist.is_main:
                     student.save(self.loaders.train.state_dict(), improved)
                     who = f" {student.name}" if len(self.students) > 1 else ""
-                    print(f"epoch {self.epoch}/{cfg.train.epochs}{who}: loss {row['loss']:.4f}, train top-1 "
-                          f"{row['train.top1']:.2f}, test top-1 {row['test.top1']:.2f}, {row['images_per_s']:.0f} img/s",
-                          flush=True)
+                    print(
+                        f"epoch {self.epoch}/{cfg.train.epochs}{who}: loss {row['loss']:.4f}, train top-1 "
+                        f"{row['train.top1']:.2f}, test top-1 {row['test.top1']:.2f}, {row['images_per_s']:.0f} img/s",
+                        flush=True,
+                    )
         wall_s = time.perf_counter() - start
         return [student.summary(wall_s) for student in self.students]
 
@@ -519,8 +598,10 @@ def train_students(cfg: Config, resume: bool = False) -> report.StudentsReport:
     """
     run = _start(cfg, resume)
     summaries = run.fit()
-    students = [report.StudentResult(s.label, s.name, s.cfg.train.seed, s.cfg.method.name, s.cfg.model.student, summary,
-                                     s.history) for s, summary in zip(run.students, summaries, strict=True)]
+    students = [
+        report.StudentResult(s.label, s.name, s.cfg.train.seed, s.cfg.method.name, s.cfg.model.student, summary, s.history)
+        for s, summary in zip(run.students, summaries, strict=True)
+    ]
     result = report.StudentsReport(students, report.table(students))
     if run.dist.is_main:
         report.write(result, Path(cfg.train.out_dir))

@@ -66,8 +66,7 @@ def _draw_panel(ax, m: Tensor, name: str) -> None:
     for r in range(rows):
         for c in range(cols):
             value = m[r, c].item()
-            ax.text(c, r, f"{value:.2g}", ha="center", va="center", fontsize=5,
-                    color="black" if value > middle else "white")
+            ax.text(c, r, f"{value:.2g}", ha="center", va="center", fontsize=5, color="black" if value > middle else "white")
 
 
 @torch.inference_mode()

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-from collections.abc import Mapping
-from typing import Callable, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -104,8 +104,9 @@ def names(dataset: str | None = None) -> list[str]:
     return list(_models(dataset))
 
 
-def create(name: str, num_classes: int | None = None, *, weights: str | os.PathLike[str] | None = None,
-           dataset: str | None = None) -> KDModel:
+def create(
+    name: str, num_classes: int | None = None, *, weights: str | os.PathLike[str] | None = None, dataset: str | None = None
+) -> KDModel:
     """A model of the zoo by name, e.g. ``create("resnet32x4")``, ``create("ResNet50", dataset="cifar100")``
     (the peers' CIFAR ResNet50) or ``create("ResNet34", weights=path)``.
 
@@ -119,8 +120,10 @@ def create(name: str, num_classes: int | None = None, *, weights: str | os.PathL
     if name not in known:
         if name in _ANY:
             other = "ImageNet" if zoo_of(dataset) == "cifar" else "CIFAR"
-            raise ValueError(f"model {name!r} is a{'n' if other == 'ImageNet' else ''} {other} model, not one for dataset "
-                             f"{dataset!r}; its models: {', '.join(known)}")
+            raise ValueError(
+                f"model {name!r} is a{'n' if other == 'ImageNet' else ''} {other} model, not one for dataset "
+                f"{dataset!r}; its models: {', '.join(known)}"
+            )
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(known)}")
     factory = known[name]
     model = factory() if num_classes is None else factory(num_classes)
@@ -154,8 +157,10 @@ def load_checkpoint(model: M, path: str | os.PathLike[str]) -> M:
         reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[-1] if lines else type(error).__name__)
         reason = reason.removeprefix("WeightsUnpickler error: ").split(". Please use")[0]
         resave = f"torch.save({{'model': torch.load({str(path)!r}, weights_only=False)['model']}}, 'weights.pth')"
-        raise ValueError(f"{path}: the checkpoint pickles Python objects besides tensors, which kdfast does not unpickle "
-                         f"({reason}). If you trust the file, re-save its weights and load that file: {resave}") from None
+        raise ValueError(
+            f"{path}: the checkpoint pickles Python objects besides tensors, which kdfast does not unpickle "
+            f"({reason}). If you trust the file, re-save its weights and load that file: {resave}"
+        ) from None
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
         state_dict = checkpoint["model"]
     elif isinstance(checkpoint, Mapping) and all(isinstance(v, Tensor) for v in checkpoint.values()):

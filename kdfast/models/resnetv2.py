@@ -51,15 +51,22 @@ class BottleneckV2(Bottleneck):
 class CIFARResNetV2(KDModel):
     """The peers' CIFAR ``ResNet(block, num_blocks)``; see the module docstring."""
 
-    def __init__(self, block: type[BasicBlockV2 | BottleneckV2], num_blocks: tuple[int, int, int, int],
-                 num_classes: int = 100) -> None:
+    def __init__(
+        self, block: type[BasicBlockV2 | BottleneckV2], num_blocks: tuple[int, int, int, int], num_classes: int = 100
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         inplanes, layers = 64, []
         for planes, blocks, stride in zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2), strict=True):
-            layers.append(nn.Sequential(*(block(inplanes if i == 0 else planes * block.expansion, planes, stride if i == 0 else 1)
-                                          for i in range(blocks))))
+            layers.append(
+                nn.Sequential(
+                    *(
+                        block(inplanes if i == 0 else planes * block.expansion, planes, stride if i == 0 else 1)
+                        for i in range(blocks)
+                    )
+                )
+            )
             inplanes = planes * block.expansion
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.linear = nn.Linear(512 * block.expansion, num_classes)

@@ -44,7 +44,12 @@ from kdfast.reference.at import align_spatial, compute_dtype
 
 @torch.library.custom_op("kdfast_triton::block_attention_forward", mutates_args=())
 def _forward_triton(
-    f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float, feature_grid: int,
+    f_s: list[Tensor],
+    h_s: list[Tensor],
+    f_t: list[Tensor],
+    grid: int,
+    power: float,
+    feature_grid: int,
     teacher_weighting: bool,
 ) -> tuple[Tensor, Tensor]:
     from kdfast.kernels import block_attention as kernels
@@ -54,17 +59,28 @@ def _forward_triton(
 
 @torch.library.custom_op("kdfast_triton::block_attention_backward", mutates_args=())
 def _backward_triton(
-    grad_terms: Tensor, f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], maps: Tensor, grid: int,
-    power: float, feature_grid: int, teacher_weighting: bool,
+    grad_terms: Tensor,
+    f_s: list[Tensor],
+    h_s: list[Tensor],
+    f_t: list[Tensor],
+    maps: Tensor,
+    grid: int,
+    power: float,
+    feature_grid: int,
+    teacher_weighting: bool,
 ) -> tuple[list[Tensor], list[Tensor]]:
     from kdfast.kernels import block_attention as kernels
 
-    return kernels.block_attention_backward(grad_terms, f_s, h_s, f_t, maps, grid, power, feature_grid,
-                                            teacher_weighting)
+    return kernels.block_attention_backward(grad_terms, f_s, h_s, f_t, maps, grid, power, feature_grid, teacher_weighting)
 
 
 def _forward_fake(
-    f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float, feature_grid: int,
+    f_s: list[Tensor],
+    h_s: list[Tensor],
+    f_t: list[Tensor],
+    grid: int,
+    power: float,
+    feature_grid: int,
     teacher_weighting: bool,
 ) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(f_s[0].dtype)
@@ -73,8 +89,15 @@ def _forward_fake(
 
 
 def _backward_fake(
-    grad_terms: Tensor, f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], maps: Tensor, grid: int,
-    power: float, feature_grid: int, teacher_weighting: bool,
+    grad_terms: Tensor,
+    f_s: list[Tensor],
+    h_s: list[Tensor],
+    f_t: list[Tensor],
+    maps: Tensor,
+    grid: int,
+    power: float,
+    feature_grid: int,
+    teacher_weighting: bool,
 ) -> tuple[list[Tensor], list[Tensor]]:
     return [f.new_empty(f.shape) for f in f_s], [h.new_empty(h.shape) for h in h_s]
 
@@ -107,8 +130,14 @@ for library in _extension.cpp_libraries("block_attention_forward"):
 
 
 def block_attention_terms(
-    f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float, feature_grid: int,
-    teacher_weighting: bool, backend: str,
+    f_s: list[Tensor],
+    h_s: list[Tensor],
+    f_t: list[Tensor],
+    grid: int,
+    power: float,
+    feature_grid: int,
+    teacher_weighting: bool,
+    backend: str,
 ) -> Tensor:
     """(L, 2) unweighted ``[feat, map]`` of every module on `backend` (float32; float64 for
     float64 students). ``h_s[l]`` and ``f_t[l]`` are aligned first (the larger pooled to the
@@ -119,5 +148,6 @@ def block_attention_terms(
     # The backward re-reads f_t whenever f_s or h_s requires grad: copy inference tensors then.
     teachers = [saveable_teacher(saveable_teacher(t, h), s) for s, (h, t) in zip(f_s, pairs)]
     terms, _ = namespace(backend).block_attention_forward(
-        list(f_s), [h for h, _ in pairs], teachers, grid, power, feature_grid, teacher_weighting)
+        list(f_s), [h for h, _ in pairs], teachers, grid, power, feature_grid, teacher_weighting
+    )
     return terms

@@ -44,5 +44,7 @@ def dkd_rows(
     if backend == "torch":
         return reference.dkd_rows(z_s, z_t, target, alpha, beta, temperature)
     ops = namespace(backend)
-    loss, _, _ = ops.dkd_forward(unit_stride(z_s), unit_stride(z_t.detach()), target.contiguous(), alpha, beta, temperature, with_grad)
+    loss, _, _ = ops.dkd_forward(
+        unit_stride(z_s), unit_stride(z_t.detach()), target.contiguous(), alpha, beta, temperature, with_grad
+    )
     return loss

@@ -43,13 +43,14 @@ builds the values. Backend "torch" calls the eager reference (AFD's per-teacher 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from kdfast import _extension
-from kdfast.ops import at as at_ops, namespace
+from kdfast.ops import at as at_ops
+from kdfast.ops import namespace
 from kdfast.reference import map_distance as reference
 from kdfast.reference.at import compute_dtype
 
@@ -108,9 +109,7 @@ for library in _extension.cpp_libraries("map_distance_forward"):
     _register(library)
 
 
-def _fused_values(
-    f_s: Sequence[Tensor], f_t: Sequence[Tensor], pool: str, backend: str
-) -> tuple[list[Tensor], list[Tensor]]:
+def _fused_values(f_s: Sequence[Tensor], f_t: Sequence[Tensor], pool: str, backend: str) -> tuple[list[Tensor], list[Tensor]]:
     """The values of every group (reference.values) with ``mean_c f^2`` from the fused AT op."""
     ops = namespace(backend)
 
@@ -120,9 +119,7 @@ def _fused_values(
     return reference.values(f_s, f_t, pool, raw_maps)
 
 
-def _distances(
-    f_s: Sequence[Tensor], f_t: Sequence[Tensor], att: Tensor, pool: str, backend: str
-) -> tuple[Tensor, Tensor]:
+def _distances(f_s: Sequence[Tensor], f_t: Sequence[Tensor], att: Tensor, pool: str, backend: str) -> tuple[Tensor, Tensor]:
     """(loss, dist in the teachers' order) from one fused launch."""
     order, position = reference.group_order(reference.size_groups(f_t))
     identity = order == list(range(len(order)))

@@ -25,7 +25,7 @@ space to (B, C, HW).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,9 +93,7 @@ def attention_map(feat: Tensor, p: float = 2.0, mode: str = "mean", normalize: b
     return m.to(feat.dtype)
 
 
-def at_stage_losses(
-    f_s: Sequence[Tensor], f_t: Sequence[Tensor], p: float = 2.0, mode: str = "code"
-) -> Tensor:
+def at_stage_losses(f_s: Sequence[Tensor], f_t: Sequence[Tensor], p: float = 2.0, mode: str = "code") -> Tensor:
     """AT loss of every (student, teacher) stage pair, shape (L,), in the compute dtype.
 
     The teacher is detached: it never receives a gradient.

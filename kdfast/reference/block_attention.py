@@ -29,7 +29,7 @@ The teacher never receives a gradient; ``w`` is a constant.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

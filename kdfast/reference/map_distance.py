@@ -30,7 +30,7 @@ never receives a gradient; ``att`` does.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -52,8 +52,18 @@ class BaseAdapter(ABC):
         return None
 
     @abstractmethod
-    def losses(self, base: Distiller, stage: int, student: Features, teacher: Features, hint: Tensor, refined: Tensor,
-               mask: Tensor, labels: Tensor, reduction: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def losses(
+        self,
+        base: Distiller,
+        stage: int,
+        student: Features,
+        teacher: Features,
+        hint: Tensor,
+        refined: Tensor,
+        mask: Tensor,
+        labels: Tensor,
+        reduction: str,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """``L_DA`` (unweighted) and the base's other weighted terms that SoKD keeps."""
 
 
@@ -95,7 +105,9 @@ class LCCAdapter(BaseAdapter):
 
     def stage(self, base: Distiller, stage: int | None) -> int:
         if len(base.params.stages) != 1:
-            raise ValueError(f"SoKD refines one hint stage: LCC's base_params.stages must hold one index, got {base.params.stages!r}")
+            raise ValueError(
+                f"SoKD refines one hint stage: LCC's base_params.stages must hold one index, got {base.params.stages!r}"
+            )
         return base.params.stages[0]
 
     def losses(self, base, stage, student, teacher, hint, refined, mask, labels, reduction):
@@ -109,8 +121,9 @@ class LCCAdapter(BaseAdapter):
             class_mask, ce = base.attention[0](teacher.stages[stage].clone(), labels)
             mask = mask * class_mask
             extra["lcc_attention"] = p.attention_weight * ce
-        loss = functional.local_correlation_loss(student.stages[stage], refined, grid=p.grid, terms=tuple(p.terms),
-                                                 weights=tuple(p.term_weights), mask=mask)
+        loss = functional.local_correlation_loss(
+            student.stages[stage], refined, grid=p.grid, terms=tuple(p.terms), weights=tuple(p.term_weights), mask=mask
+        )
         return loss, extra
 
 

@@ -47,12 +47,15 @@ from torch import Tensor, nn
 __all__ = ["DAFA", "OPS", "OP_RANGES", "apply_op"]
 
 OP_RANGES: dict[str, float] = {
-    "shear_x": 0.3, "shear_y": 0.3,  # shear factor
-    "translate_x": 0.45, "translate_y": 0.45,  # fraction of the map's side
+    "shear_x": 0.3,
+    "shear_y": 0.3,  # shear factor
+    "translate_x": 0.45,
+    "translate_y": 0.45,  # fraction of the map's side
     "rotate": 30.0,  # degrees
     "cutout": 0.5,  # side, fraction of min(H, W)
     "noise": 1.0,  # times the sample's std
-    "channel_shuffle": 0.5, "channel_drop": 0.5,  # fraction of the channels
+    "channel_shuffle": 0.5,
+    "channel_drop": 0.5,  # fraction of the channels
 }
 OPS: tuple[str, ...] = tuple(OP_RANGES)
 AFFINE_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
@@ -122,7 +125,10 @@ def _channel_drop(f: Tensor, amount: Tensor) -> Tensor:
 
 _OP_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     **{name: (lambda f, amount, name=name: _affine(f, name, amount)) for name in AFFINE_OPS},
-    "cutout": _cutout, "noise": _noise, "channel_shuffle": _channel_shuffle, "channel_drop": _channel_drop,
+    "cutout": _cutout,
+    "noise": _noise,
+    "channel_shuffle": _channel_shuffle,
+    "channel_drop": _channel_drop,
 }
 
 
@@ -147,15 +153,26 @@ class DAFA(nn.Module):
     all 0 at the start (uniform mixture, p = m = 0.5). :meth:`step` runs their own Adam.
     """
 
-    def __init__(self, ops: Sequence[str] = OPS, gumbel_temperature: float = 0.5, bernoulli_temperature: float = 0.5,
-                 lr: float = 3e-4, betas: Sequence[float] = (0.9, 0.999), op_ranges: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        ops: Sequence[str] = OPS,
+        gumbel_temperature: float = 0.5,
+        bernoulli_temperature: float = 0.5,
+        lr: float = 3e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        op_ranges: Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__()
         unknown = sorted(set(ops) - set(OPS)) + sorted(set(op_ranges or {}) - set(OPS))
         if unknown:
             raise ValueError(f"unknown DAFA op(s) {', '.join(unknown)}; valid ops: {', '.join(OPS)}")
         if len(ops) < 2 or len(set(ops)) != len(ops):
             raise ValueError(f"DAFA needs at least 2 distinct ops (a sub-policy is a pair), got {list(ops)!r}")
-        for name, value in (("gumbel_temperature", gumbel_temperature), ("bernoulli_temperature", bernoulli_temperature), ("lr", lr)):
+        for name, value in (
+            ("gumbel_temperature", gumbel_temperature),
+            ("bernoulli_temperature", bernoulli_temperature),
+            ("lr", lr),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"DAFA {name} must be a number > 0, got {value!r}")
         self.sub_policies = list(itertools.combinations(ops, 2))

@@ -89,7 +89,9 @@ class SoKDParams(Params):
             raise ValueError(f"SoKD base_params must not set {', '.join(replaced)}: SoKD's ce_weight and da_weight replace them")
         make_params(self.base, self.base_params)
         if self.stage is not None and (not adapter.uses_sokd_stage or not _is_int(self.stage)):
-            raise ValueError(f"SoKD stage is only for the AT base (an int); {self.base}'s hint stage is in base_params, got {self.stage!r}")
+            raise ValueError(
+                f"SoKD stage is only for the AT base (an int); {self.base}'s hint stage is in base_params, got {self.stage!r}"
+            )
         for name in ("ce_weight", "d_weight", "da_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -128,8 +130,9 @@ class SoKD(Distiller):
         self.dam_connector = None
         if self.adapter.connector(self.base) is None and s_shape != t_shape:
             self.dam_connector = ConvReg(s_shape, t_shape)
-        self.dafa = DAFA(params.ops, params.gumbel_temperature, params.bernoulli_temperature, params.aug_lr,
-                         params.aug_betas, params.op_ranges)
+        self.dafa = DAFA(
+            params.ops, params.gumbel_temperature, params.bernoulli_temperature, params.aug_lr, params.aug_betas, params.op_ranges
+        )
         self.dam = DAMHead(t_shape[0], params.dam_width)
 
     def _heads(self, student: Features, teacher: Features) -> tuple[Tensor, Tensor, Tensor]:
@@ -163,5 +166,8 @@ class SoKD(Distiller):
         """The area of mutual interest M and the DAM heatmaps of both networks, each (N, H, W)."""
         _, _, heads = self._heads(self.student.features(images), teacher)
         out_s, out_t = heads.float().chunk(2)
-        return {"mutual interest M": mutual_interest_mask(out_s, out_t, self.params.top_k, self.params.peaks_from),
-                "student heatmap": out_s[:, 0], "teacher heatmap": out_t[:, 0]}
+        return {
+            "mutual interest M": mutual_interest_mask(out_s, out_t, self.params.top_k, self.params.peaks_from),
+            "student heatmap": out_s[:, 0],
+            "teacher heatmap": out_t[:, 0],
+        }
