@@ -208,53 +208,20 @@ def real_data(ctx: Context) -> list[Command]:
 
 
 def loader(ctx: Context) -> list[Command]:
-    """ImageNet input alone (benchmarks/bench_loader.py): nvJPEG decode on the GPU vs PIL in workers."""
+    """ImageNet input alone (benchmarks/bench_loader.py: nvJPEG decode on the GPU vs PIL in workers),
+    then the ResNet34 -> ResNet18 KD training step it has to feed (kdfast bench --e2e --pair imagenet)."""
     out = ["--out", str(ctx.work / "loader.csv")]
+    bench = [ctx.python, "-m", "benchmarks.bench_loader", "--device", ctx.device, *out]
+    step = [ctx.python, "-m", "kdfast.cli", "bench", "--e2e", "--pair", "imagenet", "--methods", "kd", "--device", ctx.device]
     if ctx.dry_run:
         return [
-            Command(
-                "loader",
-                [
-                    ctx.python,
-                    "-m",
-                    "benchmarks.bench_loader",
-                    "--device",
-                    "cpu",
-                    "--workers",
-                    "0",
-                    "--images",
-                    "16",
-                    "--batch",
-                    "8",
-                    "--epochs",
-                    "1",
-                    *out,
-                ],
-                60,
-            )
+            Command("loader", [*bench, "--workers", "0", "--images", "16", "--batch", "8", "--epochs", "1"], 60),
+            Command("imagenet-step", [*step, "--quick", "--batch", "1", "--iters", "1", *out], 60),
         ]
     workers = sorted({0, 4, min(16, ctx.cpus)})
     return [
-        Command(
-            "loader",
-            [
-                ctx.python,
-                "-m",
-                "benchmarks.bench_loader",
-                "--device",
-                "cuda",
-                "--images",
-                "2000",
-                "--batch",
-                "256",
-                "--epochs",
-                "2",
-                "--workers",
-                *map(str, workers),
-                *out,
-            ],
-            90,
-        )
+        Command("loader", [*bench, "--images", "2000", "--batch", "256", "--epochs", "2", "--workers", *map(str, workers)], 90),
+        Command("imagenet-step", [*step, "--batch", "256", "--iters", "10", *out], 60),
     ]
 
 
@@ -270,7 +237,11 @@ STAGES = (
         e2e,
     ),
     Stage("real-data", "CIFAR-10 subset: resnet20 teacher, resnet8 KD student, top-1 and wall time", real_data),
-    Stage("loader", "ImageNet input alone: nvJPEG decode on the GPU vs PIL in workers, images/s", loader),
+    Stage(
+        "loader",
+        "ImageNet input alone: nvJPEG decode on the GPU vs PIL in workers, images/s; the ResNet34 -> ResNet18 KD step",
+        loader,
+    ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # Runs first, whatever --stages says: the device and versions that the report names.

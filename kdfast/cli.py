@@ -134,9 +134,11 @@ def _bench(args: argparse.Namespace) -> int:
         if args.students:
             from kdfast.engine.bench import run_students_e2e
 
-            run_students_e2e(device, args.methods or ["kd"], args.students, batch, iters, warmup, out=args.out, note=args.note)
+            methods = args.methods or ["kd"]
+            run_students_e2e(device, methods, args.students, batch, iters, warmup, args.pair, out=args.out, note=args.note)
             return 0
-        run_e2e(device, args.methods or list(METHODS), batch, iters, warmup=warmup, out=args.out, note=args.note)
+        methods = args.methods or [m for m in METHODS if args.pair == "cifar100" or m != "afd"]
+        run_e2e(device, methods, batch, iters, warmup=warmup, pair=args.pair, out=args.out, note=args.note)
         return 0
     checkout = Path(__file__).resolve().parents[1]  # the op benchmarks are a source checkout's, not the package's
     if not (checkout / "benchmarks" / "run.py").is_file():
@@ -295,6 +297,13 @@ def _add_bench(commands) -> None:
     p.add_argument("--quick", action="store_true", help="few shapes / small batch and few steps (CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="--e2e methods (default: all; kd with --students)")
+    p.add_argument(
+        "--pair",
+        choices=("cifar100", "imagenet"),
+        default="cifar100",
+        help="--e2e: resnet32x4 -> resnet8x4 on 32x32 images (cifar100, default) or ResNet34 -> ResNet18 on 224x224 "
+        "(imagenet; every method but afd)",
+    )
     p.add_argument(
         "--students",
         nargs="+",

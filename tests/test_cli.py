@@ -159,6 +159,15 @@ def test_e2e_bench_rows(tmp_path, capsys):
     assert "images/s" in capsys.readouterr().out
 
 
+def test_e2e_bench_imagenet_pair(tmp_path):
+    """--pair imagenet: 224 x 224 synthetic images through the ImageNet zoo's models."""
+    out = tmp_path / "e2e.csv"
+    rows = bench.run_e2e(torch.device("cpu"), ("kd",), batch=1, iters=1, warmup=0, pair="imagenet", out=out)
+    assert {r["shape"] for r in rows} == {"1x3x224x224"} and len(rows) == 2
+    with pytest.raises(ValueError, match="AFD peer"):
+        bench.run_e2e(torch.device("cpu"), ("afd",), batch=1, iters=1, pair="imagenet", out=out)
+
+
 def test_students_bench_rows(tmp_path, capsys):
     out = tmp_path / "students.csv"
     bench.run_students_e2e(
@@ -180,8 +189,8 @@ def test_e2e_peer_matches_distiller(method):
     """Same weights, same float64 batch: the eager peer's loss is the sum of the distiller's losses
     (with bench's parameters, past every warm-up), and its backward gives the same gradients."""
     torch.manual_seed(0)
-    teacher = models.create("resnet14", bench.NUM_CLASSES).eval().requires_grad_(False)
-    student = models.create("resnet8", bench.NUM_CLASSES)
+    teacher = models.create("resnet14", bench.PAIRS["cifar100"].classes).eval().requires_grad_(False)
+    student = models.create("resnet8", bench.PAIRS["cifar100"].classes)
     twin = copy.deepcopy(student)
     distiller = distillers.create(method, student, teacher, bench.DISTILLER_PARAMS.get(method))
     peer_loss, extras = bench.REFERENCE_METHODS[method](twin, teacher)
@@ -190,7 +199,7 @@ def test_e2e_peer_matches_distiller(method):
     if method in PEER_EXTRAS:
         extras.load_state_dict(PEER_EXTRAS[method](distiller).state_dict())
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    y = torch.randint(0, bench.NUM_CLASSES, (4,))
+    y = torch.randint(0, bench.PAIRS["cifar100"].classes, (4,))
     with torch.no_grad():
         feats = teacher.features(x)
 

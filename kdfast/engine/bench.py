@@ -27,9 +27,11 @@ step after the warm-up, see :func:`peak_bytes`).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +59,25 @@ from kdfast.reference import sp as ref_sp
 
 __all__ = ["DISTILLER_PARAMS", "METHODS", "REFERENCE_METHODS", "peak_bytes", "run_e2e", "run_students_e2e"]
 
-NUM_CLASSES = 100
+
+@dataclass(frozen=True)
+class Pair:
+    """A teacher -> student pair and the synthetic batch it trains on."""
+
+    teacher: str
+    student: str
+    dataset: str  # the model zoo (kdfast.models.create's dataset)
+    size: int  # image side
+    classes: int
+
+    def shape(self, batch: int) -> str:
+        return f"{batch}x3x{self.size}x{self.size}"
+
+
+PAIRS = {
+    "cifar100": Pair("resnet32x4", "resnet8x4", "cifar100", 32, 100),
+    "imagenet": Pair("ResNet34", "ResNet18", "imagenet", 224, 1000),
+}
 FeatureLoss = Callable[[Features, Features, Tensor], Tensor]
 """(student features, teacher features, labels) -> the total loss of one batch, unfused."""
 ExtrasLoss = Callable[[Features, Features, Tensor, nn.Module], Tensor]
@@ -134,7 +154,7 @@ REFERENCE_METHODS: dict[str, Peer] = {
     "dkd": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + ref_dkd.dkd_loss(s.logits, t.logits, y, 1.0, 8.0, 4.0)),
     "sp": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + 3000 * ref_sp.sp_loss(s.stages[-1], t.stages[-1])),
     "rkd": _on_features(lambda s, t, y: F.cross_entropy(s.logits, y) + ref_rkd.rkd_loss(s.pooled, t.pooled, 25.0, 50.0)),
-    "lcc": _with_extras(_lcc_loss, lambda student, teacher: ClassAwareAttention(teacher.stage_channels[-1], NUM_CLASSES)),
+    "lcc": _with_extras(_lcc_loss, lambda student, teacher: ClassAwareAttention(teacher.stage_channels[-1], _classes(teacher))),
     "lakd": _lakd_peer,
     "afd": _with_extras(_afd_loss, _afd_attention),
 }
@@ -146,31 +166,40 @@ DISTILLER_PARAMS: dict[str, dict[str, object]] = {"afd": {"bilinear": True, "kd_
 STEP_EPOCH = 10**6  # past every warm-up ramp (DKD): the full loss is timed
 
 
-def _synthetic(batch: int, batches: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+def _classes(model: nn.Module) -> int:
+    """The number of classes of a zoo model (its last linear layer's outputs)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def _synthetic(pair: Pair, batch: int, batches: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch * batches, 3, 32, 32, generator=gen), torch.randint(
-        0, NUM_CLASSES, (batch * batches,), generator=gen
-    )
+    images = torch.randn(batch * batches, 3, pair.size, pair.size, generator=gen)
+    return images, torch.randint(0, pair.classes, (batch * batches,), generator=gen)
 
 
-def _models(teacher: str, student: str, device: torch.device, memory_format: torch.memory_format):
+def _model(pair: Pair, name: str, device: torch.device, memory_format: torch.memory_format) -> KDModel:
+    return models.create(name, pair.classes, dataset=pair.dataset).to(device, memory_format=memory_format)
+
+
+def _models(pair: Pair, device: torch.device, memory_format: torch.memory_format) -> tuple[KDModel, KDModel]:
     torch.manual_seed(0)
-    t = models.create(teacher, NUM_CLASSES, dataset="cifar100").to(device, memory_format=memory_format)
-    s = models.create(student, NUM_CLASSES, dataset="cifar100").to(device, memory_format=memory_format)
+    t, s = _model(pair, pair.teacher, device, memory_format), _model(pair, pair.student, device, memory_format)
     t.eval().requires_grad_(False)
     return t, s
 
 
 def _kdfast_step(
-    method: str, teacher: str, student: str, device: torch.device, data: tuple[Tensor, Tensor], batch: int, students: int = 1
+    method: str, pair: Pair, device: torch.device, data: tuple[Tensor, Tensor], batch: int, students: int = 1
 ) -> Callable[[], None]:
     """One kdfast training step of `students` students (own models and optimizers) on one teacher
     forward per batch, as ``kdfast train`` runs a multi-student config."""
-    t, _ = _models(teacher, student, device, torch.channels_last)
+    t, _ = _models(pair, device, torch.channels_last)
     runs = []
     for _ in range(students):
-        s = models.create(student, NUM_CLASSES, dataset="cifar100").to(device, memory_format=torch.channels_last)
-        distiller = distillers.create(method, s, t, DISTILLER_PARAMS.get(method)).to(device, memory_format=torch.channels_last)
+        s = _model(pair, pair.student, device, torch.channels_last)
+        distiller = distillers.create(method, s, t, DISTILLER_PARAMS.get(method), pair.size).to(
+            device, memory_format=torch.channels_last
+        )
         runs.append((distiller, torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)))
     images = data[0].to(device).contiguous(memory_format=torch.channels_last)
     labels = data[1].to(device)
@@ -192,10 +221,8 @@ def _kdfast_step(
     return step
 
 
-def _eager_step(
-    method: str, teacher: str, student: str, device: torch.device, data: tuple[Tensor, Tensor], batch: int
-) -> Callable[[], None]:
-    t, s = _models(teacher, student, device, torch.contiguous_format)
+def _eager_step(method: str, pair: Pair, device: torch.device, data: tuple[Tensor, Tensor], batch: int) -> Callable[[], None]:
+    t, s = _models(pair, device, torch.contiguous_format)
     loss_fn, extras = REFERENCE_METHODS[method](s, t)
     extras.to(device)
     opt = torch.optim.SGD([*s.parameters(), *extras.parameters()], lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -274,24 +301,28 @@ def run_e2e(
     batch: int = 64,
     iters: int = 20,
     warmup: int = 3,
-    teacher: str = "resnet32x4",
-    student: str = "resnet8x4",
+    pair: str = "cifar100",
+    teacher: str | None = None,
+    student: str | None = None,
     out: Path | None = None,
     note: str = "",
 ) -> list[dict[str, str]]:
-    """Measure every method both ways, print a table, merge each method's rows into the results CSV
-    as soon as they are measured (a run cut short keeps them), with `note` in their note column;
-    returns the rows."""
-    data = _synthetic(batch, 4)
+    """Measure every method both ways on the pair `pair` of PAIRS (`teacher`/`student`: other
+    models of its zoo), print a table, merge each method's rows into the results CSV as soon as
+    they are measured (a run cut short keeps them), with `note` in their note column; returns the rows."""
+    p = _pair(pair, teacher, student)
+    if p.size != 32 and "afd" in methods:
+        raise ValueError("the AFD peer is built for 32 x 32 images: measure afd on the cifar100 pair")
+    data = _synthetic(p, batch, 4)
     env = results.environment(device)
     amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
     rows = []
-    print(f"end-to-end distillation step, {teacher} -> {student}, batch {batch}, {device} ({env['device']})")
+    print(f"end-to-end distillation step, {p.teacher} -> {p.student}, batch {batch}, {device} ({env['device']})")
     print(f"{'method':<8} {'backend':<11} {'ms/step':>9} {'images/s':>9} {'speed-up':>9} {'peak MiB':>9}")
     for method in methods:
         base_ms = None
         for backend, build, dtype in (("eager-fp32", _eager_step, "float32"), ("kdfast", _kdfast_step, amp_dtype)):
-            times, peak = _time(build(method, teacher, student, device, data, batch), device, warmup, iters)
+            times, peak = _time(build(method, p, device, data, batch), device, warmup, iters)
             median, p20, p80 = _quantiles(times)
             base_ms = base_ms or median
             mib = f"{peak / 2**20:.1f}"
@@ -299,23 +330,7 @@ def run_e2e(
                 f"{method:<8} {backend:<11} {median:>9.2f} {batch * 1e3 / median:>9.1f} {base_ms / median:>8.2f}x {mib:>9}",
                 flush=True,
             )
-            rows.append(
-                {
-                    "op": f"e2e_{method}",
-                    "backend": backend,
-                    "pass": "train_step",
-                    "dtype": dtype,
-                    "shape": f"{batch}x3x32x32",
-                    "median_ms": f"{median:.6g}",
-                    "p20_ms": f"{p20:.6g}",
-                    "p80_ms": f"{p80:.6g}",
-                    "peak_mem_bytes": str(peak),
-                    "gbps": "",
-                    **env,
-                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-                    "note": note,
-                }
-            )
+            rows.append(_row(f"e2e_{method}", backend, dtype, p.shape(batch), times, peak, env, note))
         path = _write(rows[-2:], device, out)
     print(f"rows written to {path}")
     return rows
@@ -328,8 +343,9 @@ def run_students_e2e(
     batch: int = 64,
     iters: int = 20,
     warmup: int = 3,
-    teacher: str = "resnet32x4",
-    student: str = "resnet8x4",
+    pair: str = "cifar100",
+    teacher: str | None = None,
+    student: str | None = None,
     out: Path | None = None,
     note: str = "",
 ) -> list[dict[str, str]]:
@@ -338,20 +354,22 @@ def run_students_e2e(
     with its own teacher forward), for each N of `counts`. One timed "step" is one batch for all N
     students, so per-student images/s = batch * 1000 / median_ms (op ``e2e_students_<method>``,
     backend ``kdfast-shared-N`` / ``kdfast-separate-N``). Rows merged into the results CSV."""
-    data = _synthetic(batch, 4)
+    p = _pair(pair, teacher, student)
+    data = _synthetic(p, batch, 4)
     env = results.environment(device)
     amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
     rows = []
     print(
-        f"N students on one teacher forward vs N separate runs, {teacher} -> {student}, batch {batch}, {device} ({env['device']})"
+        f"N students on one teacher forward vs N separate runs, {p.teacher} -> {p.student}, batch {batch}, {device} "
+        f"({env['device']})"
     )
     print(f"{'method':<8} {'N':>2} {'backend':<11} {'ms/batch':>9} {'img/s/student':>14} {'speed-up':>9}")
     for method in methods:
         for n in counts:
-            separate = [_kdfast_step(method, teacher, student, device, data, batch) for _ in range(n)]
+            separate = [_kdfast_step(method, p, device, data, batch) for _ in range(n)]
             builds = (
                 ("separate", _in_turn(separate)),
-                ("shared", _kdfast_step(method, teacher, student, device, data, batch, students=n)),
+                ("shared", _kdfast_step(method, p, device, data, batch, students=n)),
             )
             base_ms = None
             for kind, step in builds:
@@ -362,26 +380,41 @@ def run_students_e2e(
                     f"{method:<8} {n:>2} {kind:<11} {median:>9.2f} {batch * 1e3 / median:>14.1f} {base_ms / median:>8.2f}x",
                     flush=True,
                 )
-                rows.append(
-                    {
-                        "op": f"e2e_students_{method}",
-                        "backend": f"kdfast-{kind}-{n}",
-                        "pass": "train_step",
-                        "dtype": amp_dtype,
-                        "shape": f"{batch}x3x32x32",
-                        "median_ms": f"{median:.6g}",
-                        "p20_ms": f"{p20:.6g}",
-                        "p80_ms": f"{p80:.6g}",
-                        "peak_mem_bytes": str(peak),
-                        "gbps": "",
-                        **env,
-                        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-                        "note": note,
-                    }
-                )
+                backend = f"kdfast-{kind}-{n}"
+                rows.append(_row(f"e2e_students_{method}", backend, amp_dtype, p.shape(batch), times, peak, env, note))
             path = _write(rows[-2:], device, out)
     print(f"rows written to {path}")
     return rows
+
+
+def _pair(name: str, teacher: str | None, student: str | None) -> Pair:
+    if name not in PAIRS:
+        raise ValueError(f"unknown pair {name!r}; valid: {', '.join(PAIRS)}")
+    pair = PAIRS[name]
+    return dataclasses.replace(pair, teacher=teacher or pair.teacher, student=student or pair.student)
+
+
+def _row(
+    op: str, backend: str, dtype: str, shape: str, times: Sequence[float], peak: int, env: dict[str, str], note: str
+) -> dict[str, str]:
+    """A results row (``kdfast.engine.results.CSV_COLUMNS``) of one timed training step."""
+    median, p20, p80 = _quantiles(times)
+    timestamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    return {
+        "op": op,
+        "backend": backend,
+        "pass": "train_step",
+        "dtype": dtype,
+        "shape": shape,
+        "median_ms": f"{median:.6g}",
+        "p20_ms": f"{p20:.6g}",
+        "p80_ms": f"{p80:.6g}",
+        "peak_mem_bytes": str(peak),
+        "gbps": "",
+        **env,
+        "timestamp": timestamp,
+        "note": note,
+    }
 
 
 def _write(rows: list[dict[str, str]], device: torch.device, out: Path | None) -> Path:
