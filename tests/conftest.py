@@ -8,6 +8,10 @@ Tests marked ``gpu`` are skipped without a GPU.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -110,3 +114,28 @@ def pair():
     with torch.inference_mode():
         feats = teacher.features(x)
     return teacher, student, x, y, feats
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A random resnet8 teacher (10 classes) in mdistiller's {"model": state_dict} format."""
+    path = tmp_path_factory.mktemp("teacher") / "ckpt_epoch_240.pth"
+    torch.manual_seed(1)
+    torch.save({"model": models.create("resnet8", 10).state_dict(), "epoch": 240}, path)
+    return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _torchrun_cli(port: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``kdfast <args>`` in two gloo processes under torchrun on the CPU (one thread each)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    return subprocess.run([*launcher, "-m", "kdfast.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def torchrun_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """:func:`_torchrun_cli`: run the command line in two DDP processes."""
+    return _torchrun_cli

@@ -224,14 +224,6 @@ def test_inspect_maps(pair):
 # ---- engine and configs ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "ckpt_epoch_240.pth"
-    torch.manual_seed(1)
-    torch.save({"model": models.create("resnet8", 10).state_dict()}, path)
-    return path
-
-
 def _config(out: Path, teacher_ckpt: Path, epochs: int):
     return load_config(
         "digits/kd", [*TINY, f"train.epochs={epochs}", f"train.out_dir={out}", f"model.teacher_checkpoint={teacher_ckpt}"]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,15 +24,6 @@ TINY = [
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    """A random resnet8 teacher in mdistiller's {"model": state_dict} format."""
-    path = tmp_path_factory.mktemp("teacher") / "ckpt_epoch_240.pth"
-    torch.manual_seed(1)
-    torch.save({"model": models.create("resnet8", 10).state_dict(), "epoch": 240}, path)
-    return path
 
 
 def shipped_configs() -> list[str]:
@@ -179,27 +167,9 @@ def test_run_outputs(tmp_path, teacher_ckpt):
     models.load_checkpoint(models.create("resnet8", 10), tmp_path / "best.pt")
 
 
-def test_two_process_gloo_ddp(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29517",
-        "-m",
-        "kdfast.cli",
-        "train",
-        "digits/student",
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "2",
-        *(arg for item in TINY for arg in ("--set", item)),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+def test_two_process_gloo_ddp(tmp_path, torchrun_cli):
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    proc = torchrun_cli(29517, "train", "digits/student", "--out-dir", str(tmp_path), "--epochs", "2", *sets, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -303,14 +300,6 @@ def test_lakd_configs_are_shipped_and_build():
     assert d.local.num_modules == 4 and [c[0].out_channels for c in d.local.connectors] == [64, 128, 256, 512]
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    torch.manual_seed(1)
-    torch.save({"model": models.create("resnet8", 10).state_dict()}, path)
-    return path
-
-
 def lakd_config(out: Path, teacher_ckpt: Path, *extra: str):
     return load_config(
         "digits/kd",
@@ -351,9 +340,7 @@ def test_local_mode_refuses_compile(tmp_path, teacher_ckpt):
         train(lakd_config(tmp_path, teacher_ckpt, "train.compile=true"))
 
 
-def test_two_process_ddp_runs_joint_mode_and_refuses_local(tmp_path, teacher_ckpt):
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+def test_two_process_ddp_runs_joint_mode_and_refuses_local(tmp_path, teacher_ckpt, torchrun_cli):
     sets = [
         "method.name=lakd",
         "model.teacher=resnet8",
@@ -365,25 +352,9 @@ def test_two_process_ddp_runs_joint_mode_and_refuses_local(tmp_path, teacher_ckp
         "model.student=resnet8",
     ]
     for mode, port in (("joint", 29541), ("local", 29542)):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(port),
-            "-m",
-            "kdfast.cli",
-            "train",
-            "digits/kd",
-            "--out-dir",
-            str(tmp_path / mode),
-            "--epochs",
-            "1",
-            *(arg for item in [*sets, f"method.mode={mode}"] for arg in ("--set", item)),
-        ]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        args = ["--out-dir", str(tmp_path / mode), "--epochs", "1"]
+        overrides = [arg for item in [*sets, f"method.mode={mode}"] for arg in ("--set", item)]
+        proc = torchrun_cli(port, "train", "digits/kd", *args, *overrides, timeout=180)
         if mode == "joint":
             assert proc.returncode == 0, proc.stderr[-3000:]
             row = json.loads((tmp_path / mode / "metrics.jsonl").read_text().splitlines()[0])

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,14 +27,6 @@ TINY = [
 ]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(3)
-    torch.save({"model": models.create("resnet8", 10).state_dict()}, path)
-    return path
 
 
 def _config(out: Path, teacher: Path, *overrides: str):
@@ -188,31 +177,9 @@ def test_seeds_flag_errors(capsys):
     assert exc.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
 
 
-def test_two_process_gloo_ddp_students(tmp_path, teacher_ckpt):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29519",
-        "-m",
-        "kdfast.cli",
-        "train",
-        "digits/kd",
-        "--seeds",
-        "0,1",
-        "--out-dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-        "--teacher-checkpoint",
-        str(teacher_ckpt),
-        *(arg for item in TINY for arg in ("--set", item)),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def test_two_process_gloo_ddp_students(tmp_path, teacher_ckpt, torchrun_cli):
+    args = ["--seeds", "0,1", "--out-dir", str(tmp_path), "--epochs", "1", "--teacher-checkpoint", str(teacher_ckpt)]
+    proc = torchrun_cli(29519, "train", "digits/kd", *args, *(arg for item in TINY for arg in ("--set", item)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert rows[0]["seeds"] == [0, 1] and proc.stdout.count("epoch 1/1 kd-s0") == 1

@@ -310,12 +310,9 @@ def run_e2e(
     """Measure every method both ways on the pair `pair` of PAIRS (`teacher`/`student`: other
     models of its zoo), print a table, merge each method's rows into the results CSV as soon as
     they are measured (a run cut short keeps them), with `note` in their note column; returns the rows."""
-    p = _pair(pair, teacher, student)
+    p, data, env, amp_dtype = _setup(pair, teacher, student, batch, device)
     if p.size != 32 and "afd" in methods:
         raise ValueError("the AFD peer is built for 32 x 32 images: measure afd on the cifar100 pair")
-    data = _synthetic(p, batch, 4)
-    env = results.environment(device)
-    amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
     rows = []
     print(f"end-to-end distillation step, {p.teacher} -> {p.student}, batch {batch}, {device} ({env['device']})")
     print(f"{'method':<8} {'backend':<11} {'ms/step':>9} {'images/s':>9} {'speed-up':>9} {'peak MiB':>9}")
@@ -354,10 +351,7 @@ def run_students_e2e(
     with its own teacher forward), for each N of `counts`. One timed "step" is one batch for all N
     students, so per-student images/s = batch * 1000 / median_ms (op ``e2e_students_<method>``,
     backend ``kdfast-shared-N`` / ``kdfast-separate-N``). Rows merged into the results CSV."""
-    p = _pair(pair, teacher, student)
-    data = _synthetic(p, batch, 4)
-    env = results.environment(device)
-    amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    p, data, env, amp_dtype = _setup(pair, teacher, student, batch, device)
     rows = []
     print(
         f"N students on one teacher forward vs N separate runs, {p.teacher} -> {p.student}, batch {batch}, {device} "
@@ -387,11 +381,16 @@ def run_students_e2e(
     return rows
 
 
-def _pair(name: str, teacher: str | None, student: str | None) -> Pair:
+def _setup(
+    name: str, teacher: str | None, student: str | None, batch: int, device: torch.device
+) -> tuple[Pair, tuple[Tensor, Tensor], dict[str, str], str]:
+    """The pair `name` of PAIRS (with other `teacher`/`student` models of its zoo), four synthetic
+    batches, the environment columns and the autocast dtype of `device`."""
     if name not in PAIRS:
         raise ValueError(f"unknown pair {name!r}; valid: {', '.join(PAIRS)}")
-    pair = PAIRS[name]
-    return dataclasses.replace(pair, teacher=teacher or pair.teacher, student=student or pair.student)
+    pair = dataclasses.replace(PAIRS[name], teacher=teacher or PAIRS[name].teacher, student=student or PAIRS[name].student)
+    amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return pair, _synthetic(pair, batch, 4), results.environment(device), amp_dtype
 
 
 def _row(
