@@ -208,3 +208,13 @@ def test_real_cifar10_teacher_then_kd_student(tmp_path):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["train.top1"] > rows[0]["train.top1"]
         assert summary.best_top1 > 15.0  # chance is 10%; 1000 test images
+
+
+def test_batch_size_is_global():
+    """The recipes' batch is that of all processes (issue 16 item 6): each process takes its share."""
+    from kdfast.engine.distributed import process_share
+
+    assert process_share(512, 8, "data.batch_size") == 64 and process_share(64, 1, "data.batch_size") == 64
+    with pytest.raises(ConfigError, match="data.batch_size=64 is the batch of all processes together.*3 processes"):
+        process_share(64, 3, "data.batch_size")
+    assert load_config("imagenet/kd/ResNet34_ResNet18", check_files=False).data.batch_size == 512

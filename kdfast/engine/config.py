@@ -56,8 +56,8 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: str = "digits"  # one of kdfast.data.DATASETS
     root: str | None = None  # folder of the dataset's files (not used by "digits")
-    batch_size: int = 64  # per process
-    eval_batch_size: int | None = None  # default: batch_size
+    batch_size: int = 64  # of all processes together (under torchrun each takes batch_size / world size)
+    eval_batch_size: int | None = None  # default: batch_size; all processes together too
     train_per_class: int | None = None  # train on the first N images of each class only (digits, CIFAR)
     decode: str = "auto"  # ImageNet only (others ignore it): gpu (batched nvJPEG, main process), cpu (PIL in workers), auto
     workers: int | None = None  # ImageNet's DataLoader processes (None: the cores available to the process)

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 
 from kdfast._dist import all_reduce_sum
+from kdfast.engine.config import ConfigError
 
-__all__ = ["Dist", "setup", "teardown", "all_reduce_sum"]
+__all__ = ["Dist", "setup", "teardown", "all_reduce_sum", "process_share"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,17 @@ def setup(requested_device: str = "auto") -> Dist:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Dist(rank, world_size, device)
+
+
+def process_share(total: int, world_size: int, key: str) -> int:
+    """Each process's part of a global batch `total` (the recipes' numbers are global: CIFAR's 64,
+    ImageNet's 512); ConfigError naming `key` when it does not divide among the processes."""
+    if total % world_size:
+        raise ConfigError(
+            f"{key}={total} is the batch of all processes together and does not divide among "
+            f"{world_size} processes; use a multiple of {world_size}"
+        )
+    return total // world_size
 
 
 def teardown() -> None:

@@ -41,7 +41,7 @@ from kdfast.data import build_loaders
 from kdfast.engine import checkpoint, distributed, report
 from kdfast.engine.config import Config, ConfigError, to_dict
 from kdfast.engine.config import students as config_students
-from kdfast.engine.distributed import Dist, all_reduce_sum
+from kdfast.engine.distributed import Dist, all_reduce_sum, process_share
 from kdfast.engine.guard import Diverged, NonFiniteGuard
 from kdfast.engine.metrics import MetricsLogger, plot_curves
 from kdfast.engine.report import Summary
@@ -374,9 +374,9 @@ class _Run:
         self.loaders = build_loaders(
             data.dataset,
             data.root,
-            data.batch_size,
+            process_share(data.batch_size, dist.world_size, "data.batch_size"),
             dist.device,
-            eval_batch_size=data.eval_batch_size,
+            eval_batch_size=data.eval_batch_size and process_share(data.eval_batch_size, dist.world_size, "data.eval_batch_size"),
             seed=data_seed,
             channels_last=train_cfg.channels_last,
             train_per_class=data.train_per_class,
