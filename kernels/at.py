@@ -31,7 +31,6 @@ contiguous tensors hw has the literal unit stride, for channels_last c has; a te
 layout is converted first.
 """
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -40,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kdfast.kernels import _common
 from kdfast.kernels._common import TL_DTYPES as _TL_DTYPES
 from kdfast.kernels._common import acc_dtype as _acc_dtype
 from kdfast.kernels._common import on_device as _on_device
@@ -548,12 +548,9 @@ def chunks(items: list, size: int = _MAX_STAGES) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-@functools.cache
 def _min_programs(device: torch.device) -> int:
-    """Programs a launch should have to fill the device (1 off CUDA: the interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    """Programs a launch should have to fill the device: _PROGRAMS_PER_SM per SM (1 off CUDA)."""
+    return _PROGRAMS_PER_SM * _common.sm_count(device) if device.type == "cuda" else 1
 
 
 def _first_programs(feats: list[Tensor], block_hw: int) -> list[int]:

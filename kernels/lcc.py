@@ -50,7 +50,6 @@ Launches (every reduction deterministic, no atomics):
    writes ``grad_x`` in one pass. Extra memory: SPLITS x N x (Ds + 1) accumulation-dtype values.
 """
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -58,6 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kdfast.kernels import _common
 from kdfast.kernels import at as at_kernels
 from kdfast.kernels import softmax as sm
 
@@ -658,17 +658,9 @@ def _check(name: str, f_s: Tensor, f_t: Tensor, grid: int) -> None:
         raise ValueError(f"{name}: grid {grid} must divide H and W, got {tuple(f_s.shape[2:])}")
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device; 1 elsewhere (the interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     """Programs a tile launch should have: _PROGRAMS_PER_SM per SM."""
-    return _PROGRAMS_PER_SM * _sm_count(device)
+    return _PROGRAMS_PER_SM * _common.sm_count(device)
 
 
 def _block(n: int, acc: torch.dtype, device: torch.device) -> int:
@@ -774,7 +766,7 @@ def lcc_backward(
     nb = launch.n_blocks
     # a backward tile program (8 warps, up to ~180 registers) takes half an SM's registers: splits
     # only while the row blocks leave SMs without a program
-    n_splits, per = _split(nb, splits or min(triton.cdiv(_sm_count(device), nb), _MAX_SPLITS))
+    n_splits, per = _split(nb, splits or min(triton.cdiv(_common.sm_count(device), nb), _MAX_SPLITS))
     g = torch.empty((n_splits, launch.n, ds), dtype=acc, device=device)
     proj = torch.empty((n_splits, launch.n), dtype=acc, device=device)
     grad = torch.empty_like(f_s)

@@ -36,9 +36,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast.kernels import _common
-from kdfast.kernels.at import _min_programs
 
 REDUCTIONS = ("mean", "masked_mean", "sum")  # the REDUCTION constexpr is the index
+_PROGRAMS_PER_SM = 4  # channels are split until a launch has this many programs per SM
 _UNIT_BLOCK_MAX = 128  # the unit-stride block of a tile, at most (512 bytes of float32)
 _TILE = 2048  # elements of a [BLOCK_C, BLOCK_HW] tile, at most (16 per thread at 4 warps)
 _NUM_WARPS = 4
@@ -246,6 +246,11 @@ class _Plan(NamedTuple):
     @property
     def args(self) -> tuple[int, int, int]:
         return self.hw_blocks, self.c_splits, self.c_per_program
+
+
+def _min_programs(device: torch.device) -> int:
+    """Programs a launch should have to fill the device: _PROGRAMS_PER_SM per SM (1 off CUDA)."""
+    return _PROGRAMS_PER_SM * _common.sm_count(device) if device.type == "cuda" else 1
 
 
 def _plan(x: Tensor) -> tuple[_Plan, int]:

@@ -12,8 +12,6 @@ and writes the tile's partial sums into plane ``(net, split)`` of a (2, splits, 
 programs, each with at least MIN_SPLIT_BLOCKS column blocks.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -162,12 +160,9 @@ def summed(partials, net, splits, nn, row, cols, ok):
     return acc
 
 
-@functools.cache
 def target_programs(device: torch.device) -> int:
-    """Programs a launch should have to fill the device (1 off CUDA: the interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    """Programs a launch should have to fill the device: _PROGRAMS_PER_SM per SM (1 off CUDA)."""
+    return _PROGRAMS_PER_SM * _common.sm_count(device) if device.type == "cuda" else 1
 
 
 def bf16_dot(device: torch.device) -> bool:

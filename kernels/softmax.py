@@ -43,7 +43,6 @@ launchers of the two ops' kernels (:func:`launch_forward`, :func:`launch_backwar
 acc_dtype and on_device (kernels/_common.py) are re-exported for the modules that use this one.
 """
 
-import functools
 import math
 import struct
 from typing import NamedTuple
@@ -53,6 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kdfast.kernels import _common
 from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
 
 # Block shapes, by accumulation dtype, measured by compiling every KD/DKD specialisation for sm_90
@@ -256,13 +256,10 @@ def split_scalar(x: float) -> tuple[float, float]:
     return hi, struct.unpack("f", struct.pack("f", lo))[0] if math.isfinite(lo) else 0.0
 
 
-@functools.cache
 def _min_programs(device: torch.device) -> int:
     """Programs a launch should keep: _PROGRAMS_PER_SM per SM of a CUDA device, 1 elsewhere (the
     interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return _PROGRAMS_PER_SM * _common.sm_count(device) if device.type == "cuda" else 1
 
 
 class RowLaunch(NamedTuple):
