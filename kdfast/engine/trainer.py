@@ -189,18 +189,34 @@ class _StopSignals:
 
 class _RngSlot:
     """One student's own random-number generators (python, numpy, torch CPU and CUDA), swapped in
-    around its steps so that each student draws exactly as if it trained alone."""
+    around its steps so that each student draws exactly as if it trained alone. A run of one
+    student (`swap` False) leaves them global: nothing to copy per step."""
 
-    def __init__(self) -> None:
-        self.state = checkpoint.rng_state()
+    def __init__(self, swap: bool) -> None:
+        self.swap = swap
+        self._state = checkpoint.rng_state() if swap else None
+
+    @property
+    def state(self) -> dict:
+        return self._state if self.swap else checkpoint.rng_state()
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        if self.swap:
+            self._state = value
+        else:
+            checkpoint.set_rng_state(value)
 
     @contextlib.contextmanager
     def active(self):
-        checkpoint.set_rng_state(self.state)
+        if not self.swap:
+            yield
+            return
+        checkpoint.set_rng_state(self._state)
         try:
             yield
         finally:
-            self.state = checkpoint.rng_state()
+            self._state = checkpoint.rng_state()
 
 
 class _Student:
@@ -216,6 +232,7 @@ class _Student:
         teacher: models.KDModel | None,
         num_classes: int,
         memory_format: torch.memory_format,
+        swap_rng: bool,
     ) -> None:
         self.label, self.name, self.cfg, self.dist = label, name, cfg, dist
         self.out = Path(cfg.train.out_dir)
@@ -241,7 +258,7 @@ class _Student:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, opt.milestones, opt.gamma)
         self.guard = NonFiniteGuard(dist.device, cfg.train.on_nonfinite, cfg.train.max_nonfinite)
-        self.rng = _RngSlot()
+        self.rng = _RngSlot(swap_rng)
         self.epoch, self.history, self.best = 0, [], (-1.0, 0)
         self.stopped: str | None = None  # why the student stopped before the run's end (diverged)
         self.partial: dict | None = None  # this student's sums of an epoch interrupted mid-way
@@ -389,7 +406,8 @@ class _Run:
             frozen_teacher(teacher_cfg, self.loaders.num_classes, dist.device, memory_format) if needs_teacher else None
         )
         self.students = [
-            _Student(label, name, c, dist, self.teacher, self.loaders.num_classes, memory_format) for label, name, c in entries
+            _Student(label, name, c, dist, self.teacher, self.loaders.num_classes, memory_format, len(entries) > 1)
+            for label, name, c in entries
         ]
         self.signals = _StopSignals()
         self.epoch = 0
