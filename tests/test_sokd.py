@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdfast import distillers, functional, models
-from kdfast.distillers.sokd.dafa import DAFA, OPS, apply_op
+from kdfast.distillers.sokd.dafa import DAFA, SUB_POLICIES, apply_op, op_value
 from kdfast.distillers.sokd.dam import DAMHead, box_mask, mutual_interest_mask, peak_boxes
 from kdfast.engine import checkpoint, load_config, train
 from kdfast.engine.trainer import image_size
@@ -36,114 +36,119 @@ def _dafa_params(d) -> list[torch.Tensor]:
 # DAFA
 
 
-@pytest.mark.parametrize("name", OPS)
-def test_op_at_zero_magnitude_is_identity(name):
+def test_sub_policies_and_inits():
+    assert len(SUB_POLICIES) == 35 and ("channel_shuffle", "channel_drop") not in SUB_POLICIES
+    d = DAFA()
+    assert torch.equal(d.probabilities, torch.full((35, 2), 0.5)) and torch.equal(d.magnitudes, torch.full((35, 2), 0.5))
+    assert torch.equal(d.weights, torch.full((35,), 1e-3))
+    assert d.optimizer.defaults["betas"] == (0.5, 0.999) and d.optimizer.defaults["weight_decay"] == 1e-3
+
+
+def test_sampling_against_hand_computed_cases():
+    d = DAFA()
+    with torch.no_grad():
+        d.probabilities[3] = torch.tensor([0.8, 0.1])
+    gumbel = torch.zeros(35)
+    gumbel[3] = 1.0  # log softmax(alpha) is uniform: k = 3
+    u = torch.tensor([0.3, 0.85])
+    draw = d.sample(u, gumbel)
+    z = [math.log(0.8 / 0.2) + math.log(0.3 / 0.7), math.log(0.1 / 0.9) + math.log(0.85 / 0.15)]  # 0.539, -0.462
+    assert draw.k.item() == 3 and draw.b.tolist() == [1.0, 0.0] and draw.gates.tolist() == [1.0, 0.0]
+    draw.gates.sum().backward()
+    sig = [1 / (1 + math.exp(-zi / 0.5)) for zi in z]
+    expected = [s * (1 - s) / 0.5 / (p * (1 - p)) for s, p in zip(sig, (0.8, 0.1))]  # d/dp via logit(p)
+    torch.testing.assert_close(d.probabilities.grad[3], torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert draw.weight.item() == 1.0
+    lp = d.log_prob(draw)
+    torch.testing.assert_close(lp, torch.tensor(math.log(1 / 35) + math.log(0.8) + math.log(0.9)))
+
+
+def test_ops_against_hand_computed_results():
+    f = torch.arange(16.0).view(1, 1, 4, 4)
+    half, one = torch.tensor(0.5), torch.tensor(1.0)
+    for name in ("shear_x", "shear_y", "translate_x", "translate_y", "rotate"):  # m = 0.5: value 0, identity
+        torch.testing.assert_close(apply_op(f, name, half), f, atol=1e-5, rtol=0)
+    assert op_value("translate_x", one).item() == pytest.approx(0.45) and op_value("rotate", torch.tensor(0.0)).item() == -30
+    # translate_x at m = 1: +0.45 of a width of 20 = 9 cells; output x samples input x + 9
+    d = DAFA()
+    row = torch.arange(20.0).view(1, 1, 1, 20).expand(1, 1, 2, 20)
+    expected = torch.zeros_like(row)
+    expected[..., :11] = row[..., 9:]
+    torch.testing.assert_close(apply_op(row, "translate_x", one), expected, atol=1e-4, rtol=0)
+    # shear_x at m = 1 (factor 0.3) on a 1-row map is the identity (y = 0 on the centre line)
+    torch.testing.assert_close(apply_op(row[:, :, :1], "shear_x", one), row[:, :, :1], atol=1e-4, rtol=0)
     torch.manual_seed(0)
-    f = torch.randn(3, 6, 5, 7)
-    torch.testing.assert_close(apply_op(f, name, torch.tensor(0.0), 1.0), f, atol=1e-6, rtol=0)
-
-
-def test_ops_at_full_magnitude():
+    c = torch.ones(2, 3, 10, 10)
+    cut = apply_op(c, "cutout", one)  # 0.2 * 10 = 2 x 2 cells per sample
+    assert (cut == 0).sum().item() <= 2 * 3 * 4 and all((cut[b] == 0).sum() in (3 * 4, 3 * 2, 3 * 1) for b in range(2))
+    assert torch.equal(apply_op(c, "cutout", torch.tensor(0.0)), c)
     torch.manual_seed(0)
-    f = torch.randn(4, 8, 8, 8)
-    drop = apply_op(f, "channel_drop", torch.tensor(1.0), 0.5)
-    dropped = (drop == 0).flatten(2).all(2)
-    assert dropped.sum(1).tolist() == [4] * 4
-    torch.testing.assert_close(drop[~dropped], f[~dropped])
-    shuffled = apply_op(f, "channel_shuffle", torch.tensor(1.0), 0.5)
-    for b in range(4):  # a permutation of the channels, about half of them moved
-        moved = [c for c in range(8) if not torch.equal(shuffled[b, c], f[b, c])]
-        assert len(moved) <= 4
-        assert sorted(shuffled[b].flatten(1).sum(1).tolist()) == pytest.approx(sorted(f[b].flatten(1).sum(1).tolist()))
-    cut = apply_op(torch.ones(4, 2, 8, 8), "cutout", torch.tensor(1.0), 0.5)
-    zeros = (cut == 0).all(1).flatten(1).sum(1)
-    assert ((zeros > 0) & (zeros <= 16)).all()  # a 4x4 square, clipped at the border
-    shifted = apply_op(f, "translate_x", torch.tensor(1.0), 0.5)  # half the width: 4 columns
-    for b in range(4):
-        left, right = shifted[b, :, :, 4:], shifted[b, :, :, :4]
-        assert torch.allclose(left, f[b, :, :, :4], atol=1e-5) or torch.allclose(right, f[b, :, :, 4:], atol=1e-5)
+    noisy = apply_op(c, "noise", one)
+    torch.manual_seed(0)
+    torch.testing.assert_close(noisy, c + 0.1 * torch.randn_like(c))
+    g = torch.arange(8.0).view(1, 8, 1, 1).expand(2, 8, 2, 2)
+    shuffled = apply_op(g, "channel_shuffle", half)
+    assert all(sorted(shuffled[b, :, 0, 0].tolist()) == list(range(8)) for b in range(2))
+    assert all(torch.equal(shuffled[b, :, :1, :1].expand(8, 2, 2), shuffled[b]) for b in range(2))
+    dropped = apply_op(g + 1, "channel_drop", one)  # 0.5 * 8 = 4 channels per sample
+    assert [(dropped[b, :, 0, 0] == 0).sum().item() for b in range(2)] == [4, 4]
+    assert d.training
 
 
-def test_magnitude_is_straight_through():
+def test_magnitude_is_straight_through_and_eval_is_identity():
+    d = DAFA()
     f = torch.randn(2, 4, 6, 6)
-    m = torch.tensor(0.5, requires_grad=True)
-    apply_op(f, "channel_drop", m, 0.5).sum().backward()
-    assert m.grad.item() == pytest.approx(f.numel())
-
-
-def test_gumbel_straight_through_gives_every_mixture_logit_a_gradient():
-    torch.manual_seed(0)
-    dafa = DAFA(ops=("rotate", "noise", "channel_drop"))
-    assert dafa.sub_policies == [("rotate", "noise"), ("rotate", "channel_drop"), ("noise", "channel_drop")]
-    f = torch.randn(2, 4, 6, 6, requires_grad=True)
-    out = dafa(f)
-    (out * torch.randn_like(out)).sum().backward()
-    assert (dafa.mixture_logits.grad != 0).all()  # softmax in the backward: every logit
-    drawn = dafa.magnitude_logits.grad.abs().sum(1) != 0  # only the drawn sub-policy's op parameters
-    assert drawn.sum() == 1 and (dafa.probability_logits.grad.abs().sum(1) != 0).equal(drawn)
-    assert f.grad is not None
-
-
-def test_dafa_eval_mode_is_identity():
-    dafa = DAFA().eval()
-    f = torch.randn(2, 4, 6, 6)
-    assert dafa(f) is f
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"ops": ["rotate"]}, "at least 2 distinct ops"),
-        ({"ops": ["rotate", "zoom"]}, "unknown DAFA op.*zoom"),
-        ({"op_ranges": {"zoom": 1.0}}, "unknown DAFA op.*zoom"),
-        ({"gumbel_temperature": 0.0}, "gumbel_temperature must be a number > 0"),
-    ],
-)
-def test_dafa_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        DAFA(**kwargs)
+    draw = d.sample(torch.tensor([0.9, 0.9]), torch.zeros(35)).detached()  # k = 0 (argmax of a tie), both ops applied
+    out = d(f, draw)
+    out.sum().backward()
+    assert d.magnitudes.grad[0].tolist() == [f.numel(), f.numel()] and d.magnitudes.grad[1:].abs().sum() == 0
+    torch.testing.assert_close(out, apply_op(apply_op(f, "shear_x", d.magnitudes[0, 0]), "shear_y", d.magnitudes[0, 1]))
+    assert d.eval()(f) is f
 
 
 # DAM
 
 
-def _head_output(h: int, w: int, peaks: dict[tuple[int, int], tuple[float, float, float, float, float]]) -> torch.Tensor:
-    out = torch.zeros(1, 5, h, w)
-    for (y, x), values in peaks.items():
-        out[0, :, y, x] = torch.tensor(values)
+def _head_output(classes: int, h: int, w: int, peaks: dict) -> torch.Tensor:
+    """Head output with heat values at (class, y, x) and (w, h, off_x, off_y) at (y, x)."""
+    out = torch.zeros(1, classes + 4, h, w)
+    for (c, y, x), (value, *box) in peaks.items():
+        out[0, c, y, x] = value
+        out[0, classes:, y, x] = torch.tensor(box)
     return out
 
 
-def test_peaks_nms_and_boxes():
-    # (heat, size w, size h, offset x, offset y); (2, 3) is suppressed by its larger neighbour (2, 2)
-    out = _head_output(8, 8, {(2, 2): (0.9, 0.25, 0.5, 0.5, 0.5), (2, 3): (0.8, 1, 1, 0, 0), (6, 6): (0.5, 0.0, 0.0, 0.25, 0.75)})
-    boxes = peak_boxes(out, 2)
-    torch.testing.assert_close(boxes[0], torch.tensor([[1.5, 0.5, 3.5, 4.5], [6.25, 6.75, 6.25, 6.75]]))
-    mask = box_mask(boxes, 8, 8)
-    expected = torch.zeros(1, 8, 8)
-    expected[0, 0:5, 1:4] = 1  # cells overlapping [1.5, 3.5] x [0.5, 4.5]
-    expected[0, 6, 6] = 1  # a zero-size box still marks its peak's cell
-    torch.testing.assert_close(mask, expected)
-
-
-def test_mask_is_binary_without_grad_and_the_union_of_k_boxes():
-    torch.manual_seed(0)
-    head = DAMHead(6, width=8)
-    out_s, out_t = head(torch.randn(3, 6, 7, 9)), head(torch.randn(3, 6, 7, 9))
-    mask = mutual_interest_mask(out_s, out_t, k=4)
-    assert mask.shape == (3, 7, 9) and not mask.requires_grad
-    assert set(mask.unique().tolist()) <= {0.0, 1.0} and (mask.flatten(1).sum(1) >= 1).all()
-    boxes = peak_boxes(((out_s + out_t) / 2).detach(), 4)
-    assert boxes.shape == (3, 4, 4)
-    for b in range(3):  # the union, cell by cell
-        for y in range(7):
-            for x in range(9):
-                inside = any(x < x1 and x + 1 > x0 and y < y1 and y + 1 > y0 for x0, y0, x1, y1 in boxes[b].tolist())
-                assert mask[b, y, x].item() == float(inside)
-    torch.testing.assert_close(
-        mutual_interest_mask(out_s, out_t, k=4, peaks_from="teacher"), box_mask(peak_boxes(out_t.detach(), 4), 7, 9)
+def test_student_peaks_summed_boxes_and_overlaps():
+    out_s = _head_output(
+        3,
+        6,
+        7,
+        {
+            (0, 1, 1): (0.9, 2.0, 2.0, 0.0, 0.0),  # box [0, 2] x [0, 2]
+            (0, 1, 2): (0.5, 9.0, 9.0, 0.0, 0.0),  # suppressed by its 0.9 neighbour
+            (2, 2, 2): (0.8, -2.0, 0.0, 0.5, 0.0),  # |wh| = (2, 0): x in [1.5, 3.5], y = 2
+            (1, 5, 6): (0.7, 1.0, 1.0, 0.0, 0.0),  # box [5.5, 6.5] x [4.5, 5.5]: cell (5, 6)
+        },
     )
-    assert mutual_interest_mask(out_s, out_t, k=1000).flatten(1).sum(1).tolist() == [63.0] * 3  # k > H*W: every cell
+    out_s[0, 1, 1, 2] = 0.5  # class 2 shares the position of class 0's suppressed peak; it still counts for class 1
+    boxes = peak_boxes(out_s, 3)
+    assert boxes[0].tolist() == [[0.0, 0.0, 2.0, 2.0], [1.5, 2.0, 3.5, 2.0], [5.5, 4.5, 6.5, 5.5]]
+    expected = torch.zeros(6, 7)
+    expected[0:3, 0:3] += 1
+    expected[2, 2:4] += 1  # overlaps the first box at (2, 2): counts twice
+    expected[5, 6] += 1
+    mask = mutual_interest_mask(out_s, 3)
+    assert torch.equal(mask[0], expected) and mask[0, 2, 2].item() == 2.0
+    teacher_like = torch.zeros_like(out_s)
+    assert torch.equal(mutual_interest_mask(out_s, 3), box_mask(peak_boxes(out_s, 3), 6, 7))
+    assert mutual_interest_mask(teacher_like, 1).sum() == 1  # a flat heatmap: one peak at (0, 0), size 0
+
+
+def test_dam_head_branches():
+    head = DAMHead(4, 10, width=8)
+    out = head(torch.randn(2, 4, 5, 5))
+    assert out.shape == (2, 14, 5, 5) and bool(((out[:, :10] > 0) & (out[:, :10] < 1)).all())
+    assert [type(m).__name__ for m in head.heat] == ["Conv2d", "ReLU", "Conv2d"] and head.heat[0].kernel_size == (3, 3)
 
 
 # Params
@@ -175,7 +180,8 @@ def test_registry_and_defaults():
         ({"stage": 2}, "stage is only for the AT base"),
         ({"base": "at", "stage": 1.5}, "stage is only for the AT base"),
         ({"da_reduction": "max"}, "da_reduction must be one of"),
-        ({"peaks_from": "both"}, "peaks_from must be one of"),
+        ({"search_order": 3}, "search_order must be 1 or 2"),
+        ({"virtual_lr": 0}, "virtual_lr must be a number > 0"),
         ({"top_k": 0}, "top_k must be an integer >= 1"),
         ({"aug_epochs": -1}, "aug_epochs must be an integer >= 0"),
         ({"aug_betas": [0.9]}, "aug_betas must be two numbers"),

@@ -1,35 +1,42 @@
-"""SoKD's DAFA: the teacher's hint feature refined by a learnable mixture of augmentation sub-policies.
+"""SoKD's DAFA: the teacher's hint feature refined by a learnable policy of feature-space ops.
 
-A **reading** of ../shared/METHODS.md (SoKD): with S sub-policies ``s_1 .. s_S``::
+As ../shared/METHODS.md (SoKD) describes the code of the first author's DFKD distiller.
 
-    s(F) = sum_s h_s * s_s(F),    h = gumbel_softmax(a, tau=gumbel_temperature, hard=True)
+**Ops** (``OP_RANGES``): a magnitude ``m`` in [0, 1] maps to ``v = low + m (high - low)``:
 
-one sub-policy drawn per step (DADA's sampling): ``h`` is a one-hot vector in the forward and
-``softmax((a + g) / tau)`` in the backward (straight-through), so only the drawn sub-policy runs
-and every mixture logit ``a`` still gets a gradient. A sub-policy is an ordered pair of ops
-(every unordered pair of distinct ``ops``, in list order); op ``i`` of sub-policy ``s`` is applied
-to each sample with a relaxed-Bernoulli gate::
+* ``shear_x`` / ``shear_y``: shear factor v in [-0.3, 0.3]; ``translate_x`` / ``translate_y``:
+  v in [-0.45, 0.45] times the map's width / height; ``rotate``: v in [-30, 30] degrees; each an
+  affine warp (``affine_grid`` + bilinear ``grid_sample``, zeros outside, ``align_corners=False``);
+* ``cutout``: a rectangle of ``round(v H) x round(v W)`` cells, v in [0, 0.2], at a random centre
+  (per sample), set to 0;
+* ``noise``: ``F + v N(0, 1)``, v in [0, 0.1];
+* ``channel_shuffle``: a random permutation of the channels (per sample; no magnitude);
+* ``channel_drop``: ``round(v C)`` random channels (per sample) set to 0, v in [0, 0.5].
 
-    b = sigmoid((logit(p) + log u - log(1 - u)) / bernoulli_temperature),  u ~ U(0, 1) per sample
-    F' = b * op(F, m) + (1 - b) * F,    p = sigmoid(probability_logits[s, i]),
-                                        m = sigmoid(magnitude_logits[s, i]) in [0, 1]
+**Sub-policies**: the unordered pairs of the 9 ops in ``OPS`` order, 36 of them; METHODS.md keeps
+35 without naming the one dropped, so this module drops the last pair, (channel_shuffle,
+channel_drop): the only pair of two channel-identity ops (neither moves nor rescales a spatial
+position, and their composition is again a random channel drop up to the permutation).
 
-and the magnitude is straight-through: ``op(F, m)`` runs with ``m`` detached and
-``d op / d m := 1`` per element (``op(F, m.detach()) + (m - m.detach())``, DADA / Faster
-AutoAugment). The ops act on feature maps (B, C, H, W); each draws its own randomness per sample:
+**Parameters**: apply-probabilities ``p`` (35, 2), init 0.5, clamped to [0, 1]; sub-policy
+weights ``alpha`` (35,), init 1e-3; magnitudes ``m`` (35, 2), init 0.5, clamped to [0, 1].
 
-* ``shear_x``, ``shear_y``, ``translate_x``, ``translate_y``, ``rotate``: an affine warp of the
-  map (``affine_grid`` + bilinear ``grid_sample``, zeros outside), random sign, amount
-  ``m * range`` (shear factor, fraction of the map's side, degrees);
-* ``cutout``: a square of side ``round(m * range * min(H, W))`` at a random centre set to 0;
-* ``noise``: ``F + m * range * std(F) * N(0, 1)`` (std per sample, detached);
-* ``channel_shuffle``: ``round(m * range * C)`` random channels permuted among themselves;
-* ``channel_drop``: ``round(m * range * C)`` random channels set to 0.
+**Sampling** (:meth:`DAFA.sample`, once per batch), with ``u``, ``u_k`` ~ U(0, 1), ``G`` Gumbel
+noise, tau = 0.5::
 
-The ranges (``OP_RANGES``: AutoAugment's shear 0.3, translate 0.45 and rotate 30 degrees; the
-others the project's choice) can be overridden per op. In eval mode DAFA is the identity. The
-parameters are trained by :meth:`DAFA.step` with their own Adam (state in the module's
-``state_dict`` through ``get_extra_state``), never by the engine's SGD.
+    b_i = 1[logit(p_ki) + log u_i - log(1 - u_i) > 0]          (relaxed: sigmoid(z_i / tau))
+    k   = argmax(log softmax(alpha) + G)                         (relaxed: softmax(. / tau))
+
+**Forward** on the chosen sub-policy ``(o_1, o_2)`` of ``k``::
+
+    y_0 = F,  y_i = y_{i-1} + b_i (o_i(y_{i-1}, m_ki) - y_{i-1})
+    s(F) = h_k ((y_2 - sum_i m_ki).detach() + sum_i m_ki)
+
+with ``b_i`` and ``h_k`` the hard samples carrying their relaxations' gradients (straight-through)
+and the magnitudes straight-through (each element of s(F) has derivative 1 to ``m_k1`` and
+``m_k2``). The values are the hard augmentation; the straight-through gradients to ``p`` and
+``alpha`` are the first-order option's (SoKD's second-order step estimates those two with RELAX
+from :meth:`DAFA.log_prob`). In eval mode DAFA is the identity.
 """
 
 from __future__ import annotations
@@ -37,94 +44,87 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DAFA", "OPS", "OP_RANGES", "apply_op"]
+__all__ = ["DAFA", "Draw", "OPS", "OP_RANGES", "SUB_POLICIES", "apply_op", "op_value"]
 
-OP_RANGES: dict[str, float] = {
-    "shear_x": 0.3,
-    "shear_y": 0.3,  # shear factor
-    "translate_x": 0.45,
-    "translate_y": 0.45,  # fraction of the map's side
-    "rotate": 30.0,  # degrees
-    "cutout": 0.5,  # side, fraction of min(H, W)
-    "noise": 1.0,  # times the sample's std
-    "channel_shuffle": 0.5,
-    "channel_drop": 0.5,  # fraction of the channels
+OP_RANGES: dict[str, tuple[float, float]] = {
+    "shear_x": (-0.3, 0.3),
+    "shear_y": (-0.3, 0.3),
+    "translate_x": (-0.45, 0.45),  # fraction of the width
+    "translate_y": (-0.45, 0.45),  # fraction of the height
+    "rotate": (-30.0, 30.0),  # degrees
+    "cutout": (0.0, 0.2),  # fraction of H and of W
+    "noise": (0.0, 0.1),  # sigma
+    "channel_shuffle": (0.0, 0.0),  # no magnitude
+    "channel_drop": (0.0, 0.5),  # fraction of the channels
 }
 OPS: tuple[str, ...] = tuple(OP_RANGES)
+SUB_POLICIES: tuple[tuple[str, str], ...] = tuple(itertools.combinations(OPS, 2))[:-1]  # 35: without the last pair
 AFFINE_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+EPS = 1e-6
 
 
-def _affine(f: Tensor, name: str, amount: Tensor) -> Tensor:
-    """Warp each sample by the affine map of op `name` with a random sign."""
-    b = f.shape[0]
-    a = amount * (torch.randint(0, 2, (b,), device=f.device) * 2 - 1).to(f.dtype)
-    one, zero = torch.ones_like(a), torch.zeros_like(a)
+def op_value(name: str, magnitude: Tensor) -> Tensor:
+    """``low + m (high - low)`` of op `name`'s range."""
+    low, high = OP_RANGES[name]
+    return low + magnitude * (high - low)
+
+
+def _affine(f: Tensor, name: str, v: Tensor) -> Tensor:
+    """Warp every sample by op `name`'s affine map of amount `v` (0-d) in normalized coordinates."""
+    one, zero = torch.ones_like(v), torch.zeros_like(v)
     if name == "rotate":
-        rad = a * (math.pi / 180.0)
+        rad = v * (math.pi / 180.0)
         rows = ((rad.cos(), -rad.sin(), zero), (rad.sin(), rad.cos(), zero))
     else:
         rows = {
-            "shear_x": ((one, a, zero), (zero, one, zero)),
-            "shear_y": ((one, zero, zero), (a, one, zero)),
-            "translate_x": ((one, zero, 2 * a), (zero, one, zero)),  # normalized coordinates span 2
-            "translate_y": ((one, zero, zero), (zero, one, 2 * a)),
+            "shear_x": ((one, v, zero), (zero, one, zero)),
+            "shear_y": ((one, zero, zero), (v, one, zero)),
+            "translate_x": ((one, zero, 2 * v), (zero, one, zero)),  # normalized coordinates span 2
+            "translate_y": ((one, zero, zero), (zero, one, 2 * v)),
         }[name]
-    theta = torch.stack([torch.stack(row, -1) for row in rows], 1)  # (B, 2, 3)
+    theta = torch.stack([torch.stack(row) for row in rows]).expand(f.shape[0], 2, 3)
     grid = F.affine_grid(theta, list(f.shape), align_corners=False)
     return F.grid_sample(f, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _cutout(f: Tensor, amount: Tensor) -> Tensor:
+def _cutout(f: Tensor, v: Tensor) -> Tensor:
     b, _, h, w = f.shape
-    side = torch.round(amount * min(h, w))
-    low = torch.div(side, 2, rounding_mode="floor")
-    y0 = torch.randint(0, h, (b, 1, 1), device=f.device) - low
-    x0 = torch.randint(0, w, (b, 1, 1), device=f.device) - low
+    side_h, side_w = torch.round(v * h), torch.round(v * w)
+    y0 = torch.randint(0, h, (b, 1, 1), device=f.device) - torch.div(side_h, 2, rounding_mode="floor")
+    x0 = torch.randint(0, w, (b, 1, 1), device=f.device) - torch.div(side_w, 2, rounding_mode="floor")
     ys = torch.arange(h, device=f.device).view(1, h, 1)
     xs = torch.arange(w, device=f.device).view(1, 1, w)
-    inside = (ys >= y0) & (ys < y0 + side) & (xs >= x0) & (xs < x0 + side)
+    inside = (ys >= y0) & (ys < y0 + side_h) & (xs >= x0) & (xs < x0 + side_w)
     return f * (~inside).unsqueeze(1).to(f.dtype)
 
 
-def _noise(f: Tensor, amount: Tensor) -> Tensor:
-    std = f.detach().flatten(1).std(1, unbiased=False).view(-1, 1, 1, 1)
-    return f + amount * std * torch.randn_like(f)
+def _noise(f: Tensor, v: Tensor) -> Tensor:
+    return f + v * torch.randn_like(f)
 
 
-def _random_channels(f: Tensor, fraction: Tensor) -> Tensor:
-    """(B, C) bool: round(fraction * C) distinct random channels per sample."""
+def _channel_shuffle(f: Tensor, v: Tensor) -> Tensor:
     b, c = f.shape[:2]
-    rank = torch.rand(b, c, device=f.device).argsort(1).argsort(1)
-    return rank < torch.round(fraction * c)
-
-
-def _channel_shuffle(f: Tensor, amount: Tensor) -> Tensor:
-    b, c = f.shape[:2]
-    chosen = _random_channels(f, amount)
-    channel = torch.arange(c, device=f.device).expand(b, c)
-    # the chosen channels' positions, ascending, then the others; and the chosen channels in random order
-    slots = torch.where(chosen, channel, channel + c).argsort(1)
-    keys = torch.rand(b, c, device=f.device)
-    sources = torch.where(chosen, keys, keys + 2).argsort(1)
-    first = torch.arange(c, device=f.device) < chosen.sum(1, keepdim=True)
-    index = channel.scatter(1, slots, torch.where(first, sources, slots))
+    index = torch.rand(b, c, device=f.device).argsort(1)
     return f.gather(1, index.view(b, c, 1, 1).expand_as(f))
 
 
-def _channel_drop(f: Tensor, amount: Tensor) -> Tensor:
-    keep = (~_random_channels(f, amount)).to(f.dtype)
-    return f * keep.view(*keep.shape, 1, 1)
+def _channel_drop(f: Tensor, v: Tensor) -> Tensor:
+    b, c = f.shape[:2]
+    rank = torch.rand(b, c, device=f.device).argsort(1).argsort(1)
+    keep = (rank >= torch.round(v * c)).to(f.dtype)
+    return f * keep.view(b, c, 1, 1)
 
 
 _OP_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    **{name: (lambda f, amount, name=name: _affine(f, name, amount)) for name in AFFINE_OPS},
+    **{name: (lambda f, v, name=name: _affine(f, name, v)) for name in AFFINE_OPS},
     "cutout": _cutout,
     "noise": _noise,
     "channel_shuffle": _channel_shuffle,
@@ -132,76 +132,82 @@ _OP_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
-def apply_op(f: Tensor, name: str, magnitude: Tensor, value_range: float) -> Tensor:
-    """Op `name` on `f` at ``magnitude`` (0-d, in [0, 1]) times `value_range`, the magnitude
-    straight-through (its gradient is the sum of the output's gradient)."""
-    m = magnitude.to(f.dtype)
-    out = _OP_FUNCTIONS[name](f, m.detach() * value_range)
-    return out + (m - m.detach())
+def apply_op(f: Tensor, name: str, magnitude: Tensor) -> Tensor:
+    """Op `name` on `f` (B, C, H, W) at ``op_value(name, magnitude)`` (magnitude 0-d, detached here)."""
+    return _OP_FUNCTIONS[name](f, op_value(name, magnitude.detach().to(f.dtype)))
 
 
-def _relaxed_bernoulli(logit: Tensor, batch: int, temperature: float, like: Tensor) -> Tensor:
-    """(B, 1, 1, 1) relaxed Bernoulli samples of probability sigmoid(logit)."""
-    u = torch.rand(batch, 1, 1, 1, device=like.device, dtype=like.dtype).clamp(1e-6, 1 - 1e-6)
-    return torch.sigmoid((logit.to(like.dtype) + u.log() - (-u).log1p()) / temperature)
+@dataclass
+class Draw:
+    """One batch's sample: sub-policy ``k`` (0-d long), its hard gates ``b`` (2,) and the
+    straight-through gates and weight (hard values, relaxed gradients)."""
+
+    k: Tensor
+    b: Tensor
+    gates: Tensor
+    weight: Tensor
+
+    def detached(self) -> Draw:
+        """The same draw without the straight-through gradients (hard gates, weight 1)."""
+        return Draw(self.k, self.b, self.b, torch.ones_like(self.weight.detach()))
 
 
 class DAFA(nn.Module):
-    """``s(F)``: a Gumbel-softmax mixture of sub-policies (pairs of feature ops); identity in eval mode.
+    """``s(F)`` (module docstring); :meth:`sample` draws, :meth:`forward` applies a draw."""
 
-    Parameters: ``mixture_logits`` (S,), ``probability_logits`` and ``magnitude_logits`` (S, 2),
-    all 0 at the start (uniform mixture, p = m = 0.5). :meth:`step` runs their own Adam.
-    """
-
-    def __init__(
-        self,
-        ops: Sequence[str] = OPS,
-        gumbel_temperature: float = 0.5,
-        bernoulli_temperature: float = 0.5,
-        lr: float = 3e-4,
-        betas: Sequence[float] = (0.9, 0.999),
-        op_ranges: Mapping[str, float] | None = None,
-    ) -> None:
+    def __init__(self, temperature: float = 0.5, lr: float = 3e-4, betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 1e-3) -> None:
         super().__init__()
-        unknown = sorted(set(ops) - set(OPS)) + sorted(set(op_ranges or {}) - set(OPS))
-        if unknown:
-            raise ValueError(f"unknown DAFA op(s) {', '.join(unknown)}; valid ops: {', '.join(OPS)}")
-        if len(ops) < 2 or len(set(ops)) != len(ops):
-            raise ValueError(f"DAFA needs at least 2 distinct ops (a sub-policy is a pair), got {list(ops)!r}")
-        for name, value in (
-            ("gumbel_temperature", gumbel_temperature),
-            ("bernoulli_temperature", bernoulli_temperature),
-            ("lr", lr),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"DAFA {name} must be a number > 0, got {value!r}")
-        self.sub_policies = list(itertools.combinations(ops, 2))
-        self.ranges = {**OP_RANGES, **(op_ranges or {})}
-        self.gumbel_temperature, self.bernoulli_temperature = float(gumbel_temperature), float(bernoulli_temperature)
-        count = len(self.sub_policies)
-        self.mixture_logits = nn.Parameter(torch.zeros(count))
-        self.probability_logits = nn.Parameter(torch.zeros(count, 2))
-        self.magnitude_logits = nn.Parameter(torch.zeros(count, 2))
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(betas))
+        count = len(SUB_POLICIES)
+        self.temperature = float(temperature)
+        self.probabilities = nn.Parameter(torch.full((count, 2), 0.5))
+        self.weights = nn.Parameter(torch.full((count,), 1e-3))
+        self.magnitudes = nn.Parameter(torch.full((count, 2), 0.5))
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
-    def forward(self, f: Tensor) -> Tensor:
-        """``s(f)`` in training mode (one sub-policy drawn for the batch; reading its index is one
-        host sync), ``f`` in eval mode."""
+    def sample(self, u: Tensor | None = None, gumbel: Tensor | None = None) -> Draw:
+        """A draw from uniform noise `u` (2,) and Gumbel noise `gumbel` (35,) (fresh when None)::
+
+        k = argmax(log_softmax(alpha) + G),  h = softmax((log_softmax(alpha) + G) / tau)
+        z = logit(p_k) + log u - log(1 - u),  b = 1[z > 0],  b~ = sigmoid(z / tau)
+        """
+        if u is None:
+            u = torch.rand(2, device=self.probabilities.device).clamp(EPS, 1 - EPS)
+        if gumbel is None:
+            gumbel = -torch.empty_like(self.weights).exponential_().log()
+        scores = self.weights.log_softmax(0) + gumbel
+        k = scores.detach().argmax()
+        soft_h = (scores / self.temperature).softmax(0)[k]
+        z = torch.logit(self.probabilities[k], eps=EPS) + u.log() - (-u).log1p()
+        b = (z.detach() > 0).to(z.dtype)
+        soft_b = torch.sigmoid(z / self.temperature)
+        return Draw(k, b, b + (soft_b - soft_b.detach()), 1 + (soft_h - soft_h.detach()))
+
+    def log_prob(self, draw: Draw) -> Tensor:
+        """``log softmax(alpha)_k + sum_i [b_i log p_ki + (1 - b_i) log(1 - p_ki)]``, the score of RELAX."""
+        p = self.probabilities[draw.k].clamp(EPS, 1 - EPS)
+        return self.weights.log_softmax(0)[draw.k] + (draw.b * p.log() + (1 - draw.b) * (-p).log1p()).sum()
+
+    def forward(self, f: Tensor, draw: Draw | None = None) -> Tensor:
+        """``s(f)`` under `draw` (a fresh one when None; reading ``k`` is one host sync) in training
+        mode, ``f`` in eval mode."""
         if not self.training:
             return f
-        weights = F.gumbel_softmax(self.mixture_logits, tau=self.gumbel_temperature, hard=True)
-        k = int(weights.detach().argmax())
-        out = f
-        for i, name in enumerate(self.sub_policies[k]):
-            gate = _relaxed_bernoulli(self.probability_logits[k, i], f.shape[0], self.bernoulli_temperature, f)
-            augmented = apply_op(out, name, torch.sigmoid(self.magnitude_logits[k, i]), self.ranges[name])
-            out = gate * augmented + (1 - gate) * out
-        return weights[k].to(out.dtype) * out
+        draw = self.sample() if draw is None else draw
+        k = int(draw.k)
+        m = self.magnitudes[k].to(f.dtype)
+        y = f
+        for i, name in enumerate(SUB_POLICIES[k]):
+            y = y + draw.gates[i].to(f.dtype) * (apply_op(y, name, m[i]) - y)
+        return draw.weight.to(f.dtype) * ((y - m.sum()).detach() + m.sum())
 
     def step(self, update: bool) -> None:
-        """One Adam step on the gradients the student objective left (when `update`), then clear them."""
+        """One Adam step on the parameters' gradients (when `update`; p and m clamped to [0, 1]
+        after it), then clear them."""
         if update:
             self.optimizer.step()
+            with torch.no_grad():
+                self.probabilities.clamp_(0, 1)
+                self.magnitudes.clamp_(0, 1)
         self.optimizer.zero_grad(set_to_none=True)
 
     def get_extra_state(self) -> dict[str, Any]:
