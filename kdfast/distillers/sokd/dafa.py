@@ -155,7 +155,9 @@ class Draw:
 class DAFA(nn.Module):
     """``s(F)`` (module docstring); :meth:`sample` draws, :meth:`forward` applies a draw."""
 
-    def __init__(self, temperature: float = 0.5, lr: float = 3e-4, betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 1e-3) -> None:
+    def __init__(
+        self, temperature: float = 0.5, lr: float = 3e-4, betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 1e-3
+    ) -> None:
         super().__init__()
         count = len(SUB_POLICIES)
         self.temperature = float(temperature)
@@ -198,7 +200,9 @@ class DAFA(nn.Module):
         y = f
         for i, name in enumerate(SUB_POLICIES[k]):
             y = y + draw.gates[i].to(f.dtype) * (apply_op(y, name, m[i]) - y)
-        return draw.weight.to(f.dtype) * ((y - m.sum()).detach() + m.sum())
+        # the value of (y - sum m).detach() + sum m, without detaching y: the gates' straight-through
+        # gradients (first-order search) flow through y, which a detached y would cut off
+        return draw.weight.to(f.dtype) * (y + (m.sum() - m.sum().detach()))
 
     def step(self, update: bool) -> None:
         """One Adam step on the parameters' gradients (when `update`; p and m clamped to [0, 1]
