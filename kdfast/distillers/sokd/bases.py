@@ -30,6 +30,7 @@ from kdfast.distillers.at import AT
 from kdfast.distillers.base import Distiller
 from kdfast.distillers.fitnet import FitNet
 from kdfast.distillers.lcc import LCC
+from kdfast.distillers.sokd.dam import widen
 from kdfast.models import Features
 from kdfast.reference.at import AT_MODES
 
@@ -78,7 +79,7 @@ class FitNetAdapter(BaseAdapter):
         return base.connector
 
     def losses(self, base, stage, student, teacher, hint, refined, mask, labels, reduction):
-        return functional.masked_mse(hint.float(), refined.float(), mask, reduction), {}
+        return functional.masked_mse(widen(hint), widen(refined), mask, reduction), {}
 
 
 class ATAdapter(BaseAdapter):
@@ -95,7 +96,7 @@ class ATAdapter(BaseAdapter):
         if f_s.shape[2:] != refined.shape[2:]:
             f_s = F.adaptive_avg_pool2d(f_s, refined.shape[2:])
         map_mode = AT_MODES[p.mode][0]
-        maps = [functional.attention_map(f, p.p, map_mode).float().view(f.shape[0], 1, *f.shape[2:]) for f in (f_s, refined)]
+        maps = [widen(functional.attention_map(f, p.p, map_mode)).view(f.shape[0], 1, *f.shape[2:]) for f in (f_s, refined)]
         return functional.masked_mse(*maps, mask, reduction), {}
 
 

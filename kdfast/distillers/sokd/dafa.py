@@ -164,6 +164,8 @@ class DAFA(nn.Module):
         self.probabilities = nn.Parameter(torch.full((count, 2), 0.5))
         self.weights = nn.Parameter(torch.full((count,), 1e-3))
         self.magnitudes = nn.Parameter(torch.full((count, 2), 0.5))
+        table = torch.tensor([[OPS.index(a), OPS.index(b)] for a, b in SUB_POLICIES])
+        self.register_buffer("policy_ops", table, persistent=False)  # (35, 2): each sub-policy's op indices
         self.optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
     def sample(self, u: Tensor | None = None, gumbel: Tensor | None = None) -> Draw:
@@ -178,28 +180,38 @@ class DAFA(nn.Module):
             gumbel = -torch.empty_like(self.weights).exponential_().log()
         scores = self.weights.log_softmax(0) + gumbel
         k = scores.detach().argmax()
-        soft_h = (scores / self.temperature).softmax(0)[k]
-        z = torch.logit(self.probabilities[k], eps=EPS) + u.log() - (-u).log1p()
+        index = k.view(1)  # index_select / gather: indexing with a 0-d device tensor would read it on the host
+        soft_h = (scores / self.temperature).softmax(0).gather(0, index)[0]
+        z = torch.logit(self.probabilities.index_select(0, index)[0], eps=EPS) + u.log() - (-u).log1p()
         b = (z.detach() > 0).to(z.dtype)
         soft_b = torch.sigmoid(z / self.temperature)
         return Draw(k, b, b + (soft_b - soft_b.detach()), 1 + (soft_h - soft_h.detach()))
 
     def log_prob(self, draw: Draw) -> Tensor:
         """``log softmax(alpha)_k + sum_i [b_i log p_ki + (1 - b_i) log(1 - p_ki)]``, the score of RELAX."""
-        p = self.probabilities[draw.k].clamp(EPS, 1 - EPS)
-        return self.weights.log_softmax(0)[draw.k] + (draw.b * p.log() + (1 - draw.b) * (-p).log1p()).sum()
+        index = draw.k.view(1)
+        p = self.probabilities.index_select(0, index)[0].clamp(EPS, 1 - EPS)
+        return self.weights.log_softmax(0).gather(0, index)[0] + (draw.b * p.log() + (1 - draw.b) * (-p).log1p()).sum()
 
     def forward(self, f: Tensor, draw: Draw | None = None) -> Tensor:
-        """``s(f)`` under `draw` (a fresh one when None; reading ``k`` is one host sync) in training
-        mode, ``f`` in eval mode."""
+        """``s(f)`` under `draw` (a fresh one when None) in training mode, ``f`` in eval mode.
+
+        The sub-policy index stays on the device: each of the two slots evaluates all nine ops on
+        its input and keeps the chosen one through a one-hot (0 or 1) weight, so no Python branch
+        depends on ``k`` and the step reads nothing back to the host. The values are exactly those
+        of applying the two chosen ops (the other terms are exact zeros); every op draws its random
+        numbers on every call, so the RNG advances the same way whatever ``k`` is."""
         if not self.training:
             return f
         draw = self.sample() if draw is None else draw
-        k = int(draw.k)
-        m = self.magnitudes[k].to(f.dtype)
+        k = draw.k.view(1)
+        m = self.magnitudes.index_select(0, k)[0].to(f.dtype)  # (2,)
+        chosen = self.policy_ops.index_select(0, k)[0]  # (2,) op indices into OPS
         y = f
-        for i, name in enumerate(SUB_POLICIES[k]):
-            y = y + draw.gates[i].to(f.dtype) * (apply_op(y, name, m[i]) - y)
+        for i in range(2):
+            onehot = F.one_hot(chosen[i], len(OPS)).to(f.dtype)  # (9,)
+            out = sum(onehot[j] * apply_op(y, name, m[i]) for j, name in enumerate(OPS))
+            y = y + draw.gates[i].to(f.dtype) * (out - y)
         # the value of (y - sum m).detach() + sum m, without detaching y: the gates' straight-through
         # gradients (first-order search) flow through y, which a detached y would cut off
         return draw.weight.to(f.dtype) * (y + (m.sum() - m.sum().detach()))

@@ -11,38 +11,62 @@ base's connector, else SoKD's own) then two 3x3 conv-BN-ReLU, ``s`` DAFA (:mod:`
     L_DA = the base's feature loss restricted to M   (FitNet: MSE(phi(fs) M, s(ft) M), :mod:`.bases`)
     losses = {"ce": ce_weight CE, <the base's logit terms>, "sokd_d": d_weight L_D, "sokd_da": da_weight L_DA}
 
-(``d_weight = da_weight = 1000``.) The head, ``phi`` and the base's extras are trained by the
-engine's SGD with the student; DAFA's parameters by their own Adam (lr 3e-4, betas (0.5, 0.999),
-weight decay 1e-3) while ``epoch <= aug_epochs``, then frozen (DAFA keeps augmenting with them).
+(``d_weight = da_weight = 1000``, the code's ``DAM_AREA_WEIGHT`` and ``AUG_FEAT_WEIGHT``.) The head,
+``phi`` and the base's extras are trained by the engine's SGD with the student; DAFA's parameters
+by their own Adam (lr 3e-4, betas (0.5, 0.999), weight decay 1e-3) while ``epoch <= aug_epochs``,
+then frozen (DAFA keeps augmenting with them).
+
+**Stability at the spec weights.** The DAM head follows the code: each branch ends with a ReLU
+(:mod:`.dam`, ``dam_final_relu``). With those ReLUs the objective trains at ``d_weight = 1000``
+(finite, decreasing); without them the unbounded size/offset outputs make SGD diverge within two
+steps. ``L_D`` is minimised by any head whose output does not depend on its input, and at weight
+1000 the first SGD steps take the head there: in short CPU runs every branch's final ReLU is off
+after one or two steps (``L_D = 0``, the heatmap 0.5 everywhere, sizes and offsets 0), and M is
+then the 8 one-cell boxes that ``topk`` picks among equal scores. That is the code's behaviour as
+far as it can be read; kdfast does not change it (no clamp, no rescaling of ``L_D``).
 
 **Second-order search** (``search_order: 2``, the code's): one outer step per batch inside
 :meth:`SoKD.forward`, before the student's losses. With ``theta`` the SGD-trained parameters,
 ``L(theta, d)`` the total student loss on the batch under the DAFA draw ``d`` and ``L_0`` the same
 loss without augmentation (``s`` = identity)::
 
-    theta' = theta - lr (mu buf + grad_theta L(theta, d) + wd theta)        (DARTS' virtual step)
-    v      = grad_theta' L_0(theta'),   r = 0.01 / ||v||,   theta+- = theta +- r v
-    grad_m     = -lr (grad_m L(theta+, d) - grad_m L(theta-, d)) / (2 r)     (autograd)
-    grad_(p,a) = -lr (L(theta+, d) - L(theta-, d)) / (2 r) grad_(p,a) log P(d | p, alpha)
+    theta' = theta - eta (mu buf + grad_theta L(theta, d) + wd theta)      (DARTS' virtual step)
+    v      = grad_theta' L_0(theta'),   r = hvp_r / ||v||,   theta+- = theta +- r v
+    grad_m     = c (grad_m L(theta+, d) - grad_m L(theta-, d)) / (2 r)        (autograd)
+    grad_(p,a) = c (L(theta+, d) - L(theta-, d)) / (2 r) grad_(p,a) log P(d | p, alpha)
 
-The last line is RELAX's estimate ``(f(b) - c(z~)) grad log P(b) + grad c(z) - grad c(z~)``
-applied to the finite difference: both points share the draw and the ops' random numbers
-(common random numbers, without which the difference of two estimates divided by 2r would be
-noise), so every control-variate term cancels exactly and only the score term remains. ``L_0``
-does not depend on DAFA, so the virtual step's gradient is the whole of DARTS' outer gradient.
-``lr``, ``mu`` and ``wd`` are the student's SGD recipe (``virtual_lr``, ``virtual_momentum``,
-``virtual_weight_decay``: the config's ``optim`` values, which the distiller does not see); ``lr
-buf`` is read from the parameters' change since the previous batch (``theta_prev - theta``,
-exactly ``lr buf`` for SGD at a constant lr, which the search epochs have), kept in the state_dict
-for an exact resume. The extra forwards leave the buffers (BatchNorm statistics) as they found
-them. Under torch.distributed the outer gradients are averaged over processes.
+with ``c = -1`` (``outer_scale: code``: the code's architect negates the finite difference without
+DARTS' factor eta) or ``c = -eta`` (``outer_scale: darts``). The last line is RELAX's estimate
+``(f(b) - c(z~)) grad log P(b) + grad c(z) - grad c(z~)`` applied to the finite difference: both
+points share the draw and the ops' random numbers (common random numbers, without which the
+difference of two estimates divided by 2r would be noise), so every control-variate term (the
+code's learned ``QFunc``) cancels exactly and only the score term remains. ``L_0`` does not depend
+on DAFA, so the virtual step's gradient is the whole of DARTS' outer gradient.
+
+The virtual step's constants are the code's (its trainer calls the architect with ``eta = 0.01``;
+``mu = 0.9`` and ``wd = 1e-4`` from its DFKD config): ``virtual_lr``, ``virtual_momentum``,
+``virtual_weight_decay``. ``buf`` is the student's SGD momentum buffer, read from the parameters'
+change since the previous batch, ``buf = (theta_prev - theta) / optim_lr`` (exact for SGD at a
+constant lr, which the search epochs have; ``optim_lr`` must be the config's ``optim.lr``), zero
+on the first batch; ``theta_prev`` is kept in the state_dict for an exact resume. The code
+snapshot builds its "unrolled model" by loading theta' into the live model, so its finite
+difference is taken around theta' and the student keeps theta' (an extra step per batch): a
+defect kdfast does not reproduce (DARTS' formula, around theta, parameters restored).
+
+M at ``theta+-``: recomputed from the student's heatmap at each point (``hvp_mask: recompute``,
+what the code's repeated forward does) or the M of ``theta`` kept for both (``fixed``). M is
+piecewise constant in theta: when a box edge or a peak changes between ``theta+`` and ``theta-``
+the recomputed difference carries that jump divided by 2r on top of the derivative; ``fixed``
+estimates the derivative itself (what the exact test checks). The extra forwards leave the buffers
+(BatchNorm statistics) as they found them. Under torch.distributed the outer gradients are
+averaged over processes.
 
 **First-order search** (``search_order: 1``): DAFA receives the gradient of the student
 objective itself through the straight-through samples and magnitudes, and :meth:`SoKD.after_step`
 steps its Adam.
 
-One sub-policy is drawn per batch, and reading its index is one host sync per forward; M is
-computed on the device without host syncs. The student module is shared with the wrapped base
+The step reads nothing back to the host: the sub-policy index stays on the device (:mod:`.dafa`),
+M and the masked losses are device ops. The student module is shared with the wrapped base
 distiller (``self.base``), so it appears under both ``student.`` and ``base.student.`` in the
 state_dict (``torch.save`` stores its tensors once).
 """
@@ -63,7 +87,7 @@ from kdfast.distillers.base import Distiller, Params, feature_shapes
 from kdfast.distillers.fitnet import ConvReg
 from kdfast.distillers.sokd.bases import BASES
 from kdfast.distillers.sokd.dafa import DAFA, Draw
-from kdfast.distillers.sokd.dam import DAMHead, mutual_interest_mask
+from kdfast.distillers.sokd.dam import DAMHead, mutual_interest_mask, widen
 from kdfast.models import Features, KDModel
 from kdfast.reference.masked_mse import REDUCTIONS
 
@@ -93,11 +117,15 @@ class SoKDParams(Params):
     aug_weight_decay: float = 1e-3
     aug_epochs: int = 50  # DAFA searched while epoch <= aug_epochs, frozen after
     search_order: int = 2  # 2: DARTS second-order outer step (the code's); 1: first-order
-    virtual_lr: float = 0.05  # the student's SGD recipe, for the virtual step (optim.lr, momentum, weight_decay)
-    virtual_momentum: float = 0.9
-    virtual_weight_decay: float = 5e-4
+    virtual_lr: float = 0.01  # eta of the virtual step (the code's trainer passes 0.01)
+    virtual_momentum: float = 0.9  # mu (the code's DFKD.momentum)
+    virtual_weight_decay: float = 1e-4  # wd (the code's DFKD.weight_decay)
+    optim_lr: float = 0.05  # = optim.lr: reads the SGD momentum buffer from the parameters' change
     hvp_r: float = 0.01  # finite-difference step r = hvp_r / ||v||
-    dam_width: int = 64  # channels of each DAM branch's 3x3 conv
+    hvp_mask: str = "recompute"  # M at theta+-: recompute (the code) or fixed (M of theta)
+    outer_scale: str = "code"  # the outer gradient's factor: code (-1) or darts (-virtual_lr)
+    dam_width: int | None = None  # channels of each DAM branch's 3x3 conv (None: the hint's channels)
+    dam_final_relu: bool = True  # each DAM branch ends with a ReLU (the code); false: plain conv ends
     top_k: int = 8  # peaks (boxes) per image
 
     def __post_init__(self) -> None:
@@ -119,16 +147,23 @@ class SoKDParams(Params):
         for name in ("ce_weight", "d_weight", "da_weight", "virtual_momentum", "virtual_weight_decay", "aug_weight_decay"):
             if not _is_number(getattr(self, name)):
                 raise ValueError(f"SoKD {name} must be a finite number, got {getattr(self, name)!r}")
-        for name in ("temperature", "aug_lr", "virtual_lr", "hvp_r"):
+        if not isinstance(self.dam_final_relu, bool):
+            raise ValueError(f"SoKD dam_final_relu must be true or false, got {self.dam_final_relu!r}")
+        for name in ("temperature", "aug_lr", "virtual_lr", "optim_lr", "hvp_r"):
             if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
                 raise ValueError(f"SoKD {name} must be a number > 0, got {getattr(self, name)!r}")
         if self.da_reduction not in REDUCTIONS:
             raise ValueError(f"SoKD da_reduction must be one of {REDUCTIONS}, got {self.da_reduction!r}")
         if self.search_order not in (1, 2) or not _is_int(self.search_order):
             raise ValueError(f"SoKD search_order must be 1 or 2, got {self.search_order!r}")
-        for name in ("top_k", "dam_width"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"SoKD {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.hvp_mask not in ("recompute", "fixed"):
+            raise ValueError(f"SoKD hvp_mask must be 'recompute' or 'fixed', got {self.hvp_mask!r}")
+        if self.outer_scale not in ("code", "darts"):
+            raise ValueError(f"SoKD outer_scale must be 'code' or 'darts', got {self.outer_scale!r}")
+        if not _is_int(self.top_k) or self.top_k < 1:
+            raise ValueError(f"SoKD top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.dam_width is not None and (not _is_int(self.dam_width) or self.dam_width < 1):
+            raise ValueError(f"SoKD dam_width must be an integer >= 1 or null, got {self.dam_width!r}")
         if not _is_int(self.aug_epochs) or self.aug_epochs < 0:
             raise ValueError(f"SoKD aug_epochs must be an integer >= 0, got {self.aug_epochs!r}")
         if len(self.aug_betas) != 2 or not all(0 <= b < 1 for b in self.aug_betas):
@@ -164,7 +199,7 @@ class SoKD(Distiller):
             was_training = student.training
             num_classes = student.eval().features(torch.zeros(1, 3, image_size, image_size)).logits.shape[1]
             student.train(was_training)
-        self.dam = DAMHead(t_shape[0], num_classes, params.dam_width)
+        self.dam = DAMHead(t_shape[0], num_classes, params.dam_width or t_shape[0], params.dam_final_relu)
         self.previous: list[Tensor] = []  # the SGD-trained parameters at the previous outer step
 
     def phi(self, f_s: Tensor) -> Tensor:
@@ -177,23 +212,30 @@ class SoKD(Distiller):
         """(phi(fs), s(ft) (ft when not `augment`), [head(phi(fs)); head(s(ft))])."""
         hint = self.phi(student.stages[self.stage])
         # the teacher's features are inference tensors, which autograd cannot save: clone
-        refined = teacher.stages[self.stage].float().clone()
+        refined = widen(teacher.stages[self.stage]).clone()
         if augment:
             refined = self.dafa(refined, draw)
         return hint, refined, self.dam(torch.cat([hint, refined.to(hint.dtype)]))
 
     def _losses(
-        self, student: Features, teacher: Features, labels: Tensor, draw: Draw | None = None, augment: bool = True
-    ) -> dict[str, Tensor]:
+        self,
+        student: Features,
+        teacher: Features,
+        labels: Tensor,
+        draw: Draw | None = None,
+        augment: bool = True,
+        mask: Tensor | None = None,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The distillation losses and the M they used (`mask`, else the student's peaks now)."""
         p = self.params
         hint, refined, heads = self._heads(student, teacher, draw, augment)
-        out_s, out_t = heads.float().chunk(2)
-        mask = mutual_interest_mask(out_s, p.top_k)
+        out_s, out_t = widen(heads).chunk(2)
+        mask = mutual_interest_mask(out_s, p.top_k) if mask is None else mask
         l_da, extra = self.adapter.losses(self.base, self.stage, student, teacher, hint, refined, mask, labels, p.da_reduction)
-        return {**extra, "sokd_d": p.d_weight * F.mse_loss(out_s, out_t), "sokd_da": p.da_weight * l_da}
+        return {**extra, "sokd_d": p.d_weight * F.mse_loss(out_s, out_t), "sokd_da": p.da_weight * l_da}, mask
 
     def distill_losses(self, student: Features, teacher: Features, labels: Tensor, epoch: int) -> dict[str, Tensor]:
-        return self._losses(student, teacher, labels)
+        return self._losses(student, teacher, labels)[0]
 
     def forward(self, images: Tensor, labels: Tensor, teacher: Features | None, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The second-order outer step first (training, ``epoch <= aug_epochs``), then the student's losses."""
@@ -201,17 +243,21 @@ class SoKD(Distiller):
             self.outer_step(images, labels, teacher)
         return super().forward(images, labels, teacher, epoch)
 
-    def _total(self, images: Tensor, labels: Tensor, teacher: Features, draw: Draw | None, augment: bool) -> Tensor:
-        """The total student loss ``CE + sum of distill losses`` on the batch, at the current parameters."""
+    def _total(
+        self, images: Tensor, labels: Tensor, teacher: Features, draw: Draw | None, augment: bool, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The total student loss ``CE + sum of distill losses`` on the batch at the current parameters, and its M."""
         student = self.student.features(images)
-        losses = self._losses(student, teacher, labels, draw, augment)
-        return self.params.ce_weight * F.cross_entropy(student.logits, labels) + sum(losses.values())
+        losses, mask = self._losses(student, teacher, labels, draw, augment, mask)
+        return self.params.ce_weight * F.cross_entropy(student.logits, labels) + sum(losses.values()), mask
 
-    def _augmented(self, images: Tensor, labels: Tensor, teacher: Features, draw: Draw) -> Tensor:
-        """``L(theta, draw)`` with the random numbers of the ops fixed (every call sees the same)."""
+    def _augmented(
+        self, images: Tensor, labels: Tensor, teacher: Features, draw: Draw, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``L(theta, draw)`` and its M, with the random numbers of the ops fixed (every call sees the same)."""
         devices = [images.device.index or 0] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            return self._total(images, labels, teacher, draw, augment=True)
+            return self._total(images, labels, teacher, draw, augment=True, mask=mask)
 
     def outer_gradients(self, images: Tensor, labels: Tensor, teacher: Features, draw: Draw) -> tuple[Tensor, Tensor, Tensor]:
         """The second-order outer gradients (module docstring) to DAFA's (p, alpha, m) under `draw`;
@@ -219,22 +265,24 @@ class SoKD(Distiller):
         p = self.params
         theta = self.sgd_parameters()
         buffers = [b.clone() for b in self.buffers()]
-        grads = torch.autograd.grad(self._augmented(images, labels, teacher, draw), theta, allow_unused=True)
+        loss, mask = self._augmented(images, labels, teacher, draw)
+        grads = torch.autograd.grad(loss, theta, allow_unused=True)
         with torch.no_grad():
             saved = [t.detach().clone() for t in theta]
             previous = self.previous or saved  # no previous step: a zero momentum buffer
+            momentum = p.virtual_momentum / p.optim_lr  # mu buf = mu (theta_prev - theta) / optim_lr
             for t, g, before in zip(theta, grads, previous, strict=True):
-                step = p.virtual_lr * ((0 if g is None else g) + p.virtual_weight_decay * t)
-                t.sub_(p.virtual_momentum * (before - t) + step)
-        v = torch.autograd.grad(self._total(images, labels, teacher, None, augment=False), theta, allow_unused=True)
+                t.sub_(p.virtual_lr * (momentum * (before - t) + (0 if g is None else g) + p.virtual_weight_decay * t))
+        v = torch.autograd.grad(self._total(images, labels, teacher, None, augment=False)[0], theta, allow_unused=True)
         v = [torch.zeros_like(t) if g is None else g for t, g in zip(theta, v, strict=True)]
         r = p.hvp_r / torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in v])).clamp_min(1e-12)
+        fixed = mask if p.hvp_mask == "fixed" else None
         values, magnitude_grads = [], []
         for sign in (1.0, -1.0):
             with torch.no_grad():
                 for t, s, g in zip(theta, saved, v, strict=True):
                     t.copy_(s + sign * r * g)
-            loss = self._augmented(images, labels, teacher, draw)
+            loss, _ = self._augmented(images, labels, teacher, draw, fixed)
             values.append(loss.detach())
             magnitude_grads.append(torch.autograd.grad(loss, self.dafa.magnitudes)[0])
         with torch.no_grad():
@@ -243,7 +291,7 @@ class SoKD(Distiller):
             for b, s in zip(self.buffers(), buffers, strict=True):
                 b.copy_(s)
         self.previous = saved
-        scale = -p.virtual_lr / (2 * r)
+        scale = (-1.0 if p.outer_scale == "code" else -p.virtual_lr) / (2 * r)
         score = torch.autograd.grad(self.dafa.log_prob(draw), [self.dafa.probabilities, self.dafa.weights])
         difference = values[0] - values[1]
         return (
@@ -283,7 +331,7 @@ class SoKD(Distiller):
     def inspect(self, images: Tensor, labels: Tensor, teacher: Features | None) -> dict[str, Tensor]:
         """The area of mutual interest M and the DAM heatmaps (max over classes) of both networks, each (N, H, W)."""
         _, _, heads = self._heads(self.student.features(images), teacher, None, augment=True)
-        out_s, out_t = heads.float().chunk(2)
+        out_s, out_t = widen(heads).chunk(2)
         classes = out_s.shape[1] - 4
         return {
             "mutual interest M": mutual_interest_mask(out_s, self.params.top_k),
