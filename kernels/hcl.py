@@ -1,0 +1,553 @@
+"""Triton kernels of ReviewKD's hierarchical context loss (HCL); formulas in kdfast/reference/hcl.py,
+op contract in kdfast/ops/hcl.py.
+
+Per stage (B, C, H, W) with ``d = fs - ft``, the active levels ``l_j < H`` (weights ``w_j = 2^-(j+1)``,
+``tot = 1 + sum w_j``) and their bins k (torch's adaptive-pooling bins, rows
+``floor(i H / l) .. ceil((i + 1) H / l) - 1``, columns alike; they overlap where l does not divide H)::
+
+    D[c, k]  = sum_{(y, x) in bin k} d[c, y, x] / area_k                      (the saved cells)
+    loss    += full sum d^2 + sum_{c,k} scale_k D[c, k]^2
+    full     = 1 / (B C H W tot),  scale_k = w_j(k) / (B C l_j(k)^2 tot)
+    d fs     = 2 g (full d + sum_{bins k holding (y, x)} scale_k D[c, k] / area_k)
+
+Launch design. Every launcher covers all stages (up to _MAX_STAGES; more are chunked) in ONE
+launch and allocates nothing on the host but its outputs: the stages' tensors, sizes, strides and
+first program ids are kernel arguments (tuples; a program selects its stage's values with a static
+loop over them), the bins and weights are computed in the kernel from the levels (constexprs) and
+the stage's H and W. A program owns (stage, sample, BLOCK_C channels) and walks its positions
+BLOCK_HW at a time: the [BLOCK_C, BLOCK_HW] tile of d gives sum d^2 and, through a full-precision
+``tl.dot`` with the [BLOCK_HW, CELLS2] bin membership of its positions, the bin sums of all
+levels at once. The forward writes the program's cells and one partial loss; a one-program-per-stage
+launch adds a stage's partials in program order (deterministic, no atomics). The backward reads the
+cells, spreads ``scale D / area`` back with the transposed product and writes the gradient tile.
+
+Layouts: contiguous (positions at the literal unit stride), channels_last (channels at unit stride),
+or any strides (read through the (c, y, x) strides), chosen per launch from every tensor it reads
+and writes. Loads are converted to the accumulation dtype (float32; float64 for float64 students)
+before any arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
+
+_MAX_STAGES = 8  # stages per launch (tuple arguments); longer lists are launched in chunks
+_MAX_LEVELS = 4
+_MAX_CELLS = 32  # bins of all levels together (sum l^2): the peers' 4, 2, 1 has 21
+_BLOCK_MIN = 16  # tl.dot's smallest dimension
+_BLOCK_MAX = 64  # channels and positions of a tile, at most: tile, D and membership stay <= _TILE
+_TILE = 2048
+_FINISH_BLOCK = 1024
+_NUM_WARPS = 4
+
+# Layouts of a launch (the LAYOUT constexpr).
+_CONTIGUOUS = 0  # every tensor has its positions y * W + x at unit stride
+_CHANNELS_LAST = 1  # every tensor has unit channel stride and positions that flatten to one stride
+_STRIDED = 2  # anything else: read through the c, y, x strides
+
+# Columns of a stage's row of ``strides``: f_s, f_t, grad (c, y, x each; batch separately).
+_S = tl.constexpr(0)
+_T = tl.constexpr(4)
+_G = tl.constexpr(8)
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _pick(values, i):
+    """``values[i]`` of a tuple of pointer arguments, for a runtime index i (selects, no branch)."""
+    v = values[0]
+    for r in tl.static_range(1, len(values)):
+        v = tl.where(i == r, values[r], v)
+    return v
+
+
+@triton.jit
+def _field(rows, i, COL: tl.constexpr, DTYPE: tl.constexpr):
+    """``rows[i][COL]`` of a tuple of integer tuples, for a runtime index i, as a DTYPE scalar (an
+    integer argument equal to 1 is a constexpr: materialised first)."""
+    v = tl.full([], rows[0][COL], DTYPE)
+    for r in tl.static_range(1, len(rows)):
+        v = tl.where(i == r, tl.full([], rows[r][COL], DTYPE), v)
+    return v
+
+
+@triton.jit
+def _stage_of(pid, firsts):
+    """Index s of the stage whose programs ``firsts[s] .. firsts[s + 1] - 1`` hold ``pid``."""
+    s = tl.zeros([], tl.int32)
+    for r in tl.static_range(1, len(firsts) - 1):
+        s += (pid >= firsts[r]).to(tl.int32)
+    return s
+
+
+@triton.jit
+def _add_level(k, height, level, row, col, weight_of, weight, total, first, LV: tl.constexpr):
+    """Numbers the bins of level LV (if active, l < H) after the ``first`` bins of the levels before
+    it: their level, row and column of bins, and the level's weight (halved from the last one)."""
+    if LV > 0:
+        active = height > LV
+        weight = tl.where(active, weight * 0.5, weight)
+        total += tl.where(active, weight, 0.0)
+        inside = active & (k >= first) & (k < first + LV * LV)
+        r = k - first
+        row = tl.where(inside, r // LV, row)
+        col = tl.where(inside, r % LV, col)
+        level = tl.where(inside, LV, level)
+        weight_of = tl.where(inside, weight, weight_of)
+        first += tl.where(active, LV * LV, 0)
+    return level, row, col, weight_of, weight, total, first
+
+
+@triton.jit
+def _bins(
+    height,
+    width,
+    planes,
+    ACC: tl.constexpr,
+    L0: tl.constexpr,
+    L1: tl.constexpr,
+    L2: tl.constexpr,
+    L3: tl.constexpr,
+    CELLS2: tl.constexpr,
+):
+    """The stage's active bins k < CELLS2 (numbered level by level, row-major in a level): their
+    bounds y0, y1, x0, x1 [CELLS2] (empty past the last), 1 / area, the loss scale
+    ``w_j / (planes l_j^2 tot)`` (0 past the last) and ``full = 1 / (planes H W tot)``, planes = B C."""
+    k = tl.arange(0, CELLS2)
+    level = tl.zeros([CELLS2], tl.int32)
+    row = tl.zeros([CELLS2], tl.int32)
+    col = tl.zeros([CELLS2], tl.int32)
+    weight_of = tl.zeros([CELLS2], ACC)
+    weight = tl.full([], 1.0, ACC)
+    total = tl.full([], 1.0, ACC)
+    first = tl.zeros([], tl.int32)
+    level, row, col, weight_of, weight, total, first = _add_level(k, height, level, row, col, weight_of, weight, total, first, L0)
+    level, row, col, weight_of, weight, total, first = _add_level(k, height, level, row, col, weight_of, weight, total, first, L1)
+    level, row, col, weight_of, weight, total, first = _add_level(k, height, level, row, col, weight_of, weight, total, first, L2)
+    level, row, col, weight_of, weight, total, first = _add_level(k, height, level, row, col, weight_of, weight, total, first, L3)
+    valid = level > 0
+    lv = tl.where(valid, level, 1)
+    y0 = tl.where(valid, row * height // lv, 0)
+    y1 = tl.where(valid, ((row + 1) * height + lv - 1) // lv, 0)
+    x0 = (col * width) // lv
+    x1 = ((col + 1) * width + lv - 1) // lv
+    area = tl.where(valid, (y1 - y0) * (x1 - x0), 1).to(ACC)
+    inv_area = tl.where(valid, 1.0 / area, 0.0)
+    scale = tl.where(valid, weight_of / (planes * (lv * lv).to(ACC) * total), 0.0)
+    full = 1.0 / (planes * (height * width).to(ACC) * total)
+    return y0, y1, x0, x1, inv_area, scale, full
+
+
+@triton.jit
+def _membership(offs_hw, hw, width, y0, y1, x0, x1):
+    """[CELLS2, BLOCK_HW]: whether bin k holds position offs_hw (y * width + x)."""
+    y = (offs_hw // width)[None, :]
+    x = (offs_hw % width)[None, :]
+    inside = (y >= y0[:, None]) & (y < y1[:, None]) & (x >= x0[:, None]) & (x < x1[:, None])
+    return inside & (offs_hw < hw)[None, :]
+
+
+@triton.jit
+def _offsets(offs_c, offs_hw, width, sc, sy, sx, LAYOUT: tl.constexpr):
+    """[BLOCK_C, BLOCK_HW] element offsets of channels offs_c at positions offs_hw (y * width + x);
+    the unit stride of the layout is a literal 1."""
+    if LAYOUT == 0:
+        offs = offs_c[:, None] * sc + offs_hw[None, :]
+    elif LAYOUT == 1:
+        offs = offs_c[:, None] + offs_hw[None, :] * sx
+    else:
+        y = offs_hw // width
+        offs = offs_c[:, None] * sc + (y * sy + (offs_hw - y * width) * sx)[None, :]
+    return offs
+
+
+@triton.jit
+def _stage(fs, ft, dims, strides, firsts, BLOCK_C: tl.constexpr):
+    """This program's stage r, sample b, channels offs_c, the stage's (C, H, W) and its f_s / f_t
+    pointers at sample b with their (c, y, x) strides."""
+    pid = tl.program_id(0)
+    r = _stage_of(pid, firsts)
+    channels = _field(dims, r, 0, tl.int32)
+    height = _field(dims, r, 1, tl.int32)
+    width = _field(dims, r, 2, tl.int32)
+    local = pid - _first(firsts, r)
+    c_blocks = tl.cdiv(channels, BLOCK_C)
+    b = (local // c_blocks).to(tl.int64)
+    offs_c = (local % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = _pick(fs, r) + b * _field(strides, r, _S + 3, tl.int64)
+    t = _pick(ft, r) + b * _field(strides, r, _T + 3, tl.int64)
+    return r, b, offs_c, channels, height, width, s, t
+
+
+@triton.jit
+def _first(values, r):
+    """``values[r]`` of a tuple of integer arguments for a runtime r, as int32 (an integer argument
+    equal to 1 is a constexpr: materialised first)."""
+    v = tl.full([], values[0], tl.int32)
+    for i in tl.static_range(1, len(values)):
+        v = tl.where(r == i, tl.full([], values[i], tl.int32), v)
+    return v
+
+
+@triton.jit
+def _difference(s, t, strides, r, offs_c, offs_hw, width, mask, ACC: tl.constexpr, LAYOUT: tl.constexpr):
+    """d = fs - ft on a [BLOCK_C, BLOCK_HW] tile, in ACC (0 outside ``mask``)."""
+    s_off = _offsets(
+        offs_c,
+        offs_hw,
+        width,
+        _field(strides, r, _S, tl.int64),
+        _field(strides, r, _S + 1, tl.int64),
+        _field(strides, r, _S + 2, tl.int64),
+        LAYOUT,
+    )
+    t_off = _offsets(
+        offs_c,
+        offs_hw,
+        width,
+        _field(strides, r, _T, tl.int64),
+        _field(strides, r, _T + 1, tl.int64),
+        _field(strides, r, _T + 2, tl.int64),
+        LAYOUT,
+    )
+    sv = tl.load(s + s_off, mask=mask, other=0.0).to(ACC)
+    tv = tl.load(t + t_off, mask=mask, other=0.0).to(ACC)
+    return sv - tv
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["batch", "n_cells"])
+def _hcl_forward_kernel(
+    fs,
+    ft,
+    dims,
+    strides,
+    firsts,
+    rows,
+    cells,
+    partials,
+    batch,
+    n_cells,
+    ACC: tl.constexpr,
+    L0: tl.constexpr,
+    L1: tl.constexpr,
+    L2: tl.constexpr,
+    L3: tl.constexpr,
+    CELLS2: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
+    """cells rows of the program's channels (bin means) and partials[pid] (its share of the loss)."""
+    r, b, offs_c, channels, height, width, s, t = _stage(fs, ft, dims, strides, firsts, BLOCK_C)
+    hw = height * width
+    planes = tl.full([], batch, tl.int64).to(ACC) * channels.to(ACC)
+    c_ok = offs_c < channels
+    sq = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+    if CELLS2 > 0:
+        y0, y1, x0, x1, inv_area, scale, full = _bins(height, width, planes, ACC, L0, L1, L2, L3, CELLS2)
+        sums = tl.zeros([BLOCK_C, CELLS2], ACC)
+    else:
+        full = 1.0 / (planes * hw.to(ACC))
+    for hw0 in range(0, hw, BLOCK_HW):
+        offs_hw = hw0 + tl.arange(0, BLOCK_HW)
+        mask = c_ok[:, None] & (offs_hw < hw)[None, :]
+        d = _difference(s, t, strides, r, offs_c, offs_hw, width, mask, ACC, LAYOUT)
+        sq += d * d
+        if CELLS2 > 0:
+            inside = _membership(offs_hw, hw, width, y0, y1, x0, x1).to(ACC)
+            sums = tl.dot(d, tl.trans(inside), sums, input_precision="ieee", out_dtype=ACC)
+    partial = full * tl.sum(tl.sum(sq, axis=1), axis=0)
+    if CELLS2 > 0:
+        means = sums * inv_area[None, :]
+        partial += tl.sum(tl.sum(means * means * scale[None, :], axis=1), axis=0)
+        k = tl.arange(0, CELLS2)
+        row = _first(rows, r).to(tl.int64) + b * channels + offs_c
+        out = cells + row[:, None] * n_cells + k[None, :]
+        tl.store(out, means, mask=c_ok[:, None] & (k < n_cells)[None, :])
+    tl.store(partials + tl.program_id(0), partial)
+
+
+@triton.jit
+def _hcl_finish_kernel(partials, firsts, losses, first_stage, BLOCK: tl.constexpr):
+    """losses[first_stage + s] = sum of the stage's partials, in program order."""
+    s = tl.program_id(0)
+    lo = _first(firsts, s)
+    hi = _first(firsts, s + 1)
+    acc = tl.zeros([BLOCK], partials.dtype.element_ty)
+    for i in range(lo, hi, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(partials + offs, mask=offs < hi, other=0.0)
+    tl.store(losses + first_stage + s, tl.sum(acc, axis=0))
+
+
+@triton.jit(do_not_specialize=["batch", "n_cells"])
+def _hcl_backward_kernel(
+    fs,
+    ft,
+    grads,
+    dims,
+    strides,
+    firsts,
+    rows,
+    cells,
+    grad_losses,
+    batch,
+    n_cells,
+    ACC: tl.constexpr,
+    L0: tl.constexpr,
+    L1: tl.constexpr,
+    L2: tl.constexpr,
+    L3: tl.constexpr,
+    CELLS2: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
+    """The gradient of f_s on the program's channels: 2 g (full d + spread of scale D / area)."""
+    r, b, offs_c, channels, height, width, s, t = _stage(fs, ft, dims, strides, firsts, BLOCK_C)
+    hw = height * width
+    planes = tl.full([], batch, tl.int64).to(ACC) * channels.to(ACC)
+    c_ok = offs_c < channels
+    k2 = 2.0 * tl.load(grad_losses + r).to(ACC)
+    if CELLS2 > 0:
+        y0, y1, x0, x1, inv_area, scale, full = _bins(height, width, planes, ACC, L0, L1, L2, L3, CELLS2)
+        k = tl.arange(0, CELLS2)
+        row = _first(rows, r).to(tl.int64) + b * channels + offs_c
+        means = tl.load(cells + row[:, None] * n_cells + k[None, :], mask=c_ok[:, None] & (k < n_cells)[None, :], other=0.0)
+        spread = means * (k2 * scale * inv_area)[None, :]
+    else:
+        full = 1.0 / (planes * hw.to(ACC))
+    full = k2 * full
+    g = _pick(grads, r) + b * _field(strides, r, _G + 3, tl.int64)
+    g_sc = _field(strides, r, _G, tl.int64)
+    g_sy = _field(strides, r, _G + 1, tl.int64)
+    g_sx = _field(strides, r, _G + 2, tl.int64)
+    for hw0 in range(0, hw, BLOCK_HW):
+        offs_hw = hw0 + tl.arange(0, BLOCK_HW)
+        mask = c_ok[:, None] & (offs_hw < hw)[None, :]
+        grad = full * _difference(s, t, strides, r, offs_c, offs_hw, width, mask, ACC, LAYOUT)
+        if CELLS2 > 0:
+            inside = _membership(offs_hw, hw, width, y0, y1, x0, x1).to(ACC)
+            grad = tl.dot(spread, inside, grad, input_precision="ieee", out_dtype=ACC)
+        out = g + _offsets(offs_c, offs_hw, width, g_sc, g_sy, g_sx, LAYOUT)
+        tl.store(out, grad.to(g.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def _hw_unit(t: Tensor) -> bool:
+    """Whether positions y * W + x of ``t`` are at unit stride."""
+    _, _, h, w = t.shape
+    return (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)
+
+
+def _channels_unit(t: Tensor) -> bool:
+    """Whether ``t`` has unit channel stride and positions that flatten to one stride."""
+    _, c, h, w = t.shape
+    return (c == 1 or t.stride(1) == 1) and (h == 1 or w == 1 or t.stride(2) == w * t.stride(3))
+
+
+def _layout(tensors: list[Tensor]) -> int:
+    if all(_hw_unit(t) for t in tensors):
+        return _CONTIGUOUS
+    return _CHANNELS_LAST if all(_channels_unit(t) for t in tensors) else _STRIDED
+
+
+def _strides(t: Tensor, layout: int) -> tuple[int, int, int, int]:
+    """(c, y, x, b) strides; with channels_last the x column is the stride of the flattened
+    positions (that of y where W == 1)."""
+    x = t.stride(2) if layout == _CHANNELS_LAST and t.size(3) == 1 else t.stride(3)
+    return t.stride(1), t.stride(2), x, t.stride(0)
+
+
+class _Plan(NamedTuple):
+    layout: int
+    block_c: int
+    block_hw: int
+    cells2: int
+
+
+def _plan(f_s: list[Tensor], tensors: list[Tensor], n_cells: int) -> _Plan:
+    """Layout and blocks of a launch: the unit-stride block fits the largest map (positions, or
+    channels for channels_last) in [16, 64], the other fills a _TILE-element tile, also in [16, 64]."""
+    layout = _layout(tensors)
+    hw = triton.next_power_of_2(max(f.size(2) * f.size(3) for f in f_s))
+    channels = triton.next_power_of_2(max(f.size(1) for f in f_s))
+    if layout == _CHANNELS_LAST:
+        block_c = min(max(channels, _BLOCK_MIN), _BLOCK_MAX)
+        block_hw = min(max(hw, _BLOCK_MIN), _TILE // block_c, _BLOCK_MAX)
+    else:
+        block_hw = min(max(hw, _BLOCK_MIN), _BLOCK_MAX)
+        block_c = min(max(channels, _BLOCK_MIN), _TILE // block_hw, _BLOCK_MAX)
+    cells2 = max(triton.next_power_of_2(n_cells), _BLOCK_MIN) if n_cells > 0 else 0
+    return _Plan(layout, block_c, block_hw, cells2)
+
+
+def _check(name: str, f_s: list[Tensor], f_t: list[Tensor], levels: list[int]) -> tuple[int, int]:
+    """The contract's checks, as the C++ entry points make them; returns (R, N)."""
+    if len(f_s) == 0:
+        raise ValueError(f"{name}: f_s must hold at least one stage")
+    if len(f_t) != len(f_s):
+        raise ValueError(f"{name}: f_s and f_t must have as many stages, got {len(f_s)} and {len(f_t)}")
+    if len(levels) > _MAX_LEVELS:
+        raise ValueError(f"{name}: at most {_MAX_LEVELS} levels, got {list(levels)}")
+    if any(level < 1 for level in levels):
+        raise ValueError(f"{name}: levels must be >= 1, got {list(levels)}")
+    n_cells = sum(level * level for level in levels)
+    if n_cells > _MAX_CELLS:
+        raise ValueError(f"{name}: the levels {list(levels)} have more than {_MAX_CELLS} bins together (sum l^2)")
+    rows = 0
+    for i, (s, t) in enumerate(zip(f_s, f_t)):
+        if s.dim() != 4 or t.dim() != 4:
+            raise ValueError(f"{name}: f_s[{i}] and f_t[{i}] must be 4-D (B, C, H, W), got {tuple(s.shape)} and {tuple(t.shape)}")
+        if s.shape != t.shape:
+            raise ValueError(f"{name}: f_s[{i}] {tuple(s.shape)} and f_t[{i}] {tuple(t.shape)} must have one shape")
+        if s.numel() == 0:
+            raise ValueError(f"{name}: f_s[{i}] is empty (shape {tuple(s.shape)})")
+        if s.size(0) != f_s[0].size(0):
+            raise ValueError(f"{name}: f_s[{i}] has batch {s.size(0)}, f_s[0] has {f_s[0].size(0)}")
+        if s.dtype not in TL_DTYPES or t.dtype not in TL_DTYPES:
+            raise TypeError(f"{name}: f_s and f_t must be float16, bfloat16, float32 or float64, got {s.dtype} and {t.dtype}")
+        if s.dtype != f_s[0].dtype or t.dtype != f_t[0].dtype:
+            raise ValueError(f"{name}: all f_s must share one dtype and all f_t one dtype (stage {i})")
+        if s.device != f_s[0].device or t.device != f_s[0].device:
+            raise ValueError(f"{name}: all tensors must be on one device (stage {i})")
+        if s.size(1) * s.size(2) * s.size(3) >= 2**31:
+            raise ValueError(f"{name}: f_s[{i}] {tuple(s.shape)}: C H W must be below 2^31")
+        rows += s.size(0) * s.size(1)
+    return rows, n_cells
+
+
+def _chunks(count: int) -> list[slice]:
+    return [slice(lo, min(lo + _MAX_STAGES, count)) for lo in range(0, count, _MAX_STAGES)]
+
+
+def _constexprs(levels: list[int], plan: _Plan, acc: torch.dtype) -> dict[str, object]:
+    padded = [*levels, 0, 0, 0, 0][:_MAX_LEVELS]
+    return {
+        "ACC": TL_DTYPES[acc],
+        **{f"L{j}": padded[j] for j in range(_MAX_LEVELS)},
+        "CELLS2": plan.cells2,
+        "LAYOUT": plan.layout,
+        "BLOCK_C": plan.block_c,
+        "BLOCK_HW": plan.block_hw,
+    }
+
+
+def _stage_args(f_s: list[Tensor], f_t: list[Tensor], grads: list[Tensor], layout: int, first_row: int, block_c: int):
+    """dims, strides, firsts (programs) and rows (first cell row) of a chunk's stages."""
+    dims = tuple(tuple(f.shape[1:]) for f in f_s)
+    strides = tuple((*_strides(s, layout), *_strides(t, layout), *_strides(g, layout)) for s, t, g in zip(f_s, f_t, grads))
+    firsts, rows = [0], []
+    for f in f_s:
+        firsts.append(firsts[-1] + f.size(0) * triton.cdiv(f.size(1), block_c))
+        rows.append(first_row)
+        first_row += f.size(0) * f.size(1)
+    return dims, strides, tuple(firsts), tuple(rows)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def hcl_forward(f_s: list[Tensor], f_t: list[Tensor], levels: list[int]) -> tuple[Tensor, Tensor]:
+    """``(losses (L,), cells (R, N))`` of every stage: one launch (per _MAX_STAGES stages) of
+    (stage, sample, channel block) programs and one of a program per stage adding their partials.
+    Contract: kdfast/ops/hcl.py."""
+    f_s, f_t, levels = list(f_s), list(f_t), [int(level) for level in levels]
+    n_rows, n_cells = _check("hcl_forward", f_s, f_t, levels)
+    acc = acc_dtype(f_s[0].dtype)
+    device = f_s[0].device
+    losses = torch.empty((len(f_s),), dtype=acc, device=device)
+    cells = torch.empty((n_rows, n_cells), dtype=acc, device=device)
+    plan = _plan(f_s, [*f_s, *f_t], n_cells)
+    consts = _constexprs(levels, plan, acc)
+    first_row = 0
+    with on_device(device):
+        for chunk in _chunks(len(f_s)):
+            dims, strides, firsts, rows = _stage_args(f_s[chunk], f_t[chunk], f_s[chunk], plan.layout, first_row, plan.block_c)
+            programs = firsts[-1]
+            partials = torch.empty((programs,), dtype=acc, device=device)
+            _hcl_forward_kernel[(programs,)](
+                tuple(f_s[chunk]),
+                tuple(f_t[chunk]),
+                dims,
+                strides,
+                firsts,
+                rows,
+                cells,
+                partials,
+                f_s[0].size(0),
+                n_cells,
+                num_warps=_NUM_WARPS,
+                **consts,
+            )
+            stages = len(dims)
+            _hcl_finish_kernel[(stages,)](
+                partials,
+                firsts,
+                losses,
+                chunk.start,
+                BLOCK=min(triton.next_power_of_2(max(programs, 1)), _FINISH_BLOCK),
+                num_warps=_NUM_WARPS,
+            )
+            first_row = rows[-1] + f_s[chunk][-1].size(0) * f_s[chunk][-1].size(1)
+    return losses, cells
+
+
+def hcl_backward(grad_losses: Tensor, f_s: list[Tensor], f_t: list[Tensor], cells: Tensor, levels: list[int]) -> list[Tensor]:
+    """The gradients of ``sum_i grad_losses[i] losses[i]`` w.r.t. every f_s[i] (``empty_like`` of it),
+    one launch (per _MAX_STAGES stages). ``cells``: the forward's. Contract: kdfast/ops/hcl.py."""
+    name = "hcl_backward"
+    f_s, f_t, levels = list(f_s), list(f_t), [int(level) for level in levels]
+    n_rows, n_cells = _check(name, f_s, f_t, levels)
+    acc = acc_dtype(f_s[0].dtype)
+    device = f_s[0].device
+    if tuple(grad_losses.shape) != (len(f_s),) or grad_losses.dtype not in TL_DTYPES or grad_losses.device != device:
+        raise ValueError(
+            f"{name}: grad_losses must be a floating ({len(f_s)},) tensor on {device}, got "
+            f"{grad_losses.dtype} {tuple(grad_losses.shape)} on {grad_losses.device}"
+        )
+    if tuple(cells.shape) != (n_rows, n_cells) or cells.dtype != acc or cells.device != device:
+        raise ValueError(
+            f"{name}: cells must be the forward's ({n_rows}, {n_cells}) {acc} tensor on {device}, got "
+            f"{cells.dtype} {tuple(cells.shape)} on {cells.device}"
+        )
+    grads = [torch.empty_like(f) for f in f_s]
+    plan = _plan(f_s, [*f_s, *f_t, *grads], n_cells)
+    consts = _constexprs(levels, plan, acc)
+    grad_losses = grad_losses.to(acc).contiguous()
+    cells = cells.contiguous()
+    first_row = 0
+    with on_device(device):
+        for chunk in _chunks(len(f_s)):
+            dims, strides, firsts, rows = _stage_args(f_s[chunk], f_t[chunk], grads[chunk], plan.layout, first_row, plan.block_c)
+            _hcl_backward_kernel[(firsts[-1],)](
+                tuple(f_s[chunk]),
+                tuple(f_t[chunk]),
+                tuple(grads[chunk]),
+                dims,
+                strides,
+                firsts,
+                rows,
+                cells,
+                grad_losses[chunk],
+                f_s[0].size(0),
+                n_cells,
+                num_warps=_NUM_WARPS,
+                **consts,
+            )
+            first_row = rows[-1] + f_s[chunk][-1].size(0) * f_s[chunk][-1].size(1)
+    return grads
