@@ -41,7 +41,7 @@ def test_every_pair_and_method_is_shipped():
 @pytest.mark.parametrize("name", shipped_configs())
 def test_shipped_config_is_valid(name):
     cfg = load_config(name, check_files=False)
-    if name.startswith("cifar100/"):
+    if name.startswith("cifar100/") and not name.startswith("cifar100/sokd/epoch480/"):  # SoKD code's 480-epoch recipe: test_sokd
         lr = 0.01 if cfg.model.student in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05  # the peers' rates
         assert (cfg.train.epochs, cfg.data.batch_size, cfg.optim.lr, cfg.optim.milestones) == (240, 64, lr, [150, 180, 210])
     if name.startswith("imagenet/"):

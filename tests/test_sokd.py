@@ -4,6 +4,7 @@ identity, state_dict), DAM (peaks, boxes, mask), losses, training steps, configs
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import json
 import math
@@ -16,6 +17,7 @@ from kdfast import distillers, functional, models
 from kdfast.distillers.sokd.dafa import DAFA, SUB_POLICIES, apply_op, op_value
 from kdfast.distillers.sokd.dam import DAMHead, box_mask, mutual_interest_mask, peak_boxes
 from kdfast.engine import checkpoint, load_config, train
+from kdfast.engine.config import CONFIG_DIR
 from kdfast.engine.trainer import image_size
 
 BASES = ("fitnet", "at", "lcc")
@@ -491,6 +493,45 @@ def test_recomputed_mask_equals_fixed_where_no_box_changes(pair, monkeypatch):
         assert torch.equal(a, b)
 
 
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("search_order", [2, 1])
+def test_training_step_reads_nothing_back_to_the_host(pair, monkeypatch, base, search_order):
+    """The step (outer step, forward, backward, after_step) never reads a tensor's value on the
+    host: DAFA's sub-policy index, the DAM peaks and boxes, M and the fused masked losses stay on
+    the device. Without a GPU here (torch.cuda.set_sync_debug_mode), every Python-level host read
+    of a tensor (item, tolist, cpu, numpy, bool, int, float, index) raises, except inside
+    torch.optim (Adam's step counter is a host tensor by design)."""
+    _, _, x, y, feats = pair
+    d = _sokd(pair, base, search_order=search_order, base_params={"attention": False} if base == "lcc" else {})
+    opt = torch.optim.SGD(d.sgd_parameters(), lr=0.01, momentum=0.9)
+    reads = []
+
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if not any("torch/optim/" in frame.filename for frame in inspect.stack()[1:]):
+                reads.append(name)
+                raise AssertionError(f"host read of a tensor: Tensor.{name}")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for _ in range(2):  # the second step has a momentum term (theta_prev)
+        with monkeypatch.context() as m:
+            for name in HOST_READS:
+                m.setattr(torch.Tensor, name, guard(name))
+            opt.zero_grad(set_to_none=True)
+            _, losses = d(x, y, feats, 1)
+            sum(losses.values()).backward()
+            opt.step()
+            d.after_step(1)
+        assert reads == [] and all(torch.isfinite(v) for v in losses.values())
+
+
 def test_state_dict_roundtrip_restores_adam(pair):
     _, _, x, y, feats = pair
     d = _sokd(pair, "at", **SMALL)
@@ -529,16 +570,55 @@ def test_inspect_returns_mask_and_heatmaps(pair):
 # Configs and engine
 
 
+EPOCH480 = [
+    "resnet56_resnet20",
+    "resnet110_resnet32",
+    "resnet32x4_resnet8x4",
+    "vgg13_vgg8",
+    "wrn_40_2_wrn_16_2",
+    "wrn_40_2_wrn_40_1",
+]
+SHIPPED = [f"cifar100/sokd/{base}_resnet32x4_resnet8x4" for base in BASES] + [
+    f"cifar100/sokd/epoch480/fitnet_{p}" for p in EPOCH480
+]
+
+
+def _spec_objective(params: dict) -> bool:
+    """CE + 1000 L_DA + 1000 L_D and nothing else: CE weight 1, no KD term (LCC's kd_weight 0)."""
+    no_kd = params["base"] != "lcc" or params["base_params"]["kd_weight"] == 0
+    return (params["ce_weight"], params["d_weight"], params["da_weight"]) == (1.0, 1000.0, 1000.0) and no_kd
+
+
+def test_shipped_configs():
+    """SoKD around FitNet, AT and LCC for resnet32x4 -> resnet8x4 (the 240-epoch recipe) and the
+    code's six 480-epoch FitNet pairs: the spec objective, the code's search and virtual step, and
+    optim_lr equal to the optimizer's lr (the momentum buffer is read with it)."""
+    shipped = sorted(str(p.relative_to(CONFIG_DIR))[: -len(".yaml")] for p in (CONFIG_DIR / "cifar100" / "sokd").rglob("*.yaml"))
+    assert shipped == sorted([*SHIPPED, "cifar100/sokd/epoch480/base"])
+    for name in SHIPPED:
+        cfg = load_config(name, check_files=False)
+        params = cfg.method.params
+        assert cfg.method.name == "sokd" and _spec_objective(params), name
+        assert (params["search_order"], params["virtual_lr"], params["virtual_momentum"], params["virtual_weight_decay"]) == (
+            2,
+            0.01,
+            0.9,
+            1e-4,
+        )
+        assert params["optim_lr"] == cfg.optim.lr and params["hvp_mask"] == "recompute" and params["dam_final_relu"] is True
+        assert cfg.data.batch_size == 64 and cfg.optim.milestones == [150, 180, 210]
+        if "epoch480" in name:  # the code's epoch480/*.yaml: lr 0.025, 480 epochs, the 240-epoch milestones, search 20
+            assert (cfg.train.epochs, cfg.optim.lr, params["aug_epochs"], params["base"]) == (480, 0.025, 20, "fitnet")
+            assert params["base_params"]["hint_layer"] == 2 and name.endswith(f"{cfg.model.teacher}_{cfg.model.student}")
+        else:
+            assert (cfg.train.epochs, cfg.optim.lr, params["aug_epochs"]) == (240, 0.05, 50)
+            assert (cfg.model.teacher, cfg.model.student) == ("resnet32x4", "resnet8x4")
+
+
 @pytest.mark.parametrize("base", BASES)
-def test_configs_are_shipped_and_build(base):
+def test_configs_build(base):
     cfg = load_config(f"cifar100/sokd/{base}_resnet32x4_resnet8x4", check_files=False)
-    assert cfg.method.name == "sokd" and cfg.method.params["base"] == base
-    assert (cfg.train.epochs, cfg.data.batch_size, cfg.optim.lr) == (240, 64, 0.05)
-    assert (cfg.method.params["d_weight"], cfg.method.params["da_weight"], cfg.method.params["aug_epochs"]) == (
-        1000.0,
-        1000.0,
-        50,
-    )
+    assert cfg.method.params["base"] == base
     d = distillers.create(
         "sokd",
         models.create(cfg.model.student, 100),
@@ -549,6 +629,27 @@ def test_configs_are_shipped_and_build(base):
     assert d.base.__class__.__name__.lower() == base
 
 
+def test_cli_trains_the_fitnet_config_a_few_steps(tmp_path, capsys):
+    """``kdfast train cifar100/sokd/fitnet_resnet32x4_resnet8x4`` as shipped (spec weights,
+    second-order search) on a small CIFAR-100 tree and a random teacher: three steps, finite losses."""
+    from test_data import make_cifar
+
+    from kdfast import cli
+
+    make_cifar(tmp_path / "data", "cifar100", per_file=12)
+    ckpt = tmp_path / "teacher.pth"
+    torch.manual_seed(0)
+    torch.save({"model": models.create("resnet32x4", 100).state_dict()}, ckpt)
+    args = ["train", "cifar100/sokd/fitnet_resnet32x4_resnet8x4", "--data-root", str(tmp_path / "data")]
+    args += ["--teacher-checkpoint", str(ckpt), "--out-dir", str(tmp_path / "run"), "--epochs", "1", "--device", "cpu"]
+    sets = ["data.batch_size=4", "data.eval_batch_size=4", "train.max_train_batches=3", "train.max_eval_batches=1"]
+    sets += ["train.progress=false", "train.channels_last=false", "train.amp=none"]
+    assert cli.main([*args, *(x for s in sets for x in ("--set", s))]) in (0, None)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss.ce", "loss.sokd_d", "loss.sokd_da"} <= set(row)
+    assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss"))
+
+
 def _engine_config(out: Path, teacher_ckpt: Path, epochs: int, base: str = "fitnet"):
     return load_config(
         "digits/student",
@@ -556,8 +657,6 @@ def _engine_config(out: Path, teacher_ckpt: Path, epochs: int, base: str = "fitn
             "method.name=sokd",
             f"method.base={base}",
             "method.aug_epochs=2",
-            "method.d_weight=1.0",  # 1000 makes the random DAM head's SGD diverge (test_each_base_trains...)
-            "method.da_weight=1.0",
             "model.teacher=resnet8",
             f"model.teacher_checkpoint={teacher_ckpt}",
             "data.batch_size=16",

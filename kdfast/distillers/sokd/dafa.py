@@ -37,6 +37,10 @@ and the magnitudes straight-through (each element of s(F) has derivative 1 to ``
 ``m_k2``). The values are the hard augmentation; the straight-through gradients to ``p`` and
 ``alpha`` are the first-order option's (SoKD's second-order step estimates those two with RELAX
 from :meth:`DAFA.log_prob`). In eval mode DAFA is the identity.
+
+``k`` never leaves the device: each slot computes all nine ops and keeps ``o_i`` through a 0/1
+weight (:meth:`DAFA.forward`), so the step reads no tensor value on the host (at the cost of nine
+cheap ops per slot on the hint-size teacher map instead of one).
 """
 
 from __future__ import annotations
@@ -208,8 +212,9 @@ class DAFA(nn.Module):
         m = self.magnitudes.index_select(0, k)[0].to(f.dtype)  # (2,)
         chosen = self.policy_ops.index_select(0, k)[0]  # (2,) op indices into OPS
         y = f
+        ops = torch.arange(len(OPS), device=f.device)
         for i in range(2):
-            onehot = F.one_hot(chosen[i], len(OPS)).to(f.dtype)  # (9,)
+            onehot = (ops == chosen[i]).to(f.dtype)  # (9,); F.one_hot would check the index on the host (CPU)
             out = sum(onehot[j] * apply_op(y, name, m[i]) for j, name in enumerate(OPS))
             y = y + draw.gates[i].to(f.dtype) * (out - y)
         # the value of (y - sum m).detach() + sum m, without detaching y: the gates' straight-through
