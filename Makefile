@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/emu/*.h csrc/emu/*.cpp) $(shell find csrc/emu/include -name "*.h")
 
-.PHONY: quickstart demo test bench gpu-check gpu-data compile-check compile-check-triton36 wheel-check lint
+.PHONY: quickstart demo test bench gpu-check gpu-data compile-check compile-check-triton36 wheel-check lint typecheck
 
 quickstart: $(VENV)/.built
 	$(BIN)/kdfast quickstart
@@ -24,6 +24,10 @@ test: $(VENV)/.built
 lint: $(VENV)/.built
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy over kdfast, kernels, benchmarks and tests (pyproject.toml [tool.mypy]).
+typecheck: $(VENV)/.built
+	$(BIN)/mypy
 
 bench: $(VENV)/.built
 	$(BIN)/python -m benchmarks.run
