@@ -158,6 +158,7 @@ class AFD(Distiller):
     """``{"ce", "afd", "kd"}``; owns the :class:`LayerAttention` (queries, keys, positions)."""
 
     params_class = AFDParams
+    params: AFDParams
     loss_name: ClassVar[str] = "afd"
 
     def __init__(self, student: KDModel, teacher: KDModel, params: AFDParams, image_size: int = 32) -> None:
@@ -192,6 +193,7 @@ class AFD(Distiller):
         """``"attention"``: att (N, T, S), teacher blocks down, student blocks across; and the value
         maps ``normalize(mean_c f^2)`` (N, H, W) (``functional.attention_map``, p=2, the values' own
         formula) of the last block of every resolution of both networks (student maps at their own size)."""
+        teacher = self.require_teacher(teacher)
         student = self.student.features(images)
         maps = {"attention": self.attention_weights(student.blocks, teacher.blocks).float()}
         for name, blocks in (("teacher", teacher.blocks), ("student", student.blocks)):
@@ -205,7 +207,10 @@ class RTK(AFD):
     """AFD with only the top-r entries of the attention kept (``r``, ``select``: a reading, see the module)."""
 
     params_class = RTKParams
+    params: RTKParams
     loss_name = "rtk"
 
     def keep_mask(self, logits: Tensor) -> Tensor | None:
-        return top_r_mask(logits, self.params.r, self.params.select)
+        r = self.params.r
+        assert not isinstance(r, str), r  # RTKParams.__post_init__ turned "all" into None
+        return top_r_mask(logits, r, self.params.select)

@@ -79,6 +79,7 @@ class AFT(Distiller):
     adaptive weights (``self.stage_weights``, None with ``adaptive=False``)."""
 
     params_class = AFTParams
+    params: AFTParams
 
     def __init__(self, student: KDModel, teacher: KDModel, params: AFTParams, image_size: int = 32) -> None:
         super().__init__(student, teacher, params, image_size)
@@ -129,7 +130,7 @@ class AFT(Distiller):
         """Per chosen stage, (N, b, b) maps: the teacher's and the student's attention blocks
         ``A(f)`` and the feature-block error ``mean_c (pool_b(c(fs)) - pool_b(ft))^2``."""
         b = self.params.grid
-        f_s, h_s, f_t = self._stage_maps(self.student.features(images), teacher)
+        f_s, h_s, f_t = self._stage_maps(self.student.features(images), self.require_teacher(teacher))
         maps = {}
         for s, fs, hs, ft in zip(self.stage_indices, f_s, h_s, f_t):
             maps[f"stage {s} teacher attention"] = block_map(ft, b, 2.0).view(-1, b, b).float()

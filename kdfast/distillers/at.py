@@ -29,6 +29,7 @@ class AT(Distiller):
     """``{"ce": ..., "at": at_weight * at_loss(stages[1:], stages[1:])}``."""
 
     params_class = ATParams
+    params: ATParams
 
     def distill_losses(self, student: Features, teacher: Features, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         p = self.params

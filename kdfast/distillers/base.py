@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from kdfast.models import Features, KDModel
 
-__all__ = ["Distiller", "Params", "feature_shapes"]
+__all__ = ["Distiller", "Params", "feature_shapes", "sum_losses"]
 
 
 @dataclass
@@ -45,12 +46,19 @@ class Distiller(nn.Module):
         """Student logits and the named, weighted losses of one batch (``epoch`` counts from 1)."""
         student = self.student.features(images)
         losses = {"ce": self.params.ce_weight * F.cross_entropy(student.logits, labels)}
-        losses.update(self.distill_losses(student, teacher, labels, epoch))
+        if teacher is not None or self.needs_teacher:
+            losses.update(self.distill_losses(student, self.require_teacher(teacher), labels, epoch))
         return student.logits, losses
 
-    def distill_losses(self, student: Features, teacher: Features | None, labels: Tensor, epoch: int) -> dict[str, Tensor]:
-        """The method's own weighted losses (none for the plain student)."""
+    def distill_losses(self, student: Features, teacher: Features, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+        """The method's own weighted losses (none for the plain student, which is given no teacher)."""
         return {}
+
+    def require_teacher(self, teacher: Features | None) -> Features:
+        """`teacher`, or a ValueError if a method that needs the teacher's features was given None."""
+        if teacher is None:
+            raise ValueError(f"method {type(self).__name__} needs the teacher's features, got None")
+        return teacher
 
     # Engine hooks. The engine zeroes the gradients, calls forward, then runs
     # ``sum(losses).backward()`` unless :attr:`backward_done`, steps its SGD optimizer over
@@ -96,3 +104,12 @@ def feature_shapes(model: KDModel, image_size: int, kind: str = "stages") -> lis
     maps = getattr(model.features(torch.zeros(2, 3, image_size, image_size, device=device)), kind)
     model.train(was_training)
     return [m.shape[1:] for m in maps]
+
+
+def sum_losses(losses: Iterable[Tensor]) -> Tensor:
+    """``sum(losses)`` (the builtin, same additions in the same order) of a non-empty iterable of
+    tensors, typed as the Tensor it is (the builtin's type is ``Tensor | int``: 0 for no terms)."""
+    total = sum(losses)
+    if not isinstance(total, Tensor):
+        raise ValueError("sum_losses: no loss to sum")
+    return total

@@ -26,6 +26,7 @@ class DKD(Distiller):
     """``{"ce": ..., "dkd": min(epoch / warmup, 1) * dkd_loss(...)}`` (epoch counts from 1)."""
 
     params_class = DKDParams
+    params: DKDParams
 
     def distill_losses(self, student: Features, teacher: Features, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         p = self.params

@@ -12,6 +12,7 @@ each to the teacher's channels (with bias), then BatchNorm and ReLU, as modules 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ class FitNetParams(Params):
 class ConvReg(nn.Module):
     """``relu(bn(conv(x)))`` from a student map (Cs, Hs, Ws) to a teacher map (Ct, Ht, Wt): the module docstring's three cases."""
 
-    def __init__(self, s_shape: tuple[int, int, int], t_shape: tuple[int, int, int]) -> None:
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
         super().__init__()
         (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
         self.conv: nn.Module
@@ -59,6 +60,7 @@ class FitNet(Distiller):
     """``{"ce": ..., "fitnet": feat_weight * MSE(connector(fs[hint]), ft[hint])}``; owns the connector."""
 
     params_class = FitNetParams
+    params: FitNetParams
 
     def __init__(self, student: KDModel, teacher: KDModel, params: FitNetParams, image_size: int = 32) -> None:
         super().__init__(student, teacher, params, image_size)

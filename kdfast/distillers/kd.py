@@ -24,6 +24,7 @@ class KD(Distiller):
     """``{"ce": ..., "kd": kd_weight * kd_loss(z_s, z_t, T)}``."""
 
     params_class = KDParams
+    params: KDParams
 
     def distill_losses(self, student: Features, teacher: Features, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         p = self.params

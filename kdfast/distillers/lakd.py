@@ -122,6 +122,7 @@ class LAKD(Distiller):
     (one connector per module) around the student."""
 
     params_class = LAKDParams
+    params: LAKDParams
 
     def __init__(self, student: KDModel, teacher: KDModel, params: LAKDParams, image_size: int = 32) -> None:
         super().__init__(student, teacher, params, image_size)
@@ -131,9 +132,11 @@ class LAKD(Distiller):
     def backward_done(self) -> bool:
         return self.params.mode == "local"
 
-    def forward(self, images: Tensor, labels: Tensor, teacher: Features, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, images: Tensor, labels: Tensor, teacher: Features | None, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        features = self.require_teacher(teacher)
+
         def loss_fn(outputs: Sequence[ModuleOutput]) -> dict[str, Tensor]:
-            return self.module_losses(outputs, teacher, labels, epoch)
+            return self.module_losses(outputs, features, labels, epoch)
 
         return self.local(images, loss_fn, self.params.mode)
 

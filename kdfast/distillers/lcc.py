@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from kdfast import functional
-from kdfast.distillers.base import Distiller, Params
+from kdfast.distillers.base import Distiller, Params, sum_losses
 from kdfast.models import Features, KDModel
 from kdfast.nn import ClassAwareAttention
 from kdfast.reference.lcc import TERMS
@@ -80,6 +80,7 @@ class LCC(Distiller):
     """``{"ce", "kd", "lcc", "lcc_attention"}``; owns one :class:`ClassAwareAttention` per chosen stage."""
 
     params_class = LCCParams
+    params: LCCParams
 
     def __init__(self, student: KDModel, teacher: KDModel, params: LCCParams, image_size: int = 32) -> None:
         super().__init__(student, teacher, params, image_size)
@@ -123,9 +124,9 @@ class LCC(Distiller):
                     f_s, f_t, grid=p.grid, terms=tuple(p.terms), weights=tuple(p.term_weights), mask=mask
                 )
             )
-        losses["lcc"] = p.lcc_weight * sum(lcc)
+        losses["lcc"] = p.lcc_weight * sum_losses(lcc)
         if attention_ce:
-            losses["lcc_attention"] = p.attention_weight * sum(attention_ce)
+            losses["lcc_attention"] = p.attention_weight * sum_losses(attention_ce)
         return losses
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kdfast.distillers.base import sum_losses
 from kdfast.models import KDModel, Recorder, Segment
 
 __all__ = ["MODES", "Connector", "LocalLoss", "LocalModules", "ModuleOutput", "stage_boundaries"]
@@ -143,6 +144,6 @@ class LocalModules(nn.Module):
             raise ValueError(f"loss_fn returned no loss for module {index}: in mode 'local' every module needs one")
         # autocast wraps forward passes only: the backward runs in the dtypes the forward recorded
         with torch.autocast(x.device.type, enabled=False):
-            sum(losses.values()).backward()
+            sum_losses(losses.values()).backward()
         logged.update((name, loss.detach()) for name, loss in losses.items())
         return out.output.detach()

@@ -30,6 +30,7 @@ class RKD(Distiller):
     """``{"ce": ..., "rkd": feat_weight * rkd_loss(pooled, pooled, distance_weight, angle_weight)}``."""
 
     params_class = RKDParams
+    params: RKDParams
 
     def distill_losses(self, student: Features, teacher: Features, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         p = self.params

@@ -27,6 +27,7 @@ class SP(Distiller):
     """``{"ce": ..., "sp": feat_weight * sp_loss(stages[-1], stages[-1])}``."""
 
     params_class = SPParams
+    params: SPParams
 
     def distill_losses(self, student: Features, teacher: Features, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         return {"sp": self.params.feat_weight * functional.sp_loss(student.stages[-1], teacher.stages[-1])}
