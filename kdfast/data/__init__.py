@@ -23,7 +23,7 @@ initialized process group (or explicit ``rank`` / ``world_size``); see ``kdfast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -60,6 +60,17 @@ def first_per_class(images: Tensor, labels: Tensor, count: int) -> tuple[Tensor,
         rank[where] = torch.arange(int(where.sum()))
     keep = rank < count
     return images[keep], labels[keep]
+
+
+class _LoaderArgs(TypedDict):
+    """The keyword arguments that ``build_loaders`` passes to both loaders of every dataset."""
+
+    device: torch.device | str
+    seed: int
+    rank: int | None
+    world_size: int | None
+    dtype: torch.dtype
+    channels_last: bool
 
 
 class Loaders(NamedTuple):
@@ -107,7 +118,7 @@ def build_loaders(
     decode = resolve_decode(decode, device)
     if name != "digits" and root is None:
         raise ValueError(f"dataset {name!r} needs root, the folder that holds its files")
-    common = dict(device=device, seed=seed, rank=rank, world_size=world_size, dtype=dtype, channels_last=channels_last)
+    common = _LoaderArgs(device=device, seed=seed, rank=rank, world_size=world_size, dtype=dtype, channels_last=channels_last)
     test_batch = eval_batch_size or batch_size
 
     if name == "imagenet":
@@ -115,6 +126,7 @@ def build_loaders(
             raise ValueError("train_per_class is for the device-resident datasets (digits, cifar10, cifar100)")
         from kdfast.data.imagenet import WorkerLoader, image_folder
 
+        assert root is not None  # checked above
         train_set, test_set = image_folder(root, True, seed, decode), image_folder(root, False, seed, decode)
         return Loaders(
             WorkerLoader(train_set, batch_size, train=True, workers=workers, drop_last=drop_last, **common),
@@ -127,14 +139,16 @@ def build_loaders(
         mean, std, num_classes = digits.MEAN, digits.STD, digits.NUM_CLASSES
     else:
         spec = cifar.cifar_spec(name)
+        assert root is not None  # checked above
         (train_x, train_y), (test_x, test_y) = (load_cifar(root, name, split, download) for split in (True, False))
         mean, std, num_classes = spec.mean, spec.std, spec.num_classes
     if train_per_class is not None:
         train_x, train_y = first_per_class(train_x, train_y, train_per_class)
-    common.update(mean=mean, std=std)
     return Loaders(
-        ResidentLoader(train_x, train_y, batch_size, train=True, drop_last=drop_last, flip=name != "digits", **common),
-        ResidentLoader(test_x, test_y, test_batch, train=False, **common),
+        ResidentLoader(
+            train_x, train_y, batch_size, train=True, drop_last=drop_last, flip=name != "digits", mean=mean, std=std, **common
+        ),
+        ResidentLoader(test_x, test_y, test_batch, train=False, mean=mean, std=std, **common),
         num_classes,
     )
 

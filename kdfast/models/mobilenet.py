@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 from kdfast.models.base import KDModel, SegmentSpec
@@ -71,6 +73,7 @@ class MobileNetV2(KDModel):
         super().__init__()
         input_channel = int(32 * width_mult)
         self.conv1 = conv_bn(3, input_channel, 3, stride=2)
+        settings: tuple[tuple[int, int, int, int], ...]
         settings = ((1, 16, 1, 1), (expansion, 24, 2, 1), (expansion, 32, 3, 2), (expansion, 64, 4, 2))
         settings += ((expansion, 96, 3, 1), (expansion, 160, 3, 2), (expansion, 320, 1, 1))
         self.blocks = nn.ModuleList()
@@ -88,7 +91,8 @@ class MobileNetV2(KDModel):
         kaiming_init(self, linear_std=0.01, zero_linear_bias=True)
 
     def _segments(self) -> list[SegmentSpec]:
-        stages = [tuple(block for i in group for block in self.blocks[i]) for group in self._STAGE_GROUPS]
+        # blocks[i] are the Sequentials of __init__ (a ModuleList's items are typed as plain Modules)
+        stages = [tuple(block for i in group for block in cast(nn.Sequential, self.blocks[i])) for group in self._STAGE_GROUPS]
         return [
             (relu_stem, (self.conv1[0], self.conv1[1])),
             *((residual_stage, blocks) for blocks in stages),
@@ -135,9 +139,10 @@ class MobileNetV1(KDModel):
 
     def _segments(self) -> list[SegmentSpec]:
         units = tuple(self.model)
+        stem = cast(nn.Sequential, units[0])  # conv_bn's Sequential (the items of a Sequential are typed as Modules)
         ends = self._STAGE_ENDS
         return [
-            (relu_stem_bn_preact, (units[0][0], units[0][1])),
+            (relu_stem_bn_preact, (stem[0], stem[1])),
             *((residual_stage, units[a:b]) for a, b in zip(ends, ends[1:])),
             (linear_head, (self.fc,)),
         ]

@@ -118,7 +118,7 @@ def create(
     """
     known = _models(dataset)
     if name not in known:
-        if name in _ANY:
+        if dataset is not None and name in _ANY:  # (without a dataset, known is _ANY)
             other = "ImageNet" if zoo_of(dataset) == "cifar" else "CIFAR"
             raise ValueError(
                 f"model {name!r} is a{'n' if other == 'ImageNet' else ''} {other} model, not one for dataset "
