@@ -1,10 +1,9 @@
-// The kdfast library, with the schemas of csrc/schemas.h. Kernels live in csrc/cpu/<op>.cpp and
-// csrc/cuda/<op>.cu and register themselves with TORCH_LIBRARY_IMPL; fake kernels and autograd are
-// registered from Python (kdfast/ops/<op>.py). Importing kdfast._C runs these static registrations.
+// kdfast._C: the C++ CPU kernels (csrc/cpu/<op>.cpp) and CUDA kernels (csrc/cuda/<op>.cu) of the
+// library kdfast. They only implement ops (TORCH_LIBRARY_IMPL): each op's schema, fake kernel and
+// autograd formula are declared once in Python (kdfast/ops/<op>.py, registered by kdfast/ops/spec.py),
+// and the dispatcher checks every C++ signature against that schema. Importing kdfast._C runs the
+// static registrations.
 #include <Python.h>
-#include <torch/library.h>
-
-#include "schemas.h"
 
 extern "C" {
 // An empty Python module: `import kdfast._C` only loads the shared library.
@@ -13,5 +12,3 @@ PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
-
-TORCH_LIBRARY(kdfast, m) { kdfast::define_schemas(m); }

@@ -35,18 +35,9 @@ except ImportError as error:
     EMU_LOAD_ERROR = str(error)
 
 
-def has_op(op: str, library: str = "kdfast") -> bool:
-    """Whether the extension of `library` ("kdfast": kdfast._C, "kdfast_emu": kdfast._C_emu) loaded
-    and declares `library`::`op` (a stale build may lack newer ops)."""
-    error = LOAD_ERROR if library == "kdfast" else EMU_LOAD_ERROR
-    return error is None and hasattr(getattr(torch.ops, library), op)
-
-
 def has_kernel(op: str, dispatch_key: str, library: str = "kdfast") -> bool:
-    """Whether `library` registered a `dispatch_key` ("CPU" or "CUDA") kernel for `library`::`op`."""
-    return has_op(op, library) and torch._C._dispatch_has_kernel_for_dispatch_key(f"{library}::{op}", dispatch_key)
-
-
-def cpp_libraries(op: str) -> list[str]:
-    """The loaded C++ libraries that declare `op`: kdfast, kdfast_emu, both or neither."""
-    return [library for library in ("kdfast", "kdfast_emu") if has_op(op, library)]
+    """Whether the extension of `library` ("kdfast": kdfast._C, "kdfast_emu": kdfast._C_emu) loaded
+    and registered a `dispatch_key` ("CPU" or "CUDA") kernel for `library`::`op` (a stale build may
+    lack newer ops). The op's schema must be defined (kdfast.ops.spec)."""
+    error = LOAD_ERROR if library == "kdfast" else EMU_LOAD_ERROR
+    return error is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{library}::{op}", dispatch_key)

@@ -27,22 +27,14 @@ from pathlib import Path
 import torch
 
 from kdfast import _extension
+from kdfast.ops.spec import all_specs
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 TEST_BACKENDS = ("cuda_emu",)
 
-# Fused ops and the kernel names that must exist in kdfast._C for the C++ backends.
-OPS = {
-    "at": ("at_maps", "at_maps_backward", "at_map_loss"),
-    "kd": ("kd_forward", "kd_backward"),
-    "dkd": ("dkd_forward", "dkd_backward"),
-    "lcc": ("lcc_forward", "lcc_backward"),
-    "sp": ("sp_forward", "sp_backward"),
-    "rkd": ("rkd_forward", "rkd_backward"),
-    "masked_mse": ("masked_mse_forward", "masked_mse_backward"),
-    "block_attention": ("block_attention_forward", "block_attention_backward"),
-    "map_distance": ("map_distance_forward", "map_distance_backward"),
-}
+# Fused ops and their kernel names (kdfast/ops/<op>.py declares each, kdfast.ops.spec registers it);
+# the C++ backends need all of an op's kernels in kdfast._C.
+OPS: dict[str, tuple[str, ...]] = {name: spec.kernel_names for name, spec in all_specs().items()}
 
 # Backend that "auto" uses for CUDA tensors, per op ("triton" or "cuda"): the "choice" of
 # auto_gpu.json, which `python -m benchmarks.auto_gpu RESULTS.csv` writes from a GPU results file

@@ -12,6 +12,15 @@ import torch
 from torch import Tensor
 
 from kdfast import _checks, backends
+from kdfast.numerics import at as at_numerics
+from kdfast.numerics import block_attention as block_attention_numerics
+from kdfast.numerics.kd import REDUCTIONS, reduce_rows
+from kdfast.numerics.lcc import TERMS as LCC_TERMS
+from kdfast.numerics.lcc import weigh_terms
+from kdfast.numerics.map_distance import POOLS as MAP_DISTANCE_POOLS
+from kdfast.numerics.masked_mse import REDUCTIONS as MASKED_MSE_REDUCTIONS
+from kdfast.numerics.rkd import REDUCTIONS as RKD_REDUCTIONS
+from kdfast.numerics.rkd import weigh as weigh_rkd
 from kdfast.ops import at as at_ops
 from kdfast.ops import block_attention as block_attention_ops
 from kdfast.ops import dkd as dkd_ops
@@ -21,15 +30,6 @@ from kdfast.ops import map_distance as map_distance_ops
 from kdfast.ops import masked_mse as masked_mse_ops
 from kdfast.ops import rkd as rkd_ops
 from kdfast.ops import sp as sp_ops
-from kdfast.reference import at as at_reference
-from kdfast.reference import block_attention as block_attention_reference
-from kdfast.reference.kd import REDUCTIONS, reduce_rows
-from kdfast.reference.lcc import TERMS as LCC_TERMS
-from kdfast.reference.lcc import weigh_terms
-from kdfast.reference.map_distance import POOLS as MAP_DISTANCE_POOLS
-from kdfast.reference.masked_mse import REDUCTIONS as MASKED_MSE_REDUCTIONS
-from kdfast.reference.rkd import REDUCTIONS as RKD_REDUCTIONS
-from kdfast.reference.rkd import weigh as weigh_rkd
 
 __all__ = [
     "attention_map",
@@ -57,7 +57,7 @@ def attention_map(feat: Tensor, p: float = 2, mode: str = "mean", normalize: boo
     A zero map gives zeros; NaN/Inf in ``feat`` give NaN/Inf in the map.
     """
     _checks.check_feature("feat", feat)
-    _checks.check_choice("mode", mode, at_reference.MAP_MODES)
+    _checks.check_choice("mode", mode, at_numerics.MAP_MODES)
     _checks.check_power(p, mode)
     return at_ops.attention_map(feat, float(p), mode, normalize, backends.resolve("at", backend, feat.device))
 
@@ -99,9 +99,9 @@ def at_loss(
     _checks.check_same("f_s and f_t", students + teachers, "device")
     _checks.check_same("f_s", students, "dtype")
     _checks.check_same("f_t", teachers, "dtype")
-    _checks.check_choice("mode", mode, tuple(at_reference.AT_MODES))
+    _checks.check_choice("mode", mode, tuple(at_numerics.AT_MODES))
     _checks.check_choice("reduction", reduction, ("sum", "none"))
-    _checks.check_power(p, at_reference.AT_MODES[mode][0])
+    _checks.check_power(p, at_numerics.AT_MODES[mode][0])
     device = students[0].device
     losses = at_ops.at_stage_losses(students, teachers, float(p), mode, backends.resolve("at", backend, device))
     return losses.sum() if reduction == "sum" else losses
@@ -319,7 +319,7 @@ def ndam_map(f: Tensor, grid: int = 4) -> Tensor:
     """
     _checks.check_feature("f", f)
     _check_grid("grid", grid)
-    return block_attention_reference.block_map(f, grid, 1.0).to(f.dtype)
+    return block_attention_numerics.block_map(f, grid, 1.0).to(f.dtype)
 
 
 def ndam_loss(
@@ -354,13 +354,13 @@ def ndam_loss(
     _check_grid("grid", grid)
     _checks.check_finite("feature_weight", feature_weight)
     _checks.check_finite("map_weight", map_weight)
-    _checks.check_choice("weighting", weighting, block_attention_reference.WEIGHTINGS)
-    _checks.check_choice("reduction", reduction, block_attention_reference.REDUCTIONS)
+    _checks.check_choice("weighting", weighting, block_attention_numerics.WEIGHTINGS)
+    _checks.check_choice("reduction", reduction, block_attention_numerics.REDUCTIONS)
     backend = backends.resolve("block_attention", backend, students[0].device)
     terms = block_attention_ops.block_attention_terms(
         students, connectors, teachers, grid, 1.0, 0, weighting == "teacher", backend
     )
-    return block_attention_reference.weigh(terms, float(feature_weight), float(map_weight), reduction)
+    return block_attention_numerics.weigh(terms, float(feature_weight), float(map_weight), reduction)
 
 
 def aft_loss(
@@ -393,10 +393,10 @@ def aft_loss(
     _check_grid("grid", grid)
     _checks.check_finite("attention_weight", attention_weight)
     _checks.check_finite("feature_weight", feature_weight)
-    _checks.check_choice("reduction", reduction, block_attention_reference.REDUCTIONS)
+    _checks.check_choice("reduction", reduction, block_attention_numerics.REDUCTIONS)
     backend = backends.resolve("block_attention", backend, students[0].device)
     terms = block_attention_ops.block_attention_terms(students, connectors, teachers, grid, 2.0, grid, False, backend)
-    return block_attention_reference.weigh(terms, float(feature_weight), float(attention_weight), reduction)
+    return block_attention_numerics.weigh(terms, float(feature_weight), float(attention_weight), reduction)
 
 
 def masked_mse(x: Tensor, y: Tensor, mask: Tensor, reduction: str = "mean", backend: str | None = None) -> Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfast import functional
-from kdfast.reference.lcc import TERMS as LCC_TERMS
+from kdfast.numerics.lcc import TERMS as LCC_TERMS
 
 __all__ = [
     "ATLoss",

@@ -1,7 +1,7 @@
 """Attention transfer (AT): every fused backend against the float64 eager reference.
 
-Values and gradients, every dtype and layout, multi-stage, edge cases, bad input, opcheck,
-torch.compile(fullgraph=True) and float64 gradcheck of the fused ops.
+Values and gradients, every dtype and layout, multi-stage, edge cases and bad input
+(opcheck, compile and gradcheck: tests/test_op_contracts.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from conftest import DTYPES, HAS_GPU, TOL, assert_close_scaled, device_backends
 from kdfast import backends
 from kdfast import functional as F
 from kdfast import nn as knn
-from kdfast.ops import namespace
 from kdfast.reference import at as ref
 
 # (student (C, H, W), teacher (C, H, W)) per stage: odd sizes, Cs != Ct, a pooled stage.
@@ -174,58 +173,6 @@ def test_single_pixel_and_batch_one(device, backend):
 
 
 # --- fused ops: gradcheck, opcheck, torch.compile
-
-
-@pytest.mark.parametrize("device,backend", device_backends("at"))
-@pytest.mark.parametrize("mode", ["code", "paper"])
-def test_gradcheck_float64(device, backend, mode):
-    gen = torch.Generator().manual_seed(12)
-    f_s = torch.randn(2, 3, 3, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    f_t = torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64).to(device)
-    assert torch.autograd.gradcheck(lambda x: F.at_loss(x, f_t, p=3, mode=mode, backend=backend), (f_s,))
-    assert torch.autograd.gradcheck(lambda x: F.attention_map(x, p=3, backend=backend), (f_s,))
-
-
-def _op_samples(device):
-    gen = torch.Generator().manual_seed(13)
-    feats = [
-        torch.randn(2, 3, 4, 5, generator=gen).to(device),
-        torch.randn(2, 6, 3, 3, generator=gen).to(device).contiguous(memory_format=torch.channels_last),
-    ]
-    maps_s = [torch.rand(2, 20, generator=gen).to(device), torch.rand(2, 9, generator=gen).to(device)]
-    maps_t = [torch.rand(2, 20, generator=gen).to(device), torch.rand(2, 9, generator=gen).to(device)]
-    return feats, maps_s, maps_t
-
-
-@pytest.mark.parametrize("device,backend", device_backends("at"))
-def test_opcheck(device, backend):
-    ops = namespace(backend)
-    feats, maps_s, maps_t = _op_samples(device)
-    grad_feats = [f.clone().requires_grad_() for f in feats]
-    for mode in ("mean", "sum"):
-        torch.library.opcheck(ops.at_maps.default, (grad_feats, 2.0, mode))
-        torch.library.opcheck(ops.at_maps_backward.default, (maps_s, feats[:1] + [feats[1][:, :, :3, :3]], 3.0, mode))
-    for loss in ("mse", "l2"):
-        torch.library.opcheck(ops.at_map_loss.default, ([m.clone().requires_grad_() for m in maps_s], maps_t, loss))
-
-
-@pytest.mark.parametrize("device,backend", device_backends("at"))
-def test_compile_fullgraph(device, backend):
-    f_s = make_features([s for s, _ in STAGES], 2, torch.float32, device, requires_grad=True, seed=14)
-    f_t = make_features([t for _, t in STAGES], 2, torch.float32, device, seed=15)
-
-    def step(a, b):
-        return F.at_loss(a, b, backend=backend) + F.attention_map(a[0], backend=backend).sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)
-    loss = compiled(f_s, f_t)
-    grads = torch.autograd.grad(loss, f_s)
-    eager_loss = step(f_s, f_t)
-    eager_grads = torch.autograd.grad(eager_loss, f_s)
-    torch.testing.assert_close(loss, eager_loss)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e)
 
 
 # --- bad input

@@ -6,8 +6,7 @@ aft_loss, every dtype, grids that divide H, that do not (overlapping bins) and t
 L = 1 and L = 3 modules of different shapes, powers 1, 2 (and 1.5, 3 through the op), contiguous /
 channels_last / strided inputs, spatial alignment of h_s and f_t, B = 1, zero and NaN maps,
 several blocks per program, teacher without gradient, inference-mode teacher, autocast, reductions
-and nn forms, opcheck, torch.compile(fullgraph=True), float64 gradcheck, determinism and bad
-input. Shapes stay tiny: the Triton kernels run in the interpreter here.
+and nn forms, determinism and bad input (opcheck, compile, gradcheck: test_op_contracts.py). Shapes stay tiny: the Triton kernels run in the interpreter here.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, devi
 
 from kdfast import functional as F
 from kdfast import nn as knn
+from kdfast.numerics import block_attention as block_attention_numerics
+from kdfast.numerics.common import compute_dtype
 from kdfast.ops import block_attention as ops
 from kdfast.ops import namespace
 from kdfast.reference import block_attention as ref
@@ -85,7 +86,7 @@ def check(variant, f_s, h_s, f_t, grid, backend, loss_tol, grad_tol, floor=1e-30
     grads = torch.autograd.grad((terms * weights.to(terms)).sum(), f_s + h_s)
     e_terms, e_grads = expected_terms(variant, f_s, h_s, f_t, grid, weights)
     assert terms.shape == (len(f_s), 2) and terms.dtype == compute_dtype(f_s[0].dtype)
-    for j, name in enumerate(ref.TERMS):
+    for j, name in enumerate(block_attention_numerics.TERMS):
         assert_close_scaled(terms[:, j], e_terms[:, j], loss_tol, name, floor)
     for i, (g, e, x) in enumerate(zip(grads, e_grads, f_s + h_s)):
         assert g.shape == x.shape and g.dtype == x.dtype
@@ -344,47 +345,6 @@ def test_reference_weights_with_overlapping_bins():
 
 
 # --- fused ops: gradcheck, opcheck, torch.compile, launcher checks
-
-
-@pytest.mark.parametrize("device,backend", FUSED)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_gradcheck_float64(device, backend, variant):
-    modules = [((2, 3, 2), (2, 3, 3), (2, 3, 3)), ((1, 2, 2), (2, 2, 1), (2, 2, 1))]
-    f_s, h_s, f_t = make(modules, 2, torch.float64, device, seed=19)
-    fn, kwargs, _, _, _ = VARIANTS[variant]
-
-    def loss(*x):
-        return fn(list(x[:2]), list(x[2:]), f_t, grid=2, reduction="none", backend=backend, **kwargs)
-
-    assert torch.autograd.gradcheck(loss, (*f_s, *h_s), fast_mode=True)
-
-
-@pytest.mark.parametrize("device,backend", FUSED)
-def test_opcheck(device, backend):
-    ops_ns = namespace(backend)
-    f_s, h_s, f_t = make(THREE[:2], 2, torch.float32, device, teacher_dtype=torch.float16, seed=20)
-    for knobs in ((4, 1.0, 0, True), (3, 2.0, 2, False)):
-        torch.library.opcheck(ops_ns.block_attention_forward.default, (f_s, h_s, f_t, *knobs))
-        detached = [[x.detach() for x in xs] for xs in (f_s, h_s, f_t)]
-        _, maps = ops_ns.block_attention_forward(*detached, *knobs)
-        grad_terms = upstream(f_s).to(device)
-        torch.library.opcheck(ops_ns.block_attention_backward.default, (grad_terms, *detached, maps, *knobs))
-
-
-@pytest.mark.parametrize("device,backend", FUSED)
-def test_compile_fullgraph(device, backend):
-    f_s, h_s, f_t = make(THREE, 2, torch.float32, device, seed=21)
-
-    def step(a, b, c):
-        return F.ndam_loss(a, b, c, weighting="teacher", backend=backend) + 2.0 * F.aft_loss(a, b, c, backend=backend)
-
-    torch._dynamo.reset()
-    loss = torch.compile(step, fullgraph=True)(f_s, h_s, f_t)
-    grads = torch.autograd.grad(loss, f_s + h_s)
-    eager = step(f_s, h_s, f_t)
-    torch.testing.assert_close(loss, eager)
-    for g, e in zip(grads, torch.autograd.grad(eager, f_s + h_s)):
-        torch.testing.assert_close(g, e)
 
 
 @pytest.mark.parametrize("device,backend", FUSED)

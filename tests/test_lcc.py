@@ -2,8 +2,8 @@
 
 Values and gradients (all terms, each term alone, a non-unit upstream gradient), every dtype and
 layout, shapes that need pooling, masks, edge cases (B = 1, zero maps), bad input, the tiling of
-the Triton kernels (odd/even tile counts, split programs), no N x N allocation, opcheck and
-torch.compile(fullgraph=True). Shapes stay tiny: the Triton kernels run in the interpreter here.
+the Triton kernels (odd/even tile counts, split programs), no N x N allocation (opcheck,
+compile, gradcheck: test_op_contracts.py). Shapes stay tiny: the Triton kernels run in the interpreter here.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, devi
 
 from kdfast import functional as F
 from kdfast import nn as knn
-from kdfast.ops import namespace
+from kdfast.numerics.common import compute_dtype
 from kdfast.reference import lcc as ref
-from kdfast.reference.at import compute_dtype
 
 TRITON = triton_backends("lcc")
 WITH_TORCH = backends_with_torch("lcc")
@@ -253,35 +252,6 @@ def test_gpu_peak_memory(device, backend):
     torch.autograd.grad(F.local_correlation_loss(f_s, f_t, backend=backend), f_s)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before < n * n
-
-
-@pytest.mark.parametrize("device,backend", device_backends("lcc"))
-def test_opcheck(device, backend):
-    ops = namespace(backend)
-    f_s = feature((2, 3, 4, 4), device=device, channels_last=True, seed=28)
-    f_t = feature((2, 5, 4, 4), torch.bfloat16, device, seed=29)
-    torch.library.opcheck(ops.lcc_forward.default, (f_s.clone().requires_grad_(), f_t, 2))
-    _, inv_s, inv_t = ops.lcc_forward(f_s, f_t, 2)
-    grad_sums = torch.tensor([1.0, -0.5, 2.0], device=device)
-    torch.library.opcheck(ops.lcc_backward.default, (grad_sums, f_s, f_t, inv_s, inv_t, 2))
-
-
-@pytest.mark.parametrize("device,backend", device_backends("lcc"))
-def test_compile_fullgraph(device, backend):
-    f_s = feature((2, 3, 8, 8), device=device, requires_grad=True, seed=30)
-    f_t = feature((2, 5, 8, 8), device=device, seed=31)
-    mask = torch.rand(2, 1, 4, 4).to(device)
-
-    def step(a, b, m):
-        total = F.local_correlation_loss(a, b, grid=2, mask=m, backend=backend)
-        return total + F.local_correlation_loss(a, b, terms=("inter",), reduction="none", backend=backend).sum()
-
-    torch._dynamo.reset()
-    loss = torch.compile(step, fullgraph=True)(f_s, f_t, mask)
-    (grad,) = torch.autograd.grad(loss, f_s)
-    eager = step(f_s, f_t, mask)
-    torch.testing.assert_close(loss, eager)
-    torch.testing.assert_close(grad, torch.autograd.grad(eager, f_s)[0])
 
 
 # --- bad input

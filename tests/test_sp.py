@@ -2,8 +2,8 @@
 
 Values and gradients (non-unit upstream gradient), every dtype, 2-D / contiguous / channels_last
 inputs, Ds != Dt, odd B, B = 1 (every dtype) and 2, duplicated and zero rows, several tiles and
-column splits, the Triton launchers' memory, mdistiller's formula, opcheck,
-torch.compile(fullgraph=True), float64 gradcheck and bad input. Shapes stay tiny: the Triton
+column splits, the Triton launchers' memory, mdistiller's formula and bad input
+(opcheck, compile, gradcheck: test_op_contracts.py). Shapes stay tiny: the Triton
 kernels run in the interpreter here.
 """
 
@@ -20,9 +20,8 @@ from kdfast import functional as F
 from kdfast import nn as knn
 from kdfast.kernels import relational
 from kdfast.kernels import sp as sp_kernels
-from kdfast.ops import namespace
+from kdfast.numerics.common import compute_dtype
 from kdfast.reference import sp as ref
-from kdfast.reference.at import compute_dtype
 
 TRITON = triton_backends("sp")
 WITH_TORCH = backends_with_torch("sp")
@@ -196,39 +195,6 @@ def test_memory(device, backend, monkeypatch):
     force_splits(monkeypatch)
     x_s = feature((batch, depth), torch.bfloat16, device, seed=19)
     assert run_sp(device, x_s, feature((batch, depth), torch.bfloat16, device, seed=20)) == batch * depth * 2
-
-
-@pytest.mark.parametrize("device,backend", device_backends("sp"))
-def test_gradcheck_float64(device, backend):
-    f_s = feature((3, 2, 1, 2), torch.float64, device, requires_grad=True, seed=21)
-    f_t = feature((3, 3), torch.float64, device, seed=22)
-    assert torch.autograd.gradcheck(lambda x: F.sp_loss(x, f_t, backend=backend), (f_s,))
-
-
-@pytest.mark.parametrize("device,backend", device_backends("sp"))
-def test_opcheck(device, backend):
-    ops = namespace(backend)
-    x_s = feature((5, 6), device=device, seed=23)
-    x_t = feature((5, 4), torch.bfloat16, device, seed=24)
-    torch.library.opcheck(ops.sp_forward.default, (x_s.clone().requires_grad_(), x_t))
-    _, stats = ops.sp_forward(x_s, x_t)
-    torch.library.opcheck(ops.sp_backward.default, (torch.tensor(0.5, device=device), x_s, x_t, stats))
-
-
-@pytest.mark.parametrize("device,backend", device_backends("sp"))
-def test_compile_fullgraph(device, backend):
-    f_s = feature((4, 3, 2, 2), device=device, channels_last=True, requires_grad=True, seed=25)
-    f_t = feature((4, 5, 1, 2), device=device, seed=26)
-
-    def step(a, b):
-        return 3000.0 * F.sp_loss(a, b, backend=backend)
-
-    torch._dynamo.reset()
-    loss = torch.compile(step, fullgraph=True)(f_s, f_t)
-    (grad,) = torch.autograd.grad(loss, f_s)
-    eager = step(f_s, f_t)
-    torch.testing.assert_close(loss, eager)
-    torch.testing.assert_close(grad, torch.autograd.grad(eager, f_s)[0])
 
 
 @pytest.mark.parametrize("device,backend", TRITON)

@@ -1,4 +1,4 @@
-// kdfast._C_emu: the library kdfast_emu, with the schemas of csrc/schemas.h and, as its CPU kernels,
+// kdfast._C_emu: the CPU kernels of the library kdfast_emu (schemas declared in kdfast/ops/<op>.py):
 // kdfast's CUDA kernels (csrc/cuda/*.cu, compiled as host C++ against csrc/emu/cuda_emu.h; their
 // TORCH_LIBRARY_IMPL(kdfast, CUDA, m) becomes TORCH_LIBRARY_IMPL(kdfast_emu, CPU, m), see
 // csrc/emu/include/torch/library.h). The Python module has one function:
@@ -7,11 +7,9 @@
 //     the order of the blocks of the next launches and of the threads of each block: "forward",
 //     "reverse" or "shuffle" (seeded); the default comes from $KDFAST_EMU_SCHEDULE (cuda_emu.h).
 #include <Python.h>
-#include <torch/library.h>
 
 #include <exception>
 
-#include "../schemas.h"
 #include "cuda_emu.h"
 
 namespace {
@@ -44,5 +42,3 @@ PyMODINIT_FUNC PyInit__C_emu(void) {
   return PyModule_Create(&module_def);
 }
 }
-
-TORCH_LIBRARY(kdfast_emu, m) { kdfast::define_schemas(m); }

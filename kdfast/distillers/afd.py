@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from kdfast import functional
 from kdfast.distillers.base import Distiller, Params, feature_shapes
 from kdfast.models import Features, KDModel
-from kdfast.reference.map_distance import POOLS
+from kdfast.numerics.map_distance import POOLS
 
 __all__ = ["AFD", "AFDParams", "RTK", "RTKParams", "LayerAttention", "top_r_mask"]
 

@@ -43,7 +43,7 @@ from kdfast import functional
 from kdfast.distillers.adaptive import LossRateWeights
 from kdfast.distillers.base import Distiller, Params
 from kdfast.models import Features, KDModel
-from kdfast.reference.block_attention import block_map
+from kdfast.numerics.block_attention import block_map
 
 __all__ = ["AFT", "AFTParams"]
 

@@ -37,7 +37,7 @@ from kdfast import functional
 from kdfast.distillers.base import Distiller, Params, sum_losses
 from kdfast.models import Features, KDModel
 from kdfast.nn import ClassAwareAttention
-from kdfast.reference.lcc import TERMS
+from kdfast.numerics.lcc import TERMS
 
 __all__ = ["LCC", "LCCParams"]
 

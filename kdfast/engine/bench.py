@@ -48,6 +48,7 @@ from kdfast.engine.e2e_methods import METHODS
 from kdfast.engine.trainer import autocast
 from kdfast.models import Features, KDModel
 from kdfast.nn import ClassAwareAttention
+from kdfast.numerics.block_attention import weigh as weigh_blocks
 from kdfast.reference import at as ref_at
 from kdfast.reference import block_attention as ref_ndam
 from kdfast.reference import dkd as ref_dkd
@@ -138,7 +139,7 @@ def _lakd_peer(student: KDModel, teacher: KDModel) -> tuple[PeerLoss, nn.Module]
                 [o.feature for o in outputs], [o.hint for o in outputs], [t.stages[b] for b in cuts], grid=4, power=1.0
             )
             logits = outputs[-1].output
-            local_losses = ref_ndam.weigh(terms, 1.0, 0.1 * 1000.0, "sum")
+            local_losses = weigh_blocks(terms, 1.0, 0.1 * 1000.0, "sum")
             return {"total": local_losses + 0.9 * F.cross_entropy(logits, y) + ref_kd.kd_loss(logits, t.logits, 4.0)}
 
         return local(x, module_losses, "joint")[1]["total"]

@@ -7,11 +7,11 @@ Three ops, the same schemas on every fused backend (formulas in kdfast/reference
 * ``at_map_loss(maps_s, maps_t, loss) -> (losses, grad_maps_s)``: normalisation, per-sample
   loss (L, B) and its gradient w.r.t. the student maps, one launch.
 
-The C++ kernels (kdfast._C) define them as ``torch.ops.kdfast.*`` (CPU and CUDA dispatch keys);
-the Triton kernels (kdfast.kernels.at) as ``torch.ops.kdfast_triton.*``. This module registers,
-for both namespaces, the fake (meta) kernels and the autograd formulas, so that the ops work with
-``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``. Backend "torch" calls the eager
-reference directly.
+This module declares them once (``SPEC``: schemas, fake kernels, autograd formulas);
+kdfast.ops.spec registers them as ``torch.ops.kdfast.*`` (C++ kernels of kdfast._C, CPU and CUDA
+dispatch keys), ``torch.ops.kdfast_emu.*`` and ``torch.ops.kdfast_triton.*`` (kdfast.kernels.at),
+so that the ops work with ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``. Backend
+"torch" calls the eager reference directly.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdfast import _extension
+from kdfast.numerics.at import AT_MODES, LOSSES, MAP_MODES, normalize_map
+from kdfast.numerics.common import align_spatial, compute_dtype
 from kdfast.ops import namespace
+from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
 from kdfast.reference import at as reference
-
-TRITON_NS = "kdfast_triton"
 
 
 def map_dtype(dtype: torch.dtype) -> torch.dtype:
-    return reference.compute_dtype(dtype)
+    return compute_dtype(dtype)
 
 
 def hw_flattenable(f: Tensor) -> bool:
@@ -35,34 +35,13 @@ def hw_flattenable(f: Tensor) -> bool:
     return f.shape[2] == 1 or f.shape[3] == 1 or f.stride(2) == f.shape[3] * f.stride(3)
 
 
-# --- Triton ops: plain launchers wrapped as custom ops (kernels imported lazily: triton is optional).
-
-
-@torch.library.custom_op(f"{TRITON_NS}::at_maps", mutates_args=())
-def _at_maps_triton(feats: list[Tensor], p: float, mode: str) -> list[Tensor]:
-    from kdfast.kernels import at as kernels
-
-    return kernels.at_maps(feats, p, mode)
-
-
-@torch.library.custom_op(f"{TRITON_NS}::at_maps_backward", mutates_args=())
-def _at_maps_backward_triton(grad_maps: list[Tensor], feats: list[Tensor], p: float, mode: str) -> list[Tensor]:
-    from kdfast.kernels import at as kernels
-
-    return kernels.at_maps_backward(grad_maps, feats, p, mode)
-
-
-@torch.library.custom_op(f"{TRITON_NS}::at_map_loss", mutates_args=())
-def _at_map_loss_triton(maps_s: list[Tensor], maps_t: list[Tensor], loss: str) -> tuple[Tensor, list[Tensor]]:
-    from kdfast.kernels import at as kernels
-
-    return kernels.at_map_loss(maps_s, maps_t, loss)
-
-
-# --- Fake kernels and autograd, shared by both namespaces.
+# --- Fake kernels and autograd formulas (kdfast.ops.spec registers them in every library).
 
 
 def _at_maps_fake(feats: list[Tensor], p: float, mode: str) -> list[Tensor]:
+    contract(len(feats) >= 1, "at_maps: expected at least one tensor")
+    check_rows("at_maps", *feats, dims=4)
+    contract(mode in MAP_MODES and p >= 1, f"at_maps: mode must be one of {MAP_MODES} and p >= 1")
     return [f.new_empty((f.shape[0], f.shape[2] * f.shape[3]), dtype=map_dtype(f.dtype)) for f in feats]
 
 
@@ -71,43 +50,72 @@ def _at_maps_backward_fake(grad_maps: list[Tensor], feats: list[Tensor], p: floa
 
 
 def _at_map_loss_fake(maps_s: list[Tensor], maps_t: list[Tensor], loss: str) -> tuple[Tensor, list[Tensor]]:
+    contract(len(maps_s) >= 1 and len(maps_s) == len(maps_t), "at_map_loss: expected equally many (>= 1) maps")
+    check_rows("at_map_loss", *maps_s, *maps_t, dims=2)
+    contract(all(s.shape == t.shape for s, t in zip(maps_s, maps_t)), "at_map_loss: maps of one stage must match")
+    contract(loss in LOSSES, f"at_map_loss: loss must be one of {LOSSES}")
     losses = maps_s[0].new_empty((len(maps_s), maps_s[0].shape[0]))
     return losses, [torch.empty_like(m, memory_format=torch.contiguous_format) for m in maps_s]
 
 
-def _register(ns: str) -> None:
-    ops = getattr(torch.ops, ns)
-
-    def maps_setup(ctx, inputs, output):
-        feats, ctx.p, ctx.mode = inputs
-        ctx.save_for_backward(*feats)
-
-    def maps_backward(ctx, grad_maps):
-        feats = list(ctx.saved_tensors)
-        grad_maps = [
-            torch.zeros((f.shape[0], f.shape[2] * f.shape[3]), dtype=map_dtype(f.dtype), device=f.device) if g is None else g
-            for g, f in zip(grad_maps, feats)
-        ]
-        return ops.at_maps_backward(grad_maps, feats, ctx.p, ctx.mode), None, None
-
-    def loss_setup(ctx, inputs, output):
-        ctx.save_for_backward(*output[1])
-
-    def loss_backward(ctx, grad_losses, _unused):
-        # d(sum_b w[l, b] * loss[l, b]) / d m_s[l] = w[l, b] * grad_maps_s[l][b]
-        grads = [g * grad_losses[i].unsqueeze(1) for i, g in enumerate(ctx.saved_tensors)]
-        return grads, [None] * len(grads), None
-
-    torch.library.register_fake(f"{ns}::at_maps", _at_maps_fake)
-    torch.library.register_fake(f"{ns}::at_maps_backward", _at_maps_backward_fake)
-    torch.library.register_fake(f"{ns}::at_map_loss", _at_map_loss_fake)
-    torch.library.register_autograd(f"{ns}::at_maps", maps_backward, setup_context=maps_setup)
-    torch.library.register_autograd(f"{ns}::at_map_loss", loss_backward, setup_context=loss_setup)
+def _maps_setup(ctx, inputs, output):
+    feats, ctx.p, ctx.mode = inputs
+    ctx.save_for_backward(*feats)
 
 
-_register(TRITON_NS)
-for library in _extension.cpp_libraries("at_maps"):
-    _register(library)
+def _maps_backward(ops, ctx, grad_maps):
+    feats = list(ctx.saved_tensors)
+    grad_maps = [
+        torch.zeros((f.shape[0], f.shape[2] * f.shape[3]), dtype=map_dtype(f.dtype), device=f.device) if g is None else g
+        for g, f in zip(grad_maps, feats)
+    ]
+    return ops.at_maps_backward(grad_maps, feats, ctx.p, ctx.mode), None, None
+
+
+def _loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[1])
+
+
+def _loss_backward(ops, ctx, grad_losses, _unused):
+    # d(sum_b w[l, b] * loss[l, b]) / d m_s[l] = w[l, b] * grad_maps_s[l][b]
+    grads = [g * grad_losses[i].unsqueeze(1) for i, g in enumerate(ctx.saved_tensors)]
+    return grads, [None] * len(grads), None
+
+
+def _samples() -> tuple[Sample, ...]:
+    f_s = (sample_tensor(2, 3, 4, 4, seed=1, requires_grad=True), sample_tensor(2, 2, 2, 3, seed=2, requires_grad=True))
+    f_t = (sample_tensor(2, 5, 4, 4, seed=3), sample_tensor(2, 4, 2, 3, seed=4))
+
+    def stages(mode: str, p: float):
+        def run(s1: Tensor, s2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
+            return at_stage_losses([s1, s2], [t1, t2], p, mode, backend)
+
+        return run
+
+    samples = [Sample(f"stages {mode}", stages(mode, p), (*f_s, *f_t)) for mode, p in (("code", 2.0), ("paper", 3.0))]
+    samples.append(Sample("map", lambda f, backend: attention_map(f, 3.0, "sum", True, backend), (f_s[0],)))
+    return tuple(samples)
+
+
+SPEC = register(
+    OpSpec(
+        "at",
+        kernels=(
+            Kernel("at_maps", "(Tensor[] feats, float p, str mode) -> Tensor[]", _at_maps_fake),
+            Kernel(
+                "at_maps_backward",
+                "(Tensor[] grad_maps, Tensor[] feats, float p, str mode) -> Tensor[]",
+                _at_maps_backward_fake,
+            ),
+            Kernel("at_map_loss", "(Tensor[] maps_s, Tensor[] maps_t, str loss) -> (Tensor, Tensor[])", _at_map_loss_fake),
+        ),
+        autograd=(
+            Autograd("at_maps", _maps_setup, _maps_backward),
+            Autograd("at_map_loss", _loss_setup, _loss_backward),
+        ),
+        samples=_samples,
+    )
+)
 
 
 # --- Dispatch from a concrete backend name (kdfast.backends.resolve) to the ops.
@@ -123,7 +131,7 @@ def attention_map(feat: Tensor, p: float, mode: str, normalize: bool, backend: s
         return reference.attention_map(feat, p, mode, normalize)
     m = namespace(backend).at_maps([_flattenable(feat)], p, mode)[0]
     if normalize:
-        m = reference.normalize_map(m)
+        m = normalize_map(m)
     return m.to(feat.dtype)
 
 
@@ -135,8 +143,8 @@ def at_stage_losses(f_s: list[Tensor], f_t: list[Tensor], p: float, mode: str, b
     """
     if backend == "torch":
         return reference.at_stage_losses(f_s, f_t, p, mode)
-    map_mode, loss = reference.AT_MODES[mode]
-    pairs = [reference.align_spatial(s, t.detach()) for s, t in zip(f_s, f_t)]
+    map_mode, loss = AT_MODES[mode]
+    pairs = [align_spatial(s, t.detach()) for s, t in zip(f_s, f_t)]
     ops = namespace(backend)
     maps_s = ops.at_maps([_flattenable(s) for s, _ in pairs], p, map_mode)
     maps_t = ops.at_maps([_flattenable(t) for _, t in pairs], p, map_mode)  # detached: no graph

@@ -3,7 +3,7 @@ AFT-KD's attention/feature blocks; formulas in kdfast/reference/block_attention.
 
 Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``:
 kdfast.kernels.block_attention; ``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C,
-registered here once it declares them)::
+implementing the schemas declared here)::
 
     block_attention_forward(Tensor[] f_s, Tensor[] h_s, Tensor[] f_t, int grid, float power,
         int feature_grid, bool teacher_weighting) -> (Tensor terms, Tensor maps)
@@ -27,106 +27,86 @@ registered here once it declares them)::
   splits a (module, sample) over several programs, two launches forward and one backward); every
   partial is reduced in a fixed order (deterministic, no atomics).
 
-This module registers the fake (meta) kernels and the autograd formula of both namespaces.
-Backend "torch" calls the eager reference.
+This module declares the op once (schemas, fake kernels, autograd formula: ``SPEC``, registered in
+every library by kdfast.ops.spec) and dispatches it. Backend "torch" calls the eager reference.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from kdfast import _extension
+from kdfast.numerics.common import align_spatial, compute_dtype
 from kdfast.ops import namespace, saveable_teacher
+from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
 from kdfast.reference import block_attention as reference
-from kdfast.reference.at import align_spatial, compute_dtype
 
 
-@torch.library.custom_op("kdfast_triton::block_attention_forward", mutates_args=())
-def _forward_triton(
-    f_s: list[Tensor],
-    h_s: list[Tensor],
-    f_t: list[Tensor],
-    grid: int,
-    power: float,
-    feature_grid: int,
-    teacher_weighting: bool,
-) -> tuple[Tensor, Tensor]:
-    from kdfast.kernels import block_attention as kernels
-
-    return kernels.block_attention_forward(f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting)
-
-
-@torch.library.custom_op("kdfast_triton::block_attention_backward", mutates_args=())
-def _backward_triton(
-    grad_terms: Tensor,
-    f_s: list[Tensor],
-    h_s: list[Tensor],
-    f_t: list[Tensor],
-    maps: Tensor,
-    grid: int,
-    power: float,
-    feature_grid: int,
-    teacher_weighting: bool,
-) -> tuple[list[Tensor], list[Tensor]]:
-    from kdfast.kernels import block_attention as kernels
-
-    return kernels.block_attention_backward(grad_terms, f_s, h_s, f_t, maps, grid, power, feature_grid, teacher_weighting)
-
-
-def _forward_fake(
-    f_s: list[Tensor],
-    h_s: list[Tensor],
-    f_t: list[Tensor],
-    grid: int,
-    power: float,
-    feature_grid: int,
-    teacher_weighting: bool,
-) -> tuple[Tensor, Tensor]:
+def _forward_fake(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, *knobs) -> tuple[Tensor, Tensor]:
+    contract(len(f_s) >= 1 and len(f_s) == len(h_s) == len(f_t), "block_attention: expected equally many (>= 1) maps")
+    check_rows("block_attention", *f_s, *h_s, *f_t, dims=4)
+    contract(all(h.shape == t.shape for h, t in zip(h_s, f_t)), "block_attention: h_s[l] and f_t[l] must match")
+    contract(grid >= 1, "block_attention: grid must be >= 1")
     acc = compute_dtype(f_s[0].dtype)
     terms = f_s[0].new_empty((len(f_s), 2), dtype=acc)
     return terms, f_s[0].new_empty((len(f_s), 2, f_s[0].shape[0], grid * grid), dtype=acc)
 
 
-def _backward_fake(
-    grad_terms: Tensor,
-    f_s: list[Tensor],
-    h_s: list[Tensor],
-    f_t: list[Tensor],
-    maps: Tensor,
-    grid: int,
-    power: float,
-    feature_grid: int,
-    teacher_weighting: bool,
-) -> tuple[list[Tensor], list[Tensor]]:
+def _backward_fake(grad_terms: Tensor, f_s: list[Tensor], h_s: list[Tensor], *rest) -> tuple[list[Tensor], list[Tensor]]:
     return [f.new_empty(f.shape) for f in f_s], [h.new_empty(h.shape) for h in h_s]
 
 
-def _register(ns: str) -> None:
-    ops = getattr(torch.ops, ns)
-
-    def setup(ctx, inputs, output):
-        f_s, h_s, f_t, *ctx.knobs = inputs
-        ctx.modules = len(f_s)
-        ctx.save_for_backward(*f_s, *h_s, *f_t, output[1])
-
-    def backward(ctx, grad_terms, _grad_maps):
-        n = ctx.modules
-        if grad_terms is None:
-            return [None] * n, [None] * n, [None] * n, None, None, None, None
-        *tensors, maps = ctx.saved_tensors
-        f_s, h_s, f_t = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        grad_f_s, grad_h_s = ops.block_attention_backward(grad_terms.contiguous(), f_s, h_s, f_t, maps, *ctx.knobs)
-        return grad_f_s, grad_h_s, [None] * n, None, None, None, None
-
-    torch.library.register_fake(f"{ns}::block_attention_forward", _forward_fake)
-    torch.library.register_fake(f"{ns}::block_attention_backward", _backward_fake)
-    torch.library.register_autograd(f"{ns}::block_attention_forward", backward, setup_context=setup)
+def _setup(ctx, inputs, output):
+    f_s, h_s, f_t, *ctx.knobs = inputs
+    ctx.modules = len(f_s)
+    ctx.save_for_backward(*f_s, *h_s, *f_t, output[1])
 
 
-_register("kdfast_triton")
-for library in _extension.cpp_libraries("block_attention_forward"):
-    _register(library)
+def _backward(ops, ctx, grad_terms, _grad_maps):
+    n = ctx.modules
+    if grad_terms is None:
+        return [None] * n, [None] * n, [None] * n, None, None, None, None
+    *tensors, maps = ctx.saved_tensors
+    f_s, h_s, f_t = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+    grad_f_s, grad_h_s = ops.block_attention_backward(grad_terms.contiguous(), f_s, h_s, f_t, maps, *ctx.knobs)
+    return grad_f_s, grad_h_s, [None] * n, None, None, None, None
+
+
+def _samples() -> tuple[Sample, ...]:
+    f_s = (sample_tensor(2, 3, 7, 5, seed=1, requires_grad=True), sample_tensor(2, 4, 4, 4, seed=2, requires_grad=True))
+    h_s = (sample_tensor(2, 6, 7, 5, seed=3, requires_grad=True), sample_tensor(2, 5, 3, 3, seed=4, requires_grad=True))
+    f_t = (sample_tensor(2, 6, 7, 5, seed=5), sample_tensor(2, 5, 3, 3, seed=6))
+
+    def blocks(grid: int, power: float, feature_grid: int, teacher_weighting: bool):
+        def run(*tensors: Tensor, backend: str) -> Tensor:
+            lists = [list(tensors[i : i + 2]) for i in (0, 2, 4)]
+            return block_attention_terms(*lists, grid, power, feature_grid, teacher_weighting, backend)
+
+        return run
+
+    knobs = {"ndam teacher-weighted": (4, 1.0, 0, True), "aft": (3, 2.0, 2, False)}
+    return tuple(Sample(label, blocks(*k), (*f_s, *h_s, *f_t)) for label, k in knobs.items())
+
+
+_KNOBS = "int grid, float power, int feature_grid, bool teacher_weighting"
+SPEC = register(
+    OpSpec(
+        "block_attention",
+        kernels=(
+            Kernel(
+                "block_attention_forward",
+                f"(Tensor[] f_s, Tensor[] h_s, Tensor[] f_t, {_KNOBS}) -> (Tensor, Tensor)",
+                _forward_fake,
+            ),
+            Kernel(
+                "block_attention_backward",
+                f"(Tensor grad_terms, Tensor[] f_s, Tensor[] h_s, Tensor[] f_t, Tensor maps, {_KNOBS}) -> (Tensor[], Tensor[])",
+                _backward_fake,
+            ),
+        ),
+        autograd=(Autograd("block_attention_forward", _setup, _backward),),
+        samples=_samples,
+    )
+)
 
 
 def block_attention_terms(

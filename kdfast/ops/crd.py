@@ -40,10 +40,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdfast.numerics.common import compute_dtype
 from kdfast.ops import namespace
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, register, sample_tensor
 from kdfast.reference import crd as reference
-from kdfast.reference.at import compute_dtype
 
 MAX_DIM = 1024  # the largest embedding dimension D of the fused kernels
 

@@ -4,37 +4,27 @@ and CUDA kernels) and ``torch.ops.kdfast_triton.*`` (kdfast.kernels.dkd)."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from kdfast import _extension
 from kdfast.ops import _row_loss, namespace, unit_stride
+from kdfast.ops.spec import register
 from kdfast.reference import dkd as reference
 
 NUM_STATS = 6  # [lse_s, lse_t, lse_other_s, lse_other_t, lse_masked_s, lse_masked_t]
 
 
-@torch.library.custom_op("kdfast_triton::dkd_forward", mutates_args=())
-def _dkd_forward_triton(
-    z_s: Tensor, z_t: Tensor, target: Tensor, alpha: float, beta: float, temperature: float, with_grad: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    from kdfast.kernels import dkd as kernels
 
-    return kernels.dkd_forward(z_s, z_t, target, alpha, beta, temperature, with_grad)
-
-
-@torch.library.custom_op("kdfast_triton::dkd_backward", mutates_args=())
-def _dkd_backward_triton(
-    grad_loss: Tensor, z_s: Tensor, z_t: Tensor, target: Tensor, stats: Tensor, alpha: float, beta: float, temperature: float
-) -> Tensor:
-    from kdfast.kernels import dkd as kernels
-
-    return kernels.dkd_backward(grad_loss, z_s, z_t, target, stats, alpha, beta, temperature)
-
-
-_row_loss.register("kdfast_triton", "dkd", num_tensors=3, num_stats=NUM_STATS)
-for library in _extension.cpp_libraries("dkd_forward"):
-    _row_loss.register(library, "dkd", num_tensors=3, num_stats=NUM_STATS)
+SPEC = register(
+    _row_loss.spec(
+        "dkd",
+        "Tensor z_s, Tensor z_t, Tensor target, float alpha, float beta, float temperature, bool with_grad",
+        "Tensor grad_loss, Tensor z_s, Tensor z_t, Tensor target, Tensor stats, float alpha, float beta, "
+        "float temperature",
+        num_tensors=3,
+        num_stats=NUM_STATS,
+        samples=lambda: _row_loss.samples(dkd_rows, (1.0, 8.0, 2.0), with_target=True),
+    )
+)
 
 
 def dkd_rows(

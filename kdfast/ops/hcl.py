@@ -40,10 +40,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kdfast.numerics.common import compute_dtype
 from kdfast.ops import namespace, saveable_teacher
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, register, sample_tensor
 from kdfast.reference import hcl as reference
-from kdfast.reference.at import compute_dtype
 
 MAX_LEVELS = 4
 MAX_CELLS = 32

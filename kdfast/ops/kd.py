@@ -4,33 +4,26 @@ CUDA kernels) and ``torch.ops.kdfast_triton.*`` (kdfast.kernels.kd)."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from kdfast import _extension
 from kdfast.ops import _row_loss, namespace, unit_stride
+from kdfast.ops.spec import register
 from kdfast.reference import kd as reference
 
 NUM_STATS = 2  # [lse_s, lse_t]
 
 
-@torch.library.custom_op("kdfast_triton::kd_forward", mutates_args=())
-def _kd_forward_triton(z_s: Tensor, z_t: Tensor, temperature: float, with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from kdfast.kernels import kd as kernels
 
-    return kernels.kd_forward(z_s, z_t, temperature, with_grad)
-
-
-@torch.library.custom_op("kdfast_triton::kd_backward", mutates_args=())
-def _kd_backward_triton(grad_loss: Tensor, z_s: Tensor, z_t: Tensor, stats: Tensor, temperature: float) -> Tensor:
-    from kdfast.kernels import kd as kernels
-
-    return kernels.kd_backward(grad_loss, z_s, z_t, stats, temperature)
-
-
-_row_loss.register("kdfast_triton", "kd", num_tensors=2, num_stats=NUM_STATS)
-for library in _extension.cpp_libraries("kd_forward"):
-    _row_loss.register(library, "kd", num_tensors=2, num_stats=NUM_STATS)
+SPEC = register(
+    _row_loss.spec(
+        "kd",
+        "Tensor z_s, Tensor z_t, float temperature, bool with_grad",
+        "Tensor grad_loss, Tensor z_s, Tensor z_t, Tensor stats, float temperature",
+        num_tensors=2,
+        num_stats=NUM_STATS,
+        samples=lambda: _row_loss.samples(kd_rows, (2.0,)),
+    )
+)
 
 
 def kd_rows(z_s: Tensor, z_t: Tensor, temperature: float, with_grad: bool, backend: str) -> Tensor:

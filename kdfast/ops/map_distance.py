@@ -3,7 +3,7 @@ attention-weighted distances between every student and every teacher map; formul
 kdfast/reference/map_distance.py).
 
 The functional layer groups the teacher maps by spatial size (U unique sizes, in order of first
-appearance: ``reference.size_groups``) and builds, per group u, the student values ``v_s[u]``
+appearance: ``kdfast.numerics.map_distance.size_groups``) and builds, per group u, the student values ``v_s[u]``
 (B, S, N_u) (every student map's ``mean_c f^2`` adaptive-average-pooled to that size, or the map
 pooled first with ``pool="feature"``; then normalised) and the teacher values ``v_t[u]``
 (B, T_u, N_u), both from the fused AT op (p = 2, mode "mean"; one launch for the teachers, one
@@ -11,7 +11,7 @@ for the students); it permutes att's T axis into group order (and the distances 
 
 Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``:
 kdfast.kernels.map_distance; ``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C,
-registered here once it declares them)::
+implementing the schemas declared here)::
 
     map_distance_forward(Tensor[] v_s, Tensor[] v_t, Tensor att) -> (Tensor loss, Tensor dist)
     map_distance_backward(Tensor grad_loss, Tensor[] v_s, Tensor[] v_t, Tensor att, Tensor dist)
@@ -37,8 +37,8 @@ registered here once it declares them)::
   block of positions); Triton splits a launch only between groups of different alignment.
   Accumulation in float32 (float64 for float64 values); deterministic (no atomics).
 
-This module registers the fake (meta) kernels and the autograd formula of both namespaces and
-builds the values. Backend "torch" calls the eager reference (AFD's per-teacher loop).
+This module declares the op once (schemas, fake kernels, autograd formula: ``SPEC``, registered in
+every library by kdfast.ops.spec) and builds the values. Backend "torch" calls the eager reference (AFD's per-teacher loop).
 """
 
 from __future__ import annotations
@@ -48,30 +48,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kdfast import _extension
+from kdfast.numerics.common import compute_dtype
+from kdfast.numerics.map_distance import POOLS, group_order, size_groups, values
 from kdfast.ops import at as at_ops
 from kdfast.ops import namespace
+from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
 from kdfast.reference import map_distance as reference
-from kdfast.reference.at import compute_dtype
-
-
-@torch.library.custom_op("kdfast_triton::map_distance_forward", mutates_args=())
-def _forward_triton(v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> tuple[Tensor, Tensor]:
-    from kdfast.kernels import map_distance as kernels
-
-    return kernels.map_distance_forward(v_s, v_t, att)
-
-
-@torch.library.custom_op("kdfast_triton::map_distance_backward", mutates_args=())
-def _backward_triton(
-    grad_loss: Tensor, v_s: list[Tensor], v_t: list[Tensor], att: Tensor, dist: Tensor
-) -> tuple[list[Tensor], Tensor]:
-    from kdfast.kernels import map_distance as kernels
-
-    return kernels.map_distance_backward(grad_loss, v_s, v_t, att, dist)
 
 
 def _forward_fake(v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> tuple[Tensor, Tensor]:
+    contract(len(v_s) >= 1 and len(v_s) == len(v_t), "map_distance: expected equally many (>= 1) groups")
+    check_rows("map_distance", *v_s, *v_t, dims=3)
+    teachers = sum(v.shape[1] for v in v_t)
+    contract(att.shape == (v_s[0].shape[0], teachers, v_s[0].shape[1]), "map_distance: att must be (B, T, S)")
     acc = compute_dtype(v_s[0].dtype)
     return v_s[0].new_empty((), dtype=acc), v_s[0].new_empty(att.shape, dtype=acc)
 
@@ -82,46 +71,67 @@ def _backward_fake(
     return [v.new_empty(v.shape) for v in v_s], att.new_empty(att.shape)
 
 
-def _register(ns: str) -> None:
-    ops = getattr(torch.ops, ns)
-
-    def setup(ctx, inputs, output):
-        v_s, v_t, att = inputs
-        ctx.groups = len(v_s)
-        ctx.save_for_backward(*v_s, *v_t, att, output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    def backward(ctx, grad_loss, _grad_dist):
-        n = ctx.groups
-        if grad_loss is None:
-            return [None] * n, [None] * n, None
-        *values, att, dist = ctx.saved_tensors
-        grad_v_s, grad_att = ops.map_distance_backward(grad_loss.contiguous(), values[:n], values[n:], att, dist)
-        return grad_v_s, [None] * n, grad_att
-
-    torch.library.register_fake(f"{ns}::map_distance_forward", _forward_fake)
-    torch.library.register_fake(f"{ns}::map_distance_backward", _backward_fake)
-    torch.library.register_autograd(f"{ns}::map_distance_forward", backward, setup_context=setup)
+def _setup(ctx, inputs, output):
+    v_s, v_t, att = inputs
+    ctx.groups = len(v_s)
+    ctx.save_for_backward(*v_s, *v_t, att, output[1])
+    ctx.mark_non_differentiable(output[1])
 
 
-_register("kdfast_triton")
-for library in _extension.cpp_libraries("map_distance_forward"):
-    _register(library)
+def _backward(ops, ctx, grad_loss, _grad_dist):
+    n = ctx.groups
+    if grad_loss is None:
+        return [None] * n, [None] * n, None
+    *values, att, dist = ctx.saved_tensors
+    grad_v_s, grad_att = ops.map_distance_backward(grad_loss.contiguous(), values[:n], values[n:], att, dist)
+    return grad_v_s, [None] * n, grad_att
+
+
+def _samples() -> tuple[Sample, ...]:
+    """Three teachers in two size groups, not in group order; two students; att differentiable."""
+    f_s = (sample_tensor(2, 3, 4, 4, seed=1, requires_grad=True), sample_tensor(2, 2, 2, 2, seed=2, requires_grad=True))
+    f_t = (sample_tensor(2, 4, 2, 2, seed=3), sample_tensor(2, 3, 4, 4, seed=4), sample_tensor(2, 2, 2, 2, seed=5))
+    att = sample_tensor(2, 3, 2, seed=6, positive=True, requires_grad=True)
+
+    def distances(pool: str):
+        def run(s1: Tensor, s2: Tensor, t1: Tensor, t2: Tensor, t3: Tensor, a: Tensor, backend: str) -> Tensor:
+            return map_distance_loss([s1, s2], [t1, t2, t3], a, pool, backend)
+
+        return run
+
+    return tuple(Sample(f"pool {pool}", distances(pool), (*f_s, *f_t, att)) for pool in POOLS)
+
+
+SPEC = register(
+    OpSpec(
+        "map_distance",
+        kernels=(
+            Kernel("map_distance_forward", "(Tensor[] v_s, Tensor[] v_t, Tensor att) -> (Tensor, Tensor)", _forward_fake),
+            Kernel(
+                "map_distance_backward",
+                "(Tensor grad_loss, Tensor[] v_s, Tensor[] v_t, Tensor att, Tensor dist) -> (Tensor[], Tensor)",
+                _backward_fake,
+            ),
+        ),
+        autograd=(Autograd("map_distance_forward", _setup, _backward),),
+        samples=_samples,
+    )
+)
 
 
 def _fused_values(f_s: Sequence[Tensor], f_t: Sequence[Tensor], pool: str, backend: str) -> tuple[list[Tensor], list[Tensor]]:
-    """The values of every group (reference.values) with ``mean_c f^2`` from the fused AT op."""
+    """The values of every group (kdfast.numerics.map_distance.values) with ``mean_c f^2`` from the fused AT op."""
     ops = namespace(backend)
 
     def raw_maps(feats: list[Tensor]) -> list[Tensor]:
         return ops.at_maps([f if at_ops.hw_flattenable(f) else f.contiguous() for f in feats], 2.0, "mean")
 
-    return reference.values(f_s, f_t, pool, raw_maps)
+    return values(f_s, f_t, pool, raw_maps)
 
 
 def _distances(f_s: Sequence[Tensor], f_t: Sequence[Tensor], att: Tensor, pool: str, backend: str) -> tuple[Tensor, Tensor]:
     """(loss, dist in the teachers' order) from one fused launch."""
-    order, position = reference.group_order(reference.size_groups(f_t))
+    order, position = group_order(size_groups(f_t))
     identity = order == list(range(len(order)))
     v_s, v_t = _fused_values(f_s, f_t, pool, backend)
     loss, dist = namespace(backend).map_distance_forward(v_s, v_t, att if identity else att[:, order])

@@ -2,8 +2,7 @@
 kdfast/reference/masked_mse.py).
 
 Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdfast.kernels.masked_mse;
-``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C, registered here once it declares
-them)::
+``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C, implementing the schemas declared here)::
 
     masked_mse_forward(Tensor x, Tensor y, Tensor mask, str reduction) -> (Tensor loss, Tensor scale)
     masked_mse_backward(Tensor grad_loss, Tensor x, Tensor y, Tensor mask, Tensor scale,
@@ -28,9 +27,9 @@ them)::
   one launch that reads x, y and the mask once; each is ``empty_like`` of x's (y's) launch view
   (the input's own strides when it is dense), or an empty (0,) tensor when its flag is False.
 
-This module registers the fake (meta) kernels and the autograd formula of both namespaces: the
-backward asks only for the gradients autograd needs (``ctx.needs_input_grad``), and the mask
-never gets one. Backend "torch" calls the eager reference.
+This module declares the op once (schemas, fake kernels, autograd formula: ``SPEC``, registered in
+every library by kdfast.ops.spec): the backward asks only for the gradients autograd needs
+(``ctx.needs_input_grad``), and the mask never gets one. Backend "torch" calls the eager reference.
 """
 
 from __future__ import annotations
@@ -38,27 +37,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdfast import _extension
+from kdfast.numerics.common import compute_dtype
+from kdfast.numerics.masked_mse import REDUCTIONS
 from kdfast.ops import namespace, saveable_teacher
 from kdfast.ops.at import hw_flattenable
+from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
 from kdfast.reference import masked_mse as reference
-from kdfast.reference.at import compute_dtype
-
-
-@torch.library.custom_op("kdfast_triton::masked_mse_forward", mutates_args=())
-def _forward_triton(x: Tensor, y: Tensor, mask: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
-    from kdfast.kernels import masked_mse as kernels
-
-    return kernels.masked_mse_forward(x, y, mask, reduction)
-
-
-@torch.library.custom_op("kdfast_triton::masked_mse_backward", mutates_args=())
-def _backward_triton(
-    grad_loss: Tensor, x: Tensor, y: Tensor, mask: Tensor, scale: Tensor, x_grad: bool, y_grad: bool
-) -> tuple[Tensor, Tensor]:
-    from kdfast.kernels import masked_mse as kernels
-
-    return kernels.masked_mse_backward(grad_loss, x, y, mask, scale, x_grad, y_grad)
 
 
 def _grad_fake(t: Tensor, needed: bool) -> Tensor:
@@ -69,6 +53,10 @@ def _grad_fake(t: Tensor, needed: bool) -> Tensor:
 
 
 def _forward_fake(x: Tensor, y: Tensor, mask: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
+    check_rows("masked_mse_forward", x, y, dims=4)
+    contract(x.shape == y.shape and x.dtype == y.dtype, "masked_mse_forward: x and y must have one shape and dtype")
+    contract(mask.shape == (x.shape[0], *x.shape[2:]), "masked_mse_forward: mask must be (B, H, W)")
+    contract(reduction in REDUCTIONS, f"masked_mse_forward: reduction must be one of {REDUCTIONS}")
     acc = compute_dtype(x.dtype)
     return x.new_empty((), dtype=acc), x.new_empty((), dtype=acc)
 
@@ -79,29 +67,46 @@ def _backward_fake(
     return _grad_fake(x, x_grad), _grad_fake(y, y_grad)
 
 
-def _register(ns: str) -> None:
-    ops = getattr(torch.ops, ns)
-
-    def setup(ctx, inputs, output):
-        x, y, mask, _ = inputs
-        ctx.save_for_backward(x, y, mask, output[1])
-
-    def backward(ctx, grad_loss, _grad_scale):
-        x_grad, y_grad = ctx.needs_input_grad[:2]
-        if grad_loss is None or not (x_grad or y_grad):
-            return None, None, None, None
-        x, y, mask, scale = ctx.saved_tensors
-        grad_x, grad_y = ops.masked_mse_backward(grad_loss, x, y, mask, scale, x_grad, y_grad)
-        return (grad_x if x_grad else None), (grad_y if y_grad else None), None, None
-
-    torch.library.register_fake(f"{ns}::masked_mse_forward", _forward_fake)
-    torch.library.register_fake(f"{ns}::masked_mse_backward", _backward_fake)
-    torch.library.register_autograd(f"{ns}::masked_mse_forward", backward, setup_context=setup)
+def _setup(ctx, inputs, output):
+    x, y, mask, _ = inputs
+    ctx.save_for_backward(x, y, mask, output[1])
 
 
-_register("kdfast_triton")
-for library in _extension.cpp_libraries("masked_mse_forward"):
-    _register(library)
+def _backward(ops, ctx, grad_loss, _grad_scale):
+    x_grad, y_grad = ctx.needs_input_grad[:2]
+    if grad_loss is None or not (x_grad or y_grad):
+        return None, None, None, None
+    x, y, mask, scale = ctx.saved_tensors
+    grad_x, grad_y = ops.masked_mse_backward(grad_loss, x, y, mask, scale, x_grad, y_grad)
+    return (grad_x if x_grad else None), (grad_y if y_grad else None), None, None
+
+
+def _samples() -> tuple[Sample, ...]:
+    x, y = sample_tensor(2, 3, 2, 3, seed=1, requires_grad=True), sample_tensor(2, 3, 2, 3, seed=2, requires_grad=True)
+    mask = sample_tensor(2, 2, 3, seed=3, positive=True)
+    samples = [
+        Sample(reduction, lambda a, b, m, backend, r=reduction: masked_mse(a, b, m, r, backend), (x, y, mask))
+        for reduction in REDUCTIONS
+    ]
+    samples.append(Sample("x only", lambda a, b, m, backend: masked_mse(a, b, m, "mean", backend), (x, y.detach(), mask)))
+    return tuple(samples)
+
+
+SPEC = register(
+    OpSpec(
+        "masked_mse",
+        kernels=(
+            Kernel("masked_mse_forward", "(Tensor x, Tensor y, Tensor mask, str reduction) -> (Tensor, Tensor)", _forward_fake),
+            Kernel(
+                "masked_mse_backward",
+                "(Tensor grad_loss, Tensor x, Tensor y, Tensor mask, Tensor scale, bool x_grad, bool y_grad) -> (Tensor, Tensor)",
+                _backward_fake,
+            ),
+        ),
+        autograd=(Autograd("masked_mse_forward", _setup, _backward),),
+        samples=_samples,
+    )
+)
 
 
 def masked_mse(x: Tensor, y: Tensor, mask: Tensor, reduction: str, backend: str) -> Tensor:

@@ -2,8 +2,7 @@
 kdfast/reference/rkd.py).
 
 Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdfast.kernels.rkd;
-``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C, registered here once it declares
-them)::
+``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C, implementing the schemas declared here)::
 
     rkd_forward(Tensor e_s, Tensor e_t) -> (Tensor terms, Tensor sq_dist, Tensor stats)
     rkd_backward(Tensor grad_terms, Tensor e_s, Tensor sq_dist, Tensor stats) -> Tensor grad_e_s
@@ -31,36 +30,23 @@ them)::
   1e-12): nothing of size B x B x D is ever built. Extra memory: three B x B matrices (Triton:
   four, plus split partial sums of about 2.2 MB at most on 132 SMs; kernels/rkd.py).
 
-This module registers the fake (meta) kernels and the autograd formula (the teacher gets no
-gradient) of both namespaces. Backend "torch" calls the eager reference.
+This module declares the op once (schemas, fake kernels, autograd formula: the teacher gets no
+gradient; ``SPEC``, registered in every library by kdfast.ops.spec). Backend "torch" calls the
+eager reference.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from kdfast import _extension
+from kdfast.numerics.common import compute_dtype
 from kdfast.ops import as_rows, namespace
+from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, register, sample_tensor
 from kdfast.reference import rkd as reference
-from kdfast.reference.at import compute_dtype
-
-
-@torch.library.custom_op("kdfast_triton::rkd_forward", mutates_args=())
-def _rkd_forward_triton(e_s: Tensor, e_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    from kdfast.kernels import rkd as kernels
-
-    return kernels.rkd_forward(e_s, e_t)
-
-
-@torch.library.custom_op("kdfast_triton::rkd_backward", mutates_args=())
-def _rkd_backward_triton(grad_terms: Tensor, e_s: Tensor, sq_dist: Tensor, stats: Tensor) -> Tensor:
-    from kdfast.kernels import rkd as kernels
-
-    return kernels.rkd_backward(grad_terms, e_s, sq_dist, stats)
 
 
 def _forward_fake(e_s: Tensor, e_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    check_rows("rkd_forward", e_s, e_t, dims=2)
     acc = compute_dtype(e_s.dtype)
     batch = e_s.shape[0]
     return e_s.new_empty((2,), dtype=acc), e_s.new_empty((2, batch, batch), dtype=acc), e_s.new_empty((3,), dtype=acc)
@@ -70,27 +56,33 @@ def _backward_fake(grad_terms: Tensor, e_s: Tensor, sq_dist: Tensor, stats: Tens
     return e_s.new_empty(e_s.shape)
 
 
-def _register(ns: str) -> None:
-    ops = getattr(torch.ops, ns)
-
-    def setup(ctx, inputs, output):
-        _, sq_dist, stats = output
-        ctx.save_for_backward(inputs[0], sq_dist, stats)
-
-    def backward(ctx, grad_terms, _grad_sq_dist, _grad_stats):
-        if grad_terms is None:
-            return None, None
-        e_s, sq_dist, stats = ctx.saved_tensors
-        return ops.rkd_backward(grad_terms.contiguous(), e_s, sq_dist, stats), None
-
-    torch.library.register_fake(f"{ns}::rkd_forward", _forward_fake)
-    torch.library.register_fake(f"{ns}::rkd_backward", _backward_fake)
-    torch.library.register_autograd(f"{ns}::rkd_forward", backward, setup_context=setup)
+def _setup(ctx, inputs, output):
+    _, sq_dist, stats = output
+    ctx.save_for_backward(inputs[0], sq_dist, stats)
 
 
-_register("kdfast_triton")
-for library in _extension.cpp_libraries("rkd_forward"):
-    _register(library)
+def _backward(ops, ctx, grad_terms, _grad_sq_dist, _grad_stats):
+    if grad_terms is None:
+        return None, None
+    e_s, sq_dist, stats = ctx.saved_tensors
+    return ops.rkd_backward(grad_terms.contiguous(), e_s, sq_dist, stats), None
+
+
+def _samples() -> tuple[Sample, ...]:
+    return (Sample("rows", rkd_terms, (sample_tensor(4, 5, seed=1, requires_grad=True), sample_tensor(4, 3, seed=2))),)
+
+
+SPEC = register(
+    OpSpec(
+        "rkd",
+        kernels=(
+            Kernel("rkd_forward", "(Tensor e_s, Tensor e_t) -> (Tensor, Tensor, Tensor)", _forward_fake),
+            Kernel("rkd_backward", "(Tensor grad_terms, Tensor e_s, Tensor sq_dist, Tensor stats) -> Tensor", _backward_fake),
+        ),
+        autograd=(Autograd("rkd_forward", _setup, _backward),),
+        samples=_samples,
+    )
+)
 
 
 def rkd_terms(e_s: Tensor, e_t: Tensor, backend: str) -> Tensor:

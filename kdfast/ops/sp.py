@@ -2,8 +2,7 @@
 (formulas in kdfast/reference/sp.py).
 
 Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdfast.kernels.sp;
-``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C, registered here once it declares
-them)::
+``torch.ops.kdfast.*``: the C++ CPU/CUDA kernels of kdfast._C, implementing the schemas declared here)::
 
     sp_forward(Tensor x_s, Tensor x_t) -> (Tensor loss, Tensor stats)
     sp_backward(Tensor grad_loss, Tensor x_s, Tensor x_t, Tensor stats) -> Tensor grad_x_s
@@ -26,36 +25,23 @@ them)::
   split). C++ CPU: strips of 64 rows x B computed with at::mm (two strips,
   O(B)), plus accumulation-dtype copies of X_s/X_t for float16/bfloat16 inputs.
 
-This module registers the fake (meta) kernels and the autograd formula (the teacher gets no
-gradient) of both namespaces. Backend "torch" calls the eager reference.
+This module declares the op once (schemas, fake kernels, autograd formula: the teacher gets no
+gradient; ``SPEC``, registered in every library by kdfast.ops.spec). Backend "torch" calls the
+eager reference.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from kdfast import _extension
+from kdfast.numerics.common import compute_dtype
 from kdfast.ops import as_rows, namespace, saveable_teacher
+from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, register, sample_tensor
 from kdfast.reference import sp as reference
-from kdfast.reference.at import compute_dtype
-
-
-@torch.library.custom_op("kdfast_triton::sp_forward", mutates_args=())
-def _sp_forward_triton(x_s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
-    from kdfast.kernels import sp as kernels
-
-    return kernels.sp_forward(x_s, x_t)
-
-
-@torch.library.custom_op("kdfast_triton::sp_backward", mutates_args=())
-def _sp_backward_triton(grad_loss: Tensor, x_s: Tensor, x_t: Tensor, stats: Tensor) -> Tensor:
-    from kdfast.kernels import sp as kernels
-
-    return kernels.sp_backward(grad_loss, x_s, x_t, stats)
 
 
 def _forward_fake(x_s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+    check_rows("sp_forward", x_s, x_t, dims=2)
     acc = compute_dtype(x_s.dtype)
     return x_s.new_empty((), dtype=acc), x_s.new_empty((x_s.shape[0], 3), dtype=acc)
 
@@ -64,26 +50,35 @@ def _backward_fake(grad_loss: Tensor, x_s: Tensor, x_t: Tensor, stats: Tensor) -
     return x_s.new_empty(x_s.shape)
 
 
-def _register(ns: str) -> None:
-    ops = getattr(torch.ops, ns)
-
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, output[1])
-
-    def backward(ctx, grad_loss, _grad_stats):
-        if grad_loss is None:
-            return None, None
-        x_s, x_t, stats = ctx.saved_tensors
-        return ops.sp_backward(grad_loss.contiguous(), x_s, x_t, stats), None
-
-    torch.library.register_fake(f"{ns}::sp_forward", _forward_fake)
-    torch.library.register_fake(f"{ns}::sp_backward", _backward_fake)
-    torch.library.register_autograd(f"{ns}::sp_forward", backward, setup_context=setup)
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
 
 
-_register("kdfast_triton")
-for library in _extension.cpp_libraries("sp_forward"):
-    _register(library)
+def _backward(ops, ctx, grad_loss, _grad_stats):
+    if grad_loss is None:
+        return None, None
+    x_s, x_t, stats = ctx.saved_tensors
+    return ops.sp_backward(grad_loss.contiguous(), x_s, x_t, stats), None
+
+
+def _samples() -> tuple[Sample, ...]:
+    return (
+        Sample("rows", sp_loss, (sample_tensor(5, 6, seed=1, requires_grad=True), sample_tensor(5, 4, seed=2))),
+        Sample("maps", sp_loss, (sample_tensor(3, 2, 1, 2, seed=3, requires_grad=True), sample_tensor(3, 3, seed=4))),
+    )
+
+
+SPEC = register(
+    OpSpec(
+        "sp",
+        kernels=(
+            Kernel("sp_forward", "(Tensor x_s, Tensor x_t) -> (Tensor, Tensor)", _forward_fake),
+            Kernel("sp_backward", "(Tensor grad_loss, Tensor x_s, Tensor x_t, Tensor stats) -> Tensor", _backward_fake),
+        ),
+        autograd=(Autograd("sp_forward", _setup, _backward),),
+        samples=_samples,
+    )
+)
 
 
 def sp_loss(f_s: Tensor, f_t: Tensor, backend: str) -> Tensor:

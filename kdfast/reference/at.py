@@ -28,36 +28,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-EPS = 1e-12
-
-MAP_MODES = ("mean", "sum")
-LOSSES = ("mse", "l2")
-# An at_loss mode is a (map mode, loss) pair.
-AT_MODES = {"code": ("mean", "mse"), "paper": ("sum", "l2")}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` in the operands' dtype even under autocast (the references compute in compute_dtype)."""
-    with torch.autocast(a.device.type, enabled=False):
-        return a @ b
-
-
-def align_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
-    """Adaptive-average-pool whichever map is larger (per spatial dim) to the smaller size."""
-    size = (min(f_s.shape[-2], f_t.shape[-2]), min(f_s.shape[-1], f_t.shape[-1]))
-    if tuple(f_s.shape[-2:]) != size:
-        f_s = F.adaptive_avg_pool2d(f_s, size)
-    if tuple(f_t.shape[-2:]) != size:
-        f_t = F.adaptive_avg_pool2d(f_t, size)
-    return f_s, f_t
+from kdfast.numerics.at import AT_MODES, normalize_map
+from kdfast.numerics.common import align_spatial, compute_dtype
 
 
 def at_map(feat: Tensor, p: float = 2.0, mode: str = "mean") -> Tensor:
@@ -66,11 +40,6 @@ def at_map(feat: Tensor, p: float = 2.0, mode: str = "mean") -> Tensor:
     if mode == "mean":
         return f.pow(p).mean(1)
     return f.abs().pow(p).sum(1)
-
-
-def normalize_map(m: Tensor) -> Tensor:
-    """``m / max(||m||_2, 1e-12)`` along the last dim (``torch.nn.functional.normalize``)."""
-    return F.normalize(m, p=2.0, dim=-1, eps=EPS)
 
 
 def at_map_loss(m_s: Tensor, m_t: Tensor, loss: str = "mse") -> Tensor:

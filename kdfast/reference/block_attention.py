@@ -35,24 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast.reference.at import EPS, align_spatial, compute_dtype
-
-TERMS = ("feat", "map")
-REDUCTIONS = ("sum", "none", "terms")
-WEIGHTINGS = ("none", "teacher")
-
-
-def pooled_map(f: Tensor, grid: int, power: float) -> Tensor:
-    """``P(f)``: the unnormalised block map ``pool_g(mean_c |f|^p)``, (B, C, H, W) -> (B, g*g),
-    in the compute dtype."""
-    m = f.to(compute_dtype(f.dtype)).abs().pow(power).mean(1, keepdim=True)
-    return F.adaptive_avg_pool2d(m, (grid, grid)).flatten(1)
-
-
-def block_map(f: Tensor, grid: int, power: float) -> Tensor:
-    """``A(f) = P(f) / max(||P(f)||_2, 1e-12)`` per sample, (B, C, H, W) -> (B, g*g), in the
-    compute dtype."""
-    return F.normalize(pooled_map(f, grid, power), p=2.0, dim=1, eps=EPS)
+from kdfast.numerics.block_attention import block_map
+from kdfast.numerics.common import EPS, align_spatial, compute_dtype
 
 
 def teacher_weight(a_t: Tensor, grid: int, height: int, width: int) -> Tensor:
@@ -100,13 +84,3 @@ def block_attention_terms(
             feat = feature_term(h.to(dtype), t.to(dtype), a_t, grid, feature_grid, teacher_weighting)
             rows.append(torch.stack([feat, (a_s - a_t).pow(2).mean()]))
     return torch.stack(rows)
-
-
-def weigh(terms: Tensor, feature_weight: float, map_weight: float, reduction: str) -> Tensor:
-    """The loss from the (L, 2) terms ``[feat, map]``: ``"sum"`` 0-d
-    ``sum_l feature_weight * feat_l + map_weight * map_l``; ``"none"`` the (L,) weighted
-    per-module losses; ``"terms"`` the unweighted terms themselves."""
-    if reduction == "terms":
-        return terms
-    losses = feature_weight * terms[:, 0] + map_weight * terms[:, 1]
-    return losses.sum() if reduction == "sum" else losses

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdfast.reference.at import compute_dtype
+from kdfast.numerics.common import compute_dtype
 
 EPS = 1e-7  # the peers' constant in the NCE denominators
 

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast.reference.at import compute_dtype
-from kdfast.reference.kd import kl_terms, reduce_rows
+from kdfast.numerics.common import compute_dtype
+from kdfast.numerics.kd import reduce_rows
+from kdfast.reference.kd import kl_terms
 
 MASK = 1000.0  # mdistiller's gt-mask magnitude
 

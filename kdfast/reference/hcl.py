@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast.reference.at import compute_dtype
+from kdfast.numerics.common import compute_dtype
 
 LEVELS = (4, 2, 1)  # the peers' pooled levels (mdistiller, dvlab-research/ReviewKD)
 REDUCTIONS = ("sum", "none")

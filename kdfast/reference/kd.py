@@ -21,18 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast.reference.at import compute_dtype
-
-REDUCTIONS = ("batchmean", "sum", "none")
-
-
-def reduce_rows(rows: Tensor, reduction: str) -> Tensor:
-    """Per-row losses (B,) -> the reduced loss."""
-    if reduction == "batchmean":
-        return rows.sum() / rows.shape[0]
-    if reduction == "sum":
-        return rows.sum()
-    return rows
+from kdfast.numerics.common import compute_dtype
+from kdfast.numerics.kd import reduce_rows
 
 
 def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -24,9 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdfast.reference.at import compute_dtype
-
-REDUCTIONS = ("mean", "masked_mean", "sum")
+from kdfast.numerics.common import compute_dtype
 
 
 def loss_dtype(x: Tensor, y: Tensor) -> torch.dtype:

@@ -35,9 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast.reference.at import EPS, compute_dtype, matmul
-
-REDUCTIONS = ("sum", "none")
+from kdfast.numerics.common import EPS, compute_dtype, matmul
+from kdfast.numerics.rkd import weigh
 
 
 def pairwise_distances(e: Tensor) -> Tensor:
@@ -81,9 +80,3 @@ def rkd_loss(
     """``distance_weight * L_dist + angle_weight * L_angle`` ("sum") or the (2,) weighted terms ("none")."""
     terms = rkd_terms(e_s, e_t)
     return weigh(terms, distance_weight, angle_weight, reduction)
-
-
-def weigh(terms: Tensor, distance_weight: float, angle_weight: float, reduction: str) -> Tensor:
-    """The (2,) unweighted terms -> the weighted sum ("sum") or the (2,) weighted terms ("none")."""
-    weighted = torch.stack((terms[0] * distance_weight, terms[1] * angle_weight))
-    return weighted.sum() if reduction == "sum" else weighted

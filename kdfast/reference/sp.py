@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast.reference.at import EPS, compute_dtype, matmul
+from kdfast.numerics.common import EPS, compute_dtype, matmul
 
 
 def similarity(f: Tensor, dtype) -> Tensor:

@@ -32,7 +32,7 @@ from kdfast.distillers.fitnet import FitNet
 from kdfast.distillers.lcc import LCC
 from kdfast.distillers.sokd.dam import widen
 from kdfast.models import Features
-from kdfast.reference.at import AT_MODES
+from kdfast.numerics.at import AT_MODES
 
 __all__ = ["BaseAdapter", "BASES"]
 

@@ -92,7 +92,7 @@ from kdfast.distillers.sokd.bases import BASES
 from kdfast.distillers.sokd.dafa import DAFA, Draw
 from kdfast.distillers.sokd.dam import DAMHead, mutual_interest_mask, widen
 from kdfast.models import Features, KDModel
-from kdfast.reference.masked_mse import REDUCTIONS
+from kdfast.numerics.masked_mse import REDUCTIONS
 
 __all__ = ["SoKD", "SoKDParams"]
 

@@ -1,0 +1,64 @@
+"""The layering of CONTRIBUTING.md: no module imports a layer above it, and the eager references
+(the tests' oracle) stay out of the fused path."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# package folder -> kdfast modules it must not import (prefix match)
+FORBIDDEN = {
+    "kdfast/numerics": (
+        "kdfast.ops",
+        "kdfast.reference",
+        "kdfast.functional",
+        "kdfast.nn",
+        "kdfast.distillers",
+        "kdfast.engine",
+        "kdfast.kernels",
+    ),
+    "kernels": ("kdfast.ops", "kdfast.reference", "kdfast.functional", "kdfast.nn", "kdfast.distillers", "kdfast.engine"),
+    "kdfast/ops": ("kdfast.functional", "kdfast.nn", "kdfast.distillers", "kdfast.engine"),
+    "kdfast/reference": ("kdfast.ops", "kdfast.functional", "kdfast.nn", "kdfast.distillers", "kdfast.engine", "kdfast.kernels"),
+    "kdfast/distillers": ("kdfast.engine", "kdfast.reference"),
+    "kdfast/models": ("kdfast.distillers", "kdfast.engine", "kdfast.reference"),
+    "kdfast/data": ("kdfast.distillers", "kdfast.engine", "kdfast.reference"),
+}
+# The only library modules that may import kdfast.reference: the "torch" branches of the ops'
+# dispatch, the end-to-end benchmark's eager baselines and the demo's float64 check.
+REFERENCE_USERS = ("kdfast/ops/", "kdfast/engine/bench.py", "kdfast/demo.py", "kdfast/reference/")
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("folder", FORBIDDEN)
+def test_no_upward_imports(folder):
+    bad = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for name in imported_modules(path)
+        if name.startswith(FORBIDDEN[folder])
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_reference_stays_out_of_the_fused_path():
+    bad = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "kdfast").rglob("*.py"))
+        if not str(path.relative_to(ROOT)).startswith(REFERENCE_USERS)
+        and any(name.startswith("kdfast.reference") for name in imported_modules(path))
+    ]
+    assert not bad, f"modules importing kdfast.reference: {bad}"
