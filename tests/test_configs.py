@@ -10,10 +10,11 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from kdfast import distillers, models
 from kdfast.engine import load_config
-from kdfast.engine.config import CONFIG_DIR, Config, students
+from kdfast.engine.config import CONFIG_DIR, Config, ConfigError, students
 from kdfast.engine.trainer import build_distiller, image_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # batches of 2: threads only add overhead
@@ -113,3 +114,26 @@ def test_shipped_config_builds_and_takes_a_step(name):
     for _, _, single in students(cfg):
         losses = one_step(single)
         assert losses and all(math.isfinite(v) for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("name", shipped())
+def test_config_sets_only_what_differs_from_the_defaults(name, tmp_path):
+    """Distiller defaults live in one place (the method's Params): a config file sets a method knob
+    only where its value differs from what the config gets without it (the default or its base's)."""
+    path = CONFIG_DIR / name
+    own = yaml.safe_load(path.read_text()) or {}
+    method = own.get("method")
+    if not isinstance(method, dict):
+        return
+    if "base" in own:
+        own["base"] = str((path.parent / own["base"]).resolve())
+    cfg = load_config(path, check_files=False)
+    params = distillers.make_params(cfg.method.name, cfg.method.params)
+    for key in [k for k in method if k != "name"]:
+        trial = tmp_path / f"without_{key}.yaml"
+        trial.write_text(yaml.safe_dump({**own, "method": {k: v for k, v in method.items() if k != key}}))
+        try:
+            other = load_config(trial, check_files=False)
+        except ConfigError:
+            continue  # the config needs the key (e.g. SoKD's base method, which other keys belong to)
+        assert distillers.make_params(other.method.name, other.method.params) != params, f"{name}: method.{key} repeats a default"
