@@ -60,9 +60,10 @@ def build_step(variant: str, teacher: str, student: str, batch: int, device: tor
 
     method, params = VARIANTS[variant]
     torch.manual_seed(0)
-    t = models.create(teacher, NUM_CLASSES).to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    t = models.create(teacher, NUM_CLASSES).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
+    t.eval().requires_grad_(False)
     s = models.create(student, NUM_CLASSES)
-    distiller = distillers.create(method, s, t, params).to(device, memory_format=torch.channels_last)
+    distiller = distillers.create(method, s, t, params).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
     opt = torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(device).contiguous(memory_format=torch.channels_last)

@@ -40,7 +40,7 @@ def block_shapes(model: str) -> tuple[tuple[int, int, int], ...]:
     net = models.create(model, 100).eval()
     with torch.no_grad():
         blocks = net.features(torch.zeros(1, 3, 32, 32)).blocks
-    return tuple(tuple(b.shape[1:]) for b in blocks)
+    return tuple((b.shape[1], b.shape[2], b.shape[3]) for b in blocks)
 
 
 def _entries(chws: tuple[tuple[int, int, int], ...], batch: int) -> tuple[Entry, ...]:

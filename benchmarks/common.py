@@ -341,12 +341,13 @@ def cuda_times(timed: Timed) -> tuple[float, float, float]:
 
         median, p20, p80 = do_bench(timed.run, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=[0.5, 0.2, 0.8])
         return median, p20, p80
+    setup = timed.setup
     flush = torch.empty(CUDA_FLUSH_BYTES, dtype=torch.int8, device="cuda")
 
     def call_times(calls: int) -> list[float]:
         events = []
         for _ in range(calls):
-            timed.setup()
+            setup()
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -373,6 +374,9 @@ def make_row(case: Case, times_ms: tuple[float, float, float], peak: int | None,
 def unmeasured_row(case: Case) -> Row:
     """The row of a case that is not run (Case.skip_reason): NaN times and GB/s, the estimated
     peak memory (OpSpec.reference_bytes) and the reason in ``note``."""
+    model, reason = case.spec.reference_bytes, case.skip_reason
+    if model is None or reason is None:
+        raise ValueError(f"{case.id} is not a skipped case")
     nan = float("nan")
-    peak = case.spec.reference_bytes(case.shape, case.dtype, case.pass_)
-    return Row(*case.key, nan, nan, nan, peak, nan, timestamp=now(), note=case.skip_reason, **environment(case.device))
+    peak = model(case.shape, case.dtype, case.pass_)
+    return Row(*case.key, nan, nan, nan, peak, nan, timestamp=now(), note=reason, **environment(case.device))

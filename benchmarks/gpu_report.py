@@ -331,7 +331,7 @@ def merge_into_results(folder: Path) -> Path | None:
     if not rows:
         return None
     path = common.results_path("cuda", rows[0]["device"])
-    common.merge_csv(path, [common.Row(*(row[column] for column in common.CSV_COLUMNS)) for row in rows])
+    common.merge_csv(path, rows)
     return path
 
 

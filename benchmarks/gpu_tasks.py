@@ -129,7 +129,8 @@ def measure_peaks(device: torch.device) -> Peaks:
     float32 on the CPU), both on random data."""
     cuda = device.type == "cuda"
     nbytes = (2 << 30) if cuda else (64 << 20)
-    copy_ms = _median_ms(functools.partial(torch.Tensor.copy_, *_random_bytes(2, nbytes, device)), device)
+    dst, src = _random_bytes(2, nbytes, device)
+    copy_ms = _median_ms(functools.partial(dst.copy_, src), device)
     n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     matmul_ms = _median_ms(functools.partial(torch.matmul, a, b), device)

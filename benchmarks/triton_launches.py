@@ -76,7 +76,7 @@ def import_kernels() -> None:
             package = types.ModuleType(name)
             package.__path__ = [str(ROOT / folder)]
             sys.modules[name] = package
-        sys.modules["kdfast"].kernels = sys.modules["kdfast.kernels"]
+        setattr(sys.modules["kdfast"], "kernels", sys.modules["kdfast.kernels"])  # noqa: B010 (a module built here)
 
 
 def kernel_module(name: str) -> types.ModuleType:

@@ -122,8 +122,8 @@ def _afd_loss(s: Features, t: Features, y: Tensor, attention: nn.Module) -> Tens
 
 def _afd_attention(student: KDModel, teacher: KDModel) -> nn.Module:
     """AFD's queries (teacher blocks), keys (student blocks), bilinear key layer and positions, qk_dim 128."""
-    channels = [[shape[0] for shape in feature_shapes(m, 32, "blocks")] for m in (teacher, student)]
-    return LayerAttention(*channels, qk_dim=128, bilinear=True)
+    t_channels, s_channels = ([shape[0] for shape in feature_shapes(m, 32, "blocks")] for m in (teacher, student))
+    return LayerAttention(t_channels, s_channels, qk_dim=128, bilinear=True)
 
 
 def _lakd_peer(student: KDModel, teacher: KDModel) -> tuple[PeerLoss, nn.Module]:
@@ -179,7 +179,8 @@ def _synthetic(pair: Pair, batch: int, batches: int, seed: int = 0) -> tuple[Ten
 
 
 def _model(pair: Pair, name: str, device: torch.device, memory_format: torch.memory_format) -> KDModel:
-    return models.create(name, pair.classes, dataset=pair.dataset).to(device, memory_format=memory_format)
+    model = models.create(name, pair.classes, dataset=pair.dataset)
+    return model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
 
 
 def _models(pair: Pair, device: torch.device, memory_format: torch.memory_format) -> tuple[KDModel, KDModel]:
@@ -198,9 +199,8 @@ def _kdfast_step(
     runs = []
     for _ in range(students):
         s = _model(pair, pair.student, device, torch.channels_last)
-        distiller = distillers.create(method, s, t, DISTILLER_PARAMS.get(method), pair.size).to(
-            device, memory_format=torch.channels_last
-        )
+        distiller = distillers.create(method, s, t, DISTILLER_PARAMS.get(method), pair.size)
+        distiller = distiller.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
         runs.append((distiller, torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)))
     images = data[0].to(device).contiguous(memory_format=torch.channels_last)
     labels = data[1].to(device)
@@ -420,5 +420,5 @@ def _row(
 def _write(rows: list[dict[str, str]], device: torch.device, out: Path | None) -> Path:
     """Merge `rows` into the results CSV (default: the device's, ``kdfast.engine.results``); returns its path."""
     path = out or results.default_results_path(device)
-    results.merge_csv(path, [results.Row(*(row[c] for c in results.CSV_COLUMNS)) for row in rows])
+    results.merge_csv(path, rows)
     return path

@@ -370,12 +370,13 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     except (ValueError, TypeError) as error:
         problems.append(str(error))
     else:
-        if method.needs_teacher and cfg.model.teacher is None:
-            problems.append(f"method {cfg.method.name!r} needs model.teacher")
-        if method.needs_teacher and cfg.model.teacher_checkpoint is None:
-            problems.append(f"method {cfg.method.name!r} needs model.teacher_checkpoint (or --teacher-checkpoint)")
-        elif method.needs_teacher and check_files and not Path(cfg.model.teacher_checkpoint).is_file():
-            problems.append(f"teacher checkpoint {cfg.model.teacher_checkpoint!r} not found")
+        if method.needs_teacher:
+            if cfg.model.teacher is None:
+                problems.append(f"method {cfg.method.name!r} needs model.teacher")
+            if cfg.model.teacher_checkpoint is None:
+                problems.append(f"method {cfg.method.name!r} needs model.teacher_checkpoint (or --teacher-checkpoint)")
+            elif check_files and not Path(cfg.model.teacher_checkpoint).is_file():
+                problems.append(f"teacher checkpoint {cfg.model.teacher_checkpoint!r} not found")
     problems += _value_problems(cfg)
     if problems:
         raise ConfigError("bad config: " + "; ".join(problems))

@@ -31,7 +31,7 @@ class MetricsLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         """One epoch's metrics: a dict with "epoch" and numeric values."""
-        if not self.enabled:
+        if self._writer is None:  # not enabled
             return
         with self.path.open("a") as file:
             file.write(json.dumps(row) + "\n")

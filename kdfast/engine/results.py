@@ -15,7 +15,7 @@ import os
 import platform
 import re
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -165,15 +165,16 @@ def results_path(device_type: str, device_name: str) -> Path:
     return RESULTS_DIR / f"{device_type}-{slug}.csv"
 
 
-def merge_csv(path: Path, rows: Iterable[Row]) -> None:
-    """Write `rows` into the CSV at `path`, replacing rows with the same key (KEY_COLUMNS)."""
+def merge_csv(path: Path, rows: Iterable[Row | Mapping[str, str]]) -> None:
+    """Write `rows` into the CSV at `path`, replacing rows with the same key (KEY_COLUMNS). A row
+    is a :class:`Row` or a line of a results CSV as read back (every CSV_COLUMNS key, text values)."""
     merged: dict[tuple[str, ...], dict[str, str]] = {}
     if path.exists():
         with path.open(newline="") as file:
             for line in csv.DictReader(file):
                 merged[tuple(line[k] for k in KEY_COLUMNS)] = line
     for row in rows:
-        line = row.as_csv()
+        line = row.as_csv() if isinstance(row, Row) else {k: row[k] for k in CSV_COLUMNS}
         merged[tuple(line[k] for k in KEY_COLUMNS)] = line
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".csv.partial")
