@@ -42,10 +42,17 @@ _MAX_STAGES = 8  # stages per launch (tuple arguments); longer lists are launche
 _MAX_LEVELS = 4
 _MAX_CELLS = 32  # bins of all levels together (sum l^2): the peers' 4, 2, 1 has 21
 _BLOCK_MIN = 16  # tl.dot's smallest dimension
-_BLOCK_MAX = 64  # channels and positions of a tile, at most: tile, D and membership stay <= _TILE
-_TILE = 2048
+# Channels and positions of a tile, at most, and the positions of a tile where bins are summed
+# (_DOT_K): the bin sums are an FMA (ieee) tl.dot, whose operand rows sit in registers along all of
+# K (the positions). Measured with ptxas: 64 x 64 tiles on 4 warps took 200-255 registers and
+# spilled (sm_90, triton 3.8); 32 x 32 on 4 warps spilled 4-8 bytes at 128 registers (sm_90, triton
+# 3.6 and 3.8) and at 80 (sm_80); 32 x 16 on 8 warps takes 62-104 registers in the forward and
+# 48-68 in the backward (sm_90, triton 3.6 and 3.8), no spills.
+_BLOCK_MAX = 32
+_TILE = 1024
+_DOT_K = 16
 _FINISH_BLOCK = 1024
-_NUM_WARPS = 4
+_NUM_WARPS = 8  # see _DOT_K
 
 # Layouts of a launch (the LAYOUT constexpr).
 _CONTIGUOUS = 0  # every tensor has its positions y * W + x at unit stride
@@ -199,26 +206,16 @@ def _first(values, r):
 
 
 @triton.jit
-def _difference(s, t, strides, r, offs_c, offs_hw, width, mask, ACC: tl.constexpr, LAYOUT: tl.constexpr):
+def _stage_strides(strides, r, COL: tl.constexpr):
+    """The (c, y, x) strides of stage r's tensor at column COL of ``strides``."""
+    return _field(strides, r, COL, tl.int64), _field(strides, r, COL + 1, tl.int64), _field(strides, r, COL + 2, tl.int64)
+
+
+@triton.jit
+def _difference(s, s_st, t, t_st, offs_c, offs_hw, width, mask, ACC: tl.constexpr, LAYOUT: tl.constexpr):
     """d = fs - ft on a [BLOCK_C, BLOCK_HW] tile, in ACC (0 outside ``mask``)."""
-    s_off = _offsets(
-        offs_c,
-        offs_hw,
-        width,
-        _field(strides, r, _S, tl.int64),
-        _field(strides, r, _S + 1, tl.int64),
-        _field(strides, r, _S + 2, tl.int64),
-        LAYOUT,
-    )
-    t_off = _offsets(
-        offs_c,
-        offs_hw,
-        width,
-        _field(strides, r, _T, tl.int64),
-        _field(strides, r, _T + 1, tl.int64),
-        _field(strides, r, _T + 2, tl.int64),
-        LAYOUT,
-    )
+    s_off = _offsets(offs_c, offs_hw, width, s_st[0], s_st[1], s_st[2], LAYOUT)
+    t_off = _offsets(offs_c, offs_hw, width, t_st[0], t_st[1], t_st[2], LAYOUT)
     sv = tl.load(s + s_off, mask=mask, other=0.0).to(ACC)
     tv = tl.load(t + t_off, mask=mask, other=0.0).to(ACC)
     return sv - tv
@@ -254,7 +251,9 @@ def _hcl_forward_kernel(
     hw = height * width
     planes = tl.full([], batch, tl.int64).to(ACC) * channels.to(ACC)
     c_ok = offs_c < channels
-    sq = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+    s_st = _stage_strides(strides, r, _S)
+    t_st = _stage_strides(strides, r, _T)
+    sq = tl.zeros([BLOCK_C], ACC)
     if CELLS2 > 0:
         y0, y1, x0, x1, inv_area, scale, full = _bins(height, width, planes, ACC, L0, L1, L2, L3, CELLS2)
         sums = tl.zeros([BLOCK_C, CELLS2], ACC)
@@ -263,12 +262,12 @@ def _hcl_forward_kernel(
     for hw0 in range(0, hw, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = c_ok[:, None] & (offs_hw < hw)[None, :]
-        d = _difference(s, t, strides, r, offs_c, offs_hw, width, mask, ACC, LAYOUT)
-        sq += d * d
+        d = _difference(s, s_st, t, t_st, offs_c, offs_hw, width, mask, ACC, LAYOUT)
+        sq += tl.sum(d * d, axis=1)
         if CELLS2 > 0:
             inside = _membership(offs_hw, hw, width, y0, y1, x0, x1).to(ACC)
             sums = tl.dot(d, tl.trans(inside), sums, input_precision="ieee", out_dtype=ACC)
-    partial = full * tl.sum(tl.sum(sq, axis=1), axis=0)
+    partial = full * tl.sum(sq, axis=0)
     if CELLS2 > 0:
         means = sums * inv_area[None, :]
         partial += tl.sum(tl.sum(means * means * scale[None, :], axis=1), axis=0)
@@ -331,13 +330,13 @@ def _hcl_backward_kernel(
         full = 1.0 / (planes * hw.to(ACC))
     full = k2 * full
     g = _pick(grads, r) + b * _field(strides, r, _G + 3, tl.int64)
-    g_sc = _field(strides, r, _G, tl.int64)
-    g_sy = _field(strides, r, _G + 1, tl.int64)
-    g_sx = _field(strides, r, _G + 2, tl.int64)
+    g_sc, g_sy, g_sx = _stage_strides(strides, r, _G)
+    s_st = _stage_strides(strides, r, _S)
+    t_st = _stage_strides(strides, r, _T)
     for hw0 in range(0, hw, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = c_ok[:, None] & (offs_hw < hw)[None, :]
-        grad = full * _difference(s, t, strides, r, offs_c, offs_hw, width, mask, ACC, LAYOUT)
+        grad = full * _difference(s, s_st, t, t_st, offs_c, offs_hw, width, mask, ACC, LAYOUT)
         if CELLS2 > 0:
             inside = _membership(offs_hw, hw, width, y0, y1, x0, x1).to(ACC)
             grad = tl.dot(spread, inside, grad, input_precision="ieee", out_dtype=ACC)
@@ -382,7 +381,7 @@ class _Plan(NamedTuple):
 
 def _plan(f_s: list[Tensor], tensors: list[Tensor], n_cells: int) -> _Plan:
     """Layout and blocks of a launch: the unit-stride block fits the largest map (positions, or
-    channels for channels_last) in [16, 64], the other fills a _TILE-element tile, also in [16, 64]."""
+    channels for channels_last) in [16, 32], the other fills a _TILE-element tile, also in [16, 32]."""
     layout = _layout(tensors)
     hw = triton.next_power_of_2(max(f.size(2) * f.size(3) for f in f_s))
     channels = triton.next_power_of_2(max(f.size(1) for f in f_s))
@@ -393,6 +392,8 @@ def _plan(f_s: list[Tensor], tensors: list[Tensor], n_cells: int) -> _Plan:
         block_hw = min(max(hw, _BLOCK_MIN), _BLOCK_MAX)
         block_c = min(max(channels, _BLOCK_MIN), _TILE // block_hw, _BLOCK_MAX)
     cells2 = max(triton.next_power_of_2(n_cells), _BLOCK_MIN) if n_cells > 0 else 0
+    if cells2 > 0:
+        block_hw = min(block_hw, _DOT_K)
     return _Plan(layout, block_c, block_hw, cells2)
 
 
