@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kdfast import distillers, models
-from kdfast.distillers.afd import top_r_mask
+from kdfast.distillers.afd import AFD, RTK, RTKParams, top_r_mask
 from kdfast.engine import checkpoint, load_config, train
 from kdfast.engine.config import CONFIG_DIR
 from kdfast.reference import map_distance as ref
@@ -117,6 +117,7 @@ def test_select_student_keeps_top_r_keys_per_teacher_row(batch, r):
     s = d.student.features(x)
     logits = d.attention(s.blocks, feats.blocks)
     keep = top_r_mask(logits, r, "student")
+    assert keep is not None
     assert (keep.sum(-1) == r).all()
     kept_min = logits.masked_fill(~keep, math.inf).amin(-1)
     dropped_max = logits.masked_fill(keep, -math.inf).amax(-1)
@@ -133,6 +134,7 @@ def test_select_teacher_keeps_top_r_teacher_blocks_per_student_column(batch, r):
     s = d.student.features(x)
     logits = d.attention(s.blocks, feats.blocks)
     keep = top_r_mask(logits, r, "teacher")
+    assert keep is not None
     assert (keep.sum(1) == r).all()
     kept_min = logits.masked_fill(~keep, math.inf).amin(1)
     dropped_max = logits.masked_fill(keep, -math.inf).amax(1)
@@ -224,7 +226,8 @@ def test_bad_params_raise(params, message):
 def test_afd_has_no_r():
     with pytest.raises(ValueError, match="unknown key.*'afd': r"):
         distillers.make_params("afd", {"r": 2})
-    assert distillers.make_params("rtk", {"r": "all"}).r is None
+    params = distillers.make_params("rtk", {"r": "all"})
+    assert isinstance(params, RTKParams) and params.r is None
 
 
 SHIPPED = sorted(str(p.relative_to(CONFIG_DIR)) for m in ("afd", "rtk") for p in (CONFIG_DIR / "cifar100" / m).glob("*.yaml"))
@@ -235,6 +238,7 @@ def test_shipped_config_builds(name):
     cfg = load_config(name, check_files=False)
     teacher = models.create(cfg.model.teacher, 100, dataset="cifar100").eval()
     d = distillers.create(cfg.method.name, models.create(cfg.model.student, 100, dataset="cifar100"), teacher, cfg.method.params)
+    assert isinstance(d, AFD)
     t, s = len(d.attention.query), len(d.attention.key)
     assert (d.params.afd_weight, d.params.qk_dim, d.attention.p_t.shape, d.attention.p_s.shape) == (
         200.0,
@@ -244,6 +248,7 @@ def test_shipped_config_builds(name):
     )
     assert (d.params.ce_weight, d.params.kd_weight, d.params.temperature, d.params.bilinear) == (1.0, 0.9, 4.0, True)
     if cfg.method.name == "rtk":
+        assert isinstance(d, RTK)
         assert (d.params.r, d.params.select) == (math.ceil(t / s), "teacher")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def feed(rates: LossRateWeights, epochs: dict[int, list[tuple[list[float], int]]]) -> dict[int, torch.Tensor]:
     """Feed (losses, samples) batches per epoch; the weights returned by each epoch's first batch."""
-    seen = {}
+    seen: dict[int, torch.Tensor] = {}
     for epoch, batches in epochs.items():
         for losses, samples in batches:
             w = rates(torch.tensor(losses, dtype=torch.float64), epoch, samples)
@@ -141,6 +142,7 @@ def test_loss_rate_weights_average_over_processes(tmp_path):
 
 def test_params_defaults_and_errors():
     p = distillers.make_params("aft", {})
+    assert isinstance(p, AFTParams)
     assert (
         p.ce_weight,
         p.kd_weight,
@@ -152,12 +154,13 @@ def test_params_defaults_and_errors():
         p.adaptive,
         p.connector_bn,
     ) == (1.0, 0.0, 4, 1000.0, 1.0, 2.0, None, True, False)
-    for bad, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"grid": 0}, "grid must be"),
         ({"stages": []}, "stages must be"),
         ({"stages": [1.5]}, "stages must be"),
         ({"tau": -1.0}, "tau must be"),
-    ]:
+    ]
+    for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             AFTParams(**bad)
     with pytest.raises(ValueError, match="unknown key.*alpha"):
@@ -167,12 +170,16 @@ def test_params_defaults_and_errors():
 def test_stages_and_connectors(pair):
     teacher, student, *_ = pair
     d = distillers.create("aft", student, teacher)
+    assert isinstance(d, AFT)
     assert d.stage_indices == [1, 2, 3]  # every stage after the stem
-    assert [(c[0].in_channels, c[0].out_channels, c[0].kernel_size) for c in d.connectors] == [
+    convs = [c[0] for c in d.connectors]  # type: ignore[index]  # torch types a ModuleList's items as plain Modules
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
         (s, t, (1, 1)) for s, t in zip(student.stage_channels[1:], teacher.stage_channels[1:])
     ]
     d = distillers.create("aft", student, teacher, {"stages": [-1, 1], "connector_bn": True, "adaptive": False})
-    assert d.stage_indices == [3, 1] and isinstance(d.connectors[0][1], torch.nn.BatchNorm2d) and d.stage_weights is None
+    assert isinstance(d, AFT)
+    bn = d.connectors[0][1]  # type: ignore[index]  # torch types a ModuleList's items as plain Modules
+    assert d.stage_indices == [3, 1] and isinstance(bn, torch.nn.BatchNorm2d) and d.stage_weights is None
     with pytest.raises(ValueError, match="out of range"):
         distillers.create("aft", student, teacher, {"stages": [4]})
     with pytest.raises(ValueError, match="distinct stages"):
@@ -183,6 +190,7 @@ def test_stages_and_connectors(pair):
 def test_losses_match_reference(pair, kd_weight):
     teacher, student, x, y, feats = pair
     d = distillers.create("aft", student, teacher, {"kd_weight": kd_weight})
+    assert isinstance(d, AFT)
     _, losses = d(x, y, feats, 1)
     assert sorted(losses) == sorted(["ce", "aft_stage1", "aft_stage2", "aft_stage3"] + (["kd"] if kd_weight else []))
     s = student.features(x)
@@ -246,6 +254,7 @@ def test_engine_run_weights_change_after_epoch_two_and_resume(tmp_path, teacher_
         state["means"], torch.tensor([[r[k] for k in stages] for r in rows[:2]], dtype=torch.float64), rtol=1e-9, atol=0.0
     )
     d = distillers.create("aft", models.create("resnet8", 10), models.create("resnet8", 10))
+    assert isinstance(d, AFT) and d.stage_weights is not None
     d.stage_weights.set_extra_state(state)
     weights = d.stage_weights.weights
     assert not torch.equal(weights, torch.ones(3)) and float(weights.sum()) == pytest.approx(3.0)

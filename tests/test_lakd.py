@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kdfast import distillers, functional, models
-from kdfast.distillers.lakd import LAKD
+from kdfast.distillers.base import sum_losses
+from kdfast.distillers.lakd import LAKD, LAKDParams
 from kdfast.distillers.local import LocalModules, stage_boundaries
 from kdfast.engine import ConfigError, load_config, train
 from kdfast.engine.results import LiveTensorBytes
@@ -28,7 +30,15 @@ def make_lakd(pair, **params) -> LAKD:
     """A LAKD distiller around a fresh resnet8 (seeded: equal weights on every call)."""
     teacher = pair[0]
     torch.manual_seed(3)
-    return distillers.create("lakd", models.create("resnet8", 10), teacher, params)
+    d = distillers.create("lakd", models.create("resnet8", 10), teacher, params)
+    assert isinstance(d, LAKD)
+    return d
+
+
+def grad_of(p: torch.Tensor) -> torch.Tensor:
+    """A copy of the gradient of `p`, which must have one."""
+    assert p.grad is not None
+    return p.grad.clone()
 
 
 def step(d: LAKD, pair, epoch: int = 3) -> dict[str, torch.Tensor]:
@@ -60,7 +70,12 @@ def test_modules_reproduce_the_model(name):
     local = LocalModules(model, [8] * (len(model.stage_channels) - 1)).eval()
     x = torch.randn(2, 3, 32, 32)
     seen = []
-    logits, losses = local(x, lambda outs: seen.extend(outs) or {}, "end_to_end")
+
+    def record(outs):
+        seen.extend(outs)
+        return {}
+
+    logits, losses = local(x, record, "end_to_end")
     assert losses == {}
     feats = model.features(x)
     torch.testing.assert_close(logits, feats.logits)
@@ -77,8 +92,10 @@ def test_boundaries():
     assert stage_boundaries(model) == [1, 2, 3, 4]
     local = LocalModules(model, [4, 4, 4], [0, 2, 4])
     assert [len(s) for s in local.segments] == [1, 2, 3]  # [stem], [stage 1, 2], [stage 3, 4, head]
-    assert [c[0].in_channels for c in local.connectors] == [model.stage_channels[b] for b in (0, 2, 4)]
-    for bad in ([], [2, 1, 4], [1, 1, 4], [1, 3], [-1, 4], [1, 5], [1.0, 4], "1,4"):
+    convs = [c[0] for c in local.connectors]  # type: ignore[index]  # torch types a ModuleList's items as plain Modules
+    assert [c.in_channels for c in convs] == [model.stage_channels[b] for b in (0, 2, 4)]
+    bads: list[Any] = [[], [2, 1, 4], [1, 1, 4], [1, 3], [-1, 4], [1, 5], [1.0, 4], "1,4"]
+    for bad in bads:
         with pytest.raises(ValueError, match="boundaries must"):
             stage_boundaries(model, bad)
     with pytest.raises(ValueError, match="one channel count per module"):
@@ -107,7 +124,7 @@ def test_generic_local_loss_modes_agree():
         _, losses = local(x, loss_fn, mode)
         if mode == "joint":
             sum(losses.values()).backward()
-        grads[mode] = [p.grad.clone() for p in [*model.parameters(), *local.parameters()]]
+        grads[mode] = [grad_of(p) for p in [*model.parameters(), *local.parameters()]]
     for a, b in zip(grads["local"], grads["joint"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -126,14 +143,14 @@ def test_local_and_joint_modes_give_equal_updates(pair, weighting):
         assert all(v.requires_grad != d.backward_done for v in losses.values())
         results[mode] = (
             losses,
-            {n: p.grad.clone() for n, p in d.named_parameters()},
+            {n: grad_of(p) for n, p in d.named_parameters()},
             {n: b.clone() for n, b in d.named_buffers()},
         )
     (loss_l, grad_l, buf_l), (loss_j, grad_j, buf_j) = results["local"], results["joint"]
     assert list(loss_l) == list(loss_j) == ["lakd.module1", "lakd.module2", "lakd.module3", "ce", "kd"]
     for name in loss_l:
         torch.testing.assert_close(loss_l[name], loss_j[name].detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(sum(loss_l.values()), sum(loss_j.values()).detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sum_losses(loss_l.values()), sum_losses(loss_j.values()).detach(), rtol=1e-6, atol=1e-7)
     assert grad_l.keys() == grad_j.keys() and len(grad_l) == len(list(make_lakd(pair).parameters()))
     for name in grad_l:
         torch.testing.assert_close(grad_l[name], grad_j[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -195,14 +212,19 @@ def test_losses_follow_the_formula(pair):
         torch.testing.assert_close(losses[f"lakd.module{m + 1}"], expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(losses["ce"], 1.5 * alpha * F.cross_entropy(s.logits, y), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(losses["kd"], 0.5 * ref_kd.kd_loss(s.logits, feats.logits.clone(), 2.0), rtol=1e-4, atol=1e-6)
-    assert "kd" not in d.__class__(d.student, teacher, distillers.make_params("lakd", {"kd_weight": 0.0}))(x, y, feats, 3)[1]
+    no_kd = distillers.make_params("lakd", {"kd_weight": 0.0})
+    assert isinstance(no_kd, LAKDParams)
+    assert "kd" not in d.__class__(d.student, teacher, no_kd)(x, y, feats, 3)[1]
 
 
 def test_alpha_schedule(pair):
     p = distillers.make_params("lakd", {"alpha": 0.8, "warmup_epochs": 4})
+    assert isinstance(p, LAKDParams)
     assert [p.alpha_at(e) for e in range(1, 8)] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.8, 0.8])
-    assert distillers.make_params("lakd", {"alpha": 0.7, "warmup_epochs": 0}).alpha_at(1) == pytest.approx(0.7)
+    p = distillers.make_params("lakd", {"alpha": 0.7, "warmup_epochs": 0})
+    assert isinstance(p, LAKDParams) and p.alpha_at(1) == pytest.approx(0.7)
     defaults = distillers.make_params("lakd", {})
+    assert isinstance(defaults, LAKDParams)
     assert (defaults.alpha, defaults.warmup_epochs, defaults.beta, defaults.map_scale, defaults.grid, defaults.mode) == (
         0.9,
         20,
@@ -256,7 +278,7 @@ def test_loss_decreases_on_a_fixed_batch(pair):
     for _ in range(6):
         losses = step(d, pair)
         opt.step()
-        totals.append(sum(losses.values()).item())
+        totals.append(sum_losses(losses.values()).item())
     assert all(torch.isfinite(torch.tensor(totals)))
     assert totals[-1] < totals[0], totals
     assert all(p.grad is None for p in pair[0].parameters())
@@ -293,11 +315,14 @@ def test_lakd_configs_are_shipped_and_build():
         assert (cfg.train.epochs, cfg.data.batch_size, cfg.optim.lr, cfg.optim.milestones) == (240, 64, 0.05, [150, 180, 210])
         teacher, student = models.create(cfg.model.teacher), models.create(cfg.model.student)
         d = distillers.create("lakd", student, teacher, cfg.method.params, image_size(cfg.data.dataset))
+        assert isinstance(d, LAKD)
         assert d.params.mode == "local" and d.local.num_modules == len(student.stage_channels) - 1
     cfg = load_config("imagenet/lakd/ResNet34_ResNet18", check_files=False)
     assert (cfg.method.params["mode"], cfg.train.epochs, cfg.optim.lr) == ("joint", 100, 0.2)
     d = distillers.create("lakd", models.create(cfg.model.student), models.create(cfg.model.teacher), cfg.method.params)
-    assert d.local.num_modules == 4 and [c[0].out_channels for c in d.local.connectors] == [64, 128, 256, 512]
+    assert isinstance(d, LAKD)
+    convs = [c[0] for c in d.local.connectors]  # type: ignore[index]  # torch types a ModuleList's items as plain Modules
+    assert d.local.num_modules == 4 and [c.out_channels for c in convs] == [64, 128, 256, 512]
 
 
 def lakd_config(out: Path, teacher_ckpt: Path, *extra: str):

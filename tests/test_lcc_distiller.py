@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from kdfast import distillers, functional, models
+from kdfast.distillers.lcc import LCC, LCCParams
+from kdfast.distillers.rkd import RKDParams
+from kdfast.distillers.sp import SPParams
 from kdfast.engine import bench, checkpoint, load_config, train
 from kdfast.engine.trainer import image_size
 from kdfast.nn import ClassAwareAttention
@@ -94,6 +97,7 @@ def test_attention_bad_arguments(kwargs, message):
 def test_registry_and_defaults():
     assert set(NEW_METHODS) <= set(distillers.names())
     sp, rkd, lcc = (distillers.make_params(m, {}) for m in NEW_METHODS)
+    assert isinstance(sp, SPParams) and isinstance(rkd, RKDParams) and isinstance(lcc, LCCParams)
     assert (sp.ce_weight, sp.feat_weight) == (1.0, 3000.0)
     assert (rkd.ce_weight, rkd.feat_weight, rkd.distance_weight, rkd.angle_weight) == (1.0, 1.0, 25.0, 50.0)
     assert (lcc.grid, lcc.stages, lcc.terms, lcc.attention) == (4, [-1], ["intra", "inter", "cross"], True)
@@ -165,14 +169,19 @@ def test_lcc_with_attention_masks_both_networks(pair):
     teacher, student, x, y, feats = pair
     torch.manual_seed(0)
     d = distillers.create("lcc", student, teacher, {"stages": [-1, 1], "attention_threshold": 0.3, "attention_weight": 0.5})
-    assert len(d.attention) == 2 and d.attention[1].classifier.out_features == 10
-    assert d.attention[0].generator[0].in_channels == teacher.stage_channels[-1]
+    assert isinstance(d, LCC) and d.attention is not None
+    attention = list(d.attention)
+    assert len(attention) == 2
+    first, second = attention
+    assert isinstance(first, ClassAwareAttention) and isinstance(second, ClassAwareAttention)
+    assert second.classifier.out_features == 10
+    assert first.generator[0].in_channels == teacher.stage_channels[-1]
     _, losses = d(x, y, feats, 1)
     assert set(losses) == {"ce", "kd", "lcc", "lcc_attention"}
     s = student.features(x)
-    expected_lcc, expected_ce = 0.0, 0.0
+    expected_lcc, expected_ce = torch.tensor(0.0), torch.tensor(0.0)
     for k, i in enumerate((-1, 1)):  # train-mode BN: a second call gives the same mask and CE
-        mask, ce = d.attention[k](feats.stages[i].clone(), y)
+        mask, ce = attention[k](feats.stages[i].clone(), y)
         expected_lcc += ref_lcc.local_correlation_loss(s.stages[i], feats.stages[i].clone(), 4, mask=mask)
         expected_ce += ce
     torch.testing.assert_close(losses["lcc"], 3.0 * expected_lcc, rtol=1e-4, atol=1e-6)
