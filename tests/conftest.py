@@ -82,6 +82,15 @@ def backends_with_torch(op: str) -> list:
     return device_backends(op) + [pytest.param("cpu", "torch", id="cpu-torch")]
 
 
+def feature(shape, dtype=torch.float32, device="cpu", channels_last=False, requires_grad=False, seed=0):
+    """A seeded standard-normal tensor drawn in float64, rounded to `dtype`, on `device`
+    (channels_last if asked), a leaf requiring grad if asked."""
+    f = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype).to(device)
+    if channels_last:
+        f = f.contiguous(memory_format=torch.channels_last)
+    return f.requires_grad_(requires_grad)
+
+
 def assert_close_scaled(actual, expected, rtol, name="", floor=1e-30):
     """|actual - expected| <= rtol * (|expected| + max(max|expected|, floor)) elementwise.
 

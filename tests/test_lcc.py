@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
+from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, feature, triton_backends
 
 from kdfast import functional as F
 from kdfast import nn as knn
@@ -19,13 +19,6 @@ from kdfast.reference import lcc as ref
 
 TRITON = triton_backends("lcc")
 WITH_TORCH = backends_with_torch("lcc")
-
-
-def feature(shape, dtype=torch.float32, device="cpu", channels_last=False, requires_grad=False, seed=0):
-    f = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype).to(device)
-    if channels_last:
-        f = f.contiguous(memory_format=torch.channels_last)
-    return f.requires_grad_(requires_grad)
 
 
 def reference(f_s, f_t, upstream=None, mask=None, **kwargs):

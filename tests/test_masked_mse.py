@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
+from conftest import feature as conftest_feature
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -30,11 +31,8 @@ REDUCTIONS = masked_mse_numerics.REDUCTIONS
 SHAPE = (3, 5, 4, 3)  # odd B, C, H, W
 
 
-def feature(shape=SHAPE, dtype=torch.float32, device="cpu", channels_last=False, requires_grad=False, seed=0):
-    f = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype).to(device)
-    if channels_last:
-        f = f.contiguous(memory_format=torch.channels_last)
-    return f.requires_grad_(requires_grad)
+def feature(shape=SHAPE, **kwargs):
+    return conftest_feature(shape, **kwargs)
 
 
 def spatial_mask(shape=SHAPE, kind="soft", dtype=torch.float32, device="cpu", keepdim=True, seed=100):

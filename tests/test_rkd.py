@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
-from test_sp import LargestTensor, feature, force_splits
+from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, feature, triton_backends
+from test_sp import LargestTensor, force_splits
 
 from kdfast import functional as F
 from kdfast import nn as knn

@@ -4,6 +4,7 @@ identity, state_dict), DAM (peaks, boxes, mask), losses, training steps, configs
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import io
 import json
@@ -17,7 +18,7 @@ from kdfast import distillers, functional, models
 from kdfast.distillers.sokd.dafa import DAFA, SUB_POLICIES, apply_op, op_value
 from kdfast.distillers.sokd.dam import DAMHead, box_mask, mutual_interest_mask, peak_boxes
 from kdfast.engine import checkpoint, load_config, train
-from kdfast.engine.config import CONFIG_DIR
+from kdfast.engine.config import CONFIG_DIR, ConfigError
 from kdfast.engine.trainer import image_size
 
 BASES = ("fitnet", "at", "lcc")
@@ -597,7 +598,7 @@ def test_shipped_configs():
     assert shipped == sorted([*SHIPPED, "cifar100/sokd/epoch480/base"])
     for name in SHIPPED:
         cfg = load_config(name, check_files=False)
-        params = cfg.method.params
+        params = dataclasses.asdict(distillers.make_params("sokd", cfg.method.params))  # the file's knobs and the defaults
         assert cfg.method.name == "sokd" and _spec_objective(params), name
         assert (params["search_order"], params["virtual_lr"], params["virtual_momentum"], params["virtual_weight_decay"]) == (
             2,
@@ -703,3 +704,10 @@ def test_engine_runs_every_base(tmp_path, base):
     row = json.loads((Path(summary.out_dir) / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss.ce", "loss.sokd_d", "loss.sokd_da"} <= set(row)
     assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss"))
+
+
+def test_optim_lr_must_match_the_optimizer():
+    """SoKD reads the momentum buffer with method.optim_lr: a config whose optim.lr differs is refused."""
+    with pytest.raises(ConfigError, match=r"method.optim_lr \(0.05\) must equal optim.lr \(0.1\)"):
+        load_config(SHIPPED[0], overrides=["optim.lr=0.1"], check_files=False)
+    load_config(SHIPPED[0], overrides=["optim.lr=0.1", "method.optim_lr=0.1"], check_files=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
+from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, feature, triton_backends
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -27,13 +27,6 @@ TRITON = triton_backends("sp")
 WITH_TORCH = backends_with_torch("sp")
 # (student shape, teacher shape) per layout: odd B, Ds != Dt.
 SHAPES = {"2d": ((5, 18), (5, 11)), "nchw": ((5, 3, 2, 3), (5, 4, 3, 2)), "nhwc": ((5, 3, 2, 3), (5, 4, 3, 2))}
-
-
-def feature(shape, dtype=torch.float32, device="cpu", channels_last=False, requires_grad=False, seed=0):
-    f = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype).to(device)
-    if channels_last:
-        f = f.contiguous(memory_format=torch.channels_last)
-    return f.requires_grad_(requires_grad)
 
 
 def check(backend, f_s, f_t, loss_tol, grad_tol, upstream=1.0, floor=1e-30):

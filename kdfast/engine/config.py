@@ -366,10 +366,14 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             problems.append(f"unknown model.{role} {name!r} for dataset {cfg.data.dataset!r}; valid: {', '.join(valid)}")
     try:
         method = distillers.get(cfg.method.name)
-        distillers.make_params(cfg.method.name, cfg.method.params)
+        params = distillers.make_params(cfg.method.name, cfg.method.params)
     except (ValueError, TypeError) as error:
         problems.append(str(error))
     else:
+        # SoKD reads the SGD momentum buffer from the parameters' change divided by the lr it was told
+        optim_lr = getattr(params, "optim_lr", None)
+        if optim_lr is not None and optim_lr != cfg.optim.lr:
+            problems.append(f"method.optim_lr ({optim_lr}) must equal optim.lr ({cfg.optim.lr}): set both")
         if method.needs_teacher:
             if cfg.model.teacher is None:
                 problems.append(f"method {cfg.method.name!r} needs model.teacher")

@@ -72,9 +72,9 @@ def _backward(ops, ctx, grad_terms, _grad_maps):
 
 
 def _samples() -> tuple[Sample, ...]:
-    f_s = (sample_tensor(2, 3, 7, 5, seed=1, requires_grad=True), sample_tensor(2, 4, 4, 4, seed=2, requires_grad=True))
-    h_s = (sample_tensor(2, 6, 7, 5, seed=3, requires_grad=True), sample_tensor(2, 5, 3, 3, seed=4, requires_grad=True))
-    f_t = (sample_tensor(2, 6, 7, 5, seed=5), sample_tensor(2, 5, 3, 3, seed=6))
+    f_s = (sample_tensor(2, 2, 5, 3, seed=1, requires_grad=True), sample_tensor(2, 3, 4, 4, seed=2, requires_grad=True))
+    h_s = (sample_tensor(2, 3, 5, 3, seed=3, requires_grad=True), sample_tensor(2, 2, 3, 3, seed=4, requires_grad=True))
+    f_t = (sample_tensor(2, 3, 5, 3, seed=5), sample_tensor(2, 2, 3, 3, seed=6))
 
     def blocks(grid: int, power: float, feature_grid: int, teacher_weighting: bool):
         def run(*tensors: Tensor, backend: str) -> Tensor:

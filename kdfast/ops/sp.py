@@ -63,7 +63,7 @@ def _backward(ops, ctx, grad_loss, _grad_stats):
 
 def _samples() -> tuple[Sample, ...]:
     return (
-        Sample("rows", sp_loss, (sample_tensor(5, 6, seed=1, requires_grad=True), sample_tensor(5, 4, seed=2))),
+        Sample("rows", sp_loss, (sample_tensor(3, 4, seed=1, requires_grad=True), sample_tensor(3, 5, seed=2))),
         Sample("maps", sp_loss, (sample_tensor(3, 2, 1, 2, seed=3, requires_grad=True), sample_tensor(3, 3, seed=4))),
     )
 

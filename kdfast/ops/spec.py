@@ -69,7 +69,8 @@ class Sample:
     (the tests cast and move copies). Together, an op's samples call every kernel of the op and
     every value of its string and flag arguments. ``repeatable_backward=False`` for a call whose
     backward may run only once per forward (the logit losses' in-forward gradient, scaled in
-    place): the tests then skip opcheck and gradcheck its sum.
+    place): the contract tests skip its opcheck and gradcheck (both run the backward again); the
+    op's own tests check that gradient against the reference.
     """
 
     label: str
