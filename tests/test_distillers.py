@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdfast import distillers, models
-from kdfast.distillers.fitnet import ConvReg
+from kdfast.distillers.dkd import DKDParams
+from kdfast.distillers.fitnet import ConvReg, FitNet
 from kdfast.reference import at as ref_at
 from kdfast.reference import dkd as ref_dkd
 from kdfast.reference import kd as ref_kd
@@ -22,7 +23,8 @@ def test_registry_names_and_errors():
         distillers.get("nope")
     with pytest.raises(ValueError, match="unknown key.*tau.*valid keys: ce_weight, kd_weight, temperature"):
         distillers.make_params("kd", {"tau": 2})
-    assert distillers.make_params("dkd", {}).beta == 8.0
+    params = distillers.make_params("dkd", {})
+    assert isinstance(params, DKDParams) and params.beta == 8.0
 
 
 def test_needs_teacher():
@@ -71,7 +73,9 @@ def test_fitnet_connector_maps_to_teacher_channels():
     teacher = models.create("resnet8x4", 10).eval()
     student = models.create("resnet8", 10)
     d = distillers.create("fitnet", student, teacher)
+    assert isinstance(d, FitNet)
     conv = d.connector.conv
+    assert isinstance(conv, nn.Conv2d)
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (32, 128, (1, 1))
     assert any(name.startswith("connector.") for name, _ in d.named_parameters())
 
@@ -130,7 +134,7 @@ def test_convreg_refuses_a_smaller_student_map_of_no_peer_case():
 def test_fitnet_builds_for_the_cross_architecture_pairs(teacher, student):
     t = models.create(teacher).eval()
     d = distillers.create("fitnet", models.create(student), t)
-    assert type(d.connector.conv) is nn.ConvTranspose2d
+    assert isinstance(d, FitNet) and type(d.connector.conv) is nn.ConvTranspose2d
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         _, losses = d(x, torch.tensor([1, 2]), t.features(x), 1)

@@ -105,13 +105,14 @@ def test_guard_counts_on_the_device_and_names_the_first_bad_step():
 
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     forward = Vanilla.forward
+    calls = 0
 
     def poisoned(self, images, labels, teacher, epoch):  # the loss turns NaN from epoch 3's second step on
+        nonlocal calls
         logits, losses = forward(self, images, labels, teacher, epoch)
-        poisoned.calls += 1
-        return logits, {k: v * math.nan if poisoned.calls > 7 else v for k, v in losses.items()}
+        calls += 1
+        return logits, {k: v * math.nan if calls > 7 else v for k, v in losses.items()}
 
-    poisoned.calls = 0
     monkeypatch.setattr(Vanilla, "forward", poisoned)
     with pytest.raises(Diverged, match=r"epoch 3, step 1 "):
         train(load_config("digits/student", tiny(tmp_path, "train.epochs=5")))
@@ -144,11 +145,13 @@ def test_skip_leaves_parameters_and_momentum_untouched():
     guard = NonFiniteGuard(torch.device("cpu"), "skip", 10)
     params = list(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
-    opt.found_inf = guard.observe(torch.tensor(1.0), params, 0)
+    opt.found_inf = guard.observe(torch.tensor(1.0), params, 0)  # type: ignore[attr-defined]  # read by torch's SGD step (getattr), not in its stubs
     opt.step()  # a good step: momentum buffers exist now
     before = [p.detach().clone() for p in params] + [opt.state[p]["momentum_buffer"].clone() for p in params]
-    params[0].grad.fill_(math.nan)
-    opt.found_inf = guard.observe(torch.tensor(1.0), params, 1)
+    grad = params[0].grad
+    assert grad is not None
+    grad.fill_(math.nan)
+    opt.found_inf = guard.observe(torch.tensor(1.0), params, 1)  # type: ignore[attr-defined]  # read by torch's SGD step (getattr), not in its stubs
     opt.step()
     after = [p.detach() for p in params] + [opt.state[p]["momentum_buffer"] for p in params]
     assert all(torch.equal(a, b) for a, b in zip(before, after))

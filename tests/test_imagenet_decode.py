@@ -79,6 +79,7 @@ def pil_path_images(folder: SeededImageFolder, epoch: int) -> torch.Tensor:
 def test_jpeg_components(tree):
     """The workers' collate classifies each file: only the 3-component JPEGs go to the batched decoder."""
     folder = image_folder(tree, True, SEED, "gpu")
+    assert isinstance(folder, EncodedImageFolder)
     batch = folder.collate([folder[(i, 0)] for i in range(len(folder))])
     assert batch.components == [3, 3, 3, 3, 3, 0, 1, 4] * 2 and batch.indices == list(range(len(folder)))
     assert jpeg_components(b"\xff\xd8\xff") == 0 and jpeg_components(b"") == 0
@@ -86,7 +87,8 @@ def test_jpeg_components(tree):
 
 def test_gpu_path_draws_the_pil_boxes_and_flips(tree, monkeypatch):
     """The PIL path's RandomResizedCrop.get_params results and flips, recorded, equal draw_crop's."""
-    boxes, flips = [], []
+    boxes: list[tuple[int, int, int, int]] = []
+    flips: list[bool] = []
     get_params, hflip = transforms.RandomResizedCrop.get_params, TF.hflip
 
     def record_box(img, scale, ratio):
@@ -149,6 +151,7 @@ def test_decode_setting(tree):
         build_loaders("imagenet", tree, decode="nvjpeg")
     for decode, cls in (("gpu", EncodedImageFolder), ("cpu", SeededImageFolder), ("auto", SeededImageFolder)):
         loaders = build_loaders("imagenet", tree, batch_size=4, workers=0, decode=decode)
+        assert isinstance(loaders.train, WorkerLoader) and isinstance(loaders.test, WorkerLoader)
         assert isinstance(loaders.train.dataset, cls) and isinstance(loaders.test.dataset, cls)
     build_loaders("digits", decode="gpu")  # ignored by the device-resident datasets
 
@@ -171,6 +174,7 @@ def test_nvjpeg_path_on_cuda(tree):
     """On CUDA the batch is decoded by nvJPEG, whose IDCT and colour conversion differ from
     libjpeg-turbo's by a few levels; the boxes and flips are the same, so the mean difference is small."""
     train = image_folder(tree, True, SEED, "gpu")
+    assert isinstance(train, EncodedImageFolder)
     batch = train.collate([train[(i, 0)] for i in range(len(train))])
     images, _ = train.to_device(batch, torch.device("cuda"))
     difference = (images.cpu().float() - pil_path_images(image_folder(tree, True, SEED, "cpu"), 0).float()).abs()

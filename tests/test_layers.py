@@ -33,7 +33,7 @@ REFERENCE_USERS = ("kdfast/ops/", "kdfast/engine/bench.py", "kdfast/demo.py", "k
 
 
 def imported_modules(path: Path) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)

@@ -102,6 +102,7 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
                 m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
@@ -115,8 +116,10 @@ def _classifier_width(model: nn.Module) -> int:
 def test_registry():
     assert models.names() == list(ALL)
     assert isinstance(models.create("resnet8"), models.KDModel)
-    assert models.create("resnet8").fc.out_features == 100
-    assert models.create("resnet8", num_classes=10).fc.out_features == 10
+    fc = models.create("resnet8").fc
+    assert isinstance(fc, nn.Linear) and fc.out_features == 100
+    fc = models.create("resnet8", num_classes=10).fc
+    assert isinstance(fc, nn.Linear) and fc.out_features == 10
     with pytest.raises(ValueError, match=r"unknown model 'resnet9'.*resnet8, resnet14.*MobileNetV1"):
         models.create("resnet9")
 
@@ -176,7 +179,7 @@ def test_preact_definitions_of_wrn_shufflev2_mobilenetv2():
     _randomize_bn(wrn)
     with torch.no_grad():
         f = wrn.features(_input("wrn_16_2"))
-        consumers = [wrn.block2.layer[0].bn1, wrn.block3.layer[0].bn1, wrn.bn1]
+        consumers = [wrn.get_submodule(name) for name in ("block2.layer.0.bn1", "block3.layer.0.bn1", "bn1")]
         assert torch.equal(f.preact_stages[0], f.stages[0])
         for k, bn in enumerate(consumers, start=1):
             torch.testing.assert_close(f.preact_stages[k], bn(f.stages[k]))

@@ -4,6 +4,8 @@ teacher run under torch.inference_mode (backward works and gives the same gradie
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ def _inputs():
     return f_s, f_t, z_s, z_t, torch.tensor([1, 0, 9, 3])
 
 
-LOSSES = {
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "at": lambda f_s, f_t, z_s, z_t, y, b: F.at_loss(f_s, f_t, backend=b),
     "kd": lambda f_s, f_t, z_s, z_t, y, b: F.kd_loss(z_s, z_t, backend=b),
     "dkd": lambda f_s, f_t, z_s, z_t, y, b: F.dkd_loss(z_s, z_t, y, backend=b),

@@ -15,6 +15,8 @@ progress points and the end of each epoch).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -36,7 +38,7 @@ class NonFiniteGuard:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)  # 1.0: skip this step's update
 
-    def observe(self, loss: Tensor, params: list[Tensor], step: int) -> Tensor:
+    def observe(self, loss: Tensor, params: Sequence[Tensor], step: int) -> Tensor:
         """Folds step `step`'s loss and the gradients of `params` into the counters; returns the
         step's flag (1.0 if anything was non-finite) as a device tensor."""
         grads = [p.grad for p in params if p.grad is not None]
