@@ -42,12 +42,12 @@ Launches (every reduction deterministic, no atomics):
    not from a pass over g. Program (a, s) owns row block a and the column blocks of split s; it
    recomputes each Delta tile (with the S_s tile it comes from), adds ``(Q inv_s[cols]) @
    X_s[cols]`` to its accumulator rows ``g[s, rows]`` chunk by chunk of Ds (read-modify-write
-   by the program alone, L2-resident) and sums ``rowsum(Q S_s)``. With one split (at least as
-   many row blocks as SMs) the same program then writes ``grad_x`` of its rows at the map
-   positions: one pass over its accumulator rows and x, no second launch.
-4. ``_grad_kernel``, only with SPLITS > 1 (at most _MAX_SPLITS, while there are fewer row
-   blocks than SMs): sums the splits' accumulators and projections in split order and
-   writes ``grad_x`` in one pass. Extra memory: SPLITS x N x (Ds + 1) accumulation-dtype values.
+   by the program alone, L2-resident) and sums ``rowsum(Q S_s)`` into ``proj[s, rows]``.
+   SPLITS is 1 once there are at least as many row blocks as SMs, else at most _MAX_SPLITS.
+4. ``_grad_kernel``: sums the splits' accumulators and projections in split order and writes
+   ``grad_x`` in one pass over them and x. Extra memory: SPLITS x N x (Ds + 1)
+   accumulation-dtype values. (Writing grad_x from the tile program itself when SPLITS is 1
+   saves this launch but keeps ~28 more registers live across the tile loop: see _TILE_MAXNREG.)
 """
 
 from typing import NamedTuple
@@ -70,14 +70,25 @@ _EPS = tl.constexpr(1e-12)  # inv = 1 / max(||x||_2, eps), as F.normalize
 # GPU (N = 256 on an H100: a side of 16, 16 x 16 tiles). Measured for sm_90 (triton 3.6 and 3.8):
 # IEEE float32 dots keep whole operand rows in registers, so a side
 # of 64 spills (triton 3.6: 24-1188 bytes on 4 to 16 warps) and a chunk of 32 does at side 32
-# (12-56 bytes on 4 warps); side 32 with 16-element chunks takes <= 140 registers forward and
-# <= 184 backward. A few specialisations still spill 4-16 bytes at 48-128 registers: ptxas keeps
-# a value loaded before the tile loop and used after it in local memory (the case inspected).
+# (12-56 bytes on 4 warps); side 32 with 16-element chunks takes <= 140 registers forward and,
+# with the backward's launch options below, <= 80 backward.
 _MAX_BLOCK = {torch.float32: 32, torch.float64: 32}
 _MIN_BLOCK = 16
 _BLOCK_K = {torch.float32: 16, torch.float64: 4}
 _NUM_WARPS = 8
 _PROGRAMS_PER_SM = 4
+# Backward tile kernel launch options (float16/bfloat16/float32 maps; float64 keeps the defaults).
+# Triton's default software pipelining (3 stages) double-buffers the float32 operand chunks of
+# every tile loop in registers and shared memory: 178-184 registers for contiguous float32 maps
+# (one 8-warp program per SM) and 128 for channels_last ones. One stage (plain loads; the other
+# programs on the SM hide their latency) needs 72-106 registers before ptxas fits them to an
+# occupancy step, and a cap of 80 registers, 3 programs of 8 warps per SM (65536 / (3 * 256)
+# rounded down to ptxas's allocation unit of 8), then compiles with no spills on sm_90 (triton
+# 3.6 and 3.8) and sm_80 (3.8), 72 still without spills: a margin. Without the cap ptxas picks
+# its own step (80 or 128 on sm_90) and kept 4-16 bytes in local memory around the 80-register
+# step (triton 3.8, bfloat16 contiguous maps) whatever the loop's form. Measured 2026-12-04.
+_TILE_STAGES = 1
+_TILE_MAXNREG = 80
 # Every column split of the backward owns an N x Ds accumulator (float32; float64 for float64
 # maps): at most this many, only while there are fewer row blocks than SMs.
 _MAX_SPLITS = 4
@@ -430,7 +441,6 @@ def _sums_kernel(
 def _grad_tiles_kernel(
     g,
     proj,
-    out,
     grad_sums,
     grad_sums_stride,
     n,
@@ -453,22 +463,17 @@ def _grad_tiles_kernel(
     sct,
     syt,
     sxt,
-    sbo,
-    sco,
-    syo,
-    sxo,
     n_blocks,
     per_split,
     S_C_INNER: tl.constexpr,
     T_C_INNER: tl.constexpr,
-    FINISH: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Over the split's column blocks b, with ``Q = 4 w Delta``: ``g[split, rows] += (Q inv_s[cols])
-    @ X_s[cols]`` and ``proj[split, rows] += rowsum(Q S_s)`` (= ``<u[n], g[n]>``, as g = Q U).
-    FINISH (a single split): then writes grad_x of the rows (:func:`_store_grad`)."""
+    """Over the split's column blocks b, with ``Q = 4 w Delta``: ``g[split, rows] = sum_b (Q
+    inv_s[cols]) @ X_s[cols]`` and ``proj[split, rows] = sum_b rowsum(Q S_s)`` (= ``<u[n], g[n]>``,
+    as g = Q U)."""
     a = tl.program_id(0)
     split = tl.program_id(1)
     w_intra = 4.0 * tl.load(grad_sums).to(ACC)
@@ -529,37 +534,7 @@ def _grad_tiles_kernel(
             acc = tl.load(g_rows + d[None, :], mask=mask & started, other=0.0)
             acc = _mm(p, xc, acc)
             tl.store(g_rows + d[None, :], acc, mask=mask)
-    if FINISH:
-        tl.debug_barrier()
-        _store_grad(
-            out,
-            g,
-            1,
-            row_proj,
-            inv_s,
-            rows,
-            n,
-            grid,
-            rh,
-            rw,
-            xs,
-            cs,
-            ds,
-            sbs,
-            scs,
-            sys,
-            sxs,
-            sbo,
-            sco,
-            syo,
-            sxo,
-            S_C_INNER,
-            ACC,
-            BLOCK,
-            BLOCK_K,
-        )
-    else:
-        tl.store(proj + split * n + rows, row_proj, mask=rows_ok)
+    tl.store(proj + split * n + rows, row_proj, mask=rows_ok)
 
 
 @triton.jit
@@ -764,44 +739,42 @@ def lcc_backward(
     inv_s, inv_t = inv_norm_s.contiguous(), inv_norm_t.contiguous()
     ds = launch.maps[2]
     nb = launch.n_blocks
-    # a backward tile program (8 warps, up to ~180 registers) takes half an SM's registers: splits
-    # only while the row blocks leave SMs without a program
+    # splits only while the row blocks leave SMs without a program (each split costs an N x Ds
+    # accumulator; a tile program of 8 warps at _TILE_MAXNREG registers fits 3 times per SM)
     n_splits, per = _split(nb, splits or min(triton.cdiv(_common.sm_count(device), nb), _MAX_SPLITS))
     g = torch.empty((n_splits, launch.n, ds), dtype=acc, device=device)
     proj = torch.empty((n_splits, launch.n), dtype=acc, device=device)
     grad = torch.empty_like(f_s)
     student = launch.maps[:7]
+    tile_options = {} if acc == torch.float64 else {"num_stages": _TILE_STAGES, "maxnreg": _TILE_MAXNREG}
     with sm.on_device(device):
         _grad_tiles_kernel[(nb, n_splits)](
             g,
             proj,
-            grad,
             grad_sums,
             grad_sums.stride(0),
             *launch.shared,
             inv_s,
             inv_t,
             *launch.maps,
-            *grad.stride(),
             nb,
             per,
-            FINISH=n_splits == 1,
             **launch.constexprs,
+            **tile_options,
         )
-        if n_splits > 1:
-            _grad_kernel[(nb,)](
-                grad,
-                g,
-                proj,
-                n_splits,
-                inv_s,
-                *launch.shared,
-                *student,
-                *grad.stride(),
-                S_C_INNER=launch.constexprs["S_C_INNER"],
-                ACC=launch.constexprs["ACC"],
-                BLOCK=launch.block,
-                BLOCK_K=launch.constexprs["BLOCK_K"],
-                num_warps=launch.constexprs["num_warps"],
-            )
+        _grad_kernel[(nb,)](
+            grad,
+            g,
+            proj,
+            n_splits,
+            inv_s,
+            *launch.shared,
+            *student,
+            *grad.stride(),
+            S_C_INNER=launch.constexprs["S_C_INNER"],
+            ACC=launch.constexprs["ACC"],
+            BLOCK=launch.block,
+            BLOCK_K=launch.constexprs["BLOCK_K"],
+            num_warps=launch.constexprs["num_warps"],
+        )
     return grad

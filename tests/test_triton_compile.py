@@ -69,12 +69,18 @@ specs = tc.specialise(launches, 90)
 tc.compile_all(specs, 90, 1)
 for line in tc.failures(specs, DEVICES["sm90"]) + [e for la in launches for e in grid_errors(la)]:
     print("FAIL", line)
+wide = next(spec for spec in specs if spec.launch.kernel == "controls:wide_rows").result
+spilled = wide["spill_stores"] + wide["spill_loads"]
+for bound in (spilled - 1, spilled):  # RESIDUAL_SPILLS: a bound below the spill fails, the spill itself passes
+    tc.RESIDUAL_SPILLS["controls:wide_rows"] = bound
+    print("BOUND", bound == spilled, any(f.startswith("spills") for f in tc.failures(specs, DEVICES["sm90"])))
 """
 
 
 def test_check_reports_compile_errors_spills_and_grid_limits(tmp_path):
     """Negative controls: an int argument equal to 1 used as a tensor, a spilling tile and a grid
-    with y > 65535 are each reported; the same kernel with n != 1 compiles."""
+    with y > 65535 are each reported; the same kernel with n != 1 compiles; a RESIDUAL_SPILLS
+    bound passes the spill it covers and fails one byte more."""
     (tmp_path / "controls.py").write_text(textwrap.dedent(CONTROLS))
     (tmp_path / "probe.py").write_text(textwrap.dedent(PROBE))
     result = _run([str(tmp_path / "probe.py")], cwd=tmp_path, timeout=600)
@@ -84,3 +90,5 @@ def test_check_reports_compile_errors_spills_and_grid_limits(tmp_path):
     assert not any("n=7" in f for f in fails), fails
     assert any(f.startswith("FAIL spills") and "wide_rows" in f for f in fails), fails
     assert any("grid y = 70000" in f for f in fails), fails
+    bounds = [line for line in result.stdout.splitlines() if line.startswith("BOUND")]
+    assert bounds == ["BOUND False True", "BOUND True False"], result.stdout[-3000:]
