@@ -103,6 +103,7 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     if backend not in BACKENDS + TEST_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS + TEST_BACKENDS}")
     if backend == "auto":
+        candidates: tuple[str, ...]
         if device.type == "cpu":
             candidates = ("cpu", "torch")
         elif device.type == "cuda":

@@ -226,7 +226,8 @@ def local_correlation_loss(
         _check_lcc_mask(mask, f_s)
     _checks.check_choice("reduction", reduction, ("sum", "none"))
     losses = lcc_ops.lcc_terms(f_s, f_t, grid, mask, backends.resolve("lcc", backend, f_s.device))
-    return weigh_terms(losses, tuple(terms), tuple(float(w) for w in weights), reduction)
+    w_intra, w_inter, w_cross = (float(w) for w in weights)
+    return weigh_terms(losses, tuple(terms), (w_intra, w_inter, w_cross), reduction)
 
 
 def sp_loss(f_s: Tensor, f_t: Tensor, backend: str | None = None) -> Tensor:

@@ -11,6 +11,8 @@ form, op entry-point checks and bad input (opcheck, compile, gradcheck: test_op_
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -300,7 +302,7 @@ def test_entry_point_checks(device, backend):
     ],
 )
 def test_bad_input(change, error, match):
-    args = dict(f_s=[torch.randn(2, 3, 4, 4)], f_t=[torch.randn(2, 4, 4, 4)], att=torch.rand(2, 1, 1))
+    args: dict[str, Any] = dict(f_s=[torch.randn(2, 3, 4, 4)], f_t=[torch.randn(2, 4, 4, 4)], att=torch.rand(2, 1, 1))
     args.update(change)
     with pytest.raises(error, match=match):
         F.map_distance_loss(**args)

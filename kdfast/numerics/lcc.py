@@ -30,7 +30,7 @@ def prepare(f_s: Tensor, f_t: Tensor, grid: int, mask: Tensor | None = None) -> 
     if mask is not None:
         mask = mask.detach()
         if tuple(mask.shape[-2:]) != tuple(f_s.shape[-2:]):
-            mask = F.adaptive_avg_pool2d(mask, f_s.shape[-2:])
+            mask = F.adaptive_avg_pool2d(mask, (f_s.shape[-2], f_s.shape[-1]))
         f_s, f_t = f_s * mask.to(f_s.dtype), f_t * mask.to(f_t.dtype)
     size = grid_size(f_s.shape[-2], f_s.shape[-1], grid)
     if tuple(f_s.shape[-2:]) != size:

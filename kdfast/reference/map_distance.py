@@ -51,7 +51,7 @@ def pair_distances(v_s: Tensor, v_t: Tensor) -> Tensor:
 
 def map_distances(f_s: Sequence[Tensor], f_t: Sequence[Tensor], pool: str = "map") -> Tensor:
     """(B, T, S) distances in the teachers' order, in the student's compute dtype."""
-    v_s, v_t = values(f_s, f_t, pool)
+    v_s, v_t = values(f_s, f_t, pool, reference_raw_maps)
     dist = torch.cat([pair_distances(s, t) for s, t in zip(v_s, v_t)], 1)
     return dist[:, group_order(size_groups(f_t))[1]]
 
@@ -60,7 +60,7 @@ def map_distance_loss(f_s: Sequence[Tensor], f_t: Sequence[Tensor], att: Tensor,
     """The 0-d loss in the student's compute dtype, computed as AFD's code does: per teacher map,
     ``(v_s - v_t.unsqueeze(1)).pow(2).mean(2)`` against all student values of its size, weighted
     by ``att[:, t]``, summed over s, averaged over b; summed over t."""
-    v_s, v_t = values(f_s, f_t, pool)
+    v_s, v_t = values(f_s, f_t, pool, reference_raw_maps)
     att = att.to(v_s[0].dtype)
     loss = att.new_zeros(())
     for u, (_, ts) in enumerate(size_groups(f_t)):
