@@ -149,6 +149,20 @@ MAP_DISTANCE = (
 )
 
 
+# HCL (ReviewKD): (dtypes, name, B, levels (C, H, W)) of one launch: the teacher-shaped maps of
+# bench_hcl.py's pairs and of the cross-architecture pairs' deepest levels, edges. The levels
+# variants on the first row only: the peers' (4, 2, 1), none, four levels (31 bins).
+HCL = (
+    (ALL, "resnet32x4-resnet8x4", 64, ((64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1))),
+    (TRAINING, "resnet32x4-resnet8x4", 256, ((64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1))),
+    (TRAINING, "resnet56-resnet20", 64, ((16, 32, 32), (32, 16, 16), (64, 8, 8), (64, 1, 1))),
+    (TRAINING, "vgg13-MobileNetV2", 64, ((128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4), (512, 1, 1))),
+    (TRAINING, "imagenet", 256, (*IMAGENET, (512, 1, 1))),
+    (EDGE, "edge-1x1", 1, EDGE_1X1),
+    (EDGE, "edge-odd", 3, (*EDGE_ODD, (2, 1, 1))),
+)
+HCL_LEVELS = ((4, 2, 1), (), (5, 2, 1, 1))
+
 # ----------------------------------------------------------------------------- tensors
 
 
@@ -247,6 +261,14 @@ def _block_attention(batch, students, teachers, mode, grid, local, dtype, layout
         ba.block_attention_backward(_empty((len(parts[0]), 2), _acc(dtype)), *parts, maps, grid, power, feature_grid, weighting)
 
 
+def _hcl(batch, stages, dtype, layout, level_sets):
+    hcl = kernel_module("hcl")
+    f_s, f_t = _maps(batch, stages, dtype, layout), _maps(batch, stages, dtype, layout)
+    for levels in level_sets:
+        _, cells = hcl.hcl_forward(f_s, f_t, list(levels))
+        hcl.hcl_backward(_empty((len(f_s),), _acc(dtype)), f_s, f_t, cells, list(levels))
+
+
 def _map_distance(batch, students, groups, dtype, att_layout):
     md = kernel_module("map_distance")
     acc = _acc(dtype)  # the values come from the AT op's maps: float32 (float64)
@@ -307,6 +329,14 @@ def _op_cases() -> Iterator[tuple[str, tuple[str, ...], str, Callable[[torch.dty
                     label,
                     lambda d, a=(b, students, teachers, mode, grid, local), lay=layout: _block_attention(*a, d, lay),
                 )
+        for i, (dtypes, name, b, stages) in enumerate(HCL):
+            level_sets = HCL_LEVELS if i == 0 else HCL_LEVELS[:1]
+            yield (
+                "hcl",
+                dtypes,
+                f"{layout} {name} {_label(b, stages)}",
+                lambda d, a=(b, stages), lay=layout, ls=level_sets: _hcl(*a, d, lay, ls),
+            )
     for dtypes, name, b, students, groups in MAP_DISTANCE:
         for att in ("contiguous", "expanded"):
             yield (
@@ -317,7 +347,7 @@ def _op_cases() -> Iterator[tuple[str, tuple[str, ...], str, Callable[[torch.dty
             )
 
 
-OPS = ("kd", "dkd", "at", "lcc", "sp", "rkd", "masked_mse", "block_attention", "map_distance")
+OPS = ("kd", "dkd", "at", "lcc", "sp", "rkd", "masked_mse", "block_attention", "map_distance", "hcl")
 
 
 def cases(ops: tuple[str, ...] = OPS, main_only: bool = False) -> Iterator[Case]:

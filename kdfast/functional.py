@@ -14,6 +14,8 @@ from torch import Tensor
 from kdfast import _checks, backends
 from kdfast.numerics import at as at_numerics
 from kdfast.numerics import block_attention as block_attention_numerics
+from kdfast.numerics.hcl import REDUCTIONS as HCL_REDUCTIONS
+from kdfast.numerics.hcl import check_levels as check_hcl_levels
 from kdfast.numerics.kd import REDUCTIONS, reduce_rows
 from kdfast.numerics.lcc import TERMS as LCC_TERMS
 from kdfast.numerics.lcc import weigh_terms
@@ -24,6 +26,7 @@ from kdfast.numerics.rkd import weigh as weigh_rkd
 from kdfast.ops import at as at_ops
 from kdfast.ops import block_attention as block_attention_ops
 from kdfast.ops import dkd as dkd_ops
+from kdfast.ops import hcl as hcl_ops
 from kdfast.ops import kd as kd_ops
 from kdfast.ops import lcc as lcc_ops
 from kdfast.ops import map_distance as map_distance_ops
@@ -43,6 +46,7 @@ __all__ = [
     "ndam_loss",
     "aft_loss",
     "masked_mse",
+    "hcl_loss",
     "map_distance_loss",
     "map_distances",
 ]
@@ -428,6 +432,47 @@ def masked_mse(x: Tensor, y: Tensor, mask: Tensor, reduction: str = "mean", back
     _checks.check_same("x, y and mask", [x, y, mask], "device")
     _checks.check_choice("reduction", reduction, MASKED_MSE_REDUCTIONS)
     return masked_mse_ops.masked_mse(x, y, mask, reduction, backends.resolve("masked_mse", backend, x.device))
+
+
+def hcl_loss(
+    f_s: Tensor | Sequence[Tensor],
+    f_t: Tensor | Sequence[Tensor],
+    levels: Sequence[int] = (4, 2, 1),
+    reduction: str = "sum",
+    backend: str | None = None,
+) -> Tensor:
+    """ReviewKD's hierarchical context loss (Chen et al. 2021), as its code and mdistiller compute it.
+
+    Per stage pair (``f_s[i]``, ``f_t[i]``), both (B, C, H, W) of one shape (the student's fused
+    feature and the teacher's), with the levels ``l < H`` of ``levels`` (in order) weighted
+    ``1/2, 1/4, ...``::
+
+        loss_i = (MSE(f_s, f_t) + sum_j w_j MSE(pool_l(f_s), pool_l(f_t))) / (1 + sum_j w_j)
+
+    (``pool_l``: adaptive average pooling to (l, l)). ``levels``: at most 4 ints >= 1 of at most 32
+    bins together (sum l^2). ``reduction="sum"`` returns the sum over stages (0-d), ``"none"`` the
+    (L,) stage losses; float32 (float64 for float64 students). The teacher gets no gradient. All
+    stages and levels in one fused launch each way; deterministic. NaN/Inf give a NaN loss (values
+    are not checked). The loss weight and warm-up are the caller's.
+    """
+    students = _checks.as_tensor_list("f_s", f_s)
+    teachers = _checks.as_tensor_list("f_t", f_t)
+    if len(students) != len(teachers):
+        raise ValueError(f"f_s and f_t must have as many stages, got {len(students)} and {len(teachers)}")
+    for i, (s, t) in enumerate(zip(students, teachers)):
+        _checks.check_feature(f"f_s[{i}]", s)
+        _checks.check_feature(f"f_t[{i}]", t)
+        if s.shape != t.shape:
+            raise ValueError(f"f_s[{i}] and f_t[{i}] must have one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+        if s.shape[0] != students[0].shape[0]:
+            raise ValueError(f"batch sizes differ: f_s[{i}] has {s.shape[0]}, f_s[0] has {students[0].shape[0]}")
+    _checks.check_same("f_s and f_t", students + teachers, "device")
+    _checks.check_same("f_s", students, "dtype")
+    _checks.check_same("f_t", teachers, "dtype")
+    _checks.check_choice("reduction", reduction, HCL_REDUCTIONS)
+    levels = check_hcl_levels(levels)
+    losses = hcl_ops.hcl_stage_losses(students, teachers, levels, backends.resolve("hcl", backend, students[0].device))
+    return losses.sum() if reduction == "sum" else losses
 
 
 def _map_lists(f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor], pool: str) -> tuple[list[Tensor], list[Tensor]]:

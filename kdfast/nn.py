@@ -22,6 +22,7 @@ __all__ = [
     "NDAMLoss",
     "AFTLoss",
     "MaskedMSELoss",
+    "HCLLoss",
     "MapDistanceLoss",
 ]
 
@@ -288,6 +289,23 @@ class MaskedMSELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class HCLLoss(nn.Module):
+    """ReviewKD's hierarchical context loss; see :func:`kdfast.functional.hcl_loss`.
+
+    ``HCLLoss(levels=(4, 2, 1))(f_s, f_t)`` with one (B, C, H, W) pair or lists of stage pairs.
+    """
+
+    def __init__(self, levels: Sequence[int] = (4, 2, 1), reduction: str = "sum", backend: str | None = None) -> None:
+        super().__init__()
+        self.levels, self.reduction, self.backend = tuple(levels), reduction, backend
+
+    def forward(self, f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]) -> Tensor:
+        return functional.hcl_loss(f_s, f_t, self.levels, self.reduction, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, reduction={self.reduction!r}, backend={self.backend!r}"
 
 
 class MapDistanceLoss(nn.Module):

@@ -181,7 +181,12 @@ def test_students_bench_rows(tmp_path, capsys):
 
 
 # The distiller's sub-module that holds the trainable extras of the method's eager peer (same structure).
-PEER_EXTRAS = {"lcc": lambda d: d.attention[0], "lakd": lambda d: d.local, "afd": lambda d: d.attention}
+PEER_EXTRAS = {
+    "lcc": lambda d: d.attention[0],
+    "lakd": lambda d: d.local,
+    "afd": lambda d: d.attention,
+    "reviewkd": lambda d: d.abfs,
+}
 
 
 @pytest.mark.parametrize("method", bench.METHODS)

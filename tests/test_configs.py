@@ -40,7 +40,7 @@ CROSS_ARCH = [
     "resnet32x4_ShuffleV2",
     "wrn_40_2_ShuffleV1",
 ]
-METHODS = ["kd", "at", "fitnet", "sp", "rkd", "dkd", "lcc", "lakd", "aft", "afd", "rtk"]
+METHODS = ["kd", "at", "fitnet", "sp", "rkd", "dkd", "lcc", "lakd", "aft", "afd", "rtk", "reviewkd"]
 # mdistiller's configs/cifar100/dkd/*.yaml (DKD.BETA, else its default 8.0; 8.0 also where it ships no config)
 DKD_BETA = {
     "resnet56_resnet20": 2.0,

@@ -1,7 +1,7 @@
 """Distillation methods by name: ``kdfast.distillers.create(name, student, teacher, params)``.
 
 Registered: ``vanilla`` (cross-entropy only; trains teachers and undistilled students), ``kd``,
-``dkd``, ``at``, ``fitnet``, ``sp``, ``rkd``, ``lcc``, ``lakd``, ``aft``, ``afd``, ``rtk`` and
+``dkd``, ``at``, ``fitnet``, ``sp``, ``rkd``, ``lcc``, ``lakd``, ``aft``, ``afd``, ``rtk``, ``reviewkd`` and
 ``sokd`` (a wrapper around ``fitnet``, ``at`` or ``lcc``). A new method is one module with a
 :class:`Distiller` subclass and its :class:`Params` dataclass, added to ``_METHODS``.
 """
@@ -22,6 +22,7 @@ from kdfast.distillers.fitnet import FitNet
 from kdfast.distillers.kd import KD
 from kdfast.distillers.lakd import LAKD
 from kdfast.distillers.lcc import LCC
+from kdfast.distillers.reviewkd import ReviewKD
 from kdfast.distillers.rkd import RKD
 from kdfast.distillers.sokd import SoKD
 from kdfast.distillers.sp import SP
@@ -41,6 +42,7 @@ _METHODS: dict[str, type[Distiller]] = {
     "lcc": LCC,
     "afd": AFD,
     "rtk": RTK,
+    "reviewkd": ReviewKD,
     "lakd": LAKD,
     "aft": AFT,
     "sokd": SoKD,

@@ -9,8 +9,8 @@ same process:
 * ``eager-fp32``: what the peers' code does (mdistiller / RepDistiller): a ``DataLoader`` over a
   CPU ``TensorDataset`` copied to the device every step, fp32, no compile, the teacher under
   ``no_grad``, the unfused losses of ``kdfast.reference`` (and the same trainable extras as the
-  distiller: LCC's class-aware attention, LAKD's connectors, AFD's queries and keys), summed for
-  one backward.
+  distiller: LCC's class-aware attention, LAKD's connectors, AFD's queries and keys, ReviewKD's
+  ABFs), summed for one backward.
 
 Every method runs with its distiller's default parameters, which the reference losses repeat,
 except where :data:`DISTILLER_PARAMS` says otherwise (AFD: the objective of its public code).
@@ -43,15 +43,19 @@ from kdfast import distillers, models
 from kdfast.distillers.afd import LayerAttention
 from kdfast.distillers.base import feature_shapes
 from kdfast.distillers.local import LocalModules, ModuleOutput, stage_boundaries
+from kdfast.distillers.reviewkd import build_fusion, fuse_levels, level_maps
 from kdfast.engine import results
 from kdfast.engine.e2e_methods import METHODS
 from kdfast.engine.trainer import autocast
 from kdfast.models import Features, KDModel
+from kdfast.models.mobilenet import MobileNetV1
+from kdfast.models.resnet import ImageNetResNet
 from kdfast.nn import ClassAwareAttention
 from kdfast.numerics.block_attention import weigh as weigh_blocks
 from kdfast.reference import at as ref_at
 from kdfast.reference import block_attention as ref_ndam
 from kdfast.reference import dkd as ref_dkd
+from kdfast.reference import hcl as ref_hcl
 from kdfast.reference import kd as ref_kd
 from kdfast.reference import lcc as ref_lcc
 from kdfast.reference import map_distance as ref_afd
@@ -147,6 +151,23 @@ def _lakd_peer(student: KDModel, teacher: KDModel) -> tuple[PeerLoss, nn.Module]
     return loss, local
 
 
+def _reviewkd_peer(student: KDModel, teacher: KDModel) -> tuple[PeerLoss, nn.Module]:
+    """mdistiller's ReviewKD past its warm-up, the HCL unfused (its hcl_loss, kdfast.reference.hcl):
+    ``CE + 5 * HCL(ABF(student levels), teacher levels)`` (its resnet32x4 -> resnet8x4 weight), the
+    ABFs built as the distiller builds them."""
+    params = distillers.make_params("reviewkd", DISTILLER_PARAMS["reviewkd"])
+    size = 224 if isinstance(teacher, (ImageNetResNet, MobileNetV1)) else 32
+    abfs, sizes, out_sizes = build_fusion(student, teacher, size, params)
+
+    def loss(x: Tensor, t: Features, y: Tensor) -> Tensor:
+        s = student.features(x)
+        fused = fuse_levels(abfs, level_maps(s, params.student_preact), sizes, out_sizes)
+        hcl = ref_hcl.hcl_loss(fused, level_maps(t, params.teacher_preact), params.levels)
+        return F.cross_entropy(s.logits, y) + params.reviewkd_weight * hcl
+
+    return loss, abfs
+
+
 REFERENCE_METHODS: dict[str, Peer] = {
     "kd": _on_features(lambda s, t, y: 0.1 * F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0)),
     "at": _on_features(
@@ -158,12 +179,17 @@ REFERENCE_METHODS: dict[str, Peer] = {
     "lcc": _with_extras(_lcc_loss, lambda student, teacher: ClassAwareAttention(teacher.stage_channels[-1], _classes(teacher))),
     "lakd": _lakd_peer,
     "afd": _with_extras(_afd_loss, _afd_attention),
+    "reviewkd": _reviewkd_peer,
 }
 """method -> its eager peer, f(student, teacher) = (loss, trainable extras)."""
 if tuple(REFERENCE_METHODS) != METHODS:
     raise ImportError(f"kdfast.engine.e2e_methods.METHODS {METHODS} must list the peers {tuple(REFERENCE_METHODS)}")
-DISTILLER_PARAMS: dict[str, dict[str, object]] = {"afd": {"bilinear": True, "kd_weight": 0.9}}
-"""kdfast's side: parameters other than the distiller's defaults (AFD: what its public code trains)."""
+DISTILLER_PARAMS: dict[str, dict[str, object]] = {
+    "afd": {"bilinear": True, "kd_weight": 0.9},
+    "reviewkd": {"reviewkd_weight": 5.0},
+}
+"""kdfast's side: parameters other than the distiller's defaults (AFD: what its public code trains;
+ReviewKD: mdistiller's weight for resnet32x4 -> resnet8x4)."""
 STEP_EPOCH = 10**6  # past every warm-up ramp (DKD): the full loss is timed
 
 

@@ -41,34 +41,21 @@ import torch
 from torch import Tensor
 
 from kdfast.numerics.common import compute_dtype
+from kdfast.numerics.hcl import LEVELS, MAX_CELLS, MAX_LEVELS, cell_count
 from kdfast.ops import namespace, saveable_teacher
-from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, register, sample_tensor
+from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
 from kdfast.reference import hcl as reference
-
-MAX_LEVELS = 4
-MAX_CELLS = 32
-
-
-def check_levels(levels: Sequence[int]) -> tuple[int, ...]:
-    """`levels` as a tuple of ints; ValueError unless it is a sequence of at most MAX_LEVELS ints
-    >= 1 with at most MAX_CELLS bins together."""
-    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
-        raise ValueError(f"levels must be a sequence of ints >= 1, got {levels!r}")
-    if any(isinstance(level, bool) or not isinstance(level, int) or level < 1 for level in levels):
-        raise ValueError(f"levels must be ints >= 1, got {list(levels)}")
-    if len(levels) > MAX_LEVELS or cell_count(levels) > MAX_CELLS:
-        raise ValueError(
-            f"levels: at most {MAX_LEVELS} levels of at most {MAX_CELLS} bins together (sum l^2), got {list(levels)}"
-        )
-    return tuple(int(level) for level in levels)
-
-
-def cell_count(levels: Sequence[int]) -> int:
-    """N: the columns of ``cells``, sum l^2 over the levels."""
-    return sum(level * level for level in levels)
 
 
 def _forward_fake(f_s: list[Tensor], f_t: list[Tensor], levels: list[int]) -> tuple[Tensor, Tensor]:
+    name = "hcl_forward"
+    contract(len(f_s) >= 1 and len(f_t) == len(f_s), f"{name}: f_s and f_t must have as many stages (at least one)")
+    check_rows(name, *f_s, *f_t, dims=4)
+    for s, t in zip(f_s, f_t):
+        contract(s.shape == t.shape, f"{name}: f_s[i] and f_t[i] must have one shape")
+    contract(len(levels) <= MAX_LEVELS, f"{name}: at most {MAX_LEVELS} levels")
+    contract(all(level >= 1 for level in levels), f"{name}: levels must be >= 1")
+    contract(cell_count(levels) <= MAX_CELLS, f"{name}: at most {MAX_CELLS} bins together (sum l^2)")
     acc = compute_dtype(f_s[0].dtype)
     rows = f_s[0].shape[0] * sum(f.shape[1] for f in f_s)
     return f_s[0].new_empty((len(f_s),), dtype=acc), f_s[0].new_empty((rows, cell_count(levels)), dtype=acc)
@@ -86,11 +73,13 @@ def _setup(ctx, inputs, output):
 
 def _backward(ops, ctx, grad_losses, _grad_cells):
     n = ctx.stages
+    # one gradient per input, in the inputs' structure (an empty int list is a list, others a leaf)
+    no_levels = [] if not ctx.levels else None
     if grad_losses is None:
-        return None, None, None
+        return [None] * n, [None] * n, no_levels
     saved = ctx.saved_tensors
     f_s, f_t, cells = list(saved[:n]), list(saved[n : 2 * n]), saved[2 * n]
-    return ops.hcl_backward(grad_losses.contiguous(), f_s, f_t, cells, ctx.levels), None, None
+    return ops.hcl_backward(grad_losses.contiguous(), f_s, f_t, cells, ctx.levels), [None] * n, no_levels
 
 
 def _samples() -> tuple[Sample, ...]:
@@ -99,7 +88,7 @@ def _samples() -> tuple[Sample, ...]:
     f_t = tuple(sample_tensor(*s, seed=10 + i) for i, s in enumerate(shapes))
 
     def pyramid(s1: Tensor, s2: Tensor, s3: Tensor, t1: Tensor, t2: Tensor, t3: Tensor, backend: str) -> Tensor:
-        return hcl_stage_losses([s1, s2, s3], [t1, t2, t3], reference.LEVELS, backend)
+        return hcl_stage_losses([s1, s2, s3], [t1, t2, t3], LEVELS, backend)
 
     return (
         Sample("levels 4, 2, 1", pyramid, (*f_s, *f_t)),
