@@ -25,6 +25,7 @@ from kdfast.numerics.rkd import REDUCTIONS as RKD_REDUCTIONS
 from kdfast.numerics.rkd import weigh as weigh_rkd
 from kdfast.ops import at as at_ops
 from kdfast.ops import block_attention as block_attention_ops
+from kdfast.ops import crd as crd_ops
 from kdfast.ops import dkd as dkd_ops
 from kdfast.ops import hcl as hcl_ops
 from kdfast.ops import kd as kd_ops
@@ -49,6 +50,8 @@ __all__ = [
     "hcl_loss",
     "map_distance_loss",
     "map_distances",
+    "crd_loss",
+    "crd_partition",
 ]
 
 
@@ -537,3 +540,62 @@ def map_distances(
     gradient), float32 (float64 for float64 students), from the same fused launch."""
     students, teachers = _map_lists(f_s, f_t, pool)
     return map_distance_ops.map_distances(students, teachers, pool, backends.resolve("map_distance", backend, students[0].device))
+
+
+def _check_crd(emb: Tensor, bank: Tensor, idx: Tensor) -> None:
+    for name, t in (("emb", emb), ("bank", bank), ("idx", idx)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if emb.dtype not in _checks.FLOAT_DTYPES or bank.dtype != emb.dtype:
+        raise TypeError(f"emb and bank must share one floating dtype, got {emb.dtype} and {bank.dtype}")
+    if emb.dim() != 2 or emb.shape[0] < 1 or not 1 <= emb.shape[1] <= crd_ops.MAX_DIM:
+        raise ValueError(f"emb must be 2-D (B >= 1, 1 <= D <= {crd_ops.MAX_DIM}), got shape {tuple(emb.shape)}")
+    if bank.dim() != 2 or bank.shape[0] < 1 or bank.shape[1] != emb.shape[1]:
+        raise ValueError(f"bank must be (N >= 1, D = {emb.shape[1]}) like emb, got shape {tuple(bank.shape)}")
+    if idx.dtype != torch.int64 or idx.dim() != 2 or idx.shape[0] != emb.shape[0] or idx.shape[1] < 1:
+        raise ValueError(f"idx must be int64 (B = {emb.shape[0]}, K + 1 >= 1), got {idx.dtype} of shape {tuple(idx.shape)}")
+    _checks.check_same("emb, bank and idx", [emb, bank, idx], "device")
+
+
+def crd_loss(
+    emb: Tensor, bank: Tensor, idx: Tensor, z: Tensor | float, temperature: float = 0.07, backend: str | None = None
+) -> Tensor:
+    """CRD's contrastive (NCE) loss of one network's embeddings against the other network's memory
+    bank (Tian et al. 2020), as RepDistiller and mdistiller compute it (``ContrastMemory`` +
+    ``ContrastLoss``).
+
+    ``emb`` (B, D), 1 <= D <= 1024: the embeddings (L2-normalised by the caller); ``bank`` (N, D) of
+    emb's dtype: one row per training image; ``idx`` (B, K+1) int64: the rows scored against each
+    embedding, column 0 the positive (the sample's own row), columns 1..K the negatives; ``z``: the
+    normalisation constant (a 0-d tensor, read on the device, or a number). With
+    ``s_bk = <bank[idx_bk], emb_b> / T``, ``P_bk = exp(s_bk) / z``, ``c = K / N``, ``eps = 1e-7``::
+
+        loss = -(1/B) sum_b [log(P_b0 / (P_b0 + c + eps)) + sum_{k>=1} log(c / (P_bk + c + eps))]
+
+    Returns a 0-d float32 tensor (float64 for float64 emb); only ``emb`` gets a gradient (computed
+    by the forward from the rows it gathers). The fused backends gather the bank rows inside the
+    kernel: neither the (B, K+1, D) rows nor the (B, K+1) scores are ever stored (extra memory
+    O(B D) per split of the columns). An index outside [0, N) gives a NaN loss (values are not
+    checked). CRD sums this loss over its two sides (student embeddings against the teacher's
+    bank and back) and weighs it (0.8); ``z`` is set once from :func:`crd_partition`.
+    """
+    _check_crd(emb, bank, idx)
+    _checks.check_positive("temperature", temperature)
+    if not isinstance(z, Tensor):
+        _checks.check_positive("z", z)
+        z = torch.tensor(float(z), dtype=torch.float64, device=emb.device)
+    elif z.dim() != 0 or z.dtype not in _checks.FLOAT_DTYPES or z.device != emb.device:
+        raise ValueError(
+            f"z must be a number or a 0-d floating tensor on {emb.device}, got {z.dtype} {tuple(z.shape)} on {z.device}"
+        )
+    return crd_ops.crd_loss(emb, bank, idx, z, float(temperature), backends.resolve("crd", backend, emb.device))
+
+
+def crd_partition(emb: Tensor, bank: Tensor, idx: Tensor, temperature: float = 0.07, backend: str | None = None) -> Tensor:
+    """``sum_k exp(<bank[idx_bk], emb_b> / T)`` (B,), without gradient, in the loss dtype: the peers
+    set CRD's normalisation constant on their first batch to ``z = mean_{b,k} exp(s_bk) * N``, i.e.
+    ``crd_partition(...).sum() / idx.numel() * N``. Arguments as :func:`crd_loss`; one pass of the
+    same fused kernel."""
+    _check_crd(emb, bank, idx)
+    _checks.check_positive("temperature", temperature)
+    return crd_ops.crd_partition(emb, bank, idx, float(temperature), backends.resolve("crd", backend, emb.device))

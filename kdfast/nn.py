@@ -24,6 +24,7 @@ __all__ = [
     "MaskedMSELoss",
     "HCLLoss",
     "MapDistanceLoss",
+    "CRDLoss",
 ]
 
 
@@ -325,3 +326,21 @@ class MapDistanceLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"pool={self.pool!r}, backend={self.backend!r}"
+
+
+class CRDLoss(nn.Module):
+    """CRD's contrastive (NCE) loss of embeddings against a memory bank; see :func:`kdfast.functional.crd_loss`.
+
+    ``CRDLoss(temperature=0.07)(emb, bank, idx, z)``: one side (the memory banks, their update and
+    ``z`` are the caller's: :class:`kdfast.distillers.crd.CRD` holds them).
+    """
+
+    def __init__(self, temperature: float = 0.07, backend: str | None = None) -> None:
+        super().__init__()
+        self.temperature, self.backend = temperature, backend
+
+    def forward(self, emb: Tensor, bank: Tensor, idx: Tensor, z: Tensor | float) -> Tensor:
+        return functional.crd_loss(emb, bank, idx, z, self.temperature, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, backend={self.backend!r}"

@@ -4,7 +4,7 @@ kdfast/reference/crd.py, op contract in kdfast/ops/crd.py.
 With ``v = emb[b]`` and the bank rows ``w_k = bank[idx[b, k]]`` (k = 0 the positive)::
 
     s_k = <w_k, v> / T,  P_k = exp(s_k) / z,  c = K / N
-    loss  = -(1/B) sum_b [ (s_0 - log z) - log(P_0 + c + eps) + sum_{k>=1} (log c - log(P_k + c + eps)) ]
+    loss  = (1/B) sum_b [ log1p((c + eps) / P_0) + sum_{k>=1} log1p((P_k + eps) / c) ]
     grad_b = (1 / (B T)) [ -(c + eps) / (P_0 + c + eps) w_0 + sum_{k>=1} P_k / (P_k + c + eps) w_k ]
     expsum_b = sum_k exp(s_k)
 
@@ -34,9 +34,10 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast.kernels import _common
-from kdfast.kernels.softmax import scalar, split_scalar
+from kdfast.kernels.softmax import log1p, scalar, split_scalar
 
 EPS = 1e-7  # the peers' constant in the NCE denominators
+_EPS = tl.constexpr(EPS)
 MAX_DIM = 1024  # D at most (the embedding and the gradient accumulator live in registers)
 _TILE = 2048  # elements of a [BLOCK_K, BLOCK_D] tile of gathered rows, at most
 _PROGRAMS_PER_SM = 4  # the columns are split until a launch has this many programs per SM
@@ -66,8 +67,8 @@ def _crd_forward_kernel(
     sik,
     inv_t_hi,
     inv_t_lo,
-    log_noise_hi,
-    log_noise_lo,
+    inv_noise_hi,
+    inv_noise_lo,
     noise_eps_hi,
     noise_eps_lo,
     ACC: tl.constexpr,
@@ -84,11 +85,10 @@ def _crd_forward_kernel(
     d_ok = offs_d < dim
     v = tl.load(emb + b * seb + offs_d * sed, mask=d_ok, other=0.0).to(ACC)
     inv_t = scalar(inv_t_hi, inv_t_lo, ACC)
-    log_noise = scalar(log_noise_hi, log_noise_lo, ACC)
+    inv_noise = scalar(inv_noise_hi, inv_noise_lo, ACC)
     noise_eps = scalar(noise_eps_hi, noise_eps_lo, ACC)
     zv = tl.load(z).to(ACC)
     inv_z = 1.0 / zv
-    log_z = tl.log(zv)
     g = tl.zeros([BLOCK_D], ACC)
     neg_terms = tl.zeros([BLOCK_K], ACC)
     exps = tl.zeros([BLOCK_K], ACC)
@@ -103,11 +103,11 @@ def _crd_forward_kernel(
         s = tl.where(valid, s, float("nan"))
         e = tl.exp(s)
         p = e * inv_z
-        denom = p + noise_eps
         positive = offs_k == 0
-        term = tl.where(positive, s - log_z, log_noise) - tl.log(denom)
-        coef = tl.where(positive, -noise_eps, p) / denom
-        neg_terms += tl.where(k_ok, -term, 0.0)
+        # -(loss term): log1p((c + eps) / P_0) for the positive, log1p((P_k + eps) / c) for a negative
+        neg_term = log1p(tl.where(positive, noise_eps / p, (p + _EPS) * inv_noise))
+        coef = tl.where(positive, -noise_eps, p) / (p + noise_eps)
+        neg_terms += tl.where(k_ok, neg_term, 0.0)
         exps += tl.where(k_ok, e, 0.0)
         g += tl.sum(tl.where(k_ok, coef, 0.0)[:, None] * w, axis=0)
     tl.store(partials + pid * 2, tl.sum(neg_terms, axis=0))
@@ -248,7 +248,7 @@ def crd_forward(emb: Tensor, bank: Tensor, idx: Tensor, z: Tensor, temperature: 
             _stride(idx, 0),
             _stride(idx, 1),
             *split_scalar(1.0 / temperature),
-            *split_scalar(math.log(noise) if noise > 0 else 0.0),
+            *split_scalar(1.0 / noise if noise > 0 else 0.0),
             *split_scalar(noise + EPS),
             ACC=tl_acc,
             BLOCK_K=plan.block_k,

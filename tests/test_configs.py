@@ -40,7 +40,7 @@ CROSS_ARCH = [
     "resnet32x4_ShuffleV2",
     "wrn_40_2_ShuffleV1",
 ]
-METHODS = ["kd", "at", "fitnet", "sp", "rkd", "dkd", "lcc", "lakd", "aft", "afd", "rtk", "reviewkd"]
+METHODS = ["kd", "at", "fitnet", "sp", "rkd", "dkd", "lcc", "lakd", "aft", "afd", "rtk", "reviewkd", "crd"]
 # mdistiller's configs/cifar100/dkd/*.yaml (DKD.BETA, else its default 8.0; 8.0 also where it ships no config)
 DKD_BETA = {
     "resnet56_resnet20": 2.0,
@@ -98,8 +98,12 @@ def one_step(cfg: Config) -> dict[str, float]:
     with torch.inference_mode():
         feats = teacher.features(images) if teacher is not None else None
     before = [p.detach().clone() for p in params]
+    extra = {}
+    if distiller.uses_sample_indices:  # CRD: a training set of the batch's two images, their indices
+        distiller.bind_training_set(labels)
+        extra = {"indices": torch.arange(2)}
     optimizer.zero_grad(set_to_none=True)
-    _, losses = distiller(images, labels, feats, 1)
+    _, losses = distiller(images, labels, feats, 1, **extra)
     if not distiller.backward_done:
         sum(losses.values()).backward()
     optimizer.step()

@@ -286,8 +286,18 @@ class WorkerLoader(ScheduledLoader):
             generator=torch.Generator(),
         )
 
+    @property
+    def labels(self) -> Tensor:
+        """The (N,) int64 labels of every image, in dataset order."""
+        return torch.as_tensor(self.dataset.targets, dtype=torch.int64)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # the index batches the sampler hands out when the iteration starts (yield_indices)
+        indices = iter(self.schedule.remaining(self.device)) if self.yield_indices else None
         for batch in self.dataloader:
             self.schedule.advance()
             images, labels = self.dataset.to_device(batch, self.device)
-            yield self.normalize(images), labels
+            if indices is not None:
+                yield self.normalize(images), labels, next(indices)
+            else:
+                yield self.normalize(images), labels

@@ -82,4 +82,7 @@ class ResidentLoader(ScheduledLoader):
             if draws is not None:
                 top, left, flip = (d[index] for d in draws)
                 images = pad_crop_flip(images, top, left, flip, self.padding)
-            yield self.normalize(images), self.labels[index]
+            if self.yield_indices:
+                yield self.normalize(images), self.labels[index], index
+            else:
+                yield self.normalize(images), self.labels[index]

@@ -147,6 +147,9 @@ class ScheduledLoader:
     """
 
     schedule: EpochSchedule
+    # When True, training batches are ``(images, labels, indices)``: indices (B,) int64 on the
+    # device, the samples' positions in the dataset (for methods with per-image state: CRD).
+    yield_indices: bool = False
 
     def __len__(self) -> int:
         return len(self.schedule)

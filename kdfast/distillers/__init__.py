@@ -1,7 +1,7 @@
 """Distillation methods by name: ``kdfast.distillers.create(name, student, teacher, params)``.
 
 Registered: ``vanilla`` (cross-entropy only; trains teachers and undistilled students), ``kd``,
-``dkd``, ``at``, ``fitnet``, ``sp``, ``rkd``, ``lcc``, ``lakd``, ``aft``, ``afd``, ``rtk``, ``reviewkd`` and
+``dkd``, ``at``, ``fitnet``, ``sp``, ``rkd``, ``lcc``, ``lakd``, ``aft``, ``afd``, ``rtk``, ``reviewkd``, ``crd`` and
 ``sokd`` (a wrapper around ``fitnet``, ``at`` or ``lcc``). A new method is one module with a
 :class:`Distiller` subclass and its :class:`Params` dataclass, added to ``_METHODS``.
 """
@@ -17,6 +17,7 @@ from kdfast.distillers.afd import AFD, RTK
 from kdfast.distillers.aft import AFT
 from kdfast.distillers.at import AT
 from kdfast.distillers.base import Distiller, Params, feature_shapes
+from kdfast.distillers.crd import CRD
 from kdfast.distillers.dkd import DKD
 from kdfast.distillers.fitnet import FitNet
 from kdfast.distillers.kd import KD
@@ -46,6 +47,7 @@ _METHODS: dict[str, type[Distiller]] = {
     "lakd": LAKD,
     "aft": AFT,
     "sokd": SoKD,
+    "crd": CRD,
 }
 
 

@@ -34,6 +34,10 @@ class Distiller(nn.Module):
 
     params_class: ClassVar[type[Params]] = Params
     needs_teacher: ClassVar[bool] = True
+    # True for a method that needs each batch's positions in the training set (CRD's memory banks):
+    # the engine then calls ``bind_training_set(labels)`` with the (N,) labels of every training
+    # image before training and passes ``indices=`` (B,) to every training forward.
+    uses_sample_indices: ClassVar[bool] = False
 
     def __init__(self, student: KDModel, teacher: KDModel | None, params: Params, image_size: int = 32) -> None:
         super().__init__()

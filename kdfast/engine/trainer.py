@@ -233,12 +233,15 @@ class _Student:
         num_classes: int,
         memory_format: torch.memory_format,
         swap_rng: bool,
+        train_labels: Tensor | None = None,
     ) -> None:
         self.label, self.name, self.cfg, self.dist = label, name, cfg, dist
         self.out = Path(cfg.train.out_dir)
         seed_everything(cfg.train.seed)
         self.distiller = build_distiller(cfg, num_classes, teacher)
         self.distiller.to(dist.device, memory_format=memory_format)
+        if self.distiller.uses_sample_indices:  # per-image state (CRD's memory banks), before any restore
+            self.distiller.bind_training_set(train_labels)
         if self.distiller.backward_done and (dist.enabled or cfg.train.compile):
             raise ConfigError(
                 f"method {cfg.method.name!r} runs its backward inside forward (LAKD's mode 'local'), which "
@@ -312,13 +315,23 @@ class _Student:
         self.distiller.train()
         self.guard.new_epoch()
 
-    def step(self, images: Tensor, labels: Tensor, teacher: models.Features | None, epoch: int, step: int) -> Tensor:
+    def step(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        teacher: models.Features | None,
+        epoch: int,
+        step: int,
+        indices: Tensor | None = None,
+    ) -> Tensor:
         """One optimisation step on a batch of `epoch` (counted from 1), with this student's random
-        state; returns the loss."""
+        state; returns the loss. `indices`: the batch's positions in the training set, passed on
+        to a method that uses them (``uses_sample_indices``)."""
+        extra = {"indices": indices} if self.distiller.uses_sample_indices else {}
         with self.rng.active():
             self.optimizer.zero_grad(set_to_none=True)
             with autocast(self.dist.device, self.cfg.train.amp):
-                logits, losses = self.step_module(images, labels, teacher, epoch)
+                logits, losses = self.step_module(images, labels, teacher, epoch, **extra)
             loss = sum(losses.values())
             if not self.distiller.backward_done:
                 loss.backward()
@@ -400,13 +413,16 @@ class _Run:
             workers=data.workers,
             decode=data.decode,
         )
+        indexed = any(distillers.get(c.method.name).uses_sample_indices for _, _, c in entries)
+        self.loaders.train.yield_indices = indexed  # batches (images, labels, indices)
         needs_teacher = any(distillers.get(c.method.name).needs_teacher for _, _, c in entries)
         teacher_cfg = next((c for _, _, c in entries if distillers.get(c.method.name).needs_teacher), cfg)
         self.teacher = (
             frozen_teacher(teacher_cfg, self.loaders.num_classes, dist.device, memory_format) if needs_teacher else None
         )
+        train_labels = self.loaders.train.labels if indexed else None
         self.students = [
-            _Student(label, name, c, dist, self.teacher, self.loaders.num_classes, memory_format, len(entries) > 1)
+            _Student(label, name, c, dist, self.teacher, self.loaders.num_classes, memory_format, len(entries) > 1, train_labels)
             for label, name, c in entries
         ]
         self.signals = _StopSignals()
@@ -494,10 +510,10 @@ class _Run:
             disable=not show_bar,
         )
         start = time.perf_counter() - partial["elapsed"]
-        for step, (images, labels) in enumerate(_batches(loader, None if limit is None else limit - done), start=done):
+        for step, (images, labels, *indices) in enumerate(_batches(loader, None if limit is None else limit - done), start=done):
             with autocast(device, cfg.train.amp):
                 teacher = self._teacher_features(images)
-            losses = [student.step(images, labels, teacher, self.epoch, step) for student in self.active]
+            losses = [student.step(images, labels, teacher, self.epoch, step, *indices) for student in self.active]
             bar.update()
             if step % _SYNC_EVERY == 0:
                 self._check_guards()

@@ -18,8 +18,9 @@ Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdf
 * ``z``: 0-d, any floating dtype, read on the device: the normalisation constant (> 0).
   ``temperature``: finite, > 0.
 * ``loss``: 0-d, ``-(1/B) sum_b [log(P_b0 / (P_b0 + c + eps)) + sum_{k>=1} log(c / (P_bk + c + eps))]``,
-  ``P_bk = exp(s_bk) / z``, ``s_bk = <bank[idx_bk], emb_b> / T``, ``c = K / N``, ``eps = 1e-7``
-  (log P_b0 is computed as ``s_b0 - log z``).
+  ``P_bk = exp(s_bk) / z``, ``s_bk = <bank[idx_bk], emb_b> / T``, ``c = K / N``, ``eps = 1e-7``,
+  the terms computed as ``-log1p((c + eps) / P_b0)`` and ``-log1p((P_bk + eps) / c)`` (no
+  cancellation of a log near 1).
 * ``grad``: (B, D) contiguous, ``d loss / d emb``, computed by the forward from the rows it has
   loaded anyway (the backward only scales it: ``grad_loss * grad``, a new tensor, so the backward
   may run more than once). ``expsum``: (B,), ``sum_k exp(s_bk)``: the peers set ``z`` on their first

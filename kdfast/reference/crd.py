@@ -16,9 +16,11 @@ peers' ``eps = 1e-7``::
     loss    = -(1/B) sum_b [ log(P[b, 0] / (P[b, 0] + c + eps))
                            + sum_{k >= 1} log(c / (P[b, k] + c + eps)) ]
 
-The peers fix ``Z`` on their first batch: ``Z = mean_{b,k} exp(s[b, k]) * N`` over that batch
-(:func:`partition_sums` gives the per-row sums ``sum_k exp(s[b, k])`` it is computed from), then
-keep it. The gradient flows to ``v`` only (the bank is a buffer, ``Z`` a constant)::
+The two terms are computed as ``-log1p((c + eps) / P[b, 0])`` and ``-log1p((P[b, k] + eps) / c)``
+(the same values without the cancellation of a log near 1). The peers fix ``Z`` on their first
+batch, ``Z = mean_{b,k} exp(s[b, k]) * N`` over that batch (:func:`partition_sums` gives the per-row
+sums ``sum_k exp(s[b, k])`` it is computed from), then keep it. The gradient flows to ``v`` only
+(the bank is a buffer, ``Z`` a constant)::
 
     d loss / d v[b] = (1 / (B T)) [ -(c + eps) / (P[b, 0] + c + eps) M[idx[b, 0]]
                                     + sum_{k >= 1} P[b, k] / (P[b, k] + c + eps) M[idx[b, k]] ]
@@ -66,6 +68,8 @@ def crd_loss(emb: Tensor, bank: Tensor, idx: Tensor, z: Tensor, temperature: flo
     """The NCE loss of one side (0-d); see the module docstring."""
     p = scores(emb, bank, idx, temperature).exp() / z.detach().to(compute_dtype(emb.dtype))
     noise = (idx.shape[1] - 1) / float(n_data)
-    positive = torch.log(p[:, 0] / (p[:, 0] + (noise + EPS)))
-    negative = torch.log(noise / (p[:, 1:] + (noise + EPS)))
-    return -(positive.sum() + negative.sum()) / emb.shape[0]
+    # log(P / (P + c + eps)) = -log1p((c + eps) / P) and log(c / (P + c + eps)) = -log1p((P + eps) / c):
+    # the peers' terms without the cancellation of a log near 1 (a positive with P >> c + eps)
+    positive = torch.log1p((noise + EPS) / p[:, 0])
+    negative = torch.log1p((p[:, 1:] + EPS) / noise) if noise > 0 else p[:, 1:]
+    return (positive.sum() + negative.sum()) / emb.shape[0]
