@@ -59,6 +59,7 @@ def device_backends(op: str) -> list:
             if (device == "cpu") != (backend == "cpu") and backend != "triton":
                 continue  # "cpu" runs on CPU tensors only, "cuda" on CUDA tensors only
             marks = [pytest.mark.gpu] if device == "cuda" else []
+            reason: str | None
             if device == "cuda" and not HAS_GPU:
                 reason = "needs a CUDA GPU"
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 
@@ -33,7 +34,9 @@ def test_main_help_lists_subcommands(capsys):
 def test_subcommand_help_lists_every_option(capsys, command):
     text = help_text(capsys, [command, "--help"])
     parser = cli.build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    commands = next(a for a in parser._actions if a.dest == "command")
+    assert isinstance(commands, argparse._SubParsersAction)
+    sub = commands.choices[command]
     for action in sub._actions:
         for flag in action.option_strings:
             assert flag in text, (command, flag)

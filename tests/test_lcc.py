@@ -8,6 +8,8 @@ compile, gradcheck: test_op_contracts.py). Shapes stay tiny: the Triton kernels 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, feature, triton_backends
@@ -278,7 +280,7 @@ def test_gpu_peak_memory(device, backend):
     ],
 )
 def test_bad_input(change, error, match):
-    args = dict(f_s=torch.randn(2, 3, 4, 4), f_t=torch.randn(2, 5, 4, 4))
+    args: dict[str, Any] = dict(f_s=torch.randn(2, 3, 4, 4), f_t=torch.randn(2, 5, 4, 4))
     args.update(change)
     with pytest.raises(error, match=match):
         F.local_correlation_loss(**args)

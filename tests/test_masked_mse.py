@@ -10,6 +10,8 @@ test_op_contracts.py). Shapes stay tiny: the Triton kernels run in the interpret
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
@@ -181,7 +183,7 @@ class Calls(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls = []
+        self.calls: list[tuple[str, Any]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls.append((str(func), args))
@@ -369,7 +371,7 @@ def test_cpp_checks(device, backend):
     ],
 )
 def test_bad_input(change, error, match):
-    args = dict(x=torch.randn(2, 3, 4, 5), y=torch.randn(2, 3, 4, 5), mask=torch.rand(2, 1, 4, 5))
+    args: dict[str, Any] = dict(x=torch.randn(2, 3, 4, 5), y=torch.randn(2, 3, 4, 5), mask=torch.rand(2, 1, 4, 5))
     args.update(change)
     with pytest.raises(error, match=match):
         F.masked_mse(**args)

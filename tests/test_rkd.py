@@ -9,6 +9,8 @@ Shapes stay tiny: the Triton kernels run in the interpreter here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -244,7 +246,7 @@ def test_launcher_checks(device, backend):
     ],
 )
 def test_bad_input(change, error, match):
-    args = dict(e_s=torch.randn(4, 3), e_t=torch.randn(4, 5))
+    args: dict[str, Any] = dict(e_s=torch.randn(4, 3), e_t=torch.randn(4, 5))
     args.update(change)
     with pytest.raises(error, match=match):
         F.rkd_loss(**args)

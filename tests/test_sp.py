@@ -9,6 +9,8 @@ kernels run in the interpreter here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, feature, triton_backends
@@ -221,7 +223,7 @@ def test_launcher_checks(device, backend):
     ],
 )
 def test_bad_input(change, error, match):
-    args = dict(f_s=torch.randn(4, 3), f_t=torch.randn(4, 5))
+    args: dict[str, Any] = dict(f_s=torch.randn(4, 3), f_t=torch.randn(4, 5))
     args.update(change)
     with pytest.raises(error, match=match):
         F.sp_loss(**args)
