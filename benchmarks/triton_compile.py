@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def _describe_binding(fn, signature: dict, constexprs: dict, attrs: dict) -> tup
         for path, value in constexprs.items()
         if names[path[0]] not in ("debug", "instrumentation_mode")
     )
-    attr_of = defaultdict(list)
+    attr_of: defaultdict[int, list[str]] = defaultdict(list)
     for path, values in attrs.items():
         attr_of[path[0]] += [
             ("" if len(path) == 1 else f"{label(path)}:") + (f"div{v}" if k == "tt.divisibility" else f"{k}={v}")
@@ -261,6 +262,7 @@ def specialise(launches: list[Launch], arch: int) -> list[Specialisation]:
 def compile_all(specs: list[Specialisation], arch: int, jobs: int) -> None:
     """Fills every specialisation's ``result`` (``jobs`` processes)."""
     work = [(spec.launch, arch) for spec in specs]
+    results: Iterator[dict]
     if jobs <= 1:
         results = map(compile_one, work)
     else:  # fork: the workers inherit the imported kernel modules (and the import shim)
@@ -350,7 +352,7 @@ def check(arch_names: list[str], ops: tuple[str, ...], jobs: int, out: Path) -> 
         found = errors + failures(specs, device)
         path = out / f"triton-compile-{name}-triton{triton.__version__}.csv"
         write_table(path, specs)
-        cpu = defaultdict(float)
+        cpu: defaultdict[str, float] = defaultdict(float)
         for spec in specs:
             cpu[spec.launch.op] += spec.result.get("cpu_seconds", 0.0)
         print(
