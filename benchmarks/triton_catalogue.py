@@ -163,6 +163,19 @@ HCL = (
 )
 HCL_LEVELS = ((4, 2, 1), (), (5, 2, 1, 1))
 
+# CRD: (dtypes, B, K + 1, D, N) (bench_crd.py: the peers' 16384 negatives at batches 64 and 256,
+# 4096 negatives with a CIFAR and an ImageNet-size bank), edges: B = D = N = 1 and K = 0, odd sizes,
+# the largest D (1024).
+CRD = (
+    (ALL, 64, 16385, 128, 50000),
+    (TRAINING, 64, 4097, 128, 50000),
+    (TRAINING, 256, 16385, 128, 50000),
+    (TRAINING, 256, 4097, 128, 1281167),
+    (EDGE, 1, 1, 1, 1),
+    (EDGE, 3, 7, 33, 5),
+    (EDGE, 2, 5, 1024, 9),
+)
+
 # ----------------------------------------------------------------------------- tensors
 
 
@@ -269,6 +282,13 @@ def _hcl(batch, stages, dtype, layout, level_sets):
         hcl.hcl_backward(_empty((len(f_s),), _acc(dtype)), f_s, f_t, cells, list(levels))
 
 
+def _crd(batch, columns, dim, rows, dtype, layout):
+    crd = kernel_module("crd")
+    emb, bank = _empty((batch, dim), dtype, layout), _empty((rows, dim), dtype, layout)
+    idx = torch.empty((batch, columns), dtype=torch.int64, device="meta")
+    crd.crd_forward(emb, bank, idx, _empty((), torch.float32), 0.07)
+
+
 def _map_distance(batch, students, groups, dtype, att_layout):
     md = kernel_module("map_distance")
     acc = _acc(dtype)  # the values come from the AT op's maps: float32 (float64)
@@ -302,6 +322,9 @@ def _op_cases() -> Iterator[tuple[str, tuple[str, ...], str, Callable[[torch.dty
         for op, table, drive in (("sp", SP, _sp), ("rkd", RKD, _rkd)):
             for dtypes, b, ds, dt in table:
                 yield op, dtypes, f"{layout} B={b} Ds={ds} Dt={dt}", lambda d, f=drive, a=(b, ds, dt), lay=layout: f(*a, d, lay)
+    for layout in MATRIX_LAYOUTS:  # emb and bank: contiguous, or rows of a wider buffer
+        for dtypes, b, k1, d, n in CRD:
+            yield "crd", dtypes, f"{layout} B={b} K+1={k1} D={d} N={n}", lambda dt, a=(b, k1, d, n), lay=layout: _crd(*a, dt, lay)
     for layout in MAP_LAYOUTS:
         for i, (dtypes, b, stages) in enumerate(AT_NETWORKS):
             powers = AT_POWERS if i == 0 else AT_POWERS[:1]
@@ -347,7 +370,7 @@ def _op_cases() -> Iterator[tuple[str, tuple[str, ...], str, Callable[[torch.dty
             )
 
 
-OPS = ("kd", "dkd", "at", "lcc", "sp", "rkd", "masked_mse", "block_attention", "map_distance", "hcl")
+OPS = ("kd", "dkd", "at", "lcc", "sp", "rkd", "masked_mse", "block_attention", "map_distance", "hcl", "crd")
 
 
 def cases(ops: tuple[str, ...] = OPS, main_only: bool = False) -> Iterator[Case]:
