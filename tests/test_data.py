@@ -26,6 +26,7 @@ from kdfast.data import (
     load_digits32,
     pad_crop_flip,
 )
+from kdfast.data.imagenet import WorkerLoader
 
 REAL_CIFAR10 = Path(__file__).resolve().parents[1] / "shared" / "data"
 if not (REAL_CIFAR10 / "cifar-10-batches-py").is_dir():
@@ -328,6 +329,7 @@ def test_digits_default():
 
 def test_digits_are_not_flipped_and_cifar_is():
     digits_train = build_loaders("digits", batch_size=8).train
+    assert isinstance(digits_train, ResidentLoader)
     assert not digits_train.flip and not digits_train._augment_draws(0)[2].any()
     images, labels = torch.zeros(64, 3, 8, 8, dtype=torch.uint8), torch.arange(64) % 10
     loader = ResidentLoader(images, labels, 8, mean=(0.5,) * 3, std=(0.5,) * 3, train=True)
@@ -337,6 +339,7 @@ def test_digits_are_not_flipped_and_cifar_is():
 def test_train_per_class_keeps_the_first_images_of_each_class():
     images, labels = load_digits32(train=True)
     train = build_loaders("digits", batch_size=10, train_per_class=5).train
+    assert isinstance(train, ResidentLoader)
     assert train.num_samples == 50 and torch.bincount(train.labels).tolist() == [5] * 10
     expected = torch.cat([torch.nonzero(labels == c)[:5, 0] for c in range(10)]).sort().values
     assert torch.equal(train.images, images[expected]) and torch.equal(train.labels, labels[expected])
@@ -414,7 +417,7 @@ def test_image_folder_on_cuda(tmp_path):
     make_image_tree(tmp_path)
     # the PIL path's copy to the device (decode="auto" would pick the nvJPEG path: tests/test_imagenet_decode.py)
     on_gpu = build_loaders("imagenet", tmp_path, batch_size=2, workers=1, device="cuda", decode="cpu").train
-    assert on_gpu.dataloader.pin_memory
+    assert isinstance(on_gpu, WorkerLoader) and on_gpu.dataloader.pin_memory
     on_cpu = epoch_batches(build_loaders("imagenet", tmp_path, batch_size=2, workers=0).train)
     for (x, y), (x_cpu, y_cpu) in zip(on_gpu, on_cpu):
         assert x.is_cuda and torch.equal(y.cpu(), y_cpu)

@@ -29,7 +29,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -276,7 +276,7 @@ class WorkerLoader(ScheduledLoader):
         workers = default_workers() if workers is None else workers
         # A private generator: the DataLoader then draws its worker base seeds without consuming the
         # global RNG (the images' randomness comes from SeededImageFolder anyway).
-        self.dataloader = DataLoader(
+        self.dataloader: DataLoader[Any] = DataLoader(
             dataset,
             batch_sampler=_ScheduleBatches(self.schedule),
             num_workers=workers,
@@ -291,7 +291,7 @@ class WorkerLoader(ScheduledLoader):
         """The (N,) int64 labels of every image, in dataset order."""
         return torch.as_tensor(self.dataset.targets, dtype=torch.int64)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         # the index batches the sampler hands out when the iteration starts (yield_indices)
         indices = iter(self.schedule.remaining(self.device)) if self.yield_indices else None
         for batch in self.dataloader:

@@ -74,7 +74,7 @@ class ResidentLoader(ScheduledLoader):
         flip = torch.randint(0, 2, (n,), generator=generator, dtype=torch.bool) & self.flip
         return offsets[0].to(self.device), offsets[1].to(self.device), flip.to(self.device)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         draws = self._augment_draws(self.schedule.epoch) if self.train else None
         for index in self.schedule.remaining(self.device):
             self.schedule.advance()

@@ -15,6 +15,7 @@ share this schedule, so they shard, shuffle and resume alike:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -153,6 +154,11 @@ class ScheduledLoader:
 
     def __len__(self) -> int:
         return len(self.schedule)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        """The batches left in the current epoch: ``(images, labels)``, or ``(images, labels,
+        indices)`` with ``yield_indices`` (each loader's own)."""
+        raise NotImplementedError
 
     @property
     def batch_size(self) -> int:
