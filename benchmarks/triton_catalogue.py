@@ -10,6 +10,7 @@ Layouts: "contiguous" and "channels_last" for (B, C, H, W) maps; for matrices "c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -315,33 +316,37 @@ class Case:
 
 def _op_cases() -> Iterator[tuple[str, tuple[str, ...], str, Callable[[torch.dtype], None]]]:
     """(op, dtypes, case label, driver of a dtype) of every table row and layout."""
+    # functools.partial binds a row's arguments; the case calls it with the dtype. dtypes and b
+    # are declared once: every table's loop assigns them (with tuples of different lengths).
+    dtypes: tuple[str, ...]
+    b: int
     for dtypes, b, n in LOGITS:  # contiguous: a strided row only changes the stride's divisibility
-        for op, drive in (("kd", _kd), ("dkd", _dkd)):
-            yield op, dtypes, f"B={b} K={n}", lambda d, f=drive, b=b, n=n: f(b, n, d)
+        yield "kd", dtypes, f"B={b} K={n}", functools.partial(_kd, b, n)
+        yield "dkd", dtypes, f"B={b} K={n}", functools.partial(_dkd, b, n)
     for layout in MATRIX_LAYOUTS:
-        for op, table, drive in (("sp", SP, _sp), ("rkd", RKD, _rkd)):
+        for op, table, matrix in (("sp", SP, _sp), ("rkd", RKD, _rkd)):
             for dtypes, b, ds, dt in table:
-                yield op, dtypes, f"{layout} B={b} Ds={ds} Dt={dt}", lambda d, f=drive, a=(b, ds, dt), lay=layout: f(*a, d, lay)
+                yield op, dtypes, f"{layout} B={b} Ds={ds} Dt={dt}", functools.partial(matrix, b, ds, dt, layout=layout)
     for layout in MATRIX_LAYOUTS:  # emb and bank: contiguous, or rows of a wider buffer
         for dtypes, b, k1, d, n in CRD:
-            yield "crd", dtypes, f"{layout} B={b} K+1={k1} D={d} N={n}", lambda dt, a=(b, k1, d, n), lay=layout: _crd(*a, dt, lay)
+            yield "crd", dtypes, f"{layout} B={b} K+1={k1} D={d} N={n}", functools.partial(_crd, b, k1, d, n, layout=layout)
     for layout in MAP_LAYOUTS:
         for i, (dtypes, b, stages) in enumerate(AT_NETWORKS):
             powers = AT_POWERS if i == 0 else AT_POWERS[:1]
-            yield "at", dtypes, f"{layout} {_label(b, stages)}", lambda d, a=(b, stages), lay=layout, p=powers: _at(*a, d, lay, p)
+            yield "at", dtypes, f"{layout} {_label(b, stages)}", functools.partial(_at, b, stages, layout=layout, powers=powers)
         for dtypes, b, cs, ct, h, w, g in LCC:
             yield (
                 "lcc",
                 dtypes,
                 f"{layout} B={b} Cs={cs} Ct={ct} {h}x{w} grid={g}",
-                lambda d, a=(b, cs, ct, h, w, g), lay=layout: _lcc(*a, d, lay),
+                functools.partial(_lcc, b, cs, ct, h, w, g, layout=layout),
             )
         for dtypes, shape in MASKED_MSE:
             yield (
                 "masked_mse",
                 dtypes,
                 f"{layout} {'x'.join(map(str, shape))}",
-                lambda d, s=shape, lay=layout: _masked_mse(s, d, lay),
+                functools.partial(_masked_mse, shape, layout=layout),
             )
         for dtypes, name, b, students, teachers, uses in BLOCK_ATTENTION:
             for mode, grid, local in uses:
@@ -350,7 +355,7 @@ def _op_cases() -> Iterator[tuple[str, tuple[str, ...], str, Callable[[torch.dty
                     "block_attention",
                     dtypes,
                     label,
-                    lambda d, a=(b, students, teachers, mode, grid, local), lay=layout: _block_attention(*a, d, lay),
+                    functools.partial(_block_attention, b, students, teachers, mode, grid, local, layout=layout),
                 )
         for i, (dtypes, name, b, stages) in enumerate(HCL):
             level_sets = HCL_LEVELS if i == 0 else HCL_LEVELS[:1]
@@ -358,15 +363,15 @@ def _op_cases() -> Iterator[tuple[str, tuple[str, ...], str, Callable[[torch.dty
                 "hcl",
                 dtypes,
                 f"{layout} {name} {_label(b, stages)}",
-                lambda d, a=(b, stages), lay=layout, ls=level_sets: _hcl(*a, d, lay, ls),
+                functools.partial(_hcl, b, stages, layout=layout, level_sets=level_sets),
             )
-    for dtypes, name, b, students, groups in MAP_DISTANCE:
+    for dtypes, name, b, n_students, groups in MAP_DISTANCE:
         for att in ("contiguous", "expanded"):
             yield (
                 "map_distance",
                 dtypes,
-                f"att {att} {name} B={b} S={students} groups={groups}",
-                lambda d, a=(b, students, groups), att=att: _map_distance(*a, d, att),
+                f"att {att} {name} B={b} S={n_students} groups={groups}",
+                functools.partial(_map_distance, b, n_students, groups, att_layout=att),
             )
 
 
@@ -379,4 +384,4 @@ def cases(ops: tuple[str, ...] = OPS, main_only: bool = False) -> Iterator[Case]
     for op, dtypes, label, drive in _op_cases():
         if op in ops and (dtypes is ALL or not main_only):
             for name in TRAINING if main_only else dtypes:
-                yield Case(op, name, label, lambda drive=drive, dtype=DTYPES[name]: drive(dtype))
+                yield Case(op, name, label, functools.partial(drive, DTYPES[name]))
