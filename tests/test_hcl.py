@@ -11,6 +11,8 @@ kernels run in the interpreter and the CUDA kernels in the emulation here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,7 +67,8 @@ def check(backend, f_s, f_t, levels=ref.LEVELS, loss_tol=2e-5, grad_tol=2e-5, fl
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(device, backend, dtype):
-    check(backend, *pairs(dtype=dtype, device=device), loss_tol=TOL[dtype][0], grad_tol=TOL[dtype][1])
+    f_s, f_t = pairs(dtype=dtype, device=device)
+    check(backend, f_s, f_t, loss_tol=TOL[dtype][0], grad_tol=TOL[dtype][1])
 
 
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
@@ -73,7 +76,8 @@ def test_matches_reference(device, backend, dtype):
 def test_levels(device, backend, levels):
     """No level, one, an unsorted pair, four levels of 31 bins together (the limit is 32)."""
     shapes = ((2, 3, 6, 7), (2, 2, 3, 3), (2, 4, 11, 5))
-    check(backend, *pairs(shapes, device=device, seed=1), levels)
+    f_s, f_t = pairs(shapes, device=device, seed=1)
+    check(backend, f_s, f_t, levels)
 
 
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
@@ -103,13 +107,15 @@ def test_layouts(device, backend, layout):
 )
 def test_shapes(device, backend, shapes):
     """Single elements, rows, columns, non-square maps, several channel and position blocks."""
-    check(backend, *pairs(shapes, device=device, seed=5))
+    f_s, f_t = pairs(shapes, device=device, seed=5)
+    check(backend, f_s, f_t)
 
 
 @pytest.mark.parametrize("device,backend", FUSED)
 def test_more_stages_than_one_launch_holds(device, backend):
     shapes = tuple((2, 1 + i % 3, 2 + i % 4, 3) for i in range(10))
-    check(backend, *pairs(shapes, device=device, seed=6))
+    f_s, f_t = pairs(shapes, device=device, seed=6)
+    check(backend, f_s, f_t)
 
 
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
@@ -190,7 +196,7 @@ def test_float32_and_unchanged_under_autocast(device, backend):
 def peer_hcl(fstudent: list[Tensor], fteacher: list[Tensor]) -> Tensor:
     """ReviewKD's hcl as the authors' code and mdistiller write it, transcribed: per stage the full
     MSE plus the pooled MSEs at 4, 2, 1 below the map's height, weights halving, normalised."""
-    total = 0.0
+    total = fstudent[0].new_zeros(())
     for fs, ft in zip(fstudent, fteacher):
         height = fs.shape[2]
         stage = F.mse_loss(fs, ft, reduction="mean")
@@ -307,7 +313,7 @@ def test_cpp_checks(device, backend):
     ],
 )
 def test_bad_input(change, error, match):
-    args = dict(f_s=[torch.randn(2, 3, 4, 4)], f_t=[torch.randn(2, 3, 4, 4)])
+    args: dict[str, Any] = dict(f_s=[torch.randn(2, 3, 4, 4)], f_t=[torch.randn(2, 3, 4, 4)])
     args.update(change)
     with pytest.raises(error, match=match):
         KF.hcl_loss(**args)

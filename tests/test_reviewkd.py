@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdfast import distillers, models
+from kdfast.distillers.reviewkd import ReviewKDParams
 from kdfast.engine import checkpoint, load_config, train
 from kdfast.engine.trainer import image_size
 
@@ -100,7 +102,7 @@ def test_parameter_names_are_the_peers():
 # --- mdistiller's forward_train, transcribed (the feature side; CE is the base class's)
 
 
-def peer_abf(abf, x: Tensor, y: Tensor | None, shape: int | None, out_shape: int) -> tuple[Tensor, Tensor]:
+def peer_abf(abf: Any, x: Tensor, y: Any, shape: Any, out_shape: int) -> tuple[Tensor, Tensor]:
     n, _, h, w = x.shape
     x = abf.conv1(x)
     if abf.att_conv is not None:
@@ -113,7 +115,7 @@ def peer_abf(abf, x: Tensor, y: Tensor | None, shape: int | None, out_shape: int
 
 
 def peer_hcl(fstudent: list[Tensor], fteacher: list[Tensor]) -> Tensor:
-    total = 0.0
+    total = fstudent[0].new_zeros(())
     for fs, ft in zip(fstudent, fteacher):
         stage = F.mse_loss(fs, ft, reduction="mean")
         weight, norm = 1.0, 1.0
@@ -251,11 +253,13 @@ def test_configs_are_shipped_with_the_peers_weights():
         key = (cfg.model.teacher, cfg.model.student)
         assert key in PEER_TABLES, name
         params = distillers.make_params("reviewkd", cfg.method.params)
+        assert isinstance(params, ReviewKDParams)
         assert params.reviewkd_weight == PEER_WEIGHTS.get(key, 1.0), name
         assert (params.warmup, params.levels, params.ce_weight) == (20, [4, 2, 1], 1.0), name
         assert (cfg.train.epochs, cfg.data.batch_size, cfg.optim.milestones) == (240, 64, [150, 180, 210])
     cfg = load_config("imagenet/reviewkd/ResNet34_ResNet18", check_files=False)
     params = distillers.make_params("reviewkd", cfg.method.params)
+    assert isinstance(params, ReviewKDParams)
     assert (params.reviewkd_weight, params.warmup, params.student_preact, params.teacher_preact) == (1.0, 1, True, True)
     assert (cfg.model.teacher, cfg.model.student, cfg.train.epochs) == ("ResNet34", "ResNet18", 100)
 

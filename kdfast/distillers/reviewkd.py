@@ -73,17 +73,22 @@ class ABF(nn.Module):
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool) -> None:
         super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
-        self.conv2 = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels))
+        reduce = nn.Conv2d(in_channels, mid_channels, 1, bias=False)
+        self.conv1 = nn.Sequential(reduce, nn.BatchNorm2d(mid_channels))
+        expand = nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Sequential(expand, nn.BatchNorm2d(out_channels))
         self.att_conv = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
-        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
-        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+        # after every module is built, as the peers do (the same random draws for a seed)
+        nn.init.kaiming_uniform_(reduce.weight, a=1)
+        nn.init.kaiming_uniform_(expand.weight, a=1)
 
     def forward(
         self, x: Tensor, residual: Tensor | None, size: tuple[int, int], out_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
         fused = self.conv1(x)
         if self.att_conv is not None:
+            if residual is None:
+                raise ValueError("ABF: a fusing level needs the residual of the level above")
             above = F.interpolate(residual, size, mode="nearest")
             gates = self.att_conv(torch.cat([fused, above], dim=1))
             fused = fused * gates[:, 0:1] + above * gates[:, 1:2]
@@ -100,7 +105,7 @@ def level_maps(features: Features, preact: bool) -> list[Tensor]:
 
 
 @torch.no_grad()
-def _level_shapes(model: KDModel, image_size: int, preact: bool) -> list[tuple[int, int, int]]:
+def _level_shapes(model: KDModel, image_size: int, preact: bool) -> list[tuple[int, ...]]:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -121,11 +126,11 @@ def build_fusion(
             f"ReviewKD: the student has {len(s_shapes)} levels {s_shapes} and the teacher {len(t_shapes)} "
             f"{t_shapes} (stages after the stem and the pooled embedding): they must have as many"
         )
-    in_channels = [c for c, _, _ in s_shapes]
+    in_channels = [shape[0] for shape in s_shapes]
     mid = min(params.max_mid_channels, in_channels[-1])
     last = len(s_shapes) - 1
     abfs = nn.ModuleList(ABF(in_channels[i], mid, t_shapes[i][0], fuse=i < last) for i in reversed(range(len(s_shapes))))
-    return abfs, [tuple(shape[1:]) for shape in reversed(s_shapes)], [tuple(shape[1:]) for shape in reversed(t_shapes)]
+    return abfs, [(shape[1], shape[2]) for shape in reversed(s_shapes)], [(shape[1], shape[2]) for shape in reversed(t_shapes)]
 
 
 def fuse_levels(
@@ -147,6 +152,7 @@ class ReviewKD(Distiller):
     owns the ABF modules (``abfs``, deepest first)."""
 
     params_class = ReviewKDParams
+    params: ReviewKDParams
 
     def __init__(self, student: KDModel, teacher: KDModel, params: ReviewKDParams, image_size: int = 32) -> None:
         super().__init__(student, teacher, params, image_size)

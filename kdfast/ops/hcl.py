@@ -74,7 +74,7 @@ def _setup(ctx, inputs, output):
 def _backward(ops, ctx, grad_losses, _grad_cells):
     n = ctx.stages
     # one gradient per input, in the inputs' structure (an empty int list is a list, others a leaf)
-    no_levels = [] if not ctx.levels else None
+    no_levels: list[None] | None = [] if not ctx.levels else None
     if grad_losses is None:
         return [None] * n, [None] * n, no_levels
     saved = ctx.saved_tensors
