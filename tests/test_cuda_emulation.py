@@ -193,6 +193,8 @@ def _cases():
     md_s = [_randn(2, 4, 6, 6, seed=18, grad=True), _randn(2, 5, 3, 3, seed=19, grad=True)]
     md_t = [_randn(2, 3, 6, 6, seed=20), _randn(2, 2, 3, 3, seed=21)]
     att = _randn(2, 2, 2, seed=22).softmax(-1).requires_grad_()
+    hcl_s = [_randn(2, 5, 7, 6, seed=23, grad=True), _randn(2, 9, 4, 4, seed=24, grad=True, channels_last=True)]
+    hcl_t = [_randn(2, 5, 7, 6, seed=25), _randn(2, 9, 4, 4, seed=26)]
     return {
         "at": _with_grads(lambda: F.at_loss(at_s, at_t, backend=b), at_s),
         "kd_warp": _with_grads(lambda: F.kd_loss(warp_s, warp_t, backend=b), [warp_s]),
@@ -206,6 +208,7 @@ def _cases():
         "block_attention_ndam": _with_grads(lambda: F.ndam_loss(ba_f, ba_h, ba_t, grid=2, backend=b), [ba_f, ba_h]),
         "block_attention_aft": _with_grads(lambda: F.aft_loss(ba_f, ba_h, ba_t, grid=2, backend=b), [ba_f, ba_h]),
         "map_distance": _with_grads(lambda: F.map_distance_loss(md_s, md_t, att, backend=b), [*md_s, att]),
+        "hcl": _with_grads(lambda: F.hcl_loss(hcl_s, hcl_t, backend=b), hcl_s),
     }
 
 
