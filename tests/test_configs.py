@@ -90,6 +90,7 @@ def one_step(cfg: Config) -> dict[str, float]:
     method = distillers.get(cfg.method.name)
     teacher = None
     if method.needs_teacher:
+        assert cfg.model.teacher is not None
         teacher = models.create(cfg.model.teacher, classes, dataset=dataset).eval().requires_grad_(False)
     distiller = build_distiller(cfg, classes, teacher)
     params = distiller.sgd_parameters()

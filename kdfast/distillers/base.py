@@ -82,6 +82,11 @@ class Distiller(nn.Module):
     def after_step(self, epoch: int) -> None:
         """Called after every optimizer step of the engine (``epoch`` counts from 1)."""
 
+    def bind_training_set(self, labels: Tensor) -> None:
+        """Called by the engine before training, for a method that :attr:`uses_sample_indices`, with
+        the (N,) labels of every training image (CRD's memory banks); such a method defines it."""
+        raise NotImplementedError(f"method {type(self).__name__} does not bind a training set")
+
     @torch.no_grad()
     def inspect(self, images: Tensor, labels: Tensor, teacher: Features | None) -> dict[str, Tensor]:
         """Named (N, h, w) maps that show what the method transfers for a batch, drawn by
