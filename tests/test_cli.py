@@ -189,6 +189,7 @@ PEER_EXTRAS = {
     "lakd": lambda d: d.local,
     "afd": lambda d: d.attention,
     "reviewkd": lambda d: d.abfs,
+    "crd": lambda d: d.contrast,
 }
 
 
@@ -210,12 +211,19 @@ def test_e2e_peer_matches_distiller(method):
     y = torch.randint(0, bench.PAIRS["cifar100"].classes, (4,))
     with torch.no_grad():
         feats = teacher.features(x)
+    kwargs, peer_args = {}, ()
+    if distiller.uses_sample_indices:  # CRD: a training set whose first 4 images are the batch, one contrast draw
+        distiller.bind_training_set(bench.training_labels(y, bench.PAIRS["cifar100"].classes))
+        extras.load_state_dict(PEER_EXTRAS[method](distiller).state_dict())  # the banks and Z too
+        index = torch.arange(4)
+        kwargs = {"indices": index, "contrast_indices": distiller.sample(index, y)}
+        peer_args = (index, kwargs["contrast_indices"])
 
-    _, losses = distiller(x, y, feats, bench.STEP_EPOCH)
+    _, losses = distiller(x, y, feats, bench.STEP_EPOCH, **kwargs)
     total = sum(losses.values())
     if not distiller.backward_done:
         total.backward()
-    expected = peer_loss(x, feats, y)
+    expected = peer_loss(x, feats, y, *peer_args)
     expected.backward()
 
     torch.testing.assert_close(total.detach(), expected.detach(), rtol=1e-10, atol=0)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from kdfast import distillers, models
 from kdfast.distillers.afd import LayerAttention
 from kdfast.distillers.base import feature_shapes
+from kdfast.distillers.crd import Contrast, pooled_dim
 from kdfast.distillers.local import LocalModules, ModuleOutput, stage_boundaries
 from kdfast.distillers.reviewkd import build_fusion, fuse_levels, level_maps
 from kdfast.engine import results
@@ -54,6 +56,7 @@ from kdfast.nn import ClassAwareAttention
 from kdfast.numerics.block_attention import weigh as weigh_blocks
 from kdfast.reference import at as ref_at
 from kdfast.reference import block_attention as ref_ndam
+from kdfast.reference import crd as ref_crd
 from kdfast.reference import dkd as ref_dkd
 from kdfast.reference import hcl as ref_hcl
 from kdfast.reference import kd as ref_kd
@@ -168,6 +171,62 @@ def _reviewkd_peer(student: KDModel, teacher: KDModel) -> tuple[PeerLoss, nn.Mod
     return loss, abfs
 
 
+E2E_TRAINING_SET = 50_000  # CRD's memory banks: a CIFAR-100-size training set
+
+
+def training_labels(labels: Tensor, classes: int) -> Tensor:
+    """The training set that a method with per-image state (CRD) is bound to: the synthetic images
+    are its first rows, the rest of a CIFAR-100-size set (labels cycling over the classes) only
+    gives the memory banks their size."""
+    return torch.cat([labels, torch.arange(E2E_TRAINING_SET - len(labels)) % classes])
+
+
+def peer_contrast_indices(labels: Tensor, count: int, negatives: int, seed: int = 0) -> Tensor:
+    """(count, 1 + negatives) int64: the peers' dataset-side draw (RepDistiller's and mdistiller's
+    ``CIFAR100InstanceSample``, mode "exact") for the first `count` images of the training set
+    `labels`: the image's own row, then `negatives` images of other classes, numpy's choice without
+    replacement (with, where a class has fewer other images)."""
+    rng, values = np.random.RandomState(seed), labels.numpy()
+    rows = []
+    for i in range(count):
+        others = np.flatnonzero(values != values[i])
+        rows.append(np.concatenate([[i], rng.choice(others, negatives, replace=negatives > len(others))]))
+    return torch.from_numpy(np.stack(rows)).long()
+
+
+def _crd_peer(student: KDModel, teacher: KDModel) -> tuple[Callable[..., Tensor], nn.Module]:
+    """RepDistiller's CRD (``CRDLoss`` + ``ContrastMemory``), eager: the (B, K+1, 128) bank rows
+    gathered with ``index_select``, ``bmm``, exp / Z, the NCE terms (kdfast.reference.crd), Z set
+    on the first batch, the momentum update of the batch's rows; ``CE + 0.8 (L_s + L_t)``. Its
+    extras are a :class:`~kdfast.distillers.crd.Contrast` (the embedding heads, banks and Z; bound
+    by the caller), whose own methods it does not use. Takes ``(x, t, y, index, contrast_index)``."""
+    params = distillers.make_params("crd", DISTILLER_PARAMS.get("crd", {}))
+    contrast = Contrast(pooled_dim(student, 32), pooled_dim(teacher, 32), params.feat_dim)
+
+    def normalize(v: Tensor) -> Tensor:  # the peers' Normalize
+        return v.div(v.pow(2).sum(1, keepdim=True).pow(0.5))
+
+    def loss(x: Tensor, t: Features, y: Tensor, index: Tensor, contrast_index: Tensor) -> Tensor:
+        s = student.features(x)
+        v_s, v_t = normalize(contrast.embed_s.linear(s.pooled)), normalize(contrast.embed_t.linear(t.pooled))
+        temperature, n = params.nce_temperature, contrast.num_data
+        if not contrast.z_set:
+            for side, (v, bank) in enumerate(((v_s, contrast.memory_t), (v_t, contrast.memory_s))):
+                expsum = ref_crd.partition_sums(v, bank, contrast_index, temperature)
+                contrast.z[side] = (expsum.sum() / contrast_index.numel() * n).item()
+            contrast.z_set = True
+        loss_s = ref_crd.crd_loss(v_s, contrast.memory_t, contrast_index, contrast.z[0], temperature, n)
+        loss_t = ref_crd.crd_loss(v_t, contrast.memory_s, contrast_index, contrast.z[1], temperature, n)
+        with torch.no_grad():
+            m = params.nce_momentum
+            for bank, v in ((contrast.memory_s, v_s), (contrast.memory_t, v_t)):
+                rows = torch.index_select(bank, 0, index).mul_(m).add_(torch.mul(v, 1 - m))
+                bank.index_copy_(0, index, normalize(rows))
+        return F.cross_entropy(s.logits, y) + params.feat_weight * (loss_s + loss_t)
+
+    return loss, contrast
+
+
 REFERENCE_METHODS: dict[str, Peer] = {
     "kd": _on_features(lambda s, t, y: 0.1 * F.cross_entropy(s.logits, y) + 0.9 * ref_kd.kd_loss(s.logits, t.logits, 4.0)),
     "at": _on_features(
@@ -180,6 +239,7 @@ REFERENCE_METHODS: dict[str, Peer] = {
     "lakd": _lakd_peer,
     "afd": _with_extras(_afd_loss, _afd_attention),
     "reviewkd": _reviewkd_peer,
+    "crd": _crd_peer,  # type: ignore[dict-item]  # its loss also takes the batch's indices
 }
 """method -> its eager peer, f(student, teacher) = (loss, trainable extras)."""
 if tuple(REFERENCE_METHODS) != METHODS:
@@ -230,16 +290,21 @@ def _kdfast_step(
         runs.append((distiller, torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)))
     images = data[0].to(device).contiguous(memory_format=torch.channels_last)
     labels = data[1].to(device)
-    batches = _cycle(list(zip(images.split(batch), labels.split(batch), strict=True)))
+    indexed = distillers.get(method).uses_sample_indices
+    for distiller, _ in runs if indexed else ():  # CRD: bound to a CIFAR-100-size training set
+        distiller.bind_training_set(training_labels(data[1], pair.classes).to(device))
+    indices = torch.arange(len(labels), device=device)
+    batches = _cycle(list(zip(images.split(batch), labels.split(batch), indices.split(batch), strict=True)))
 
     def step() -> None:
-        x, y = next(batches)
+        x, y, i = next(batches)
+        extra = {"indices": i} if indexed else {}
         with autocast(device, "auto"), torch.inference_mode():
             feats = t.features(x)
         for distiller, opt in runs:
             opt.zero_grad(set_to_none=True)
             with autocast(device, "auto"):
-                _, losses = distiller(x, y, feats, STEP_EPOCH)
+                _, losses = distiller(x, y, feats, STEP_EPOCH, **extra)
             if not distiller.backward_done:
                 sum(losses.values()).backward()
             opt.step()
@@ -253,14 +318,20 @@ def _eager_step(method: str, pair: Pair, device: torch.device, data: tuple[Tenso
     loss_fn, extras = REFERENCE_METHODS[method](s, t)
     extras.to(device)
     opt = torch.optim.SGD([*s.parameters(), *extras.parameters()], lr=0.05, momentum=0.9, weight_decay=5e-4)
-    loader = DataLoader(TensorDataset(*data), batch_size=batch, shuffle=True, drop_last=True)
+    tensors: tuple[Tensor, ...] = data
+    if distillers.get(method).uses_sample_indices:  # CRD: the peers' loader hands (index, contrast_index)
+        labels = training_labels(data[1], pair.classes)
+        extras.bind(labels.to(device))  # type: ignore[operator]  # a Contrast
+        negatives = distillers.make_params(method, DISTILLER_PARAMS.get(method, {})).nce_k  # type: ignore[attr-defined]
+        tensors = (*data, torch.arange(len(data[1])), peer_contrast_indices(labels, len(data[1]), negatives))
+    loader = DataLoader(TensorDataset(*tensors), batch_size=batch, shuffle=True, drop_last=True)
     batches = _cycle(loader)
 
     def step() -> None:
-        x, y = (v.to(device, non_blocking=True) for v in next(batches))
+        x, y, *indices = (v.to(device, non_blocking=True) for v in next(batches))
         with torch.no_grad():
             feats_t = t.features(x)
-        loss = loss_fn(x, feats_t, y)
+        loss = loss_fn(x, feats_t, y, *indices)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
