@@ -6,7 +6,8 @@ order that is not the teachers', a size that does not divide the student's, a st
 to a larger teacher map), T = S = 1, S != T, B = 1, contiguous / channels_last / strided maps,
 several blocks of students and positions per program, map_distances, teacher of another dtype and
 without gradient, inference-mode teacher, autocast, NaN, determinism, AFD's code transcribed, nn
-form, op entry-point checks and bad input (opcheck, compile, gradcheck: test_op_contracts.py). Shapes stay tiny: the Triton kernels run in the interpreter here.
+form, op entry-point checks and bad input (opcheck, compile, gradcheck: test_op_contracts.py).
+Shapes stay tiny: the Triton kernels run in the interpreter here.
 """
 
 from __future__ import annotations
