@@ -48,7 +48,7 @@ from kdfast.distillers.local import LocalModules, ModuleOutput, stage_boundaries
 from kdfast.distillers.reviewkd import build_fusion, fuse_levels, level_maps
 from kdfast.engine import results
 from kdfast.engine.e2e_methods import METHODS
-from kdfast.engine.trainer import autocast
+from kdfast.engine.trainer import autocast, distill_step
 from kdfast.models import Features, KDModel
 from kdfast.models.mobilenet import MobileNetV1
 from kdfast.models.resnet import ImageNetResNet
@@ -302,13 +302,7 @@ def _kdfast_step(
         with autocast(device, "auto"), torch.inference_mode():
             feats = t.features(x)
         for distiller, opt in runs:
-            opt.zero_grad(set_to_none=True)
-            with autocast(device, "auto"):
-                _, losses = distiller(x, y, feats, STEP_EPOCH, **extra)
-            if not distiller.backward_done:
-                sum(losses.values()).backward()
-            opt.step()
-            distiller.after_step(STEP_EPOCH)
+            distill_step(distiller, distiller, opt, (x, y), feats, STEP_EPOCH, device, "auto", **extra)
 
     return step
 

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -100,6 +100,37 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     """bf16 autocast for amp "bf16" (and "auto" on GPU), else nothing."""
     enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def distill_step(
+    module: nn.Module,
+    distiller: distillers.Distiller,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[Tensor, Tensor],
+    teacher: models.Features | None,
+    epoch: int,
+    device: torch.device,
+    amp: str,
+    before_update: Callable[[Tensor], None] | None = None,
+    **extra: Tensor,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """One optimisation step of a distiller, the one the trainer and ``kdfast bench --e2e`` run:
+    zero the gradients, ``module(images, labels, teacher, epoch, **extra)`` under autocast
+    (`module`: the distiller or its compiled form), backward of the summed losses unless the method
+    ran its own, ``before_update(loss)`` (the divergence guard), the optimizer step, the method's
+    ``after_step``. Returns (logits, losses, loss)."""
+    images, labels = batch
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, amp):
+        logits, losses = module(images, labels, teacher, epoch, **extra)
+    loss = sum(losses.values())
+    if not distiller.backward_done:
+        loss.backward()
+    if before_update is not None:
+        before_update(loss)
+    optimizer.step()
+    distiller.after_step(epoch)
+    return logits, losses, loss
 
 
 def _batches(loader: Iterable, limit: int | None) -> Iterable:
@@ -328,18 +359,25 @@ class _Student:
         state; returns the loss. `indices`: the batch's positions in the training set, passed on
         to a method that uses them (``uses_sample_indices``)."""
         extra = {"indices": indices} if self.distiller.uses_sample_indices else {}
-        with self.rng.active():
-            self.optimizer.zero_grad(set_to_none=True)
-            with autocast(self.dist.device, self.cfg.train.amp):
-                logits, losses = self.step_module(images, labels, teacher, epoch, **extra)
-            loss = sum(losses.values())
-            if not self.distiller.backward_done:
-                loss.backward()
+
+        def guard(loss: Tensor) -> None:
             found_inf = self.guard.observe(loss, self.params, step)
             if self.skip:
                 self.optimizer.found_inf = found_inf  # read by the fused SGD step: a bad step changes nothing
-            self.optimizer.step()
-            self.distiller.after_step(epoch)
+
+        with self.rng.active():
+            logits, losses, loss = distill_step(
+                self.step_module,
+                self.distiller,
+                self.optimizer,
+                (images, labels),
+                teacher,
+                epoch,
+                self.dist.device,
+                self.cfg.train.amp,
+                guard,
+                **extra,
+            )
         for key, value in (("loss", loss), *((f"loss.{k}", v) for k, v in losses.items())):
             self.sums[key] = self.sums.get(key, 0.0) + value.detach().double() * labels.numel()
         self.correct += (logits.detach().argmax(1) == labels).sum()
