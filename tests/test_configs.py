@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from kdfast import distillers, models
+from kdfast.distillers.dkd import DKDParams
 from kdfast.engine import load_config
 from kdfast.engine.config import CONFIG_DIR, Config, ConfigError, students
 from kdfast.engine.trainer import build_distiller, image_size
@@ -79,7 +80,8 @@ def test_recipe_lr_and_dkd_beta_of_each_pair(pair):
         cfg = load_config(f"cifar100/{method}/{pair}", check_files=False)
         assert cfg.optim.lr == (0.01 if cfg.model.student in LOW_LR_STUDENTS else 0.05), (method, cfg.optim.lr)
         assert f"{cfg.model.teacher}_{cfg.model.student}" == pair
-    assert load_config(f"cifar100/dkd/{pair}", check_files=False).method.params["beta"] == DKD_BETA[pair]
+    params = distillers.make_params("dkd", load_config(f"cifar100/dkd/{pair}", check_files=False).method.params)
+    assert isinstance(params, DKDParams) and params.beta == DKD_BETA[pair]
 
 
 def one_step(cfg: Config) -> dict[str, float]:
