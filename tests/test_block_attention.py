@@ -6,7 +6,8 @@ aft_loss, every dtype, grids that divide H, that do not (overlapping bins) and t
 L = 1 and L = 3 modules of different shapes, powers 1, 2 (and 1.5, 3 through the op), contiguous /
 channels_last / strided inputs, spatial alignment of h_s and f_t, B = 1, zero and NaN maps,
 several blocks per program, teacher without gradient, inference-mode teacher, autocast, reductions
-and nn forms, determinism and bad input (opcheck, compile, gradcheck: test_op_contracts.py). Shapes stay tiny: the Triton kernels run in the interpreter here.
+and nn forms, determinism and bad input (opcheck, compile, gradcheck: test_op_contracts.py).
+Shapes stay tiny: the Triton kernels run in the interpreter here.
 """
 
 from __future__ import annotations

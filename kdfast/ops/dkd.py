@@ -13,13 +13,11 @@ from kdfast.reference import dkd as reference
 NUM_STATS = 6  # [lse_s, lse_t, lse_other_s, lse_other_t, lse_masked_s, lse_masked_t]
 
 
-
 SPEC = register(
     _row_loss.spec(
         "dkd",
         "Tensor z_s, Tensor z_t, Tensor target, float alpha, float beta, float temperature, bool with_grad",
-        "Tensor grad_loss, Tensor z_s, Tensor z_t, Tensor target, Tensor stats, float alpha, float beta, "
-        "float temperature",
+        "Tensor grad_loss, Tensor z_s, Tensor z_t, Tensor target, Tensor stats, float alpha, float beta, float temperature",
         num_tensors=3,
         num_stats=NUM_STATS,
         samples=lambda: _row_loss.samples(dkd_rows, (1.0, 8.0, 2.0), with_target=True),

@@ -13,7 +13,6 @@ from kdfast.reference import kd as reference
 NUM_STATS = 2  # [lse_s, lse_t]
 
 
-
 SPEC = register(
     _row_loss.spec(
         "kd",
