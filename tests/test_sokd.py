@@ -21,7 +21,7 @@ from kdfast.engine import checkpoint, load_config, train
 from kdfast.engine.config import CONFIG_DIR, ConfigError
 from kdfast.engine.trainer import image_size
 
-BASES = ("fitnet", "at", "lcc")
+BASES = ("fitnet", "at", "lcc", "reviewkd")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -711,3 +711,19 @@ def test_optim_lr_must_match_the_optimizer():
     with pytest.raises(ConfigError, match=r"method.optim_lr \(0.05\) must equal optim.lr \(0.1\)"):
         load_config(SHIPPED[0], overrides=["optim.lr=0.1"], check_files=False)
     load_config(SHIPPED[0], overrides=["optim.lr=0.1", "method.optim_lr=0.1"], check_files=False)
+
+
+def test_around_reviewkd_with_the_whole_map_is_reviewkds_hcl(pair):
+    """Around ReviewKD, with M = 1 everywhere and no augmentation (s(ft) = ft), L_DA is ReviewKD's own
+    HCL over all its levels (teacher_preact off: the level SoKD refines is the stage output)."""
+    teacher, _, x, y, feats = pair
+    d = _sokd(pair, "reviewkd", base_params={"teacher_preact": False, "warmup": 0}, **SMALL)
+    d.eval()
+    student = d.student.features(x)
+    ones = torch.ones(x.shape[0], *feats.stages[-1].shape[2:])
+    losses, _ = d._losses(student, feats, y, augment=False, mask=ones)
+    expected = d.base.distill_losses(student, feats, y, epoch=1)["reviewkd"]
+    torch.testing.assert_close(losses["sokd_da"], expected, rtol=1e-6, atol=1e-7)
+    mask = (torch.rand(ones.shape) > 0.5).float()  # a real M changes the refined level only
+    masked, _ = d._losses(student, feats, y, augment=False, mask=mask)
+    assert not torch.allclose(masked["sokd_da"], expected)

@@ -13,6 +13,15 @@ restricted to the area of mutual interest M (``L_DA``), plus the base's other te
   at their base weights. LCC's op never sends a gradient to the teacher side, so under LCC the
   augmentation is trained by ``L_D`` alone.
 
+* ReviewKD: stage SoKD's ``stage`` (default -1, the last stage; a stage after the stem), ``phi``
+  SoKD's own ConvReg, ``L_DA = hcl_loss(ABF levels, teacher levels)`` over all of ReviewKD's levels
+  (its ``levels`` pooling) where the hint stage's level compares the ABF output and the refined
+  teacher feature ``s(ft)``, both times M (the base restricted to the area of mutual interest, as
+  around LCC). *(reading)*: the refined level is DAFA of the teacher's stage output, as SoKD refines
+  it for every base (ReviewKD itself reads the teacher's pre-activation stages); ReviewKD's warm-up
+  ramp is not applied (``da_weight`` weighs ``L_DA`` from the first epoch); ``da_reduction`` does
+  not apply (the HCL's own means).
+
 The base's ``ce_weight`` and feature-loss weight are SoKD's (``ce_weight``, ``da_weight``): setting
 them in ``base_params`` is an error.
 """
@@ -30,6 +39,7 @@ from kdfast.distillers.at import AT
 from kdfast.distillers.base import Distiller
 from kdfast.distillers.fitnet import FitNet
 from kdfast.distillers.lcc import LCC
+from kdfast.distillers.reviewkd import ReviewKD, level_maps
 from kdfast.distillers.sokd.dam import widen
 from kdfast.models import Features
 from kdfast.numerics.at import AT_MODES
@@ -128,4 +138,31 @@ class LCCAdapter(BaseAdapter):
         return loss, extra
 
 
-BASES: dict[str, BaseAdapter] = {"fitnet": FitNetAdapter(), "at": ATAdapter(), "lcc": LCCAdapter()}
+class ReviewKDAdapter(BaseAdapter):
+    distiller = ReviewKD
+    replaced_keys = ("ce_weight", "reviewkd_weight")
+    uses_sokd_stage = True
+
+    def stage(self, base: Distiller, stage: int | None) -> int:
+        return -1 if stage is None else stage
+
+    def losses(self, base, stage, student, teacher, hint, refined, mask, labels, reduction):
+        p = base.params
+        level = stage % len(student.stages) - 1  # ReviewKD's levels: the stages after the stem, then the embedding
+        if level < 0:
+            raise ValueError(f"SoKD around ReviewKD refines a stage after the stem (stage >= 1 or < 0), got {stage}")
+        fused = base.fused(student)
+        targets = level_maps(teacher, p.teacher_preact)
+        targets = [t if t.dtype == targets[0].dtype else t.to(targets[0].dtype) for t in targets]
+        m = mask.unsqueeze(1)
+        fused[level] = fused[level] * m.to(fused[level].dtype)
+        targets[level] = refined.to(targets[0].dtype) * m.to(targets[0].dtype)
+        return functional.hcl_loss(fused, targets, p.levels), {}
+
+
+BASES: dict[str, BaseAdapter] = {
+    "fitnet": FitNetAdapter(),
+    "at": ATAdapter(),
+    "lcc": LCCAdapter(),
+    "reviewkd": ReviewKDAdapter(),
+}

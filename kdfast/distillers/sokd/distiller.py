@@ -108,7 +108,7 @@ def _is_number(value: Any) -> bool:
 @dataclass
 class SoKDParams(Params):
     ce_weight: float = 1.0
-    base: str = "fitnet"  # the wrapped method: fitnet, at or lcc
+    base: str = "fitnet"  # the wrapped method: fitnet, at, lcc or reviewkd
     base_params: dict[str, Any] = field(default_factory=dict)  # the base method's own params (not its ce/feature weights)
     stage: int | None = None  # hint stage of a base without one (AT; None: -1); FitNet/LCC take theirs from base_params
     d_weight: float = 1000.0  # w_D
