@@ -30,6 +30,8 @@ class ResidentLoader(ScheduledLoader):
     (NHWC-strided if `channels_last`) and int64 labels, both on `device`.
     """
 
+    labels: Tensor  # (N,) int64, on the device
+
     def __init__(
         self,
         images: Tensor,

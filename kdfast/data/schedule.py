@@ -16,7 +16,7 @@ share this schedule, so they shard, shuffle and resume alike:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -159,6 +159,14 @@ class ScheduledLoader:
         """The batches left in the current epoch: ``(images, labels)``, or ``(images, labels,
         indices)`` with ``yield_indices`` (each loader's own)."""
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # declared for the type checker only: each loader has its own
+
+        @property
+        def labels(self) -> Tensor:
+            """The (N,) int64 labels of every sample, in dataset order (ResidentLoader's
+            attribute, WorkerLoader's property)."""
+            ...
 
     @property
     def batch_size(self) -> int:

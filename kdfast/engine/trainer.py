@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from tqdm import tqdm
 
 from kdfast import distillers, models
 from kdfast.data import build_loaders
+from kdfast.distillers.base import sum_losses
 from kdfast.engine import checkpoint, distributed, report
 from kdfast.engine.config import Config, ConfigError, to_dict
 from kdfast.engine.config import students as config_students
@@ -103,7 +106,7 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 
 
 def distill_step(
-    module: nn.Module,
+    module: Callable[..., tuple[Tensor, dict[str, Tensor]]],
     distiller: distillers.Distiller,
     optimizer: torch.optim.Optimizer,
     batch: tuple[Tensor, Tensor],
@@ -112,7 +115,7 @@ def distill_step(
     device: torch.device,
     amp: str,
     before_update: Callable[[Tensor], None] | None = None,
-    **extra: Tensor,
+    **extra: Tensor | None,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """One optimisation step of a distiller, the one the trainer and ``kdfast bench --e2e`` run:
     zero the gradients, ``module(images, labels, teacher, epoch, **extra)`` under autocast
@@ -123,7 +126,7 @@ def distill_step(
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, amp):
         logits, losses = module(images, labels, teacher, epoch, **extra)
-    loss = sum(losses.values())
+    loss = sum_losses(losses.values())
     if not distiller.backward_done:
         loss.backward()
     if before_update is not None:
@@ -160,7 +163,7 @@ def frozen_teacher(
     if cfg.model.teacher is None or not distillers.get(cfg.method.name).needs_teacher:
         return None
     teacher = models.create(cfg.model.teacher, num_classes, weights=cfg.model.teacher_checkpoint, dataset=cfg.data.dataset)
-    teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
     return teacher
 
 
@@ -202,7 +205,7 @@ class _StopSignals:
 
     def __init__(self) -> None:
         self.signum = 0
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -210,7 +213,7 @@ class _StopSignals:
                 self._previous[sig] = signal.signal(sig, self._record)
         return self
 
-    def _record(self, signum: int, frame: object) -> None:
+    def _record(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
 
     def __exit__(self, *exc: object) -> None:
@@ -225,7 +228,7 @@ class _RngSlot:
 
     def __init__(self, swap: bool) -> None:
         self.swap = swap
-        self._state = checkpoint.rng_state() if swap else None
+        self._state: dict[str, Any] = checkpoint.rng_state() if swap else {}  # read only when swapping
 
     @property
     def state(self) -> dict:
@@ -270,8 +273,9 @@ class _Student:
         self.out = Path(cfg.train.out_dir)
         seed_everything(cfg.train.seed)
         self.distiller = build_distiller(cfg, num_classes, teacher)
-        self.distiller.to(dist.device, memory_format=memory_format)
+        self.distiller.to(dist.device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
         if self.distiller.uses_sample_indices:  # per-image state (CRD's memory banks), before any restore
+            assert train_labels is not None  # the run passes them when a method uses sample indices
             self.distiller.bind_training_set(train_labels)
         if self.distiller.backward_done and (dist.enabled or cfg.train.compile):
             raise ConfigError(
@@ -293,6 +297,7 @@ class _Student:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, opt.milestones, opt.gamma)
         self.guard = NonFiniteGuard(dist.device, cfg.train.on_nonfinite, cfg.train.max_nonfinite)
         self.rng = _RngSlot(swap_rng)
+        self.history: list[dict[str, Any]]
         self.epoch, self.history, self.best = 0, [], (-1.0, 0)
         self.stopped: str | None = None  # why the student stopped before the run's end (diverged)
         self.partial: dict | None = None  # this student's sums of an epoch interrupted mid-way
@@ -363,7 +368,8 @@ class _Student:
         def guard(loss: Tensor) -> None:
             found_inf = self.guard.observe(loss, self.params, step)
             if self.skip:
-                self.optimizer.found_inf = found_inf  # read by the fused SGD step: a bad step changes nothing
+                # read by the fused SGD step (getattr; not in torch's stubs): a bad step changes nothing
+                self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
 
         with self.rng.active():
             logits, losses, loss = distill_step(
@@ -590,7 +596,8 @@ class _Run:
                 return self._fit()
         finally:
             for student in self.students:
-                student.logger.close()
+                if student.logger is not None:
+                    student.logger.close()
 
     def _fit(self) -> list[Summary]:
         cfg, device = self.cfg, self.dist.device
@@ -612,6 +619,7 @@ class _Run:
                 if improved:
                     student.best = (row["test.top1"], self.epoch)
                 student.history.append(row)
+                assert student.logger is not None  # made by fit()
                 student.logger.log(row)
                 if self.dist.is_main:
                     student.save(self.loaders.train.state_dict(), improved)
