@@ -192,7 +192,26 @@ inline Inputs check_inputs(const char* op, const std::vector<at::Tensor>& f_s, c
                 "]: C feature_grid^2 must be below 2^31");
   }
   return {static_cast<int64_t>(f_s.size()), first.size(0), static_cast<int>(grid), static_cast<int>(feature_grid),
-          power, weighting, student, teacher, student == at::kDouble ? at::kDouble : at::kFloat};
+          power, weighting, student, teacher, acc_dtype(student)};
+}
+
+// The inputs of a block_attention_backward call, checked: those of the forward, and in the
+// accumulation dtype, contiguous, the upstream gradient of the terms (L, 2) and the saved maps
+// (L, 2, B, g^2).
+struct BackwardInputs {
+  Inputs in;
+  at::Tensor grad_terms, maps;
+};
+
+inline BackwardInputs check_backward(const at::Tensor& grad_terms, const std::vector<at::Tensor>& f_s,
+                                     const std::vector<at::Tensor>& h_s, const std::vector<at::Tensor>& f_t,
+                                     const at::Tensor& maps, int64_t grid, double power, int64_t feature_grid,
+                                     bool weighting) {
+  const char* op = "block_attention_backward";
+  const Inputs in = check_inputs(op, f_s, h_s, f_t, grid, power, feature_grid, weighting);
+  const int64_t bins = int64_t{in.grid} * in.grid;
+  return {in, upstream_grad(op, "grad_terms", grad_terms, {in.modules, 2}, in.acc, f_s[0]),
+          check_saved(op, "maps", maps, {in.modules, 2, in.batch, bins}, in.acc, f_s[0], "f_s[0]")};
 }
 
 }  // namespace block_attention

@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -39,7 +40,7 @@ inline MapDistanceInputs check_map_distance(const char* op, const std::vector<at
   in.batch = first.dim() == 3 ? first.size(0) : -1;
   in.students = first.dim() == 3 ? first.size(1) : -1;
   in.teachers = 0;
-  in.acc = first.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  in.acc = acc_dtype(first.scalar_type());
   for (size_t u = 0; u < v_s.size(); ++u) {
     const at::Tensor &s = v_s[u], &t = v_t[u];
     TORCH_CHECK(s.dim() == 3 && t.dim() == 3 && s.size(0) == in.batch && t.size(0) == in.batch &&
@@ -63,6 +64,24 @@ inline MapDistanceInputs check_map_distance(const char* op, const std::vector<at
               ": att must be a floating tensor on ", first.device(), ", got ", att.scalar_type(), " on ", att.device());
   in.att = att.to(in.acc).contiguous();
   return in;
+}
+
+// The inputs of map_distance_backward, checked: those of the forward, and in the accumulation dtype,
+// contiguous, the upstream gradient (0-d) and the saved dist (B, T, S).
+struct MapDistanceBackwardInputs {
+  MapDistanceInputs in;
+  at::Tensor grad_loss, dist;
+};
+
+inline MapDistanceBackwardInputs check_map_distance_backward(const at::Tensor& grad_loss,
+                                                             const std::vector<at::Tensor>& v_s,
+                                                             const std::vector<at::Tensor>& v_t, const at::Tensor& att,
+                                                             const at::Tensor& dist) {
+  const char* op = "map_distance_backward";
+  MapDistanceInputs in = check_map_distance(op, v_s, v_t, att);
+  at::Tensor g = upstream_grad(op, "grad_loss", grad_loss, {}, in.acc, in.att);
+  at::Tensor d = check_saved(op, "dist", dist, {in.batch, in.teachers, in.students}, in.acc, in.att, "att");
+  return {std::move(in), std::move(g), std::move(d)};
 }
 
 }  // namespace kdfast

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -47,7 +46,7 @@ inline MaskedMseInputs check_masked_mse(const char* op, const at::Tensor& x, con
   TORCH_CHECK(y.device() == x.device() && mask.device() == x.device(), op, ": x, y and mask must be on one device");
   MaskedMseInputs in{hw_flattenable_view(x), hw_flattenable_view(y), hw_flattenable_view(mask.unsqueeze(1))};
   in.dx = bchw(in.x), in.dy = bchw(in.y), in.dm = bchw(in.mask);
-  in.acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  in.acc = acc_dtype(x.scalar_type());
   return in;
 }
 
@@ -56,9 +55,21 @@ inline at::Tensor masked_mse_grad_buffer(const at::Tensor& t, bool needed) {
   return needed ? at::empty_like(t) : at::empty({0}, t.options());
 }
 
-// The saved scale of a masked_mse_backward call: 0-d in the accumulation dtype on x's device.
-inline at::Tensor check_masked_mse_scale(const at::Tensor& scale, const MaskedMseInputs& in) {
-  return check_saved("masked_mse_backward", "scale", scale, {}, in.acc, in.x, "x");
+// The inputs of masked_mse_backward, checked: those of the forward, and in the accumulation dtype
+// on x's device, the upstream gradient and the saved scale (both 0-d).
+struct MaskedMseBackwardInputs {
+  MaskedMseInputs in;
+  at::Tensor grad_loss, scale;
+};
+
+inline MaskedMseBackwardInputs check_masked_mse_backward(const at::Tensor& grad_loss, const at::Tensor& x,
+                                                         const at::Tensor& y, const at::Tensor& mask,
+                                                         const at::Tensor& scale) {
+  const char* op = "masked_mse_backward";
+  MaskedMseInputs in = check_masked_mse(op, x, y, mask);
+  at::Tensor g = upstream_grad(op, "grad_loss", grad_loss, {}, in.acc, in.x);
+  at::Tensor s = check_saved(op, "scale", scale, {}, in.acc, in.x, "x");
+  return {std::move(in), std::move(g), std::move(s)};
 }
 
 // fn(x_tag, mask_tag) with value-initialised tags of the element types of x (and y) and of the mask.

@@ -15,11 +15,11 @@
 //
 // Host/device-neutral: the math (Lse, KlState, the rules, process_row) is KDFAST_HOST_DEVICE; the
 // CPU row loop (CpuRows) is compiled by the host compiler only, the CUDA teams, kernel and launcher
-// (CudaRows) by nvcc only; the argument checks, outputs and dtype dispatch are shared host code.
+// (CudaRows) by nvcc only; the argument checks, outputs, dtype dispatch and the ops' entry points
+// (kd_forward<Device>, ...) are shared host code.
 #pragma once
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -432,12 +432,6 @@ KDFAST_HOST_DEVICE void process_row(const RowsArgs<Rule, student_t, teacher_t>& 
 // Host side: argument checks, outputs, dtype dispatch (shared by the CPU and CUDA ops)
 // ---------------------------------------------------------------------------------------------
 
-inline at::ScalarType acc_dtype(at::ScalarType student) { return student == at::kDouble ? at::kDouble : at::kFloat; }
-
-inline bool is_logit_dtype(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-
 // The logits of one call, each with a unit-stride class dim (copied only when it has not).
 struct Logits {
   at::Tensor z_s, z_t;
@@ -450,9 +444,9 @@ inline Logits check_logits(const char* op, const at::Tensor& z_s, const at::Tens
   TORCH_CHECK(z_s.dim() == 2, op, ": z_s must be a 2-D (B, K) tensor, got shape ", z_s.sizes());
   TORCH_CHECK(z_t.sizes() == z_s.sizes(), op, ": z_t must have the shape of z_s ", z_s.sizes(), ", got ",
               z_t.sizes());
-  TORCH_CHECK(is_logit_dtype(z_s.scalar_type()), op, ": z_s must be float16, bfloat16, float32 or float64, got ",
+  TORCH_CHECK(is_float_dtype(z_s.scalar_type()), op, ": z_s must be float16, bfloat16, float32 or float64, got ",
               z_s.scalar_type());
-  TORCH_CHECK(is_logit_dtype(z_t.scalar_type()), op, ": z_t must be float16, bfloat16, float32 or float64, got ",
+  TORCH_CHECK(is_float_dtype(z_t.scalar_type()), op, ": z_t must be float16, bfloat16, float32 or float64, got ",
               z_t.scalar_type());
   TORCH_CHECK(z_t.device() == z_s.device(), op, ": z_t must be on the device of z_s (", z_s.device(), "), got ",
               z_t.device());
@@ -493,9 +487,9 @@ inline at::Tensor check_row_values(const char* op, const char* name, const at::T
 }
 
 template <template <typename> class Rule, typename student_t, typename teacher_t>
-RowsArgs<Rule<at::opmath_type<student_t>>, student_t, teacher_t> make_args(const Logits& in, const at::Tensor& target,
+RowsArgs<Rule<acc_type<student_t>>, student_t, teacher_t> make_args(const Logits& in, const at::Tensor& target,
                                                                           const LossParams& params) {
-  RowsArgs<Rule<at::opmath_type<student_t>>, student_t, teacher_t> a{
+  RowsArgs<Rule<acc_type<student_t>>, student_t, teacher_t> a{
       in.z_s.const_data_ptr<student_t>(),
       in.z_t.const_data_ptr<teacher_t>(),
       in.z_s.stride(0),
@@ -503,7 +497,7 @@ RowsArgs<Rule<at::opmath_type<student_t>>, student_t, teacher_t> make_args(const
       in.rows,
       in.cols,
       target.defined() ? target.const_data_ptr<int64_t>() : nullptr,
-      Rule<at::opmath_type<student_t>>(params),
+      Rule<acc_type<student_t>>(params),
       nullptr,
       nullptr,
       nullptr,
@@ -526,7 +520,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_rows(const Logits& in, co
   dispatch_float_pair(in.z_s.scalar_type(), in.z_t.scalar_type(), [&](auto student, auto teacher) {
     using student_t = typename decltype(student)::type;
     using teacher_t = typename decltype(teacher)::type;
-    using acc_t = at::opmath_type<student_t>;
+    using acc_t = acc_type<student_t>;
     auto a = make_args<Rule, student_t, teacher_t>(in, target, params);
     a.loss = loss.mutable_data_ptr<acc_t>();
     a.stats_out = stats.mutable_data_ptr<acc_t>();
@@ -546,7 +540,7 @@ at::Tensor backward_rows(const char* op, const at::Tensor& grad_loss_in, const L
   dispatch_float_pair(in.z_s.scalar_type(), in.z_t.scalar_type(), [&](auto student, auto teacher) {
     using student_t = typename decltype(student)::type;
     using teacher_t = typename decltype(teacher)::type;
-    using acc_t = at::opmath_type<student_t>;
+    using acc_t = acc_type<student_t>;
     auto a = make_args<Rule, student_t, teacher_t>(in, target, params);
     a.stats_in = stats.const_data_ptr<acc_t>();
     a.grad_loss = grad_loss.const_data_ptr<acc_t>();
@@ -554,6 +548,48 @@ at::Tensor backward_rows(const char* op, const at::Tensor& grad_loss_in, const L
     Device::run(a);
   });
   return grad;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops on a Device (CpuRows or CudaRows), registered by csrc/cpu/kd.cpp, csrc/cpu/dkd.cpp,
+// csrc/cuda/kd.cu and csrc/cuda/dkd.cu: the checks, then the rows. Device::Guard makes the device of
+// z_s current (z_t and the other tensors are checked to share it) or, on the CPU, does nothing.
+// ---------------------------------------------------------------------------------------------
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward(const at::Tensor& z_s, const at::Tensor& z_t,
+                                                          double temperature, bool with_grad) {
+  const Logits in = check_logits("kd_forward", z_s, z_t, temperature, 1);
+  const typename Device::Guard guard(z_s.device());
+  return forward_rows<KdRule, Device>(in, at::Tensor(), {temperature}, with_grad);
+}
+
+template <typename Device>
+at::Tensor kd_backward(const at::Tensor& grad_loss, const at::Tensor& z_s, const at::Tensor& z_t,
+                       const at::Tensor& stats, double temperature) {
+  const Logits in = check_logits("kd_backward", z_s, z_t, temperature, 1);
+  const typename Device::Guard guard(z_s.device());
+  return backward_rows<KdRule, Device>("kd_backward", grad_loss, in, at::Tensor(), stats, {temperature});
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_forward(const at::Tensor& z_s, const at::Tensor& z_t,
+                                                           const at::Tensor& target, double alpha, double beta,
+                                                           double temperature, bool with_grad) {
+  const Logits in = check_logits("dkd_forward", z_s, z_t, temperature, 2);
+  const typename Device::Guard guard(z_s.device());
+  const at::Tensor g = check_target("dkd_forward", target, in);
+  return forward_rows<DkdRule, Device>(in, g, {temperature, alpha, beta}, with_grad);
+}
+
+template <typename Device>
+at::Tensor dkd_backward(const at::Tensor& grad_loss, const at::Tensor& z_s, const at::Tensor& z_t,
+                        const at::Tensor& target, const at::Tensor& stats, double alpha, double beta,
+                        double temperature) {
+  const Logits in = check_logits("dkd_backward", z_s, z_t, temperature, 2);
+  const typename Device::Guard guard(z_s.device());
+  const at::Tensor g = check_target("dkd_backward", target, in);
+  return backward_rows<DkdRule, Device>("dkd_backward", grad_loss, in, g, stats, {temperature, alpha, beta});
 }
 
 }  // namespace logits
@@ -585,6 +621,10 @@ struct SerialTeam {
 constexpr int64_t kCpuGrainElements = 32768;  // at least this many elements per parallel task
 
 struct CpuRows {
+  struct Guard {  // nothing to switch
+    explicit Guard(c10::Device) {}
+  };
+
   template <typename Rule, typename student_t, typename teacher_t>
   static void run(const RowsArgs<Rule, student_t, teacher_t>& a) {
     const int64_t grain = std::max<int64_t>(1, kCpuGrainElements / std::max<int64_t>(1, a.cols));
@@ -605,6 +645,7 @@ struct CpuRows {
 #if defined(__CUDACC__) || defined(KDFAST_CUDA_EMU)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
@@ -721,6 +762,8 @@ inline int lanes_per_row(int64_t rows, int cols, int pack, int max_lanes) {
 }
 
 struct CudaRows {
+  using Guard = c10::cuda::CUDAGuard;
+
   template <typename Rule, typename student_t, typename teacher_t>
   static void run(const RowsArgs<Rule, student_t, teacher_t>& a) {
     if (a.rows == 0) return;

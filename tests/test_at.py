@@ -223,6 +223,53 @@ def test_attention_map_bad_input():
         F.attention_map(torch.randn(1, 2, 3, 3), mode="max")
 
 
+def _cxx_bad_calls():
+    """(op, args, match): calls of the C++ AT ops that their checks (csrc/at.h) refuse. A meta tensor
+    stands for a tensor on another device: the tests below call the CPU kernels directly with it."""
+    f = torch.randn(2, 3, 4, 4)
+    m = torch.rand(2, 16)
+    meta_m = torch.rand(2, 16, device="meta")
+    return [
+        ("at_maps", ([], 2.0, "mean"), "at least one tensor"),
+        ("at_maps", ([torch.randn(2, 3, 4)], 2.0, "mean"), "4-D"),
+        ("at_maps", ([f, f.double()], 2.0, "mean"), "one dtype"),
+        ("at_maps", ([f, f.to("meta")], 2.0, "mean"), "one device"),
+        ("at_maps", ([f, torch.randn(2, 0, 4, 4)], 2.0, "mean"), "empty tensor"),
+        ("at_maps", ([f], 2.0, "max"), "mode must be 'mean' or 'sum'"),
+        ("at_maps", ([f], 0.5, "mean"), "p must be a finite number >= 1"),
+        ("at_maps", ([f], 2.5, "mean"), "needs an integer p"),
+        ("at_maps_backward", ([m, m], [f], 2.0, "mean"), "2 grad_maps for 1 feats"),
+        ("at_maps_backward", ([torch.rand(2, 15)], [f], 2.0, "mean"), "must have shape \\(B, H\\*W\\)"),
+        ("at_maps_backward", ([m.double()], [f], 2.0, "mean"), "must be Float"),
+        ("at_maps_backward", ([meta_m], [f], 2.0, "mean"), "must be on the device of feats\\[0\\]"),
+        ("at_map_loss", ([], [], "mse"), "equally many"),
+        ("at_map_loss", ([m], [m], "l1"), "loss must be 'mse' or 'l2'"),
+        ("at_map_loss", ([m.half()], [m.half()], "mse"), "float32 or float64"),
+        ("at_map_loss", ([m], [torch.rand(2, 15)], "mse"), "must both be \\(B, HW\\)"),
+        ("at_map_loss", ([m], [m.double()], "mse"), "share one dtype"),
+        ("at_map_loss", ([m], [meta_m], "mse"), "on one device"),
+    ]
+
+
+@pytest.mark.parametrize("op,args,match", [pytest.param(*c, id=f"{c[0]}-{i}") for i, c in enumerate(_cxx_bad_calls())])
+def test_cpu_and_cuda_kernels_refuse_alike(op, args, match):
+    """csrc/cpu/at.cpp and csrc/cuda/at.cu (run on the CPU as cuda_emu) check their arguments with the
+    same functions (csrc/at.h): both refuse each input with the same message, other devices included
+    (the CUDA kernels used to be the only ones to check them)."""
+    from kdfast.ops import namespace
+
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)  # the CPU kernels, whatever the devices
+    messages = []
+    for backend in ("cpu", "cuda_emu"):
+        reason = backends.unavailable_reason("at", backend, torch.device("cpu"))
+        if reason:
+            pytest.skip(reason)
+        with pytest.raises(RuntimeError, match=match) as info:
+            getattr(namespace(backend), op).default.redispatch(keys, *args)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the error for a GPU backend on a machine without one")
 def test_unavailable_backend_names_what_is_missing():
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable.*CUDA tensors"):

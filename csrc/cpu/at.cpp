@@ -7,7 +7,6 @@
 // Every call covers all stages in one parallel region. Accumulation is in float (double for
 // double inputs); no f^p tensor is ever materialised.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -16,7 +15,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../common.h"
+#include "../at.h"
 
 namespace kdfast {
 namespace {
@@ -44,24 +43,17 @@ struct StageChunks {
   }
 };
 
-at::ScalarType map_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::vector<at::Tensor> at_maps_cpu(const std::vector<at::Tensor>& feats_in, double p, c10::string_view mode_name) {
-  check_feature_list(feats_in, "at_maps");
-  const MapMode mode = parse_map_mode(mode_name);
-  const Power power = make_power(p, mode);
-  std::vector<at::Tensor> feats, maps;
+  const AtFeatures in = check_at_maps(feats_in, p, mode_name);
+  const std::vector<at::Tensor>& feats = in.feats;
+  const MapMode mode = in.mode;
+  const Power power = in.power;
+  std::vector<at::Tensor> maps = empty_maps(in);
   std::vector<Bchw> shapes;
-  for (const auto& f : feats_in) {
-    feats.push_back(hw_flattenable_view(f));
-    shapes.push_back(bchw(feats.back()));
-    maps.push_back(at::empty({f.size(0), f.size(2) * f.size(3)}, f.options().dtype(map_dtype(f.scalar_type()))));
-  }
+  for (const auto& f : feats) shapes.push_back(bchw(f));
   const StageChunks chunks(shapes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "at_maps_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const acc_t pp = static_cast<acc_t>(power.p);
     at::parallel_for(0, chunks.total(), 1, [&](int64_t begin, int64_t end) {
       acc_t acc[kHwChunk];
@@ -89,7 +81,7 @@ std::vector<at::Tensor> at_maps_cpu(const std::vector<at::Tensor>& feats_in, dou
             }
           }
         }
-        const acc_t scale = mode == MapMode::kMean ? acc_t(1) / static_cast<acc_t>(d.channels) : acc_t(1);
+        const acc_t scale = map_scale<acc_t>(mode, d.channels);
         acc_t* y = maps[s].mutable_data_ptr<acc_t>() + b * d.hw + hw0;
         for (int64_t j = 0; j < n; ++j) y[j] = acc[j] * scale;
       }
@@ -101,28 +93,19 @@ std::vector<at::Tensor> at_maps_cpu(const std::vector<at::Tensor>& feats_in, dou
 std::vector<at::Tensor> at_maps_backward_cpu(const std::vector<at::Tensor>& grad_maps_in,
                                              const std::vector<at::Tensor>& feats_in, double p,
                                              c10::string_view mode_name) {
-  check_feature_list(feats_in, "at_maps_backward");
-  TORCH_CHECK(grad_maps_in.size() == feats_in.size(), "at_maps_backward: ", grad_maps_in.size(),
-              " grad_maps for ", feats_in.size(), " feats");
-  const MapMode mode = parse_map_mode(mode_name);
-  const Power power = make_power(p, mode);
-  std::vector<at::Tensor> feats, grad_maps, grads;
+  const AtMapsBackwardInputs in = check_at_maps_backward(grad_maps_in, feats_in, p, mode_name);
+  const std::vector<at::Tensor> &feats = in.f.feats, &grad_maps = in.grad_maps;
+  const MapMode mode = in.f.mode;
+  const Power power = in.f.power;
+  std::vector<at::Tensor> grads;
   std::vector<Bchw> shapes;
-  for (size_t s = 0; s < feats_in.size(); ++s) {
-    const auto& f = feats_in[s];
-    const auto& g = grad_maps_in[s];
-    TORCH_CHECK(g.dim() == 2 && g.size(0) == f.size(0) && g.size(1) == f.size(2) * f.size(3),
-                "at_maps_backward: grad_maps[", s, "] must have shape (B, H*W) of feats[", s, "]");
-    TORCH_CHECK(g.scalar_type() == map_dtype(f.scalar_type()), "at_maps_backward: grad_maps[", s,
-                "] must be ", map_dtype(f.scalar_type()));
-    feats.push_back(hw_flattenable_view(f));
-    shapes.push_back(bchw(feats.back()));
-    grad_maps.push_back(g.contiguous());
-    grads.push_back(at::empty_like(feats.back()));
+  for (const auto& f : feats) {
+    shapes.push_back(bchw(f));
+    grads.push_back(at::empty_like(f));
   }
   const StageChunks chunks(shapes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "at_maps_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const acc_t pp = static_cast<acc_t>(power.p);
     at::parallel_for(0, chunks.total(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -132,7 +115,7 @@ std::vector<at::Tensor> at_maps_backward_cpu(const std::vector<at::Tensor>& grad
         const Bchw& d = shapes[s];
         const Bchw o = bchw(grads[s]);
         const int64_t n = std::min(kHwChunk, d.hw - hw0);
-        const acc_t scale = mode == MapMode::kMean ? acc_t(1) / static_cast<acc_t>(d.channels) : acc_t(1);
+        const acc_t scale = map_scale<acc_t>(mode, d.channels);
         const acc_t* gm = grad_maps[s].const_data_ptr<acc_t>() + b * d.hw + hw0;
         const scalar_t* x = feats[s].const_data_ptr<scalar_t>() + b * d.stride_b + hw0 * d.stride_hw;
         scalar_t* y = grads[s].mutable_data_ptr<scalar_t>() + b * o.stride_b + hw0 * o.stride_hw;
@@ -157,27 +140,15 @@ std::vector<at::Tensor> at_maps_backward_cpu(const std::vector<at::Tensor>& grad
 std::tuple<at::Tensor, std::vector<at::Tensor>> at_map_loss_cpu(const std::vector<at::Tensor>& maps_s_in,
                                                                  const std::vector<at::Tensor>& maps_t_in,
                                                                  c10::string_view loss_name) {
-  TORCH_CHECK(!maps_s_in.empty() && maps_s_in.size() == maps_t_in.size(),
-              "at_map_loss: expected equally many (>= 1) student and teacher maps");
-  TORCH_CHECK(loss_name == "mse" || loss_name == "l2", "at_map_loss: loss must be 'mse' or 'l2', got '",
-              std::string(loss_name), "'");
-  const bool mse = loss_name == "mse";
-  const auto dtype = maps_s_in[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "at_map_loss: maps must be float32 or float64");
-  const int64_t batch = maps_s_in[0].size(0);
-  std::vector<at::Tensor> maps_s, maps_t, grads;
-  for (size_t s = 0; s < maps_s_in.size(); ++s) {
-    const auto &ms = maps_s_in[s], &mt = maps_t_in[s];
-    TORCH_CHECK(ms.dim() == 2 && ms.sizes() == mt.sizes() && ms.size(0) == batch && ms.size(1) > 0,
-                "at_map_loss: maps_s[", s, "] and maps_t[", s, "] must both be (B, HW) with one B for all");
-    TORCH_CHECK(ms.scalar_type() == dtype && mt.scalar_type() == dtype, "at_map_loss: maps must share one dtype");
-    maps_s.push_back(ms.contiguous());
-    maps_t.push_back(mt.contiguous());
-    grads.push_back(at::empty_like(maps_s.back()));
-  }
+  const AtMapLossInputs in = check_at_map_loss(maps_s_in, maps_t_in, loss_name);
+  const std::vector<at::Tensor> &maps_s = in.maps_s, &maps_t = in.maps_t;
+  const bool mse = in.mse;
+  const int64_t batch = in.batch;
+  std::vector<at::Tensor> grads;
+  for (const auto& ms : maps_s) grads.push_back(at::empty_like(ms));
   const int64_t stages = static_cast<int64_t>(maps_s.size());
   at::Tensor losses = at::empty({stages, batch}, maps_s[0].options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "at_map_loss_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.dtype, "at_map_loss_cpu", [&] {
     using acc_t = scalar_t;
     const acc_t eps = static_cast<acc_t>(kNormEps);
     acc_t* loss_out = losses.mutable_data_ptr<acc_t>();

@@ -12,7 +12,6 @@
 // The partials (L, B, 2) are then added over the samples in order: deterministic. Every tensor is
 // read in place through its strides (no copies); accumulation is in float (double for a double
 // f_s), the gradients are written contiguous in the inputs' dtype.
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -288,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> block_attention_forward_cpu(const std::vector
   dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
     using student_t = typename decltype(student)::type;
     using teacher_t = typename decltype(teacher)::type;
-    using acc_t = at::opmath_type<student_t>;
+    using acc_t = acc_type<student_t>;
     const Modules<student_t, teacher_t> modules(f_s, h_s, f_t);
     std::vector<acc_t> partials(in.modules * in.batch * 2);
     acc_t* out = maps.mutable_data_ptr<acc_t>();
@@ -314,11 +313,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> block_attention_bac
     const at::Tensor& grad_terms, const std::vector<at::Tensor>& f_s, const std::vector<at::Tensor>& h_s,
     const std::vector<at::Tensor>& f_t, const at::Tensor& maps, int64_t grid, double power, int64_t feature_grid,
     bool teacher_weighting) {
-  const char* op = "block_attention_backward";
-  const Inputs in = check_inputs(op, f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting);
+  const BackwardInputs checked =
+      check_backward(grad_terms, f_s, h_s, f_t, maps, grid, power, feature_grid, teacher_weighting);
+  const Inputs& in = checked.in;
   const int64_t bins = in.grid * in.grid;
-  const at::Tensor g = upstream_grad(op, "grad_terms", grad_terms, {in.modules, 2}, in.acc, f_s[0]);
-  const at::Tensor saved = check_saved(op, "maps", maps, {in.modules, 2, in.batch, bins}, in.acc, f_s[0], "f_s[0]");
+  const at::Tensor &g = checked.grad_terms, &saved = checked.maps;
   std::vector<at::Tensor> grad_f_s, grad_h_s;
   for (size_t l = 0; l < f_s.size(); ++l) {
     grad_f_s.push_back(at::empty(f_s[l].sizes(), f_s[l].options()));
@@ -327,7 +326,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> block_attention_bac
   dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
     using student_t = typename decltype(student)::type;
     using teacher_t = typename decltype(teacher)::type;
-    using acc_t = at::opmath_type<student_t>;
+    using acc_t = acc_type<student_t>;
     const Modules<student_t, teacher_t> modules(f_s, h_s, f_t);
     const acc_t* p = saved.const_data_ptr<acc_t>();
     const acc_t* gt = g.const_data_ptr<acc_t>();

@@ -7,38 +7,15 @@
 // dkd_backward: grad_loss[b] times that gradient, from the forward's stats
 //
 // The row algorithm, shared with KD and with csrc/cuda/dkd.cu, is in csrc/softmax.h (DkdRule).
-#include <ATen/core/Tensor.h>
 #include <torch/library.h>
-
-#include <tuple>
 
 #include "../softmax.h"
 
 namespace kdfast {
-namespace {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_forward_cpu(const at::Tensor& z_s, const at::Tensor& z_t,
-                                                               const at::Tensor& target, double alpha, double beta,
-                                                               double temperature, bool with_grad) {
-  const logits::Logits in = logits::check_logits("dkd_forward", z_s, z_t, temperature, 2);
-  const at::Tensor g = logits::check_target("dkd_forward", target, in);
-  return logits::forward_rows<logits::DkdRule, logits::CpuRows>(in, g, {temperature, alpha, beta}, with_grad);
-}
-
-at::Tensor dkd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& z_s, const at::Tensor& z_t,
-                            const at::Tensor& target, const at::Tensor& stats, double alpha, double beta,
-                            double temperature) {
-  const logits::Logits in = logits::check_logits("dkd_backward", z_s, z_t, temperature, 2);
-  const at::Tensor g = logits::check_target("dkd_backward", target, in);
-  return logits::backward_rows<logits::DkdRule, logits::CpuRows>("dkd_backward", grad_loss, in, g, stats,
-                                                                 {temperature, alpha, beta});
-}
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
-  m.impl("dkd_forward", &dkd_forward_cpu);
-  m.impl("dkd_backward", &dkd_backward_cpu);
+  m.impl("dkd_forward", &logits::dkd_forward<logits::CpuRows>);
+  m.impl("dkd_backward", &logits::dkd_backward<logits::CpuRows>);
 }
 
 }  // namespace kdfast

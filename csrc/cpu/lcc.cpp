@@ -1,5 +1,5 @@
 // C++ CPU kernels of local correlation consistency (LCC, Li et al. 2020); formulas in
-// kdfast/reference/lcc.py, descriptor layout in csrc/common.h (Regions), tiles in csrc/cpu/tiles.h.
+// kdfast/reference/lcc.py, descriptor layout in csrc/tiles.h (Regions), checks in csrc/lcc.h, tiles in csrc/cpu/tiles.h.
 //
 // lcc_forward:  inv_norm[n] = 1 / max(||x[n]||, eps) of both networks, then the class sums of
 //               (S_s - S_t)^2, S[n, m] = <u[n], u[m]>, u[n] = x[n] inv_norm[n], tile by tile: the
@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../lcc.h"
 #include "tiles.h"
 
 namespace kdfast {

@@ -12,7 +12,6 @@
 // (group, sample, chunk of kChunk positions); the items of chunk 0 also write grad_att. Results depend
 // neither on the thread count nor on the scheduling. Accumulation in float (double for double values).
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -72,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> map_distance_forward_cpu(const std::vector<at
   at::Tensor dist = at::empty({in.batch, in.teachers, in.students}, options);
   at::Tensor loss = at::empty({}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.v_s[0].scalar_type(), "map_distance_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     std::vector<acc_t> partials(in.batch * in.teachers);
     forward_items<scalar_t, acc_t>(in, dist.mutable_data_ptr<acc_t>(), partials.data());
     acc_t sum = 0;
@@ -123,15 +122,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> map_distance_backward_cpu(const 
                                                                           const std::vector<at::Tensor>& v_s,
                                                                           const std::vector<at::Tensor>& v_t,
                                                                           const at::Tensor& att, const at::Tensor& dist) {
-  const char* op = "map_distance_backward";
-  const MapDistanceInputs in = check_map_distance(op, v_s, v_t, att);
-  const at::Tensor g = upstream_grad(op, "grad_loss", grad_loss, {}, in.acc, in.att);
-  const at::Tensor d = check_saved(op, "dist", dist, {in.batch, in.teachers, in.students}, in.acc, in.att, "att");
+  const MapDistanceBackwardInputs checked = check_map_distance_backward(grad_loss, v_s, v_t, att, dist);
+  const MapDistanceInputs& in = checked.in;
+  const at::Tensor &g = checked.grad_loss, &d = checked.dist;
   std::vector<at::Tensor> grads;
   for (const auto& v : in.v_s) grads.push_back(at::empty(v.sizes(), v.options()));
   at::Tensor grad_att = at::empty_like(in.att);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.v_s[0].scalar_type(), "map_distance_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     backward_items<scalar_t, acc_t>(in, *g.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), grads,
                                     grad_att.mutable_data_ptr<acc_t>());
   });

@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_forward_cpu(const at::Tensor& x, c
   at::Tensor loss = at::empty({}, x.options().dtype(in.acc)), scale = at::empty_like(loss);
   dispatch_masked_mse(in, [&](auto x_tag, auto mask_tag) {
     using scalar_t = decltype(x_tag);
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const auto sums = forward_sums<scalar_t, decltype(mask_tag), acc_t>(in);
     const acc_t s = masked_mse_scale(reduction, sums.second, x.numel(), x.size(1));
     *loss.mutable_data_ptr<acc_t>() = sums.first * s;
@@ -141,15 +141,14 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_forward_cpu(const at::Tensor& x, c
 std::tuple<at::Tensor, at::Tensor> masked_mse_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& x,
                                                            const at::Tensor& y, const at::Tensor& mask,
                                                            const at::Tensor& scale, bool x_grad, bool y_grad) {
-  const char* op = "masked_mse_backward";
-  const MaskedMseInputs in = check_masked_mse(op, x, y, mask);
-  const at::Tensor g = upstream_grad(op, "grad_loss", grad_loss, {}, in.acc, in.x);
-  const at::Tensor s = check_masked_mse_scale(scale, in);
+  const MaskedMseBackwardInputs checked = check_masked_mse_backward(grad_loss, x, y, mask, scale);
+  const MaskedMseInputs& in = checked.in;
+  const at::Tensor &g = checked.grad_loss, &s = checked.scale;
   at::Tensor grad_x = masked_mse_grad_buffer(in.x, x_grad), grad_y = masked_mse_grad_buffer(in.y, y_grad);
   if (!x_grad && !y_grad) return {grad_x, grad_y};
   dispatch_masked_mse(in, [&](auto x_tag, auto mask_tag) {
     using scalar_t = decltype(x_tag);
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const acc_t k = acc_t(2) * *g.const_data_ptr<acc_t>() * *s.const_data_ptr<acc_t>();
     backward_items<scalar_t, decltype(mask_tag), acc_t>(in, k, grad_x, grad_y);
   });

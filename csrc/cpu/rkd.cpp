@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../relational.h"
 #include "tiles.h"
 
 namespace kdfast {
@@ -44,7 +45,7 @@ Net<acc_t> rows_of(const at::Tensor& x, const Regions& regions) {
   return {x, regions, element_offsets(regions), nullptr};
 }
 
-// The pairs of both networks (csrc/common.h's RkdPairs) of B rows.
+// The pairs of both networks (csrc/relational.h's RkdPairs) of B rows.
 template <typename acc_t>
 struct Pairs {
   RkdPairs<acc_t> s, t;
@@ -246,12 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_forward_cpu(const at::Tensor&
 
 at::Tensor rkd_backward_cpu(const at::Tensor& grad_terms, const at::Tensor& e_s, const at::Tensor& sq_dist_in,
                             const at::Tensor& stats) {
-  const char* op = "rkd_backward";
-  const RowPair in = check_row_pair(op, e_s, e_s, "e_s", "e_s");
+  const RkdBackwardInputs checked = check_rkd_backward(grad_terms, e_s, sq_dist_in, stats);
+  const RowPair& in = checked.rows;
   const int64_t n = in.rows;
-  const at::Tensor g = upstream_grad(op, "grad_terms", grad_terms, {2}, in.acc, e_s);
-  const at::Tensor sq_dist = check_saved(op, "sq_dist", sq_dist_in, {2, n, n}, in.acc, e_s, "e_s");
-  const at::Tensor st = check_saved(op, "stats", stats, {3}, in.acc, e_s, "e_s");
+  const at::Tensor &g = checked.grad_terms, &sq_dist = checked.sq_dist, &st = checked.stats;
   at::Tensor grad = at::empty(e_s.sizes(), e_s.options());
   AT_DISPATCH_FLOATING_TYPES(in.acc, "rkd_backward_cpu", [&] {
     using acc_t = scalar_t;

@@ -26,12 +26,11 @@
 #include <tuple>
 #include <vector>
 
-#include "../common.h"
+#include "../relational.h"
 
 namespace kdfast {
 namespace {
 
-constexpr int64_t kStats = 3;   // stats columns: inv_s, inv_t, proj
 constexpr int64_t kStrip = 64;  // rows of a strip
 
 // For every strip of rows [r0, r0 + rows): its S_s and S_t rows s and t (rows x B, contiguous, by
@@ -72,7 +71,7 @@ acc_t forward_rows(const at::Tensor& xs, const at::Tensor& xt, acc_t* stats) {
       loss += diff * diff;
       proj += g_s * diff;
     }
-    sp_stats_row(ss, tt, proj, stats + r * kStats);
+    sp_stats_row(ss, tt, proj, stats + r * kSpStats);
     loss_rows[r] = loss;
   };
   for_each_strip<acc_t>(xs, xt, row, [](int64_t, const at::Tensor&, const at::Tensor&) {});
@@ -88,7 +87,7 @@ void backward_rows(const at::Tensor& xs, const at::Tensor& xt, acc_t grad_loss, 
   const acc_t size = static_cast<acc_t>(n);
   const acc_t k = acc_t(2) * grad_loss / (size * size);
   std::vector<acc_t> alpha(n), beta(n);
-  for (int64_t i = 0; i < n; ++i) sp_coefficients(stats + i * kStats, k, alpha[i], beta[i]);
+  for (int64_t i = 0; i < n; ++i) sp_coefficients(stats + i * kSpStats, k, alpha[i], beta[i]);
   auto row = [&](int64_t r, acc_t* s, const acc_t* t) {  // s becomes M's row
     for (int64_t j = 0; j < n; ++j) s[j] = (alpha[r] + alpha[j]) * s[j] - (beta[r] + beta[j]) * t[j];
   };
@@ -106,7 +105,7 @@ void backward_rows(const at::Tensor& xs, const at::Tensor& xt, acc_t grad_loss, 
 std::tuple<at::Tensor, at::Tensor> sp_forward_cpu(const at::Tensor& x_s, const at::Tensor& x_t) {
   const RowPair in = check_row_pair("sp_forward", x_s, x_t, "x_s", "x_t");
   const auto options = x_s.options().dtype(in.acc);
-  at::Tensor loss = at::empty({}, options), stats = at::empty({in.rows, kStats}, options);
+  at::Tensor loss = at::empty({}, options), stats = at::empty({in.rows, kSpStats}, options);
   AT_DISPATCH_FLOATING_TYPES(in.acc, "sp_forward_cpu", [&] {
     *loss.mutable_data_ptr<scalar_t>() =
         forward_rows(x_s.to(in.acc), x_t.to(in.acc), stats.mutable_data_ptr<scalar_t>());
@@ -116,10 +115,9 @@ std::tuple<at::Tensor, at::Tensor> sp_forward_cpu(const at::Tensor& x_s, const a
 
 at::Tensor sp_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& x_s, const at::Tensor& x_t,
                            const at::Tensor& stats) {
-  const char* op = "sp_backward";
-  const RowPair in = check_row_pair(op, x_s, x_t, "x_s", "x_t");
-  const at::Tensor g = upstream_grad(op, "grad_loss", grad_loss, {}, in.acc, x_s);
-  const at::Tensor st = check_saved(op, "stats", stats, {in.rows, kStats}, in.acc, x_s, "x_s");
+  const SpBackwardInputs checked = check_sp_backward(grad_loss, x_s, x_t, stats);
+  const RowPair& in = checked.rows;
+  const at::Tensor &g = checked.grad_loss, &st = checked.stats;
   at::Tensor grad = at::empty(x_s.sizes(), x_s.options());
   AT_DISPATCH_FLOATING_TYPES(in.acc, "sp_backward_cpu", [&] {
     backward_rows(x_s.to(in.acc), x_t.to(in.acc), *g.const_data_ptr<scalar_t>(), st.const_data_ptr<scalar_t>(),

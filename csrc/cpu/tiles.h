@@ -1,5 +1,5 @@
 // Tiles of row-pair reductions on the CPU, shared by the LCC, SP and RKD kernels: the rows of a
-// matrix (the region descriptors of csrc/common.h's Regions, or a (B, D) matrix as a grid of 1) are
+// matrix (the region descriptors of csrc/tiles.h's Regions, or a (B, D) matrix as a grid of 1) are
 // read in place through their strides, in any floating dtype, and combined tile by tile in the
 // accumulation type acc_t, never as a whole N x N matrix:
 //
@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "../common.h"
+#include "../tiles.h"
 
 namespace kdfast {
 namespace cpu {
@@ -85,7 +85,7 @@ void gather_columns(const Net<acc_t>& net, int64_t m0, int64_t cols, int64_t e0,
 // block's chunk and a column chunk (2 x 8 KiB in float) in L1.
 
 // tile[c * kBlock + r] = sum_e combine(u[n0 + r][e], u[m0 + c][e]) for c < cols and every r < kBlock,
-// from the row block gathered by gather_rows (combine: csrc/common.h's Product or SquaredDifference);
+// from the row block gathered by gather_rows (combine: csrc/tiles.h's Product or SquaredDifference);
 // `chunk` is kBlock x kDepth scratch.
 template <typename acc_t, typename Combine>
 void row_block_tile(const Net<acc_t>& net, const acc_t* row_block, int64_t m0, int64_t cols, acc_t* chunk,

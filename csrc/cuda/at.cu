@@ -9,7 +9,6 @@
 // from the prefix sum of the per-stage block counts. Accumulation is in float (double for double
 // inputs); no f^p tensor is ever materialised, and every reduction has a fixed order (no atomics).
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -24,7 +23,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../common.h"
+#include "../at.h"
 #include "launch.cuh"
 #include "reduce.cuh"
 
@@ -45,20 +44,11 @@ constexpr int kLossThreads = 256;      // threads per block of at_map_loss
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-at::ScalarType map_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Resident blocks per SM that the registers of at_maps / at_maps_backward must allow: 3 x 512
 // threads (<= 40 registers, 75% occupancy) with float accumulation; double may use more registers.
 template <typename acc_t>
 constexpr int min_blocks_per_sm() {
   return sizeof(acc_t) == sizeof(float) ? 3 : 1;
-}
-
-template <typename acc_t>
-acc_t map_scale(MapMode mode, int64_t channels) {
-  return mode == MapMode::kMean ? acc_t(1) / static_cast<acc_t>(channels) : acc_t(1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,20 +329,15 @@ void launch(const char* op, void (*kernel)(Args), int64_t blocks, int threads, c
 }
 
 std::vector<at::Tensor> at_maps_cuda(const std::vector<at::Tensor>& feats_in, double p, c10::string_view mode_name) {
-  check_feature_list(feats_in, "at_maps");
-  const MapMode mode = parse_map_mode(mode_name);
-  const Power power = make_power(p, mode);
+  const AtFeatures in = check_at_maps(feats_in, p, mode_name);
   const c10::cuda::CUDAGuard guard(feats_in[0].device());
-  std::vector<at::Tensor> feats, maps;
-  for (const auto& f : feats_in) {
-    feats.push_back(hw_flattenable_view(f));
-    maps.push_back(at::empty({f.size(0), f.size(2) * f.size(3)}, f.options().dtype(map_dtype(f.scalar_type()))));
-  }
+  const std::vector<at::Tensor>& feats = in.feats;
+  std::vector<at::Tensor> maps = empty_maps(in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "at_maps_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     for_each_stage_run(feats.size(), [&](size_t first, size_t count) {
       MapsArgs<scalar_t, acc_t> args{};
-      const int64_t blocks = plan_stages(args, feats, first, count, power, mode);
+      const int64_t blocks = plan_stages(args, feats, first, count, in.power, in.mode);
       for (size_t i = 0; i < count; ++i) args.map[i] = maps[first + i].mutable_data_ptr<acc_t>();
       launch("at_maps", at_maps_kernel<scalar_t, acc_t>, blocks, kThreads, args);
     });
@@ -363,31 +348,16 @@ std::vector<at::Tensor> at_maps_cuda(const std::vector<at::Tensor>& feats_in, do
 std::vector<at::Tensor> at_maps_backward_cuda(const std::vector<at::Tensor>& grad_maps_in,
                                               const std::vector<at::Tensor>& feats_in, double p,
                                               c10::string_view mode_name) {
-  check_feature_list(feats_in, "at_maps_backward");
-  TORCH_CHECK(grad_maps_in.size() == feats_in.size(), "at_maps_backward: ", grad_maps_in.size(),
-              " grad_maps for ", feats_in.size(), " feats");
-  const MapMode mode = parse_map_mode(mode_name);
-  const Power power = make_power(p, mode);
-  std::vector<at::Tensor> feats, grad_maps, grads;
-  for (size_t s = 0; s < feats_in.size(); ++s) {
-    const auto& f = feats_in[s];
-    const auto& g = grad_maps_in[s];
-    TORCH_CHECK(g.dim() == 2 && g.size(0) == f.size(0) && g.size(1) == f.size(2) * f.size(3),
-                "at_maps_backward: grad_maps[", s, "] must have shape (B, H*W) of feats[", s, "]");
-    TORCH_CHECK(g.scalar_type() == map_dtype(f.scalar_type()), "at_maps_backward: grad_maps[", s,
-                "] must be ", map_dtype(f.scalar_type()));
-    TORCH_CHECK(g.device() == f.device(), "at_maps_backward: grad_maps[", s, "] must be on the device of feats[",
-                s, "]");
-    feats.push_back(hw_flattenable_view(f));
-    grad_maps.push_back(g.contiguous());
-    grads.push_back(at::empty_like(feats.back()));
-  }
+  const AtMapsBackwardInputs in = check_at_maps_backward(grad_maps_in, feats_in, p, mode_name);
+  const std::vector<at::Tensor> &feats = in.f.feats, &grad_maps = in.grad_maps;
+  std::vector<at::Tensor> grads;
+  for (const auto& f : feats) grads.push_back(at::empty_like(f));
   const c10::cuda::CUDAGuard guard(feats[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "at_maps_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     for_each_stage_run(feats.size(), [&](size_t first, size_t count) {
       MapsBackwardArgs<scalar_t, acc_t> args{};
-      const int64_t blocks = plan_stages(args, feats, first, count, power, mode);
+      const int64_t blocks = plan_stages(args, feats, first, count, in.f.power, in.f.mode);
       for (size_t i = 0; i < count; ++i) {
         args.grad_map[i] = grad_maps[first + i].const_data_ptr<acc_t>();
         args.grad[i] = grads[first + i].mutable_data_ptr<scalar_t>();
@@ -402,30 +372,15 @@ std::vector<at::Tensor> at_maps_backward_cuda(const std::vector<at::Tensor>& gra
 std::tuple<at::Tensor, std::vector<at::Tensor>> at_map_loss_cuda(const std::vector<at::Tensor>& maps_s_in,
                                                                   const std::vector<at::Tensor>& maps_t_in,
                                                                   c10::string_view loss_name) {
-  TORCH_CHECK(!maps_s_in.empty() && maps_s_in.size() == maps_t_in.size(),
-              "at_map_loss: expected equally many (>= 1) student and teacher maps");
-  TORCH_CHECK(loss_name == "mse" || loss_name == "l2", "at_map_loss: loss must be 'mse' or 'l2', got '",
-              std::string(loss_name), "'");
-  const bool mse = loss_name == "mse";
-  const auto dtype = maps_s_in[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "at_map_loss: maps must be float32 or float64");
-  const int64_t batch = maps_s_in[0].size(0);
-  const c10::Device device = maps_s_in[0].device();
-  std::vector<at::Tensor> maps_s, maps_t, grads;
-  for (size_t s = 0; s < maps_s_in.size(); ++s) {
-    const auto &ms = maps_s_in[s], &mt = maps_t_in[s];
-    TORCH_CHECK(ms.dim() == 2 && ms.sizes() == mt.sizes() && ms.size(0) == batch && ms.size(1) > 0,
-                "at_map_loss: maps_s[", s, "] and maps_t[", s, "] must both be (B, HW) with one B for all");
-    TORCH_CHECK(ms.scalar_type() == dtype && mt.scalar_type() == dtype, "at_map_loss: maps must share one dtype");
-    TORCH_CHECK(ms.device() == device && mt.device() == device, "at_map_loss: maps must be on one device");
-    maps_s.push_back(ms.contiguous());
-    maps_t.push_back(mt.contiguous());
-    grads.push_back(at::empty_like(maps_s.back()));
-  }
-  const c10::cuda::CUDAGuard guard(device);
+  const AtMapLossInputs in = check_at_map_loss(maps_s_in, maps_t_in, loss_name);
+  const std::vector<at::Tensor> &maps_s = in.maps_s, &maps_t = in.maps_t;
+  const int64_t batch = in.batch;
+  std::vector<at::Tensor> grads;
+  for (const auto& ms : maps_s) grads.push_back(at::empty_like(ms));
+  const c10::cuda::CUDAGuard guard(in.device);
   const int64_t stages = static_cast<int64_t>(maps_s.size());
   at::Tensor losses = at::empty({stages, batch}, maps_s[0].options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "at_map_loss_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.dtype, "at_map_loss_cuda", [&] {
     using acc_t = scalar_t;
     for_each_stage_run(maps_s.size(), [&](size_t first, size_t count) {
       LossArgs<acc_t> args{};
@@ -437,7 +392,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> at_map_loss_cuda(const std::vect
       }
       args.losses = losses.mutable_data_ptr<acc_t>() + static_cast<int64_t>(first) * batch;
       args.batch = batch;
-      args.mse = mse;
+      args.mse = in.mse;
       launch("at_map_loss", at_map_loss_kernel<acc_t>, static_cast<int64_t>(count) * batch, kLossThreads, args);
     });
   });

@@ -24,7 +24,6 @@
 // (double for a double f_s); the inputs are read in place through their strides with read-only global
 // loads (global_load.cuh). Every sum has a fixed order (csrc/cuda/reduce.cuh; no atomics):
 // deterministic, with grid sizes that depend only on the shapes.
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -89,7 +88,7 @@ struct Module {
 // The arguments of one launch: the modules first .. first + count - 1 of the op's list.
 template <typename student_t, typename teacher_t>
 struct Args {
-  using acc_t = at::opmath_type<student_t>;
+  using acc_t = acc_type<student_t>;
   Module<student_t, teacher_t> modules[kMaxModules];
   int64_t first;  // the op's index of modules[0] (into maps, partials, terms and grad_terms)
   int count;
@@ -241,9 +240,9 @@ __device__ __forceinline__ acc_t feature_sum(const M& m, int64_t b, int feature_
 // maps (L, 2, B, grid^2): P_s, P_t; partials (L, B, 2): [feat sum, map sum] of each pair.
 template <typename student_t, typename teacher_t>
 __global__ void __launch_bounds__(kBlockThreads)
-    forward_kernel(const Args<student_t, teacher_t> a, at::opmath_type<student_t>* maps,
-                   at::opmath_type<student_t>* partials) {
-  using acc_t = at::opmath_type<student_t>;
+    forward_kernel(const Args<student_t, teacher_t> a, acc_type<student_t>* maps,
+                   acc_type<student_t>* partials) {
+  using acc_t = acc_type<student_t>;
   __shared__ acc_t part[kBlockThreads];
   const Pair pair = block_pair(a);
   const Module<student_t, teacher_t>& m = a.modules[pair.local];
@@ -288,9 +287,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 // launch's modules.
 template <typename student_t, typename teacher_t>
 __global__ void __launch_bounds__(kFinishThreads)
-    finish_kernel(const Args<student_t, teacher_t> a, const at::opmath_type<student_t>* partials,
-                  at::opmath_type<student_t>* terms) {
-  using acc_t = at::opmath_type<student_t>;
+    finish_kernel(const Args<student_t, teacher_t> a, const acc_type<student_t>* partials,
+                  acc_type<student_t>* terms) {
+  using acc_t = acc_type<student_t>;
   for (int e = blockIdx.x * kFinishThreads + threadIdx.x; e < 2 * a.count; e += gridDim.x * kFinishThreads) {
     const int local = e / 2, col = e % 2;
     const int64_t l = a.first + local;
@@ -337,9 +336,9 @@ __device__ __forceinline__ void write_sample(bool channels_inner, int channels, 
 // maps (L, 2, B, grid^2): the forward's P_s, P_t; grad_terms (L, 2).
 template <typename student_t, typename teacher_t>
 __global__ void __launch_bounds__(kBlockThreads)
-    backward_kernel(const Args<student_t, teacher_t> a, const at::opmath_type<student_t>* maps,
-                    const at::opmath_type<student_t>* grad_terms_all) {
-  using acc_t = at::opmath_type<student_t>;
+    backward_kernel(const Args<student_t, teacher_t> a, const acc_type<student_t>* maps,
+                    const acc_type<student_t>* grad_terms_all) {
+  using acc_t = acc_type<student_t>;
   __shared__ acc_t tile[kTile][kTile + 1];
   const Pair pair = block_pair(a);
   const Module<student_t, teacher_t>& m = a.modules[pair.local];
@@ -453,7 +452,7 @@ template <typename student_t, typename teacher_t, typename Fn>
 void for_each_run(const Inputs& in, const Scratch& plan, at::Tensor& scratch, const std::vector<at::Tensor>& f_s,
                   const std::vector<at::Tensor>& h_s, const std::vector<at::Tensor>& f_t,
                   std::vector<at::Tensor>* grads_f, std::vector<at::Tensor>* grads_h, Fn&& fn) {
-  using acc_t = at::opmath_type<student_t>;
+  using acc_t = acc_type<student_t>;
   for (int64_t first = 0; first < in.modules; first += kMaxModules) {
     Args<student_t, teacher_t> a{};
     a.first = first;
@@ -503,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor> block_attention_forward_cuda(const std::vecto
   dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
     using student_t = typename decltype(student)::type;
     using teacher_t = typename decltype(teacher)::type;
-    using acc_t = at::opmath_type<student_t>;
+    using acc_t = acc_type<student_t>;
     for_each_run<student_t, teacher_t>(in, plan, scratch, f_s, h_s, f_t, nullptr, nullptr,
                                        [&](const auto& a, int64_t blocks) {
                                          launch(forward_kernel<student_t, teacher_t>, blocks, kBlockThreads, a,
@@ -519,12 +518,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> block_attention_bac
     const at::Tensor& grad_terms, const std::vector<at::Tensor>& f_s, const std::vector<at::Tensor>& h_s,
     const std::vector<at::Tensor>& f_t, const at::Tensor& maps, int64_t grid, double power, int64_t feature_grid,
     bool teacher_weighting) {
-  const char* op = "block_attention_backward";
-  const Inputs in = check_inputs(op, f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting);
+  const BackwardInputs checked =
+      check_backward(grad_terms, f_s, h_s, f_t, maps, grid, power, feature_grid, teacher_weighting);
   const c10::cuda::CUDAGuard guard(f_s[0].device());
-  const at::Tensor g = upstream_grad(op, "grad_terms", grad_terms, {in.modules, 2}, in.acc, f_s[0]);
-  const at::Tensor saved =
-      check_saved(op, "maps", maps, {in.modules, 2, in.batch, int64_t{in.grid} * in.grid}, in.acc, f_s[0], "f_s[0]");
+  const Inputs& in = checked.in;
+  const at::Tensor &g = checked.grad_terms, &saved = checked.maps;
   std::vector<at::Tensor> grad_f_s, grad_h_s;
   for (size_t l = 0; l < f_s.size(); ++l) {
     grad_f_s.push_back(at::empty(f_s[l].sizes(), f_s[l].options()));
@@ -538,7 +536,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> block_attention_bac
   dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
     using student_t = typename decltype(student)::type;
     using teacher_t = typename decltype(teacher)::type;
-    using acc_t = at::opmath_type<student_t>;
+    using acc_t = acc_type<student_t>;
     for_each_run<student_t, teacher_t>(in, plan, scratch, f_s, h_s, f_t, &grad_f_s, &grad_h_s,
                                        [&](const auto& a, int64_t blocks) {
                                          launch(backward_kernel<student_t, teacher_t>, blocks, kBlockThreads, a,

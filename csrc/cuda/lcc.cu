@@ -1,5 +1,5 @@
 // CUDA kernels of local correlation consistency (LCC, Li et al. 2020); formulas in
-// kdfast/reference/lcc.py, descriptor layout in csrc/common.h (Regions), tiles in csrc/cuda/tiles.cuh.
+// kdfast/reference/lcc.py, descriptor layout in csrc/tiles.h (Regions), checks in csrc/lcc.h, tiles in csrc/cuda/tiles.cuh.
 // The algorithm of csrc/cpu/lcc.cpp, in tiles of kTile x kTile (n, m) pairs, 256 threads per block:
 //
 // lcc_forward:  inv_norm_kernel     a block per row (one launch per network): 1 / max(||x[n]||, eps)
@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../lcc.h"
 #include "tiles.cuh"
 
 namespace kdfast {

@@ -19,7 +19,6 @@
 // v_s and v_t are read with read-only global loads (global_load.cuh). Accumulation in float (double for
 // double values); att and the gradients' accumulation-dtype buffers are contiguous; no atomics.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -209,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> map_distance_forward_cuda(const std::vector<a
   at::Tensor dist = at::empty({in.batch, in.teachers, in.students}, options);
   at::Tensor partials = at::empty({in.batch * in.teachers}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.v_s[0].scalar_type(), "map_distance_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     for_each_run<scalar_t>(in, nullptr, [&](const Groups<scalar_t>& groups, int64_t blocks) {
       launch(op, map_distance_forward_kernel<scalar_t, acc_t>, blocks, groups, in.att.const_data_ptr<acc_t>(),
              dist.mutable_data_ptr<acc_t>(), partials.mutable_data_ptr<acc_t>(), in.teachers, in.students);
@@ -223,15 +222,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> map_distance_backward_cuda(const
                                                                            const std::vector<at::Tensor>& v_t,
                                                                            const at::Tensor& att, const at::Tensor& dist) {
   const char* op = "map_distance_backward";
-  const MapDistanceInputs in = check_map_distance(op, v_s, v_t, att);
+  const MapDistanceBackwardInputs checked = check_map_distance_backward(grad_loss, v_s, v_t, att, dist);
   const c10::cuda::CUDAGuard guard(att.device());
-  const at::Tensor g = upstream_grad(op, "grad_loss", grad_loss, {}, in.acc, in.att);
-  const at::Tensor d = check_saved(op, "dist", dist, {in.batch, in.teachers, in.students}, in.acc, in.att, "att");
+  const MapDistanceInputs& in = checked.in;
+  const at::Tensor &g = checked.grad_loss, &d = checked.dist;
   std::vector<at::Tensor> grads;
   for (const at::Tensor& v : in.v_s) grads.push_back(at::empty(v.sizes(), v.options()));
   at::Tensor grad_att = at::empty_like(in.att);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.v_s[0].scalar_type(), "map_distance_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     for_each_run<scalar_t>(in, &grads, [&](const Groups<scalar_t>& groups, int64_t blocks) {
       launch(op, map_distance_backward_kernel<scalar_t, acc_t>, blocks, groups, g.const_data_ptr<acc_t>(),
              in.att.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), grad_att.mutable_data_ptr<acc_t>(), in.batch,

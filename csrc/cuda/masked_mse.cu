@@ -229,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_forward_cuda(const at::Tensor& x, 
   dispatch_masked_mse(in, [&](auto x_tag, auto mask_tag) {
     using scalar_t = decltype(x_tag);
     using mask_t = decltype(mask_tag);
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     launch(op, masked_mse_forward_kernel<scalar_t, mask_t, acc_t>, t.blocks(), in.x.const_data_ptr<scalar_t>(),
            in.y.const_data_ptr<scalar_t>(), in.mask.const_data_ptr<mask_t>(), partials.mutable_data_ptr<acc_t>(), t);
     launch(op, masked_mse_finish_kernel<acc_t>, 1, partials.const_data_ptr<acc_t>(), t.blocks(),
@@ -242,17 +242,17 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& y, const at::Tensor& mask,
                                                             const at::Tensor& scale, bool x_grad, bool y_grad) {
   const char* op = "masked_mse_backward";
-  const MaskedMseInputs in = check_masked_mse(op, x, y, mask);
+  const MaskedMseBackwardInputs checked = check_masked_mse_backward(grad_loss, x, y, mask, scale);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor g = upstream_grad(op, "grad_loss", grad_loss, {}, in.acc, in.x);
-  const at::Tensor s = check_masked_mse_scale(scale, in);
+  const MaskedMseInputs& in = checked.in;
+  const at::Tensor &g = checked.grad_loss, &s = checked.scale;
   at::Tensor grad_x = masked_mse_grad_buffer(in.x, x_grad), grad_y = masked_mse_grad_buffer(in.y, y_grad);
   if (!x_grad && !y_grad) return {grad_x, grad_y};
   const Tiling t = make_tiling(in);
   dispatch_masked_mse(in, [&](auto x_tag, auto mask_tag) {
     using scalar_t = decltype(x_tag);
     using mask_t = decltype(mask_tag);
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const Grads<scalar_t> grads{x_grad ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
                                 y_grad ? grad_y.mutable_data_ptr<scalar_t>() : nullptr,
                                 x_grad ? bchw(grad_x) : in.dx, y_grad ? bchw(grad_y) : in.dy};

@@ -1,6 +1,6 @@
 // CUDA kernels of the relational KD loss (RKD, Park et al. 2019): the op contract of
 // kdfast/ops/rkd.py with the algorithm of kernels/rkd.py (which states the formulas) and
-// csrc/cpu/rkd.cpp; the per-entry math is csrc/common.h's (RkdTriplets, rkd_*). 256 threads per
+// csrc/cpu/rkd.cpp; the per-entry math is csrc/relational.h's (RkdTriplets, rkd_*). 256 threads per
 // block; within a row, a thread takes the columns k = threadIdx.x mod 256:
 //
 // rkd_forward:  gram_kernel      (csrc/cuda/tiles.cuh) block (upper tile (r, c >= r), split of the
@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../relational.h"
 #include "tiles.cuh"
 
 namespace kdfast {
@@ -41,7 +42,7 @@ namespace {
 
 using namespace gpu;
 
-// The pairs of both networks (csrc/common.h's RkdPairs) of B rows, in device memory.
+// The pairs of both networks (csrc/relational.h's RkdPairs) of B rows, in device memory.
 template <typename acc_t>
 struct Pairs {
   RkdPairs<acc_t> s, t;
@@ -204,13 +205,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_forward_cuda(const at::Tensor
 
 at::Tensor rkd_backward_cuda(const at::Tensor& grad_terms, const at::Tensor& e_s, const at::Tensor& sq_dist_in,
                              const at::Tensor& stats) {
-  const char* op = "rkd_backward";
-  const RowPair in = check_row_pair(op, e_s, e_s, "e_s", "e_s");
+  const RkdBackwardInputs checked = check_rkd_backward(grad_terms, e_s, sq_dist_in, stats);
   const c10::cuda::CUDAGuard guard(e_s.device());
+  const RowPair& in = checked.rows;
   const int n = in.rows;
-  const at::Tensor g = upstream_grad(op, "grad_terms", grad_terms, {2}, in.acc, e_s);
-  const at::Tensor sq_dist = check_saved(op, "sq_dist", sq_dist_in, {2, n, n}, in.acc, e_s, "e_s");
-  const at::Tensor st = check_saved(op, "stats", stats, {3}, in.acc, e_s, "e_s");
+  const at::Tensor &g = checked.grad_terms, &sq_dist = checked.sq_dist, &st = checked.stats;
   at::Tensor grad = at::empty(e_s.sizes(), e_s.options());
   AT_DISPATCH_FLOATING_TYPES(in.acc, "rkd_backward_cuda", [&] {
     using acc_t = scalar_t;

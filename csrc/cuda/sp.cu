@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../relational.h"
 #include "tiles.cuh"
 
 namespace kdfast {
@@ -38,7 +39,6 @@ namespace {
 
 using namespace gpu;
 
-constexpr int kStats = 3;  // stats columns: inv_s, inv_t, proj
 
 // stats[i] and row_loss[i] = sum_j (G_s - G_t)_ij^2 of the row i = blockIdx.x, from gram (2, B, B).
 template <typename acc_t>
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const acc_t* gram, int r
   }
   block_sum<kThreads>(sums);
   if (threadIdx.x == 0) {
-    sp_stats_row(norms[0], norms[1], sums[1], stats + static_cast<int64_t>(i) * kStats);
+    sp_stats_row(norms[0], norms[1], sums[1], stats + static_cast<int64_t>(i) * kSpStats);
     row_loss[i] = sums[0];
   }
 }
@@ -87,8 +87,8 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(acc_t* gram, int rows
   for (int64_t idx = blockIdx.x * int64_t(kThreads) + threadIdx.x; idx < size; idx += int64_t(gridDim.x) * kThreads) {
     const int64_t i = idx / rows, j = idx % rows;
     acc_t alpha_i, beta_i, alpha_j, beta_j;
-    sp_coefficients(stats + i * kStats, k, alpha_i, beta_i);
-    sp_coefficients(stats + j * kStats, k, alpha_j, beta_j);
+    sp_coefficients(stats + i * kSpStats, k, alpha_i, beta_i);
+    sp_coefficients(stats + j * kSpStats, k, alpha_j, beta_j);
     gram[idx] = (alpha_i + alpha_j) * gram[idx] - (beta_i + beta_j) * gram[size + idx];
   }
 }
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> sp_forward_cuda(const at::Tensor& x_s, const 
   const RowPair in = check_row_pair("sp_forward", x_s, x_t, "x_s", "x_t");
   const c10::cuda::CUDAGuard guard(x_s.device());
   const auto options = x_s.options().dtype(in.acc);
-  at::Tensor loss = at::empty({}, options), stats = at::empty({in.rows, kStats}, options);
+  at::Tensor loss = at::empty({}, options), stats = at::empty({in.rows, kSpStats}, options);
   AT_DISPATCH_FLOATING_TYPES(in.acc, "sp_forward_cuda", [&] {
     using acc_t = scalar_t;
     const at::Tensor gram = at::empty({2, in.rows, in.rows}, options), row_loss = at::empty({in.rows}, options);
@@ -116,11 +116,10 @@ std::tuple<at::Tensor, at::Tensor> sp_forward_cuda(const at::Tensor& x_s, const 
 
 at::Tensor sp_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& x_s, const at::Tensor& x_t,
                             const at::Tensor& stats) {
-  const char* op = "sp_backward";
-  const RowPair in = check_row_pair(op, x_s, x_t, "x_s", "x_t");
+  const SpBackwardInputs checked = check_sp_backward(grad_loss, x_s, x_t, stats);
   const c10::cuda::CUDAGuard guard(x_s.device());
-  const at::Tensor g = upstream_grad(op, "grad_loss", grad_loss, {}, in.acc, x_s);
-  const at::Tensor st = check_saved(op, "stats", stats, {in.rows, kStats}, in.acc, x_s, "x_s");
+  const RowPair& in = checked.rows;
+  const at::Tensor &g = checked.grad_loss, &st = checked.stats;
   at::Tensor grad = at::empty(x_s.sizes(), x_s.options());
   AT_DISPATCH_FLOATING_TYPES(in.acc, "sp_backward_cuda", [&] {
     using acc_t = scalar_t;

@@ -1,5 +1,5 @@
 // Tiles of row-pair products on the GPU, shared by the LCC, SP and RKD kernels. The rows of a
-// matrix (the region descriptors of csrc/common.h's Regions, or a (B, D) matrix as a grid of 1) are
+// matrix (the region descriptors of csrc/tiles.h's Regions, or a (B, D) matrix as a grid of 1) are
 // read in place through their strides and combined tile by tile in the accumulation type acc_t
 // (float; double for double inputs):
 //
@@ -44,7 +44,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "../common.h"
+#include "../tiles.h"
 #include "launch.cuh"
 #include "reduce.cuh"
 
@@ -371,7 +371,7 @@ __device__ void correlation_tile_tc(const Net<float>& net, int e_begin, int e_en
 #endif
 
 // s[i][j] += sign sum_{e in [e_begin, e_end)} combine(u[n0 + row(i)][e], u[m0 + col(j)][e]) of one
-// network, rows past N read as 0 (combine: csrc/common.h's Product or SquaredDifference; sign -1:
+// network, rows past N read as 0 (combine: csrc/tiles.h's Product or SquaredDifference; sign -1:
 // Product only, as the row operand's scale). Every thread calls it.
 template <typename acc_t, typename Combine = Product>
 __device__ void correlation_tile(const Net<acc_t>& net, int rows, int n0, int m0, int e_begin, int e_end,
