@@ -43,9 +43,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from kdfast import distillers, models
 from kdfast.distillers.afd import LayerAttention
 from kdfast.distillers.base import feature_shapes
-from kdfast.distillers.crd import Contrast, pooled_dim
+from kdfast.distillers.crd import Contrast, CRDParams, pooled_dim
 from kdfast.distillers.local import LocalModules, ModuleOutput, stage_boundaries
-from kdfast.distillers.reviewkd import build_fusion, fuse_levels, level_maps
+from kdfast.distillers.reviewkd import ReviewKDParams, build_fusion, fuse_levels, level_maps
 from kdfast.engine import results
 from kdfast.engine.e2e_methods import METHODS
 from kdfast.engine.trainer import autocast, distill_step
@@ -159,6 +159,7 @@ def _reviewkd_peer(student: KDModel, teacher: KDModel) -> tuple[PeerLoss, nn.Mod
     ``CE + 5 * HCL(ABF(student levels), teacher levels)`` (its resnet32x4 -> resnet8x4 weight), the
     ABFs built as the distiller builds them."""
     params = distillers.make_params("reviewkd", DISTILLER_PARAMS["reviewkd"])
+    assert isinstance(params, ReviewKDParams)
     size = 224 if isinstance(teacher, (ImageNetResNet, MobileNetV1)) else 32
     abfs, sizes, out_sizes = build_fusion(student, teacher, size, params)
 
@@ -201,6 +202,7 @@ def _crd_peer(student: KDModel, teacher: KDModel) -> tuple[Callable[..., Tensor]
     extras are a :class:`~kdfast.distillers.crd.Contrast` (the embedding heads, banks and Z; bound
     by the caller), whose own methods it does not use. Takes ``(x, t, y, index, contrast_index)``."""
     params = distillers.make_params("crd", DISTILLER_PARAMS.get("crd", {}))
+    assert isinstance(params, CRDParams)
     contrast = Contrast(pooled_dim(student, 32), pooled_dim(teacher, 32), params.feat_dim)
 
     def normalize(v: Tensor) -> Tensor:  # the peers' Normalize
@@ -239,7 +241,7 @@ REFERENCE_METHODS: dict[str, Peer] = {
     "lakd": _lakd_peer,
     "afd": _with_extras(_afd_loss, _afd_attention),
     "reviewkd": _reviewkd_peer,
-    "crd": _crd_peer,  # type: ignore[dict-item]  # its loss also takes the batch's indices
+    "crd": _crd_peer,  # its loss also takes the batch's indices
 }
 """method -> its eager peer, f(student, teacher) = (loss, trainable extras)."""
 if tuple(REFERENCE_METHODS) != METHODS:
