@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kdfast import cli, distillers, models
+from kdfast.distillers.crd import CRD
 from kdfast.engine import bench
 
 SUBCOMMANDS = ("demo", "train", "eval", "bench", "viz", "quickstart")
@@ -211,8 +212,10 @@ def test_e2e_peer_matches_distiller(method):
     y = torch.randint(0, bench.PAIRS["cifar100"].classes, (4,))
     with torch.no_grad():
         feats = teacher.features(x)
-    kwargs, peer_args = {}, ()
+    kwargs: dict[str, torch.Tensor] = {}
+    peer_args: tuple[torch.Tensor, ...] = ()
     if distiller.uses_sample_indices:  # CRD: a training set whose first 4 images are the batch, one contrast draw
+        assert isinstance(distiller, CRD)
         distiller.bind_training_set(bench.training_labels(y, bench.PAIRS["cifar100"].classes))
         extras.load_state_dict(PEER_EXTRAS[method](distiller).state_dict())  # the banks and Z too
         index = torch.arange(4)
