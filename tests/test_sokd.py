@@ -17,6 +17,7 @@ import torch
 from kdfast import distillers, functional, models
 from kdfast.distillers.sokd.dafa import DAFA, SUB_POLICIES, apply_op, op_value
 from kdfast.distillers.sokd.dam import DAMHead, box_mask, mutual_interest_mask, peak_boxes
+from kdfast.distillers.sokd.distiller import SoKDParams
 from kdfast.engine import checkpoint, load_config, train
 from kdfast.engine.config import CONFIG_DIR, ConfigError
 from kdfast.engine.trainer import image_size
@@ -619,7 +620,8 @@ def test_shipped_configs():
 @pytest.mark.parametrize("base", BASES)
 def test_configs_build(base):
     cfg = load_config(f"cifar100/sokd/{base}_resnet32x4_resnet8x4", check_files=False)
-    assert cfg.method.params["base"] == base
+    params = distillers.make_params("sokd", cfg.method.params)
+    assert isinstance(params, SoKDParams) and params.base == base
     d = distillers.create(
         "sokd",
         models.create(cfg.model.student, 100),
