@@ -15,7 +15,7 @@ the sign, when mode == "mean" and p is an odd integer) and ``scale = 1/C`` ("mea
 The semantics match csrc/cpu/at.cpp exactly (powers, signs, 0^0, the eps clamp, output dtypes).
 Accumulation is in float32 (float64 for float64 inputs); maps are float32 (float64).
 
-Launch design. Every launcher covers all stages (up to _MAX_STAGES; more are chunked) in ONE
+Launch design. Every launcher covers all stages (up to _common.MAX_STAGES; more are chunked) in ONE
 kernel launch, and allocates nothing on the host: the stages' tensors and integers (extents,
 strides, first program ids) are kernel arguments, tuples indexed by ``tl.static_range`` over
 the stages, so a launch captured in a CUDA graph replays with the same arguments. The kernel
@@ -40,15 +40,19 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast.kernels import _common
-from kdfast.kernels._common import TL_DTYPES as _TL_DTYPES
-from kdfast.kernels._common import acc_dtype as _acc_dtype
-from kdfast.kernels._common import on_device as _on_device
+from kdfast.kernels._common import (
+    TL_DTYPES,
+    acc_dtype,
+    alignment,
+    chunks,
+    feature_power,
+    feature_power_grad,
+    hw_stride,
+    on_device,
+    sqrt_rn,
+)
 
 _EPS = tl.constexpr(1e-12)  # normalize(v) = v / max(||v||_2, eps), as F.normalize
-
-# Integer powers up to this one are computed with exact products, larger or real ones as
-# exp2(p * log2|x|) (no libdevice pow: it does not run in the Triton interpreter).
-_MAX_INT_POWER = 8
 
 # Block sizes of the map kernels (one config: multi-config autotuning breaks the interpreter). The
 # unit-stride block (BLOCK_HW for contiguous, BLOCK_C for channels_last) fits the smallest stage,
@@ -63,7 +67,6 @@ _UNIT_BLOCK_MIN = 32
 _UNIT_BLOCK_MAX = 128
 _TILE = 2048
 _PROGRAMS_PER_SM = 4
-_MAX_ALIGN = 16  # elements; the divisibility Triton itself assumes for its integer arguments
 _NUM_WARPS = 4
 # The map backward runs its tiles on 8 warps (8 elements a thread): on 4 warps ptxas spilled 48
 # bytes at 48 registers (sm_80, float32 channels_last) to fit more programs per SM; on 8 warps
@@ -71,58 +74,8 @@ _NUM_WARPS = 4
 _BACKWARD_WARPS = 8
 _LOSS_BLOCK_MAX = 1024  # the loss kernel streams each (B, HW) row in blocks of up to this many
 
-_MAX_STAGES = 8  # stages per launch (tuple arguments); longer lists are launched in chunks
-
 
 # ----------------------------------------------------------------------------- device helpers
-
-
-@triton.jit
-def _sign(x):
-    """sign(x) in x's dtype: -1, 0 or 1 (0 for 0 and NaN)."""
-    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
-
-
-@triton.jit
-def _abs_pow(ax, P: tl.constexpr, INT_P: tl.constexpr):
-    """``ax ** P`` for ``ax = |x|``: INT_P >= 0 marks an integer P == INT_P, computed as exact
-    products (so ``0 ** 0 = 1``); otherwise ``exp2(P * log2(ax))`` with ``0 ** P = 0``."""
-    if INT_P >= 0:
-        r = tl.full(ax.shape, 1.0, ax.dtype)
-        for _ in tl.static_range(INT_P):
-            r = r * ax
-    else:
-        zero = ax == 0  # log2 of 1 there, not of 0: no -inf (nor interpreter warnings)
-        r = tl.where(zero, 0.0, tl.exp2(P * tl.log2(tl.where(zero, 1.0, ax))))
-    return r
-
-
-@triton.jit
-def _g(x, P: tl.constexpr, INT_P: tl.constexpr, ODD_SIGNED: tl.constexpr):
-    """g(x) = |x|^p, or sign(x) |x|^p when ODD_SIGNED."""
-    r = _abs_pow(tl.abs(x), P, INT_P)
-    if ODD_SIGNED:
-        r = _sign(x) * r
-    return r
-
-
-@triton.jit
-def _g_grad(x, P: tl.constexpr, INT_P: tl.constexpr, ODD_SIGNED: tl.constexpr):
-    """g'(x) = p |x|^(p-1), times sign(x) unless ODD_SIGNED."""
-    r = P * _abs_pow(tl.abs(x), P - 1, INT_P - 1)
-    if not ODD_SIGNED:
-        r = _sign(x) * r
-    return r
-
-
-@triton.jit
-def _sqrt(x):
-    """Correctly rounded sqrt (tl.sqrt is approximate in float32)."""
-    if x.dtype == tl.float32:
-        r = tl.sqrt_rn(x)
-    else:
-        r = tl.sqrt(x)
-    return r
 
 
 @triton.jit
@@ -136,42 +89,6 @@ def _i32(v):
 def _i64(v):
     """An integer kernel argument as an int64 scalar tensor (see :func:`_i32`)."""
     return tl.full([], v, tl.int64)
-
-
-@triton.jit
-def _pick(values, i):
-    """``values[i]`` of a tuple of pointer arguments, for a runtime index i (selects, no branch)."""
-    v = values[0]
-    for r in tl.static_range(1, len(values)):
-        v = tl.where(i == r, values[r], v)
-    return v
-
-
-@triton.jit
-def _pick_int(values, i, DTYPE: tl.constexpr):
-    """``values[i]`` of a tuple of integer arguments, for a runtime index i, as a DTYPE scalar."""
-    v = tl.full([], values[0], DTYPE)
-    for r in tl.static_range(1, len(values)):
-        v = tl.where(i == r, values[r], v)
-    return v
-
-
-@triton.jit
-def _pick_field(rows, i, COL: tl.constexpr, DTYPE: tl.constexpr):
-    """``rows[i][COL]`` of a tuple of integer tuples, for a runtime index i, as a DTYPE scalar."""
-    v = tl.full([], rows[0][COL], DTYPE)
-    for r in tl.static_range(1, len(rows)):
-        v = tl.where(i == r, rows[r][COL], v)
-    return v
-
-
-@triton.jit
-def _stage_of(pid, firsts):
-    """Index s of the stage whose programs ``firsts[s] .. firsts[s + 1] - 1`` hold ``pid``."""
-    s = tl.zeros([], tl.int32)
-    for r in tl.static_range(1, len(firsts) - 1):
-        s += (pid >= firsts[r]).to(tl.int32)
-    return s
 
 
 @triton.jit
@@ -251,7 +168,7 @@ def _maps_stage(
     for c0 in range(0, channels, BLOCK_C):
         offs_c, mask = _channel_block(c0, channels, hw_mask, BLOCK_C)
         v = tl.load(x + _tile(offs_c, offs_hw, stride, CHANNELS_LAST), mask=mask, other=0.0)
-        acc += _g(v.to(ACC), P, INT_P, ODD_SIGNED)  # g(0) = 0 for the masked lanes
+        acc += feature_power(v.to(ACC), P, INT_P, ODD_SIGNED)  # g(0) = 0 for the masked lanes
     out = tl.sum(acc, axis=0)
     if MEAN:
         out = out * (1.0 / channels.to(ACC))
@@ -338,7 +255,7 @@ def _maps_backward_stage(
     for c0 in range(0, channels, BLOCK_C):
         offs_c, mask = _channel_block(c0, channels, hw_mask, BLOCK_C)
         v = tl.load(x + _tile(offs_c, offs_hw, x_stride, CHANNELS_LAST), mask=mask, other=0.0)
-        d = d_map[None, :] * _g_grad(v.to(ACC), P, INT_P, ODD_SIGNED)
+        d = d_map[None, :] * feature_power_grad(v.to(ACC), P, INT_P, ODD_SIGNED)
         tl.store(y + _tile(offs_c, offs_hw, y_stride, CHANNELS_LAST), d.to(DTYPE), mask=mask)
 
 
@@ -424,8 +341,8 @@ def _map_loss_row(
         st += s * t
     ss = tl.sum(ss, axis=0)
     st = tl.sum(st, axis=0)
-    ns = _sqrt(ss)
-    nt = _sqrt(tl.sum(tt, axis=0))
+    ns = sqrt_rn(ss)
+    nt = sqrt_rn(tl.sum(tt, axis=0))
     inv_s = 1.0 / tl.where(ns < _EPS, _EPS, ns)  # max(n, eps), NaN propagating as std::max
     inv_t = 1.0 / tl.where(nt < _EPS, _EPS, nt)
 
@@ -441,7 +358,7 @@ def _map_loss_row(
         tl.store(loss, sq / n)
         k = 2.0 / n  # d loss / d u_s = k * (u_s - u_t)
     else:
-        l2 = _sqrt(sq)
+        l2 = sqrt_rn(sq)
         tl.store(loss, l2 / batch)
         positive = l2 > 0  # k = 0 where l2 == 0 (or NaN), without dividing by 0 there
         k = tl.where(positive, 1.0 / (tl.where(positive, l2, 1.0) * batch), 0.0)
@@ -482,7 +399,7 @@ def _power(p: float, mode: str) -> dict[str, float | int | bool]:
         raise ValueError(f"at_maps: mode 'mean' computes f^p and needs an integer p, got {p}")
     return {
         "P": p,
-        "INT_P": int(p) if integer and p <= _MAX_INT_POWER else -1,
+        "INT_P": _common.int_power(p),
         "ODD_SIGNED": mode == "mean" and integer and p % 2 == 1,
         "MEAN": mode == "mean",
     }
@@ -501,13 +418,8 @@ def _check_feats(feats: list[Tensor], name: str) -> None:
             raise ValueError(f"{name}: all tensors must be on one device")
         if f.numel() == 0:
             raise ValueError(f"{name}: empty tensor of shape {tuple(f.shape)}")
-    if feats[0].dtype not in _TL_DTYPES:
+    if feats[0].dtype not in TL_DTYPES:
         raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {feats[0].dtype}")
-
-
-def _hw_stride(t: Tensor) -> int:
-    """Stride of the flattened hw dim (valid where h and w flatten into one)."""
-    return t.stride(2) if t.size(3) == 1 else t.stride(3)
 
 
 def _fits(t: Tensor, channels_last: bool) -> bool:
@@ -517,7 +429,7 @@ def _fits(t: Tensor, channels_last: bool) -> bool:
         return False
     if channels_last:
         return c == 1 or t.stride(1) == 1
-    return h * w == 1 or _hw_stride(t) == 1
+    return h * w == 1 or hw_stride(t) == 1
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
@@ -528,24 +440,18 @@ def _strides(t: Tensor, channels_last: bool) -> tuple[int, int]:
     """A stage tensor's batch stride and its stride along the non-unit axis (hw for channels_last,
     c for contiguous), each 0 where its dim has size 1 (so that it divides by anything)."""
     b, c, h, w = t.shape
-    stride, size = (_hw_stride(t), h * w) if channels_last else (t.stride(1), c)
+    stride, size = (hw_stride(t), h * w) if channels_last else (t.stride(1), c)
     return t.stride(0) if b > 1 else 0, stride if size > 1 else 0
 
 
 def _alignment(tensors: list[Tensor], channels_last: bool) -> int:
-    """ALIGN of one stage: the largest power of two (<= _MAX_ALIGN) dividing every data pointer
-    (in elements), stride and unit-axis extent of its ``tensors``."""
-    g = 0
+    """ALIGN of one stage (:func:`_common.alignment`) of every data pointer (in elements), stride
+    and unit-axis extent of its ``tensors``."""
+    values = []
     for t in tensors:
         unit_extent = t.size(1) if channels_last else t.size(2) * t.size(3)
-        for v in (t.data_ptr() // t.element_size(), *_strides(t, channels_last), unit_extent):
-            g = math.gcd(g, v)
-    return min(g & -g, _MAX_ALIGN) if g else _MAX_ALIGN
-
-
-def chunks(items: list, size: int = _MAX_STAGES) -> list[list]:
-    """``items`` in consecutive launches of at most ``size`` (the tuple arguments' length)."""
-    return [items[i : i + size] for i in range(0, len(items), size)]
+        values += [t.data_ptr() // t.element_size(), *_strides(t, channels_last), unit_extent]
+    return alignment(values)
 
 
 def _min_programs(device: torch.device) -> int:
@@ -595,8 +501,8 @@ def _map_launch(feats: list[Tensor], p: float, mode: str, name: str) -> _MapLaun
     block_c, block_hw = _map_blocks(feats, channels_last)
     dtype = feats[0].dtype
     constexprs = dict(
-        DTYPE=_TL_DTYPES[dtype],
-        ACC=_TL_DTYPES[_acc_dtype(dtype)],
+        DTYPE=TL_DTYPES[dtype],
+        ACC=TL_DTYPES[acc_dtype(dtype)],
         CHANNELS_LAST=channels_last,
         BLOCK_C=block_c,
         BLOCK_HW=block_hw,
@@ -606,10 +512,10 @@ def _map_launch(feats: list[Tensor], p: float, mode: str, name: str) -> _MapLaun
 
 
 def _run_maps(kernel: triton.JITFunction, launch: _MapLaunch, maps: list[Tensor], grads: list[Tensor] | None = None) -> None:
-    """Launches ``kernel`` over all stages (one launch per _MAX_STAGES); ``grads`` (launch
+    """Launches ``kernel`` over all stages (one launch per _common.MAX_STAGES); ``grads`` (launch
     layout) for the backward. Every argument is a kernel argument: nothing is staged on the host."""
     cl = launch.channels_last
-    with _on_device(launch.feats[0].device):
+    with on_device(launch.feats[0].device):
         for stages in chunks(launch.order):
             feats = [launch.feats[s] for s in stages]
             firsts = _first_programs(feats, launch.constexprs["BLOCK_HW"])
@@ -646,7 +552,7 @@ def at_maps(feats: list[Tensor], p: float, mode: str) -> list[Tensor]:
     float32 (float64 for float64 feats).
     """
     launch = _map_launch(feats, p, mode, "at_maps")
-    acc = _acc_dtype(feats[0].dtype)
+    acc = acc_dtype(feats[0].dtype)
     maps = [torch.empty((f.size(0), f.size(2) * f.size(3)), dtype=acc, device=f.device) for f in launch.feats]
     _run_maps(_at_maps_kernel, launch, maps)
     return maps
@@ -663,7 +569,7 @@ def at_maps_backward(grad_maps: list[Tensor], feats: list[Tensor], p: float, mod
     if len(grad_maps) != len(feats):
         raise ValueError(f"at_maps_backward: {len(grad_maps)} grad_maps for {len(feats)} feats")
     launch = _map_launch(feats, p, mode, "at_maps_backward")
-    acc = _acc_dtype(feats[0].dtype)
+    acc = acc_dtype(feats[0].dtype)
     for s, (g, f) in enumerate(zip(grad_maps, feats)):
         if g.dim() != 2 or tuple(g.shape) != (f.size(0), f.size(2) * f.size(3)):
             raise ValueError(f"at_maps_backward: grad_maps[{s}] must have shape (B, H*W) of feats[{s}]")
@@ -688,7 +594,7 @@ def at_map_loss(maps_s: list[Tensor], maps_t: list[Tensor], loss: str) -> tuple[
     With ``u = m / max(||m||_2, 1e-12)`` per row: ``mse = sum_hw (u_s - u_t)^2 / (B * HW)``,
     ``l2 = ||u_s - u_t||_2 / B`` (gradient 0 where u_s == u_t). ``maps_s[i]``, ``maps_t[i]``:
     (B, HW_i), float32 or float64, one B and dtype for all. Returns the losses (L, B) and the
-    gradients (B, HW_i) (contiguous), from one launch (per _MAX_STAGES stages) of one program per
+    gradients (B, HW_i) (contiguous), from one launch (per _common.MAX_STAGES stages) of one program per
     (stage, sample).
     """
     if len(maps_s) == 0 or len(maps_s) != len(maps_t):
@@ -714,13 +620,10 @@ def at_map_loss(maps_s: list[Tensor], maps_t: list[Tensor], loss: str) -> tuple[
     if batch > 0:
         block = min(triton.next_power_of_2(max(m.size(1) for m in maps_s)), _LOSS_BLOCK_MAX)
         size = dtype.itemsize
-        with _on_device(device):
+        with on_device(device):
             for stages in chunks(list(range(len(maps_s)))):
                 ms, mt, gs = ([t[s] for s in stages] for t in (maps_s, maps_t, grads))
-                aligns = tuple(
-                    min(_MAX_ALIGN, math.gcd(_MAX_ALIGN, m.size(1), *(t.data_ptr() // size for t in ts)))
-                    for m, *ts in zip(ms, ms, mt, gs)
-                )
+                aligns = tuple(alignment((m.size(1), *(t.data_ptr() // size for t in ts))) for m, *ts in zip(ms, ms, mt, gs))
                 _at_map_loss_kernel[(len(stages) * batch,)](
                     tuple(ms),
                     tuple(mt),
@@ -728,7 +631,7 @@ def at_map_loss(maps_s: list[Tensor], maps_t: list[Tensor], loss: str) -> tuple[
                     tuple(m.size(1) for m in ms),
                     losses[stages[0] :],
                     batch,
-                    ACC=_TL_DTYPES[dtype],
+                    ACC=TL_DTYPES[dtype],
                     MSE=loss == "mse",
                     ALIGNS=aligns,
                     BLOCK=block,

@@ -22,7 +22,7 @@ Backward (``gm``, ``gf`` the upstream gradients of map_l and feat_l)::
                    = sum_{bins k containing (y, x)} gf 2 D[c, k] / (B Ct fb^2 area_k)   fb > 0
 
 Launch design. The forward is two launches and a torch sum, the backward one launch, each over
-all modules (up to at.py's _MAX_STAGES; more are chunked). Nothing is staged on the host: the
+all modules (up to _common.MAX_STAGES; more are chunked). Nothing is staged on the host: the
 modules' tensors, dims and strides are kernel arguments (tuples; a program selects its module's
 values with a static loop over them), so launches captured in a CUDA graph replay with the same
 arguments. Every program handles one (module, sample, split): a split is a range of channel
@@ -59,8 +59,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast.kernels import at as at_kernels
-from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
+from kdfast.kernels import _common
+from kdfast.kernels._common import (
+    MAX_STAGES,
+    TL_DTYPES,
+    acc_dtype,
+    alignment,
+    feature_power,
+    feature_power_grad,
+    hw_stride,
+    on_device,
+    pick,
+    pick_field,
+    sqrt_rn,
+)
 
 _EPS = tl.constexpr(1e-12)
 
@@ -82,6 +94,7 @@ _TILE = 2048  # elements of a [BLOCK_C, BLOCK_HW] tile, of a [bins, BLOCK_HW] me
 _BLOCK_MIN = 16  # tl.dot's smallest dimension (the D products), and the smallest position block
 _UNIT_BLOCK_MAX = 128  # the unit-stride block (512 bytes of float32)
 _MAX_SPLITS = 64  # splits per (module, sample)
+_PROGRAMS_PER_SM = 4  # splits are doubled until a launch has this many programs per SM
 _NUM_WARPS = 4
 # BLOCK_HW at most, for channels_last maps with a feature grid: there BLOCK_HW is the K of the D
 # products' IEEE (FMA) tl.dot, whose operand rows sit in registers. It only binds for maps of at
@@ -98,9 +111,9 @@ _CL_DOT_K = 16
 def _dims(dims, r, COL: tl.constexpr, LAYOUT: tl.constexpr, ALIGN: tl.constexpr):
     """(channels, height, width, height * width) at ``dims[r][COL:COL + 3]``; the unit-stride
     extent (positions or channels) restated as a multiple of ALIGN."""
-    channels = at_kernels._pick_field(dims, r, COL, tl.int32)
-    height = at_kernels._pick_field(dims, r, COL + 1, tl.int32)
-    width = at_kernels._pick_field(dims, r, COL + 2, tl.int32)
+    channels = pick_field(dims, r, COL, tl.int32)
+    height = pick_field(dims, r, COL + 1, tl.int32)
+    width = pick_field(dims, r, COL + 2, tl.int32)
     hw = height * width
     if LAYOUT == 0:
         hw = tl.multiple_of(hw, ALIGN)
@@ -114,16 +127,16 @@ def _sample(ptrs, strides, r, COL: tl.constexpr, b, LAYOUT: tl.constexpr, ALIGN:
     """Pointer to sample ``b`` of module r's tensor ``ptrs[r]`` and its c, y, x strides; the
     alignment (ALIGN elements) of the pointer, batch stride and non-unit stride of the layout is
     restated for the compiler."""
-    ptr = at_kernels._pick(ptrs, r)
+    ptr = pick(ptrs, r)
     ptr = tl.multiple_of(ptr, ALIGN * (ptr.dtype.element_ty.primitive_bitwidth // 8))  # in bytes
-    stride_b = tl.multiple_of(at_kernels._pick_field(strides, r, COL, tl.int64), ALIGN)
-    sc = at_kernels._pick_field(strides, r, COL + 1, tl.int64)
-    sx = at_kernels._pick_field(strides, r, COL + 3, tl.int64)
+    stride_b = tl.multiple_of(pick_field(strides, r, COL, tl.int64), ALIGN)
+    sc = pick_field(strides, r, COL + 1, tl.int64)
+    sx = pick_field(strides, r, COL + 3, tl.int64)
     if LAYOUT == 0:
         sc = tl.multiple_of(sc, ALIGN)
     if LAYOUT == 1:
         sx = tl.multiple_of(sx, ALIGN)
-    return ptr + b * stride_b, sc, at_kernels._pick_field(strides, r, COL + 2, tl.int64), sx
+    return ptr + b * stride_b, sc, pick_field(strides, r, COL + 2, tl.int64), sx
 
 
 @triton.jit
@@ -146,8 +159,18 @@ def _mask(offs_c, offs_hw, channels, hw):
 
 
 @triton.jit
-def _load(ptr, offs, mask, ACC: tl.constexpr):
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+def _read(view, offs_c, offs_hw, width, mask, LAYOUT: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_C, BLOCK_HW] of a sample ``view`` = (pointer, c, y, x strides) of :func:`_sample` at
+    channels offs_c and positions offs_hw, in ACC (0 outside ``mask``)."""
+    offs = _offsets(offs_c, offs_hw, width, view[1], view[2], view[3], LAYOUT)
+    return tl.load(view[0] + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _read_pair(h, t, offs_c, offs_hw, width, mask, LAYOUT: tl.constexpr, ACC: tl.constexpr):
+    """(t, h - t) of the sample views ``h`` and ``t`` at channels offs_c and positions offs_hw."""
+    tv = _read(t, offs_c, offs_hw, width, mask, LAYOUT, ACC)
+    return tv, _read(h, offs_c, offs_hw, width, mask, LAYOUT, ACC) - tv
 
 
 @triton.jit
@@ -227,7 +250,7 @@ def _load_map(ptr, G2: tl.constexpr, GRID: tl.constexpr):
 @triton.jit
 def _normalize(p):
     """(A = p / max(||p||, eps), 1 / max(||p||, eps), ||p||) of a bin vector (NaN propagating)."""
-    n = at_kernels._sqrt(tl.sum(p * p, axis=0))
+    n = sqrt_rn(tl.sum(p * p, axis=0))
     inv = 1.0 / tl.where(n < _EPS, _EPS, n)
     return p * inv, inv, n
 
@@ -248,9 +271,6 @@ def _weights(a_t, height, width, GRID: tl.constexpr, G2: tl.constexpr):
 @triton.jit
 def _pooled_partial(
     x,
-    sc,
-    sy,
-    sx,
     channels,
     height,
     width,
@@ -268,29 +288,24 @@ def _pooled_partial(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """[G2] bin sums of ``sum_c |x|^p`` over channels [c_lo, c_hi) and positions [hw_lo, hw_hi)."""
+    """[G2] bin sums of ``sum_c |x|^p`` (``x`` a sample view) over channels [c_lo, c_hi) and
+    positions [hw_lo, hw_hi)."""
     acc = tl.zeros([G2], ACC)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         m = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
         for c0 in range(c_lo, c_hi, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            v = _load(x, _offsets(offs_c, offs_hw, width, sc, sy, sx, LAYOUT), _mask(offs_c, offs_hw, channels, hw), ACC)
-            m += at_kernels._g(v, P, INT_P, False)
+            v = _read(x, offs_c, offs_hw, width, _mask(offs_c, offs_hw, channels, hw), LAYOUT, ACC)
+            m += feature_power(v, P, INT_P, False)
         acc += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2), tl.sum(m, axis=0))
     return acc
 
 
 @triton.jit
 def _dense_partial(
-    hp,
-    h_sc,
-    h_sy,
-    h_sx,
-    tp,
-    t_sc,
-    t_sy,
-    t_sx,
+    h,
+    t,
     channels,
     height,
     width,
@@ -309,7 +324,7 @@ def _dense_partial(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """fb == 0 over (h, t) in the range: (the teacher's [G2] bin sums of ``sum_c |t|^p``, the
+    """fb == 0 over the sample views (h, t) in the range: (the teacher's [G2] bin sums of ``sum_c |t|^p``, the
     feature term ``sum (h - t)^2``: per cell [G2] when WEIGHTED, else its total in element 0)."""
     p_t = tl.zeros([G2], ACC)
     feat = tl.zeros([G2], ACC)
@@ -320,11 +335,9 @@ def _dense_partial(
         m = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
         for c0 in range(c_lo, c_hi, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask = _mask(offs_c, offs_hw, channels, hw)
-            tv = _load(tp, _offsets(offs_c, offs_hw, width, t_sc, t_sy, t_sx, LAYOUT), mask, ACC)
-            d = _load(hp, _offsets(offs_c, offs_hw, width, h_sc, h_sy, h_sx, LAYOUT), mask, ACC) - tv
+            tv, d = _read_pair(h, t, offs_c, offs_hw, width, _mask(offs_c, offs_hw, channels, hw), LAYOUT, ACC)
             sq += d * d
-            m += at_kernels._g(tv, P, INT_P, False)
+            m += feature_power(tv, P, INT_P, False)
         sq_hw = tl.sum(sq, axis=0)
         if WEIGHTED:
             feat += _bin_sums(_cells(offs_hw, height, width, GRID, G2), sq_hw)
@@ -338,14 +351,8 @@ def _dense_partial(
 
 @triton.jit
 def _block_diffs(
-    hp,
-    h_sc,
-    h_sy,
-    h_sx,
-    tp,
-    t_sc,
-    t_sy,
-    t_sx,
+    h,
+    t,
     offs_c,
     channels,
     height,
@@ -364,19 +371,18 @@ def _block_diffs(
     BLOCK_CF: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """D [BLOCK_CF, FG2] of the channels offs_c (pooled differences of h and t over the fb x fb
-    bins: ``(h - t) [channels, positions] x membership [positions, bins]`` by ``tl.dot`` in full
-    precision), and with MAP_T the teacher's bin sums of ``|t|^p`` of these channels added to p_t."""
+    """D [BLOCK_CF, FG2] of the channels offs_c (pooled differences of the sample views h and t
+    over the fb x fb bins: ``(h - t) [channels, positions] x membership [positions, bins]`` by
+    ``tl.dot`` in full precision), and with MAP_T the teacher's bin sums of ``|t|^p`` of these
+    channels added to p_t."""
     diffs = tl.zeros([BLOCK_CF, FG2], ACC)
     for hw0 in range(0, hw, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
-        mask = _mask(offs_c, offs_hw, channels, hw)
-        tv = _load(tp, _offsets(offs_c, offs_hw, width, t_sc, t_sy, t_sx, LAYOUT), mask, ACC)
-        d = _load(hp, _offsets(offs_c, offs_hw, width, h_sc, h_sy, h_sx, LAYOUT), mask, ACC) - tv
+        tv, d = _read_pair(h, t, offs_c, offs_hw, width, _mask(offs_c, offs_hw, channels, hw), LAYOUT, ACC)
         inside = _bins(offs_hw, hw, height, width, FGRID, FG2)
         diffs = tl.dot(d, tl.trans(inside.to(ACC)), diffs, input_precision="ieee", out_dtype=ACC)
         if MAP_T:
-            p_t += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2), tl.sum(at_kernels._g(tv, P, INT_P, False), axis=0))
+            p_t += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2), tl.sum(feature_power(tv, P, INT_P, False), axis=0))
     return diffs * _inv_area(height, width, ACC, FGRID, FG2)[None, :], p_t
 
 
@@ -414,9 +420,7 @@ def _partials_kernel(
     f = _sample(fs, strides, r, _FS, b, LAYOUT, ALIGN)
     c_lo, c_hi = _range(split_c, splits_c, cs, BLOCK_C)
     hw_lo, hw_hi = _range(split_hw, splits_hw, hw_s, BLOCK_HW)
-    p_s = _pooled_partial(
-        f[0], f[1], f[2], f[3], cs, hs_, ws, hw_s, c_lo, c_hi, hw_lo, hw_hi, ACC, P, INT_P, GRID, G2, LAYOUT, BLOCK_C, BLOCK_HW
-    )
+    p_s = _pooled_partial(f, cs, hs_, ws, hw_s, c_lo, c_hi, hw_lo, hw_hi, ACC, P, INT_P, GRID, G2, LAYOUT, BLOCK_C, BLOCK_HW)
     # the connector output and the teacher: looked up only now (shorter live ranges)
     ct, height, width, hw = _dims(dims, r, _DIMS_T, LAYOUT, ALIGN)
     h = _sample(hs, strides, r, _HS, b, LAYOUT, ALIGN)
@@ -427,14 +431,8 @@ def _partials_kernel(
         c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_CF)
         for c0 in range(c_lo, c_hi, BLOCK_CF):
             diffs, p_t = _block_diffs(
-                h[0],
-                h[1],
-                h[2],
-                h[3],
-                t[0],
-                t[1],
-                t[2],
-                t[3],
+                h,
+                t,
                 c0 + tl.arange(0, BLOCK_CF),
                 ct,
                 height,
@@ -459,14 +457,8 @@ def _partials_kernel(
         c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_C)
         hw_lo, hw_hi = _range(split_hw, splits_hw, hw, BLOCK_HW)
         p_t, feat = _dense_partial(
-            h[0],
-            h[1],
-            h[2],
-            h[3],
-            t[0],
-            t[1],
-            t[2],
-            t[3],
+            h,
+            t,
             ct,
             height,
             width,
@@ -578,7 +570,7 @@ def _backward_kernel(
     cs, hs_, ws, hw_s = _dims(dims, r, _DIMS_S, LAYOUT, ALIGN)
     ct, height, width, hw = _dims(dims, r, _DIMS_T, LAYOUT, ALIGN)
     f = _sample(fs, strides, r, _FS, b, LAYOUT, ALIGN)
-    g_fs = at_kernels._pick(grads_fs, r) + b * (cs * hw_s).to(tl.int64)
+    g_fs = pick(grads_fs, r) + b * (cs * hw_s).to(tl.int64)
     grad_map = tl.load(grad_terms + r * 2 + 1)
 
     maps_s = maps + (r * 2 * batch + b) * (GRID * GRID)
@@ -597,14 +589,14 @@ def _backward_kernel(
         for c0 in range(c_lo, c_hi, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = _mask(offs_c, offs_hw, cs, hw_s)
-            v = _load(f[0], _offsets(offs_c, offs_hw, ws, f[1], f[2], f[3], LAYOUT), mask, ACC)
-            grad = d_m[None, :] * at_kernels._g_grad(v, P, INT_P, False)
+            v = _read(f, offs_c, offs_hw, ws, mask, LAYOUT, ACC)
+            grad = d_m[None, :] * feature_power_grad(v, P, INT_P, False)
             tl.store(g_fs + offs_c[:, None] * hw_s + offs_hw[None, :], grad.to(g_fs.dtype.element_ty), mask=mask)
 
     # Connector output (its tensors looked up only now: shorter live ranges).
     h = _sample(hs, strides, r, _HS, b, LAYOUT, ALIGN)
     t = _sample(ft, strides, r, _FT, b, LAYOUT, ALIGN)
-    g_h = at_kernels._pick(grads_hs, r) + b * (ct * hw).to(tl.int64)
+    g_h = pick(grads_hs, r) + b * (ct * hw).to(tl.int64)
     grad_feat = tl.load(grad_terms + r * 2)
     if FGRID > 0:
         coef = grad_feat * 2.0 / (batch.to(ACC) * ct.to(ACC) * FGRID * FGRID)
@@ -613,14 +605,8 @@ def _backward_kernel(
         for c0 in range(c_lo, c_hi, BLOCK_CF):
             offs_c = c0 + tl.arange(0, BLOCK_CF)
             diffs = _block_diffs(
-                h[0],
-                h[1],
-                h[2],
-                h[3],
-                t[0],
-                t[1],
-                t[2],
-                t[3],
+                h,
+                t,
                 offs_c,
                 ct,
                 height,
@@ -662,8 +648,7 @@ def _backward_kernel(
             for c0 in range(c_lo, c_hi, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 mask = _mask(offs_c, offs_hw, ct, hw)
-                tv = _load(t[0], _offsets(offs_c, offs_hw, width, t[1], t[2], t[3], LAYOUT), mask, ACC)
-                d = _load(h[0], _offsets(offs_c, offs_hw, width, h[1], h[2], h[3], LAYOUT), mask, ACC) - tv
+                d = _read_pair(h, t, offs_c, offs_hw, width, mask, LAYOUT, ACC)[1]
                 grad = w[None, :] * d
                 tl.store(g_h + offs_c[:, None] * hw + offs_hw[None, :], grad.to(g_h.dtype.element_ty), mask=mask)
 
@@ -693,7 +678,7 @@ def _strides(t: Tensor, layout: int) -> tuple[int, int, int, int]:
     """(b, c, y, x) strides, 0 for a dim of size 1; with channels_last the x column is the stride
     of the flattened positions."""
     b, c, h, w = t.shape
-    x = at_kernels._hw_stride(t) if layout == _CHANNELS_LAST else t.stride(3)
+    x = hw_stride(t) if layout == _CHANNELS_LAST else t.stride(3)
     x_size = h * w if layout == _CHANNELS_LAST else w
     return tuple(st if size > 1 else 0 for size, st in ((b, t.stride(0)), (c, t.stride(1)), (h, t.stride(2)), (x_size, x)))
 
@@ -704,12 +689,12 @@ def _alignment(tensors: list[Tensor], layout: int) -> int:
     of ``tensors``; 1 for other layouts."""
     if layout == _STRIDED:
         return 1
-    g = 0
+    values = []
     for t in tensors:
         sb, sc, _, sx = _strides(t, layout)
         extent, stride = (t.size(2) * t.size(3), sc) if layout == _CONTIGUOUS else (t.size(1), sx)
-        g = math.gcd(g, t.data_ptr() // t.element_size(), sb, stride, extent)
-    return min(g & -g, at_kernels._MAX_ALIGN) if g else at_kernels._MAX_ALIGN
+        values += [t.data_ptr() // t.element_size(), sb, stride, extent]
+    return alignment(values)
 
 
 class _Plan(NamedTuple):
@@ -745,16 +730,21 @@ def _d_channels(fg2: int, backward: bool) -> int:
     return _TILE // fg2 if fg2 <= 32 or backward else _BLOCK_MIN
 
 
+def _min_programs(device: torch.device) -> int:
+    """Programs a launch should have to fill the device: _PROGRAMS_PER_SM per SM (1 off CUDA)."""
+    return _PROGRAMS_PER_SM * _common.sm_count(device) if device.type == "cuda" else 1
+
+
 def _splits(
     f_s: list[Tensor], h_s: list[Tensor], block_c: int, block_cf: int, block_hw: int, dense: bool, device: torch.device
 ) -> tuple[int, int]:
     """(channel splits, position splits) per (module, sample): doubled, along the axis with more
-    blocks left per split, while the launch has fewer than at.py's _min_programs programs
+    blocks left per split, while the launch has fewer than :func:`_min_programs` programs
     (positions only when ``dense``, i.e. fb == 0)."""
     c_blocks = max(max(triton.cdiv(s.size(1), block_c), triton.cdiv(h.size(1), block_cf)) for s, h in zip(f_s, h_s))
     hw_blocks = max(triton.cdiv(t.size(2) * t.size(3), block_hw) for t in (*f_s, *h_s)) if dense else 1
     splits_c = splits_hw = 1
-    target = at_kernels._min_programs(device)
+    target = _min_programs(device)
     while len(f_s) * f_s[0].size(0) * splits_c * splits_hw < target and splits_c * splits_hw < _MAX_SPLITS:
         c_ok, hw_ok = splits_c * 2 <= c_blocks, splits_hw * 2 <= hw_blocks
         if c_ok and (not hw_ok or c_blocks // splits_c >= hw_blocks // splits_hw):
@@ -786,11 +776,10 @@ def _plan(
     block_cf = max(_BLOCK_MIN, min(block_c, _d_channels(fg2, backward), _TILE // block_hw)) if feature_grid > 0 else block_c
     splits_c, splits_hw = _splits(f_s, h_s, block_c, block_cf, block_hw, feature_grid == 0, f_s[0].device)
     power = float(power)
-    integer = power.is_integer() and power <= at_kernels._MAX_INT_POWER
     constexprs = {
         "ACC": TL_DTYPES[acc_dtype(f_s[0].dtype)],
         "P": power,
-        "INT_P": int(power) if integer else -1,
+        "INT_P": _common.int_power(power),
         "GRID": grid,
         "G2": g2,
         "FGRID": feature_grid,
@@ -861,7 +850,7 @@ def _check(
 
 def _module_chunks(count: int) -> list[slice]:
     """The modules of each launch (tuple arguments of at most _MAX_STAGES modules)."""
-    return [slice(lo, min(lo + at_kernels._MAX_STAGES, count)) for lo in range(0, count, at_kernels._MAX_STAGES)]
+    return [slice(lo, min(lo + MAX_STAGES, count)) for lo in range(0, count, MAX_STAGES)]
 
 
 def block_attention_forward(

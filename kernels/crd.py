@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast.kernels import _common
-from kdfast.kernels.softmax import log1p, scalar, split_scalar
+from kdfast.kernels._common import log1p, scalar, split_scalar
 
 EPS = 1e-7  # the peers' constant in the NCE denominators
 _EPS = tl.constexpr(EPS)

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kdfast.kernels import _common
 from kdfast.kernels import softmax as sm
 
 _MASK = tl.constexpr(1000.0)  # mdistiller's gt-mask magnitude (subtracted from z / T)
@@ -104,9 +105,9 @@ def _dkd_row_setup(
     the gathered z_s[g], z_t[g] with g's validity (``rows`` are clamped in bounds)."""
     zs_rows = zs_ptr + rows * stride_s
     zt_rows = zt_ptr + rows * stride_t
-    temp = sm.scalar(t_hi, t_lo, ACC)
-    alpha = sm.scalar(alpha_hi, alpha_lo, ACC)
-    beta = sm.scalar(beta_hi, beta_lo, ACC)
+    temp = _common.scalar(t_hi, t_lo, ACC)
+    alpha = _common.scalar(alpha_hi, alpha_lo, ACC)
+    beta = _common.scalar(beta_hi, beta_lo, ACC)
     g = tl.load(target_ptr + rows * stride_target)
     zg_s, g_ok = sm.gather(zs_rows, g, n, ACC)
     zg_t, _ = sm.gather(zt_rows, g, n, ACC)

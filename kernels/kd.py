@@ -26,6 +26,7 @@ B x K is allocated besides the returned gradient; no atomics (deterministic).
 import triton.language as tl
 from torch import Tensor
 
+from kdfast.kernels import _common
 from kdfast.kernels import softmax as sm
 
 _N_STATS = tl.constexpr(2)  # stats columns: lse_s, lse_t
@@ -53,7 +54,7 @@ def _kd_forward_kernel(
     rows, row_ok = sm.program_rows(batch, ROWS)
     zs_rows = zs_ptr + rows[:, None] * stride_s
     zt_rows = zt_ptr + rows[:, None] * stride_t
-    temp = sm.scalar(t_hi, t_lo, ACC)
+    temp = _common.scalar(t_hi, t_lo, ACC)
     inv_t = 1.0 / temp
     none = rows  # unused: nothing excluded (EXCLUDE=False)
 
@@ -118,7 +119,7 @@ def _kd_backward_kernel(
     ACC: tl.constexpr,
 ):
     rows, row_ok = sm.program_rows(batch, ROWS)  # rows are clamped in bounds: unmasked row loads
-    temp = sm.scalar(t_hi, t_lo, ACC)
+    temp = _common.scalar(t_hi, t_lo, ACC)
     inv_t = 1.0 / temp
     coef = tl.load(gl_ptr + rows * stride_gl).to(ACC) * temp
     lse_s = tl.load(stats_ptr + rows * stride_stats).to(ACC)

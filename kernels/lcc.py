@@ -58,8 +58,6 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast.kernels import _common
-from kdfast.kernels import at as at_kernels
-from kdfast.kernels import softmax as sm
 
 _EPS = tl.constexpr(1e-12)  # inv = 1 / max(||x||_2, eps), as F.normalize
 
@@ -136,26 +134,10 @@ def _mm(a, b, acc):
 
 
 @triton.jit
-def _gram(
-    x,
-    rows,
-    cols,
-    n,
-    grid,
-    rh,
-    rw,
-    channels,
-    dim,
-    stride_b,
-    stride_c,
-    stride_y,
-    stride_x,
-    C_INNER: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """The [BLOCK, BLOCK] tile ``<x[rows], x[cols]>`` of one map (0 outside [0, n))."""
+def _gram(x, rows, cols, n, grid, rh, rw, C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK, BLOCK] tile ``<x[rows], x[cols]>`` of one map ``x`` (a map tuple, see
+    :class:`_Map`; 0 outside [0, n))."""
+    ptr, channels, dim, stride_b, stride_c, stride_y, stride_x = x
     row_base = _row_base(rows, grid, rh, rw, stride_b, stride_y, stride_x)
     col_base = _row_base(cols, grid, rh, rw, stride_b, stride_y, stride_x)
     rows_ok = rows < n
@@ -165,8 +147,8 @@ def _gram(
         d = k0 + tl.arange(0, BLOCK_K)
         d_ok = d < dim
         off = _offset(d, channels, rh, rw, stride_c, stride_y, stride_x, C_INNER)
-        a = tl.load(x + row_base[:, None] + off[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
-        b = tl.load(x + off[:, None] + col_base[None, :], mask=d_ok[:, None] & cols_ok[None, :], other=0.0).to(ACC)
+        a = tl.load(ptr + row_base[:, None] + off[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
+        b = tl.load(ptr + off[:, None] + col_base[None, :], mask=d_ok[:, None] & cols_ok[None, :], other=0.0).to(ACC)
         acc = _mm(a, b, acc)
     return acc
 
@@ -182,19 +164,7 @@ def _delta(
     inv_s,
     inv_t,
     xs,
-    cs,
-    ds,
-    sbs,
-    scs,
-    sys,
-    sxs,
     xt,
-    ct,
-    dt,
-    sbt,
-    sct,
-    syt,
-    sxt,
     S_C_INNER: tl.constexpr,
     T_C_INNER: tl.constexpr,
     ACC: tl.constexpr,
@@ -202,8 +172,8 @@ def _delta(
     BLOCK_K: tl.constexpr,
 ):
     """The tiles ``Delta = S_s - S_t`` and ``S_s`` at [rows, cols] (exactly 0 outside [0, n)^2)."""
-    gs = _gram(xs, rows, cols, n, grid, rh, rw, cs, ds, sbs, scs, sys, sxs, S_C_INNER, ACC, BLOCK, BLOCK_K)
-    gt = _gram(xt, rows, cols, n, grid, rh, rw, ct, dt, sbt, sct, syt, sxt, T_C_INNER, ACC, BLOCK, BLOCK_K)
+    gs = _gram(xs, rows, cols, n, grid, rh, rw, S_C_INNER, ACC, BLOCK, BLOCK_K)
+    gt = _gram(xt, rows, cols, n, grid, rh, rw, T_C_INNER, ACC, BLOCK, BLOCK_K)
     rows_ok = rows < n
     cols_ok = cols < n
     s_r = tl.load(inv_s + rows, mask=rows_ok, other=0.0)
@@ -225,32 +195,16 @@ def _classes(rows, cols, grid):
 
 
 @triton.jit
-def _sum_squares(
-    x,
-    rows,
-    n,
-    grid,
-    rh,
-    rw,
-    channels,
-    dim,
-    stride_b,
-    stride_c,
-    stride_y,
-    stride_x,
-    C_INNER: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """``||x[rows]||^2`` ([BLOCK], 0 outside [0, n))."""
+def _sum_squares(x, rows, n, grid, rh, rw, C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``||x[rows]||^2`` of the map tuple ``x`` ([BLOCK], 0 outside [0, n))."""
+    ptr, channels, dim, stride_b, stride_c, stride_y, stride_x = x
     base = _row_base(rows, grid, rh, rw, stride_b, stride_y, stride_x)
     rows_ok = rows < n
     acc = tl.zeros([BLOCK, BLOCK_K], ACC)
     for k0 in range(0, dim, BLOCK_K):
         d = k0 + tl.arange(0, BLOCK_K)
         off = _offset(d, channels, rh, rw, stride_c, stride_y, stride_x, C_INNER)
-        v = tl.load(x + base[:, None] + off[None, :], mask=rows_ok[:, None] & (d < dim)[None, :], other=0.0).to(ACC)
+        v = tl.load(ptr + base[:, None] + off[None, :], mask=rows_ok[:, None] & (d < dim)[None, :], other=0.0).to(ACC)
         acc += v * v
     return tl.sum(acc, axis=1)
 
@@ -264,54 +218,9 @@ def _split_sum(g, rows64, d, mask, n, dim, n_splits, ACC: tl.constexpr, BLOCK: t
     return acc
 
 
-@triton.jit
-def _store_grad(
-    out,
-    g,
-    n_splits,
-    proj,
-    inv_s,
-    rows,
-    n,
-    grid,
-    rh,
-    rw,
-    xs,
-    cs,
-    ds,
-    sbs,
-    scs,
-    sys,
-    sxs,
-    sbo,
-    sco,
-    syo,
-    sxo,
-    S_C_INNER: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Writes ``grad_x = inv (g - u proj)`` (``u = x inv``, ``proj = <u, g>``) of rows ``rows`` at
-    the map positions, ``g`` summed over the splits' accumulators; ``inv g`` where the norm is
-    clamped (inv = 1 / eps)."""
-    rows_ok = rows < n
-    rows64 = rows.to(tl.int64)
-    inv = tl.load(inv_s + rows, mask=rows_ok, other=0.0)
-    x_coef = tl.where(inv < 1.0 / _EPS, inv * proj, 0.0)
-    x_base = _row_base(rows, grid, rh, rw, sbs, sys, sxs)
-    o_base = _row_base(rows, grid, rh, rw, sbo, syo, sxo)
-    for k0 in range(0, ds, BLOCK_K):
-        d = k0 + tl.arange(0, BLOCK_K)
-        mask = rows_ok[:, None] & (d < ds)[None, :]
-        c, y, x = _element(d, cs, rh, rw, S_C_INNER)
-        v = tl.load(xs + x_base[:, None] + (c * scs + y * sys + x * sxs)[None, :], mask=mask, other=0.0).to(ACC)
-        gv = _split_sum(g, rows64, d, mask, n, ds, n_splits, ACC, BLOCK, BLOCK_K)
-        grad = inv[:, None] * (gv - v * x_coef[:, None])
-        tl.store(out + o_base[:, None] + (c * sco + y * syo + x * sxo)[None, :], grad.to(out.dtype.element_ty), mask=mask)
-
-
 # ----------------------------------------------------------------------------- kernels
+#
+# A map is passed as one tuple argument (:class:`_Map`): (pointer, C, D, strides b, c, y, x).
 
 
 @triton.jit
@@ -323,19 +232,7 @@ def _norms_kernel(
     rh,
     rw,
     xs,
-    cs,
-    ds,
-    sbs,
-    scs,
-    sys,
-    sxs,
     xt,
-    ct,
-    dt,
-    sbt,
-    sct,
-    syt,
-    sxt,
     S_C_INNER: tl.constexpr,
     T_C_INNER: tl.constexpr,
     ACC: tl.constexpr,
@@ -345,12 +242,12 @@ def _norms_kernel(
     """inv[n] = 1 / max(||x[n]||, eps) of BLOCK rows, student (axis 1 = 0) or teacher (1)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     if tl.program_id(1) == 0:
-        ss = _sum_squares(xs, rows, n, grid, rh, rw, cs, ds, sbs, scs, sys, sxs, S_C_INNER, ACC, BLOCK, BLOCK_K)
+        ss = _sum_squares(xs, rows, n, grid, rh, rw, S_C_INNER, ACC, BLOCK, BLOCK_K)
         out = inv_s
     else:
-        ss = _sum_squares(xt, rows, n, grid, rh, rw, ct, dt, sbt, sct, syt, sxt, T_C_INNER, ACC, BLOCK, BLOCK_K)
+        ss = _sum_squares(xt, rows, n, grid, rh, rw, T_C_INNER, ACC, BLOCK, BLOCK_K)
         out = inv_t
-    norm = at_kernels._sqrt(ss)
+    norm = _common.sqrt_rn(ss)
     tl.store(out + rows, 1.0 / tl.where(norm < _EPS, _EPS, norm), mask=rows < n)
 
 
@@ -364,19 +261,7 @@ def _sums_kernel(
     inv_s,
     inv_t,
     xs,
-    cs,
-    ds,
-    sbs,
-    scs,
-    sys,
-    sxs,
     xt,
-    ct,
-    dt,
-    sbt,
-    sct,
-    syt,
-    sxt,
     n_blocks,
     per_split,
     S_C_INNER: tl.constexpr,
@@ -396,35 +281,7 @@ def _sums_kernel(
     cross = tl.zeros([BLOCK], ACC)
     for o in range(first, last):
         cols = ((a + o) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-        delta, _ = _delta(
-            rows,
-            cols,
-            n,
-            grid,
-            rh,
-            rw,
-            inv_s,
-            inv_t,
-            xs,
-            cs,
-            ds,
-            sbs,
-            scs,
-            sys,
-            sxs,
-            xt,
-            ct,
-            dt,
-            sbt,
-            sct,
-            syt,
-            sxt,
-            S_C_INNER,
-            T_C_INNER,
-            ACC,
-            BLOCK,
-            BLOCK_K,
-        )
+        delta, _ = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, xt, S_C_INNER, T_C_INNER, ACC, BLOCK, BLOCK_K)
         weight = tl.where((o == 0) | (2 * o == n_blocks), 1.0, 2.0)
         sq = delta * delta * weight
         same_sample, same_position = _classes(rows, cols, grid)
@@ -450,19 +307,7 @@ def _grad_tiles_kernel(
     inv_s,
     inv_t,
     xs,
-    cs,
-    ds,
-    sbs,
-    scs,
-    sys,
-    sxs,
     xt,
-    ct,
-    dt,
-    sbt,
-    sct,
-    syt,
-    sxt,
     n_blocks,
     per_split,
     S_C_INNER: tl.constexpr,
@@ -474,6 +319,7 @@ def _grad_tiles_kernel(
     """Over the split's column blocks b, with ``Q = 4 w Delta``: ``g[split, rows] = sum_b (Q
     inv_s[cols]) @ X_s[cols]`` and ``proj[split, rows] = sum_b rowsum(Q S_s)`` (= ``<u[n], g[n]>``,
     as g = Q U)."""
+    x_s, cs, ds, sbs, scs, sys, sxs = xs
     a = tl.program_id(0)
     split = tl.program_id(1)
     w_intra = 4.0 * tl.load(grad_sums).to(ACC)
@@ -488,35 +334,7 @@ def _grad_tiles_kernel(
     for b in range(first, last):
         cols = b * BLOCK + tl.arange(0, BLOCK)
         cols_ok = cols < n
-        delta, corr_s = _delta(
-            rows,
-            cols,
-            n,
-            grid,
-            rh,
-            rw,
-            inv_s,
-            inv_t,
-            xs,
-            cs,
-            ds,
-            sbs,
-            scs,
-            sys,
-            sxs,
-            xt,
-            ct,
-            dt,
-            sbt,
-            sct,
-            syt,
-            sxt,
-            S_C_INNER,
-            T_C_INNER,
-            ACC,
-            BLOCK,
-            BLOCK_K,
-        )
+        delta, corr_s = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, xt, S_C_INNER, T_C_INNER, ACC, BLOCK, BLOCK_K)
         same_sample, same_position = _classes(rows, cols, grid)
         q = delta * tl.where(same_sample, w_intra, tl.where(same_position, w_inter, w_cross))
         row_proj += tl.sum(q * corr_s, axis=1)
@@ -529,7 +347,7 @@ def _grad_tiles_kernel(
             d = k0 + tl.arange(0, BLOCK_K)
             d_ok = d < ds
             off = _offset(d, cs, rh, rw, scs, sys, sxs, S_C_INNER)
-            xc = tl.load(xs + col_base[:, None] + off[None, :], mask=cols_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
+            xc = tl.load(x_s + col_base[:, None] + off[None, :], mask=cols_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
             mask = rows_ok[:, None] & d_ok[None, :]
             acc = tl.load(g_rows + d[None, :], mask=mask & started, other=0.0)
             acc = _mm(p, xc, acc)
@@ -549,61 +367,43 @@ def _grad_kernel(
     rh,
     rw,
     xs,
-    cs,
-    ds,
-    sbs,
-    scs,
-    sys,
-    sxs,
-    sbo,
-    sco,
-    syo,
-    sxo,
+    strides_out,
     S_C_INNER: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """grad_x of BLOCK rows from the splits' partial g and proj, summed in split order."""
+    """grad_x of BLOCK rows from the splits' partial g and proj, summed in split order: ``grad_x =
+    inv (g - u proj)`` (``u = x inv``, ``proj = <u, g>``), ``inv g`` where the norm is clamped
+    (inv = 1 / eps), written at the map positions (``strides_out``: b, c, y, x)."""
+    x_s, cs, ds, sbs, scs, sys, sxs = xs
+    sbo, sco, syo, sxo = strides_out
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rows_ok = rows < n
     row_proj = tl.zeros([BLOCK], ACC)
     for s in range(n_splits):
         row_proj += tl.load(proj + s * n + rows, mask=rows_ok, other=0.0)
-    _store_grad(
-        out,
-        g,
-        n_splits,
-        row_proj,
-        inv_s,
-        rows,
-        n,
-        grid,
-        rh,
-        rw,
-        xs,
-        cs,
-        ds,
-        sbs,
-        scs,
-        sys,
-        sxs,
-        sbo,
-        sco,
-        syo,
-        sxo,
-        S_C_INNER,
-        ACC,
-        BLOCK,
-        BLOCK_K,
-    )
+    rows64 = rows.to(tl.int64)
+    inv = tl.load(inv_s + rows, mask=rows_ok, other=0.0)
+    x_coef = tl.where(inv < 1.0 / _EPS, inv * row_proj, 0.0)
+    x_base = _row_base(rows, grid, rh, rw, sbs, sys, sxs)
+    o_base = _row_base(rows, grid, rh, rw, sbo, syo, sxo)
+    for k0 in range(0, ds, BLOCK_K):
+        d = k0 + tl.arange(0, BLOCK_K)
+        mask = rows_ok[:, None] & (d < ds)[None, :]
+        c, y, x = _element(d, cs, rh, rw, S_C_INNER)
+        v = tl.load(x_s + x_base[:, None] + (c * scs + y * sys + x * sxs)[None, :], mask=mask, other=0.0).to(ACC)
+        gv = _split_sum(g, rows64, d, mask, n, ds, n_splits, ACC, BLOCK, BLOCK_K)
+        grad = inv[:, None] * (gv - v * x_coef[:, None])
+        tl.store(out + o_base[:, None] + (c * sco + y * syo + x * sxo)[None, :], grad.to(out.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- host helpers
 
 
 class _Map(NamedTuple):
-    """A prepared map as the kernels read it: pointer, C, D, strides (b, c, y, x), and C_INNER."""
+    """A prepared map as the kernels read it: ``args`` = (pointer, C, D, strides b, c, y, x), one
+    tuple kernel argument, and C_INNER."""
 
     args: tuple
     c_inner: bool
@@ -617,7 +417,7 @@ def _map(f: Tensor, grid: int) -> _Map:
 
 def _check(name: str, f_s: Tensor, f_t: Tensor, grid: int) -> None:
     for label, f in (("f_s", f_s), ("f_t", f_t)):
-        if f.dim() != 4 or f.numel() == 0 or f.dtype not in sm.TL_DTYPES:
+        if f.dim() != 4 or f.numel() == 0 or f.dtype not in _common.TL_DTYPES:
             raise ValueError(
                 f"{name}: {label} must be a non-empty 4-D (B, C, H, W) float16/bfloat16/"
                 f"float32/float64 tensor, got {f.dtype} of shape {tuple(f.shape)}"
@@ -656,7 +456,7 @@ def _split(work: int, splits: int) -> tuple[int, int]:
 class _Launch(NamedTuple):
     n: int
     shared: tuple  # n, grid, rh, rw
-    maps: tuple  # the student's then the teacher's map arguments
+    maps: tuple  # the student's and the teacher's map tuples (_Map.args)
     constexprs: dict
     block: int
     n_blocks: int
@@ -665,7 +465,7 @@ class _Launch(NamedTuple):
 def _launch(f_s: Tensor, f_t: Tensor, grid: int, block: int | None) -> _Launch:
     b, _, h, w = f_s.shape
     n = b * grid * grid
-    acc = sm.acc_dtype(f_s.dtype)
+    acc = _common.acc_dtype(f_s.dtype)
     block = block or _block(n, acc, f_s.device)
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
@@ -673,12 +473,12 @@ def _launch(f_s: Tensor, f_t: Tensor, grid: int, block: int | None) -> _Launch:
     constexprs = dict(
         S_C_INNER=ms.c_inner,
         T_C_INNER=mt.c_inner,
-        ACC=sm.TL_DTYPES[acc],
+        ACC=_common.TL_DTYPES[acc],
         BLOCK=block,
         BLOCK_K=_BLOCK_K[acc],
         num_warps=_NUM_WARPS,
     )
-    return _Launch(n, (n, grid, h // grid, w // grid), ms.args + mt.args, constexprs, block, triton.cdiv(n, block))
+    return _Launch(n, (n, grid, h // grid, w // grid), (ms.args, mt.args), constexprs, block, triton.cdiv(n, block))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -697,7 +497,7 @@ def lcc_forward(
     """
     _check("lcc_forward", f_s, f_t, grid)
     launch = _launch(f_s, f_t, grid, block)
-    acc = sm.acc_dtype(f_s.dtype)
+    acc = _common.acc_dtype(f_s.dtype)
     device = f_s.device
     inv_s = torch.empty(launch.n, dtype=acc, device=device)
     inv_t = torch.empty(launch.n, dtype=acc, device=device)
@@ -705,7 +505,7 @@ def lcc_forward(
     offsets = nb // 2 + 1
     n_splits, per = _split(offsets, splits or triton.cdiv(_target_programs(device), nb))
     partial = torch.empty((nb * n_splits, 3), dtype=acc, device=device)
-    with sm.on_device(device):
+    with _common.on_device(device):
         _norms_kernel[(nb, 2)](inv_s, inv_t, *launch.shared, *launch.maps, **launch.constexprs)
         _sums_kernel[(nb, n_splits)](partial, *launch.shared, inv_s, inv_t, *launch.maps, nb, per, **launch.constexprs)
     return partial.sum(0), inv_s, inv_t
@@ -731,13 +531,13 @@ def lcc_backward(
     name = "lcc_backward"
     _check(name, f_s, f_t, grid)
     launch = _launch(f_s, f_t, grid, block)
-    acc = sm.acc_dtype(f_s.dtype)
+    acc = _common.acc_dtype(f_s.dtype)
     device = f_s.device
-    sm.check_rows(name, "grad_sums", grad_sums, (3,), sm.TL_DTYPES, device)
-    sm.check_rows(name, "inv_norm_s", inv_norm_s, (launch.n,), (acc,), device)
-    sm.check_rows(name, "inv_norm_t", inv_norm_t, (launch.n,), (acc,), device)
+    _common.check_rows(name, "grad_sums", grad_sums, (3,), _common.TL_DTYPES, device)
+    _common.check_rows(name, "inv_norm_s", inv_norm_s, (launch.n,), (acc,), device)
+    _common.check_rows(name, "inv_norm_t", inv_norm_t, (launch.n,), (acc,), device)
     inv_s, inv_t = inv_norm_s.contiguous(), inv_norm_t.contiguous()
-    ds = launch.maps[2]
+    ds = launch.maps[0][2]
     nb = launch.n_blocks
     # splits only while the row blocks leave SMs without a program (each split costs an N x Ds
     # accumulator; a tile program of 8 warps at _TILE_MAXNREG registers fits 3 times per SM)
@@ -745,9 +545,8 @@ def lcc_backward(
     g = torch.empty((n_splits, launch.n, ds), dtype=acc, device=device)
     proj = torch.empty((n_splits, launch.n), dtype=acc, device=device)
     grad = torch.empty_like(f_s)
-    student = launch.maps[:7]
     tile_options = {} if acc == torch.float64 else {"num_stages": _TILE_STAGES, "maxnreg": _TILE_MAXNREG}
-    with sm.on_device(device):
+    with _common.on_device(device):
         _grad_tiles_kernel[(nb, n_splits)](
             g,
             proj,
@@ -769,8 +568,8 @@ def lcc_backward(
             n_splits,
             inv_s,
             *launch.shared,
-            *student,
-            *grad.stride(),
+            launch.maps[0],
+            grad.stride(),
             S_C_INNER=launch.constexprs["S_C_INNER"],
             ACC=launch.constexprs["ACC"],
             BLOCK=launch.block,

@@ -11,7 +11,7 @@ Per size group u (N = N_u positions, T_u teacher maps starting at index t0 of at
 Launch design. ONE forward launch over every (sample, teacher map) and ONE backward launch over
 every (group, sample, block of BLOCK_N positions), per alignment class of groups (see below; one
 class, hence one launch each, whenever the groups' sizes agree, as AFD's CIFAR blocks do) and per
-at.py's _MAX_STAGES groups. Nothing is staged on the host: the groups' tensors and integers (first
+_common.MAX_STAGES groups. Nothing is staged on the host: the groups' tensors and integers (first
 program id, t0, T_u, N_u, position blocks, batch and row strides of v_s[u] and v_t[u]) are kernel
 arguments, tuples that a program selects from with a static loop over the groups, so a launch
 captured in a CUDA graph replays with the same arguments. The groups of a launch share ALIGN, the
@@ -31,15 +31,12 @@ of block j == 0 also write grad_att for their (sample, group). Loads are convert
 accumulation dtype (float32; float64 for float64 values) before any arithmetic; no atomics.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
-from kdfast.kernels.at import _MAX_ALIGN, _pick, _pick_field, _pick_int, _stage_of, chunks
+from kdfast.kernels._common import TL_DTYPES, acc_dtype, alignment, chunks, on_device, pick, pick_field, pick_int, stage_of
 
 _BLOCK_S_MAX = 16
 _BLOCK_N_MIN = 16
@@ -60,10 +57,10 @@ _VT = tl.constexpr(6)  # v_t[u]: batch and teacher strides
 def _rows(ptrs, groups, u, COL: tl.constexpr, b, ALIGN: tl.constexpr):
     """Pointer to sample ``b`` of group u's (B, rows, N) tensor ``ptrs[u]`` and its row stride,
     with the launch's alignment (``ALIGN`` elements) restated for the compiler."""
-    ptr = _pick(ptrs, u)
+    ptr = pick(ptrs, u)
     ptr = tl.multiple_of(ptr, ALIGN * (ptr.dtype.element_ty.primitive_bitwidth // 8))  # in bytes
-    stride_b = tl.multiple_of(_pick_field(groups, u, COL, tl.int64), ALIGN)
-    return ptr + b.to(tl.int64) * stride_b, tl.multiple_of(_pick_field(groups, u, COL + 1, tl.int64), ALIGN)
+    stride_b = tl.multiple_of(pick_field(groups, u, COL, tl.int64), ALIGN)
+    return ptr + b.to(tl.int64) * stride_b, tl.multiple_of(pick_field(groups, u, COL + 1, tl.int64), ALIGN)
 
 
 @triton.jit
@@ -95,13 +92,13 @@ def _forward_kernel(
     """dist[b, t, :] and partials[b, t] = sum_s att[b, t, s] dist[b, t, s] of one (sample, teacher):
     group u's programs are ``firsts[u] .. firsts[u + 1] - 1``."""
     pid = tl.program_id(0)
-    u = _stage_of(pid, firsts)
-    local = pid - _pick_int(firsts, u, tl.int32)
-    t_count = _pick_field(groups, u, _T_COUNT, tl.int32)
+    u = stage_of(pid, firsts)
+    local = pid - pick_int(firsts, u, tl.int32)
+    t_count = pick_field(groups, u, _T_COUNT, tl.int32)
     b = local // t_count
     i = local % t_count
-    t = _pick_field(groups, u, _T0, tl.int32) + i
-    n = tl.multiple_of(_pick_field(groups, u, _N, tl.int32), ALIGN)
+    t = pick_field(groups, u, _T0, tl.int32) + i
+    n = tl.multiple_of(pick_field(groups, u, _N, tl.int32), ALIGN)
     vs, stride_s = _rows(vs, groups, u, _VS, b, ALIGN)
     vt, stride_t = _rows(vt, groups, u, _VT, b, ALIGN)
     vt += i * stride_t
@@ -149,17 +146,17 @@ def _backward_kernel(
     """grad_v_s[u][b, :, block j] of one (group, sample, position block); grad_att[b, group's t, :]
     where j == 0 (programs as in :func:`_forward_kernel`)."""
     pid = tl.program_id(0)
-    u = _stage_of(pid, firsts)
-    local = pid - _pick_int(firsts, u, tl.int32)
-    n_blocks = _pick_field(groups, u, _N_BLOCKS, tl.int32)
+    u = stage_of(pid, firsts)
+    local = pid - pick_int(firsts, u, tl.int32)
+    n_blocks = pick_field(groups, u, _N_BLOCKS, tl.int32)
     b = local // n_blocks
     j = local % n_blocks
-    t0 = _pick_field(groups, u, _T0, tl.int32)
-    t_count = _pick_field(groups, u, _T_COUNT, tl.int32)
-    n = tl.multiple_of(_pick_field(groups, u, _N, tl.int32), ALIGN)
+    t0 = pick_field(groups, u, _T0, tl.int32)
+    t_count = pick_field(groups, u, _T_COUNT, tl.int32)
+    n = tl.multiple_of(pick_field(groups, u, _N, tl.int32), ALIGN)
     vs, stride_s = _rows(vs, groups, u, _VS, b, ALIGN)
     vt, stride_t = _rows(vt, groups, u, _VT, b, ALIGN)
-    gvs = _pick(gvs, u)
+    gvs = pick(gvs, u)
     gvs = tl.multiple_of(gvs, ALIGN * (gvs.dtype.element_ty.primitive_bitwidth // 8)) + b.to(tl.int64) * n_students * n
     g = tl.load(grad_loss).to(ACC)
     scale = 2.0 * g / (batch * n)  # (batch is a constexpr where it is 1: no .to on it)
@@ -234,17 +231,14 @@ def _stride(t: Tensor, dim: int) -> int:
 
 
 def _alignment(tensors: list[Tensor], n: int) -> int:
-    """ALIGN of one group: the largest power of two (<= _MAX_ALIGN) dividing N_u and every data
-    pointer (in elements), batch and row stride of its ``tensors``."""
-    g = n
-    for t in tensors:
-        g = math.gcd(g, t.data_ptr() // t.element_size(), _stride(t, 0), _stride(t, 1))
-    return min(g & -g, _MAX_ALIGN)
+    """ALIGN of one group (:func:`_common.alignment`) of N_u and every data pointer (in elements),
+    batch and row stride of its ``tensors``."""
+    return alignment([n, *(v for t in tensors for v in (t.data_ptr() // t.element_size(), _stride(t, 0), _stride(t, 1)))])
 
 
 def _launch(kernel, v_s: list[Tensor], v_t: list[Tensor], args: tuple, grads: list[Tensor] | None = None) -> None:
     """Launches ``kernel`` over every group: groups ordered by decreasing N_u, one launch per
-    alignment class (and per _MAX_STAGES groups); the groups' tensors and integers are kernel
+    alignment class (and per _common.MAX_STAGES groups); the groups' tensors and integers are kernel
     arguments (nothing is staged on the host)."""
     batch, students = v_s[0].shape[:2]
     block_s, block_n = _block_s(students), _block_n(v_s)

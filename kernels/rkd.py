@@ -62,8 +62,7 @@ from torch import Tensor
 
 from kdfast.kernels import _common
 from kdfast.kernels import relational as rel
-from kdfast.kernels.at import _sqrt
-from kdfast.kernels.softmax import check_rows
+from kdfast.kernels._common import check_rows, sqrt_rn
 
 _EPS = tl.constexpr(1e-12)
 BLOCK = 32  # side of the (i, j) and (j, k) tiles
@@ -92,7 +91,7 @@ def _pairs(r, n, i, idx, ok):
     """Anchor i against the rows idx: ``R[i, idx]``, inv and whether n_{i, idx} = 0 (length
     below eps, or idx masked)."""
     r2 = tl.load(r + i * n + idx, mask=ok, other=0.0)
-    length = _sqrt(r2)
+    length = sqrt_rn(r2)
     return r2, 1.0 / tl.where(length < _EPS, _EPS, length), (length < _EPS) | ~ok
 
 
@@ -113,7 +112,7 @@ def _pair_weight(c, zero_ij, zero_ik):
 @triton.jit
 def _distance(r2, keep):
     """``sqrt(max(r2, eps))`` where keep (off the diagonal, in range), else 0."""
-    return tl.where(keep, _sqrt(tl.where(r2 < _EPS, _EPS, r2)), 0.0)
+    return tl.where(keep, sqrt_rn(tl.where(r2 < _EPS, _EPS, r2)), 0.0)
 
 
 @triton.jit

@@ -35,7 +35,7 @@ logits of magnitude 1e4 and T = 0.5 the only large rounding left is the one the 
 carries (a float32 ``lse`` of 2e4 has an ulp of 2e-3; :func:`kd_backward`-style kernels, which
 start from the saved lse, inherit it). Every load is converted to the
 accumulation dtype (float32, float64 for float64 students) right away. No libdevice: tl.exp and
-tl.log only, plus log1p by Kahan's trick (:func:`log1p`) for the per-row softplus terms.
+tl.log only, plus log1p by Kahan's trick (:func:`_common.log1p`) for the per-row softplus terms.
 
 Host side: the block choice (:func:`row_launch`), the kernels' decorator (``row_kernel``: the
 batch size is not specialised), metadata checks, scalar passing and the
@@ -44,7 +44,6 @@ acc_dtype and on_device (kernels/_common.py) are re-exported for the modules tha
 """
 
 import math
-import struct
 from typing import NamedTuple
 
 import torch
@@ -53,7 +52,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast.kernels import _common
-from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
+from kdfast.kernels._common import TL_DTYPES, acc_dtype, check_rows, log1p, on_device, split_scalar
 
 # Block shapes, by accumulation dtype, measured by compiling every KD/DKD specialisation for sm_90
 # (triton 3.6 and 3.8). A program owns ROWS rows and works on [ROWS, BLOCK_K] tiles with
@@ -80,13 +79,6 @@ _PROGRAMS_PER_SM = 1
 # partial batch) runs the general code instead of a variant of its own with batch a constexpr
 # (measured on triton 3.6: such variants spilled 8 bytes at 48-56 registers).
 row_kernel = triton.jit(do_not_specialize=["batch"])
-
-
-@triton.jit
-def scalar(hi, lo, ACC: tl.constexpr):
-    """A host float passed as float32 ``hi + lo`` (:func:`split_scalar`), in ACC: float32
-    arguments keep float64 kernels within 2^-48 of the float64 value."""
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit
@@ -172,14 +164,6 @@ def kl_rows(m_s, l_s, m_t, l_t, a, inv_t):
 
 
 @triton.jit
-def log1p(y):
-    """log(1 + y) for y >= 0, accurate for tiny y (Kahan: log(u) * y / (u - 1), u = 1 + y)."""
-    u = 1.0 + y
-    small = u == 1.0
-    return tl.where(small, y, tl.log(u) * (y / tl.where(small, 1.0, u - 1.0)))
-
-
-@triton.jit
 def softplus(x):
     """log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|))."""
     return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
@@ -248,14 +232,6 @@ def grad_stream(
 # ----------------------------------------------------------------------------- host helpers
 
 
-def split_scalar(x: float) -> tuple[float, float]:
-    """``x`` as two float32 values ``hi + lo`` (Triton passes Python floats as float32)."""
-    x = float(x)
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    lo = x - hi  # exact in float64; NaN for x = inf
-    return hi, struct.unpack("f", struct.pack("f", lo))[0] if math.isfinite(lo) else 0.0
-
-
 def _min_programs(device: torch.device) -> int:
     """Programs a launch should keep: _PROGRAMS_PER_SM per SM of a CUDA device, 1 elsewhere (the
     interpreter)."""
@@ -310,25 +286,6 @@ def check_logits(name: str, z_s: Tensor, z_t: Tensor) -> tuple[Tensor, Tensor]:
             f"{tuple(z_s.shape)} on {z_s.device} and {tuple(z_t.shape)} on {z_t.device}"
         )
     return tuple(z if z.size(1) == 1 or z.stride(1) == 1 else z.contiguous() for z in (z_s, z_t))
-
-
-def check_rows(name: str, label: str, t: Tensor, shape: tuple[int, ...], dtypes, device) -> None:
-    """``t`` has ``shape``, one of ``dtypes`` and lives on ``device``."""
-    if tuple(t.shape) != shape or t.dtype not in dtypes or t.device != device:
-        raise ValueError(
-            f"{name}: {label} must be {shape} of {[str(d) for d in dtypes]} on "
-            f"{device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
-        )
-
-
-# ----------------------------------------------------------------------------- launchers
-#
-# Both ops' kernels take the same leading arguments, then their per-row int64 inputs (DKD's
-# target, each with its stride), then float scalars as (hi, lo) pairs (split_scalar), T first:
-#   forward:  (z_s, z_t, loss, stats, grad, batch, n, stride_s, stride_t, <row inputs>, <scalars>,
-#              WITH_GRAD, ONE_BLOCK, ROWS, BLOCK_K, ACC)
-#   backward: (grad_loss, stride_gl, z_s, z_t, stats, stride_stats, grad, batch, n, stride_s,
-#              stride_t, <row inputs>, <scalars>, ROWS, BLOCK_K, ACC)
 
 
 def _checked(

@@ -46,8 +46,7 @@ from torch import Tensor
 
 from kdfast.kernels import _common
 from kdfast.kernels import relational as rel
-from kdfast.kernels.at import _sqrt
-from kdfast.kernels.softmax import check_rows
+from kdfast.kernels._common import check_rows, sqrt_rn
 
 _EPS = tl.constexpr(1e-12)
 _N_STATS = tl.constexpr(3)  # stats columns: inv_s, inv_t, proj
@@ -83,9 +82,9 @@ def _sp_rows_kernel(partials, stats, loss_rows, n, splits, ACC: tl.constexpr, BL
         t = rel.summed(partials, 1, splits, nn, i, cols, ok)
         ss += s * s
         tt += t * t
-    norm_s = _sqrt(tl.sum(ss, axis=0))
+    norm_s = sqrt_rn(tl.sum(ss, axis=0))
     inv_s = _inv_norm(norm_s)
-    inv_t = _inv_norm(_sqrt(tl.sum(tt, axis=0)))
+    inv_t = _inv_norm(sqrt_rn(tl.sum(tt, axis=0)))
 
     loss = tl.zeros([BLOCK_C], ACC)
     proj = tl.zeros([BLOCK_C], ACC)

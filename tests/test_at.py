@@ -319,21 +319,22 @@ def test_triton_alignment_is_per_stage(monkeypatch, channels_last):
 
 
 def test_triton_stage_chunks(monkeypatch):
-    """More stages than one launch takes: consecutive launches of at most _MAX_STAGES."""
+    """More stages than one launch takes: consecutive launches of at most MAX_STAGES."""
     from kdfast.kernels import at as kernels
+    from kdfast.kernels._common import MAX_STAGES
 
     recorder = _LaunchRecorder()
     monkeypatch.setattr(kernels, "_at_maps_kernel", recorder)
-    feats = [torch.empty(2, 4, 8, 8, device="meta") for _ in range(kernels._MAX_STAGES + 3)]
+    feats = [torch.empty(2, 4, 8, 8, device="meta") for _ in range(MAX_STAGES + 3)]
     kernels.at_maps(feats, 2.0, "mean")
-    assert [len(args[0]) for _, args, _ in recorder.launches] == [kernels._MAX_STAGES, 3]
+    assert [len(args[0]) for _, args, _ in recorder.launches] == [MAX_STAGES, 3]
 
 
 def test_triton_many_stages_match_reference():
     """Stages over several launches (maps, their backward and the loss) give the reference's values."""
-    from kdfast.kernels import at as kernels
+    from kdfast.kernels._common import MAX_STAGES
 
-    shapes = [((2 + i % 3, 3 + i % 4, 4), (3, 3 + i % 4, 4)) for i in range(kernels._MAX_STAGES + 2)]
+    shapes = [((2 + i % 3, 3 + i % 4, 4), (3, 3 + i % 4, 4)) for i in range(MAX_STAGES + 2)]
     f_s = make_features([s for s, _ in shapes], 2, torch.float64, "cpu", requires_grad=True, seed=3)
     f_t = make_features([t for _, t in shapes], 2, torch.float64, "cpu", seed=4)
     loss = F.at_loss(f_s, f_t, backend="triton")

@@ -181,10 +181,9 @@ def test_several_blocks(device, backend, variant):
 def test_triton_splits(monkeypatch, variant, layout):
     """Every (module, sample) split over channel and position ranges (as on a large GPU): the same
     values and gradients, and the same bits on a rerun."""
-    from kdfast.kernels import at as at_kernels
     from kdfast.kernels import block_attention as kernels
 
-    monkeypatch.setattr(at_kernels, "_min_programs", lambda device: 10_000)
+    monkeypatch.setattr(kernels, "_min_programs", lambda device: 10_000)
     modules = [((40, 13, 11), (136, 6, 6), (136, 6, 6)), ((20, 5, 5), (24, 5, 5), (24, 5, 5))]
     f_s, h_s, f_t = make(modules, 2, torch.float64, layout=layout, seed=12)
     _, _, power, feature_grid, weighted = VARIANTS[variant]
@@ -197,10 +196,10 @@ def test_triton_splits(monkeypatch, variant, layout):
 
 
 def test_triton_module_chunks():
-    """More modules than one launch takes (tuple arguments of at most _MAX_STAGES): same values."""
-    from kdfast.kernels import at as at_kernels
+    """More modules than one launch takes (tuple arguments of at most MAX_STAGES): same values."""
+    from kdfast.kernels._common import MAX_STAGES
 
-    modules = [((2, 3 + i % 3, 4), (3, 4, 3 + i % 2), (3, 4, 3 + i % 2)) for i in range(at_kernels._MAX_STAGES + 1)]
+    modules = [((2, 3 + i % 3, 4), (3, 4, 3 + i % 2), (3, 4, 3 + i % 2)) for i in range(MAX_STAGES + 1)]
     f_s, h_s, f_t = make(modules, 2, torch.float64, seed=13)
     check("ndam", f_s, h_s, f_t, 2, "triton", 1e-10, 1e-10)
 
@@ -210,10 +209,9 @@ def test_triton_local_module_fills_an_h200(monkeypatch, layout):
     """LAKD's local mode launches one module at a time: at B = 64 a resnet8x4 or resnet20 module
     still gets at least 3 programs per SM of a 132-SM GPU, not 64 programs; a small 64x8x8 map,
     which has only 2 blocks, gets them both (meta tensors: no data)."""
-    from kdfast.kernels import at as at_kernels
     from kdfast.kernels import block_attention as kernels
 
-    monkeypatch.setattr(at_kernels, "_min_programs", lambda device: 4 * 132)
+    monkeypatch.setattr(kernels, "_min_programs", lambda device: 4 * 132)
     memory_format = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     for c, h, w in ((64, 32, 32), (128, 16, 16), (256, 8, 8), (16, 32, 32), (64, 8, 8)):
         f = [torch.empty(64, c, h, w, device="meta").contiguous(memory_format=memory_format)]
