@@ -23,7 +23,6 @@ from kdfast.numerics.common import compute_dtype
 from kdfast.ops import block_attention as ops
 from kdfast.ops import namespace
 from kdfast.reference import block_attention as ref
-from kdfast.reference.at import compute_dtype
 
 FUSED = device_backends("block_attention")
 WITH_TORCH = backends_with_torch("block_attention")
