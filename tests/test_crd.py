@@ -13,6 +13,7 @@ small: the Triton kernels run in the interpreter here.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -255,7 +256,9 @@ def test_module_matches_functional():
     ],
 )
 def test_functional_errors(change, error, message):
-    args = dict(emb=torch.zeros(3, 4), bank=torch.zeros(8, 4), idx=torch.zeros(3, 5, dtype=torch.int64), z=1.0, temperature=T)
+    args: dict[str, Any] = dict(
+        emb=torch.zeros(3, 4), bank=torch.zeros(8, 4), idx=torch.zeros(3, 5, dtype=torch.int64), z=1.0, temperature=T
+    )
     args.update(change)
     with pytest.raises(error, match=message):
         F.crd_loss(args["emb"], args["bank"], args["idx"], args["z"], args["temperature"], backend="torch")

@@ -39,6 +39,7 @@ TINY = [
 
 def make_crd(teacher, student, labels: torch.Tensor, **params) -> CRD:
     distiller = distillers.create("crd", student, teacher, params)
+    assert isinstance(distiller, CRD)
     distiller.bind_training_set(labels)
     return distiller
 
@@ -146,6 +147,7 @@ def test_banks_state_dict_and_unbound_errors(pair):
     state = crd.state_dict()
     assert state["contrast.memory_s"].shape == (20, 128) and state["contrast.z"].tolist() == [-1.0, -1.0]
     fresh = distillers.create("crd", models.create("resnet8", 10), teacher)
+    assert isinstance(fresh, CRD)
     fresh.load_state_dict(state)  # an unbound distiller takes the saved banks (kdfast viz)
     assert torch.equal(fresh.contrast.memory_t, crd.contrast.memory_t)
     with pytest.raises(ValueError, match="needs the batch's sample indices"):

@@ -168,14 +168,14 @@ BAD_FIRST_TENSOR: dict[str, Callable[[Tensor], Tensor]] = {
 
 def replace_first_tensor(args: tuple, change: Callable[[Tensor], Tensor]) -> tuple:
     """`args` with its first tensor (the first element of a first tensor list) changed."""
-    args = list(args)
-    for i, a in enumerate(args):
+    items = list(args)
+    for i, a in enumerate(items):
         if isinstance(a, Tensor):
-            args[i] = change(a.detach())
-            return tuple(args)
+            items[i] = change(a.detach())
+            return tuple(items)
         if isinstance(a, list) and a and isinstance(a[0], Tensor):
-            args[i] = [change(a[0].detach()), *a[1:]]
-            return tuple(args)
+            items[i] = [change(a[0].detach()), *a[1:]]
+            return tuple(items)
     raise AssertionError("no tensor argument")
 
 

@@ -112,6 +112,10 @@ class Contrast(nn.Module):
 
     The banks have 0 rows until :meth:`bind` (or a ``state_dict`` that holds them) gives them N."""
 
+    memory_s: Tensor  # buffers (registered in __init__)
+    memory_t: Tensor
+    z: Tensor
+
     def __init__(self, dim_s: int, dim_t: int, feat_dim: int = 128) -> None:
         super().__init__()
         self.embed_s = Embed(dim_s, feat_dim)
@@ -140,9 +144,9 @@ class Contrast(nn.Module):
             raise ValueError(f"labels must be a non-empty 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
         n, dim = labels.numel(), self.memory_s.shape[1]
         stdv = 1.0 / math.sqrt(dim / 3)
-        options = dict(device=self.z.device, dtype=self.memory_s.dtype)
-        self.memory_s = torch.rand(n, dim, **options).mul_(2 * stdv).add_(-stdv)
-        self.memory_t = torch.rand(n, dim, **options).mul_(2 * stdv).add_(-stdv)
+        device, dtype = self.z.device, self.memory_s.dtype
+        self.memory_s = torch.rand(n, dim, device=device, dtype=dtype).mul_(2 * stdv).add_(-stdv)
+        self.memory_t = torch.rand(n, dim, device=device, dtype=dtype).mul_(2 * stdv).add_(-stdv)
         self.labels = labels.to(self.z.device, torch.int64)
         self._order = torch.argsort(self.labels, stable=True)
         self._counts = torch.bincount(self.labels, minlength=int(self.labels.max()) + 1)
@@ -184,6 +188,7 @@ class Contrast(nn.Module):
         unless `replace` or a class has fewer other images than `negatives`; drawn from a
         generator seeded from (seed, steps, rank)."""
         self.check_bound()
+        assert self.labels is not None and self._order is not None and self._counts is not None and self._starts is not None
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         device = self.z.device
         gen = torch.Generator(device=device).manual_seed(mix_seed(self.seed, self.steps, rank))
@@ -251,6 +256,7 @@ class CRD(Distiller):
     :meth:`bind_training_set` has run, Z)."""
 
     params_class = CRDParams
+    params: CRDParams
     uses_sample_indices = True
 
     def __init__(self, student: KDModel, teacher: KDModel, params: CRDParams, image_size: int = 32) -> None:
@@ -285,6 +291,7 @@ class CRD(Distiller):
         rows instead of drawn ones. Updates the memory banks."""
         if indices is None:
             raise ValueError("crd needs the batch's sample indices (forward(..., indices=...)): the engine hands them over")
+        teacher = self.require_teacher(teacher)
         c, p = self.contrast, self.params
         c.check_bound()
         student = self.student.features(images)

@@ -23,7 +23,8 @@ def as_rows(f: Tensor) -> Tensor:
     """(B, ...) -> (B, D), flattened from dim 1 in memory order: a view for contiguous and
     channels_last maps (for losses built on Gram matrices the order of D does not matter)."""
     if f.dim() > 2:
-        f = f.permute(0, *sorted(range(1, f.dim()), key=lambda d: -f.stride(d)))
+        strides = f.stride()
+        f = f.permute(0, *sorted(range(1, f.dim()), key=lambda d: -strides[d]))
     return f.flatten(1)
 
 

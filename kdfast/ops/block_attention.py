@@ -78,8 +78,8 @@ def _samples() -> tuple[Sample, ...]:
 
     def blocks(grid: int, power: float, feature_grid: int, teacher_weighting: bool):
         def run(*tensors: Tensor, backend: str) -> Tensor:
-            lists = [list(tensors[i : i + 2]) for i in (0, 2, 4)]
-            return block_attention_terms(*lists, grid, power, feature_grid, teacher_weighting, backend)
+            f_s, h_s, f_t = (list(tensors[i : i + 2]) for i in (0, 2, 4))
+            return block_attention_terms(f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting, backend)
 
         return run
 
