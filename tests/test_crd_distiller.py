@@ -280,3 +280,26 @@ def test_ddp_replicas_stay_equal(tmp_path):
         assert torch.equal(r0[key], r1[key]), key
     moved = ((r0["memory_s"].norm(dim=1) - 1).abs() < 1e-5).nonzero().flatten()
     assert torch.equal(moved, torch.arange(8))
+
+
+def test_with_another_student_as_alone(tmp_path, teacher_ckpt):
+    """CRD next to a KD student (one teacher forward per batch, the loader handing indices to CRD
+    only): each trains bit for bit as it does alone, banks and step count included."""
+    import dataclasses
+
+    from kdfast.engine import train_students
+    from kdfast.engine.config import RunConfig, students
+
+    base = load_config(
+        "digits/kd",
+        [*TINY[:-1], "train.epochs=2", f"train.out_dir={tmp_path / 'many'}", f"model.teacher_checkpoint={teacher_ckpt}"],
+    )
+    cfg = dataclasses.replace(base, runs=[RunConfig(seed=0), RunConfig(method={"name": "crd", "nce_k": 256}, seed=0)])
+    train_students(cfg)
+    for _, name, single in students(cfg):
+        alone = dataclasses.replace(single, train=dataclasses.replace(single.train, out_dir=str(tmp_path / "alone" / name)))
+        train(alone)
+        a, b = (checkpoint.load(root / name / "last.pt") for root in (tmp_path / "many", tmp_path / "alone"))
+        _same_state(a["distiller"], b["distiller"])
+        assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
+    assert "contrast.memory_s" in checkpoint.load(tmp_path / "many" / "crd-s0" / "last.pt")["distiller"]
