@@ -303,3 +303,32 @@ def test_with_another_student_as_alone(tmp_path, teacher_ckpt):
         _same_state(a["distiller"], b["distiller"])
         assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
     assert "contrast.memory_s" in checkpoint.load(tmp_path / "many" / "crd-s0" / "last.pt")["distiller"]
+
+
+def test_imagenet_loader_hands_the_indices(tmp_path):
+    """The worker loader (ImageNet) under yield_indices: each batch's indices are its images'
+    positions, prefetching workers included, and a mid-epoch resume continues with the rest."""
+    from PIL import Image
+
+    from kdfast.data.imagenet import WorkerLoader, image_folder
+
+    for cls in ("a", "b", "c"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40 + 8 * i, 36), (80 * i, 60, 30)).save(tmp_path / "train" / cls / f"{i}.jpg")
+    loader = WorkerLoader(image_folder(tmp_path, True, 0, "cpu"), 2, train=True, workers=1)
+    loader.yield_indices = True
+    assert torch.equal(loader.labels, torch.arange(9) // 3)
+    loader.set_epoch(0)
+    seen = []
+    for images, labels, index in loader:
+        assert torch.equal(labels, loader.labels[index]) and images.shape[0] == len(index)
+        seen.append(index)
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(9))
+    loader.set_epoch(1)
+    first = next(iter(loader))[2]
+    state = loader.state_dict()
+    rest = [index for _, _, index in loader]
+    loader.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(rest, [index for _, _, index in loader], strict=True))
+    assert not any(bool((r[:, None] == first).any()) for r in rest)
