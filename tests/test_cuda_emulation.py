@@ -195,6 +195,10 @@ def _cases():
     att = _randn(2, 2, 2, seed=22).softmax(-1).requires_grad_()
     hcl_s = [_randn(2, 5, 7, 6, seed=23, grad=True), _randn(2, 9, 4, 4, seed=24, grad=True, channels_last=True)]
     hcl_t = [_randn(2, 5, 7, 6, seed=25), _randn(2, 9, 4, 4, seed=26)]
+    crd_e, crd_bank = _randn(3, 40, seed=27, grad=True), _randn(50, 40, seed=28)  # 700 columns: 2 blocks per row
+    crd_wide, crd_wide_bank = _randn(2, 200, seed=29, grad=True), _randn(9, 200, seed=30)  # D > 128: 32 chunks per lane
+    crd_idx = torch.randint(0, 50, (3, 700), generator=torch.Generator().manual_seed(31))
+    crd_wide_idx = torch.randint(0, 9, (2, 5), generator=torch.Generator().manual_seed(32))
     return {
         "at": _with_grads(lambda: F.at_loss(at_s, at_t, backend=b), at_s),
         "kd_warp": _with_grads(lambda: F.kd_loss(warp_s, warp_t, backend=b), [warp_s]),
@@ -209,6 +213,8 @@ def _cases():
         "block_attention_aft": _with_grads(lambda: F.aft_loss(ba_f, ba_h, ba_t, grid=2, backend=b), [ba_f, ba_h]),
         "map_distance": _with_grads(lambda: F.map_distance_loss(md_s, md_t, att, backend=b), [*md_s, att]),
         "hcl": _with_grads(lambda: F.hcl_loss(hcl_s, hcl_t, backend=b), hcl_s),
+        "crd": _with_grads(lambda: F.crd_loss(crd_e, crd_bank, crd_idx, 30.0, 0.5, backend=b), [crd_e]),
+        "crd_wide": _with_grads(lambda: F.crd_loss(crd_wide, crd_wide_bank, crd_wide_idx, 3.0, 2.0, backend=b), [crd_wide]),
     }
 
 
