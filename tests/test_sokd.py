@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kdfast import distillers, functional, models
+from kdfast.distillers.lcc import LCC
 from kdfast.distillers.sokd.dafa import DAFA, SUB_POLICIES, apply_op, op_value
 from kdfast.distillers.sokd.dam import DAMHead, box_mask, mutual_interest_mask, peak_boxes
 from kdfast.distillers.sokd.distiller import SoKDParams
@@ -31,7 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _sokd(pair, base: str, **params) -> distillers.SoKD:
     teacher, *_ = pair
     torch.manual_seed(0)
-    return distillers.create("sokd", models.create("resnet8", 10), teacher, {"base": base, **params})
+    d = distillers.create("sokd", models.create("resnet8", 10), teacher, {"base": base, **params})
+    assert isinstance(d, distillers.SoKD)
+    return d
 
 
 SMALL = {"d_weight": 1.0, "da_weight": 1.0}
@@ -65,7 +68,9 @@ def test_sampling_against_hand_computed_cases():
     draw.gates.sum().backward()
     sig = [1 / (1 + math.exp(-zi / 0.5)) for zi in z]
     expected = [s * (1 - s) / 0.5 / (p * (1 - p)) for s, p in zip(sig, (0.8, 0.1))]  # d/dp via logit(p)
-    torch.testing.assert_close(d.probabilities.grad[3], torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    grad = d.probabilities.grad
+    assert grad is not None
+    torch.testing.assert_close(grad[3], torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert draw.weight.item() == 1.0
     lp = d.log_prob(draw)
     torch.testing.assert_close(lp, torch.tensor(math.log(1 / 35) + math.log(0.8) + math.log(0.9)))
@@ -109,7 +114,8 @@ def test_magnitude_is_straight_through_and_eval_is_identity():
     draw = d.sample(torch.tensor([0.9, 0.9]), torch.zeros(35)).detached()  # k = 0 (argmax of a tie), both ops applied
     out = d(f, draw)
     out.sum().backward()
-    assert d.magnitudes.grad[0].tolist() == [f.numel(), f.numel()] and d.magnitudes.grad[1:].abs().sum() == 0
+    grad = d.magnitudes.grad
+    assert grad is not None and grad[0].tolist() == [f.numel(), f.numel()] and grad[1:].abs().sum() == 0
     torch.testing.assert_close(out, apply_op(apply_op(f, "shear_x", d.magnitudes[0, 0]), "shear_y", d.magnitudes[0, 1]))
     assert d.eval()(f) is f
 
@@ -177,6 +183,7 @@ def test_dam_head_branches():
 def test_registry_and_defaults():
     assert "sokd" in distillers.names() and distillers.get("sokd") is distillers.SoKD
     p = distillers.make_params("sokd", {})
+    assert isinstance(p, SoKDParams)
     assert (p.base, p.d_weight, p.da_weight, p.aug_lr, p.aug_epochs, p.top_k, p.temperature) == (
         "fitnet",
         1000.0,
@@ -265,7 +272,9 @@ def test_at_and_lcc_losses(pair):
     s = d.student.features(x)
     ft = feats.stages[-1].clone()
     mask = mutual_interest_mask(d.dam(d.phi(s.stages[-1])), 8)
-    class_mask, _ = d.base.attention[0](ft, y)
+    lcc = d.base
+    assert isinstance(lcc, LCC) and lcc.attention is not None
+    class_mask, _ = lcc.attention[0](ft, y)
     expected = functional.local_correlation_loss(s.stages[-1], ft, 4, mask=mask[:, None] * class_mask, backend="torch")
     torch.testing.assert_close(losses["sokd_da"], 1000 * expected, rtol=1e-4, atol=1e-5)
 
@@ -357,8 +366,9 @@ def test_first_order_option_steps_dafa_in_after_step(pair):
         assert d.previous == []
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
-        assert all(p.grad is not None for p in d.dafa.parameters()) and d.dafa.weights.grad.abs().sum() > 0
-        assert d.dafa.magnitudes.grad.abs().sum() > 0
+        weights_grad, magnitudes_grad = d.dafa.weights.grad, d.dafa.magnitudes.grad
+        assert all(p.grad is not None for p in d.dafa.parameters()) and weights_grad is not None and magnitudes_grad is not None
+        assert weights_grad.abs().sum() > 0 and magnitudes_grad.abs().sum() > 0
         opt.step()
         d.after_step(epoch)
         changed = [not torch.equal(a, b) for a, b in zip(before, _dafa_params(d))]
@@ -480,7 +490,12 @@ def test_recomputed_mask_equals_fixed_where_no_box_changes(pair, monkeypatch):
 
     masks = []
     record = module.mutual_interest_mask
-    monkeypatch.setattr(module, "mutual_interest_mask", lambda out, k: masks.append(record(out, k)) or masks[-1])
+
+    def recording(out, k):
+        masks.append(record(out, k))
+        return masks[-1]
+
+    monkeypatch.setattr(module, "mutual_interest_mask", recording)
     results = []
     for mode in ("recompute", "fixed"):
         d, x, y, feats = _float64(pair, hvp_r=1e-6, hvp_mask=mode)

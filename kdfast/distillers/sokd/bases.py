@@ -83,9 +83,11 @@ class FitNetAdapter(BaseAdapter):
     replaced_keys = ("ce_weight", "feat_weight")
 
     def stage(self, base: Distiller, stage: int | None) -> int:
+        assert isinstance(base, FitNet)
         return base.params.hint_layer
 
     def connector(self, base: Distiller) -> nn.Module | None:
+        assert isinstance(base, FitNet)
         return base.connector
 
     def losses(self, base, stage, student, teacher, hint, refined, mask, labels, reduction):
@@ -107,7 +109,7 @@ class ATAdapter(BaseAdapter):
             f_s = F.adaptive_avg_pool2d(f_s, refined.shape[2:])
         map_mode = AT_MODES[p.mode][0]
         maps = [widen(functional.attention_map(f, p.p, map_mode)).view(f.shape[0], 1, *f.shape[2:]) for f in (f_s, refined)]
-        return functional.masked_mse(*maps, mask, reduction), {}
+        return functional.masked_mse(maps[0], maps[1], mask, reduction), {}
 
 
 class LCCAdapter(BaseAdapter):
@@ -115,6 +117,7 @@ class LCCAdapter(BaseAdapter):
     replaced_keys = ("ce_weight", "lcc_weight")
 
     def stage(self, base: Distiller, stage: int | None) -> int:
+        assert isinstance(base, LCC)
         if len(base.params.stages) != 1:
             raise ValueError(
                 f"SoKD refines one hint stage: LCC's base_params.stages must hold one index, got {base.params.stages!r}"

@@ -127,8 +127,17 @@ def _channel_drop(f: Tensor, v: Tensor) -> Tensor:
     return f * keep.view(b, c, 1, 1)
 
 
+def _affine_op(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """Op `name` of the affine family as ``(f, v) -> f'``."""
+
+    def op(f: Tensor, v: Tensor) -> Tensor:
+        return _affine(f, name, v)
+
+    return op
+
+
 _OP_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    **{name: (lambda f, v, name=name: _affine(f, name, v)) for name in AFFINE_OPS},
+    **{name: _affine_op(name) for name in AFFINE_OPS},
     "cutout": _cutout,
     "noise": _noise,
     "channel_shuffle": _channel_shuffle,
@@ -159,6 +168,8 @@ class Draw:
 class DAFA(nn.Module):
     """``s(F)`` (module docstring); :meth:`sample` draws, :meth:`forward` applies a draw."""
 
+    policy_ops: Tensor  # (35, 2) buffer: each sub-policy's op indices
+
     def __init__(
         self, temperature: float = 0.5, lr: float = 3e-4, betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 1e-3
     ) -> None:
@@ -170,7 +181,7 @@ class DAFA(nn.Module):
         self.magnitudes = nn.Parameter(torch.full((count, 2), 0.5))
         table = torch.tensor([[OPS.index(a), OPS.index(b)] for a, b in SUB_POLICIES])
         self.register_buffer("policy_ops", table, persistent=False)  # (35, 2): each sub-policy's op indices
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=(betas[0], betas[1]), weight_decay=weight_decay)
 
     def sample(self, u: Tensor | None = None, gumbel: Tensor | None = None) -> Draw:
         """A draw from uniform noise `u` (2,) and Gumbel noise `gumbel` (35,) (fresh when None)::

@@ -181,6 +181,7 @@ class SoKD(Distiller):
     """``{"ce", <base logit terms>, "sokd_d", "sokd_da"}``; owns the base distiller, ``phi``, DAFA and the DAM head."""
 
     params_class = SoKDParams
+    params: SoKDParams
 
     def __init__(self, student: KDModel, teacher: KDModel, params: SoKDParams, image_size: int = 32) -> None:
         from kdfast.distillers import make_params
@@ -208,7 +209,9 @@ class SoKD(Distiller):
     def phi(self, f_s: Tensor) -> Tensor:
         """``phi(fs)``: ConvReg, then two 3x3 conv-BN-ReLU."""
         connector = self.adapter.connector(self.base)
-        connector = self.own_connector if connector is None else connector
+        if connector is None:
+            connector = self.own_connector
+        assert connector is not None  # built in __init__ when the base has none
         return self.refine(connector(f_s))
 
     def _heads(self, student: Features, teacher: Features, draw: Draw | None, augment: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -243,7 +246,7 @@ class SoKD(Distiller):
     def forward(self, images: Tensor, labels: Tensor, teacher: Features | None, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The second-order outer step first (training, ``epoch <= aug_epochs``), then the student's losses."""
         if self.training and self.params.search_order == 2 and epoch <= self.params.aug_epochs:
-            self.outer_step(images, labels, teacher)
+            self.outer_step(images, labels, self.require_teacher(teacher))
         return super().forward(images, labels, teacher, epoch)
 
     def _total(
@@ -276,8 +279,8 @@ class SoKD(Distiller):
             momentum = p.virtual_momentum / p.optim_lr  # mu buf = mu (theta_prev - theta) / optim_lr
             for t, g, before in zip(theta, grads, previous, strict=True):
                 t.sub_(p.virtual_lr * (momentum * (before - t) + (0 if g is None else g) + p.virtual_weight_decay * t))
-        v = torch.autograd.grad(self._total(images, labels, teacher, None, augment=False)[0], theta, allow_unused=True)
-        v = [torch.zeros_like(t) if g is None else g for t, g in zip(theta, v, strict=True)]
+        v_raw = torch.autograd.grad(self._total(images, labels, teacher, None, augment=False)[0], theta, allow_unused=True)
+        v = [torch.zeros_like(t) if g is None else g for t, g in zip(theta, v_raw, strict=True)]
         r = p.hvp_r / torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in v])).clamp_min(1e-12)
         fixed = mask if p.hvp_mask == "fixed" else None
         values, magnitude_grads = [], []
@@ -333,7 +336,7 @@ class SoKD(Distiller):
     @torch.no_grad()
     def inspect(self, images: Tensor, labels: Tensor, teacher: Features | None) -> dict[str, Tensor]:
         """The area of mutual interest M and the DAM heatmaps (max over classes) of both networks, each (N, H, W)."""
-        _, _, heads = self._heads(self.student.features(images), teacher, None, augment=True)
+        _, _, heads = self._heads(self.student.features(images), self.require_teacher(teacher), None, augment=True)
         out_s, out_t = widen(heads).chunk(2)
         classes = out_s.shape[1] - 4
         return {
