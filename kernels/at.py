@@ -32,7 +32,7 @@ layout is converted first.
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -488,7 +488,7 @@ class _MapLaunch(NamedTuple):
     feats: list[Tensor]
     channels_last: bool
     order: list[int]  # stages in launch order: most channels (longest programs) first
-    constexprs: dict[str, object]
+    constexprs: dict[str, Any]
 
 
 def _map_launch(feats: list[Tensor], p: float, mode: str, name: str) -> _MapLaunch:
@@ -604,13 +604,13 @@ def at_map_loss(maps_s: list[Tensor], maps_t: list[Tensor], loss: str) -> tuple[
     dtype, device = maps_s[0].dtype, maps_s[0].device
     if dtype not in (torch.float32, torch.float64):
         raise ValueError("at_map_loss: maps must be float32 or float64")
-    for s, (ms, mt) in enumerate(zip(maps_s, maps_t)):
+    for s, (m_s, m_t) in enumerate(zip(maps_s, maps_t)):
         # maps_s[0] is known 2-D when a later stage compares its B with it
-        if ms.dim() != 2 or ms.shape != mt.shape or ms.size(0) != maps_s[0].size(0) or ms.size(1) == 0:
+        if m_s.dim() != 2 or m_s.shape != m_t.shape or m_s.size(0) != maps_s[0].size(0) or m_s.size(1) == 0:
             raise ValueError(f"at_map_loss: maps_s[{s}] and maps_t[{s}] must both be (B, HW) with one B for all")
-        if ms.dtype != dtype or mt.dtype != dtype:
+        if m_s.dtype != dtype or m_t.dtype != dtype:
             raise ValueError("at_map_loss: maps must share one dtype")
-        if ms.device != device or mt.device != device:
+        if m_s.device != device or m_t.device != device:
             raise ValueError("at_map_loss: maps must be on one device")
     batch = maps_s[0].size(0)
     maps_s = [m.contiguous() for m in maps_s]

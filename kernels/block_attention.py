@@ -52,7 +52,7 @@ arithmetic.
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -680,7 +680,10 @@ def _strides(t: Tensor, layout: int) -> tuple[int, int, int, int]:
     b, c, h, w = t.shape
     x = hw_stride(t) if layout == _CHANNELS_LAST else t.stride(3)
     x_size = h * w if layout == _CHANNELS_LAST else w
-    return tuple(st if size > 1 else 0 for size, st in ((b, t.stride(0)), (c, t.stride(1)), (h, t.stride(2)), (x_size, x)))
+    s_b, s_c, s_y, s_x = (
+        st if size > 1 else 0 for size, st in ((b, t.stride(0)), (c, t.stride(1)), (h, t.stride(2)), (x_size, x))
+    )
+    return s_b, s_c, s_y, s_x
 
 
 def _alignment(tensors: list[Tensor], layout: int) -> int:
@@ -702,7 +705,7 @@ class _Plan(NamedTuple):
 
     splits_c: int
     splits_hw: int
-    constexprs: dict[str, object]
+    constexprs: dict[str, Any]
 
     @property
     def splits(self) -> int:

@@ -285,7 +285,8 @@ def check_logits(name: str, z_s: Tensor, z_t: Tensor) -> tuple[Tensor, Tensor]:
             f"{name}: z_s and z_t must have one shape and device, got "
             f"{tuple(z_s.shape)} on {z_s.device} and {tuple(z_t.shape)} on {z_t.device}"
         )
-    return tuple(z if z.size(1) == 1 or z.stride(1) == 1 else z.contiguous() for z in (z_s, z_t))
+    z_s, z_t = (z if z.size(1) == 1 or z.stride(1) == 1 else z.contiguous() for z in (z_s, z_t))
+    return z_s, z_t
 
 
 def _checked(

@@ -12,6 +12,9 @@ Shapes stay tiny: the Triton kernels run in the interpreter here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends
@@ -34,7 +37,8 @@ ONE = [((3, 7, 6), (4, 7, 6), (4, 7, 6))]
 # h_s larger than f_t (h_s pooled) and f_t larger than h_s (f_t pooled).
 UNALIGNED = [((3, 6, 6), (4, 6, 6), (4, 3, 3)), ((2, 5, 5), (3, 2, 3), (3, 5, 7))]
 # (functional, keyword arguments, power, feature grid (None: the grid), teacher weighting)
-VARIANTS = {
+# fn, its extra keyword arguments, power, feature_grid (None: the grid), teacher weighting
+VARIANTS: dict[str, tuple[Callable[..., torch.Tensor], dict[str, Any], float, int | None, bool]] = {
     "ndam": (F.ndam_loss, {}, 1.0, 0, False),
     "ndam_teacher": (F.ndam_loss, {"weighting": "teacher"}, 1.0, 0, True),
     "aft": (F.aft_loss, {}, 2.0, None, False),
@@ -351,9 +355,9 @@ def test_entry_point_checks(device, backend):
     Triton launchers, RuntimeError from TORCH_CHECK)."""
     x = torch.randn(2, 3, 4, 4, device=device)
     names = ("f_s", "h_s", "f_t", "grid", "power", "feature_grid", "teacher_weighting")
-    good = dict(zip(names, ([x], [x], [x], 4, 1.0, 0, False)))
+    good: dict[str, Any] = dict(zip(names, ([x], [x], [x], 4, 1.0, 0, False)))
     forward = namespace(backend).block_attention_forward
-    for change, match in [
+    cases: list[tuple[dict[str, Any], str]] = [
         (dict(f_s=[]), "f_s"),
         (dict(h_s=[x, x]), "h_s"),
         (dict(f_t=[x[:, :, :3]]), "f_t"),
@@ -364,7 +368,8 @@ def test_entry_point_checks(device, backend):
         (dict(feature_grid=-1), "feature_grid"),
         (dict(power=0.5), "power"),
         (dict(feature_grid=2, teacher_weighting=True), "teacher_weighting"),
-    ]:
+    ]
+    for change, match in cases:
         with pytest.raises((ValueError, RuntimeError), match=match):
             forward(*{**good, **change}.values())
     terms, maps = forward(*good.values())
@@ -407,7 +412,8 @@ def test_bad_knobs():
         F.ndam_loss(*args, weighting="student")
     with pytest.raises(ValueError, match="map_weight must be a finite number"):
         F.ndam_loss(*args, map_weight=float("inf"))
+    not_a_number: Any = None
     with pytest.raises(ValueError, match="attention_weight must be a finite number"):
-        F.aft_loss(*args, attention_weight=None)
+        F.aft_loss(*args, attention_weight=not_a_number)
     with pytest.raises(ValueError, match="grid must be an int >= 1"):
         F.ndam_map(args[0], grid=-1)
