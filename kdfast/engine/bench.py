@@ -317,8 +317,10 @@ def _eager_step(method: str, pair: Pair, device: torch.device, data: tuple[Tenso
     tensors: tuple[Tensor, ...] = data
     if distillers.get(method).uses_sample_indices:  # CRD: the peers' loader hands (index, contrast_index)
         labels = training_labels(data[1], pair.classes)
-        extras.bind(labels.to(device))  # type: ignore[operator]  # a Contrast
-        negatives = distillers.make_params(method, DISTILLER_PARAMS.get(method, {})).nce_k  # type: ignore[attr-defined]
+        params = distillers.make_params(method, DISTILLER_PARAMS.get(method, {}))
+        assert isinstance(extras, Contrast) and isinstance(params, CRDParams)
+        extras.bind(labels.to(device))
+        negatives = params.nce_k
         tensors = (*data, torch.arange(len(data[1])), peer_contrast_indices(labels, len(data[1]), negatives))
     loader = DataLoader(TensorDataset(*tensors), batch_size=batch, shuffle=True, drop_last=True)
     batches = _cycle(loader)
