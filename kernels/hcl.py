@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device
+from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device, pick
 
 _MAX_STAGES = 8  # stages per launch (tuple arguments); longer lists are launched in chunks
 _MAX_LEVELS = 4
@@ -66,15 +66,6 @@ _G = tl.constexpr(8)
 
 
 # ----------------------------------------------------------------------------- device helpers
-
-
-@triton.jit
-def _pick(values, i):
-    """``values[i]`` of a tuple of pointer arguments, for a runtime index i (selects, no branch)."""
-    v = values[0]
-    for r in tl.static_range(1, len(values)):
-        v = tl.where(i == r, values[r], v)
-    return v
 
 
 @triton.jit
@@ -190,8 +181,8 @@ def _stage(fs, ft, dims, strides, firsts, BLOCK_C: tl.constexpr):
     c_blocks = tl.cdiv(channels, BLOCK_C)
     b = (local // c_blocks).to(tl.int64)
     offs_c = (local % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = _pick(fs, r) + b * _field(strides, r, _S + 3, tl.int64)
-    t = _pick(ft, r) + b * _field(strides, r, _T + 3, tl.int64)
+    s = pick(fs, r) + b * _field(strides, r, _S + 3, tl.int64)
+    t = pick(ft, r) + b * _field(strides, r, _T + 3, tl.int64)
     return r, b, offs_c, channels, height, width, s, t
 
 
@@ -329,7 +320,7 @@ def _hcl_backward_kernel(
     else:
         full = 1.0 / (planes * hw.to(ACC))
     full = k2 * full
-    g = _pick(grads, r) + b * _field(strides, r, _G + 3, tl.int64)
+    g = pick(grads, r) + b * _field(strides, r, _G + 3, tl.int64)
     g_sc, g_sy, g_sx = _stage_strides(strides, r, _G)
     s_st = _stage_strides(strides, r, _S)
     t_st = _stage_strides(strides, r, _T)

@@ -28,22 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdfast.numerics.common import compute_dtype
-
-LEVELS = (4, 2, 1)  # the peers' pooled levels (mdistiller, dvlab-research/ReviewKD)
-REDUCTIONS = ("sum", "none")
-
-
-def active_levels(height: int, levels: Sequence[int]) -> tuple[list[tuple[int, float]], float]:
-    """``([(l, w), ...], tot)``: the levels a map of `height` rows uses, with their halving weights,
-    and the normaliser ``tot = 1 + sum w``."""
-    weight, total, active = 1.0, 1.0, []
-    for level in levels:
-        if level >= height:
-            continue
-        weight /= 2.0
-        active.append((level, weight))
-        total += weight
-    return active, total
+from kdfast.numerics.hcl import LEVELS, active_levels
 
 
 def stage_loss(f_s: Tensor, f_t: Tensor, levels: Sequence[int] = LEVELS) -> Tensor:
