@@ -55,8 +55,14 @@ _MAX_OFFSET = 2**31 - 1  # element offsets inside one sample are 32-bit
 
 
 @triton.jit
-def _locate(hw_blocks, c_splits, c_per_program, channels, hw, BLOCK_HW: tl.constexpr):
-    """This program's sample, channel split, channel range [c_start, c_end) and positions."""
+def _column(tiles, mask, ACC: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """This program's tile column and its mask values. ``tiles`` = (C, HW, hw_blocks, c_splits,
+    c_per_program), ``mask`` a (pointer, b stride, hw stride) view. Program ``pid`` owns
+    sample ``b``, positions ``offs_hw`` (``hw_ok``: inside HW) and channels ``[c_start, c_end)``
+    of its channel split; returns (b (int64), split, c_start, c_end, offs_hw, hw_ok, m[b, offs_hw]
+    in ACC, 0 outside)."""
+    channels, hw, hw_blocks, c_splits, c_per_program = tiles
+    m_ptr, smb, smhw = mask
     pid = tl.program_id(0)
     split = pid % c_splits
     rest = pid // c_splits
@@ -64,24 +70,38 @@ def _locate(hw_blocks, c_splits, c_per_program, channels, hw, BLOCK_HW: tl.const
     offs_hw = (rest % hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_start = split * c_per_program
     c_end = tl.minimum(c_start + c_per_program, channels)
-    return b.to(tl.int64), split, c_start, c_end, offs_hw, offs_hw < hw
+    b = b.to(tl.int64)
+    hw_ok = offs_hw < hw
+    m = tl.load(m_ptr + b * smb + offs_hw * smhw, mask=hw_ok, other=0.0).to(ACC)
+    return b, split, c_start, c_end, offs_hw, hw_ok, m
 
 
 @triton.jit
-def _tile(base, stride_c, stride_hw, offs_c, offs_hw):
-    """Pointers of the [BLOCK_C, BLOCK_HW] tile (offs_c, offs_hw) of one sample."""
+def _sample(view, b):
+    """Sample ``b`` of a (pointer, b, c, hw strides) view: (its first element, c stride, hw stride)."""
+    ptr, stride_b, stride_c, stride_hw = view
+    return ptr + b * stride_b, stride_c, stride_hw
+
+
+@triton.jit
+def _tile(sample, offs_c, offs_hw):
+    """Pointers of the [BLOCK_C, BLOCK_HW] tile (offs_c, offs_hw) of a :func:`_sample`."""
+    base, stride_c, stride_hw = sample
     return base + offs_c[:, None] * stride_c + offs_hw[None, :] * stride_hw
 
 
 @triton.jit
-def _difference(x, y, sxc, sxhw, syc, syhw, offs_c, offs_hw, mask, ACC: tl.constexpr):
-    """``x - y`` on a tile in ACC (0 outside ``mask``)."""
-    xv = tl.load(_tile(x, sxc, sxhw, offs_c, offs_hw), mask=mask, other=0.0).to(ACC)
-    yv = tl.load(_tile(y, syc, syhw, offs_c, offs_hw), mask=mask, other=0.0).to(ACC)
+def _difference(x, y, offs_c, offs_hw, tile_ok, ACC: tl.constexpr):
+    """``x - y`` of two :func:`_sample` on a tile in ACC (0 outside ``tile_ok``)."""
+    xv = tl.load(_tile(x, offs_c, offs_hw), mask=tile_ok, other=0.0).to(ACC)
+    yv = tl.load(_tile(y, offs_c, offs_hw), mask=tile_ok, other=0.0).to(ACC)
     return xv - yv
 
 
 # ----------------------------------------------------------------------------- kernels
+#
+# A (B, C, HW) tensor is passed as one tuple argument, its view (pointer, strides b, c, hw), the
+# mask as (pointer, strides b, hw); ``tiles`` is :attr:`_Plan.tiles`.
 
 
 @triton.jit
@@ -90,32 +110,19 @@ def _masked_mse_forward_kernel(
     y,
     mask,
     partials,
-    channels,
-    hw,
-    hw_blocks,
-    c_splits,
-    c_per_program,
-    sxb,
-    sxc,
-    sxhw,
-    syb,
-    syc,
-    syhw,
-    smb,
-    smhw,
+    tiles,
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
     """partials[pid] = [sum over the tile column of m^2 (x - y)^2, sum of m^2 (first split only)]."""
-    b, split, c_start, c_end, offs_hw, hw_ok = _locate(hw_blocks, c_splits, c_per_program, channels, hw, BLOCK_HW)
-    m = tl.load(mask + b * smb + offs_hw * smhw, mask=hw_ok, other=0.0).to(ACC)
-    x += b * sxb
-    y += b * syb
+    b, split, c_start, c_end, offs_hw, hw_ok, m = _column(tiles, mask, ACC, BLOCK_HW)
+    x = _sample(x, b)
+    y = _sample(y, b)
     acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
     for c0 in range(c_start, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        d = _difference(x, y, sxc, sxhw, syc, syhw, offs_c, offs_hw, (offs_c < c_end)[:, None] & hw_ok[None, :], ACC)
+        d = _difference(x, y, offs_c, offs_hw, (offs_c < c_end)[:, None] & hw_ok[None, :], ACC)
         acc += d * d
     w = m * m
     out = partials + tl.program_id(0) * 2
@@ -157,25 +164,7 @@ def _masked_mse_backward_kernel(
     mask,
     gx,
     gy,
-    channels,
-    hw,
-    hw_blocks,
-    c_splits,
-    c_per_program,
-    sxb,
-    sxc,
-    sxhw,
-    syb,
-    syc,
-    syhw,
-    smb,
-    smhw,
-    sgxb,
-    sgxc,
-    sgxhw,
-    sgyb,
-    sgyc,
-    sgyhw,
+    tiles,
     ACC: tl.constexpr,
     NEED_X: tl.constexpr,
     NEED_Y: tl.constexpr,
@@ -183,22 +172,21 @@ def _masked_mse_backward_kernel(
     BLOCK_HW: tl.constexpr,
 ):
     """gx = k m^2 (x - y), gy = -gx on the program's tile column, k = 2 grad_loss scale."""
-    b, _, c_start, c_end, offs_hw, hw_ok = _locate(hw_blocks, c_splits, c_per_program, channels, hw, BLOCK_HW)
-    m = tl.load(mask + b * smb + offs_hw * smhw, mask=hw_ok, other=0.0).to(ACC)
+    b, _, c_start, c_end, offs_hw, hw_ok, m = _column(tiles, mask, ACC, BLOCK_HW)
     k = 2.0 * tl.load(grad_loss).to(ACC) * tl.load(scale)
     w = (k * m * m)[None, :]
-    x += b * sxb
-    y += b * syb
-    gx += b * sgxb
-    gy += b * sgyb
+    x = _sample(x, b)
+    y = _sample(y, b)
+    gx = _sample(gx, b)
+    gy = _sample(gy, b)
     for c0 in range(c_start, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         tile_ok = (offs_c < c_end)[:, None] & hw_ok[None, :]
-        g = w * _difference(x, y, sxc, sxhw, syc, syhw, offs_c, offs_hw, tile_ok, ACC)
+        g = w * _difference(x, y, offs_c, offs_hw, tile_ok, ACC)
         if NEED_X:
-            tl.store(_tile(gx, sgxc, sgxhw, offs_c, offs_hw), g.to(gx.dtype.element_ty), mask=tile_ok)
+            tl.store(_tile(gx, offs_c, offs_hw), g.to(gx[0].dtype.element_ty), mask=tile_ok)
         if NEED_Y:
-            tl.store(_tile(gy, sgyc, sgyhw, offs_c, offs_hw), (-g).to(gy.dtype.element_ty), mask=tile_ok)
+            tl.store(_tile(gy, offs_c, offs_hw), (-g).to(gy[0].dtype.element_ty), mask=tile_ok)
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -228,15 +216,23 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return (t.stride(0) if b > 1 else 0, t.stride(1) if c > 1 else 0, hw_stride if h * w > 1 else 0)
 
 
-def _mask_strides(m: Tensor) -> tuple[int, int]:
+def _view(t: Tensor) -> tuple:
+    """The kernel argument of a flattenable (B, C, H, W) tensor: (t, batch, channel, hw strides)."""
+    return (t, *_strides(t))
+
+
+def _mask_view(m: Tensor) -> tuple:
+    """The kernel argument of a flattenable (B, H, W) mask: (m, batch, hw strides), 0 for a dim of size 1."""
     b, h, w = m.shape
     hw_stride = m.stride(1) if w == 1 else m.stride(2)
-    return m.stride(0) if b > 1 else 0, hw_stride if h * w > 1 else 0
+    return m, m.stride(0) if b > 1 else 0, hw_stride if h * w > 1 else 0
 
 
 class _Plan(NamedTuple):
     """The tiles of one (B, C, HW) launch, shared by the forward and the backward."""
 
+    channels: int
+    hw: int
     block_c: int
     block_hw: int
     hw_blocks: int
@@ -244,8 +240,9 @@ class _Plan(NamedTuple):
     c_per_program: int
 
     @property
-    def args(self) -> tuple[int, int, int]:
-        return self.hw_blocks, self.c_splits, self.c_per_program
+    def tiles(self) -> tuple[int, int, int, int, int]:
+        """The kernels' ``tiles`` argument: (C, HW, hw_blocks, c_splits, c_per_program)."""
+        return self.channels, self.hw, self.hw_blocks, self.c_splits, self.c_per_program
 
 
 def _min_programs(device: torch.device) -> int:
@@ -271,7 +268,7 @@ def _plan(x: Tensor) -> tuple[_Plan, int]:
         splits *= 2
     c_per_program = block_c * triton.cdiv(c_blocks, splits)
     c_splits = triton.cdiv(channels, c_per_program)
-    return _Plan(block_c, block_hw, hw_blocks, c_splits, c_per_program), batch * hw_blocks * c_splits
+    return _Plan(channels, hw, block_c, block_hw, hw_blocks, c_splits, c_per_program), batch * hw_blocks * c_splits
 
 
 def _check(name: str, x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -320,19 +317,13 @@ def masked_mse_forward(x: Tensor, y: Tensor, mask: Tensor, reduction: str) -> tu
     loss = torch.empty((), dtype=acc, device=x.device)
     scale = torch.empty((), dtype=acc, device=x.device)
     tl_acc = _common.TL_DTYPES[acc]
-    batch, channels, h, w = x.shape
     with _common.on_device(x.device):
         _masked_mse_forward_kernel[(grid,)](
-            x,
-            y,
-            mask,
+            _view(x),
+            _view(y),
+            _mask_view(mask),
             partials,
-            channels,
-            h * w,
-            *plan.args,
-            *_strides(x),
-            *_strides(y),
-            *_mask_strides(mask),
+            plan.tiles,
             ACC=tl_acc,
             BLOCK_C=plan.block_c,
             BLOCK_HW=plan.block_hw,
@@ -344,7 +335,7 @@ def masked_mse_forward(x: Tensor, y: Tensor, mask: Tensor, reduction: str) -> tu
             loss,
             scale,
             x.numel(),
-            channels,
+            plan.channels,
             ACC=tl_acc,
             REDUCTION=code,
             BLOCK=min(triton.next_power_of_2(grid), _FINISH_BLOCK),
@@ -373,25 +364,17 @@ def masked_mse_backward(
     if not (x_grad or y_grad):
         return grad_x, grad_y
     plan, grid = _plan(x)
-    batch, channels, h, w = x.shape
     out_x, out_y = grad_x if x_grad else x, grad_y if y_grad else y  # an unused output: never written
     with _common.on_device(x.device):
         _masked_mse_backward_kernel[(grid,)](
             grad_loss,
             scale,
-            x,
-            y,
-            mask,
-            out_x,
-            out_y,
-            channels,
-            h * w,
-            *plan.args,
-            *_strides(x),
-            *_strides(y),
-            *_mask_strides(mask),
-            *_strides(out_x),
-            *_strides(out_y),
+            _view(x),
+            _view(y),
+            _mask_view(mask),
+            _view(out_x),
+            _view(out_y),
+            plan.tiles,
             ACC=_common.TL_DTYPES[acc],
             NEED_X=x_grad,
             NEED_Y=y_grad,
