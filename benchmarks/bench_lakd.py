@@ -31,15 +31,12 @@ This module has no op ``SPECS`` (``SPECS`` is empty so that ``benchmarks.run`` c
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from benchmarks import common
-from kdfast.engine.bench import peak_bytes
 
 SPECS: tuple[common.OpSpec, ...] = ()
 PAIRS = (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"))
@@ -50,67 +47,34 @@ VARIANTS = {  # variant -> (method, params)
     "at": ("at", {}),
 }
 NUM_CLASSES = 100
-STEP_EPOCH = 10**6  # past LAKD's alpha ramp: the final weights
 
 
 def build_step(variant: str, teacher: str, student: str, batch: int, device: torch.device) -> tuple[Callable[[], None], int]:
-    """One training step of `variant` on a fixed synthetic batch, and the bytes of the teacher's Features."""
-    from kdfast import distillers, models
-    from kdfast.engine.trainer import autocast
+    """One training step of `variant` on a fixed synthetic batch, as ``kdfast bench --e2e`` builds
+    and runs kdfast's side (``kdfast.engine.bench.kdfast_step``: the training config assembled as
+    ``kdfast train`` assembles it, the trainer's ``distill_step``), and the bytes of the teacher's
+    Features."""
+    from kdfast.engine import bench
+    from kdfast.engine.trainer import teacher_features
 
     method, params = VARIANTS[variant]
-    torch.manual_seed(0)
-    t = models.create(teacher, NUM_CLASSES).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
-    t.eval().requires_grad_(False)
-    s = models.create(student, NUM_CLASSES)
-    distiller = distillers.create(method, s, t, params).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
-    opt = torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
-
-    def teacher_features():
-        with torch.inference_mode():
-            return t.features(x)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast(device, "auto"):
-            feats = teacher_features()
-            _, losses = distiller(x, y, feats, STEP_EPOCH)
-        if not distiller.backward_done:
-            sum(losses.values()).backward()
-        opt.step()
-        distiller.after_step(STEP_EPOCH)
-
-    with autocast(device, "auto"):
-        feats = teacher_features()
+    pair = bench.Pair(teacher, student, "cifar100", 32, NUM_CLASSES)
+    data = bench.synthetic_batches(pair, batch, 1)
+    step, run = bench.kdfast_step(bench.step_config(pair, method, params), device, data, batch, NUM_CLASSES)
+    feats = teacher_features(run.teacher, data[0].to(device), device, run.students[0].cfg.train.amp)
+    assert feats is not None  # both methods need a teacher
     tensors = [feats.logits, feats.pooled, *feats.stages, *feats.preact_stages, *feats.blocks]
     storages = {f.untyped_storage().data_ptr(): f.untyped_storage().nbytes() for f in tensors}
     return step, sum(storages.values())
 
 
-def step_times(step: Callable[[], None], device: torch.device, iters: int) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of `iters` steps."""
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    if len(times) < 2:
-        return times[0], times[0], times[0]
-    cuts = statistics.quantiles(times, n=5, method="inclusive")
-    return statistics.median(times), cuts[0], cuts[3]
-
-
 def measure(
     pairs: Sequence[tuple[str, str]], variants: Sequence[str], batch: int, device: torch.device, iters: int, warmup: int
 ) -> list[common.Row]:
-    """Every (pair, variant): warm-up steps, one step for the peak memory, `iters` timed steps."""
+    """Every (pair, variant): warm-up steps, one step for the peak memory, `iters` timed steps
+    (``kdfast.engine.timing.measure_step``)."""
+    from kdfast.engine.timing import measure_step, quantiles
+
     rows = []
     dtype = "bfloat16" if device.type == "cuda" else "float32"  # the engine's amp "auto"
     what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "live tensor storages (common.LiveTensorBytes)"
@@ -119,28 +83,13 @@ def measure(
     for teacher, student in pairs:
         for variant in variants:
             step, teacher_bytes = build_step(variant, teacher, student, batch, device)
-            for _ in range(warmup):
-                step()
-            peak = peak_bytes(step, device)
-            median, p20, p80 = step_times(step, device, iters)
-            print(f"{teacher + '->' + student:<24} {variant:<16} {peak / 2**20:>9.1f} {median:>9.1f}", flush=True)
+            times, peak = measure_step(step, device, warmup, iters)
+            times_ms = quantiles(times)
+            print(f"{teacher + '->' + student:<24} {variant:<16} {peak / 2**20:>9.1f} {times_ms[0]:>9.1f}", flush=True)
             note = f"peak: {what}; teacher Features {teacher_bytes / 2**20:.1f} MiB of it; {iters} timed steps"
+            shape = f"{batch}x3x32x32"
             rows.append(
-                common.Row(
-                    f"{teacher}->{student}",
-                    variant,
-                    "train_step",
-                    dtype,
-                    f"{batch}x3x32x32",
-                    median,
-                    p20,
-                    p80,
-                    peak,
-                    float("nan"),
-                    timestamp=common.now(),
-                    note=note,
-                    **common.environment(device),
-                )
+                common.measured_row(f"{teacher}->{student}", variant, "train_step", dtype, shape, times_ms, peak, device, note)
             )
     return rows
 

@@ -85,31 +85,17 @@ def measure(
     for decode in decodes:
         for count in workers:
             times = epoch_times(root, decode, count, batch, device, epochs)
-            per_batch = sorted(t * 1e3 / batches for t in times)
-            cuts = statistics.quantiles(per_batch, n=5, method="inclusive") if len(times) > 1 else per_batch * 4
+            per_batch = common.summarize([t * 1e3 / batches for t in times])
             rate = images / statistics.median(times)
             load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-            print(f"{decode:<8} {count:>7} {rate:>9.1f} {statistics.median(per_batch):>9.1f}  {load}", flush=True)
+            print(f"{decode:<8} {count:>7} {rate:>9.1f} {per_batch[0]:>9.1f}  {load}", flush=True)
             note = (
                 f"{rate:.1f} images/s; {epochs} timed epochs; load average {load} (1/5/15 min) on "
                 f"{len(os.sched_getaffinity(0))} cores shared with other processes"
             )
+            backend, pass_, shape = f"decode-{decode}", f"workers={count}", f"{images}x{WIDTH}x{HEIGHT}-b{batch}"
             rows.append(
-                common.Row(
-                    "imagenet-loader",
-                    f"decode-{decode}",
-                    f"workers={count}",
-                    "uint8->float32",
-                    f"{images}x{WIDTH}x{HEIGHT}-b{batch}",
-                    statistics.median(per_batch),
-                    cuts[0],
-                    cuts[3],
-                    None,
-                    float("nan"),
-                    timestamp=common.now(),
-                    note=note,
-                    **common.environment(device),
-                )
+                common.measured_row("imagenet-loader", backend, pass_, "uint8->float32", shape, per_batch, None, device, note)
             )
     return rows
 

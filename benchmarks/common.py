@@ -7,7 +7,9 @@ specs into :class:`Case` objects (op x shape x dtype x backend x pass), builds o
 it on the GPU (:func:`cuda_times`; the CPU is timed by pytest-benchmark in cpu_timing.py) and
 writes :class:`Row` objects into the device's CSV (:func:`merge_csv`). Rows, result files,
 environment columns and :class:`LiveTensorBytes` live in the package (``kdfast.engine.results``,
-re-exported here), so that ``kdfast bench --e2e`` writes the same files from a wheel.
+re-exported here), so that ``kdfast bench --e2e`` writes the same files from a wheel; so do the
+quantiles of a list of times (``summarize``) and the peak memory of one call
+(``kdfast.engine.timing``).
 
 This module imports no kdfast op at import time (:func:`kdfast_backends`): kdfast reads
 ``TRITON_INTERPRET`` when its ops are imported, which ``benchmarks.run`` sets after parsing its
@@ -38,10 +40,13 @@ from kdfast.engine.results import (  # noqa: F401  (re-exported: the op benchmar
     default_results_path,
     device_model,
     environment,
+    measured_row,
     merge_csv,
     now,
     results_path,
 )
+from kdfast.engine.timing import peak_bytes
+from kdfast.engine.timing import quantiles as summarize  # noqa: F401  (re-exported: the (median, p20, p80) of cpu_timing, cuda_times)
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 REFERENCE_BACKENDS = ("eager", "compiled")
@@ -298,34 +303,19 @@ def peak_memory_bytes(timed: Timed, case: Case) -> int | None:
     """Peak bytes allocated during one timed call (``timed.run``, after an unmeasured
     ``timed.setup`` if any), above what was allocated before it.
 
-    CUDA: the caching allocator's peak (``max_memory_allocated`` after
-    ``reset_peak_memory_stats``) minus ``memory_allocated`` before the call. CPU: the peak of
-    :class:`LiveTensorBytes`; None for "compiled" there, because under a dispatch mode Dynamo
+    ``kdfast.engine.timing.peak_bytes``: on CUDA the caching allocator's peak
+    (``max_memory_allocated`` after ``reset_peak_memory_stats``) minus ``memory_allocated`` before
+    the call; on the CPU the peak of :class:`LiveTensorBytes`, None for "compiled" there, because under a dispatch mode Dynamo
     does not run the compiled graph but the function eagerly.
     """
     if case.backend == "compiled" and case.device.type == "cpu":
         return None
     if timed.setup is not None:
         timed.setup()
-    if case.device.type == "cuda":
-        torch.cuda.synchronize(case.device)
-        torch.cuda.reset_peak_memory_stats(case.device)
-        before = torch.cuda.memory_allocated(case.device)
-        timed.run()
-        torch.cuda.synchronize(case.device)
-        return torch.cuda.max_memory_allocated(case.device) - before
-    with LiveTensorBytes() as mode:
-        timed.run()
-    return mode.peak
+    return peak_bytes(timed.run, case.device)
 
 
 # --- Timing.
-
-
-def summarize(times_ms: Sequence[float]) -> tuple[float, float, float]:
-    """(median, 20th percentile, 80th percentile), linear interpolation (as numpy's default)."""
-    cuts = statistics.quantiles(times_ms, n=5, method="inclusive")
-    return statistics.median(times_ms), cuts[0], cuts[3]
 
 
 def cuda_times(timed: Timed) -> tuple[float, float, float]:

@@ -184,12 +184,17 @@ def _viz_from_models(args: argparse.Namespace, device: str):
 
 
 def _viz_from_config(args: argparse.Namespace, device: str):
-    """The distiller of a training config with its trained state (last.pt or --checkpoint), its teacher, the loaders."""
+    """The distiller of a training config with its trained state (last.pt or --checkpoint), its
+    teacher, the loaders. The distiller is built as ``kdfast train`` builds it (``build_run``) from
+    the config's own student (its ``runs``, if any, are not drawn)."""
+    import dataclasses
+
     import torch
 
     from kdfast.data import build_loaders
     from kdfast.engine import ConfigError, checkpoint, load_config
-    from kdfast.engine.trainer import LAST, build_distiller, frozen_teacher
+    from kdfast.engine.assembly import build_run
+    from kdfast.engine.trainer import LAST
 
     given = [
         flag
@@ -209,10 +214,10 @@ def _viz_from_config(args: argparse.Namespace, device: str):
     if "distiller" not in state:
         raise ConfigError(f"checkpoint {str(path)!r} has no 'distiller' state (a run's last.pt has one)")
     loaders = build_loaders(cfg.data.dataset, cfg.data.root, args.images, device)
-    teacher = frozen_teacher(cfg, loaders.num_classes, torch.device(device), torch.contiguous_format)
-    distiller = build_distiller(cfg, loaders.num_classes, teacher)
+    run = build_run(dataclasses.replace(cfg, runs=[]), torch.device(device), loaders.num_classes)
+    distiller = run.students[0].distiller
     distiller.load_state_dict(state["distiller"])
-    return distiller.to(device), teacher, loaders
+    return distiller, run.teacher, loaders
 
 
 def _viz(args: argparse.Namespace) -> int:

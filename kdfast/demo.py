@@ -9,11 +9,11 @@ gradients) and the median time of a forward+backward.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from kdfast import backends, functional
+from kdfast.engine.timing import wall_times
 from kdfast.reference import at as reference
 
 STAGES = [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
@@ -22,19 +22,6 @@ STAGES = [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
 def _features(batch: int, device: torch.device, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, *shape, generator=gen).relu().to(device, dtype) for shape in STAGES]
-
-
-def _median_ms(fn, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up (compilation, caches)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:])
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -71,7 +58,7 @@ def run(batch: int = 64, device: str | None = None, dtype: str = "float32", repe
             "loss": loss.item(),
             "loss_rel_err": _relative_error(loss, expected),
             "grad_rel_err": max(_relative_error(g, e) for g, e in zip(grads, expected_grads)),
-            "ms": _median_ms(step, dev, repeats),
+            "ms": statistics.median(wall_times(step, dev, repeats, warmup=1)),  # the warm-up: compilation, caches
         }
         rows.append(row)
         print(f"{name:<8} {row['loss']:>14.10f} {row['loss_rel_err']:>13.2e} {row['grad_rel_err']:>13.2e} {row['ms']:>11.3f}")

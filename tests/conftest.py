@@ -10,10 +10,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kdfast.engine import Config
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -136,6 +140,35 @@ def teacher_ckpt(tmp_path_factory) -> Path:
 
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.batch_size=16",
+    "train.max_train_batches=3",
+    "train.max_eval_batches=1",
+    "train.progress=false",
+    "model.student=resnet8",
+]
+"""The engine tests' runs: 3 training batches of 16 digits, 1 evaluation batch, a resnet8 student, no progress bar."""
+
+
+def tiny(out: Path, *overrides: str) -> list[str]:
+    """The overrides of a :data:`TINY` run writing to `out`, then `overrides`."""
+    return [*TINY, f"train.out_dir={out}", *overrides]
+
+
+def exact_config(name: str, out: Path, teacher_ckpt: Path, epochs: int, *overrides: str) -> Config:
+    """The config `name` as a :data:`TINY` deterministic run of `epochs` epochs writing to `out`,
+    its resnet8 teacher loaded from `teacher_ckpt`, lr milestones [2, 3], then `overrides`: what
+    the resume tests run in one session and in two."""
+    from kdfast.engine import load_config  # the configs import the distillers: only for the engine tests
+
+    teacher = ["model.teacher=resnet8", f"model.teacher_checkpoint={teacher_ckpt}"]
+    run = [f"train.epochs={epochs}", "train.deterministic=true", *teacher, "optim.milestones=[2, 3]"]
+    return load_config(name, tiny(out, *run, *overrides))
+
+
+def set_args(overrides: Iterable[str]) -> list[str]:
+    """`overrides` as command-line options: ``--set item`` for each."""
+    return [arg for item in overrides for arg in ("--set", item)]
 
 
 def _torchrun_cli(port: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

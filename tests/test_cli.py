@@ -19,11 +19,17 @@ SUBCOMMANDS = ("demo", "train", "eval", "bench", "viz", "quickstart")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def help_text(capsys, argv) -> str:
+def exit_output(capsys, argv: list[str], code: int) -> tuple[str, str]:
+    """(stdout, stderr) of ``kdfast <argv>``, which must exit with status `code`."""
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
-    assert exit_info.value.code == 0
-    return capsys.readouterr().out
+    assert exit_info.value.code == code
+    output = capsys.readouterr()
+    return output.out, output.err
+
+
+def help_text(capsys, argv) -> str:
+    return exit_output(capsys, argv, 0)[0]
 
 
 def test_main_help_lists_subcommands(capsys):
@@ -55,10 +61,7 @@ def test_subcommand_help_lists_every_option(capsys, command):
     ],
 )
 def test_bad_configs_fail_before_training(capsys, argv, message):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in exit_output(capsys, argv, 2)[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +144,12 @@ def test_viz_config_mode_draws_the_distillers_maps(tmp_path, checkpoints, capsys
     ],
 )
 def test_viz_bad_arguments(capsys, argv, message):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in exit_output(capsys, argv, 2)[1]
 
 
 def test_viz_needs_a_distiller_state(tmp_path, checkpoints, capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["viz", "--config", "digits/student", "--checkpoint", str(checkpoints / "resnet8.pth")])
-    assert "has no 'distiller' state" in capsys.readouterr().err
+    argv = ["viz", "--config", "digits/student", "--checkpoint", str(checkpoints / "resnet8.pth")]
+    assert "has no 'distiller' state" in exit_output(capsys, argv, 2)[1]
 
 
 def test_e2e_bench_rows(tmp_path, capsys):

@@ -16,25 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, exact_config, set_args, tiny
 
 from kdfast import distillers, models
 from kdfast.data import build_loaders
 from kdfast.data.schedule import EpochSchedule
 from kdfast.distillers.crd import CRD
 from kdfast.engine import checkpoint, load_config, train
-from kdfast.engine.trainer import build_distiller, seed_everything
+from kdfast.engine.assembly import build_distiller, seed_everything
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = [
-    "data.batch_size=16",
-    "train.max_train_batches=3",
-    "train.max_eval_batches=1",
-    "train.progress=false",
-    "model.student=resnet8",
-    "model.teacher=resnet8",
-    "method.nce_k=256",
-]
+CRD_RUN = [*TINY, "model.teacher=resnet8", "method.nce_k=256"]  # a tiny run with banks of 256 negatives
 
 
 def make_crd(teacher, student, labels: torch.Tensor, **params) -> CRD:
@@ -171,18 +164,7 @@ def test_loaders_hand_the_indices():
 
 
 def _config(out: Path, teacher_ckpt: Path, epochs: int, *extra: str):
-    return load_config(
-        "digits/crd",
-        [
-            *TINY,
-            f"train.epochs={epochs}",
-            f"train.out_dir={out}",
-            "train.deterministic=true",
-            f"model.teacher_checkpoint={teacher_ckpt}",
-            "optim.milestones=[2, 3]",
-            *extra,
-        ],
-    )
+    return exact_config("digits/crd", out, teacher_ckpt, epochs, "method.nce_k=256", *extra)
 
 
 def test_trains_and_the_loss_decreases(tmp_path, teacher_ckpt):
@@ -236,8 +218,8 @@ def test_two_process_gloo_ddp(tmp_path, torchrun_cli, teacher_ckpt):
     """2 processes x 8 images x 3 steps: rank 0's saved banks hold the update of every image that
     either process trained on, and no other row moved from its initial value (the banks as the
     engine builds them: seeded, then bound); Z is set."""
-    overrides = [*TINY, f"model.teacher_checkpoint={teacher_ckpt}"]
-    sets = [arg for item in overrides for arg in ("--set", item)]
+    overrides = [*CRD_RUN, f"model.teacher_checkpoint={teacher_ckpt}"]
+    sets = set_args(overrides)
     proc = torchrun_cli(29531, "train", "digits/crd", "--out-dir", str(tmp_path), "--epochs", "1", *sets, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = checkpoint.load(tmp_path / "last.pt")["distiller"]
@@ -290,10 +272,8 @@ def test_with_another_student_as_alone(tmp_path, teacher_ckpt):
     from kdfast.engine import train_students
     from kdfast.engine.config import RunConfig, students
 
-    base = load_config(
-        "digits/kd",
-        [*TINY[:-1], "train.epochs=2", f"train.out_dir={tmp_path / 'many'}", f"model.teacher_checkpoint={teacher_ckpt}"],
-    )
+    teacher = ["model.teacher=resnet8", f"model.teacher_checkpoint={teacher_ckpt}"]
+    base = load_config("digits/kd", tiny(tmp_path / "many", "train.epochs=2", *teacher))
     cfg = dataclasses.replace(base, runs=[RunConfig(seed=0), RunConfig(method={"name": "crd", "nce_k": 256}, seed=0)])
     train_students(cfg)
     for _, name, single in students(cfg):

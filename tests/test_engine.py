@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, exact_config, set_args
 
 from kdfast import models
 from kdfast.engine import ConfigError, checkpoint, load_config, train
@@ -14,13 +15,6 @@ from kdfast.engine.config import CONFIG_DIR
 
 CIFAR_ROOT = Path("/work/shared/data")
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.batch_size=16",
-    "train.max_train_batches=3",
-    "train.max_eval_batches=1",
-    "train.progress=false",
-    "model.student=resnet8",
-]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,25 +92,10 @@ def test_atomic_save_and_rng_roundtrip(tmp_path):
     assert torch.equal(first, torch.rand(3))
 
 
-def _kd_config(out: Path, teacher_ckpt: Path, epochs: int):
-    return load_config(
-        "digits/kd",
-        [
-            *TINY,
-            f"train.epochs={epochs}",
-            f"train.out_dir={out}",
-            "train.deterministic=true",
-            "model.teacher=resnet8",
-            f"model.teacher_checkpoint={teacher_ckpt}",
-            "optim.milestones=[2, 3]",
-        ],
-    )
-
-
 def test_resume_equals_uninterrupted_run(tmp_path, teacher_ckpt):
-    full = train(_kd_config(tmp_path / "full", teacher_ckpt, 4))
-    train(_kd_config(tmp_path / "split", teacher_ckpt, 2))
-    resumed = train(_kd_config(tmp_path / "split", teacher_ckpt, 4), resume=True)
+    full = train(exact_config("digits/kd", tmp_path / "full", teacher_ckpt, 4))
+    train(exact_config("digits/kd", tmp_path / "split", teacher_ckpt, 2))
+    resumed = train(exact_config("digits/kd", tmp_path / "split", teacher_ckpt, 4), resume=True)
     a, b = (checkpoint.load(tmp_path / run / "last.pt") for run in ("full", "split"))
     assert a["epoch"] == b["epoch"] == 4
     for key, value in a["distiller"].items():
@@ -134,19 +113,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, teacher_ckpt):
 
 def test_compiled_step_trains_like_eager(tmp_path, teacher_ckpt):
     """train.compile=true (torch.compile of the step, fused kernels inside) gives the eager run's losses."""
-    eager = _kd_config(tmp_path / "eager", teacher_ckpt, 1)
-    compiled = load_config(
-        "digits/kd",
-        [
-            *TINY,
-            "train.epochs=1",
-            f"train.out_dir={tmp_path / 'compiled'}",
-            "train.deterministic=true",
-            "model.teacher=resnet8",
-            f"model.teacher_checkpoint={teacher_ckpt}",
-            "train.compile=true",
-        ],
-    )
+    eager = exact_config("digits/kd", tmp_path / "eager", teacher_ckpt, 1)
+    compiled = exact_config("digits/kd", tmp_path / "compiled", teacher_ckpt, 1, "train.compile=true")
     rows = []
     for cfg in (eager, compiled):
         train(cfg)
@@ -156,7 +124,7 @@ def test_compiled_step_trains_like_eager(tmp_path, teacher_ckpt):
 
 
 def test_run_outputs(tmp_path, teacher_ckpt):
-    summary = train(_kd_config(tmp_path, teacher_ckpt, 1))
+    summary = train(exact_config("digits/kd", tmp_path, teacher_ckpt, 1))
     for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png"):
         assert (tmp_path / name).is_file(), name
     assert any((tmp_path / "tensorboard").iterdir())
@@ -168,8 +136,9 @@ def test_run_outputs(tmp_path, teacher_ckpt):
 
 
 def test_two_process_gloo_ddp(tmp_path, torchrun_cli):
-    sets = [arg for item in TINY for arg in ("--set", item)]
-    proc = torchrun_cli(29517, "train", "digits/student", "--out-dir", str(tmp_path), "--epochs", "2", *sets, timeout=180)
+    proc = torchrun_cli(
+        29517, "train", "digits/student", "--out-dir", str(tmp_path), "--epochs", "2", *set_args(TINY), timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]

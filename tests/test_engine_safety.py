@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, set_args, tiny
 
 from kdfast import cli
 from kdfast._coerce import coerce
@@ -21,19 +22,7 @@ from kdfast.engine.guard import Diverged, NonFiniteGuard
 from kdfast.engine.trainer import LAST, PREV
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.batch_size=16",
-    "train.max_train_batches=3",
-    "train.max_eval_batches=1",
-    "train.progress=false",
-    "model.student=resnet8",
-]
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(tmp_path: Path, *overrides: str) -> list[str]:
-    return [*TINY, f"train.out_dir={tmp_path}", *overrides]
 
 
 # ----------------------------------------------------------------------------- typed configs
@@ -189,7 +178,7 @@ def test_resume_fails_clearly_when_nothing_is_usable(tmp_path, capsys):
     (tmp_path / PREV).write_bytes(b"not a checkpoint")
     (tmp_path / f"{PREV}.sha256").unlink()
     with pytest.raises(SystemExit) as exc:
-        cli.main(["train", "digits/student", "--resume", *sum((["--set", o] for o in tiny(tmp_path, "train.epochs=3")), [])])
+        cli.main(["train", "digits/student", "--resume", *set_args(tiny(tmp_path, "train.epochs=3"))])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "no usable checkpoint" in err and LAST in err and PREV in err
     assert "Traceback" not in err
@@ -222,7 +211,7 @@ sys.exit(cli.main(["train", "digits/student", *sys.argv[1:]]))
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path, sig):
     overrides = [*TINY, "train.epochs=3", "train.max_train_batches=4"]
-    sets = lambda out: sum((["--set", o] for o in [*overrides, f"train.out_dir={out}"]), [])  # noqa: E731
+    sets = lambda out: set_args([*overrides, f"train.out_dir={out}"])  # noqa: E731
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-c", _SIGNAL_RUN.replace("{sig}", sig), *sets(tmp_path / "a")],
@@ -260,9 +249,9 @@ def test_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
 
 
 def test_no_carriage_returns_when_output_is_not_a_terminal(tmp_path):
-    overrides = [*TINY, "train.epochs=2", "train.progress=true", f"train.out_dir={tmp_path}"]
+    overrides = tiny(tmp_path, "train.epochs=2", "train.progress=true")
     run = subprocess.run(
-        [sys.executable, "-m", "kdfast.cli", "train", "digits/student", *sum((["--set", o] for o in overrides), [])],
+        [sys.executable, "-m", "kdfast.cli", "train", "digits/student", *set_args(overrides)],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, set_args
 
 from kdfast import cli, models
 from kdfast.engine import ConfigError, checkpoint, load_config, train, train_students
@@ -16,21 +17,13 @@ from kdfast.engine.config import RunConfig, from_dict, students, validate, with_
 from kdfast.engine.report import format_table
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.batch_size=16",
-    "train.max_train_batches=3",
-    "train.max_eval_batches=1",
-    "train.progress=false",
-    "model.student=resnet8",
-    "model.teacher=resnet8",
-    "train.data_seed=7",
-]
+STUDENTS = [*TINY, "model.teacher=resnet8", "train.data_seed=7"]  # a tiny run, one data order for every student
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(out: Path, teacher: Path, *overrides: str):
-    return load_config("digits/kd", [*TINY, f"train.out_dir={out}", f"model.teacher_checkpoint={teacher}", *overrides])
+    return load_config("digits/kd", [*STUDENTS, f"train.out_dir={out}", f"model.teacher_checkpoint={teacher}", *overrides])
 
 
 def _same_run(a: Path, b: Path) -> None:
@@ -90,7 +83,7 @@ def test_seeds_cli_prints_the_table(tmp_path, teacher_ckpt, capsys):
         str(tmp_path),
         "--epochs",
         "1",
-        *sum((["--set", o] for o in TINY), []),
+        *set_args(STUDENTS),
     ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
@@ -179,7 +172,7 @@ def test_seeds_flag_errors(capsys):
 
 def test_two_process_gloo_ddp_students(tmp_path, teacher_ckpt, torchrun_cli):
     args = ["--seeds", "0,1", "--out-dir", str(tmp_path), "--epochs", "1", "--teacher-checkpoint", str(teacher_ckpt)]
-    proc = torchrun_cli(29519, "train", "digits/kd", *args, *(arg for item in TINY for arg in ("--set", item)))
+    proc = torchrun_cli(29519, "train", "digits/kd", *args, *set_args(STUDENTS))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert rows[0]["seeds"] == [0, 1] and proc.stdout.count("epoch 1/1 kd-s0") == 1

@@ -4,8 +4,11 @@ One step = teacher forward + student forward/backward + losses + SGD update, for
 (default resnet32x4 -> resnet8x4, 100 classes, synthetic 32 x 32 images). Both sides run in the
 same process:
 
-* ``kdfast``: device-resident batches, channels_last, bf16 autocast on GPU (``amp="auto"``), the
-  teacher under ``inference_mode``, the registered distiller (fused ``kdfast.functional`` losses);
+* ``kdfast``: the training config of the pair and method (:func:`step_config`) assembled as
+  ``kdfast train`` assembles it (:func:`~kdfast.engine.assembly.build_run`) and stepped as the
+  trainer steps it (:func:`kdfast_step`): device-resident batches, channels_last, bf16 autocast
+  on GPU (``amp="auto"``), the teacher under ``inference_mode``, the registered distiller (fused
+  ``kdfast.functional`` losses);
 * ``eager-fp32``: what the peers' code does (mdistiller / RepDistiller): a ``DataLoader`` over a
   CPU ``TensorDataset`` copied to the device every step, fp32, no compile, the teacher under
   ``no_grad``, the unfused losses of ``kdfast.reference`` (and the same trainable extras as the
@@ -22,15 +25,13 @@ gradients (``tests/test_cli.py`` checks losses and gradients of every method aga
 
 Rows use the columns of ``kdfast.engine.results`` (op ``e2e_<method>``, pass ``train_step``,
 shape ``BxCxHxW`` of the batch, so images/s = B * 1000 / median_ms; ``peak_mem_bytes`` of one
-step after the warm-up, see :func:`peak_bytes`).
+step after the warm-up, see :func:`kdfast.engine.timing.peak_bytes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +48,11 @@ from kdfast.distillers.crd import Contrast, CRDParams, pooled_dim
 from kdfast.distillers.local import LocalModules, ModuleOutput, stage_boundaries
 from kdfast.distillers.reviewkd import ReviewKDParams, build_fusion, fuse_levels, level_maps
 from kdfast.engine import results
+from kdfast.engine.assembly import RunParts, build_run, memory_format
+from kdfast.engine.config import Config, DataConfig, MethodConfig, ModelConfig, OptimConfig, with_seeds
 from kdfast.engine.e2e_methods import METHODS
-from kdfast.engine.trainer import autocast, distill_step
+from kdfast.engine.timing import measure_step, quantiles
+from kdfast.engine.trainer import distill_step, teacher_features
 from kdfast.models import Features, KDModel
 from kdfast.models.mobilenet import MobileNetV1
 from kdfast.models.resnet import ImageNetResNet
@@ -65,7 +69,16 @@ from kdfast.reference import map_distance as ref_afd
 from kdfast.reference import rkd as ref_rkd
 from kdfast.reference import sp as ref_sp
 
-__all__ = ["DISTILLER_PARAMS", "METHODS", "REFERENCE_METHODS", "peak_bytes", "run_e2e", "run_students_e2e"]
+__all__ = [
+    "DISTILLER_PARAMS",
+    "METHODS",
+    "REFERENCE_METHODS",
+    "kdfast_step",
+    "run_e2e",
+    "run_students_e2e",
+    "step_config",
+    "synthetic_batches",
+]
 
 
 @dataclass(frozen=True)
@@ -260,57 +273,71 @@ def _classes(model: nn.Module) -> int:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
-def _synthetic(pair: Pair, batch: int, batches: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+def synthetic_batches(pair: Pair, batch: int, batches: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """`batches` batches of `batch` standard-normal images of the pair's size and random labels, seeded."""
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(batch * batches, 3, pair.size, pair.size, generator=gen)
     return images, torch.randint(0, pair.classes, (batch * batches,), generator=gen)
 
 
-def _model(pair: Pair, name: str, device: torch.device, memory_format: torch.memory_format) -> KDModel:
-    model = models.create(name, pair.classes, dataset=pair.dataset)
-    return model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
-
-
-def _models(pair: Pair, device: torch.device, memory_format: torch.memory_format) -> tuple[KDModel, KDModel]:
+def _peer_models(pair: Pair, device: torch.device) -> tuple[KDModel, KDModel]:
+    """The eager peer's teacher (frozen) and student, seeded, fp32 and contiguous as the peers' code builds them."""
     torch.manual_seed(0)
-    t, s = _model(pair, pair.teacher, device, memory_format), _model(pair, pair.student, device, memory_format)
+    t, s = (models.create(name, pair.classes, dataset=pair.dataset).to(device) for name in (pair.teacher, pair.student))
     t.eval().requires_grad_(False)
     return t, s
 
 
-def _kdfast_step(
-    method: str, pair: Pair, device: torch.device, data: tuple[Tensor, Tensor], batch: int, students: int = 1
-) -> Callable[[], None]:
-    """One kdfast training step of `students` students (own models and optimizers) on one teacher
-    forward per batch, as ``kdfast train`` runs a multi-student config."""
-    t, _ = _models(pair, device, torch.channels_last)
-    runs = []
-    for _ in range(students):
-        s = _model(pair, pair.student, device, torch.channels_last)
-        distiller = distillers.create(method, s, t, DISTILLER_PARAMS.get(method), pair.size)
-        distiller = distiller.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
-        runs.append((distiller, torch.optim.SGD(distiller.sgd_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)))
-    images = data[0].to(device).contiguous(memory_format=torch.channels_last)
+def step_config(pair: Pair, method: str, params: Mapping[str, object] | None = None, students: int = 1) -> Config:
+    """kdfast's side as a training config, built by ``kdfast train``'s assembly: the pair's dataset
+    (its model zoo and image size) and models, `method` with `params` (default: its
+    :data:`DISTILLER_PARAMS`), SGD lr 0.05, momentum 0.9, weight decay 5e-4 (the peers'),
+    channels_last and amp "auto"; `students` > 1: seeds 0 .. N-1, as ``kdfast train --seeds``."""
+    cfg = Config(
+        data=DataConfig(dataset=pair.dataset),
+        model=ModelConfig(student=pair.student, teacher=pair.teacher),
+        method=MethodConfig(method, dict(DISTILLER_PARAMS.get(method, {}) if params is None else params)),
+        optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4),
+    )
+    return with_seeds(cfg, range(students)) if students > 1 else cfg
+
+
+def kdfast_step(
+    cfg: Config, device: torch.device, data: tuple[Tensor, Tensor], batch: int, classes: int
+) -> tuple[Callable[[], None], RunParts]:
+    """One training step of every student of `cfg` (:func:`~kdfast.engine.assembly.build_run`) on
+    one teacher forward, as ``kdfast train`` runs a batch: the next of the device-resident batches
+    of `data` (in the config's memory format, cycling), the teacher's features
+    (:func:`~kdfast.engine.trainer.teacher_features`), then each student's
+    :func:`~kdfast.engine.trainer.distill_step` at epoch :data:`STEP_EPOCH`. A method with
+    per-image state (CRD) is bound to :func:`training_labels`. Returns the step and the run."""
+    run = build_run(cfg, device, classes, training_labels(data[1], classes).to(device))
+    amp = run.students[0].cfg.train.amp
+    images = data[0].to(device).contiguous(memory_format=memory_format(cfg))
     labels = data[1].to(device)
-    indexed = distillers.get(method).uses_sample_indices
-    for distiller, _ in runs if indexed else ():  # CRD: bound to a CIFAR-100-size training set
-        distiller.bind_training_set(training_labels(data[1], pair.classes).to(device))
     indices = torch.arange(len(labels), device=device)
     batches = _cycle(list(zip(images.split(batch), labels.split(batch), indices.split(batch), strict=True)))
 
     def step() -> None:
         x, y, i = next(batches)
-        extra = {"indices": i} if indexed else {}
-        with autocast(device, "auto"), torch.inference_mode():
-            feats = t.features(x)
-        for distiller, opt in runs:
-            distill_step(distiller, distiller, opt, (x, y), feats, STEP_EPOCH, device, "auto", **extra)
+        feats = teacher_features(run.teacher, x, device, amp)
+        for student in run.students:
+            distiller = student.distiller
+            extra = {"indices": i} if distiller.uses_sample_indices else {}
+            distill_step(distiller, distiller, student.optimizer, (x, y), feats, STEP_EPOCH, device, amp, **extra)
 
-    return step
+    return step, run
+
+
+def _kdfast_step(
+    method: str, pair: Pair, device: torch.device, data: tuple[Tensor, Tensor], batch: int, students: int = 1
+) -> Callable[[], None]:
+    """kdfast's side of `method`: :func:`kdfast_step` of its :func:`step_config` with `students` students."""
+    return kdfast_step(step_config(pair, method, students=students), device, data, batch, pair.classes)[0]
 
 
 def _eager_step(method: str, pair: Pair, device: torch.device, data: tuple[Tensor, Tensor], batch: int) -> Callable[[], None]:
-    t, s = _models(pair, device, torch.contiguous_format)
+    t, s = _peer_models(pair, device)
     loss_fn, extras = REFERENCE_METHODS[method](s, t)
     extras.to(device)
     opt = torch.optim.SGD([*s.parameters(), *extras.parameters()], lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -352,45 +379,6 @@ def _cycle(iterable) -> Iterator:
         yield from iterable
 
 
-def _time(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> tuple[list[float], int]:
-    """Per-step milliseconds of `iters` steps after `warmup` ones, and the peak memory of one more
-    step in between (:func:`peak_bytes`)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
-    for _ in range(warmup):
-        step()
-    peak = peak_bytes(step, device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times, peak
-
-
-def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes of one step above what was allocated before it: on CUDA
-    ``max_memory_allocated - memory_allocated``; on the CPU the peak of the tensor storages created
-    during the step and still alive (:class:`~kdfast.engine.results.LiveTensorBytes`)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with results.LiveTensorBytes() as tracker:
-        step()
-    return tracker.peak
-
-
-def _quantiles(times: Sequence[float]) -> tuple[float, float, float]:
-    if len(times) < 2:
-        return times[0], times[0], times[0]
-    cuts = statistics.quantiles(times, n=5, method="inclusive")
-    return statistics.median(times), cuts[0], cuts[3]
-
-
 def run_e2e(
     device: torch.device,
     methods: Sequence[str] = METHODS,
@@ -415,15 +403,15 @@ def run_e2e(
     for method in methods:
         base_ms = None
         for backend, build, dtype in (("eager-fp32", _eager_step, "float32"), ("kdfast", _kdfast_step, amp_dtype)):
-            times, peak = _time(build(method, p, device, data, batch), device, warmup, iters)
-            median, p20, p80 = _quantiles(times)
+            times, peak = measure_step(build(method, p, device, data, batch), device, warmup, iters)
+            median = quantiles(times)[0]
             base_ms = base_ms or median
             mib = f"{peak / 2**20:.1f}"
             print(
                 f"{method:<8} {backend:<11} {median:>9.2f} {batch * 1e3 / median:>9.1f} {base_ms / median:>8.2f}x {mib:>9}",
                 flush=True,
             )
-            rows.append(_row(f"e2e_{method}", backend, dtype, p.shape(batch), times, peak, env, note))
+            rows.append(_row(f"e2e_{method}", backend, dtype, p.shape(batch), times, peak, device, note))
         path = _write(rows[-2:], device, out)
     print(f"rows written to {path}")
     return rows
@@ -463,15 +451,15 @@ def run_students_e2e(
             )
             base_ms = None
             for kind, step in builds:
-                times, peak = _time(step, device, warmup, iters)
-                median, p20, p80 = _quantiles(times)
+                times, peak = measure_step(step, device, warmup, iters)
+                median = quantiles(times)[0]
                 base_ms = base_ms or median
                 print(
                     f"{method:<8} {n:>2} {kind:<11} {median:>9.2f} {batch * 1e3 / median:>14.1f} {base_ms / median:>8.2f}x",
                     flush=True,
                 )
                 backend = f"kdfast-{kind}-{n}"
-                rows.append(_row(f"e2e_students_{method}", backend, amp_dtype, p.shape(batch), times, peak, env, note))
+                rows.append(_row(f"e2e_students_{method}", backend, amp_dtype, p.shape(batch), times, peak, device, note))
             path = _write(rows[-2:], device, out)
     print(f"rows written to {path}")
     return rows
@@ -486,30 +474,15 @@ def _setup(
         raise ValueError(f"unknown pair {name!r}; valid: {', '.join(PAIRS)}")
     pair = dataclasses.replace(PAIRS[name], teacher=teacher or PAIRS[name].teacher, student=student or PAIRS[name].student)
     amp_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return pair, _synthetic(pair, batch, 4), results.environment(device), amp_dtype
+    return pair, synthetic_batches(pair, batch, 4), results.environment(device), amp_dtype
 
 
 def _row(
-    op: str, backend: str, dtype: str, shape: str, times: Sequence[float], peak: int, env: dict[str, str], note: str
+    op: str, backend: str, dtype: str, shape: str, times: Sequence[float], peak: int, device: torch.device, note: str
 ) -> dict[str, str]:
-    """A results row (``kdfast.engine.results.CSV_COLUMNS``) of one timed training step."""
-    median, p20, p80 = _quantiles(times)
-    timestamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-    return {
-        "op": op,
-        "backend": backend,
-        "pass": "train_step",
-        "dtype": dtype,
-        "shape": shape,
-        "median_ms": f"{median:.6g}",
-        "p20_ms": f"{p20:.6g}",
-        "p80_ms": f"{p80:.6g}",
-        "peak_mem_bytes": str(peak),
-        "gbps": "",
-        **env,
-        "timestamp": timestamp,
-        "note": note,
-    }
+    """A results row (``kdfast.engine.results.CSV_COLUMNS``) of one timed training step (pass
+    ``train_step``, no GB/s)."""
+    return results.measured_row(op, backend, "train_step", dtype, shape, quantiles(times), peak, device, note, gbps=None).as_csv()
 
 
 def _write(rows: list[dict[str, str]], device: torch.device, out: Path | None) -> Path:

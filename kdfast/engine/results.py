@@ -36,6 +36,7 @@ __all__ = [
     "default_results_path",
     "device_model",
     "environment",
+    "measured_row",
     "merge_csv",
     "now",
     "results_path",
@@ -63,7 +64,7 @@ class Row:
     p20_ms: float
     p80_ms: float
     peak_mem_bytes: int | None  # None where it cannot be measured (see peak_memory_bytes)
-    gbps: float
+    gbps: float | None  # None: not a bandwidth measurement (written empty; kdfast bench --e2e's training steps)
     device: str
     torch: str
     triton: str
@@ -73,6 +74,25 @@ class Row:
     def as_csv(self) -> dict[str, str]:
         values = {("pass" if k == "pass_" else k): v for k, v in asdict(self).items()}
         return {k: _csv_value(v) for k, v in values.items()}
+
+
+def measured_row(
+    op: str,
+    backend: str,
+    pass_: str,
+    dtype: str,
+    shape: str,
+    times_ms: tuple[float, float, float],
+    peak: int | None,
+    device: torch.device,
+    note: str = "",
+    gbps: float | None = float("nan"),
+) -> Row:
+    """The row of a measurement on `device` taken now: `times_ms` its (median, p20, p80)
+    milliseconds (``kdfast.engine.timing.quantiles``), `peak` its peak bytes, the device, torch
+    and triton columns of :func:`environment`."""
+    median, p20, p80 = times_ms
+    return Row(op, backend, pass_, dtype, shape, median, p20, p80, peak, gbps, timestamp=now(), note=note, **environment(device))
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -22,7 +22,6 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import signal
 import sys
 import threading
@@ -42,6 +41,7 @@ from kdfast import distillers, models
 from kdfast.data import build_loaders
 from kdfast.distillers.base import sum_losses
 from kdfast.engine import checkpoint, distributed, report
+from kdfast.engine.assembly import StudentParts, build_distiller, build_run, image_size
 from kdfast.engine.config import Config, ConfigError, to_dict
 from kdfast.engine.config import students as config_students
 from kdfast.engine.distributed import Dist, all_reduce_sum, process_share
@@ -56,11 +56,11 @@ __all__ = [
     "train",
     "train_students",
     "evaluate",
-    "frozen_teacher",
-    "image_size",
     "autocast",
-    "build_distiller",
-    "seed_everything",
+    "build_distiller",  # kdfast.engine.assembly's, as image_size
+    "image_size",
+    "distill_step",
+    "teacher_features",
     "set_deterministic",
 ]
 
@@ -78,18 +78,6 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def image_size(dataset: str) -> int:
-    """Training resolution of a dataset."""
-    return 224 if dataset == "imagenet" else 32
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def set_deterministic(enabled: bool) -> None:
     """Deterministic algorithms only (and no cuDNN autotuning) when `enabled`."""
     if enabled:
@@ -103,6 +91,19 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     """bf16 autocast for amp "bf16" (and "auto" on GPU), else nothing."""
     enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def teacher_features(
+    teacher: models.KDModel | None, images: Tensor, device: torch.device, amp: str, compiled: bool = False
+) -> models.Features | None:
+    """The frozen teacher's features of `images` under :func:`autocast` (None without a teacher),
+    computed once per batch for every student. Under ``torch.inference_mode``, or ``no_grad`` for
+    a compiled step (`compiled`): a compiled step cannot save inference tensors for its backward
+    (the ops that re-read the teacher's features do), and compiled code cannot test for them."""
+    if teacher is None:
+        return None
+    with autocast(device, amp), torch.no_grad() if compiled else torch.inference_mode():
+        return teacher.features(images)
 
 
 def distill_step(
@@ -156,27 +157,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "auto", 
     return 100.0 * correct / max(total, 1.0)
 
 
-def frozen_teacher(
-    cfg: Config, num_classes: int, device: torch.device, memory_format: torch.memory_format
-) -> models.KDModel | None:
-    """The config's teacher with its checkpoint, in eval mode without gradients; None when the method needs none."""
-    if cfg.model.teacher is None or not distillers.get(cfg.method.name).needs_teacher:
-        return None
-    teacher = models.create(cfg.model.teacher, num_classes, weights=cfg.model.teacher_checkpoint, dataset=cfg.data.dataset)
-    teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
-    return teacher
-
-
-def build_distiller(cfg: Config, num_classes: int, teacher: models.KDModel | None) -> distillers.Distiller:
-    """The student of `cfg` (from its dataset's model zoo, freshly initialised) inside its method's
-    distiller; `teacher` is passed on only to a method that needs one."""
-    student = models.create(cfg.model.student, num_classes, dataset=cfg.data.dataset)
-    needs_teacher = distillers.get(cfg.method.name).needs_teacher
-    return distillers.create(
-        cfg.method.name, student, teacher if needs_teacher else None, cfg.method.params, image_size(cfg.data.dataset)
-    )
-
-
 def _identity_mismatches(saved: dict, cfg: Config) -> list[str]:
     current = to_dict(cfg)
     return [
@@ -226,9 +206,9 @@ class _RngSlot:
     around its steps so that each student draws exactly as if it trained alone. A run of one
     student (`swap` False) leaves them global: nothing to copy per step."""
 
-    def __init__(self, swap: bool) -> None:
+    def __init__(self, swap: bool, state: dict[str, Any]) -> None:
         self.swap = swap
-        self._state: dict[str, Any] = checkpoint.rng_state() if swap else {}  # read only when swapping
+        self._state: dict[str, Any] = state if swap else {}  # read only when swapping
 
     @property
     def state(self) -> dict:
@@ -254,49 +234,24 @@ class _RngSlot:
 
 
 class _Student:
-    """One student of a run: its distiller, optimizer, scheduler, guard, random state, history and
-    outputs (``cfg.train.out_dir``), built from its own single-run config."""
+    """One student of a run: its distiller, optimizer, scheduler (:func:`build_run`'s parts), guard,
+    random state, history and outputs (``cfg.train.out_dir``)."""
 
-    def __init__(
-        self,
-        label: str,
-        name: str,
-        cfg: Config,
-        dist: Dist,
-        teacher: models.KDModel | None,
-        num_classes: int,
-        memory_format: torch.memory_format,
-        swap_rng: bool,
-        train_labels: Tensor | None = None,
-    ) -> None:
-        self.label, self.name, self.cfg, self.dist = label, name, cfg, dist
+    def __init__(self, parts: StudentParts, dist: Dist, swap_rng: bool) -> None:
+        self.label, self.name, self.cfg, self.dist = parts.label, parts.name, parts.cfg, dist
+        cfg = parts.cfg
         self.out = Path(cfg.train.out_dir)
-        seed_everything(cfg.train.seed)
-        self.distiller = build_distiller(cfg, num_classes, teacher)
-        self.distiller.to(dist.device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's Module.to overloads omit (device, memory_format=)
-        if self.distiller.uses_sample_indices:  # per-image state (CRD's memory banks), before any restore
-            assert train_labels is not None  # the run passes them when a method uses sample indices
-            self.distiller.bind_training_set(train_labels)
+        self.distiller, self.optimizer, self.scheduler = parts.distiller, parts.optimizer, parts.scheduler
         if self.distiller.backward_done and (dist.enabled or cfg.train.compile):
             raise ConfigError(
                 f"method {cfg.method.name!r} runs its backward inside forward (LAKD's mode 'local'), which "
                 "DistributedDataParallel and torch.compile cannot run; use a mode with one backward "
                 "(LAKD: --set method.mode=joint)"
             )
-        opt = cfg.optim
         self.skip = cfg.train.on_nonfinite == "skip"  # the fused step drops an update on the device (found_inf)
-        self.optimizer = torch.optim.SGD(
-            self.distiller.sgd_parameters(),
-            lr=opt.lr,
-            momentum=opt.momentum,
-            weight_decay=opt.weight_decay,
-            nesterov=opt.nesterov,
-            fused=self.skip or None,
-        )
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, opt.milestones, opt.gamma)
         self.guard = NonFiniteGuard(dist.device, cfg.train.on_nonfinite, cfg.train.max_nonfinite)
-        self.rng = _RngSlot(swap_rng)
+        self.rng = _RngSlot(swap_rng, parts.rng_state)
         self.history: list[dict[str, Any]]
         self.epoch, self.history, self.best = 0, [], (-1.0, 0)
         self.stopped: str | None = None  # why the student stopped before the run's end (diverged)
@@ -442,7 +397,6 @@ class _Run:
         set_deterministic(cfg.train.deterministic)
         entries = config_students(cfg)
         train_cfg = entries[0][2].train  # what the students share: data, teacher, epochs, device, amp, ...
-        memory_format = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
         data = cfg.data
         data_seed = train_cfg.seed if train_cfg.data_seed is None else train_cfg.data_seed
         self.loaders = build_loaders(
@@ -459,16 +413,9 @@ class _Run:
         )
         indexed = any(distillers.get(c.method.name).uses_sample_indices for _, _, c in entries)
         self.loaders.train.yield_indices = indexed  # batches (images, labels, indices)
-        needs_teacher = any(distillers.get(c.method.name).needs_teacher for _, _, c in entries)
-        teacher_cfg = next((c for _, _, c in entries if distillers.get(c.method.name).needs_teacher), cfg)
-        self.teacher = (
-            frozen_teacher(teacher_cfg, self.loaders.num_classes, dist.device, memory_format) if needs_teacher else None
-        )
-        train_labels = self.loaders.train.labels if indexed else None
-        self.students = [
-            _Student(label, name, c, dist, self.teacher, self.loaders.num_classes, memory_format, len(entries) > 1, train_labels)
-            for label, name, c in entries
-        ]
+        parts = build_run(cfg, dist.device, self.loaders.num_classes, self.loaders.train.labels if indexed else None)
+        self.teacher = parts.teacher
+        self.students = [_Student(student, dist, len(parts.students) > 1) for student in parts.students]
         self.signals = _StopSignals()
         self.epoch = 0
         self.partial: dict | None = None  # the position of an epoch interrupted mid-way
@@ -507,14 +454,6 @@ class _Run:
             return 0
         flag = torch.tensor(float(self.signals.signum), dtype=torch.float64, device=self.dist.device)
         return int(all_reduce_sum(flag).item() > 0) * (self.signals.signum or signal.SIGTERM)
-
-    def _teacher_features(self, images: Tensor) -> models.Features | None:
-        if self.teacher is None:
-            return None
-        # A compiled step cannot save inference tensors for its backward (the ops that re-read the
-        # teacher's features do), and compiled code cannot test for them: no_grad there instead.
-        with torch.no_grad() if self.cfg.train.compile else torch.inference_mode():
-            return self.teacher.features(images)
 
     def _check_guards(self) -> None:
         """Reads each active student's divergence guard (one host sync each). A diverged student
@@ -555,8 +494,7 @@ class _Run:
         )
         start = time.perf_counter() - partial["elapsed"]
         for step, (images, labels, *indices) in enumerate(_batches(loader, None if limit is None else limit - done), start=done):
-            with autocast(device, cfg.train.amp):
-                teacher = self._teacher_features(images)
+            teacher = teacher_features(self.teacher, images, device, cfg.train.amp, cfg.train.compile)
             losses = [student.step(images, labels, teacher, self.epoch, step, *indices) for student in self.active]
             bar.update()
             if step % _SYNC_EVERY == 0:
