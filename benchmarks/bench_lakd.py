@@ -1,8 +1,11 @@
 """LAKD's memory saving: one training step of a CIFAR pair in LAKD's three execution modes and with AT.
 
 Variants (same pair, batch, synthetic CIFAR-100 images, seeded weights), each a full step as the
-engine runs it: teacher ``features`` under ``inference_mode``, the distiller's forward, the
-backward (already run inside forward in LAKD's local mode), an SGD step (momentum, weight decay):
+engine runs it, built and run as ``kdfast bench --e2e`` builds and runs its kdfast side
+(``kdfast.engine.bench.kdfast_step``: the variant's training config through
+``kdfast.engine.assembly.build_run``, the trainer's ``distill_step``): teacher ``features`` under
+``inference_mode``, the distiller's forward, the backward (already run inside forward in LAKD's
+local mode), an SGD step (momentum, weight decay):
 
 * ``lakd-local``: module-by-module backward, each module's activations freed before the next runs;
 * ``lakd-joint``: the same detached modules, one backward of the summed local losses;

@@ -1,9 +1,12 @@
 """Teacher training and distillation: ``train(cfg)`` runs a :class:`Config` to the end.
 
-One loop serves both: a teacher is a student trained with method ``vanilla``. The frozen teacher
-runs in eval mode under ``torch.inference_mode()``; the distiller (student + its connectors),
-wrapped in DistributedDataParallel when several processes run, computes the named losses, which
-are summed for backward. bf16 autocast, channels_last and torch.compile are switches of
+One loop serves both: a teacher is a student trained with method ``vanilla``. What the config
+determines (teacher, students' distillers, optimizers, schedules) is built by
+:func:`~kdfast.engine.assembly.build_run`, as ``kdfast viz --config`` and the benchmarks build it;
+each step is :func:`distill_step`, as the benchmarks step it. The frozen teacher runs in eval
+mode under ``torch.inference_mode()``; the distiller (student + its connectors), wrapped in
+DistributedDataParallel when several processes run, computes the named losses, which are summed
+for backward. bf16 autocast, channels_last and torch.compile are switches of
 ``train``. Every epoch ends with an evaluation and an atomic, checksummed checkpoint
 (``last.pt``, the one before it kept as ``prev.pt``, plus ``best.pt`` in mdistiller's
 ``{"model": state_dict}`` format); ``resume`` continues from ``last.pt`` exactly (model,
@@ -118,7 +121,8 @@ def distill_step(
     before_update: Callable[[Tensor], None] | None = None,
     **extra: Tensor | None,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """One optimisation step of a distiller, the one the trainer and ``kdfast bench --e2e`` run:
+    """One optimisation step of a distiller, the one the trainer, ``kdfast bench --e2e`` and
+    ``benchmarks/bench_lakd.py`` run:
     zero the gradients, ``module(images, labels, teacher, epoch, **extra)`` under autocast
     (`module`: the distiller or its compiled form), backward of the summed losses unless the method
     ran its own, ``before_update(loss)`` (the divergence guard), the optimizer step, the method's
