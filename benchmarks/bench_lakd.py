@@ -97,12 +97,6 @@ def measure(
     return rows
 
 
-def results_path(device: torch.device) -> Path:
-    """results/lakd-<device>.csv, e.g. lakd-cpu-amd-epyc-2-threads.csv."""
-    default = common.default_results_path(device)
-    return default.with_name(f"lakd-{default.name}")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -119,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     pairs = [tuple(p.split(":")) for p in args.pairs]
     rows = measure(pairs, args.variants, args.batch, device, args.iters, args.warmup)
-    path = args.out or results_path(device)
+    path = args.out or common.default_results_path(device, "lakd")
     common.merge_csv(path, rows)
     print(f"rows written to {path}")
 

@@ -100,12 +100,6 @@ def measure(
     return rows
 
 
-def results_path(device: torch.device) -> Path:
-    """results/loader-<device>.csv, e.g. loader-cpu-amd-epyc-2-threads.csv."""
-    default = common.default_results_path(device)
-    return default.with_name(f"loader-{default.name}")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         write_image_folder(Path(folder), args.images)
         rows = measure(Path(folder), args.images, args.decodes, args.workers, args.batch, device, args.epochs)
-    path = args.out or results_path(device)
+    path = args.out or common.default_results_path(device, "loader")
     common.merge_csv(path, rows)
     print(f"rows written to {path}")
 

@@ -172,10 +172,12 @@ def environment(device: torch.device) -> dict[str, str]:
     return {"device": name, "torch": torch.__version__, "triton": triton_version}
 
 
-def default_results_path(device: torch.device) -> Path:
+def default_results_path(device: torch.device, study: str = "") -> Path:
     """benchmarks/results/<device type>-<device column, sanitised>.csv, e.g.
-    cpu-amd-epyc-2-threads.csv, cuda-nvidia-h100-80gb-hbm3.csv."""
-    return results_path(device.type, environment(device)["device"])
+    cpu-amd-epyc-2-threads.csv, cuda-nvidia-h100-80gb-hbm3.csv; a benchmark with its own files
+    (`study`, e.g. "lakd", "loader") prefixes the name: lakd-cpu-amd-epyc-2-threads.csv."""
+    path = results_path(device.type, environment(device)["device"])
+    return path.with_name(f"{study}-{path.name}") if study else path
 
 
 def results_path(device_type: str, device_name: str) -> Path:
