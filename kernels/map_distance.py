@@ -64,6 +64,25 @@ def _rows(ptrs, groups, u, COL: tl.constexpr, b, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _group_program(firsts):
+    """This program's group u (whose programs are ``firsts[u] .. firsts[u + 1] - 1``) and its
+    index among them."""
+    pid = tl.program_id(0)
+    u = stage_of(pid, firsts)
+    return u, pid - pick_int(firsts, u, tl.int32)
+
+
+@triton.jit
+def _group_rows(vs, vt, groups, u, b, ALIGN: tl.constexpr):
+    """N_u and sample ``b`` of group u's student and teacher maps: (n, v_s rows, student stride,
+    v_t rows, teacher stride), see :func:`_rows`."""
+    n = tl.multiple_of(pick_field(groups, u, _N, tl.int32), ALIGN)
+    vs, stride_s = _rows(vs, groups, u, _VS, b, ALIGN)
+    vt, stride_t = _rows(vt, groups, u, _VT, b, ALIGN)
+    return n, vs, stride_s, vt, stride_t
+
+
+@triton.jit
 def _student_tile(vs, stride_s, offs_s, offs_n, n_students, n, ACC: tl.constexpr):
     """v_s[offs_s, offs_n] of one sample as [BLOCK_S, BLOCK_N], 0 outside."""
     mask = (offs_s < n_students)[:, None] & (offs_n < n)[None, :]
@@ -77,13 +96,8 @@ def _forward_kernel(
     firsts,
     groups,
     att,
-    att_sb,
-    att_st,
-    att_ss,
     dist,
     partials,
-    n_teachers,
-    n_students,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -91,16 +105,13 @@ def _forward_kernel(
 ):
     """dist[b, t, :] and partials[b, t] = sum_s att[b, t, s] dist[b, t, s] of one (sample, teacher):
     group u's programs are ``firsts[u] .. firsts[u + 1] - 1``."""
-    pid = tl.program_id(0)
-    u = stage_of(pid, firsts)
-    local = pid - pick_int(firsts, u, tl.int32)
+    att, n_teachers, n_students, att_sb, att_st, att_ss = att
+    u, local = _group_program(firsts)
     t_count = pick_field(groups, u, _T_COUNT, tl.int32)
     b = local // t_count
     i = local % t_count
     t = pick_field(groups, u, _T0, tl.int32) + i
-    n = tl.multiple_of(pick_field(groups, u, _N, tl.int32), ALIGN)
-    vs, stride_s = _rows(vs, groups, u, _VS, b, ALIGN)
-    vt, stride_t = _rows(vt, groups, u, _VT, b, ALIGN)
+    n, vs, stride_s, vt, stride_t = _group_rows(vs, vt, groups, u, b, ALIGN)
     vt += i * stride_t
     bt = b.to(tl.int64) * n_teachers + t
     att_row = att + b.to(tl.int64) * att_sb + t * att_st
@@ -130,14 +141,9 @@ def _backward_kernel(
     groups,
     grad_loss,
     att,
-    att_sb,
-    att_st,
-    att_ss,
     dist,
     grad_att,
     batch,
-    n_teachers,
-    n_students,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -145,17 +151,14 @@ def _backward_kernel(
 ):
     """grad_v_s[u][b, :, block j] of one (group, sample, position block); grad_att[b, group's t, :]
     where j == 0 (programs as in :func:`_forward_kernel`)."""
-    pid = tl.program_id(0)
-    u = stage_of(pid, firsts)
-    local = pid - pick_int(firsts, u, tl.int32)
+    att, n_teachers, n_students, att_sb, att_st, att_ss = att
+    u, local = _group_program(firsts)
     n_blocks = pick_field(groups, u, _N_BLOCKS, tl.int32)
     b = local // n_blocks
     j = local % n_blocks
     t0 = pick_field(groups, u, _T0, tl.int32)
     t_count = pick_field(groups, u, _T_COUNT, tl.int32)
-    n = tl.multiple_of(pick_field(groups, u, _N, tl.int32), ALIGN)
-    vs, stride_s = _rows(vs, groups, u, _VS, b, ALIGN)
-    vt, stride_t = _rows(vt, groups, u, _VT, b, ALIGN)
+    n, vs, stride_s, vt, stride_t = _group_rows(vs, vt, groups, u, b, ALIGN)
     gvs = pick(gvs, u)
     gvs = tl.multiple_of(gvs, ALIGN * (gvs.dtype.element_ty.primitive_bitwidth // 8)) + b.to(tl.int64) * n_students * n
     g = tl.load(grad_loss).to(ACC)
@@ -211,6 +214,11 @@ def _check(name: str, v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> None
         raise ValueError(f"{name}: att must be (B, T, S) = {(batch, teachers, students)}, got {tuple(att.shape)}")
     if att.dtype not in TL_DTYPES or att.device != device:
         raise ValueError(f"{name}: att must be a floating tensor on {device}, got {att.dtype} on {att.device}")
+
+
+def _att_view(att: Tensor) -> tuple:
+    """The kernels' ``att`` argument: (att, T, S, its strides b, t, s)."""
+    return (att, *att.shape[1:], *att.stride())
 
 
 def _unit_n(v: Tensor) -> Tensor:
@@ -294,7 +302,7 @@ def map_distance_forward(v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> t
     acc = acc_dtype(v_s[0].dtype)
     dist = torch.empty((batch, teachers, students), dtype=acc, device=att.device)
     partials = torch.empty((batch, teachers), dtype=acc, device=att.device)
-    _launch(_forward_kernel, v_s, v_t, (att, *att.stride(), dist, partials, teachers, students))
+    _launch(_forward_kernel, v_s, v_t, (_att_view(att), dist, partials))
     return partials.sum() / batch, dist
 
 
@@ -311,14 +319,14 @@ def map_distance_backward(
     if dist.shape != att.shape or dist.dtype != acc or dist.device != att.device:
         raise ValueError(f"{name}: dist must be the forward's {tuple(att.shape)} {acc} tensor")
     v_s, v_t = [_unit_n(v) for v in v_s], [_unit_n(v) for v in v_t]
-    batch, students = v_s[0].shape[:2]
+    batch = v_s[0].size(0)
     grads = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in v_s]
     grad_att = torch.empty(att.shape, dtype=att.dtype, device=att.device)
     _launch(
         _backward_kernel,
         v_s,
         v_t,
-        (grad_loss, att, *att.stride(), dist.contiguous(), grad_att, batch, att.size(1), students),
+        (grad_loss, _att_view(att), dist.contiguous(), grad_att, batch),
         grads,
     )
     return grads, grad_att
