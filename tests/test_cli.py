@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -181,6 +182,29 @@ def test_students_bench_rows(tmp_path, capsys):
         ("e2e_students_kd", f"kdfast-{kind}-{n}") for n in (1, 2) for kind in ("separate", "shared")
     ]
     assert all(float(r["median_ms"]) > 0 for r in rows) and "img/s/student" in capsys.readouterr().out
+
+
+def test_e2e_kdfast_side_is_the_training_assembly():
+    """kdfast's side of ``bench --e2e`` is build_run of a training config: ``--students 2`` are the
+    seeds 0 and 1 on one teacher, SGD as the peers' (lr 0.05, momentum 0.9, weight decay 5e-4),
+    CRD bound to a CIFAR-100-size training set; its step trains every student."""
+    pair = dataclasses.replace(bench.PAIRS["cifar100"], teacher="resnet14", student="resnet8")
+    data = bench.synthetic_batches(pair, 2, 1)
+    step, run = bench.kdfast_step(bench.step_config(pair, "crd", students=2), torch.device("cpu"), data, 2, pair.classes)
+    assert run.teacher is not None and not run.teacher.training
+    assert [student.cfg.train.seed for student in run.students] == [0, 1]
+    first, second = ([p.detach().clone() for p in student.distiller.student.parameters()] for student in run.students)
+    assert not torch.equal(first[0], second[0])
+    for student in run.students:
+        assert isinstance(student.distiller, CRD) and student.distiller.contrast.num_data == bench.E2E_TRAINING_SET
+        assert {k: student.optimizer.defaults[k] for k in ("lr", "momentum", "weight_decay")} == {
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+        }
+    step()
+    for student, before in zip(run.students, (first, second), strict=True):
+        assert not torch.equal(next(student.distiller.student.parameters()), before[0])
 
 
 # The distiller's sub-module that holds the trainable extras of the method's eager peer (same structure).
