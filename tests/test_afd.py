@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _distill import sgd_totals
 
 from kdfast import distillers, models
 from kdfast.distillers.afd import AFD, RTK, RTKParams, top_r_mask
@@ -110,37 +111,35 @@ def test_rtk_with_every_key_is_afd_bit_for_bit(batch, r, select, objective):
         assert torch.equal(grad, rtk_grads[name]), name
 
 
-@pytest.mark.parametrize("r", [1, 2])
-def test_select_student_keeps_top_r_keys_per_teacher_row(batch, r):
-    teacher, x, y, feats = batch
-    d = make("rtk", teacher, {"r": r, "select": "student"})
+def rtk_top_r(batch, r: int, select: str, dim: int):
+    """An RTK distiller selecting by `select`, its top-r mask of the attention logits and its
+    attention weights: asserted, the mask keeps r entries along `dim`, none smaller than an entry it
+    drops, and the weights are positive exactly where it keeps."""
+    teacher, x, _, feats = batch
+    d = make("rtk", teacher, {"r": r, "select": select})
     s = d.student.features(x)
     logits = d.attention(s.blocks, feats.blocks)
-    keep = top_r_mask(logits, r, "student")
+    keep = top_r_mask(logits, r, select)
     assert keep is not None
-    assert (keep.sum(-1) == r).all()
-    kept_min = logits.masked_fill(~keep, math.inf).amin(-1)
-    dropped_max = logits.masked_fill(keep, -math.inf).amax(-1)
+    assert (keep.sum(dim) == r).all()
+    kept_min = logits.masked_fill(~keep, math.inf).amin(dim)
+    dropped_max = logits.masked_fill(keep, -math.inf).amax(dim)
     assert (kept_min >= dropped_max).all()
     att = d.attention_weights(s.blocks, feats.blocks)
     assert ((att > 0) == keep).all()
+    return d, keep, att
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_select_student_keeps_top_r_keys_per_teacher_row(batch, r):
+    _, keep, att = rtk_top_r(batch, r, "student", dim=-1)
     torch.testing.assert_close(att.sum(-1), torch.ones(4, T_BLOCKS))
 
 
 @pytest.mark.parametrize("r", [1, 4])
 def test_select_teacher_keeps_top_r_teacher_blocks_per_student_column(batch, r):
-    teacher, x, y, feats = batch
-    d = make("rtk", teacher, {"r": r, "select": "teacher"})
-    s = d.student.features(x)
-    logits = d.attention(s.blocks, feats.blocks)
-    keep = top_r_mask(logits, r, "teacher")
-    assert keep is not None
-    assert (keep.sum(1) == r).all()
-    kept_min = logits.masked_fill(~keep, math.inf).amin(1)
-    dropped_max = logits.masked_fill(keep, -math.inf).amax(1)
-    assert (kept_min >= dropped_max).all()
-    att = d.attention_weights(s.blocks, feats.blocks)
-    assert ((att > 0) == keep).all()
+    _, x, y, feats = batch
+    d, keep, att = rtk_top_r(batch, r, "teacher", dim=1)
     rows = keep.any(-1)
     if r == 1:
         assert (~rows).any()  # at most 3 of 9 teacher rows kept: the others get zero attention, not NaN
@@ -173,16 +172,7 @@ def test_gradients_reach_attention_and_student_never_teacher(method, params):
 @pytest.mark.parametrize("method", ["afd", "rtk"])
 def test_loss_decreases_on_a_fixed_batch(batch, method):
     teacher, x, y, feats = batch
-    d = make(method, teacher)
-    optimizer = torch.optim.SGD(d.parameters(), lr=0.02, momentum=0.9)
-    totals = []
-    for _ in range(6):
-        optimizer.zero_grad()
-        _, losses = d(x, y, feats, 1)
-        loss = sum(losses.values())
-        loss.backward()
-        optimizer.step()
-        totals.append(loss.item())
+    totals = sgd_totals(make(method, teacher), x, y, feats, lr=0.02)
     assert totals[-1] < totals[0]
 
 

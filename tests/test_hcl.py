@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _compare import LargestTensor, assert_float32_and_unchanged_under_autocast, check_against_reference
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from kdfast import functional as KF
 from kdfast import nn as knn
@@ -50,17 +49,16 @@ def pairs(shapes=STAGES, dtype=torch.float32, device="cpu", t_dtype=None, seed=0
 def check(backend, f_s, f_t, levels=ref.LEVELS, loss_tol=2e-5, grad_tol=2e-5, floor=1e-30):
     """Stage losses and the student gradients of ``sum_i u_i loss_i`` (u non-uniform) against the
     float64 reference on the same (rounded) inputs."""
-    losses = KF.hcl_loss(f_s, f_t, levels, "none", backend=backend)
-    upstream = torch.linspace(-1.5, 2.5, len(f_s), dtype=torch.float64)
-    grads = torch.autograd.grad(losses, f_s, upstream.to(losses.dtype).to(losses.device))
-    s64 = [s.detach().double().cpu().requires_grad_() for s in f_s]
-    expected = ref.hcl_stage_losses(s64, [t.detach().double().cpu() for t in f_t], levels)
-    expected_grads = torch.autograd.grad(expected, s64, upstream)
-    assert losses.shape == (len(f_s),) and losses.dtype == (torch.float64 if f_s[0].dtype == torch.float64 else torch.float32)
-    assert_close_scaled(losses, expected, loss_tol, "losses", floor)
-    for i, (s, g, e) in enumerate(zip(f_s, grads, expected_grads)):
-        assert g.dtype == s.dtype and g.shape == s.shape
-        assert_close_scaled(g, e, grad_tol, f"grad {i}", floor)
+    losses, grads = check_against_reference(
+        lambda s, t: KF.hcl_loss(s, t, levels, "none", backend=backend),
+        lambda s, t: ref.hcl_stage_losses(s, t, levels),
+        (f_s, f_t),
+        loss_tol,
+        grad_tol,
+        upstream=torch.linspace(-1.5, 2.5, len(f_s), dtype=torch.float64),
+        floor=floor,
+    )
+    assert losses.shape == (len(f_s),)
     return losses, grads
 
 
@@ -186,11 +184,7 @@ def test_nan_gives_nan_loss(device, backend):
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
 def test_float32_and_unchanged_under_autocast(device, backend):
     f_s, f_t = pairs(device=device, seed=33)
-    plain = KF.hcl_loss(f_s, f_t, backend=backend)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        mixed = KF.hcl_loss(f_s, f_t, backend=backend)
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, plain, rtol=1e-5, atol=1e-7)
+    assert_float32_and_unchanged_under_autocast(lambda: KF.hcl_loss(f_s, f_t, backend=backend), device)
 
 
 def peer_hcl(fstudent: list[Tensor], fteacher: list[Tensor]) -> Tensor:
@@ -228,20 +222,6 @@ def test_module_matches_functional():
     assert "levels=(3, 1), reduction='sum', backend='torch'" in repr(module)
 
 
-class LargestTensor(TorchDispatchMode):
-    """The largest size in bytes of any tensor an out-of-place op returns while the mode is active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.overloadpacket.__name__.endswith("_"):
-            self.largest = max([self.largest] + [t.nbytes for t in tree_leaves(out) if isinstance(t, Tensor)])
-        return out
-
-
 @pytest.mark.parametrize("device,backend", TRITON)
 def test_forward_allocates_no_map(device, backend):
     """The forward stores the cells and one partial per program, never a difference or a pooled
@@ -256,18 +236,21 @@ def test_forward_allocates_no_map(device, backend):
     assert mode.largest == f_s[0].numel() * 4
 
 
+def assert_forward_checks(forward, error: type[Exception], f_s: list[Tensor], f_t: list[Tensor]) -> None:
+    """The level and shape checks that the Triton launcher and the C++ kernels share: `forward`
+    (one of them, called with one stage) raises `error` with the same message."""
+    for levels, message in (([2, 0], "levels must be >= 1"), ([4, 4, 1], "more than 32 bins"), ([1] * 5, "at most 4 levels")):
+        with pytest.raises(error, match=message):
+            forward(f_s, f_t, levels)
+    with pytest.raises(error, match="must have one shape"):
+        forward(f_s, [f_t[0][:, :2]], [4, 2, 1])
+
+
 @pytest.mark.parametrize("device,backend", TRITON)
 def test_launcher_checks(device, backend):
     f_s, f_t = pairs(((2, 3, 4, 4),), device=device, seed=37)
     f_s = [f_s[0].detach()]
-    with pytest.raises(ValueError, match="levels must be >= 1"):
-        kernels.hcl_forward(f_s, f_t, [2, 0])
-    with pytest.raises(ValueError, match="more than 32 bins"):
-        kernels.hcl_forward(f_s, f_t, [4, 4, 1])
-    with pytest.raises(ValueError, match="at most 4 levels"):
-        kernels.hcl_forward(f_s, f_t, [1, 1, 1, 1, 1])
-    with pytest.raises(ValueError, match="must have one shape"):
-        kernels.hcl_forward(f_s, [f_t[0][:, :2]], [4, 2, 1])
+    assert_forward_checks(kernels.hcl_forward, ValueError, f_s, f_t)
     with pytest.raises(ValueError, match="as many stages"):
         kernels.hcl_forward(f_s, f_t * 2, [4, 2, 1])
     _, cells = kernels.hcl_forward(f_s, f_t, [4, 2, 1])
@@ -282,14 +265,7 @@ def test_cpp_checks(device, backend):
     lib = torch.ops.kdfast_emu if backend == "cuda_emu" else torch.ops.kdfast
     f_s, f_t = pairs(((2, 3, 4, 4),), device=device, seed=38)
     f_s = [f_s[0].detach()]
-    with pytest.raises(RuntimeError, match="levels must be >= 1"):
-        lib.hcl_forward(f_s, f_t, [2, 0])
-    with pytest.raises(RuntimeError, match="more than 32 bins"):
-        lib.hcl_forward(f_s, f_t, [4, 4, 1])
-    with pytest.raises(RuntimeError, match="at most 4 levels"):
-        lib.hcl_forward(f_s, f_t, [1, 1, 1, 1, 1])
-    with pytest.raises(RuntimeError, match="must have one shape"):
-        lib.hcl_forward(f_s, [f_t[0][:, :2]], [4, 2, 1])
+    assert_forward_checks(lib.hcl_forward, RuntimeError, f_s, f_t)
     _, cells = lib.hcl_forward(f_s, f_t, [4, 2, 1])
     with pytest.raises(RuntimeError, match="cells must have shape"):
         lib.hcl_backward(torch.ones(1), f_s, f_t, cells[:, :4], [4, 2, 1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
+from _compare import check_against_reference
 from conftest import assert_close_scaled, device_backends
 
 from kdfast import functional as F
@@ -47,23 +48,29 @@ def logits(batch, classes, dtype=torch.float32, device="cpu", scale=3.0, seed=0,
     return z.requires_grad_(requires_grad)
 
 
+def student_teacher(batch, classes, dtype=torch.float32, device="cpu", scale=3.0, seed=0):
+    """A student's logits (seed `seed`, requiring grad) and a teacher's (seed `seed` + 1)."""
+    return logits(batch, classes, dtype, device, scale, seed, requires_grad=True), logits(
+        batch, classes, dtype, device, scale, seed + 1
+    )
+
+
 def targets(batch, classes, device="cpu", seed=0):
     return torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def check_against_reference(name, backend, z_s, z_t, target, loss_tol, grad_tol, weights=None, **kwargs):
+def check(name, backend, z_s, z_t, target, loss_tol, grad_tol, weights=None, **kwargs):
+    """The loss `name` (its rows weighted by `weights` in the backward) and the gradient of z_s
+    against the float64 reference on the same (rounded) inputs."""
     fused, reference = LOSSES[name]
-    loss = fused(z_s, z_t, target, backend, **kwargs)
-    upstream = torch.ones_like(loss) if weights is None else weights.to(loss)
-    (grad,) = torch.autograd.grad(loss, z_s, upstream)
-    s64 = z_s.detach().double().cpu().requires_grad_()
-    expected = reference(s64, z_t.detach().double().cpu(), target.cpu(), **kwargs)
-    (expected_grad,) = torch.autograd.grad(expected, s64, upstream.double().cpu())
-    assert loss.dtype == (torch.float64 if z_s.dtype == torch.float64 else torch.float32)
-    assert grad.dtype == z_s.dtype and grad.shape == z_s.shape
-    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    assert_close_scaled(loss, expected, loss_tol, f"{name} loss")
-    assert_close_scaled(grad, expected_grad, grad_tol, f"{name} grad")
+    check_against_reference(
+        lambda s, t, y: fused(s, t, y, backend, **kwargs),
+        lambda s, t, y: reference(s, t, y, **kwargs),
+        (z_s, z_t, target),
+        loss_tol,
+        grad_tol,
+        upstream=1.0 if weights is None else weights,
+    )
 
 
 @pytest.mark.parametrize("device,backend", device_backends("kd"))
@@ -71,10 +78,9 @@ def check_against_reference(name, backend, z_s, z_t, target, loss_tol, grad_tol,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_matches_reference(device, backend, name, dtype, reduction):
-    z_s = logits(7, 100, dtype, device, seed=1, requires_grad=True)
-    z_t = logits(7, 100, dtype, device, seed=2)
+    z_s, z_t = student_teacher(7, 100, dtype, device, seed=1)
     weights = torch.randn(7, generator=torch.Generator().manual_seed(3)) if reduction == "none" else None
-    check_against_reference(name, backend, z_s, z_t, targets(7, 100, device), *TOL[dtype], weights=weights, reduction=reduction)
+    check(name, backend, z_s, z_t, targets(7, 100, device), *TOL[dtype], weights=weights, reduction=reduction)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("kd"))
@@ -84,10 +90,9 @@ def test_matches_reference(device, backend, name, dtype, reduction):
     [(1, 2, 4.0, 3.0), (5, 3, 0.5, 3.0), (3, 1000, 20.0, 3.0), (4, 100, 1.0, 1e4), (3, 64, 0.5, 1e4), (2, 21843, 4.0, 5.0)],
 )
 def test_shapes_temperatures_and_large_logits(device, backend, name, batch, classes, temperature, scale):
-    z_s = logits(batch, classes, device=device, scale=scale, seed=4, requires_grad=True)
-    z_t = logits(batch, classes, device=device, scale=scale, seed=5)
+    z_s, z_t = student_teacher(batch, classes, device=device, scale=scale, seed=4)
     tol = 1e-5 if scale < 100 else 1e-4  # float32 logits of 1e4 carry ~1e-3 absolute rounding
-    check_against_reference(name, backend, z_s, z_t, targets(batch, classes, device), tol, tol, temperature=temperature)
+    check(name, backend, z_s, z_t, targets(batch, classes, device), tol, tol, temperature=temperature)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("kd"))
@@ -96,7 +101,7 @@ def test_shapes_temperatures_and_large_logits(device, backend, name, batch, clas
 def test_teacher_of_another_dtype(device, backend, name, teacher_dtype):
     z_s = logits(5, 50, torch.float32, device, seed=6, requires_grad=True)
     z_t = logits(5, 50, teacher_dtype, device, seed=7, requires_grad=True)
-    check_against_reference(name, backend, z_s, z_t, targets(5, 50, device), 1e-5, 1e-5)
+    check(name, backend, z_s, z_t, targets(5, 50, device), 1e-5, 1e-5)
     fused, _ = LOSSES[name]
     fused(z_s, z_t, targets(5, 50, device), backend).backward()
     assert z_t.grad is None
@@ -105,8 +110,7 @@ def test_teacher_of_another_dtype(device, backend, name, teacher_dtype):
 @pytest.mark.parametrize("device,backend", device_backends("kd"))
 @pytest.mark.parametrize("name", LOSSES)
 def test_upstream_gradient_scales(device, backend, name):
-    z_s = logits(6, 30, device=device, seed=8, requires_grad=True)
-    z_t = logits(6, 30, device=device, seed=9)
+    z_s, z_t = student_teacher(6, 30, device=device, seed=8)
     fused, _ = LOSSES[name]
     (2 * fused(z_s, z_t, targets(6, 30, device), backend)).backward()
     double = z_s.grad.clone()
@@ -130,8 +134,7 @@ def test_second_backward_is_refused(device, backend, name):
 @pytest.mark.parametrize("device,backend", device_backends("kd"))
 @pytest.mark.parametrize("name", LOSSES)
 def test_no_grad_and_eval(device, backend, name):
-    z_s = logits(4, 10, device=device, seed=12, requires_grad=True)
-    z_t = logits(4, 10, device=device, seed=13)
+    z_s, z_t = student_teacher(4, 10, device=device, seed=12)
     fused, reference = LOSSES[name]
     with torch.no_grad():
         loss = fused(z_s, z_t, targets(4, 10, device), backend)
@@ -164,8 +167,7 @@ def mdistiller_dkd_rows(z_s, z_t, y, alpha=1.0, beta=8.0, temperature=4.0):
 
 def test_dkd_reference_is_mdistillers_formula():
     """The reference equals a literal transcription of mdistiller's dkd_loss (float64)."""
-    z_s = logits(16, 100, torch.float64, seed=14, requires_grad=True)
-    z_t = logits(16, 100, torch.float64, seed=15)
+    z_s, z_t = student_teacher(16, 100, torch.float64, seed=14)
     y = targets(16, 100, seed=16)
     expected = mdistiller_dkd_rows(z_s, z_t, y).sum() / 16
     actual = dkd_reference.dkd_loss(z_s, z_t, y)
@@ -266,8 +268,7 @@ def test_fused_path_allocates_one_bk_tensor(device, backend, name):
     the unused outputs). The eager reference allocates many. Counted on the CPU by the profiler
     (see _big_allocations: the Triton interpreter's own numpy buffers are invisible to it, and
     the reference's count is a floor); test_fused_path_gpu_peak_memory counts on the GPU."""
-    z_s = logits(16, 512, device=device, seed=21, requires_grad=True)
-    z_t = logits(16, 512, device=device, seed=22)
+    z_s, z_t = student_teacher(16, 512, device=device, seed=21)
     y = targets(16, 512, device)
     fused, reference = LOSSES[name]
     bk_bytes = z_s.numel() * z_s.element_size()
@@ -286,8 +287,7 @@ def test_fused_path_gpu_peak_memory(backend, name):
     """On the GPU, the caching allocator's peak during forward + backward of a reduced loss is
     the gradient plus at most 1 MiB (per-row outputs, allocator rounding); eager's is several
     B x K tensors."""
-    z_s = logits(256, 32768, device="cuda", seed=23, requires_grad=True)
-    z_t = logits(256, 32768, device="cuda", seed=24)
+    z_s, z_t = student_teacher(256, 32768, device="cuda", seed=23)
     y = targets(256, 32768, "cuda")
     fused, reference = LOSSES[name]
     bk_bytes = z_s.numel() * z_s.element_size()

@@ -12,37 +12,28 @@ from typing import Any
 
 import pytest
 import torch
+from _compare import check_against_reference
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, feature, triton_backends
 
 from kdfast import functional as F
 from kdfast import nn as knn
-from kdfast.numerics.common import compute_dtype
 from kdfast.reference import lcc as ref
 
 TRITON = triton_backends("lcc")
 WITH_TORCH = backends_with_torch("lcc")
 
 
-def reference(f_s, f_t, upstream=None, mask=None, **kwargs):
-    """float64 reference loss and student gradient on the same (already rounded) inputs."""
-    s64 = f_s.detach().double().cpu().requires_grad_()
-    mask = None if mask is None else mask.double().cpu()
-    out = ref.local_correlation_loss(s64, f_t.detach().double().cpu(), mask=mask, **kwargs)
-    up = torch.ones_like(out) if upstream is None else upstream.double().cpu()
-    return out, torch.autograd.grad(out, s64, up)[0]
-
-
-def check(backend, f_s, f_t, loss_tol, grad_tol, upstream=None, floor=1e-30, **kwargs):
-    out = F.local_correlation_loss(f_s, f_t, backend=backend, **kwargs)
-    up = torch.ones_like(out) if upstream is None else upstream.to(out)
-    (grad,) = torch.autograd.grad(out, f_s, up)
-    expected, expected_grad = reference(f_s, f_t, upstream, **kwargs)
-    assert out.dtype == compute_dtype(f_s.dtype) and out.shape == expected.shape
-    assert grad.dtype == f_s.dtype and grad.shape == f_s.shape
-    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
-    assert_close_scaled(out, expected, loss_tol, "loss", floor)
-    assert_close_scaled(grad, expected_grad, grad_tol, "grad", floor)
-    return out, grad
+def check(backend, f_s, f_t, loss_tol, grad_tol, upstream=1.0, floor=1e-30, mask=None, **kwargs):
+    """The fused loss and student gradient against the float64 reference on the same (rounded) inputs."""
+    return check_against_reference(
+        lambda s, t, m: F.local_correlation_loss(s, t, mask=m, backend=backend, **kwargs),
+        lambda s, t, m: ref.local_correlation_loss(s, t, mask=m, **kwargs),
+        (f_s, f_t, mask),
+        loss_tol,
+        grad_tol,
+        upstream=upstream,
+        floor=floor,
+    )
 
 
 @pytest.mark.parametrize("device,backend", device_backends("lcc"))

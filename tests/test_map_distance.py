@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as TF
+from _compare import assert_float32_and_unchanged_under_autocast, check_against_reference
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends
 
 from kdfast import functional as F
 from kdfast import nn as knn
-from kdfast.numerics.common import compute_dtype
 from kdfast.ops import namespace
 from kdfast.reference import map_distance as ref
 
@@ -56,23 +56,19 @@ def make(
     return f_s, f_t, att
 
 
-def expected(f_s, f_t, att, pool, upstream):
-    """float64 reference loss and gradients (to f_s and att) of ``upstream * loss`` on the same inputs."""
-    s64 = [f.detach().double().cpu().requires_grad_() for f in f_s]
-    a64 = att.detach().double().cpu().requires_grad_()
-    loss = ref.map_distance_loss(s64, [t.detach().double().cpu() for t in f_t], a64, pool)
-    return loss, torch.autograd.grad(upstream * loss, s64 + [a64])
-
-
 def check(backend, f_s, f_t, att, loss_tol, grad_tol, pool="map", upstream=-1.7, floor=1e-30):
-    loss = F.map_distance_loss(f_s, f_t, att, pool=pool, backend=backend)
-    grads = torch.autograd.grad(loss, f_s + [att], torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
-    e_loss, e_grads = expected(f_s, f_t, att, pool, upstream)
-    assert loss.shape == () and loss.dtype == compute_dtype(f_s[0].dtype)
-    assert_close_scaled(loss, e_loss, loss_tol, "loss", floor)
-    for i, (g, e, x) in enumerate(zip(grads, e_grads, f_s + [att])):
-        assert g.shape == x.shape and g.dtype == x.dtype
-        assert_close_scaled(g, e, grad_tol, f"grad[{i}]", floor)
+    """The loss and its gradients to f_s and att against the float64 reference on the same inputs."""
+    loss, grads = check_against_reference(
+        lambda s, t, a: F.map_distance_loss(s, t, a, pool=pool, backend=backend),
+        lambda s, t, a: ref.map_distance_loss(s, t, a, pool),
+        (f_s, f_t, att),
+        loss_tol,
+        grad_tol,
+        wrt=(0, 2),
+        upstream=upstream,
+        floor=floor,
+    )
+    assert loss.shape == ()
     return loss, grads
 
 
@@ -163,11 +159,7 @@ def test_teacher_from_inference_mode(device, backend):
 def test_autocast_bf16(device, backend):
     """Under bf16 autocast the loss stays float32 and equal to the loss without it."""
     f_s, f_t, att = make(device=device, seed=9)
-    plain = F.map_distance_loss(f_s, f_t, att, backend=backend)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        mixed = F.map_distance_loss(f_s, f_t, att, backend=backend)
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, plain, rtol=1e-5, atol=1e-7)
+    assert_float32_and_unchanged_under_autocast(lambda: F.map_distance_loss(f_s, f_t, att, backend=backend), device)
 
 
 @pytest.mark.parametrize("device,backend", WITH_TORCH)

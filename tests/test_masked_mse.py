@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
+from _compare import LargestTensor, assert_float32_and_unchanged_under_autocast, check_against_reference
+from conftest import DTYPES, TOL, backends_with_torch, device_backends, triton_backends
 from conftest import feature as conftest_feature
-from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from kdfast import functional as F
 from kdfast import nn as knn
@@ -50,20 +49,18 @@ def spatial_mask(shape=SHAPE, kind="soft", dtype=torch.float32, device="cpu", ke
 def check(backend, x, y, mask, reduction, loss_tol, grad_tol, upstream=1.0, floor=1e-30):
     """The loss and the gradients of x and y (those that require grad) against the float64 reference
     on the same (rounded) inputs."""
-    loss = F.masked_mse(x, y, mask, reduction, backend=backend)
-    wrt = [t for t in (x, y) if t.requires_grad]
-    grads = torch.autograd.grad(loss, wrt, torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
-    x64, y64 = (t.detach().double().cpu().requires_grad_(t.requires_grad) for t in (x, y))
-    expected = ref.masked_mse(x64, y64, mask.cpu().double(), reduction)
-    expected_grads = torch.autograd.grad(
-        expected, [t for t in (x64, y64) if t.requires_grad], torch.tensor(upstream, dtype=torch.float64)
+    loss, grads = check_against_reference(
+        lambda x, y, m: F.masked_mse(x, y, m, reduction, backend=backend),
+        lambda x, y, m: ref.masked_mse(x, y, m.double(), reduction),
+        (x, y, mask),
+        loss_tol,
+        grad_tol,
+        wrt=[i for i, t in enumerate((x, y)) if t.requires_grad],
+        upstream=upstream,
+        dtype=ref.loss_dtype(x, y),
+        floor=floor,
     )
-    assert loss.dtype == ref.loss_dtype(x, y) and loss.shape == ()
-    assert torch.isfinite(loss)
-    assert_close_scaled(loss, expected, loss_tol, "loss", floor)
-    for t, g, e in zip(wrt, grads, expected_grads):
-        assert g.dtype == t.dtype and g.shape == t.shape
-        assert_close_scaled(g, e, grad_tol, "grad", floor)
+    assert loss.shape == ()
     return loss, grads
 
 
@@ -280,22 +277,6 @@ def test_module_matches_functional():
 # --- fused ops: memory, gradcheck, opcheck, torch.compile, autocast
 
 
-class LargestTensor(TorchDispatchMode):
-    """The largest size in bytes of any tensor an out-of-place op returns while the mode is active
-    (the Triton interpreter's views of the kernel arguments, made by in-place ``set_``, are not
-    allocations: not counted)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.overloadpacket.__name__.endswith("_"):
-            self.largest = max([self.largest] + [t.nbytes for t in tree_leaves(out) if isinstance(t, Tensor)])
-        return out
-
-
 @pytest.mark.parametrize("device,backend", TRITON)
 def test_forward_allocates_no_map(device, backend):
     """The forward launcher never expands the mask nor stores a (B, C, H, W) difference: only the
@@ -314,11 +295,7 @@ def test_forward_allocates_no_map(device, backend):
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
 def test_float32_and_unchanged_under_autocast(device, backend):
     x, y, mask = feature(device=device, seed=49), feature(device=device, seed=50), spatial_mask(device=device)
-    plain = F.masked_mse(x, y, mask, backend=backend)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        mixed = F.masked_mse(x, y, mask, backend=backend)
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, plain, rtol=1e-5, atol=1e-7)
+    assert_float32_and_unchanged_under_autocast(lambda: F.masked_mse(x, y, mask, backend=backend), device)
 
 
 @pytest.mark.parametrize("device,backend", TRITON)

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as TF
+from _compare import LargestTensor, check_against_reference
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, feature, triton_backends
-from test_sp import LargestTensor, force_splits
+from test_sp import force_splits
 
 from kdfast import functional as F
 from kdfast import nn as knn
 from kdfast.kernels import rkd as rkd_kernels
-from kdfast.numerics.common import compute_dtype
 from kdfast.reference import rkd as ref
 
 TRITON = triton_backends("rkd")
@@ -32,17 +32,15 @@ UPSTREAM = (0.7, -1.3)  # d out / d [weighted distance term, weighted angle term
 
 def check(backend, e_s, e_t, loss_tol, grad_tol, reduction="none", floor=1e-30, **weights):
     """The fused loss and gradient against the float64 reference on the same (rounded) inputs."""
-    out = F.rkd_loss(e_s, e_t, reduction=reduction, backend=backend, **weights)
-    upstream = torch.tensor(UPSTREAM if reduction == "none" else 1.0, dtype=out.dtype, device=out.device)
-    (grad,) = torch.autograd.grad(out, e_s, upstream)
-    s64 = e_s.detach().double().cpu().requires_grad_()
-    expected = ref.rkd_loss(s64, e_t.detach().double().cpu(), reduction=reduction, **weights)
-    (expected_grad,) = torch.autograd.grad(expected, s64, upstream.double().cpu())
-    assert out.dtype == compute_dtype(e_s.dtype) and out.shape == expected.shape
-    assert grad.dtype == e_s.dtype and grad.shape == e_s.shape
-    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
-    assert_close_scaled(out, expected, loss_tol, "loss", floor)
-    assert_close_scaled(grad, expected_grad, grad_tol, "grad", floor)
+    out, (grad,) = check_against_reference(
+        lambda s, t: F.rkd_loss(s, t, reduction=reduction, backend=backend, **weights),
+        lambda s, t: ref.rkd_loss(s, t, reduction=reduction, **weights),
+        (e_s, e_t),
+        loss_tol,
+        grad_tol,
+        upstream=UPSTREAM if reduction == "none" else 1.0,
+        floor=floor,
+    )
     return out, grad
 
 

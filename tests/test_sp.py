@@ -13,16 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, feature, triton_backends
-from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from _compare import LargestTensor, check_against_reference
+from conftest import DTYPES, TOL, backends_with_torch, device_backends, feature, triton_backends
 
 from kdfast import functional as F
 from kdfast import nn as knn
 from kdfast.kernels import relational
 from kdfast.kernels import sp as sp_kernels
-from kdfast.numerics.common import compute_dtype
 from kdfast.reference import sp as ref
 
 TRITON = triton_backends("sp")
@@ -33,16 +30,10 @@ SHAPES = {"2d": ((5, 18), (5, 11)), "nchw": ((5, 3, 2, 3), (5, 4, 3, 2)), "nhwc"
 
 def check(backend, f_s, f_t, loss_tol, grad_tol, upstream=1.0, floor=1e-30):
     """The fused loss and gradient against the float64 reference on the same (rounded) inputs."""
-    loss = F.sp_loss(f_s, f_t, backend=backend)
-    (grad,) = torch.autograd.grad(loss, f_s, torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
-    s64 = f_s.detach().double().cpu().requires_grad_()
-    expected = ref.sp_loss(s64, f_t.detach().double().cpu())
-    (expected_grad,) = torch.autograd.grad(expected, s64, torch.tensor(upstream, dtype=torch.float64))
-    assert loss.dtype == compute_dtype(f_s.dtype) and loss.shape == ()
-    assert grad.dtype == f_s.dtype and grad.shape == f_s.shape
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    assert_close_scaled(loss, expected, loss_tol, "loss", floor)
-    assert_close_scaled(grad, expected_grad, grad_tol, "grad", floor)
+    loss, (grad,) = check_against_reference(
+        lambda s, t: F.sp_loss(s, t, backend=backend), ref.sp_loss, (f_s, f_t), loss_tol, grad_tol, upstream=upstream, floor=floor
+    )
+    assert loss.shape == ()
     return loss, grad
 
 
@@ -154,20 +145,6 @@ def test_module_matches_functional():
 
 
 # --- fused ops: memory, gradcheck, opcheck, torch.compile
-
-
-class LargestTensor(TorchDispatchMode):
-    """The largest size in bytes of any tensor an op returns while the mode is active (bytes: the
-    Triton interpreter moves kernel arguments through uint8 views of their storages)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.largest = max([self.largest] + [t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, Tensor)])
-        return out
 
 
 def run_sp(device, x_s, x_t) -> int:
