@@ -134,9 +134,10 @@ def _mm(a, b, acc):
 
 
 @triton.jit
-def _gram(x, rows, cols, n, grid, rh, rw, C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gram(x, rows, cols, regions, C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK, BLOCK] tile ``<x[rows], x[cols]>`` of one map ``x`` (a map tuple, see
     :class:`_Map`; 0 outside [0, n))."""
+    n, grid, rh, rw = regions
     ptr, channels, dim, stride_b, stride_c, stride_y, stride_x = x
     row_base = _row_base(rows, grid, rh, rw, stride_b, stride_y, stride_x)
     col_base = _row_base(cols, grid, rh, rw, stride_b, stride_y, stride_x)
@@ -157,10 +158,7 @@ def _gram(x, rows, cols, n, grid, rh, rw, C_INNER: tl.constexpr, ACC: tl.constex
 def _delta(
     rows,
     cols,
-    n,
-    grid,
-    rh,
-    rw,
+    regions,
     inv_s,
     inv_t,
     xs,
@@ -172,8 +170,9 @@ def _delta(
     BLOCK_K: tl.constexpr,
 ):
     """The tiles ``Delta = S_s - S_t`` and ``S_s`` at [rows, cols] (exactly 0 outside [0, n)^2)."""
-    gs = _gram(xs, rows, cols, n, grid, rh, rw, S_C_INNER, ACC, BLOCK, BLOCK_K)
-    gt = _gram(xt, rows, cols, n, grid, rh, rw, T_C_INNER, ACC, BLOCK, BLOCK_K)
+    n = regions[0]
+    gs = _gram(xs, rows, cols, regions, S_C_INNER, ACC, BLOCK, BLOCK_K)
+    gt = _gram(xt, rows, cols, regions, T_C_INNER, ACC, BLOCK, BLOCK_K)
     rows_ok = rows < n
     cols_ok = cols < n
     s_r = tl.load(inv_s + rows, mask=rows_ok, other=0.0)
@@ -195,8 +194,9 @@ def _classes(rows, cols, grid):
 
 
 @triton.jit
-def _sum_squares(x, rows, n, grid, rh, rw, C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sum_squares(x, rows, regions, C_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """``||x[rows]||^2`` of the map tuple ``x`` ([BLOCK], 0 outside [0, n))."""
+    n, grid, rh, rw = regions
     ptr, channels, dim, stride_b, stride_c, stride_y, stride_x = x
     base = _row_base(rows, grid, rh, rw, stride_b, stride_y, stride_x)
     rows_ok = rows < n
@@ -218,19 +218,28 @@ def _split_sum(g, rows64, d, mask, n, dim, n_splits, ACC: tl.constexpr, BLOCK: t
     return acc
 
 
+@triton.jit
+def _tile_range(per_split, count, BLOCK: tl.constexpr):
+    """Program (a, split) of a tile launch: (a, split, its work items ``first .. last - 1`` of the
+    row block's ``count``, the row block's BLOCK rows)."""
+    a = tl.program_id(0)
+    split = tl.program_id(1)
+    first = split * per_split
+    last = tl.minimum(first + per_split, count)
+    return a, split, first, last, a * BLOCK + tl.arange(0, BLOCK)
+
+
 # ----------------------------------------------------------------------------- kernels
 #
-# A map is passed as one tuple argument (:class:`_Map`): (pointer, C, D, strides b, c, y, x).
+# A map is passed as one tuple argument (:class:`_Map`): (pointer, C, D, strides b, c, y, x), the
+# region geometry as one tuple ``regions`` = (N, grid, rh, rw).
 
 
 @triton.jit
 def _norms_kernel(
     inv_s,
     inv_t,
-    n,
-    grid,
-    rh,
-    rw,
+    regions,
     xs,
     xt,
     S_C_INNER: tl.constexpr,
@@ -242,22 +251,19 @@ def _norms_kernel(
     """inv[n] = 1 / max(||x[n]||, eps) of BLOCK rows, student (axis 1 = 0) or teacher (1)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     if tl.program_id(1) == 0:
-        ss = _sum_squares(xs, rows, n, grid, rh, rw, S_C_INNER, ACC, BLOCK, BLOCK_K)
+        ss = _sum_squares(xs, rows, regions, S_C_INNER, ACC, BLOCK, BLOCK_K)
         out = inv_s
     else:
-        ss = _sum_squares(xt, rows, n, grid, rh, rw, T_C_INNER, ACC, BLOCK, BLOCK_K)
+        ss = _sum_squares(xt, rows, regions, T_C_INNER, ACC, BLOCK, BLOCK_K)
         out = inv_t
     norm = _common.sqrt_rn(ss)
-    tl.store(out + rows, 1.0 / tl.where(norm < _EPS, _EPS, norm), mask=rows < n)
+    tl.store(out + rows, 1.0 / tl.where(norm < _EPS, _EPS, norm), mask=rows < regions[0])
 
 
 @triton.jit
 def _sums_kernel(
     partial,
-    n,
-    grid,
-    rh,
-    rw,
+    regions,
     inv_s,
     inv_t,
     xs,
@@ -271,17 +277,14 @@ def _sums_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Partial class sums of Delta^2 over the tiles (a, (a + o) mod nb) of this program's offsets."""
-    a = tl.program_id(0)
-    split = tl.program_id(1)
-    first = split * per_split
-    last = tl.minimum(first + per_split, n_blocks // 2 + 1)
-    rows = a * BLOCK + tl.arange(0, BLOCK)
+    a, split, first, last, rows = _tile_range(per_split, n_blocks // 2 + 1, BLOCK)
+    grid = regions[1]
     intra = tl.zeros([BLOCK], ACC)
     inter = tl.zeros([BLOCK], ACC)
     cross = tl.zeros([BLOCK], ACC)
     for o in range(first, last):
         cols = ((a + o) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-        delta, _ = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, xt, S_C_INNER, T_C_INNER, ACC, BLOCK, BLOCK_K)
+        delta, _ = _delta(rows, cols, regions, inv_s, inv_t, xs, xt, S_C_INNER, T_C_INNER, ACC, BLOCK, BLOCK_K)
         weight = tl.where((o == 0) | (2 * o == n_blocks), 1.0, 2.0)
         sq = delta * delta * weight
         same_sample, same_position = _classes(rows, cols, grid)
@@ -300,10 +303,7 @@ def _grad_tiles_kernel(
     proj,
     grad_sums,
     grad_sums_stride,
-    n,
-    grid,
-    rh,
-    rw,
+    regions,
     inv_s,
     inv_t,
     xs,
@@ -319,22 +319,19 @@ def _grad_tiles_kernel(
     """Over the split's column blocks b, with ``Q = 4 w Delta``: ``g[split, rows] = sum_b (Q
     inv_s[cols]) @ X_s[cols]`` and ``proj[split, rows] = sum_b rowsum(Q S_s)`` (= ``<u[n], g[n]>``,
     as g = Q U)."""
+    n, grid, rh, rw = regions
     x_s, cs, ds, sbs, scs, sys, sxs = xs
-    a = tl.program_id(0)
-    split = tl.program_id(1)
+    a, split, first, last, rows = _tile_range(per_split, n_blocks, BLOCK)
     w_intra = 4.0 * tl.load(grad_sums).to(ACC)
     w_inter = 4.0 * tl.load(grad_sums + grad_sums_stride).to(ACC)
     w_cross = 4.0 * tl.load(grad_sums + 2 * grad_sums_stride).to(ACC)
-    first = split * per_split
-    last = tl.minimum(first + per_split, n_blocks)
-    rows = a * BLOCK + tl.arange(0, BLOCK)
     rows_ok = rows < n
     g_rows = g + (split * n + rows.to(tl.int64))[:, None] * ds
     row_proj = tl.zeros([BLOCK], ACC)
     for b in range(first, last):
         cols = b * BLOCK + tl.arange(0, BLOCK)
         cols_ok = cols < n
-        delta, corr_s = _delta(rows, cols, n, grid, rh, rw, inv_s, inv_t, xs, xt, S_C_INNER, T_C_INNER, ACC, BLOCK, BLOCK_K)
+        delta, corr_s = _delta(rows, cols, regions, inv_s, inv_t, xs, xt, S_C_INNER, T_C_INNER, ACC, BLOCK, BLOCK_K)
         same_sample, same_position = _classes(rows, cols, grid)
         q = delta * tl.where(same_sample, w_intra, tl.where(same_position, w_inter, w_cross))
         row_proj += tl.sum(q * corr_s, axis=1)
@@ -362,10 +359,7 @@ def _grad_kernel(
     proj,
     n_splits,
     inv_s,
-    n,
-    grid,
-    rh,
-    rw,
+    regions,
     xs,
     strides_out,
     S_C_INNER: tl.constexpr,
@@ -376,6 +370,7 @@ def _grad_kernel(
     """grad_x of BLOCK rows from the splits' partial g and proj, summed in split order: ``grad_x =
     inv (g - u proj)`` (``u = x inv``, ``proj = <u, g>``), ``inv g`` where the norm is clamped
     (inv = 1 / eps), written at the map positions (``strides_out``: b, c, y, x)."""
+    n, grid, rh, rw = regions
     x_s, cs, ds, sbs, scs, sys, sxs = xs
     sbo, sco, syo, sxo = strides_out
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -455,7 +450,7 @@ def _split(work: int, splits: int) -> tuple[int, int]:
 
 class _Launch(NamedTuple):
     n: int
-    shared: tuple  # n, grid, rh, rw
+    regions: tuple  # n, grid, rh, rw
     maps: tuple  # the student's and the teacher's map tuples (_Map.args)
     constexprs: dict
     block: int
@@ -506,8 +501,8 @@ def lcc_forward(
     n_splits, per = _split(offsets, splits or triton.cdiv(_target_programs(device), nb))
     partial = torch.empty((nb * n_splits, 3), dtype=acc, device=device)
     with _common.on_device(device):
-        _norms_kernel[(nb, 2)](inv_s, inv_t, *launch.shared, *launch.maps, **launch.constexprs)
-        _sums_kernel[(nb, n_splits)](partial, *launch.shared, inv_s, inv_t, *launch.maps, nb, per, **launch.constexprs)
+        _norms_kernel[(nb, 2)](inv_s, inv_t, launch.regions, *launch.maps, **launch.constexprs)
+        _sums_kernel[(nb, n_splits)](partial, launch.regions, inv_s, inv_t, *launch.maps, nb, per, **launch.constexprs)
     return partial.sum(0), inv_s, inv_t
 
 
@@ -552,7 +547,7 @@ def lcc_backward(
             proj,
             grad_sums,
             grad_sums.stride(0),
-            *launch.shared,
+            launch.regions,
             inv_s,
             inv_t,
             *launch.maps,
@@ -567,7 +562,7 @@ def lcc_backward(
             proj,
             n_splits,
             inv_s,
-            *launch.shared,
+            launch.regions,
             launch.maps[0],
             grad.stride(),
             S_C_INNER=launch.constexprs["S_C_INNER"],
