@@ -318,6 +318,37 @@ def _module_lists(
     return students, connectors, teachers
 
 
+def _block_attention_loss(
+    f_s: Tensor | Sequence[Tensor],
+    h_s: Tensor | Sequence[Tensor],
+    f_t: Tensor | Sequence[Tensor],
+    grid: int,
+    power: float,
+    feature_grid: int,
+    weighting: str,
+    feature_weight: tuple[str, float],
+    map_weight: tuple[str, float],
+    reduction: str,
+    backend: str | None,
+) -> Tensor:
+    """The block-attention losses of every module (:func:`ndam_loss`, :func:`aft_loss`): the inputs
+    checked, the (L, 2) ``[feat_l, map_l]`` terms of one fused launch (``power`` and ``feature_grid``
+    as in ``kdfast.ops.block_attention.block_attention_terms``; ``weighting`` as in :func:`ndam_loss`) reduced
+    to ``feature_weight * feat_l + map_weight * map_l`` by ``reduction``. The two weights come with
+    their public names, for their errors."""
+    students, connectors, teachers = _module_lists(f_s, h_s, f_t)
+    _check_grid("grid", grid)
+    for name, weight in (feature_weight, map_weight):
+        _checks.check_finite(name, weight)
+    _checks.check_choice("weighting", weighting, block_attention_numerics.WEIGHTINGS)
+    _checks.check_choice("reduction", reduction, block_attention_numerics.REDUCTIONS)
+    device_backend = backends.resolve("block_attention", backend, students[0].device)
+    terms = block_attention_ops.block_attention_terms(
+        students, connectors, teachers, grid, power, feature_grid, weighting == "teacher", device_backend
+    )
+    return block_attention_numerics.weigh(terms, float(feature_weight[1]), float(map_weight[1]), reduction)
+
+
 def ndam_map(f: Tensor, grid: int = 4) -> Tensor:
     """LAKD's non-directional activation map (NDAM) of a feature map, (B, C, H, W) -> (B, grid^2).
 
@@ -358,17 +389,8 @@ def ndam_loss(
     float64 students). Gradients flow to f_s and h_s, never to f_t. All modules in one fused
     launch. NaN/Inf in a map give a NaN loss (values are not checked).
     """
-    students, connectors, teachers = _module_lists(f_s, h_s, f_t)
-    _check_grid("grid", grid)
-    _checks.check_finite("feature_weight", feature_weight)
-    _checks.check_finite("map_weight", map_weight)
-    _checks.check_choice("weighting", weighting, block_attention_numerics.WEIGHTINGS)
-    _checks.check_choice("reduction", reduction, block_attention_numerics.REDUCTIONS)
-    backend = backends.resolve("block_attention", backend, students[0].device)
-    terms = block_attention_ops.block_attention_terms(
-        students, connectors, teachers, grid, 1.0, 0, weighting == "teacher", backend
-    )
-    return block_attention_numerics.weigh(terms, float(feature_weight), float(map_weight), reduction)
+    feature, ndam = ("feature_weight", feature_weight), ("map_weight", map_weight)
+    return _block_attention_loss(f_s, h_s, f_t, grid, 1.0, 0, weighting, feature, ndam, reduction, backend)
 
 
 def aft_loss(
@@ -397,14 +419,8 @@ def aft_loss(
     Float32 (float64 for float64 students); gradients flow to f_s and h_s, never to f_t. All
     stages in one fused launch. NaN/Inf in a map give a NaN loss (values are not checked).
     """
-    students, connectors, teachers = _module_lists(f_s, h_s, f_t)
-    _check_grid("grid", grid)
-    _checks.check_finite("attention_weight", attention_weight)
-    _checks.check_finite("feature_weight", feature_weight)
-    _checks.check_choice("reduction", reduction, block_attention_numerics.REDUCTIONS)
-    backend = backends.resolve("block_attention", backend, students[0].device)
-    terms = block_attention_ops.block_attention_terms(students, connectors, teachers, grid, 2.0, grid, False, backend)
-    return block_attention_numerics.weigh(terms, float(feature_weight), float(attention_weight), reduction)
+    feature, attention = ("feature_weight", feature_weight), ("attention_weight", attention_weight)
+    return _block_attention_loss(f_s, h_s, f_t, grid, 2.0, grid, "none", feature, attention, reduction, backend)
 
 
 def masked_mse(x: Tensor, y: Tensor, mask: Tensor, reduction: str = "mean", backend: str | None = None) -> Tensor:
