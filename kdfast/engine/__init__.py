@@ -1,4 +1,4 @@
-"""The training engine: configs, the trainer, checkpoints, distributed set-up, metrics, reports.
+"""The training engine: configs, the run assembly, the trainer, checkpoints, distributed set-up, metrics, reports.
 
 The names below load on first use (PEP 562): ``kdfast --help`` reads its option lists from
 torch-free modules of this package without importing torch, the models or the distillers.
