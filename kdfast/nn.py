@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +29,28 @@ __all__ = [
 ]
 
 
-class ATLoss(nn.Module):
+class _FusedLoss(nn.Module):
+    """A loss of :mod:`kdfast.functional` as a module: its options are attributes fixed at
+    construction (``_options`` names them, in the function's order), its inputs go to ``forward``."""
+
+    _options: ClassVar[tuple[str, ...]] = ()
+
+    def extra_repr(self) -> str:
+        """``name=value`` of every option, string (and None) values quoted as by ``repr``."""
+        return ", ".join(f"{name}={_option_text(getattr(self, name))}" for name in self._options)
+
+
+def _option_text(value: object) -> str:
+    return repr(value) if value is None or isinstance(value, str) else str(value)
+
+
+class ATLoss(_FusedLoss):
     """Attention-transfer loss; see :func:`kdfast.functional.at_loss` for the formula.
 
     ``ATLoss(p=2, mode="code")(f_s, f_t)`` with one (B, C, H, W) pair or lists of stage pairs.
     """
+
+    _options = ("p", "mode", "reduction", "backend")
 
     def __init__(self, p: float = 2, mode: str = "code", reduction: str = "sum", backend: str | None = None) -> None:
         super().__init__()
@@ -41,12 +59,11 @@ class ATLoss(nn.Module):
     def forward(self, f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]) -> Tensor:
         return functional.at_loss(f_s, f_t, self.p, self.mode, self.reduction, self.backend)
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}, mode={self.mode!r}, reduction={self.reduction!r}, backend={self.backend!r}"
 
-
-class KDLoss(nn.Module):
+class KDLoss(_FusedLoss):
     """Hinton's KD loss ``T^2 KL(softmax(z_t/T) || softmax(z_s/T))``; see :func:`kdfast.functional.kd_loss`."""
+
+    _options = ("temperature", "reduction", "backend")
 
     def __init__(self, temperature: float = 4.0, reduction: str = "batchmean", backend: str | None = None) -> None:
         super().__init__()
@@ -55,12 +72,11 @@ class KDLoss(nn.Module):
     def forward(self, z_s: Tensor, z_t: Tensor) -> Tensor:
         return functional.kd_loss(z_s, z_t, self.temperature, self.reduction, self.backend)
 
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
 
-
-class DKDLoss(nn.Module):
+class DKDLoss(_FusedLoss):
     """Decoupled KD loss ``T^2 (alpha TCKD + beta NCKD)``; see :func:`kdfast.functional.dkd_loss`."""
+
+    _options = ("alpha", "beta", "temperature", "reduction", "backend")
 
     def __init__(
         self,
@@ -76,19 +92,15 @@ class DKDLoss(nn.Module):
     def forward(self, z_s: Tensor, z_t: Tensor, target: Tensor) -> Tensor:
         return functional.dkd_loss(z_s, z_t, target, self.alpha, self.beta, self.temperature, self.reduction, self.backend)
 
-    def extra_repr(self) -> str:
-        return (
-            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
-        )
 
-
-class LocalCorrelationLoss(nn.Module):
+class LocalCorrelationLoss(_FusedLoss):
     """Local correlation consistency (LCC) loss; see :func:`kdfast.functional.local_correlation_loss`.
 
     ``LocalCorrelationLoss(grid=4)(f_s, f_t, mask=None)`` with (B, C, H, W) maps and an optional
     (B, 1, h, w) spatial mask (e.g. from :class:`ClassAwareAttention`).
     """
+
+    _options = ("grid", "terms", "weights", "reduction", "backend")
 
     def __init__(
         self,
@@ -105,12 +117,6 @@ class LocalCorrelationLoss(nn.Module):
     def forward(self, f_s: Tensor, f_t: Tensor, mask: Tensor | None = None) -> Tensor:
         return functional.local_correlation_loss(
             f_s, f_t, self.grid, self.terms, self.weights, mask, self.reduction, self.backend
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"grid={self.grid}, terms={self.terms}, weights={self.weights}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
         )
 
 
@@ -178,8 +184,10 @@ class ClassAwareAttention(nn.Module):
         return f"threshold={self.threshold}"
 
 
-class SPLoss(nn.Module):
+class SPLoss(_FusedLoss):
     """Similarity-preserving loss ``||G_s - G_t||_F^2 / B^2``; see :func:`kdfast.functional.sp_loss`."""
+
+    _options = ("backend",)
 
     def __init__(self, backend: str | None = None) -> None:
         super().__init__()
@@ -188,13 +196,12 @@ class SPLoss(nn.Module):
     def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
         return functional.sp_loss(f_s, f_t, self.backend)
 
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
 
-
-class RKDLoss(nn.Module):
+class RKDLoss(_FusedLoss):
     """Relational KD loss ``distance_weight * L_dist + angle_weight * L_angle``; see
     :func:`kdfast.functional.rkd_loss`."""
+
+    _options = ("distance_weight", "angle_weight", "reduction", "backend")
 
     def __init__(
         self, distance_weight: float = 25.0, angle_weight: float = 50.0, reduction: str = "sum", backend: str | None = None
@@ -205,19 +212,15 @@ class RKDLoss(nn.Module):
     def forward(self, e_s: Tensor, e_t: Tensor) -> Tensor:
         return functional.rkd_loss(e_s, e_t, self.distance_weight, self.angle_weight, self.reduction, self.backend)
 
-    def extra_repr(self) -> str:
-        return (
-            f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
-        )
 
-
-class NDAMLoss(nn.Module):
+class NDAMLoss(_FusedLoss):
     """LAKD's local loss ``feature_weight * feat_l + map_weight * map_l`` per module (feature MSE of
     the connector output, NDAM distance); see :func:`kdfast.functional.ndam_loss`.
 
     ``NDAMLoss(grid=4)(f_s, h_s, f_t)`` with one module's maps or lists of them.
     """
+
+    _options = ("grid", "feature_weight", "map_weight", "weighting", "reduction", "backend")
 
     def __init__(
         self,
@@ -237,19 +240,15 @@ class NDAMLoss(nn.Module):
             f_s, h_s, f_t, self.grid, self.feature_weight, self.map_weight, self.weighting, self.reduction, self.backend
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"grid={self.grid}, feature_weight={self.feature_weight}, map_weight={self.map_weight}, "
-            f"weighting={self.weighting!r}, reduction={self.reduction!r}, backend={self.backend!r}"
-        )
 
-
-class AFTLoss(nn.Module):
+class AFTLoss(_FusedLoss):
     """AFT-KD's loss ``attention_weight * MSE(attention blocks) + feature_weight * MSE(feature blocks)``
     per stage; see :func:`kdfast.functional.aft_loss`.
 
     ``AFTLoss(grid=4)(f_s, h_s, f_t)`` with one stage's maps or lists of them.
     """
+
+    _options = ("grid", "attention_weight", "feature_weight", "reduction", "backend")
 
     def __init__(
         self,
@@ -268,18 +267,14 @@ class AFTLoss(nn.Module):
             f_s, h_s, f_t, self.grid, self.attention_weight, self.feature_weight, self.reduction, self.backend
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"grid={self.grid}, attention_weight={self.attention_weight}, feature_weight={self.feature_weight}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
-        )
 
-
-class MaskedMSELoss(nn.Module):
+class MaskedMSELoss(_FusedLoss):
     """SoKD's masked feature loss ``sum (m * (x - y))^2 / denom``; see :func:`kdfast.functional.masked_mse`.
 
     ``MaskedMSELoss(reduction="mean")(x, y, mask)``.
     """
+
+    _options = ("reduction", "backend")
 
     def __init__(self, reduction: str = "mean", backend: str | None = None) -> None:
         super().__init__()
@@ -288,15 +283,14 @@ class MaskedMSELoss(nn.Module):
     def forward(self, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
         return functional.masked_mse(x, y, mask, self.reduction, self.backend)
 
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, backend={self.backend!r}"
 
-
-class HCLLoss(nn.Module):
+class HCLLoss(_FusedLoss):
     """ReviewKD's hierarchical context loss; see :func:`kdfast.functional.hcl_loss`.
 
     ``HCLLoss(levels=(4, 2, 1))(f_s, f_t)`` with one (B, C, H, W) pair or lists of stage pairs.
     """
+
+    _options = ("levels", "reduction", "backend")
 
     def __init__(self, levels: Sequence[int] = (4, 2, 1), reduction: str = "sum", backend: str | None = None) -> None:
         super().__init__()
@@ -305,17 +299,16 @@ class HCLLoss(nn.Module):
     def forward(self, f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]) -> Tensor:
         return functional.hcl_loss(f_s, f_t, self.levels, self.reduction, self.backend)
 
-    def extra_repr(self) -> str:
-        return f"levels={self.levels}, reduction={self.reduction!r}, backend={self.backend!r}"
 
-
-class MapDistanceLoss(nn.Module):
+class MapDistanceLoss(_FusedLoss):
     """AFD's / RTK's attention-weighted map distances ``(1/B) sum_{b,t,s} att * dist``; see
     :func:`kdfast.functional.map_distance_loss`.
 
     ``MapDistanceLoss(pool="map")(f_s, f_t, att)`` with the lists of student and teacher maps and the
     (B, T, S) attention weights (the attention heads are the distiller's, not part of this module).
     """
+
+    _options = ("pool", "backend")
 
     def __init__(self, pool: str = "map", backend: str | None = None) -> None:
         super().__init__()
@@ -324,16 +317,15 @@ class MapDistanceLoss(nn.Module):
     def forward(self, f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor], att: Tensor) -> Tensor:
         return functional.map_distance_loss(f_s, f_t, att, self.pool, self.backend)
 
-    def extra_repr(self) -> str:
-        return f"pool={self.pool!r}, backend={self.backend!r}"
 
-
-class CRDLoss(nn.Module):
+class CRDLoss(_FusedLoss):
     """CRD's contrastive (NCE) loss of embeddings against a memory bank; see :func:`kdfast.functional.crd_loss`.
 
     ``CRDLoss(temperature=0.07)(emb, bank, idx, z)``: one side (the memory banks, their update and
     ``z`` are the caller's: :class:`kdfast.distillers.crd.CRD` holds them).
     """
+
+    _options = ("temperature", "backend")
 
     def __init__(self, temperature: float = 0.07, backend: str | None = None) -> None:
         super().__init__()
@@ -341,6 +333,3 @@ class CRDLoss(nn.Module):
 
     def forward(self, emb: Tensor, bank: Tensor, idx: Tensor, z: Tensor | float) -> Tensor:
         return functional.crd_loss(emb, bank, idx, z, self.temperature, self.backend)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, backend={self.backend!r}"
