@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kdfast._dist import all_reduce_sum
+from kdfast.distillers.base import check_int
 
 __all__ = ["LossRateWeights"]
 
@@ -41,8 +42,7 @@ class LossRateWeights(nn.Module):
 
     def __init__(self, count: int, tau: float = 2.0) -> None:
         super().__init__()
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        check_int("count", count)
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau!r}")
         self.count, self.tau = count, float(tau)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfast import functional
-from kdfast.distillers.base import Distiller, Params, feature_shapes
+from kdfast.distillers.base import Distiller, Params, check_int, feature_shapes, is_int
 from kdfast.models import Features, KDModel
 from kdfast.numerics.map_distance import POOLS
 
@@ -75,8 +75,7 @@ class AFDParams(Params):
     pool: str = "map"  # student values: "map" pools mean_c f^2 (the public code), "feature" pools f first
 
     def __post_init__(self) -> None:
-        if isinstance(self.qk_dim, bool) or not isinstance(self.qk_dim, int) or self.qk_dim < 1:
-            raise ValueError(f"qk_dim must be an integer >= 1, got {self.qk_dim!r}")
+        check_int("qk_dim", self.qk_dim)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not isinstance(self.bilinear, bool):
@@ -96,7 +95,7 @@ class RTKParams(AFDParams):
         super().__post_init__()
         if self.r == "all":
             self.r = None
-        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
+        if self.r is not None and (not is_int(self.r) or self.r < 1):
             raise ValueError(f"r must be an integer >= 1, 'all' or null, got {self.r!r}")
         if self.select not in SELECT:
             raise ValueError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")

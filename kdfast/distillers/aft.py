@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from kdfast import functional
 from kdfast.distillers.adaptive import LossRateWeights
-from kdfast.distillers.base import Distiller, Params
+from kdfast.distillers.base import Distiller, Params, check_int, is_stage_list
 from kdfast.models import Features, KDModel
 from kdfast.numerics.block_attention import block_map
 
@@ -62,14 +62,9 @@ class AFTParams(Params):
     tau: float = 2.0  # softmax temperature of the adaptive weights
 
     def __post_init__(self) -> None:
-        if self.stages is not None and (
-            not isinstance(self.stages, (list, tuple))
-            or not self.stages
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.stages)
-        ):
+        if self.stages is not None and not is_stage_list(self.stages):
             raise ValueError(f"stages must be null or a non-empty list of stage indices, got {self.stages!r}")
-        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
-            raise ValueError(f"grid must be an integer >= 1, got {self.grid!r}")
+        check_int("grid", self.grid)
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, got {self.tau!r}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from kdfast.models import Features, KDModel
 
-__all__ = ["Distiller", "Params", "feature_shapes", "sum_losses"]
+__all__ = ["Distiller", "Params", "check_int", "feature_shapes", "is_int", "is_stage_list", "sum_losses"]
 
 
 @dataclass
@@ -20,6 +20,22 @@ class Params:
     """A method's knobs (subclassed per method); every field is a config key under ``method:``."""
 
     ce_weight: float = 1.0
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """Whether `value` is an int option value (a bool is not, though Python makes it one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_stage_list(stages: object) -> bool:
+    """Whether `stages` is a non-empty list (or tuple) of int indices into Features.stages."""
+    return isinstance(stages, (list, tuple)) and bool(stages) and all(is_int(s) for s in stages)
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> None:
+    """An integer option (a grid side, channels, epochs) of at least `minimum`; else a ValueError naming it."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class Distiller(nn.Module):

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from kdfast import functional
 from kdfast._dist import all_reduce_sum
 from kdfast.data.schedule import mix_seed
-from kdfast.distillers.base import Distiller, Params
+from kdfast.distillers.base import Distiller, Params, check_int
 from kdfast.models import Features, KDModel
 
 __all__ = ["CRD", "CRDParams", "Contrast", "Embed"]
@@ -72,9 +72,7 @@ class CRDParams(Params):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         for name in ("feat_dim", "nce_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "feat_dim" else 0):
-                raise ValueError(f"{name} must be an integer >= {1 if name == 'feat_dim' else 0}, got {value!r}")
+            check_int(name, getattr(self, name), 1 if name == "feat_dim" else 0)
         if not 0.0 <= self.nce_momentum < 1.0:
             raise ValueError(f"nce_momentum must be in [0, 1), got {self.nce_momentum!r}")
         for name in ("nce_temperature", "kd_temperature"):

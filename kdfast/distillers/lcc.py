@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from kdfast import functional
-from kdfast.distillers.base import Distiller, Params, sum_losses
+from kdfast.distillers.base import Distiller, Params, check_int, is_stage_list, sum_losses
 from kdfast.models import Features, KDModel
 from kdfast.nn import ClassAwareAttention
 from kdfast.numerics.lcc import TERMS
@@ -60,16 +60,11 @@ class LCCParams(Params):
     attention_weight: float = 1.0  # weight of the auxiliary classifier's CE
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.stages, (list, tuple))
-            or not self.stages
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.stages)
-        ):
+        if not is_stage_list(self.stages):
             raise ValueError(f"stages must be a non-empty list of stage indices, got {self.stages!r}")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages must not repeat an index, got {self.stages!r}")
-        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
-            raise ValueError(f"grid must be an integer >= 1, got {self.grid!r}")
+        check_int("grid", self.grid)
         if not self.terms or not set(self.terms) <= set(TERMS) or len(set(self.terms)) != len(self.terms):
             raise ValueError(f"terms must be distinct names among {', '.join(TERMS)}, got {self.terms!r}")
         if len(self.term_weights) != len(TERMS):

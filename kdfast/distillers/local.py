@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kdfast.distillers.base import sum_losses
+from kdfast.distillers.base import is_int, sum_losses
 from kdfast.models import KDModel, Recorder, Segment
 
 __all__ = ["MODES", "Connector", "LocalLoss", "LocalModules", "ModuleOutput", "stage_boundaries"]
@@ -74,11 +74,7 @@ def stage_boundaries(model: KDModel, boundaries: Sequence[int] | None = None) ->
     if boundaries is None:
         return list(range(1, last + 1)) if last >= 1 else [0]
     values = list(boundaries)
-    if (
-        not values
-        or any(isinstance(b, bool) or not isinstance(b, int) for b in values)
-        or any(b >= c for b, c in zip(values, values[1:]))
-    ):
+    if not values or not all(is_int(b) for b in values) or any(b >= c for b, c in zip(values, values[1:])):
         raise ValueError(f"boundaries must be a non-empty, strictly increasing list of stage indices, got {boundaries!r}")
     if values[0] < 0 or values[-1] != last:
         raise ValueError(

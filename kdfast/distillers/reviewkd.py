@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfast import functional
-from kdfast.distillers.base import Distiller, Params
+from kdfast.distillers.base import Distiller, Params, check_int
 from kdfast.models import Features, KDModel
 from kdfast.numerics.hcl import check_levels
 
@@ -60,10 +60,8 @@ class ReviewKDParams(Params):
     teacher_preact: bool = True  # the teacher's pre-activation stages (mdistiller)
 
     def __post_init__(self) -> None:
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
-        if isinstance(self.max_mid_channels, bool) or not isinstance(self.max_mid_channels, int) or self.max_mid_channels < 1:
-            raise ValueError(f"max_mid_channels must be an integer >= 1, got {self.max_mid_channels!r}")
+        check_int("warmup", self.warmup, 0)
+        check_int("max_mid_channels", self.max_mid_channels)
         self.levels = list(check_levels(self.levels))
 
 

@@ -94,13 +94,18 @@ class FitNetAdapter(BaseAdapter):
         return functional.masked_mse(widen(hint), widen(refined), mask, reduction), {}
 
 
-class ATAdapter(BaseAdapter):
-    distiller = AT
-    replaced_keys = ("ce_weight", "at_weight")
+class SoKDStageAdapter(BaseAdapter):
+    """A base without a hint stage of its own: the hint stage is SoKD's ``stage`` (default -1, the last one)."""
+
     uses_sokd_stage = True
 
     def stage(self, base: Distiller, stage: int | None) -> int:
         return -1 if stage is None else stage
+
+
+class ATAdapter(SoKDStageAdapter):
+    distiller = AT
+    replaced_keys = ("ce_weight", "at_weight")
 
     def losses(self, base, stage, student, teacher, hint, refined, mask, labels, reduction):
         p = base.params
@@ -141,13 +146,9 @@ class LCCAdapter(BaseAdapter):
         return loss, extra
 
 
-class ReviewKDAdapter(BaseAdapter):
+class ReviewKDAdapter(SoKDStageAdapter):
     distiller = ReviewKD
     replaced_keys = ("ce_weight", "reviewkd_weight")
-    uses_sokd_stage = True
-
-    def stage(self, base: Distiller, stage: int | None) -> int:
-        return -1 if stage is None else stage
 
     def losses(self, base, stage, student, teacher, hint, refined, mask, labels, reduction):
         p = base.params

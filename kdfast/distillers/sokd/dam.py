@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdfast.distillers.base import check_int
+
 __all__ = ["DAMHead", "box_mask", "mutual_interest_mask", "peak_boxes", "widen"]
 
 
@@ -52,8 +54,7 @@ class DAMHead(nn.Module):
 
     def __init__(self, channels: int, num_classes: int, width: int = 64, final_relu: bool = True) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"DAM head width must be an integer >= 1, got {width!r}")
+        check_int("DAM head width", width)
         self.final_relu = bool(final_relu)
         self.heat = _branch(channels, width, num_classes, self.final_relu)
         self.wh = _branch(channels, width, 2, self.final_relu)

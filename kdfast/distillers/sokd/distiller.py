@@ -86,7 +86,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdfast.distillers.base import Distiller, Params, feature_shapes
+from kdfast.distillers.base import Distiller, Params, feature_shapes, is_int
 from kdfast.distillers.fitnet import ConvReg
 from kdfast.distillers.sokd.bases import BASES
 from kdfast.distillers.sokd.dafa import DAFA, Draw
@@ -95,10 +95,6 @@ from kdfast.models import Features, KDModel
 from kdfast.numerics.masked_mse import REDUCTIONS
 
 __all__ = ["SoKD", "SoKDParams"]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -143,7 +139,7 @@ class SoKDParams(Params):
         if replaced:
             raise ValueError(f"SoKD base_params must not set {', '.join(replaced)}: SoKD's ce_weight and da_weight replace them")
         make_params(self.base, self.base_params)
-        if self.stage is not None and (not adapter.uses_sokd_stage or not _is_int(self.stage)):
+        if self.stage is not None and (not adapter.uses_sokd_stage or not is_int(self.stage)):
             raise ValueError(
                 f"SoKD stage is only for the AT base (an int); {self.base}'s hint stage is in base_params, got {self.stage!r}"
             )
@@ -157,17 +153,17 @@ class SoKDParams(Params):
                 raise ValueError(f"SoKD {name} must be a number > 0, got {getattr(self, name)!r}")
         if self.da_reduction not in REDUCTIONS:
             raise ValueError(f"SoKD da_reduction must be one of {REDUCTIONS}, got {self.da_reduction!r}")
-        if self.search_order not in (1, 2) or not _is_int(self.search_order):
+        if self.search_order not in (1, 2) or not is_int(self.search_order):
             raise ValueError(f"SoKD search_order must be 1 or 2, got {self.search_order!r}")
         if self.hvp_mask not in ("recompute", "fixed"):
             raise ValueError(f"SoKD hvp_mask must be 'recompute' or 'fixed', got {self.hvp_mask!r}")
         if self.outer_scale not in ("code", "darts"):
             raise ValueError(f"SoKD outer_scale must be 'code' or 'darts', got {self.outer_scale!r}")
-        if not _is_int(self.top_k) or self.top_k < 1:
+        if not is_int(self.top_k) or self.top_k < 1:
             raise ValueError(f"SoKD top_k must be an integer >= 1, got {self.top_k!r}")
-        if self.dam_width is not None and (not _is_int(self.dam_width) or self.dam_width < 1):
+        if self.dam_width is not None and (not is_int(self.dam_width) or self.dam_width < 1):
             raise ValueError(f"SoKD dam_width must be an integer >= 1 or null, got {self.dam_width!r}")
-        if not _is_int(self.aug_epochs) or self.aug_epochs < 0:
+        if not is_int(self.aug_epochs) or self.aug_epochs < 0:
             raise ValueError(f"SoKD aug_epochs must be an integer >= 0, got {self.aug_epochs!r}")
         if len(self.aug_betas) != 2 or not all(0 <= b < 1 for b in self.aug_betas):
             raise ValueError(f"SoKD aug_betas must be two numbers in [0, 1), got {self.aug_betas!r}")
