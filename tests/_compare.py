@@ -106,3 +106,20 @@ def assert_float32_and_unchanged_under_autocast(loss: Callable[[], Tensor], devi
         mixed = loss()
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, plain, rtol=1e-5, atol=1e-7)
+
+
+def assert_deterministic(loss: Callable[[], Tensor], wrt: Sequence[Tensor], threads: Sequence[int] = (1, 2, 1)) -> None:
+    """``loss()`` and the gradients of its sum to `wrt` are bitwise the same on every call, one call
+    per torch thread count in `threads` (the thread count is restored after)."""
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            out = loss()
+            results.append((out, *torch.autograd.grad(out.sum(), wrt)))
+    finally:
+        torch.set_num_threads(saved)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from _compare import LargestTensor, as_float64, check_against_reference
+from _compare import LargestTensor, as_float64, assert_deterministic, check_against_reference
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from torch import Tensor
 
@@ -136,16 +136,7 @@ def test_deterministic(device, backend):
     emb = unit_rows(5, 24, device=device, seed=20).requires_grad_()
     bank = unit_rows(500, 24, device=device, seed=21)
     idx = indices(5, 1500, 500, device, seed=22)
-    threads = torch.get_num_threads()
-    results = []
-    for n in (1, 2, 1):
-        torch.set_num_threads(n)
-        loss = F.crd_loss(emb, bank, idx, 4.0, backend=backend)
-        results.append((loss, *torch.autograd.grad(loss, emb)))
-    torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_deterministic(lambda: F.crd_loss(emb, bank, idx, 4.0, backend=backend), [emb])
 
 
 @pytest.mark.parametrize("device,backend", FUSED)

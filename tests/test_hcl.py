@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _compare import LargestTensor, assert_float32_and_unchanged_under_autocast, check_against_reference
+from _compare import (
+    LargestTensor,
+    assert_deterministic,
+    assert_float32_and_unchanged_under_autocast,
+    check_against_reference,
+)
 from conftest import DTYPES, TOL, assert_close_scaled, backends_with_torch, device_backends, triton_backends
 from torch import Tensor
 
@@ -160,16 +165,7 @@ def test_cells_are_the_bin_means(device, backend):
 def test_deterministic(device, backend):
     """Bitwise the same losses and gradients on every call, whatever the thread count."""
     f_s, f_t = pairs(((3, 9, 6, 6), (3, 4, 3, 3)), device=device, seed=31)
-    threads = torch.get_num_threads()
-    results = []
-    for n in (1, 2, 1):
-        torch.set_num_threads(n)
-        losses = KF.hcl_loss(f_s, f_t, reduction="none", backend=backend)
-        results.append((losses, *torch.autograd.grad(losses.sum(), f_s)))
-    torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_deterministic(lambda: KF.hcl_loss(f_s, f_t, reduction="none", backend=backend), f_s)
 
 
 @pytest.mark.parametrize("device,backend", WITH_TORCH)

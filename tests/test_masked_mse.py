@@ -14,7 +14,12 @@ from typing import Any
 
 import pytest
 import torch
-from _compare import LargestTensor, assert_float32_and_unchanged_under_autocast, check_against_reference
+from _compare import (
+    LargestTensor,
+    assert_deterministic,
+    assert_float32_and_unchanged_under_autocast,
+    check_against_reference,
+)
 from conftest import DTYPES, TOL, backends_with_torch, device_backends, triton_backends
 from conftest import feature as conftest_feature
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -235,16 +240,7 @@ def test_deterministic(device, backend):
     x = feature(shape, device=device, requires_grad=True, seed=33)
     y = feature(shape, device=device, requires_grad=True, seed=34)
     mask = spatial_mask(shape, device=device)
-    threads = torch.get_num_threads()
-    results = []
-    for n in (1, 2, 1):
-        torch.set_num_threads(n)
-        loss = F.masked_mse(x, y, mask, "masked_mean", backend=backend)
-        results.append((loss, *torch.autograd.grad(loss, (x, y))))
-    torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_deterministic(lambda: F.masked_mse(x, y, mask, "masked_mean", backend=backend), [x, y])
 
 
 @pytest.mark.parametrize("device,backend", WITH_TORCH)
