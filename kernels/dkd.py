@@ -22,7 +22,7 @@ A target outside [0, K) is never dereferenced: its row's loss and gradient are N
 (masked classes) add 0 where their probability is 0 (kdfast/reference/dkd.py), also when every
 non-target teacher logit is -inf: then ``d = +inf``, which every formula below takes exactly.
 
-Kernel design (helpers in softmax.py, as kd.py): pass 1 streams the classes ``k != g`` only
+Kernel design (helpers in softmax.py and _logits.py, as kd.py): pass 1 streams the classes ``k != g`` only
 (m, l, a of the non-target softmax p'), and gathers the target logits ``z_g``. Everything else
 is per-row algebra on ``d = z_g / T - lse_other`` (the target's log-odds against the rest):
 ``lse = lse_other + softplus(d)``, ``lse_masked = lse_other + softplus(d - 1000)``,
@@ -41,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast.kernels import _common
+from kdfast.kernels import _logits as lg
 from kdfast.kernels import softmax as sm
 
 _MASK = tl.constexpr(1000.0)  # mdistiller's gt-mask magnitude (subtracted from z / T)
@@ -84,34 +85,13 @@ def _dkd_rows(d_s, d_t, temp, alpha, beta, scale):
 
 
 @triton.jit
-def _dkd_row_setup(
-    zs_ptr,
-    zt_ptr,
-    rows,
-    n,
-    stride_s,
-    stride_t,
-    target_ptr,
-    stride_target,
-    t_hi,
-    t_lo,
-    alpha_hi,
-    alpha_lo,
-    beta_hi,
-    beta_lo,
-    ACC: tl.constexpr,
-):
-    """Per-row start of both kernels: the row pointers, T, 1 / T, alpha, beta, the target g and
-    the gathered z_s[g], z_t[g] with g's validity (``rows`` are clamped in bounds)."""
-    zs_rows = zs_ptr + rows * stride_s
-    zt_rows = zt_ptr + rows * stride_t
-    temp = _common.scalar(t_hi, t_lo, ACC)
-    alpha = _common.scalar(alpha_hi, alpha_lo, ACC)
-    beta = _common.scalar(beta_hi, beta_lo, ACC)
+def _dkd_targets(zs_rows, zt_rows, n, rows, target_ptr, stride_target, ACC: tl.constexpr):
+    """The target g of each row (``rows`` are clamped in bounds), the gathered z_s[g], z_t[g] in
+    ACC and g's validity (:func:`softmax.gather`; ``*_rows``: [ROWS] row pointers)."""
     g = tl.load(target_ptr + rows * stride_target)
     zg_s, g_ok = sm.gather(zs_rows, g, n, ACC)
     zg_t, _ = sm.gather(zt_rows, g, n, ACC)
-    return zs_rows, zt_rows, temp, 1.0 / temp, alpha, beta, g, zg_s, zg_t, g_ok
+    return g, zg_s, zg_t, g_ok
 
 
 @sm.row_kernel
@@ -139,31 +119,13 @@ def _dkd_forward_kernel(
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    rows, row_ok = sm.program_rows(batch, ROWS)
-    zs_rows, zt_rows, temp, inv_t, alpha, beta, g, zg_s, zg_t, g_ok = _dkd_row_setup(
-        zs_ptr,
-        zt_ptr,
-        rows,
-        n,
-        stride_s,
-        stride_t,
-        target_ptr,
-        stride_target,
-        t_hi,
-        t_lo,
-        alpha_hi,
-        alpha_lo,
-        beta_hi,
-        beta_lo,
-        ACC,
-    )
-
-    if ONE_BLOCK:
-        cols, valid, zs, zt = sm.load_block(zs_rows[:, None], zt_rows[:, None], 0, n, BLOCK_K, ACC)
-        m_s, l_s, m_t, l_t, a = sm.kl_init(ROWS, ACC)
-        m_s, l_s, m_t, l_t, a = sm.kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, g, inv_t, True)
-    else:
-        m_s, l_s, m_t, l_t, a = sm.kl_stream(zs_rows[:, None], zt_rows[:, None], n, g, inv_t, True, ROWS, BLOCK_K, ACC)
+    rows, row_ok, zs_rows, zt_rows, temp = lg.row_start(zs_ptr, zt_ptr, batch, stride_s, stride_t, t_hi, t_lo, ROWS, ACC)
+    alpha = _common.scalar(alpha_hi, alpha_lo, ACC)
+    beta = _common.scalar(beta_hi, beta_lo, ACC)
+    g, zg_s, zg_t, g_ok = _dkd_targets(zs_rows, zt_rows, n, rows, target_ptr, stride_target, ACC)
+    inv_t = 1.0 / temp
+    block, state = lg.kl_pass(zs_rows, zt_rows, n, g, inv_t, True, ONE_BLOCK, ROWS, BLOCK_K, ACC)
+    m_s, l_s, m_t, l_t, a = state
 
     log_l_s = tl.log(l_s)
     log_l_t = tl.log(l_t)
@@ -190,30 +152,11 @@ def _dkd_forward_kernel(
         bad = tl.where(g_ok, 0.0, float("nan"))  # NaN gradient rows for a target out of range
         c_s += bad
         c_t += bad
-        grad_rows = grad_ptr + rows[:, None] * n
-        if ONE_BLOCK:
-            gr = sm.grad_tile(cols, valid, zs, zt, m_s, log_l_s, c_s, m_t, log_l_t, c_t, g, at_target, inv_t, True)
-            sm.store_grad(grad_rows, cols, valid, row_ok, gr)
-        else:
-            sm.grad_stream(
-                grad_rows,
-                zs_rows[:, None],
-                zt_rows[:, None],
-                n,
-                row_ok,
-                m_s,
-                log_l_s,
-                c_s,
-                m_t,
-                log_l_t,
-                c_t,
-                g,
-                at_target,
-                inv_t,
-                True,
-                BLOCK_K,
-                ACC,
-            )
+        student, teacher = (m_s, log_l_s, c_s), (m_t, log_l_t, c_t)
+        hit = (g, at_target)
+        lg.grad_pass(
+            grad_ptr, rows, row_ok, zs_rows, zt_rows, n, block, student, teacher, hit, inv_t, True, ONE_BLOCK, BLOCK_K, ACC
+        )
 
 
 @sm.row_kernel
@@ -241,48 +184,18 @@ def _dkd_backward_kernel(
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    rows, row_ok = sm.program_rows(batch, ROWS)  # rows are clamped in bounds: unmasked row loads
-    zs_rows, zt_rows, temp, inv_t, alpha, beta, g, zg_s, zg_t, g_ok = _dkd_row_setup(
-        zs_ptr,
-        zt_ptr,
-        rows,
-        n,
-        stride_s,
-        stride_t,
-        target_ptr,
-        stride_target,
-        t_hi,
-        t_lo,
-        alpha_hi,
-        alpha_lo,
-        beta_hi,
-        beta_lo,
-        ACC,
-    )
-    lo_s = tl.load(stats_ptr + rows * stride_stats + 2).to(ACC)  # lse_other_s
-    lo_t = tl.load(stats_ptr + rows * stride_stats + 3).to(ACC)
+    rows, row_ok, zs_rows, zt_rows, temp = lg.row_start(zs_ptr, zt_ptr, batch, stride_s, stride_t, t_hi, t_lo, ROWS, ACC)
+    alpha = _common.scalar(alpha_hi, alpha_lo, ACC)
+    beta = _common.scalar(beta_hi, beta_lo, ACC)
+    g, zg_s, zg_t, g_ok = _dkd_targets(zs_rows, zt_rows, n, rows, target_ptr, stride_target, ACC)
+    inv_t = 1.0 / temp
+    lo_s, lo_t = lg.saved_pair(stats_ptr, stride_stats, rows, 2, ACC)  # lse_other_s, lse_other_t
     scale = tl.load(gl_ptr + rows * stride_gl).to(ACC)
     _, _, _, _, c_s, c_t, at_target = _dkd_rows(zg_s * inv_t - lo_s, zg_t * inv_t - lo_t, temp, alpha, beta, scale)
     bad = tl.where(g_ok, 0.0, float("nan"))
-    zero = tl.zeros([ROWS], ACC)
-    sm.grad_stream(
-        grad_ptr + rows[:, None] * n,
-        zs_rows[:, None],
-        zt_rows[:, None],
-        n,
-        row_ok,
-        zero,
-        lo_s,
-        c_s + bad,
-        zero,
-        lo_t,
-        c_t + bad,
-        g,
-        at_target,
-        inv_t,
-        True,
-        BLOCK_K,
-        ACC,
+    student, teacher = (lo_s, c_s + bad), (lo_t, c_t + bad)
+    lg.grad_from_lse(
+        grad_ptr, rows, row_ok, zs_rows, zt_rows, n, student, teacher, (g, at_target), inv_t, True, ROWS, BLOCK_K, ACC
     )
 
 

@@ -14,7 +14,7 @@ z_s's dtype; the teacher may have any floating dtype (each tensor is read throug
 pointer type, never converted). The reduction over the batch and the scaling by grad_output are
 the caller's.
 
-Kernel design (helpers in softmax.py): one program per ROWS rows, a single-pass online softmax
+Kernel design (helpers in softmax.py and _logits.py): one program per ROWS rows, a single-pass online softmax
 over [ROWS, BLOCK_K] blocks. Pass 1 computes both log-sum-exps and the loss, via
 ``KL = (a / l_t - (m_t - m_s)) / T + log(l_s / l_t)`` from the running maxima m, the rescaled
 sums l and the rescaled pt-weighted log-ratio sum a; pass 2 (with_grad) writes
@@ -26,7 +26,7 @@ B x K is allocated besides the returned gradient; no atomics (deterministic).
 import triton.language as tl
 from torch import Tensor
 
-from kdfast.kernels import _common
+from kdfast.kernels import _logits as lg
 from kdfast.kernels import softmax as sm
 
 _N_STATS = tl.constexpr(2)  # stats columns: lse_s, lse_t
@@ -51,19 +51,11 @@ def _kd_forward_kernel(
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    rows, row_ok = sm.program_rows(batch, ROWS)
-    zs_rows = zs_ptr + rows[:, None] * stride_s
-    zt_rows = zt_ptr + rows[:, None] * stride_t
-    temp = _common.scalar(t_hi, t_lo, ACC)
+    rows, row_ok, zs_rows, zt_rows, temp = lg.row_start(zs_ptr, zt_ptr, batch, stride_s, stride_t, t_hi, t_lo, ROWS, ACC)
     inv_t = 1.0 / temp
     none = rows  # unused: nothing excluded (EXCLUDE=False)
-
-    if ONE_BLOCK:
-        cols, valid, zs, zt = sm.load_block(zs_rows, zt_rows, 0, n, BLOCK_K, ACC)
-        m_s, l_s, m_t, l_t, a = sm.kl_init(ROWS, ACC)
-        m_s, l_s, m_t, l_t, a = sm.kl_step(m_s, l_s, m_t, l_t, a, cols, valid, zs, zt, none, inv_t, False)
-    else:
-        m_s, l_s, m_t, l_t, a = sm.kl_stream(zs_rows, zt_rows, n, none, inv_t, False, ROWS, BLOCK_K, ACC)
+    block, state = lg.kl_pass(zs_rows, zt_rows, n, none, inv_t, False, ONE_BLOCK, ROWS, BLOCK_K, ACC)
+    m_s, l_s, m_t, l_t, a = state
 
     log_l_s = tl.log(l_s)
     log_l_t = tl.log(l_t)
@@ -72,31 +64,12 @@ def _kd_forward_kernel(
     tl.store(stats_ptr + rows * _N_STATS + 1, m_t * inv_t + log_l_t, mask=row_ok)
 
     if WITH_GRAD:
-        grad_rows = grad_ptr + rows[:, None] * n
         coef = tl.full([ROWS], 1.0, ACC) * temp
-        if ONE_BLOCK:
-            g = sm.grad_tile(cols, valid, zs, zt, m_s, log_l_s, coef, m_t, log_l_t, coef, none, coef, inv_t, False)
-            sm.store_grad(grad_rows, cols, valid, row_ok, g)
-        else:
-            sm.grad_stream(
-                grad_rows,
-                zs_rows,
-                zt_rows,
-                n,
-                row_ok,
-                m_s,
-                log_l_s,
-                coef,
-                m_t,
-                log_l_t,
-                coef,
-                none,
-                coef,
-                inv_t,
-                False,
-                BLOCK_K,
-                ACC,
-            )
+        student, teacher = (m_s, log_l_s, coef), (m_t, log_l_t, coef)
+        hit = (none, coef)
+        lg.grad_pass(
+            grad_ptr, rows, row_ok, zs_rows, zt_rows, n, block, student, teacher, hit, inv_t, False, ONE_BLOCK, BLOCK_K, ACC
+        )
 
 
 @sm.row_kernel
@@ -118,31 +91,12 @@ def _kd_backward_kernel(
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    rows, row_ok = sm.program_rows(batch, ROWS)  # rows are clamped in bounds: unmasked row loads
-    temp = _common.scalar(t_hi, t_lo, ACC)
+    rows, row_ok, zs_rows, zt_rows, temp = lg.row_start(zs_ptr, zt_ptr, batch, stride_s, stride_t, t_hi, t_lo, ROWS, ACC)
     inv_t = 1.0 / temp
     coef = tl.load(gl_ptr + rows * stride_gl).to(ACC) * temp
-    lse_s = tl.load(stats_ptr + rows * stride_stats).to(ACC)
-    lse_t = tl.load(stats_ptr + rows * stride_stats + 1).to(ACC)
-    zero = tl.zeros([ROWS], ACC)
-    sm.grad_stream(
-        grad_ptr + rows[:, None] * n,
-        zs_ptr + rows[:, None] * stride_s,
-        zt_ptr + rows[:, None] * stride_t,
-        n,
-        row_ok,
-        zero,
-        lse_s,
-        coef,
-        zero,
-        lse_t,
-        coef,
-        rows,
-        coef,
-        inv_t,
-        False,
-        BLOCK_K,
-        ACC,
+    lse_s, lse_t = lg.saved_pair(stats_ptr, stride_stats, rows, 0, ACC)
+    lg.grad_from_lse(
+        grad_ptr, rows, row_ok, zs_rows, zt_rows, n, (lse_s, coef), (lse_t, coef), (rows, coef), inv_t, False, ROWS, BLOCK_K, ACC
     )
 
 
