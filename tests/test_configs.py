@@ -15,8 +15,8 @@ import yaml
 from kdfast import distillers, models
 from kdfast.distillers.dkd import DKDParams
 from kdfast.engine import load_config
+from kdfast.engine.assembly import build_distiller, image_size
 from kdfast.engine.config import CONFIG_DIR, Config, ConfigError, students
-from kdfast.engine.trainer import build_distiller, image_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # batches of 2: threads only add overhead
 

@@ -15,8 +15,8 @@ from kdfast.distillers.base import sum_losses
 from kdfast.distillers.lakd import LAKD, LAKDParams
 from kdfast.distillers.local import LocalModules, stage_boundaries
 from kdfast.engine import ConfigError, load_config, train
+from kdfast.engine.assembly import image_size
 from kdfast.engine.results import LiveTensorBytes
-from kdfast.engine.trainer import image_size
 from kdfast.reference import block_attention as ref_ba
 from kdfast.reference import kd as ref_kd
 

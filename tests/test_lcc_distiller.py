@@ -15,7 +15,7 @@ from kdfast.distillers.lcc import LCC, LCCParams
 from kdfast.distillers.rkd import RKDParams
 from kdfast.distillers.sp import SPParams
 from kdfast.engine import bench, checkpoint, load_config, train
-from kdfast.engine.trainer import image_size
+from kdfast.engine.assembly import image_size
 from kdfast.nn import ClassAwareAttention
 from kdfast.reference import kd as ref_kd
 from kdfast.reference import lcc as ref_lcc

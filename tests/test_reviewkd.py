@@ -17,7 +17,7 @@ from torch import Tensor
 from kdfast import distillers, models
 from kdfast.distillers.reviewkd import ReviewKDParams
 from kdfast.engine import checkpoint, load_config, train
-from kdfast.engine.trainer import image_size
+from kdfast.engine.assembly import image_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

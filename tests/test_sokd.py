@@ -21,8 +21,8 @@ from kdfast.distillers.sokd.dafa import DAFA, SUB_POLICIES, apply_op, op_value
 from kdfast.distillers.sokd.dam import DAMHead, box_mask, mutual_interest_mask, peak_boxes
 from kdfast.distillers.sokd.distiller import SoKDParams
 from kdfast.engine import checkpoint, load_config, train
+from kdfast.engine.assembly import image_size
 from kdfast.engine.config import CONFIG_DIR, ConfigError
-from kdfast.engine.trainer import image_size
 
 BASES = ("fitnet", "at", "lcc", "reviewkd")
 

@@ -44,7 +44,7 @@ from kdfast import distillers, models
 from kdfast.data import build_loaders
 from kdfast.distillers.base import sum_losses
 from kdfast.engine import checkpoint, distributed, report
-from kdfast.engine.assembly import StudentParts, build_distiller, build_run, image_size
+from kdfast.engine.assembly import StudentParts, build_run
 from kdfast.engine.config import Config, ConfigError, to_dict
 from kdfast.engine.config import students as config_students
 from kdfast.engine.distributed import Dist, all_reduce_sum, process_share
@@ -60,8 +60,6 @@ __all__ = [
     "train_students",
     "evaluate",
     "autocast",
-    "build_distiller",  # kdfast.engine.assembly's, as image_size
-    "image_size",
     "distill_step",
     "teacher_features",
     "set_deterministic",
