@@ -4,12 +4,13 @@ No op module imports a private name of another one: a helper two modules need li
 public name. Family libraries keep their own public APIs (``softmax.py``: the streaming row
 softmax of KD and DKD; ``relational.py``: the Gram tiles of SP and RKD).
 
-* host: dtype tables, the launch device context, the SM count, argument checks, the alignment
-  and stage-chunking rules of the launches that take per-stage tuple arguments (AT,
-  block_attention, map_distance), float scalars passed as two float32 values;
+* host: dtype tables, the launch device context, the SM count, argument checks, the memory
+  layout of strided launches (block_attention, HCL), the alignment and stage-chunking rules of the
+  launches that take per-stage tuple arguments (AT, block_attention, HCL, map_distance), float
+  scalars passed as two float32 values;
 * device (``@triton.jit``, inlined where called: no cost): a correctly rounded sqrt, ``log1p``,
-  the feature power ``g(x) = |x|^p`` of AT and its derivative, runtime selection from tuple
-  arguments.
+  the feature power ``g(x) = |x|^p`` of AT and its derivative, the offsets and loads of a
+  [channels, positions] tile in a launch's layout, runtime selection from tuple arguments.
 """
 
 import contextlib
@@ -81,6 +82,33 @@ def split_scalar(x: float) -> tuple[float, float]:
     return hi, struct.unpack("f", struct.pack("f", lo))[0] if math.isfinite(lo) else 0.0
 
 
+# Memory layouts of a launch that reads (B, C, H, W) tensors through strides (the LAYOUT constexpr
+# of block_attention and HCL, chosen by :func:`layout_of`).
+CONTIGUOUS = 0  # every tensor has its positions y * W + x at unit stride
+CHANNELS_LAST = 1  # every tensor has unit channel stride and positions that flatten to one stride
+STRIDED = 2  # anything else: read through the c, y, x strides
+
+
+def _hw_unit(t: Tensor) -> bool:
+    """Whether positions y * W + x of ``t`` are at unit stride (contiguous per channel)."""
+    _, _, h, w = t.shape
+    return (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)
+
+
+def _channels_unit(t: Tensor) -> bool:
+    """Whether ``t`` has unit channel stride and positions that flatten to one stride."""
+    _, c, h, w = t.shape
+    return (c == 1 or t.stride(1) == 1) and (h == 1 or w == 1 or t.stride(2) == w * t.stride(3))
+
+
+def layout_of(tensors: Iterable[Tensor]) -> int:
+    """The LAYOUT of a launch over 4-D ``tensors``: CONTIGUOUS, else CHANNELS_LAST, else STRIDED."""
+    tensors = list(tensors)
+    if all(_hw_unit(t) for t in tensors):
+        return CONTIGUOUS
+    return CHANNELS_LAST if all(_channels_unit(t) for t in tensors) else STRIDED
+
+
 def hw_stride(t: Tensor) -> int:
     """Stride of the flattened positions of a (B, C, H, W) tensor (valid where h and w flatten
     into one)."""
@@ -100,6 +128,11 @@ def alignment(values: Iterable[int]) -> int:
 def chunks(items: Sequence[T], size: int = MAX_STAGES) -> list[Sequence[T]]:
     """``items`` in consecutive launches of at most ``size`` (the tuple arguments' length)."""
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def stage_slices(count: int, size: int = MAX_STAGES) -> list[slice]:
+    """The stages ``0 .. count - 1`` in consecutive launches of at most ``size``, as slices."""
+    return [slice(lo, min(lo + size, count)) for lo in range(0, count, size)]
 
 
 def int_power(p: float) -> int:
@@ -177,6 +210,29 @@ def feature_power_grad(x, P: tl.constexpr, INT_P: tl.constexpr, ODD_SIGNED: tl.c
 
 
 @triton.jit
+def tile_offsets(offs_c, offs_hw, width, sc, sy, sx, LAYOUT: tl.constexpr):
+    """[BLOCK_C, BLOCK_HW] element offsets of channels offs_c at positions offs_hw (y * width + x)
+    of a tensor with (c, y, x) strides sc, sy, sx; the unit stride of the LAYOUT (:func:`layout_of`)
+    is a literal 1 (with CHANNELS_LAST, sx is the stride of the flattened positions)."""
+    if LAYOUT == 0:
+        offs = offs_c[:, None] * sc + offs_hw[None, :]
+    elif LAYOUT == 1:
+        offs = offs_c[:, None] + offs_hw[None, :] * sx
+    else:
+        y = offs_hw // width
+        offs = offs_c[:, None] * sc + (y * sy + (offs_hw - y * width) * sx)[None, :]
+    return offs
+
+
+@triton.jit
+def read_tile(view, offs_c, offs_hw, width, mask, LAYOUT: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_C, BLOCK_HW] of a sample ``view`` = (pointer, c, y, x strides) at channels offs_c and
+    positions offs_hw (:func:`tile_offsets`), in ACC (0 outside ``mask``)."""
+    offs = tile_offsets(offs_c, offs_hw, width, view[1], view[2], view[3], LAYOUT)
+    return tl.load(view[0] + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def pick(values, i):
     """``values[i]`` of a tuple of pointer arguments, for a runtime index i (selects, no branch)."""
     v = values[0]
@@ -187,19 +243,22 @@ def pick(values, i):
 
 @triton.jit
 def pick_int(values, i, DTYPE: tl.constexpr):
-    """``values[i]`` of a tuple of integer arguments, for a runtime index i, as a DTYPE scalar."""
+    """``values[i]`` of a tuple of integer arguments, for a runtime index i, as a DTYPE scalar.
+    Every value is made a DTYPE scalar first (``tl.full``): Triton passes an integer argument equal
+    to 1 as a constexpr, and a runtime one converts as ``tl.where`` would convert it."""
     v = tl.full([], values[0], DTYPE)
     for r in tl.static_range(1, len(values)):
-        v = tl.where(i == r, values[r], v)
+        v = tl.where(i == r, tl.full([], values[r], DTYPE), v)
     return v
 
 
 @triton.jit
 def pick_field(rows, i, COL: tl.constexpr, DTYPE: tl.constexpr):
-    """``rows[i][COL]`` of a tuple of integer tuples, for a runtime index i, as a DTYPE scalar."""
+    """``rows[i][COL]`` of a tuple of integer tuples, for a runtime index i, as a DTYPE scalar
+    (each value made a DTYPE scalar first, as in :func:`pick_int`)."""
     v = tl.full([], rows[0][COL], DTYPE)
     for r in tl.static_range(1, len(rows)):
-        v = tl.where(i == r, rows[r][COL], v)
+        v = tl.where(i == r, tl.full([], rows[r][COL], DTYPE), v)
     return v
 
 

@@ -61,25 +61,25 @@ from torch import Tensor
 
 from kdfast.kernels import _common
 from kdfast.kernels._common import (
-    MAX_STAGES,
+    CHANNELS_LAST,
+    CONTIGUOUS,
+    STRIDED,
     TL_DTYPES,
     acc_dtype,
     alignment,
     feature_power,
     feature_power_grad,
     hw_stride,
+    layout_of,
     on_device,
     pick,
     pick_field,
+    read_tile,
     sqrt_rn,
+    stage_slices,
 )
 
 _EPS = tl.constexpr(1e-12)
-
-# Memory layouts of a launch (the LAYOUT constexpr).
-_CONTIGUOUS = 0  # every tensor has its positions y * W + x at unit stride
-_CHANNELS_LAST = 1  # every tensor has unit channel stride and positions that flatten to one stride
-_STRIDED = 2  # anything else: read through the 4 strides
 
 # Per-module kernel arguments: ``dims[r]`` = (Cs, Hs, Ws, Ct, H, W) and ``strides[r]``, the
 # (b, c, y, x) strides of f_s, h_s and f_t (a stride of a size-1 dim is 0; with channels_last the
@@ -140,46 +140,25 @@ def _sample(ptrs, strides, r, COL: tl.constexpr, b, LAYOUT: tl.constexpr, ALIGN:
 
 
 @triton.jit
-def _offsets(offs_c, offs_hw, width, sc, sy, sx, LAYOUT: tl.constexpr):
-    """[BLOCK_C, BLOCK_HW] element offsets of channels offs_c at positions offs_hw (y * width + x);
-    the unit stride of the layout is a literal 1."""
-    if LAYOUT == 0:
-        offs = offs_c[:, None] * sc + offs_hw[None, :]
-    elif LAYOUT == 1:
-        offs = offs_c[:, None] + offs_hw[None, :] * sx
-    else:
-        y = offs_hw // width
-        offs = offs_c[:, None] * sc + (y * sy + (offs_hw - y * width) * sx)[None, :]
-    return offs
-
-
-@triton.jit
 def _mask(offs_c, offs_hw, channels, hw):
     return (offs_c < channels)[:, None] & (offs_hw < hw)[None, :]
 
 
 @triton.jit
-def _read(view, offs_c, offs_hw, width, mask, LAYOUT: tl.constexpr, ACC: tl.constexpr):
-    """[BLOCK_C, BLOCK_HW] of a sample ``view`` = (pointer, c, y, x strides) of :func:`_sample` at
-    channels offs_c and positions offs_hw, in ACC (0 outside ``mask``)."""
-    offs = _offsets(offs_c, offs_hw, width, view[1], view[2], view[3], LAYOUT)
-    return tl.load(view[0] + offs, mask=mask, other=0.0).to(ACC)
-
-
-@triton.jit
 def _read_pair(h, t, offs_c, offs_hw, width, mask, LAYOUT: tl.constexpr, ACC: tl.constexpr):
     """(t, h - t) of the sample views ``h`` and ``t`` at channels offs_c and positions offs_hw."""
-    tv = _read(t, offs_c, offs_hw, width, mask, LAYOUT, ACC)
-    return tv, _read(h, offs_c, offs_hw, width, mask, LAYOUT, ACC) - tv
+    tv = read_tile(t, offs_c, offs_hw, width, mask, LAYOUT, ACC)
+    return tv, read_tile(h, offs_c, offs_hw, width, mask, LAYOUT, ACC) - tv
 
 
 @triton.jit
 def _locate(batch, splits_c, splits_hw):
-    """(module, sample, channel split, position split) of this program."""
+    """(module, sample, split) of this program, ``split = (channel split, splits_c, position split,
+    splits_hw)`` (:func:`_split_ranges`)."""
     pid = tl.program_id(0)
     split = pid % (splits_c * splits_hw)
     rest = pid // (splits_c * splits_hw)
-    return rest // batch, rest % batch, split % splits_c, split // splits_c
+    return rest // batch, rest % batch, (split % splits_c, splits_c, split // splits_c, splits_hw)
 
 
 @triton.jit
@@ -189,6 +168,16 @@ def _range(split, n_splits, extent, BLOCK: tl.constexpr):
     per = tl.cdiv(tl.cdiv(extent, BLOCK), n_splits) * BLOCK
     lo = split * per
     return lo, tl.minimum(lo + per, extent)
+
+
+@triton.jit
+def _split_ranges(split, geometry, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """[c_lo, c_hi) and [hw_lo, hw_hi): the program's channels (BLOCK_C blocks) and positions
+    (BLOCK_HW blocks) of a module tensor of ``geometry`` (C, H, W, H W) (:func:`_dims`), for its
+    ``split`` (:func:`_locate`)."""
+    c_lo, c_hi = _range(split[0], split[1], geometry[0], BLOCK_C)
+    hw_lo, hw_hi = _range(split[2], split[3], geometry[3], BLOCK_HW)
+    return c_lo, c_hi, hw_lo, hw_hi
 
 
 @triton.jit
@@ -271,10 +260,7 @@ def _weights(a_t, height, width, GRID: tl.constexpr, G2: tl.constexpr):
 @triton.jit
 def _pooled_partial(
     x,
-    channels,
-    height,
-    width,
-    hw,
+    geometry,
     c_lo,
     c_hi,
     hw_lo,
@@ -288,15 +274,16 @@ def _pooled_partial(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """[G2] bin sums of ``sum_c |x|^p`` (``x`` a sample view) over channels [c_lo, c_hi) and
-    positions [hw_lo, hw_hi)."""
+    """[G2] bin sums of ``sum_c |x|^p`` (``x`` a sample view, ``geometry`` its (C, H, W, H W)) over
+    channels [c_lo, c_hi) and positions [hw_lo, hw_hi)."""
+    channels, height, width, hw = geometry
     acc = tl.zeros([G2], ACC)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         m = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
         for c0 in range(c_lo, c_hi, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            v = _read(x, offs_c, offs_hw, width, _mask(offs_c, offs_hw, channels, hw), LAYOUT, ACC)
+            v = read_tile(x, offs_c, offs_hw, width, _mask(offs_c, offs_hw, channels, hw), LAYOUT, ACC)
             m += feature_power(v, P, INT_P, False)
         acc += _bin_sums(_bins(offs_hw, hw, height, width, GRID, G2), tl.sum(m, axis=0))
     return acc
@@ -306,10 +293,7 @@ def _pooled_partial(
 def _dense_partial(
     h,
     t,
-    channels,
-    height,
-    width,
-    hw,
+    geometry,
     c_lo,
     c_hi,
     hw_lo,
@@ -324,8 +308,10 @@ def _dense_partial(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """fb == 0 over the sample views (h, t) in the range: (the teacher's [G2] bin sums of ``sum_c |t|^p``, the
-    feature term ``sum (h - t)^2``: per cell [G2] when WEIGHTED, else its total in element 0)."""
+    """fb == 0 over the sample views (h, t) (``geometry``: their (C, H, W, H W)) in the range: (the
+    teacher's [G2] bin sums of ``sum_c |t|^p``, the feature term ``sum (h - t)^2``: per cell [G2]
+    when WEIGHTED, else its total in element 0)."""
+    channels, height, width, hw = geometry
     p_t = tl.zeros([G2], ACC)
     feat = tl.zeros([G2], ACC)
     total = tl.zeros([BLOCK_HW], ACC)
@@ -354,10 +340,7 @@ def _block_diffs(
     h,
     t,
     offs_c,
-    channels,
-    height,
-    width,
-    hw,
+    geometry,
     p_t,
     ACC: tl.constexpr,
     P: tl.constexpr,
@@ -371,10 +354,11 @@ def _block_diffs(
     BLOCK_CF: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """D [BLOCK_CF, FG2] of the channels offs_c (pooled differences of the sample views h and t
-    over the fb x fb bins: ``(h - t) [channels, positions] x membership [positions, bins]`` by
-    ``tl.dot`` in full precision), and with MAP_T the teacher's bin sums of ``|t|^p`` of these
-    channels added to p_t."""
+    """D [BLOCK_CF, FG2] of the channels offs_c (pooled differences of the sample views h and t,
+    ``geometry`` their (C, H, W, H W), over the fb x fb bins: ``(h - t) [channels, positions] x
+    membership [positions, bins]`` by ``tl.dot`` in full precision), and with MAP_T the teacher's
+    bin sums of ``|t|^p`` of these channels added to p_t."""
+    channels, height, width, hw = geometry
     diffs = tl.zeros([BLOCK_CF, FG2], ACC)
     for hw0 in range(0, hw, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
@@ -415,29 +399,25 @@ def _partials_kernel(
     BLOCK_HW: tl.constexpr,
 ):
     """part[program] = [bin sums of P_s, of P_t, feature term] of one (module, sample, split)."""
-    r, b, split_c, split_hw = _locate(batch, splits_c, splits_hw)
-    cs, hs_, ws, hw_s = _dims(dims, r, _DIMS_S, LAYOUT, ALIGN)
+    r, b, split = _locate(batch, splits_c, splits_hw)
+    student = _dims(dims, r, _DIMS_S, LAYOUT, ALIGN)
     f = _sample(fs, strides, r, _FS, b, LAYOUT, ALIGN)
-    c_lo, c_hi = _range(split_c, splits_c, cs, BLOCK_C)
-    hw_lo, hw_hi = _range(split_hw, splits_hw, hw_s, BLOCK_HW)
-    p_s = _pooled_partial(f, cs, hs_, ws, hw_s, c_lo, c_hi, hw_lo, hw_hi, ACC, P, INT_P, GRID, G2, LAYOUT, BLOCK_C, BLOCK_HW)
+    c_lo, c_hi, hw_lo, hw_hi = _split_ranges(split, student, BLOCK_C, BLOCK_HW)
+    p_s = _pooled_partial(f, student, c_lo, c_hi, hw_lo, hw_hi, ACC, P, INT_P, GRID, G2, LAYOUT, BLOCK_C, BLOCK_HW)
     # the connector output and the teacher: looked up only now (shorter live ranges)
-    ct, height, width, hw = _dims(dims, r, _DIMS_T, LAYOUT, ALIGN)
+    teacher = _dims(dims, r, _DIMS_T, LAYOUT, ALIGN)
     h = _sample(hs, strides, r, _HS, b, LAYOUT, ALIGN)
     t = _sample(ft, strides, r, _FT, b, LAYOUT, ALIGN)
     if FGRID > 0:
         p_t = tl.zeros([G2], ACC)
         sq = tl.zeros([BLOCK_CF, FG2], ACC)
-        c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_CF)
+        c_lo, c_hi, _, _ = _split_ranges(split, teacher, BLOCK_CF, BLOCK_HW)
         for c0 in range(c_lo, c_hi, BLOCK_CF):
             diffs, p_t = _block_diffs(
                 h,
                 t,
                 c0 + tl.arange(0, BLOCK_CF),
-                ct,
-                height,
-                width,
-                hw,
+                teacher,
                 p_t,
                 ACC,
                 P,
@@ -454,15 +434,11 @@ def _partials_kernel(
             sq += diffs * diffs
         feat = tl.where(tl.arange(0, G2) == 0, tl.sum(tl.sum(sq, axis=1), axis=0), 0.0)
     else:
-        c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_C)
-        hw_lo, hw_hi = _range(split_hw, splits_hw, hw, BLOCK_HW)
+        c_lo, c_hi, hw_lo, hw_hi = _split_ranges(split, teacher, BLOCK_C, BLOCK_HW)
         p_t, feat = _dense_partial(
             h,
             t,
-            ct,
-            height,
-            width,
-            hw,
+            teacher,
             c_lo,
             c_hi,
             hw_lo,
@@ -566,9 +542,11 @@ def _backward_kernel(
     BLOCK_HW: tl.constexpr,
 ):
     """grad_f_s and grad_h_s (contiguous) of one (module, sample, split)'s channels and positions."""
-    r, b, split_c, split_hw = _locate(batch, splits_c, splits_hw)
-    cs, hs_, ws, hw_s = _dims(dims, r, _DIMS_S, LAYOUT, ALIGN)
-    ct, height, width, hw = _dims(dims, r, _DIMS_T, LAYOUT, ALIGN)
+    r, b, split = _locate(batch, splits_c, splits_hw)
+    student = _dims(dims, r, _DIMS_S, LAYOUT, ALIGN)
+    teacher = _dims(dims, r, _DIMS_T, LAYOUT, ALIGN)
+    cs, hs_, ws, hw_s = student
+    ct, height, width, hw = teacher
     f = _sample(fs, strides, r, _FS, b, LAYOUT, ALIGN)
     g_fs = pick(grads_fs, r) + b * (cs * hw_s).to(tl.int64)
     grad_map = tl.load(grad_terms + r * 2 + 1)
@@ -581,15 +559,14 @@ def _backward_kernel(
     d_a = grad_map * 2.0 * (a_s - a_t) / (batch * GRID * GRID).to(ACC)
     proj = tl.where(n_s >= _EPS, tl.sum(a_s * d_a, axis=0), 0.0)
     d_p = (d_a - a_s * proj) * inv_s * _inv_area(hs_, ws, ACC, GRID, G2) / cs.to(ACC)
-    c_lo, c_hi = _range(split_c, splits_c, cs, BLOCK_C)
-    hw_lo, hw_hi = _range(split_hw, splits_hw, hw_s, BLOCK_HW)
+    c_lo, c_hi, hw_lo, hw_hi = _split_ranges(split, student, BLOCK_C, BLOCK_HW)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         d_m = _spread(_bins(offs_hw, hw_s, hs_, ws, GRID, G2), d_p)
         for c0 in range(c_lo, c_hi, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = _mask(offs_c, offs_hw, cs, hw_s)
-            v = _read(f, offs_c, offs_hw, ws, mask, LAYOUT, ACC)
+            v = read_tile(f, offs_c, offs_hw, ws, mask, LAYOUT, ACC)
             grad = d_m[None, :] * feature_power_grad(v, P, INT_P, False)
             tl.store(g_fs + offs_c[:, None] * hw_s + offs_hw[None, :], grad.to(g_fs.dtype.element_ty), mask=mask)
 
@@ -601,29 +578,11 @@ def _backward_kernel(
     if FGRID > 0:
         coef = grad_feat * 2.0 / (batch.to(ACC) * ct.to(ACC) * FGRID * FGRID)
         inv_area = _inv_area(height, width, ACC, FGRID, FG2)
-        c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_CF)
+        c_lo, c_hi, _, _ = _split_ranges(split, teacher, BLOCK_CF, BLOCK_HW)
         for c0 in range(c_lo, c_hi, BLOCK_CF):
             offs_c = c0 + tl.arange(0, BLOCK_CF)
             diffs = _block_diffs(
-                h,
-                t,
-                offs_c,
-                ct,
-                height,
-                width,
-                hw,
-                tl.zeros([G2], ACC),
-                ACC,
-                P,
-                INT_P,
-                GRID,
-                G2,
-                FGRID,
-                FG2,
-                False,
-                LAYOUT,
-                BLOCK_CF,
-                BLOCK_HW,
+                h, t, offs_c, teacher, tl.zeros([G2], ACC), ACC, P, INT_P, GRID, G2, FGRID, FG2, False, LAYOUT, BLOCK_CF, BLOCK_HW
             )[0]
             d_bins = coef * diffs * inv_area[None, :]
             for hw0 in range(0, hw, BLOCK_HW):
@@ -638,8 +597,7 @@ def _backward_kernel(
     else:
         coef = grad_feat * 2.0 / (batch.to(ACC) * ct.to(ACC) * hw.to(ACC))
         wk = _weights(a_t, height, width, GRID, G2)
-        c_lo, c_hi = _range(split_c, splits_c, ct, BLOCK_C)
-        hw_lo, hw_hi = _range(split_hw, splits_hw, hw, BLOCK_HW)
+        c_lo, c_hi, hw_lo, hw_hi = _split_ranges(split, teacher, BLOCK_C, BLOCK_HW)
         for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
             offs_hw = hw0 + tl.arange(0, BLOCK_HW)
             w = tl.full([BLOCK_HW], coef, ACC)
@@ -656,30 +614,12 @@ def _backward_kernel(
 # ----------------------------------------------------------------------------- host helpers
 
 
-def _channels_unit(t: Tensor) -> bool:
-    """Whether ``t`` has unit channel stride and positions that flatten to one stride."""
-    _, c, h, w = t.shape
-    return (c == 1 or t.stride(1) == 1) and (h == 1 or w == 1 or t.stride(2) == w * t.stride(3))
-
-
-def _hw_unit(t: Tensor) -> bool:
-    """Whether positions y * W + x of ``t`` are at unit stride (contiguous per channel)."""
-    _, _, h, w = t.shape
-    return (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)
-
-
-def _layout(tensors: list[Tensor]) -> int:
-    if all(_hw_unit(t) for t in tensors):
-        return _CONTIGUOUS
-    return _CHANNELS_LAST if all(_channels_unit(t) for t in tensors) else _STRIDED
-
-
 def _strides(t: Tensor, layout: int) -> tuple[int, int, int, int]:
     """(b, c, y, x) strides, 0 for a dim of size 1; with channels_last the x column is the stride
     of the flattened positions."""
     b, c, h, w = t.shape
-    x = hw_stride(t) if layout == _CHANNELS_LAST else t.stride(3)
-    x_size = h * w if layout == _CHANNELS_LAST else w
+    x = hw_stride(t) if layout == CHANNELS_LAST else t.stride(3)
+    x_size = h * w if layout == CHANNELS_LAST else w
     s_b, s_c, s_y, s_x = (
         st if size > 1 else 0 for size, st in ((b, t.stride(0)), (c, t.stride(1)), (h, t.stride(2)), (x_size, x))
     )
@@ -690,12 +630,12 @@ def _alignment(tensors: list[Tensor], layout: int) -> int:
     """ALIGN: the largest power of two (<= 16) dividing every data pointer (in elements), batch
     stride, non-unit stride (c for contiguous, positions for channels_last) and unit-axis extent
     of ``tensors``; 1 for other layouts."""
-    if layout == _STRIDED:
+    if layout == STRIDED:
         return 1
     values = []
     for t in tensors:
         sb, sc, _, sx = _strides(t, layout)
-        extent, stride = (t.size(2) * t.size(3), sc) if layout == _CONTIGUOUS else (t.size(1), sx)
+        extent, stride = (t.size(2) * t.size(3), sc) if layout == CONTIGUOUS else (t.size(1), sx)
         values += [t.data_ptr() // t.element_size(), sb, stride, extent]
     return alignment(values)
 
@@ -719,7 +659,7 @@ def _blocks(tensors: list[Tensor], layout: int, bins: int) -> tuple[int, int]:
     hw = triton.next_power_of_2(max(t.size(2) * t.size(3) for t in tensors))
     channels = triton.next_power_of_2(max(t.size(1) for t in tensors))
     hw_max = max(_TILE // bins, _BLOCK_MIN)
-    if layout == _CHANNELS_LAST:
+    if layout == CHANNELS_LAST:
         block_c = min(max(channels, _BLOCK_MIN), _UNIT_BLOCK_MAX)
         return block_c, max(min(hw, _TILE // block_c, hw_max), _BLOCK_MIN)
     block_hw = min(max(hw, _BLOCK_MIN), _UNIT_BLOCK_MAX, hw_max)
@@ -770,11 +710,11 @@ def _plan(
     backward: bool = False,
 ) -> _Plan:
     tensors = [*f_s, *h_s, *f_t]
-    layout = _layout(tensors)
+    layout = layout_of(tensors)
     g2 = triton.next_power_of_2(grid * grid)
     fg2 = max(triton.next_power_of_2(feature_grid**2), _BLOCK_MIN) if feature_grid > 0 else 1
     block_c, block_hw = _blocks(tensors, layout, max(g2, fg2))
-    if feature_grid > 0 and layout == _CHANNELS_LAST:
+    if feature_grid > 0 and layout == CHANNELS_LAST:
         block_hw = min(block_hw, _CL_DOT_K)
     block_cf = max(_BLOCK_MIN, min(block_c, _d_channels(fg2, backward), _TILE // block_hw)) if feature_grid > 0 else block_c
     splits_c, splits_hw = _splits(f_s, h_s, block_c, block_cf, block_hw, feature_grid == 0, f_s[0].device)
@@ -851,11 +791,6 @@ def _check(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _module_chunks(count: int) -> list[slice]:
-    """The modules of each launch (tuple arguments of at most _MAX_STAGES modules)."""
-    return [slice(lo, min(lo + MAX_STAGES, count)) for lo in range(0, count, MAX_STAGES)]
-
-
 def block_attention_forward(
     f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, power: float, feature_grid: int, teacher_weighting: bool
 ) -> tuple[Tensor, Tensor]:
@@ -872,7 +807,7 @@ def block_attention_forward(
     maps = torch.empty((len(f_s), 2, batch, grid * grid), dtype=acc, device=device)
     block_s = min(triton.next_power_of_2(plan.splits), max(_TILE // c["G2"], 1))
     with on_device(device):
-        for m in _module_chunks(len(f_s)):
+        for m in stage_slices(len(f_s)):
             args = _module_args(f_s[m], h_s[m], f_t[m], c["LAYOUT"])
             modules = len(args[0])
             _partials_kernel[(modules * batch * plan.splits,)](
@@ -925,7 +860,7 @@ def block_attention_backward(
     grad_terms = grad_terms.to(acc).contiguous()
     maps = maps.contiguous()
     with on_device(device):
-        for m in _module_chunks(len(f_s)):
+        for m in stage_slices(len(f_s)):
             fs, hs, ft, dims, strides = _module_args(f_s[m], h_s[m], f_t[m], plan.constexprs["LAYOUT"])
             _backward_kernel[(len(fs) * batch * plan.splits,)](
                 fs,

@@ -10,7 +10,7 @@ Per stage (B, C, H, W) with ``d = fs - ft``, the active levels ``l_j < H`` (weig
     full     = 1 / (B C H W tot),  scale_k = w_j(k) / (B C l_j(k)^2 tot)
     d fs     = 2 g (full d + sum_{bins k holding (y, x)} scale_k D[c, k] / area_k)
 
-Launch design. Every launcher covers all stages (up to _MAX_STAGES; more are chunked) in ONE
+Launch design. Every launcher covers all stages (up to _common.MAX_STAGES; more are chunked) in ONE
 launch and allocates nothing on the host but its outputs: the stages' tensors, sizes, strides and
 first program ids are kernel arguments (tuples; a program selects its stage's values with a static
 loop over them), the bins and weights are computed in the kernel from the levels (constexprs) and
@@ -29,6 +29,7 @@ before any arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -36,9 +37,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast.kernels._common import TL_DTYPES, acc_dtype, on_device, pick
+from kdfast.kernels._common import (
+    CHANNELS_LAST,
+    TL_DTYPES,
+    acc_dtype,
+    layout_of,
+    on_device,
+    pick,
+    pick_field,
+    pick_int,
+    read_tile,
+    stage_of,
+    stage_slices,
+    tile_offsets,
+)
 
-_MAX_STAGES = 8  # stages per launch (tuple arguments); longer lists are launched in chunks
 _MAX_LEVELS = 4
 _MAX_CELLS = 32  # bins of all levels together (sum l^2): the peers' 4, 2, 1 has 21
 _BLOCK_MIN = 16  # tl.dot's smallest dimension
@@ -54,11 +67,6 @@ _DOT_K = 16
 _FINISH_BLOCK = 1024
 _NUM_WARPS = 8  # see _DOT_K
 
-# Layouts of a launch (the LAYOUT constexpr).
-_CONTIGUOUS = 0  # every tensor has its positions y * W + x at unit stride
-_CHANNELS_LAST = 1  # every tensor has unit channel stride and positions that flatten to one stride
-_STRIDED = 2  # anything else: read through the c, y, x strides
-
 # Columns of a stage's row of ``strides``: f_s, f_t, grad (c, y, x each; batch separately).
 _S = tl.constexpr(0)
 _T = tl.constexpr(4)
@@ -66,25 +74,6 @@ _G = tl.constexpr(8)
 
 
 # ----------------------------------------------------------------------------- device helpers
-
-
-@triton.jit
-def _field(rows, i, COL: tl.constexpr, DTYPE: tl.constexpr):
-    """``rows[i][COL]`` of a tuple of integer tuples, for a runtime index i, as a DTYPE scalar (an
-    integer argument equal to 1 is a constexpr: materialised first)."""
-    v = tl.full([], rows[0][COL], DTYPE)
-    for r in tl.static_range(1, len(rows)):
-        v = tl.where(i == r, tl.full([], rows[r][COL], DTYPE), v)
-    return v
-
-
-@triton.jit
-def _stage_of(pid, firsts):
-    """Index s of the stage whose programs ``firsts[s] .. firsts[s + 1] - 1`` hold ``pid``."""
-    s = tl.zeros([], tl.int32)
-    for r in tl.static_range(1, len(firsts) - 1):
-        s += (pid >= firsts[r]).to(tl.int32)
-    return s
 
 
 @triton.jit
@@ -155,61 +144,50 @@ def _membership(offs_hw, hw, width, y0, y1, x0, x1):
 
 
 @triton.jit
-def _offsets(offs_c, offs_hw, width, sc, sy, sx, LAYOUT: tl.constexpr):
-    """[BLOCK_C, BLOCK_HW] element offsets of channels offs_c at positions offs_hw (y * width + x);
-    the unit stride of the layout is a literal 1."""
-    if LAYOUT == 0:
-        offs = offs_c[:, None] * sc + offs_hw[None, :]
-    elif LAYOUT == 1:
-        offs = offs_c[:, None] + offs_hw[None, :] * sx
-    else:
-        y = offs_hw // width
-        offs = offs_c[:, None] * sc + (y * sy + (offs_hw - y * width) * sx)[None, :]
-    return offs
+def _view(ptrs, strides, r, COL: tl.constexpr, b):
+    """Stage r's tensor ``ptrs[r]`` at sample b with its (c, y, x) strides: columns COL .. COL + 2
+    of ``strides``, the batch stride at COL + 3."""
+    ptr = pick(ptrs, r) + b * pick_field(strides, r, COL + 3, tl.int64)
+    sc = pick_field(strides, r, COL, tl.int64)
+    return ptr, sc, pick_field(strides, r, COL + 1, tl.int64), pick_field(strides, r, COL + 2, tl.int64)
 
 
 @triton.jit
-def _stage(fs, ft, dims, strides, firsts, BLOCK_C: tl.constexpr):
-    """This program's stage r, sample b, channels offs_c, the stage's (C, H, W) and its f_s / f_t
-    pointers at sample b with their (c, y, x) strides."""
+def _stage(fs, ft, dims, strides, firsts, batch, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's stage r, sample b, channels offs_c and their mask, the stage's C, H, W, H W and
+    ``planes = B C`` (in ACC), and its f_s and f_t views at sample b (:func:`_view`)."""
     pid = tl.program_id(0)
-    r = _stage_of(pid, firsts)
-    channels = _field(dims, r, 0, tl.int32)
-    height = _field(dims, r, 1, tl.int32)
-    width = _field(dims, r, 2, tl.int32)
-    local = pid - _first(firsts, r)
+    r = stage_of(pid, firsts)
+    channels = pick_field(dims, r, 0, tl.int32)
+    height = pick_field(dims, r, 1, tl.int32)
+    width = pick_field(dims, r, 2, tl.int32)
+    local = pid - pick_int(firsts, r, tl.int32)
     c_blocks = tl.cdiv(channels, BLOCK_C)
     b = (local // c_blocks).to(tl.int64)
     offs_c = (local % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = pick(fs, r) + b * _field(strides, r, _S + 3, tl.int64)
-    t = pick(ft, r) + b * _field(strides, r, _T + 3, tl.int64)
-    return r, b, offs_c, channels, height, width, s, t
+    planes = tl.full([], batch, tl.int64).to(ACC) * channels.to(ACC)
+    s = _view(fs, strides, r, _S, b)
+    t = _view(ft, strides, r, _T, b)
+    return r, b, offs_c, offs_c < channels, channels, height, width, height * width, planes, s, t
 
 
 @triton.jit
-def _first(values, r):
-    """``values[r]`` of a tuple of integer arguments for a runtime r, as int32 (an integer argument
-    equal to 1 is a constexpr: materialised first)."""
-    v = tl.full([], values[0], tl.int32)
-    for i in tl.static_range(1, len(values)):
-        v = tl.where(r == i, tl.full([], values[i], tl.int32), v)
-    return v
+def _cell_rows(cells, rows, n_cells, r, b, channels, offs_c, c_ok, CELLS2: tl.constexpr):
+    """[BLOCK_C, CELLS2] pointers to the cells of the program's channels (stage r's rows start at
+    ``rows[r]``; row ``b C + c``) and their mask."""
+    k = tl.arange(0, CELLS2)
+    row = pick_int(rows, r, tl.int32).to(tl.int64) + b * channels + offs_c
+    return cells + row[:, None] * n_cells + k[None, :], c_ok[:, None] & (k < n_cells)[None, :]
 
 
 @triton.jit
-def _stage_strides(strides, r, COL: tl.constexpr):
-    """The (c, y, x) strides of stage r's tensor at column COL of ``strides``."""
-    return _field(strides, r, COL, tl.int64), _field(strides, r, COL + 1, tl.int64), _field(strides, r, COL + 2, tl.int64)
-
-
-@triton.jit
-def _difference(s, s_st, t, t_st, offs_c, offs_hw, width, mask, ACC: tl.constexpr, LAYOUT: tl.constexpr):
-    """d = fs - ft on a [BLOCK_C, BLOCK_HW] tile, in ACC (0 outside ``mask``)."""
-    s_off = _offsets(offs_c, offs_hw, width, s_st[0], s_st[1], s_st[2], LAYOUT)
-    t_off = _offsets(offs_c, offs_hw, width, t_st[0], t_st[1], t_st[2], LAYOUT)
-    sv = tl.load(s + s_off, mask=mask, other=0.0).to(ACC)
-    tv = tl.load(t + t_off, mask=mask, other=0.0).to(ACC)
-    return sv - tv
+def _difference(s, t, offs_c, c_ok, hw0, hw, width, ACC: tl.constexpr, LAYOUT: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Positions ``hw0 + [0, BLOCK_HW)``, the tile's [BLOCK_C, BLOCK_HW] mask and d = fs - ft there,
+    in ACC (0 outside the mask), of the views s and t."""
+    offs_hw = hw0 + tl.arange(0, BLOCK_HW)
+    mask = c_ok[:, None] & (offs_hw < hw)[None, :]
+    d = read_tile(s, offs_c, offs_hw, width, mask, LAYOUT, ACC) - read_tile(t, offs_c, offs_hw, width, mask, LAYOUT, ACC)
+    return offs_hw, mask, d
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -238,12 +216,7 @@ def _hcl_forward_kernel(
     BLOCK_HW: tl.constexpr,
 ):
     """cells rows of the program's channels (bin means) and partials[pid] (its share of the loss)."""
-    r, b, offs_c, channels, height, width, s, t = _stage(fs, ft, dims, strides, firsts, BLOCK_C)
-    hw = height * width
-    planes = tl.full([], batch, tl.int64).to(ACC) * channels.to(ACC)
-    c_ok = offs_c < channels
-    s_st = _stage_strides(strides, r, _S)
-    t_st = _stage_strides(strides, r, _T)
+    r, b, offs_c, c_ok, channels, height, width, hw, planes, s, t = _stage(fs, ft, dims, strides, firsts, batch, ACC, BLOCK_C)
     sq = tl.zeros([BLOCK_C], ACC)
     if CELLS2 > 0:
         y0, y1, x0, x1, inv_area, scale, full = _bins(height, width, planes, ACC, L0, L1, L2, L3, CELLS2)
@@ -251,9 +224,7 @@ def _hcl_forward_kernel(
     else:
         full = 1.0 / (planes * hw.to(ACC))
     for hw0 in range(0, hw, BLOCK_HW):
-        offs_hw = hw0 + tl.arange(0, BLOCK_HW)
-        mask = c_ok[:, None] & (offs_hw < hw)[None, :]
-        d = _difference(s, s_st, t, t_st, offs_c, offs_hw, width, mask, ACC, LAYOUT)
+        offs_hw, _, d = _difference(s, t, offs_c, c_ok, hw0, hw, width, ACC, LAYOUT, BLOCK_HW)
         sq += tl.sum(d * d, axis=1)
         if CELLS2 > 0:
             inside = _membership(offs_hw, hw, width, y0, y1, x0, x1).to(ACC)
@@ -262,10 +233,8 @@ def _hcl_forward_kernel(
     if CELLS2 > 0:
         means = sums * inv_area[None, :]
         partial += tl.sum(tl.sum(means * means * scale[None, :], axis=1), axis=0)
-        k = tl.arange(0, CELLS2)
-        row = _first(rows, r).to(tl.int64) + b * channels + offs_c
-        out = cells + row[:, None] * n_cells + k[None, :]
-        tl.store(out, means, mask=c_ok[:, None] & (k < n_cells)[None, :])
+        out, out_mask = _cell_rows(cells, rows, n_cells, r, b, channels, offs_c, c_ok, CELLS2)
+        tl.store(out, means, mask=out_mask)
     tl.store(partials + tl.program_id(0), partial)
 
 
@@ -273,8 +242,8 @@ def _hcl_forward_kernel(
 def _hcl_finish_kernel(partials, firsts, losses, first_stage, BLOCK: tl.constexpr):
     """losses[first_stage + s] = sum of the stage's partials, in program order."""
     s = tl.program_id(0)
-    lo = _first(firsts, s)
-    hi = _first(firsts, s + 1)
+    lo = pick_int(firsts, s, tl.int32)
+    hi = pick_int(firsts, s + 1, tl.int32)
     acc = tl.zeros([BLOCK], partials.dtype.element_ty)
     for i in range(lo, hi, BLOCK):
         offs = i + tl.arange(0, BLOCK)
@@ -306,60 +275,34 @@ def _hcl_backward_kernel(
     BLOCK_HW: tl.constexpr,
 ):
     """The gradient of f_s on the program's channels: 2 g (full d + spread of scale D / area)."""
-    r, b, offs_c, channels, height, width, s, t = _stage(fs, ft, dims, strides, firsts, BLOCK_C)
-    hw = height * width
-    planes = tl.full([], batch, tl.int64).to(ACC) * channels.to(ACC)
-    c_ok = offs_c < channels
+    r, b, offs_c, c_ok, channels, height, width, hw, planes, s, t = _stage(fs, ft, dims, strides, firsts, batch, ACC, BLOCK_C)
     k2 = 2.0 * tl.load(grad_losses + r).to(ACC)
     if CELLS2 > 0:
         y0, y1, x0, x1, inv_area, scale, full = _bins(height, width, planes, ACC, L0, L1, L2, L3, CELLS2)
-        k = tl.arange(0, CELLS2)
-        row = _first(rows, r).to(tl.int64) + b * channels + offs_c
-        means = tl.load(cells + row[:, None] * n_cells + k[None, :], mask=c_ok[:, None] & (k < n_cells)[None, :], other=0.0)
+        means_at, means_mask = _cell_rows(cells, rows, n_cells, r, b, channels, offs_c, c_ok, CELLS2)
+        means = tl.load(means_at, mask=means_mask, other=0.0)
         spread = means * (k2 * scale * inv_area)[None, :]
     else:
         full = 1.0 / (planes * hw.to(ACC))
     full = k2 * full
-    g = pick(grads, r) + b * _field(strides, r, _G + 3, tl.int64)
-    g_sc, g_sy, g_sx = _stage_strides(strides, r, _G)
-    s_st = _stage_strides(strides, r, _S)
-    t_st = _stage_strides(strides, r, _T)
+    g = _view(grads, strides, r, _G, b)
     for hw0 in range(0, hw, BLOCK_HW):
-        offs_hw = hw0 + tl.arange(0, BLOCK_HW)
-        mask = c_ok[:, None] & (offs_hw < hw)[None, :]
-        grad = full * _difference(s, s_st, t, t_st, offs_c, offs_hw, width, mask, ACC, LAYOUT)
+        offs_hw, mask, d = _difference(s, t, offs_c, c_ok, hw0, hw, width, ACC, LAYOUT, BLOCK_HW)
+        grad = full * d
         if CELLS2 > 0:
             inside = _membership(offs_hw, hw, width, y0, y1, x0, x1).to(ACC)
             grad = tl.dot(spread, inside, grad, input_precision="ieee", out_dtype=ACC)
-        out = g + _offsets(offs_c, offs_hw, width, g_sc, g_sy, g_sx, LAYOUT)
-        tl.store(out, grad.to(g.dtype.element_ty), mask=mask)
+        out = g[0] + tile_offsets(offs_c, offs_hw, width, g[1], g[2], g[3], LAYOUT)
+        tl.store(out, grad.to(g[0].dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- host helpers
 
 
-def _hw_unit(t: Tensor) -> bool:
-    """Whether positions y * W + x of ``t`` are at unit stride."""
-    _, _, h, w = t.shape
-    return (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)
-
-
-def _channels_unit(t: Tensor) -> bool:
-    """Whether ``t`` has unit channel stride and positions that flatten to one stride."""
-    _, c, h, w = t.shape
-    return (c == 1 or t.stride(1) == 1) and (h == 1 or w == 1 or t.stride(2) == w * t.stride(3))
-
-
-def _layout(tensors: list[Tensor]) -> int:
-    if all(_hw_unit(t) for t in tensors):
-        return _CONTIGUOUS
-    return _CHANNELS_LAST if all(_channels_unit(t) for t in tensors) else _STRIDED
-
-
 def _strides(t: Tensor, layout: int) -> tuple[int, int, int, int]:
     """(c, y, x, b) strides; with channels_last the x column is the stride of the flattened
     positions (that of y where W == 1)."""
-    x = t.stride(2) if layout == _CHANNELS_LAST and t.size(3) == 1 else t.stride(3)
+    x = t.stride(2) if layout == CHANNELS_LAST and t.size(3) == 1 else t.stride(3)
     return t.stride(1), t.stride(2), x, t.stride(0)
 
 
@@ -373,10 +316,10 @@ class _Plan(NamedTuple):
 def _plan(f_s: list[Tensor], tensors: list[Tensor], n_cells: int) -> _Plan:
     """Layout and blocks of a launch: the unit-stride block fits the largest map (positions, or
     channels for channels_last) in [16, 32], the other fills a _TILE-element tile, also in [16, 32]."""
-    layout = _layout(tensors)
+    layout = layout_of(tensors)
     hw = triton.next_power_of_2(max(f.size(2) * f.size(3) for f in f_s))
     channels = triton.next_power_of_2(max(f.size(1) for f in f_s))
-    if layout == _CHANNELS_LAST:
+    if layout == CHANNELS_LAST:
         block_c = min(max(channels, _BLOCK_MIN), _BLOCK_MAX)
         block_hw = min(max(hw, _BLOCK_MIN), _TILE // block_c, _BLOCK_MAX)
     else:
@@ -423,10 +366,6 @@ def _check(name: str, f_s: list[Tensor], f_t: list[Tensor], levels: list[int]) -
     return rows, n_cells
 
 
-def _chunks(count: int) -> list[slice]:
-    return [slice(lo, min(lo + _MAX_STAGES, count)) for lo in range(0, count, _MAX_STAGES)]
-
-
 def _constexprs(levels: list[int], plan: _Plan, acc: torch.dtype) -> dict[str, object]:
     padded = [*levels, 0, 0, 0, 0][:_MAX_LEVELS]
     return {
@@ -451,11 +390,23 @@ def _stage_args(f_s: list[Tensor], f_t: list[Tensor], grads: list[Tensor], layou
     return dims, strides, tuple(firsts), tuple(rows)
 
 
+def _launches(
+    f_s: list[Tensor], f_t: list[Tensor], grads: list[Tensor], plan: _Plan
+) -> Iterator[tuple[slice, tuple, tuple, tuple[int, ...], tuple[int, ...]]]:
+    """Per launch (at most MAX_STAGES stages): its stages and their dims, strides, firsts and rows
+    (:func:`_stage_args`), the cell rows numbered on from the launch before."""
+    first_row = 0
+    for chunk in stage_slices(len(f_s)):
+        dims, strides, firsts, rows = _stage_args(f_s[chunk], f_t[chunk], grads[chunk], plan.layout, first_row, plan.block_c)
+        yield chunk, dims, strides, firsts, rows
+        first_row = rows[-1] + f_s[chunk][-1].size(0) * f_s[chunk][-1].size(1)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
 def hcl_forward(f_s: list[Tensor], f_t: list[Tensor], levels: list[int]) -> tuple[Tensor, Tensor]:
-    """``(losses (L,), cells (R, N))`` of every stage: one launch (per _MAX_STAGES stages) of
+    """``(losses (L,), cells (R, N))`` of every stage: one launch (per MAX_STAGES stages) of
     (stage, sample, channel block) programs and one of a program per stage adding their partials.
     Contract: kdfast/ops/hcl.py."""
     f_s, f_t, levels = list(f_s), list(f_t), [int(level) for level in levels]
@@ -466,10 +417,8 @@ def hcl_forward(f_s: list[Tensor], f_t: list[Tensor], levels: list[int]) -> tupl
     cells = torch.empty((n_rows, n_cells), dtype=acc, device=device)
     plan = _plan(f_s, [*f_s, *f_t], n_cells)
     consts = _constexprs(levels, plan, acc)
-    first_row = 0
     with on_device(device):
-        for chunk in _chunks(len(f_s)):
-            dims, strides, firsts, rows = _stage_args(f_s[chunk], f_t[chunk], f_s[chunk], plan.layout, first_row, plan.block_c)
+        for chunk, dims, strides, firsts, rows in _launches(f_s, f_t, f_s, plan):
             programs = firsts[-1]
             partials = torch.empty((programs,), dtype=acc, device=device)
             _hcl_forward_kernel[(programs,)](
@@ -495,13 +444,12 @@ def hcl_forward(f_s: list[Tensor], f_t: list[Tensor], levels: list[int]) -> tupl
                 BLOCK=min(triton.next_power_of_2(max(programs, 1)), _FINISH_BLOCK),
                 num_warps=_NUM_WARPS,
             )
-            first_row = rows[-1] + f_s[chunk][-1].size(0) * f_s[chunk][-1].size(1)
     return losses, cells
 
 
 def hcl_backward(grad_losses: Tensor, f_s: list[Tensor], f_t: list[Tensor], cells: Tensor, levels: list[int]) -> list[Tensor]:
     """The gradients of ``sum_i grad_losses[i] losses[i]`` w.r.t. every f_s[i] (``empty_like`` of it),
-    one launch (per _MAX_STAGES stages). ``cells``: the forward's. Contract: kdfast/ops/hcl.py."""
+    one launch (per MAX_STAGES stages). ``cells``: the forward's. Contract: kdfast/ops/hcl.py."""
     name = "hcl_backward"
     f_s, f_t, levels = list(f_s), list(f_t), [int(level) for level in levels]
     n_rows, n_cells = _check(name, f_s, f_t, levels)
@@ -522,10 +470,8 @@ def hcl_backward(grad_losses: Tensor, f_s: list[Tensor], f_t: list[Tensor], cell
     consts = _constexprs(levels, plan, acc)
     grad_losses = grad_losses.to(acc).contiguous()
     cells = cells.contiguous()
-    first_row = 0
     with on_device(device):
-        for chunk in _chunks(len(f_s)):
-            dims, strides, firsts, rows = _stage_args(f_s[chunk], f_t[chunk], grads[chunk], plan.layout, first_row, plan.block_c)
+        for chunk, dims, strides, firsts, rows in _launches(f_s, f_t, grads, plan):
             _hcl_backward_kernel[(firsts[-1],)](
                 tuple(f_s[chunk]),
                 tuple(f_t[chunk]),
@@ -541,5 +487,4 @@ def hcl_backward(grad_losses: Tensor, f_s: list[Tensor], f_t: list[Tensor], cell
                 num_warps=_NUM_WARPS,
                 **consts,
             )
-            first_row = rows[-1] + f_s[chunk][-1].size(0) * f_s[chunk][-1].size(1)
     return grads
