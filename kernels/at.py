@@ -25,10 +25,10 @@ launcher proves divides the stage's data pointers, strides and unit-axis extent,
 kernel with ``tl.multiple_of``. A 7x7 stage therefore reads with scalar loads while the 56x56
 stage of the same launch reads 16-byte vectors.
 
-The map kernels tile a (stage, sample, hw block) as [BLOCK_C, BLOCK_HW] and reduce over the
-channels inside the program (deterministic, no atomics). The memory layout is a constexpr: for
-contiguous tensors hw has the literal unit stride, for channels_last c has; a tensor of the other
-layout is converted first.
+The map kernel (the maps, or with ``ys`` their backward) tiles a (stage, sample, hw block) as
+[BLOCK_C, BLOCK_HW] and reduces over the channels inside the program (deterministic, no atomics).
+The memory layout is a constexpr: for contiguous tensors hw has the literal unit stride, for
+channels_last c has; a tensor of the other layout is converted first.
 """
 
 import math
@@ -54,7 +54,7 @@ from kdfast.kernels._common import (
 
 _EPS = tl.constexpr(1e-12)  # normalize(v) = v / max(||v||_2, eps), as F.normalize
 
-# Block sizes of the map kernels (one config: multi-config autotuning breaks the interpreter). The
+# Block sizes of the map kernel (one config: multi-config autotuning breaks the interpreter). The
 # unit-stride block (BLOCK_HW for contiguous, BLOCK_C for channels_last) fits the smallest stage,
 # clamped to [32, 128] elements: rows are read in 128-byte (float32) segments, yet small late-stage
 # maps (8x8) mask little. The other block fills a _TILE-element tile (16 elements per thread at 4
@@ -131,48 +131,18 @@ def _tile(offs_c, offs_hw, stride, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _channel_block(c0, channels, hw_mask, BLOCK_C: tl.constexpr):
-    """Channel offsets ``c0 + [0, BLOCK_C)`` and the tile's [BLOCK_C, BLOCK_HW] mask."""
+def _channel_tile(
+    x, stride, c0, channels, offs_hw, hw_mask, ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """Channel offsets ``c0 + [0, BLOCK_C)``, the [BLOCK_C, BLOCK_HW] tile's mask and the feature
+    ``x`` there, in ACC (0 outside the mask)."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    return offs_c, (offs_c < channels)[:, None] & hw_mask[None, :]
+    mask = (offs_c < channels)[:, None] & hw_mask[None, :]
+    v = tl.load(x + _tile(offs_c, offs_hw, stride, CHANNELS_LAST), mask=mask, other=0.0)
+    return offs_c, mask, v.to(ACC)
 
 
 # ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _maps_stage(
-    local,
-    x,
-    x_sb,
-    x_s,
-    m,
-    channels,
-    hw,
-    DTYPE: tl.constexpr,
-    ACC: tl.constexpr,
-    P: tl.constexpr,
-    INT_P: tl.constexpr,
-    ODD_SIGNED: tl.constexpr,
-    MEAN: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
-    ALIGN: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
-):
-    """m[b, hw] = scale * sum_c g(f[b, c, hw]) for the stage's program ``local``."""
-    b, offs_hw, channels, hw = _stage_block(local, channels, hw, CHANNELS_LAST, ALIGN, BLOCK_HW)
-    x, stride = _stage_tensor(x, b, x_sb, x_s, DTYPE, ALIGN)
-    hw_mask = offs_hw < hw
-    acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
-    for c0 in range(0, channels, BLOCK_C):
-        offs_c, mask = _channel_block(c0, channels, hw_mask, BLOCK_C)
-        v = tl.load(x + _tile(offs_c, offs_hw, stride, CHANNELS_LAST), mask=mask, other=0.0)
-        acc += feature_power(v.to(ACC), P, INT_P, ODD_SIGNED)  # g(0) = 0 for the masked lanes
-    out = tl.sum(acc, axis=0)
-    if MEAN:
-        out = out * (1.0 / channels.to(ACC))
-    tl.store(m + b * hw + offs_hw, out, mask=hw_mask)
 
 
 @triton.jit
@@ -184,91 +154,7 @@ def _at_maps_kernel(
     hws,
     x_sb,
     x_s,
-    DTYPE: tl.constexpr,
-    ACC: tl.constexpr,
-    P: tl.constexpr,
-    INT_P: tl.constexpr,
-    ODD_SIGNED: tl.constexpr,
-    MEAN: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
-    ALIGNS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
-):
-    """Maps of every stage: the programs ``firsts[s] .. firsts[s + 1] - 1`` cover stage s."""
-    pid = tl.program_id(0)
-    for s in tl.static_range(len(xs)):
-        if _in_stage(pid, firsts, s):
-            ALIGN: tl.constexpr = ALIGNS[s]
-            _maps_stage(
-                pid - firsts[s],
-                xs[s],
-                x_sb[s],
-                x_s[s],
-                maps[s],
-                channels[s],
-                hws[s],
-                DTYPE,
-                ACC,
-                P,
-                INT_P,
-                ODD_SIGNED,
-                MEAN,
-                CHANNELS_LAST,
-                ALIGN,
-                BLOCK_C,
-                BLOCK_HW,
-            )
-
-
-@triton.jit
-def _maps_backward_stage(
-    local,
-    x,
-    x_sb,
-    x_s,
-    y,
-    y_sb,
-    y_s,
-    dm,
-    channels,
-    hw,
-    DTYPE: tl.constexpr,
-    ACC: tl.constexpr,
-    P: tl.constexpr,
-    INT_P: tl.constexpr,
-    ODD_SIGNED: tl.constexpr,
-    MEAN: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
-    ALIGN: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
-):
-    """df[b, c, hw] = dm[b, hw] * scale * g'(f[b, c, hw]) for the stage's program ``local``."""
-    b, offs_hw, channels, hw = _stage_block(local, channels, hw, CHANNELS_LAST, ALIGN, BLOCK_HW)
-    x, x_stride = _stage_tensor(x, b, x_sb, x_s, DTYPE, ALIGN)
-    y, y_stride = _stage_tensor(y, b, y_sb, y_s, DTYPE, ALIGN)
-    hw_mask = offs_hw < hw
-    d_map = tl.load(dm + b * hw + offs_hw, mask=hw_mask, other=0.0)
-    if MEAN:
-        d_map = d_map * (1.0 / channels.to(ACC))
-    for c0 in range(0, channels, BLOCK_C):
-        offs_c, mask = _channel_block(c0, channels, hw_mask, BLOCK_C)
-        v = tl.load(x + _tile(offs_c, offs_hw, x_stride, CHANNELS_LAST), mask=mask, other=0.0)
-        d = d_map[None, :] * feature_power_grad(v.to(ACC), P, INT_P, ODD_SIGNED)
-        tl.store(y + _tile(offs_c, offs_hw, y_stride, CHANNELS_LAST), d.to(DTYPE), mask=mask)
-
-
-@triton.jit
-def _at_maps_backward_kernel(
-    xs,
     ys,
-    grad_maps,
-    firsts,
-    channels,
-    hws,
-    x_sb,
-    x_s,
     y_sb,
     y_s,
     DTYPE: tl.constexpr,
@@ -282,33 +168,35 @@ def _at_maps_backward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """Feature gradients of every stage (programs as in :func:`_at_maps_kernel`)."""
+    """The maps ``m[b, hw] = scale * sum_c g(f[b, c, hw])`` of every stage where ``ys`` (and
+    ``y_sb``, ``y_s``) are None, else the feature gradients ``df[b, c, hw] = dm[b, hw] * scale *
+    g'(f[b, c, hw])`` into ``ys`` from the map gradients dm in ``maps``. The programs ``firsts[s] ..
+    firsts[s + 1] - 1`` cover stage s, each a sample and BLOCK_HW positions of it."""
     pid = tl.program_id(0)
     for s in tl.static_range(len(xs)):
         if _in_stage(pid, firsts, s):
             ALIGN: tl.constexpr = ALIGNS[s]
-            _maps_backward_stage(
-                pid - firsts[s],
-                xs[s],
-                x_sb[s],
-                x_s[s],
-                ys[s],
-                y_sb[s],
-                y_s[s],
-                grad_maps[s],
-                channels[s],
-                hws[s],
-                DTYPE,
-                ACC,
-                P,
-                INT_P,
-                ODD_SIGNED,
-                MEAN,
-                CHANNELS_LAST,
-                ALIGN,
-                BLOCK_C,
-                BLOCK_HW,
-            )
+            b, offs_hw, n_c, hw = _stage_block(pid - firsts[s], channels[s], hws[s], CHANNELS_LAST, ALIGN, BLOCK_HW)
+            x, x_stride = _stage_tensor(xs[s], b, x_sb[s], x_s[s], DTYPE, ALIGN)
+            hw_mask = offs_hw < hw
+            if ys is None:
+                acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+                for c0 in range(0, n_c, BLOCK_C):
+                    _, _, v = _channel_tile(x, x_stride, c0, n_c, offs_hw, hw_mask, ACC, CHANNELS_LAST, BLOCK_C)
+                    acc += feature_power(v, P, INT_P, ODD_SIGNED)  # g(0) = 0 for the masked lanes
+                out = tl.sum(acc, axis=0)
+                if MEAN:
+                    out = out * (1.0 / n_c.to(ACC))
+                tl.store(maps[s] + b * hw + offs_hw, out, mask=hw_mask)
+            else:
+                y, y_stride = _stage_tensor(ys[s], b, y_sb[s], y_s[s], DTYPE, ALIGN)
+                d_map = tl.load(maps[s] + b * hw + offs_hw, mask=hw_mask, other=0.0)
+                if MEAN:
+                    d_map = d_map * (1.0 / n_c.to(ACC))
+                for c0 in range(0, n_c, BLOCK_C):
+                    offs_c, mask, v = _channel_tile(x, x_stride, c0, n_c, offs_hw, hw_mask, ACC, CHANNELS_LAST, BLOCK_C)
+                    d = d_map[None, :] * feature_power_grad(v, P, INT_P, ODD_SIGNED)
+                    tl.store(y + _tile(offs_c, offs_hw, y_stride, CHANNELS_LAST), d.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -388,7 +276,8 @@ def _at_map_loss_kernel(
 
 
 def _power(p: float, mode: str) -> dict[str, float | int | bool]:
-    """The constexprs P, INT_P, ODD_SIGNED and MEAN of g, validated as csrc/common.h does."""
+    """The constexprs P, INT_P, ODD_SIGNED and MEAN of g, validated as csrc/at.h parse_map_mode and
+    make_power do."""
     if mode not in ("mean", "sum"):
         raise ValueError(f"at_maps: mode must be 'mean' or 'sum', got '{mode}'")
     p = float(p)
@@ -406,7 +295,7 @@ def _power(p: float, mode: str) -> dict[str, float | int | bool]:
 
 
 def _check_feats(feats: list[Tensor], name: str) -> None:
-    """The checks of csrc/common.h check_feature_list, plus the supported dtypes."""
+    """The checks of csrc/at.h check_feature_list, plus the supported dtypes."""
     if len(feats) == 0:
         raise ValueError(f"{name}: expected at least one tensor")
     for f in feats:
@@ -483,7 +372,7 @@ def _map_blocks(feats: list[Tensor], channels_last: bool) -> tuple[int, int]:
 
 
 class _MapLaunch(NamedTuple):
-    """What the two map kernels share: the feats in the launch layout, stage order and constexprs."""
+    """What the maps and their backward share: the feats in the launch layout, stage order and constexprs."""
 
     feats: list[Tensor]
     channels_last: bool
@@ -511,32 +400,41 @@ def _map_launch(feats: list[Tensor], p: float, mode: str, name: str) -> _MapLaun
     return _MapLaunch(feats, channels_last, order, constexprs)
 
 
-def _run_maps(kernel: triton.JITFunction, launch: _MapLaunch, maps: list[Tensor], grads: list[Tensor] | None = None) -> None:
-    """Launches ``kernel`` over all stages (one launch per _common.MAX_STAGES); ``grads`` (launch
-    layout) for the backward. Every argument is a kernel argument: nothing is staged on the host."""
+def _tensor_args(tensors: list[Tensor], channels_last: bool) -> tuple[tuple[Tensor, ...], tuple[int, ...], tuple[int, ...]]:
+    """The stages' ``tensors`` as the kernel's tuple arguments: themselves, their batch strides and
+    their strides along the non-unit axis (:func:`_strides`)."""
+    batch_strides, strides = zip(*[_strides(t, channels_last) for t in tensors])
+    return tuple(tensors), batch_strides, strides
+
+
+def _run_maps(launch: _MapLaunch, maps: list[Tensor], grads: list[Tensor] | None = None) -> None:
+    """Launches :func:`_at_maps_kernel` over all stages (one launch per _common.MAX_STAGES): the maps
+    into ``maps``, or with ``grads`` (launch layout) the feature gradients into them from the map
+    gradients ``maps``. Every argument is a kernel argument: nothing is staged on the host."""
     cl = launch.channels_last
     with on_device(launch.feats[0].device):
         for stages in chunks(launch.order):
             feats = [launch.feats[s] for s in stages]
+            ys = None if grads is None else [grads[s] for s in stages]
             firsts = _first_programs(feats, launch.constexprs["BLOCK_HW"])
-            x_strides = [_strides(f, cl) for f in feats]
-            args = [
-                tuple(feats),
+            xs, x_sb, x_s = _tensor_args(feats, cl)
+            y_tensors, y_sb, y_s = (None, None, None) if ys is None else _tensor_args(ys, cl)
+            stage_tensors = [[f] for f in feats] if ys is None else [[f, y] for f, y in zip(feats, ys)]
+            _at_maps_kernel[(firsts[-1],)](
+                xs,
                 tuple(maps[s] for s in stages),
                 tuple(firsts),
                 tuple(f.size(1) for f in feats),
                 tuple(f.size(2) * f.size(3) for f in feats),
-                *zip(*x_strides),
-            ]
-            stage_tensors = [[f] for f in feats]
-            if grads is not None:
-                ys = [grads[s] for s in stages]
-                args[1:1] = [tuple(ys)]
-                args += zip(*[_strides(y, cl) for y in ys])
-                stage_tensors = [[f, y] for f, y in zip(feats, ys)]
-            aligns = tuple(_alignment(t, cl) for t in stage_tensors)
-            warps = _NUM_WARPS if grads is None else _BACKWARD_WARPS
-            kernel[(firsts[-1],)](*args, ALIGNS=aligns, num_warps=warps, **launch.constexprs)
+                x_sb,
+                x_s,
+                ys=y_tensors,  # the backward's: None in the forward
+                y_sb=y_sb,
+                y_s=y_s,
+                ALIGNS=tuple(_alignment(t, cl) for t in stage_tensors),
+                num_warps=_NUM_WARPS if grads is None else _BACKWARD_WARPS,
+                **launch.constexprs,
+            )
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -554,7 +452,7 @@ def at_maps(feats: list[Tensor], p: float, mode: str) -> list[Tensor]:
     launch = _map_launch(feats, p, mode, "at_maps")
     acc = acc_dtype(feats[0].dtype)
     maps = [torch.empty((f.size(0), f.size(2) * f.size(3)), dtype=acc, device=f.device) for f in launch.feats]
-    _run_maps(_at_maps_kernel, launch, maps)
+    _run_maps(launch, maps)
     return maps
 
 
@@ -581,7 +479,7 @@ def at_maps_backward(grad_maps: list[Tensor], feats: list[Tensor], p: float, mod
         g if _fits(g, launch.channels_last) else torch.empty_like(f, memory_format=_memory_format(launch.channels_last))
         for g, f in zip(grads, launch.feats)
     ]
-    _run_maps(_at_maps_backward_kernel, launch, [g.contiguous() for g in grad_maps], bufs)
+    _run_maps(launch, [g.contiguous() for g in grad_maps], bufs)
     for g, buf in zip(grads, bufs):
         if buf is not g:
             g.copy_(buf)
