@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -142,6 +143,33 @@ inline AtMapLossInputs check_at_map_loss(const std::vector<at::Tensor>& maps_s, 
     in.maps_t.push_back(mt.contiguous());
   }
   return in;
+}
+
+// The outputs of at_map_loss, uninitialised: the losses (stages, B) and d loss / d maps_s.
+struct AtMapLossOutputs {
+  at::Tensor losses;
+  std::vector<at::Tensor> grads;
+};
+
+inline AtMapLossOutputs empty_map_loss_outputs(const AtMapLossInputs& in) {
+  AtMapLossOutputs out{at::empty({static_cast<int64_t>(in.maps_s.size()), in.batch}, in.maps_s[0].options()), {}};
+  for (const auto& ms : in.maps_s) out.grads.push_back(at::empty_like(ms));
+  return out;
+}
+
+// The at_map_loss of one (stage, sample) from sq = ||u_s - u_t||^2 over its hw positions
+// (u = m / max(||m||, eps), MapScalars): sq / (B hw) ("mse") or ||u_s - u_t|| / B ("l2"), and k with
+// d loss / d u_s = k (u_s - u_t).
+template <typename acc_t>
+struct SampleLoss {
+  acc_t loss, k;
+};
+
+template <typename acc_t>
+KDFAST_HOST_DEVICE SampleLoss<acc_t> sample_loss(acc_t sq, bool mse, int64_t batch, int64_t hw) {
+  if (mse) return {sq / static_cast<acc_t>(batch * hw), acc_t(2) / static_cast<acc_t>(batch * hw)};
+  const acc_t l = std::sqrt(sq);
+  return {l / static_cast<acc_t>(batch), l > acc_t(0) ? acc_t(1) / (l * static_cast<acc_t>(batch)) : acc_t(0)};
 }
 
 }  // namespace kdfast

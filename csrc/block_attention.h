@@ -13,14 +13,17 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
+#include "dispatch.h"
 
 namespace kdfast {
 namespace block_attention {
@@ -85,27 +88,6 @@ KDFAST_HOST_DEVICE acc_t sum_over_bins(const AdaptiveBins& rows, const AdaptiveB
   }
   return sum;
 }
-
-// The per-sample scalars of both block maps P_s, P_t (g^2 values each) from their sums
-// ss = sum P_s^2, tt = sum P_t^2, st = sum P_s P_t:
-//   inv_s, inv_t: 1 / max(||P||, eps), so A = P inv;
-//   proj = <A_s, A_s - A_t>, 0 where ||P_s|| < eps (the clamp cuts the norm out of the gradient).
-template <typename acc_t>
-struct MapScalars {
-  acc_t inv_s, inv_t, proj;
-
-  KDFAST_HOST_DEVICE MapScalars(acc_t ss, acc_t tt, acc_t st)
-      : inv_s(inv_clamped(std::sqrt(ss))),
-        inv_t(inv_clamped(std::sqrt(tt))),
-        proj(std::sqrt(ss) >= static_cast<acc_t>(kNormEps) ? ss * inv_s * inv_s - st * inv_s * inv_t : acc_t(0)) {}
-
-  // d (sum_k (A_s - A_t)_k^2 k_map / 2) / d P_s[k] = k_map inv_s ((A_s - A_t)_k - A_s[k] proj): with
-  // k_map = 2 grad_map / (B g^2), the contract's dP.
-  KDFAST_HOST_DEVICE acc_t map_grad(acc_t ps, acc_t pt, acc_t k_map) const {
-    const acc_t as = ps * inv_s;
-    return k_map * inv_s * ((as - pt * inv_t) - as * proj);
-  }
-};
 
 // P_t[i, j] count_i count_j, count = nearest_count of the rows / columns of the teacher's map t:
 // a term of the sum sum_{y,x} P_t[first(y), first(x)] over the nearest-upsampled map.
@@ -212,6 +194,55 @@ inline BackwardInputs check_backward(const at::Tensor& grad_terms, const std::ve
   const int64_t bins = int64_t{in.grid} * in.grid;
   return {in, upstream_grad(op, "grad_terms", grad_terms, {in.modules, 2}, in.acc, f_s[0]),
           check_saved(op, "maps", maps, {in.modules, 2, in.batch, bins}, in.acc, f_s[0], "f_s[0]")};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops on a Device (CpuDevice of csrc/cpu/block_attention.cpp, CudaDevice of
+// csrc/cuda/block_attention.cu), registered by those files: the checks and the outputs here, the
+// kernels of the dtypes of f_s and f_t in Device::forward<student_t, teacher_t> and
+// Device::backward<student_t, teacher_t>. Device::Guard makes the device of f_s[0] current (CpuGuard:
+// nothing).
+// ---------------------------------------------------------------------------------------------
+
+// (terms (L, 2): [feat_l, map_l], maps (L, 2, B, g^2): P_s, P_t), in the accumulation dtype.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> forward(const std::vector<at::Tensor>& f_s, const std::vector<at::Tensor>& h_s,
+                                           const std::vector<at::Tensor>& f_t, int64_t grid, double power,
+                                           int64_t feature_grid, bool teacher_weighting) {
+  const Inputs in =
+      check_inputs("block_attention_forward", f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting);
+  const typename Device::Guard guard(f_s[0].device());
+  const auto options = f_s[0].options().dtype(in.acc);
+  const at::Tensor terms = at::empty({in.modules, 2}, options);
+  const at::Tensor maps = at::empty({in.modules, 2, in.batch, int64_t{in.grid} * in.grid}, options);
+  dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
+    using student_t = typename decltype(student)::type;
+    using teacher_t = typename decltype(teacher)::type;
+    Device::template forward<student_t, teacher_t>(in, f_s, h_s, f_t, terms, maps);
+  });
+  return {terms, maps};
+}
+
+// (d f_s, d h_s): contiguous, in the dtypes of f_s and h_s.
+template <typename Device>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward(
+    const at::Tensor& grad_terms, const std::vector<at::Tensor>& f_s, const std::vector<at::Tensor>& h_s,
+    const std::vector<at::Tensor>& f_t, const at::Tensor& maps, int64_t grid, double power, int64_t feature_grid,
+    bool teacher_weighting) {
+  const BackwardInputs checked =
+      check_backward(grad_terms, f_s, h_s, f_t, maps, grid, power, feature_grid, teacher_weighting);
+  const typename Device::Guard guard(f_s[0].device());
+  std::vector<at::Tensor> grad_f_s, grad_h_s;
+  for (size_t l = 0; l < f_s.size(); ++l) {
+    grad_f_s.push_back(at::empty(f_s[l].sizes(), f_s[l].options()));
+    grad_h_s.push_back(at::empty(h_s[l].sizes(), h_s[l].options()));
+  }
+  dispatch_float_pair(checked.in.student, checked.in.teacher, [&](auto student, auto teacher) {
+    using student_t = typename decltype(student)::type;
+    using teacher_t = typename decltype(teacher)::type;
+    Device::template backward<student_t, teacher_t>(checked, f_s, h_s, f_t, grad_f_s, grad_h_s);
+  });
+  return {grad_f_s, grad_h_s};
 }
 
 }  // namespace block_attention

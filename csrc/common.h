@@ -1,8 +1,9 @@
 // What the CPU and CUDA kernels of several op families share: the accumulation-type rule, the
 // floating dtypes the ops take, the (B, C, HW) view of a feature map, the element power g(x) = |x|^p
-// (AT, block_attention), the clamped inverse norm, and the checks of saved tensors and upstream
-// gradients. Each op family's own helpers live in its header (csrc/at.h, csrc/lcc.h,
-// csrc/relational.h, csrc/tiles.h, csrc/block_attention.h, ...). Host/device-neutral (no CUDA headers).
+// and the scalars of two maps normalised to unit length (AT, block_attention), the clamped inverse
+// norm, and the checks of saved tensors and upstream gradients. Each op family's own helpers live in
+// its header (csrc/at.h, csrc/lcc.h, csrc/relational.h, csrc/tiles.h, csrc/block_attention.h, ...).
+// Host/device-neutral (no CUDA headers).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -115,6 +116,58 @@ KDFAST_HOST_DEVICE acc_t inv_clamped(acc_t length) {
   const acc_t eps = static_cast<acc_t>(kNormEps);
   return acc_t(1) / (length < eps ? eps : length);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Two maps normalised to unit length (AT's map loss, block_attention's map term)
+// ---------------------------------------------------------------------------------------------
+
+// The scalars of two maps m_s, m_t (n values each), normalised as u = m / max(||m||, eps), from
+// their sums ss = sum m_s^2, tt = sum m_t^2, st = sum m_s m_t:
+//   inv_s, inv_t: 1 / max(||m||, eps), so u = m inv;
+//   proj = <u_s, u_s - u_t>, 0 where ||m_s|| < eps (the clamp cuts the norm out of the gradient).
+template <typename acc_t>
+struct MapScalars {
+  acc_t inv_s, inv_t, proj;
+
+  KDFAST_HOST_DEVICE MapScalars(acc_t ss, acc_t tt, acc_t st)
+      : inv_s(inv_clamped(std::sqrt(ss))),
+        inv_t(inv_clamped(std::sqrt(tt))),
+        proj(std::sqrt(ss) >= static_cast<acc_t>(kNormEps) ? ss * inv_s * inv_s - st * inv_s * inv_t : acc_t(0)) {}
+
+  // (u_s - u_t)[k] from ms = m_s[k], mt = m_t[k].
+  KDFAST_HOST_DEVICE acc_t difference(acc_t ms, acc_t mt) const { return ms * inv_s - mt * inv_t; }
+
+  // d loss / d m_s[k] for a loss with d loss / d u_s = k_map (u_s - u_t): d u_s / d m_s is
+  // (I - u_s u_s^T) / ||m_s|| (I / eps where the norm is clamped), so the gradient is
+  // k_map inv_s ((u_s - u_t)[k] - u_s[k] proj).
+  KDFAST_HOST_DEVICE acc_t map_grad(acc_t ms, acc_t mt, acc_t k_map) const {
+    const acc_t us = ms * inv_s;
+    return k_map * inv_s * ((us - mt * inv_t) - us * proj);
+  }
+};
+
+// MapScalars of m_s, m_t (n values each), the sums taken in index order (the CPU kernels).
+template <typename acc_t, typename index_t>
+MapScalars<acc_t> map_scalars(const acc_t* ms, const acc_t* mt, index_t n) {
+  acc_t ss = 0, tt = 0, st = 0;
+  for (index_t k = 0; k < n; ++k) {
+    ss += ms[k] * ms[k];
+    tt += mt[k] * mt[k];
+    st += ms[k] * mt[k];
+  }
+  return MapScalars<acc_t>(ss, tt, st);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops templated on a device
+// ---------------------------------------------------------------------------------------------
+
+// Device::Guard of the CPU kernels in the ops that take their device as a template parameter
+// (csrc/softmax.h, csrc/block_attention.h): nothing to switch. The CUDA kernels' Guard is
+// c10::cuda::CUDAGuard, which makes the device of the inputs current.
+struct CpuGuard {
+  explicit CpuGuard(c10::Device) {}
+};
 
 // ---------------------------------------------------------------------------------------------
 // Inputs of a backward

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -44,11 +43,6 @@ inline CrdShape check_crd(const char* op, const at::Tensor& emb, const at::Tenso
               temperature);
   return {emb.size(0),   emb.size(1),   idx.size(1),   bank.size(0),  emb.stride(0),
           emb.stride(1), bank.stride(0), bank.stride(1), idx.stride(0), idx.stride(1)};
-}
-
-// The accumulation dtype: float64 for float64 emb, else float32.
-inline at::ScalarType crd_acc(const at::Tensor& emb) {
-  return emb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // The host scalars of a call in acc_t: 1 / T, c + eps and 1 / c (0 without negatives), c = K / N.

@@ -103,7 +103,7 @@ struct Inputs {
   std::vector<at::Tensor> f_s, f_t;
   std::vector<int64_t> levels;
   int64_t batch, rows, cells;  // B, R = B sum C, N = sum l^2
-  at::ScalarType acc;          // float64 for float64 f_s, else float32
+  at::ScalarType acc;          // acc_dtype of f_s (csrc/common.h)
 };
 
 inline Inputs check_inputs(const char* op, const std::vector<at::Tensor>& f_s, const std::vector<at::Tensor>& f_t,
@@ -143,7 +143,7 @@ inline Inputs check_inputs(const char* op, const std::vector<at::Tensor>& f_s, c
     in.rows += s.size(0) * s.size(1);
   }
   in.batch = f_s[0].size(0);
-  in.acc = f_s[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  in.acc = acc_dtype(f_s[0].scalar_type());
   return in;
 }
 

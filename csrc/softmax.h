@@ -486,29 +486,54 @@ inline at::Tensor check_row_values(const char* op, const char* name, const at::T
   return t.contiguous();
 }
 
-template <template <typename> class Rule, typename student_t, typename teacher_t>
-RowsArgs<Rule<acc_type<student_t>>, student_t, teacher_t> make_args(const Logits& in, const at::Tensor& target,
-                                                                          const LossParams& params) {
-  RowsArgs<Rule<acc_type<student_t>>, student_t, teacher_t> a{
-      in.z_s.const_data_ptr<student_t>(),
-      in.z_t.const_data_ptr<teacher_t>(),
-      in.z_s.stride(0),
-      in.z_t.stride(0),
-      in.rows,
-      in.cols,
-      target.defined() ? target.const_data_ptr<int64_t>() : nullptr,
-      Rule<acc_type<student_t>>(params),
-      nullptr,
-      nullptr,
-      nullptr,
-      nullptr,
-      nullptr};
-  return a;
+// The tensors of one pass of the rows; undefined ones are nullptr in RowsArgs. Forward: loss,
+// stats_out and, with a gradient, grad; backward: stats_in, grad_loss and grad.
+struct RowsTensors {
+  at::Tensor loss, stats_out, stats_in, grad_loss, grad;
+};
+
+template <typename T>
+T* mutable_ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
-// The forward of a Rule on a Device (CpuRows or CudaRows): (loss (B,), stats (B, kStats), grad
-// (B, K) in the dtype of z_s, or an empty (0,) tensor without with_grad). `target`: undefined for
-// rules without a target class, else checked by check_target.
+template <typename T>
+const T* const_ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <template <typename> class Rule, typename student_t, typename teacher_t>
+RowsArgs<Rule<acc_type<student_t>>, student_t, teacher_t> make_args(const Logits& in, const at::Tensor& target,
+                                                                    const LossParams& params, const RowsTensors& t) {
+  using acc_t = acc_type<student_t>;
+  return {in.z_s.const_data_ptr<student_t>(),
+          in.z_t.const_data_ptr<teacher_t>(),
+          in.z_s.stride(0),
+          in.z_t.stride(0),
+          in.rows,
+          in.cols,
+          const_ptr_or_null<int64_t>(target),
+          Rule<acc_t>(params),
+          mutable_ptr_or_null<acc_t>(t.loss),
+          mutable_ptr_or_null<acc_t>(t.stats_out),
+          const_ptr_or_null<acc_t>(t.stats_in),
+          const_ptr_or_null<acc_t>(t.grad_loss),
+          mutable_ptr_or_null<student_t>(t.grad)};
+}
+
+// One pass of a Rule on a Device (CpuRows or CudaRows) over the rows of `in`, on the tensors `t`.
+template <template <typename> class Rule, typename Device>
+void run_rows(const Logits& in, const at::Tensor& target, const LossParams& params, const RowsTensors& t) {
+  dispatch_float_pair(in.z_s.scalar_type(), in.z_t.scalar_type(), [&](auto student, auto teacher) {
+    using student_t = typename decltype(student)::type;
+    using teacher_t = typename decltype(teacher)::type;
+    Device::run(make_args<Rule, student_t, teacher_t>(in, target, params, t));
+  });
+}
+
+// The forward of a Rule on a Device: (loss (B,), stats (B, kStats), grad (B, K) in the dtype of z_s,
+// or an empty (0,) tensor without with_grad). `target`: undefined for rules without a target class,
+// else checked by check_target.
 template <template <typename> class Rule, typename Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_rows(const Logits& in, const at::Tensor& target,
                                                             const LossParams& params, bool with_grad) {
@@ -517,16 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_rows(const Logits& in, co
   at::Tensor loss = at::empty({in.rows}, acc_options);
   at::Tensor stats = at::empty({in.rows, Rule<float>::kStats}, acc_options);
   at::Tensor grad = with_grad ? at::empty({in.rows, in.cols}, options) : at::empty({0}, options);
-  dispatch_float_pair(in.z_s.scalar_type(), in.z_t.scalar_type(), [&](auto student, auto teacher) {
-    using student_t = typename decltype(student)::type;
-    using teacher_t = typename decltype(teacher)::type;
-    using acc_t = acc_type<student_t>;
-    auto a = make_args<Rule, student_t, teacher_t>(in, target, params);
-    a.loss = loss.mutable_data_ptr<acc_t>();
-    a.stats_out = stats.mutable_data_ptr<acc_t>();
-    a.grad = with_grad ? grad.mutable_data_ptr<student_t>() : nullptr;
-    Device::run(a);
-  });
+  run_rows<Rule, Device>(in, target, params, {loss, stats, {}, {}, with_grad ? grad : at::Tensor()});
   return {loss, stats, grad};
 }
 
@@ -537,16 +553,7 @@ at::Tensor backward_rows(const char* op, const at::Tensor& grad_loss_in, const L
   const at::Tensor grad_loss = check_row_values(op, "grad_loss", grad_loss_in, in, 0);
   const at::Tensor stats = check_row_values(op, "stats", stats_in, in, Rule<float>::kStats);
   at::Tensor grad = at::empty({in.rows, in.cols}, in.z_s.options());
-  dispatch_float_pair(in.z_s.scalar_type(), in.z_t.scalar_type(), [&](auto student, auto teacher) {
-    using student_t = typename decltype(student)::type;
-    using teacher_t = typename decltype(teacher)::type;
-    using acc_t = acc_type<student_t>;
-    auto a = make_args<Rule, student_t, teacher_t>(in, target, params);
-    a.stats_in = stats.const_data_ptr<acc_t>();
-    a.grad_loss = grad_loss.const_data_ptr<acc_t>();
-    a.grad = grad.mutable_data_ptr<student_t>();
-    Device::run(a);
-  });
+  run_rows<Rule, Device>(in, target, params, {{}, {}, stats, grad_loss, grad});
   return grad;
 }
 
@@ -621,9 +628,7 @@ struct SerialTeam {
 constexpr int64_t kCpuGrainElements = 32768;  // at least this many elements per parallel task
 
 struct CpuRows {
-  struct Guard {  // nothing to switch
-    explicit Guard(c10::Device) {}
-  };
+  using Guard = CpuGuard;
 
   template <typename Rule, typename student_t, typename teacher_t>
   static void run(const RowsArgs<Rule, student_t, teacher_t>& a) {

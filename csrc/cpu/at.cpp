@@ -142,55 +142,31 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> at_map_loss_cpu(const std::vecto
                                                                  c10::string_view loss_name) {
   const AtMapLossInputs in = check_at_map_loss(maps_s_in, maps_t_in, loss_name);
   const std::vector<at::Tensor> &maps_s = in.maps_s, &maps_t = in.maps_t;
-  const bool mse = in.mse;
   const int64_t batch = in.batch;
-  std::vector<at::Tensor> grads;
-  for (const auto& ms : maps_s) grads.push_back(at::empty_like(ms));
-  const int64_t stages = static_cast<int64_t>(maps_s.size());
-  at::Tensor losses = at::empty({stages, batch}, maps_s[0].options());
+  const AtMapLossOutputs out = empty_map_loss_outputs(in);
   AT_DISPATCH_FLOATING_TYPES(in.dtype, "at_map_loss_cpu", [&] {
     using acc_t = scalar_t;
-    const acc_t eps = static_cast<acc_t>(kNormEps);
-    acc_t* loss_out = losses.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, stages * batch, 1, [&](int64_t begin, int64_t end) {
+    acc_t* loss_out = out.losses.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, out.losses.numel(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t s = i / batch, b = i % batch;
         const int64_t hw = maps_s[s].size(1);
         const acc_t* ms = maps_s[s].const_data_ptr<acc_t>() + b * hw;
         const acc_t* mt = maps_t[s].const_data_ptr<acc_t>() + b * hw;
-        acc_t ss = 0, tt = 0, st = 0;
-        for (int64_t j = 0; j < hw; ++j) {
-          ss += ms[j] * ms[j];
-          tt += mt[j] * mt[j];
-          st += ms[j] * mt[j];
-        }
-        const acc_t ns = std::sqrt(ss), nt = std::sqrt(tt);
-        const acc_t inv_s = acc_t(1) / std::max(ns, eps), inv_t = acc_t(1) / std::max(nt, eps);
+        const MapScalars<acc_t> u = map_scalars(ms, mt, hw);
         acc_t sq = 0;
         for (int64_t j = 0; j < hw; ++j) {
-          const acc_t diff = ms[j] * inv_s - mt[j] * inv_t;
+          const acc_t diff = u.difference(ms[j], mt[j]);
           sq += diff * diff;
         }
-        acc_t k;  // d loss / d u_s = k * (u_s - u_t)
-        if (mse) {
-          loss_out[i] = sq / static_cast<acc_t>(batch * hw);
-          k = acc_t(2) / static_cast<acc_t>(batch * hw);
-        } else {
-          const acc_t l = std::sqrt(sq);
-          loss_out[i] = l / static_cast<acc_t>(batch);
-          k = l > acc_t(0) ? acc_t(1) / (l * static_cast<acc_t>(batch)) : acc_t(0);
-        }
-        // d u_s / d m_s = (I - u_s u_s^T) / ||m_s|| where the norm is not clamped, I / eps otherwise.
-        const acc_t proj = ns >= eps ? ss * inv_s * inv_s - st * inv_s * inv_t : acc_t(0);
-        acc_t* g = grads[s].mutable_data_ptr<acc_t>() + b * hw;
-        for (int64_t j = 0; j < hw; ++j) {
-          const acc_t us = ms[j] * inv_s;
-          g[j] = k * inv_s * ((us - mt[j] * inv_t) - us * proj);
-        }
+        const SampleLoss<acc_t> l = sample_loss(sq, in.mse, batch, hw);
+        loss_out[i] = l.loss;
+        acc_t* g = out.grads[s].mutable_data_ptr<acc_t>() + b * hw;
+        for (int64_t j = 0; j < hw; ++j) g[j] = u.map_grad(ms[j], mt[j], l.k);
       }
     });
   });
-  return {losses, grads};
+  return {out.losses, out.grads};
 }
 
 }  // namespace

@@ -122,18 +122,6 @@ void pooled_difference(const Module<student_t, teacher_t>& m, int64_t b, int c, 
   pool(plane, h.height, h.width, feature_grid, acc_t(1), out);
 }
 
-// The per-sample scalars of both maps.
-template <typename acc_t>
-MapScalars<acc_t> map_scalars(const acc_t* ps, const acc_t* pt, int bins) {
-  acc_t ss = 0, tt = 0, st = 0;
-  for (int k = 0; k < bins; ++k) {
-    ss += ps[k] * ps[k];
-    tt += pt[k] * pt[k];
-    st += ps[k] * pt[k];
-  }
-  return MapScalars<acc_t>(ss, tt, st);
-}
-
 // The teacher weighting of a sample (csrc/block_attention.h).
 template <typename acc_t>
 TeacherWeight<acc_t> teacher_weight(const Inputs& in, const Map4& t, const acc_t* pt, const MapScalars<acc_t>& s) {
@@ -168,7 +156,7 @@ void forward_pair(const Inputs& in, const Module<student_t, teacher_t>& m, int64
   const MapScalars<acc_t> s = map_scalars(ps, pt, bins);
   acc_t map_sum = 0;
   for (int k = 0; k < bins; ++k) {
-    const acc_t d = ps[k] * s.inv_s - pt[k] * s.inv_t;
+    const acc_t d = s.difference(ps[k], pt[k]);
     map_sum += d * d;
   }
   acc_t feat_sum = 0;
@@ -273,21 +261,15 @@ void for_each_pair(const Inputs& in, const Modules<student_t, teacher_t>& module
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> block_attention_forward_cpu(const std::vector<at::Tensor>& f_s,
-                                                               const std::vector<at::Tensor>& h_s,
-                                                               const std::vector<at::Tensor>& f_t, int64_t grid,
-                                                               double power, int64_t feature_grid,
-                                                               bool teacher_weighting) {
-  const Inputs in =
-      check_inputs("block_attention_forward", f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting);
-  const auto options = f_s[0].options().dtype(in.acc);
-  const int64_t bins = in.grid * in.grid;
-  at::Tensor terms = at::empty({in.modules, 2}, options);
-  at::Tensor maps = at::empty({in.modules, 2, in.batch, bins}, options);
-  dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
-    using student_t = typename decltype(student)::type;
-    using teacher_t = typename decltype(teacher)::type;
+// The kernels of block_attention::forward and ::backward (csrc/block_attention.h) on the CPU.
+struct CpuDevice {
+  using Guard = CpuGuard;
+
+  template <typename student_t, typename teacher_t>
+  static void forward(const Inputs& in, const std::vector<at::Tensor>& f_s, const std::vector<at::Tensor>& h_s,
+                      const std::vector<at::Tensor>& f_t, const at::Tensor& terms, const at::Tensor& maps) {
     using acc_t = acc_type<student_t>;
+    const int64_t bins = in.grid * in.grid;
     const Modules<student_t, teacher_t> modules(f_s, h_s, f_t);
     std::vector<acc_t> partials(in.modules * in.batch * 2);
     acc_t* out = maps.mutable_data_ptr<acc_t>();
@@ -305,46 +287,32 @@ std::tuple<at::Tensor, at::Tensor> block_attention_forward_cpu(const std::vector
       t[2 * l] = sums[0] / static_cast<acc_t>(feature_count(modules.list[l].hs, in.batch, in.feature_grid));
       t[2 * l + 1] = sums[1] / static_cast<acc_t>(in.batch * bins);
     }
-  });
-  return {terms, maps};
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> block_attention_backward_cpu(
-    const at::Tensor& grad_terms, const std::vector<at::Tensor>& f_s, const std::vector<at::Tensor>& h_s,
-    const std::vector<at::Tensor>& f_t, const at::Tensor& maps, int64_t grid, double power, int64_t feature_grid,
-    bool teacher_weighting) {
-  const BackwardInputs checked =
-      check_backward(grad_terms, f_s, h_s, f_t, maps, grid, power, feature_grid, teacher_weighting);
-  const Inputs& in = checked.in;
-  const int64_t bins = in.grid * in.grid;
-  const at::Tensor &g = checked.grad_terms, &saved = checked.maps;
-  std::vector<at::Tensor> grad_f_s, grad_h_s;
-  for (size_t l = 0; l < f_s.size(); ++l) {
-    grad_f_s.push_back(at::empty(f_s[l].sizes(), f_s[l].options()));
-    grad_h_s.push_back(at::empty(h_s[l].sizes(), h_s[l].options()));
   }
-  dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
-    using student_t = typename decltype(student)::type;
-    using teacher_t = typename decltype(teacher)::type;
+
+  template <typename student_t, typename teacher_t>
+  static void backward(const BackwardInputs& checked, const std::vector<at::Tensor>& f_s,
+                       const std::vector<at::Tensor>& h_s, const std::vector<at::Tensor>& f_t,
+                       const std::vector<at::Tensor>& grad_f_s, const std::vector<at::Tensor>& grad_h_s) {
     using acc_t = acc_type<student_t>;
+    const Inputs& in = checked.in;
+    const int64_t bins = in.grid * in.grid;
     const Modules<student_t, teacher_t> modules(f_s, h_s, f_t);
-    const acc_t* p = saved.const_data_ptr<acc_t>();
-    const acc_t* gt = g.const_data_ptr<acc_t>();
+    const acc_t* p = checked.maps.const_data_ptr<acc_t>();
+    const acc_t* gt = checked.grad_terms.const_data_ptr<acc_t>();
     for_each_pair<acc_t>(in, modules, [&](int64_t pair, const auto& m, int64_t b, Buffers<acc_t>& buf) {
       const int64_t l = pair / in.batch;
       const acc_t* ps = p + (l * 2 * in.batch + b) * bins;
       backward_pair(in, m, b, static_cast<acc_t>(in.power), ps, ps + in.batch * bins, gt + 2 * l,
                     grad_f_s[l].mutable_data_ptr<student_t>(), grad_h_s[l].mutable_data_ptr<student_t>(), buf);
     });
-  });
-  return {grad_f_s, grad_h_s};
-}
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
-  m.impl("block_attention_forward", &block_attention_forward_cpu);
-  m.impl("block_attention_backward", &block_attention_backward_cpu);
+  m.impl("block_attention_forward", &block_attention::forward<CpuDevice>);
+  m.impl("block_attention_backward", &block_attention::backward<CpuDevice>);
 }
 
 }  // namespace kdfast

@@ -9,7 +9,6 @@
 // and adds the entry's loss term, exp(s) and coef * w into its own accumulators. The items' partial
 // sums are added in item order afterwards: the result depends neither on the thread count nor on
 // the scheduling. An index outside [0, N) is not read: its row's results are NaN.
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -77,14 +76,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_forward_cpu(const at::Tensor&
                                                                const at::Tensor& idx, const at::Tensor& z,
                                                                double temperature) {
   const CrdShape s = check_crd("crd_forward", emb, bank, idx, z, temperature);
-  const auto options = emb.options().dtype(crd_acc(emb));
+  const at::ScalarType acc = acc_dtype(emb.scalar_type());
+  const auto options = emb.options().dtype(acc);
   at::Tensor loss = at::empty({}, options), grad = at::empty({s.batch, s.dim}, options);
   at::Tensor expsum = at::empty({s.batch}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "crd_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const int64_t chunks = (s.columns + kChunk - 1) / kChunk;
     std::vector<acc_t> partials(2 * s.batch * chunks), grad_partials(s.batch * chunks * s.dim);
-    const acc_t zv = z.to(crd_acc(emb)).item<acc_t>();
+    const acc_t zv = z.to(acc).item<acc_t>();
     const CrdScalars<acc_t> c = crd_scalars<acc_t>(s, temperature);
     forward_items<scalar_t, acc_t>(emb, bank, idx, zv, s, c, partials, grad_partials);
     const acc_t grad_scale = static_cast<acc_t>(1.0 / (static_cast<double>(s.batch) * temperature));

@@ -11,7 +11,6 @@
 //
 // Every tensor is read and written in place through its strides; accumulation in float (double for a
 // double f_s).
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -81,7 +80,7 @@ void for_each_position(const Map& m, Fn&& fn) {
 
 template <typename student_t, typename teacher_t>
 void forward_impl(const Inputs& in, at::Tensor& losses, at::Tensor& cells) {
-  using acc_t = at::opmath_type<student_t>;
+  using acc_t = acc_type<student_t>;
   const auto stages = stages_of<student_t, teacher_t, acc_t>(in);
   std::vector<acc_t> partials(in.rows);
   acc_t* out_cells = cells.mutable_data_ptr<acc_t>();
@@ -125,7 +124,7 @@ void forward_impl(const Inputs& in, at::Tensor& losses, at::Tensor& cells) {
 template <typename student_t, typename teacher_t>
 void backward_impl(const Inputs& in, const at::Tensor& grad_losses, const at::Tensor& cells,
                    std::vector<at::Tensor>& grads) {
-  using acc_t = at::opmath_type<student_t>;
+  using acc_t = acc_type<student_t>;
   const auto stages = stages_of<student_t, teacher_t, acc_t>(in);
   std::vector<student_t*> outs;
   std::vector<Map> out_maps;

@@ -24,12 +24,14 @@
 #include <vector>
 
 #include "../at.h"
+#include "checked_launch.cuh"
 #include "launch.cuh"
 #include "reduce.cuh"
 
 namespace kdfast {
 namespace {
 
+using gpu::block_map_scalars;
 using gpu::block_sum;
 using gpu::kWarpSize;
 using gpu::sum_over_lanes;
@@ -179,11 +181,24 @@ struct MapsBackwardArgs : FeatStages<scalar_t, acc_t> {
   Bchw grad_shape[kMaxStages];  // strides of grad (those of feat unless feat is not dense)
 };
 
+// A thread of a FeatStages launch: its block's stage s, the stage's tiling t, and its span.
+struct StageThread {
+  int s;
+  Tiling t;
+  ThreadSpan span;
+};
+
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ int block_stage(const FeatStages<scalar_t, acc_t>& a) {
+__device__ __forceinline__ StageThread stage_thread(const FeatStages<scalar_t, acc_t>& a) {
   int s = 0;
   while (s + 1 < a.count && blockIdx.x >= a.first_block[s + 1]) ++s;
-  return s;
+  return {s, a.tiling[s], thread_span(a.tiling[s], blockIdx.x - a.first_block[s])};
+}
+
+// fn(f[b, c, hw]) for the channels c of the thread's span (valid), in order (for_each_channel).
+template <typename scalar_t, typename acc_t, typename Fn>
+__device__ __forceinline__ void for_each_feature(const FeatStages<scalar_t, acc_t>& a, const StageThread& x, Fn fn) {
+  for_each_channel(a.feat[x.s] + span_offset(x.t.d, x.span), span_jump(x.t.d, x.t), x.span.count, fn);
 }
 
 // m[b, hw] = scale * sum_c g(f[b, c, hw]): each thread sums its channels, then the G threads of
@@ -191,18 +206,15 @@ __device__ __forceinline__ int block_stage(const FeatStages<scalar_t, acc_t>& a)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<acc_t>())
     at_maps_kernel(const MapsArgs<scalar_t, acc_t> a) {
-  const int s = block_stage(a);
-  const Tiling t = a.tiling[s];
-  const ThreadSpan span = thread_span(t, blockIdx.x - a.first_block[s]);
+  const StageThread x = stage_thread(a);
   acc_t sum = 0;
-  if (span.valid) {
-    for_each_channel(a.feat[s] + span_offset(t.d, span), span_jump(t.d, t), span.count,
-                     [&](scalar_t v) { sum += power_value(static_cast<acc_t>(v), a.p, a.odd_signed); });
+  if (x.span.valid) {
+    for_each_feature(a, x, [&](scalar_t v) { sum += power_value(static_cast<acc_t>(v), a.p, a.odd_signed); });
   }
   // block-uniform branch (one stage per block)
-  sum = t.channels_last ? sum_over_lanes(sum, 1 << t.log_groups)
-                        : sum_over_groups(sum, kThreads >> t.log_groups);
-  if (span.valid && span.c0 == 0) a.map[s][span.n] = sum * a.scale[s];
+  sum = x.t.channels_last ? sum_over_lanes(sum, 1 << x.t.log_groups)
+                          : sum_over_groups(sum, kThreads >> x.t.log_groups);
+  if (x.span.valid && x.span.c0 == 0) a.map[x.s][x.span.n] = sum * a.scale[x.s];
 }
 
 // df[b, c, hw] = dm[b, hw] * scale * g'(f[b, c, hw]), on the tiles of at_maps_kernel: each thread
@@ -210,19 +222,16 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<acc_t>())
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<acc_t>())
     at_maps_backward_kernel(const MapsBackwardArgs<scalar_t, acc_t> a) {
-  const int s = block_stage(a);
-  const Tiling t = a.tiling[s];
-  const ThreadSpan span = thread_span(t, blockIdx.x - a.first_block[s]);
-  if (!span.valid) return;
-  const Bchw o = a.grad_shape[s];
-  const acc_t dm_scale = a.grad_map[s][span.n] * a.scale[s];
-  scalar_t* y = a.grad[s] + span_offset(o, span);
-  const int64_t y_jump = span_jump(o, t);
-  for_each_channel(a.feat[s] + span_offset(t.d, span), span_jump(t.d, t), span.count,
-                   [&](scalar_t v) {  // in channel order: y walks along with x
-                     *y = static_cast<scalar_t>(dm_scale * power_grad(static_cast<acc_t>(v), a.p, a.odd_signed));
-                     y += y_jump;
-                   });
+  const StageThread x = stage_thread(a);
+  if (!x.span.valid) return;
+  const Bchw o = a.grad_shape[x.s];
+  const acc_t dm_scale = a.grad_map[x.s][x.span.n] * a.scale[x.s];
+  scalar_t* y = a.grad[x.s] + span_offset(o, x.span);
+  const int64_t y_jump = span_jump(o, x.t);
+  for_each_feature(a, x, [&](scalar_t v) {  // in channel order: y walks along with the feature
+    *y = static_cast<scalar_t>(dm_scale * power_grad(static_cast<acc_t>(v), a.p, a.odd_signed));
+    y += y_jump;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -241,9 +250,8 @@ struct LossArgs {
   bool mse;
 };
 
-// With u = m / max(||m||, eps): loss = sum (u_s - u_t)^2 / (B HW) ("mse") or ||u_s - u_t|| / B ("l2"),
-// and d loss / d m_s = k / max(||m_s||, eps) * ((u_s - u_t) - u_s * proj), proj = u_s . (u_s - u_t)
-// where ||m_s|| >= eps (0 where the norm is clamped), k = d loss / d u_s / (u_s - u_t).
+// With u = m / max(||m||, eps): loss = sum (u_s - u_t)^2 / (B HW) ("mse") or ||u_s - u_t|| / B ("l2")
+// (sample_loss, csrc/at.h), and d loss / d m_s (MapScalars::map_grad, csrc/common.h).
 template <typename acc_t>
 __global__ void __launch_bounds__(kLossThreads) at_map_loss_kernel(const LossArgs<acc_t> a) {
   const int s = static_cast<int>(blockIdx.x / a.batch);
@@ -252,43 +260,19 @@ __global__ void __launch_bounds__(kLossThreads) at_map_loss_kernel(const LossArg
   const int64_t row = (i - s * a.batch) * hw;
   const acc_t* ms = a.maps_s[s] + row;
   const acc_t* mt = a.maps_t[s] + row;
-  const acc_t eps = static_cast<acc_t>(kNormEps);
-
-  acc_t dots[3] = {0, 0, 0};  // ss, tt, st
-  for (int64_t j = threadIdx.x; j < hw; j += kLossThreads) {
-    dots[0] += ms[j] * ms[j];
-    dots[1] += mt[j] * mt[j];
-    dots[2] += ms[j] * mt[j];
-  }
-  block_sum<kLossThreads>(dots);
-  const acc_t ss = dots[0], tt = dots[1], st = dots[2];
-  const acc_t ns = std::sqrt(ss), nt = std::sqrt(tt);
-  const acc_t inv_s = acc_t(1) / (ns < eps ? eps : ns), inv_t = acc_t(1) / (nt < eps ? eps : nt);  // std::max
+  const MapScalars<acc_t> u = block_map_scalars<kLossThreads>(ms, mt, hw);
 
   acc_t sq[1] = {0};
   for (int64_t j = threadIdx.x; j < hw; j += kLossThreads) {
-    const acc_t diff = ms[j] * inv_s - mt[j] * inv_t;
+    const acc_t diff = u.difference(ms[j], mt[j]);
     sq[0] += diff * diff;
   }
   block_sum<kLossThreads>(sq);
 
-  acc_t loss, k;  // d loss / d u_s = k * (u_s - u_t)
-  if (a.mse) {
-    loss = sq[0] / static_cast<acc_t>(a.batch * hw);
-    k = acc_t(2) / static_cast<acc_t>(a.batch * hw);
-  } else {
-    const acc_t l = std::sqrt(sq[0]);
-    loss = l / static_cast<acc_t>(a.batch);
-    k = l > acc_t(0) ? acc_t(1) / (l * static_cast<acc_t>(a.batch)) : acc_t(0);
-  }
-  if (threadIdx.x == 0) a.losses[i] = loss;
-  // d u_s / d m_s = (I - u_s u_s^T) / ||m_s|| where the norm is not clamped, I / eps otherwise.
-  const acc_t proj = ns >= eps ? ss * inv_s * inv_s - st * inv_s * inv_t : acc_t(0);
+  const SampleLoss<acc_t> l = sample_loss(sq[0], a.mse, a.batch, hw);
+  if (threadIdx.x == 0) a.losses[i] = l.loss;
   acc_t* g = a.grads[s] + row;
-  for (int64_t j = threadIdx.x; j < hw; j += kLossThreads) {
-    const acc_t us = ms[j] * inv_s;
-    g[j] = k * inv_s * ((us - mt[j] * inv_t) - us * proj);
-  }
+  for (int64_t j = threadIdx.x; j < hw; j += kLossThreads) g[j] = u.map_grad(ms[j], mt[j], l.k);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -319,15 +303,6 @@ int64_t plan_stages(FeatStages<scalar_t, acc_t>& a, const std::vector<at::Tensor
   return a.first_block[count];
 }
 
-// kernel<<<blocks, threads>>>(args) on the current stream; zero blocks launch nothing.
-template <typename Args>
-void launch(const char* op, void (*kernel)(Args), int64_t blocks, int threads, const Args& args) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many blocks for one launch (", blocks, ")");
-  if (blocks == 0) return;
-  gpu::launch_kernel(kernel, static_cast<unsigned int>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream(), args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 std::vector<at::Tensor> at_maps_cuda(const std::vector<at::Tensor>& feats_in, double p, c10::string_view mode_name) {
   const AtFeatures in = check_at_maps(feats_in, p, mode_name);
   const c10::cuda::CUDAGuard guard(feats_in[0].device());
@@ -339,7 +314,7 @@ std::vector<at::Tensor> at_maps_cuda(const std::vector<at::Tensor>& feats_in, do
       MapsArgs<scalar_t, acc_t> args{};
       const int64_t blocks = plan_stages(args, feats, first, count, in.power, in.mode);
       for (size_t i = 0; i < count; ++i) args.map[i] = maps[first + i].mutable_data_ptr<acc_t>();
-      launch("at_maps", at_maps_kernel<scalar_t, acc_t>, blocks, kThreads, args);
+      gpu::launch_unless_empty("at_maps", at_maps_kernel<scalar_t, acc_t>, blocks, kThreads, 0, args);
     });
   });
   return maps;
@@ -363,7 +338,7 @@ std::vector<at::Tensor> at_maps_backward_cuda(const std::vector<at::Tensor>& gra
         args.grad[i] = grads[first + i].mutable_data_ptr<scalar_t>();
         args.grad_shape[i] = bchw(grads[first + i]);
       }
-      launch("at_maps_backward", at_maps_backward_kernel<scalar_t, acc_t>, blocks, kThreads, args);
+      gpu::launch_unless_empty("at_maps_backward", at_maps_backward_kernel<scalar_t, acc_t>, blocks, kThreads, 0, args);
     });
   });
   return grads;
@@ -375,11 +350,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> at_map_loss_cuda(const std::vect
   const AtMapLossInputs in = check_at_map_loss(maps_s_in, maps_t_in, loss_name);
   const std::vector<at::Tensor> &maps_s = in.maps_s, &maps_t = in.maps_t;
   const int64_t batch = in.batch;
-  std::vector<at::Tensor> grads;
-  for (const auto& ms : maps_s) grads.push_back(at::empty_like(ms));
+  const AtMapLossOutputs out = empty_map_loss_outputs(in);
+  const std::vector<at::Tensor>& grads = out.grads;
   const c10::cuda::CUDAGuard guard(in.device);
-  const int64_t stages = static_cast<int64_t>(maps_s.size());
-  at::Tensor losses = at::empty({stages, batch}, maps_s[0].options());
   AT_DISPATCH_FLOATING_TYPES(in.dtype, "at_map_loss_cuda", [&] {
     using acc_t = scalar_t;
     for_each_stage_run(maps_s.size(), [&](size_t first, size_t count) {
@@ -390,13 +363,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> at_map_loss_cuda(const std::vect
         args.grads[i] = grads[first + i].mutable_data_ptr<acc_t>();
         args.hw[i] = maps_s[first + i].size(1);
       }
-      args.losses = losses.mutable_data_ptr<acc_t>() + static_cast<int64_t>(first) * batch;
+      args.losses = out.losses.mutable_data_ptr<acc_t>() + static_cast<int64_t>(first) * batch;
       args.batch = batch;
       args.mse = in.mse;
-      launch("at_map_loss", at_map_loss_kernel<acc_t>, static_cast<int64_t>(count) * batch, kLossThreads, args);
+      gpu::launch_unless_empty("at_map_loss", at_map_loss_kernel<acc_t>, static_cast<int64_t>(count) * batch,
+                               kLossThreads, 0, args);
     });
   });
-  return {losses, grads};
+  return {out.losses, out.grads};
 }
 
 }  // namespace

@@ -40,6 +40,7 @@
 #include "../block_attention.h"
 #include "../dispatch.h"
 #include "global_load.cuh"
+#include "checked_launch.cuh"
 #include "launch.cuh"
 #include "reduce.cuh"
 
@@ -47,6 +48,7 @@ namespace kdfast {
 namespace {
 
 using namespace block_attention;
+using gpu::block_map_scalars;
 using gpu::block_sum;
 using gpu::kWarpSize;
 using gpu::load_global;
@@ -260,17 +262,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   pool_bins(plane_t, ft.height, ft.width, grid, acc_t(1) / static_cast<acc_t>(ft.channels), pt);
   __syncthreads();
 
-  acc_t dots[3] = {0, 0, 0};  // ss, tt, st
-  for (int k = threadIdx.x; k < bins; k += kBlockThreads) {
-    dots[0] += ps[k] * ps[k];
-    dots[1] += pt[k] * pt[k];
-    dots[2] += ps[k] * pt[k];
-  }
-  block_sum<kBlockThreads>(dots);
-  const MapScalars<acc_t> s(dots[0], dots[1], dots[2]);
+  const MapScalars<acc_t> s = block_map_scalars<kBlockThreads>(ps, pt, bins);
   acc_t sums[2] = {0, 0};  // map sum, nearest sum of the teacher weighting
   for (int k = threadIdx.x; k < bins; k += kBlockThreads) {
-    const acc_t d = ps[k] * s.inv_s - pt[k] * s.inv_t;
+    const acc_t d = s.difference(ps[k], pt[k]);
     sums[0] += d * d;
     if (a.weighting) sums[1] += nearest_term(ft, grid, k, pt[k]);
   }
@@ -451,7 +446,7 @@ Scratch plan_scratch(const Inputs& in, PerSample&& per_sample) {
 template <typename student_t, typename teacher_t, typename Fn>
 void for_each_run(const Inputs& in, const Scratch& plan, at::Tensor& scratch, const std::vector<at::Tensor>& f_s,
                   const std::vector<at::Tensor>& h_s, const std::vector<at::Tensor>& f_t,
-                  std::vector<at::Tensor>* grads_f, std::vector<at::Tensor>* grads_h, Fn&& fn) {
+                  const std::vector<at::Tensor>* grads_f, const std::vector<at::Tensor>* grads_h, Fn&& fn) {
   using acc_t = acc_type<student_t>;
   for (int64_t first = 0; first < in.modules; first += kMaxModules) {
     Args<student_t, teacher_t> a{};
@@ -477,80 +472,54 @@ void for_each_run(const Inputs& in, const Scratch& plan, at::Tensor& scratch, co
   }
 }
 
-template <typename Kernel, typename... Params>
-void launch(Kernel kernel, int64_t blocks, int threads, const Params&... params) {
-  gpu::launch_kernel(kernel, static_cast<unsigned int>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream(), params...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+// The kernels of block_attention::forward and ::backward (csrc/block_attention.h) on the GPU.
+struct CudaDevice {
+  using Guard = c10::cuda::CUDAGuard;
 
-std::tuple<at::Tensor, at::Tensor> block_attention_forward_cuda(const std::vector<at::Tensor>& f_s,
-                                                                const std::vector<at::Tensor>& h_s,
-                                                                const std::vector<at::Tensor>& f_t, int64_t grid,
-                                                                double power, int64_t feature_grid,
-                                                                bool teacher_weighting) {
-  const Inputs in =
-      check_inputs("block_attention_forward", f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting);
-  const c10::cuda::CUDAGuard guard(f_s[0].device());
-  const auto options = f_s[0].options().dtype(in.acc);
-  at::Tensor terms = at::empty({in.modules, 2}, options);
-  at::Tensor maps = at::empty({in.modules, 2, in.batch, int64_t{in.grid} * in.grid}, options);
-  at::Tensor partials = at::empty({in.modules, in.batch, 2}, options);
-  const Scratch plan = plan_scratch(in, [&](int64_t l) {
-    return f_s[l].size(2) * f_s[l].size(3) + f_t[l].size(2) * f_t[l].size(3);  // the channel sums
-  });
-  at::Tensor scratch = at::empty({std::max<int64_t>(plan.total, 1)}, options);
-  dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
-    using student_t = typename decltype(student)::type;
-    using teacher_t = typename decltype(teacher)::type;
+  template <typename student_t, typename teacher_t>
+  static void forward(const Inputs& in, const std::vector<at::Tensor>& f_s, const std::vector<at::Tensor>& h_s,
+                      const std::vector<at::Tensor>& f_t, const at::Tensor& terms, const at::Tensor& maps) {
     using acc_t = acc_type<student_t>;
-    for_each_run<student_t, teacher_t>(in, plan, scratch, f_s, h_s, f_t, nullptr, nullptr,
-                                       [&](const auto& a, int64_t blocks) {
-                                         launch(forward_kernel<student_t, teacher_t>, blocks, kBlockThreads, a,
-                                                maps.mutable_data_ptr<acc_t>(), partials.mutable_data_ptr<acc_t>());
-                                         launch(finish_kernel<student_t, teacher_t>, 1, kFinishThreads, a,
-                                                partials.const_data_ptr<acc_t>(), terms.mutable_data_ptr<acc_t>());
-                                       });
-  });
-  return {terms, maps};
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> block_attention_backward_cuda(
-    const at::Tensor& grad_terms, const std::vector<at::Tensor>& f_s, const std::vector<at::Tensor>& h_s,
-    const std::vector<at::Tensor>& f_t, const at::Tensor& maps, int64_t grid, double power, int64_t feature_grid,
-    bool teacher_weighting) {
-  const BackwardInputs checked =
-      check_backward(grad_terms, f_s, h_s, f_t, maps, grid, power, feature_grid, teacher_weighting);
-  const c10::cuda::CUDAGuard guard(f_s[0].device());
-  const Inputs& in = checked.in;
-  const at::Tensor &g = checked.grad_terms, &saved = checked.maps;
-  std::vector<at::Tensor> grad_f_s, grad_h_s;
-  for (size_t l = 0; l < f_s.size(); ++l) {
-    grad_f_s.push_back(at::empty(f_s[l].sizes(), f_s[l].options()));
-    grad_h_s.push_back(at::empty(h_s[l].sizes(), h_s[l].options()));
+    const char* op = "block_attention_forward";
+    at::Tensor partials = at::empty({in.modules, in.batch, 2}, maps.options());
+    const Scratch plan = plan_scratch(in, [&](int64_t l) {
+      return f_s[l].size(2) * f_s[l].size(3) + f_t[l].size(2) * f_t[l].size(3);  // the channel sums
+    });
+    at::Tensor scratch = at::empty({std::max<int64_t>(plan.total, 1)}, maps.options());
+    for_each_run<student_t, teacher_t>(
+        in, plan, scratch, f_s, h_s, f_t, nullptr, nullptr, [&](const auto& a, int64_t blocks) {
+          gpu::launch_checked(op, forward_kernel<student_t, teacher_t>, blocks, kBlockThreads, 0, a,
+                              maps.mutable_data_ptr<acc_t>(), partials.mutable_data_ptr<acc_t>());
+          gpu::launch_checked(op, finish_kernel<student_t, teacher_t>, 1, kFinishThreads, 0, a,
+                              partials.const_data_ptr<acc_t>(), terms.mutable_data_ptr<acc_t>());
+        });
   }
-  const Scratch plan = plan_scratch(in, [&](int64_t l) {  // the dm plane, then the pooled differences
-    const int64_t pooled = in.feature_grid > 0 ? h_s[l].size(1) * in.feature_grid * in.feature_grid : 0;
-    return f_s[l].size(2) * f_s[l].size(3) + pooled;
-  });
-  at::Tensor scratch = at::empty({std::max<int64_t>(plan.total, 1)}, saved.options());
-  dispatch_float_pair(in.student, in.teacher, [&](auto student, auto teacher) {
-    using student_t = typename decltype(student)::type;
-    using teacher_t = typename decltype(teacher)::type;
+
+  template <typename student_t, typename teacher_t>
+  static void backward(const BackwardInputs& checked, const std::vector<at::Tensor>& f_s,
+                       const std::vector<at::Tensor>& h_s, const std::vector<at::Tensor>& f_t,
+                       const std::vector<at::Tensor>& grad_f_s, const std::vector<at::Tensor>& grad_h_s) {
     using acc_t = acc_type<student_t>;
-    for_each_run<student_t, teacher_t>(in, plan, scratch, f_s, h_s, f_t, &grad_f_s, &grad_h_s,
-                                       [&](const auto& a, int64_t blocks) {
-                                         launch(backward_kernel<student_t, teacher_t>, blocks, kBlockThreads, a,
-                                                saved.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>());
-                                       });
-  });
-  return {grad_f_s, grad_h_s};
-}
+    const Inputs& in = checked.in;
+    const at::Tensor &g = checked.grad_terms, &saved = checked.maps;
+    const Scratch plan = plan_scratch(in, [&](int64_t l) {  // the dm plane, then the pooled differences
+      const int64_t pooled = in.feature_grid > 0 ? h_s[l].size(1) * in.feature_grid * in.feature_grid : 0;
+      return f_s[l].size(2) * f_s[l].size(3) + pooled;
+    });
+    at::Tensor scratch = at::empty({std::max<int64_t>(plan.total, 1)}, saved.options());
+    for_each_run<student_t, teacher_t>(
+        in, plan, scratch, f_s, h_s, f_t, &grad_f_s, &grad_h_s, [&](const auto& a, int64_t blocks) {
+          gpu::launch_checked("block_attention_backward", backward_kernel<student_t, teacher_t>, blocks,
+                              kBlockThreads, 0, a, saved.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>());
+        });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
-  m.impl("block_attention_forward", &block_attention_forward_cuda);
-  m.impl("block_attention_backward", &block_attention_backward_cuda);
+  m.impl("block_attention_forward", &block_attention::forward<CudaDevice>);
+  m.impl("block_attention_backward", &block_attention::backward<CudaDevice>);
 }
 
 }  // namespace kdfast

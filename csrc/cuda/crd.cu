@@ -29,6 +29,7 @@
 #include <tuple>
 
 #include "../crd.h"
+#include "checked_launch.cuh"
 #include "launch.cuh"
 #include "reduce.cuh"
 
@@ -146,22 +147,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// kernel<<<blocks, kThreads>>>(args...) on the current stream.
-template <typename... Params, typename... Args>
-void launch(const char* op, void (*kernel)(Params...), int64_t blocks, Args&&... args) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many blocks for one launch (", blocks, ")");
-  gpu::launch_kernel(kernel, static_cast<unsigned int>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream(),
-                     std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 template <typename scalar_t, typename acc_t, int kChunks>
 void launch_forward(const char* op, const at::Tensor& emb, const at::Tensor& bank, const at::Tensor& idx,
                     const at::Tensor& z, const CrdLaunch& l, const CrdScalars<acc_t>& c, at::Tensor& partials,
                     at::Tensor& grad_partials) {
-  launch(op, crd_forward_kernel<scalar_t, acc_t, kChunks>, l.s.batch * l.splits, emb.const_data_ptr<scalar_t>(),
-         bank.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), z.const_data_ptr<acc_t>(),
-         partials.mutable_data_ptr<acc_t>(), grad_partials.mutable_data_ptr<acc_t>(), l, c);
+  gpu::launch_checked(op, crd_forward_kernel<scalar_t, acc_t, kChunks>, l.s.batch * l.splits, kThreads, 0,
+                      emb.const_data_ptr<scalar_t>(), bank.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
+                      z.const_data_ptr<acc_t>(), partials.mutable_data_ptr<acc_t>(),
+                      grad_partials.mutable_data_ptr<acc_t>(), l, c);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_forward_cuda(const at::Tensor& emb, const at::Tensor& bank,
@@ -170,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_forward_cuda(const at::Tensor
   const char* op = "crd_forward";
   const CrdShape s = check_crd(op, emb, bank, idx, z, temperature);
   const c10::cuda::CUDAGuard guard(emb.device());
-  const at::ScalarType acc = crd_acc(emb);
+  const at::ScalarType acc = acc_dtype(emb.scalar_type());
   const auto options = emb.options().dtype(acc);
   const CrdLaunch l = make_launch(s);
   const int64_t blocks = s.batch * l.splits;
@@ -179,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_forward_cuda(const at::Tensor
   at::Tensor expsum = at::empty({s.batch}, options);
   const at::Tensor zc = z.to(acc).contiguous();  // on the device: never read on the host
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "crd_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const CrdScalars<acc_t> c = crd_scalars<acc_t>(s, temperature);
     if (s.dim <= 4 * kWarpSize) {
       launch_forward<scalar_t, acc_t, 4>(op, emb, bank, idx, zc, l, c, partials, grad_partials);
@@ -187,9 +180,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_forward_cuda(const at::Tensor
       launch_forward<scalar_t, acc_t, kCrdMaxDim / kWarpSize>(op, emb, bank, idx, zc, l, c, partials, grad_partials);
     }
     const acc_t grad_scale = static_cast<acc_t>(1.0 / (static_cast<double>(s.batch) * temperature));
-    launch(op, crd_finish_kernel<acc_t>, s.batch, partials.const_data_ptr<acc_t>(), grad_partials.const_data_ptr<acc_t>(),
-           loss.mutable_data_ptr<acc_t>(), grad.mutable_data_ptr<acc_t>(), expsum.mutable_data_ptr<acc_t>(), s.batch,
-           s.dim, l.splits, grad_scale, static_cast<acc_t>(1.0 / static_cast<double>(s.batch)));
+    gpu::launch_checked(op, crd_finish_kernel<acc_t>, s.batch, kThreads, 0, partials.const_data_ptr<acc_t>(),
+                        grad_partials.const_data_ptr<acc_t>(), loss.mutable_data_ptr<acc_t>(),
+                        grad.mutable_data_ptr<acc_t>(), expsum.mutable_data_ptr<acc_t>(), s.batch, s.dim, l.splits,
+                        grad_scale, static_cast<acc_t>(1.0 / static_cast<double>(s.batch)));
   });
   return {loss, grad, expsum};
 }

@@ -18,7 +18,6 @@
 // reads from the launch's argument table (passed by value: no host staging, graph-capturable). The
 // inputs are read in place through their strides with read-only loads; accumulation in float
 // (double for a double f_s); every sum has a fixed order (deterministic, no atomics).
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -36,6 +35,7 @@
 #include "../dispatch.h"
 #include "../hcl.h"
 #include "global_load.cuh"
+#include "checked_launch.cuh"
 #include "launch.cuh"
 #include "reduce.cuh"
 
@@ -68,7 +68,7 @@ struct Stage {
 
 template <typename student_t, typename teacher_t>
 struct Args {
-  using acc_t = at::opmath_type<student_t>;
+  using acc_t = acc_type<student_t>;
   Stage<student_t, teacher_t, acc_t> stages[kMaxStages];
   int count;
   int first_stage;            // the op's index of stages[0] (into losses and grad_losses)
@@ -135,7 +135,7 @@ __device__ __forceinline__ int64_t warp_plane(const StageT& st) {
 
 template <typename student_t, typename teacher_t>
 __global__ void __launch_bounds__(kThreads) hcl_forward_kernel(const Args<student_t, teacher_t> a) {
-  using acc_t = at::opmath_type<student_t>;
+  using acc_t = acc_type<student_t>;
   KDFAST_DYNAMIC_SHARED(double, shared);
   const auto& st = a.stages[block_stage(a)];
   const Tables<acc_t> tb = build_tables<acc_t>(st, shared);
@@ -187,8 +187,8 @@ __global__ void __launch_bounds__(kThreads) hcl_forward_kernel(const Args<studen
 // One block per stage: its planes' partials added in a fixed order.
 template <typename student_t, typename teacher_t>
 __global__ void __launch_bounds__(kThreads)
-    hcl_finish_kernel(const Args<student_t, teacher_t> a, at::opmath_type<student_t>* __restrict__ losses) {
-  using acc_t = at::opmath_type<student_t>;
+    hcl_finish_kernel(const Args<student_t, teacher_t> a, acc_type<student_t>* __restrict__ losses) {
+  using acc_t = acc_type<student_t>;
   const auto& st = a.stages[blockIdx.x];
   acc_t v[1] = {0};
   for (int64_t i = threadIdx.x; i < st.planes; i += kThreads) v[0] += a.partials[st.first_row + i];
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename student_t, typename teacher_t>
 __global__ void __launch_bounds__(kThreads) hcl_backward_kernel(const Args<student_t, teacher_t> a) {
-  using acc_t = at::opmath_type<student_t>;
+  using acc_t = acc_type<student_t>;
   KDFAST_DYNAMIC_SHARED(double, shared);
   const int stage = block_stage(a);
   const auto& st = a.stages[stage];
@@ -232,19 +232,10 @@ __global__ void __launch_bounds__(kThreads) hcl_backward_kernel(const Args<stude
   }
 }
 
-// kernel<<<blocks, kThreads, shared>>>(args...) on the current stream.
-template <typename... Params, typename... Args_>
-void launch(const char* op, void (*kernel)(Params...), int64_t blocks, size_t shared, Args_&&... args) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many blocks for one launch (", blocks, ")");
-  gpu::launch_kernel(kernel, static_cast<unsigned int>(blocks), kThreads, shared, c10::cuda::getCurrentCUDAStream(),
-                     std::forward<Args_>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // fn(args, blocks, shared bytes) for each run of up to kMaxStages stages.
 template <typename student_t, typename teacher_t, typename Fn>
 void for_each_run(const Inputs& in, const std::vector<at::Tensor>* grads, Fn&& fn) {
-  using acc_t = at::opmath_type<student_t>;
+  using acc_t = acc_type<student_t>;
   const std::vector<int64_t> first = first_rows(in);
   const int stages = static_cast<int>(in.f_s.size());
   for (int lo = 0; lo < stages; lo += kMaxStages) {
@@ -287,12 +278,13 @@ std::tuple<at::Tensor, at::Tensor> hcl_forward_cuda(const std::vector<at::Tensor
   dispatch_float_pair(f_s[0].scalar_type(), f_t[0].scalar_type(), [&](auto s_tag, auto t_tag) {
     using student_t = typename decltype(s_tag)::type;
     using teacher_t = typename decltype(t_tag)::type;
-    using acc_t = at::opmath_type<student_t>;
+    using acc_t = acc_type<student_t>;
     for_each_run<student_t, teacher_t>(in, nullptr, [&](Args<student_t, teacher_t>& a, int64_t blocks, size_t shared) {
       a.cells = cells.mutable_data_ptr<acc_t>();
       a.partials = partials.mutable_data_ptr<acc_t>();
-      launch(op, hcl_forward_kernel<student_t, teacher_t>, blocks, shared, a);
-      launch(op, hcl_finish_kernel<student_t, teacher_t>, a.count, 0, a, losses.mutable_data_ptr<acc_t>());
+      gpu::launch_checked(op, hcl_forward_kernel<student_t, teacher_t>, blocks, kThreads, shared, a);
+      gpu::launch_checked(op, hcl_finish_kernel<student_t, teacher_t>, a.count, kThreads, 0, a,
+                          losses.mutable_data_ptr<acc_t>());
     });
   });
   return {losses, cells};
@@ -311,11 +303,11 @@ std::vector<at::Tensor> hcl_backward_cuda(const at::Tensor& grad_losses, const s
   dispatch_float_pair(f_s[0].scalar_type(), f_t[0].scalar_type(), [&](auto s_tag, auto t_tag) {
     using student_t = typename decltype(s_tag)::type;
     using teacher_t = typename decltype(t_tag)::type;
-    using acc_t = at::opmath_type<student_t>;
+    using acc_t = acc_type<student_t>;
     for_each_run<student_t, teacher_t>(in, &grads, [&](Args<student_t, teacher_t>& a, int64_t blocks, size_t shared) {
       a.cells = const_cast<acc_t*>(saved.const_data_ptr<acc_t>());
       a.grad_losses = g.const_data_ptr<acc_t>();
-      launch(op, hcl_backward_kernel<student_t, teacher_t>, blocks, shared, a);
+      gpu::launch_checked(op, hcl_backward_kernel<student_t, teacher_t>, blocks, kThreads, shared, a);
     });
   });
   return grads;

@@ -82,6 +82,26 @@ __global__ void __launch_bounds__(kThreads) inv_norm_kernel(const Net<acc_t> net
   if (threadIdx.x == 0) inv_norm[n] = lcc_inv_norm(sum[0]);
 }
 
+// fn(n, m, (S_s - S_t)[n, m]) for the entries (n, m) of the tile at rows n0.., columns m0.. that lie
+// in the N x N matrix (each thread its micro tile's entries). All threads of the block call it.
+template <typename acc_t, typename Fn>
+__device__ __forceinline__ void for_each_difference(const LccArgs<acc_t>& a, int n0, int m0, TileSmem<acc_t>& smem,
+                                                    Fn&& fn) {
+  using Shape = TileShape<acc_t>;
+  Micro<acc_t> diff;  // S_s - S_t
+  zero(diff);
+  correlation_tile(a.s, a.rows, n0, m0, smem, diff);
+  correlation_tile(a.t, a.rows, n0, m0, smem, diff, Product(), acc_t(-1));
+#pragma unroll
+  for (int i = 0; i < Shape::kMicro; ++i) {
+#pragma unroll
+    for (int j = 0; j < Shape::kMicro; ++j) {
+      const int n = n0 + Shape::row(i), m = m0 + Shape::col(j);
+      if (n < a.rows && m < a.rows) fn(n, m, diff[i][j]);
+    }
+  }
+}
+
 // partial[blockIdx.x] = the class sums of the upper tiles t = blockIdx.x + k gridDim.x. Bounds of 3
 // blocks per SM: up to 80 registers (ptxas's own choice for sm_80 without them, 64, spills).
 template <typename acc_t>
@@ -93,23 +113,10 @@ __global__ void __launch_bounds__(kThreads, 3) forward_kernel(const LccArgs<acc_
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     int r, c;
     upper_tile(t, r, c);
-    const int n0 = r * Shape::kTile, m0 = c * Shape::kTile;
-    Micro<acc_t> diff;  // S_s - S_t
-    zero(diff);
-    correlation_tile(a.s, a.rows, n0, m0, smem, diff);
-    correlation_tile(a.t, a.rows, n0, m0, smem, diff, Product(), acc_t(-1));
     const acc_t weight = r == c ? acc_t(1) : acc_t(2);  // and the mirrored tile (c, r)
-#pragma unroll
-    for (int i = 0; i < Shape::kMicro; ++i) {
-#pragma unroll
-      for (int j = 0; j < Shape::kMicro; ++j) {
-        const int n = n0 + Shape::row(i), m = m0 + Shape::col(j);
-        if (n < a.rows && m < a.rows) {
-          const acc_t d = diff[i][j];
-          add_to_class(sums, lcc_pair_class(n, m, positions), weight * d * d);
-        }
-      }
-    }
+    for_each_difference(a, r * Shape::kTile, c * Shape::kTile, smem, [&](int n, int m, acc_t d) {
+      add_to_class(sums, lcc_pair_class(n, m, positions), weight * d * d);
+    });
   }
   block_sum<kThreads>(sums);
   if (threadIdx.x == 0) {
@@ -148,22 +155,11 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(const LccArgs<acc_t> 
   const bool mirror = n0 != m0 && m0 < end * Shape::kTile;
   const int base = first * Shape::kTile;
   const int64_t ld = a.rows - base;
-  Micro<acc_t> diff;  // S_s - S_t
-  zero(diff);
-  correlation_tile(a.s, a.rows, n0, m0, smem, diff);
-  correlation_tile(a.t, a.rows, n0, m0, smem, diff, Product(), acc_t(-1));
-#pragma unroll
-  for (int i = 0; i < Shape::kMicro; ++i) {
-#pragma unroll
-    for (int j = 0; j < Shape::kMicro; ++j) {
-      const int n = n0 + Shape::row(i), m = m0 + Shape::col(j);
-      if (n < a.rows && m < a.rows) {
-        const acc_t v = class_value(weight, lcc_pair_class(n, m, positions)) * diff[i][j];
-        p[(n - base) * ld + (m - base)] = v;
-        if (mirror) p[(m - base) * ld + (n - base)] = v;
-      }
-    }
-  }
+  for_each_difference(a, n0, m0, smem, [&](int n, int m, acc_t d) {
+    const acc_t v = class_value(weight, lcc_pair_class(n, m, positions)) * d;
+    p[(n - base) * ld + (m - base)] = v;
+    if (mirror) p[(m - base) * ld + (n - base)] = v;
+  });
 }
 
 // grad[n] = inv_s[n] (g[n] - u[n] <u[n], g[n]>) (inv_s[n] g[n] where the norm was clamped), written

@@ -37,6 +37,7 @@
 
 #include "../map_distance.h"
 #include "global_load.cuh"
+#include "checked_launch.cuh"
 #include "launch.cuh"
 #include "reduce.cuh"
 
@@ -189,16 +190,6 @@ void for_each_run(const MapDistanceInputs& in, std::vector<at::Tensor>* grads, F
   }
 }
 
-// kernel<<<blocks, kThreads>>>(args...) on the current stream; zero blocks launch nothing.
-template <typename... Params, typename... Args>
-void launch(const char* op, void (*kernel)(Params...), int64_t blocks, Args&&... args) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many blocks for one launch (", blocks, ")");
-  if (blocks == 0) return;
-  gpu::launch_kernel(kernel, static_cast<unsigned int>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream(),
-                     std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 std::tuple<at::Tensor, at::Tensor> map_distance_forward_cuda(const std::vector<at::Tensor>& v_s,
                                                              const std::vector<at::Tensor>& v_t, const at::Tensor& att) {
   const char* op = "map_distance_forward";
@@ -210,8 +201,9 @@ std::tuple<at::Tensor, at::Tensor> map_distance_forward_cuda(const std::vector<a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.v_s[0].scalar_type(), "map_distance_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     for_each_run<scalar_t>(in, nullptr, [&](const Groups<scalar_t>& groups, int64_t blocks) {
-      launch(op, map_distance_forward_kernel<scalar_t, acc_t>, blocks, groups, in.att.const_data_ptr<acc_t>(),
-             dist.mutable_data_ptr<acc_t>(), partials.mutable_data_ptr<acc_t>(), in.teachers, in.students);
+      gpu::launch_unless_empty(op, map_distance_forward_kernel<scalar_t, acc_t>, blocks, kThreads, 0, groups,
+                               in.att.const_data_ptr<acc_t>(), dist.mutable_data_ptr<acc_t>(),
+                               partials.mutable_data_ptr<acc_t>(), in.teachers, in.students);
     });
   });
   return {at::sum(partials).div_(static_cast<double>(in.batch)), dist};
@@ -232,9 +224,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> map_distance_backward_cuda(const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.v_s[0].scalar_type(), "map_distance_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     for_each_run<scalar_t>(in, &grads, [&](const Groups<scalar_t>& groups, int64_t blocks) {
-      launch(op, map_distance_backward_kernel<scalar_t, acc_t>, blocks, groups, g.const_data_ptr<acc_t>(),
-             in.att.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), grad_att.mutable_data_ptr<acc_t>(), in.batch,
-             in.teachers, in.students);
+      gpu::launch_unless_empty(op, map_distance_backward_kernel<scalar_t, acc_t>, blocks, kThreads, 0, groups,
+                               g.const_data_ptr<acc_t>(), in.att.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(),
+                               grad_att.mutable_data_ptr<acc_t>(), in.batch, in.teachers, in.students);
     });
   });
   return {grads, grad_att.to(att.scalar_type())};

@@ -28,6 +28,7 @@
 #include <tuple>
 
 #include "../masked_mse.h"
+#include "checked_launch.cuh"
 #include "launch.cuh"
 #include "reduce.cuh"
 
@@ -207,15 +208,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// kernel<<<blocks, kThreads>>>(args...) on the current stream.
-template <typename... Params, typename... Args>
-void launch(const char* op, void (*kernel)(Params...), int64_t blocks, Args&&... args) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many blocks for one launch (", blocks, ")");
-  gpu::launch_kernel(kernel, static_cast<unsigned int>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream(),
-                     std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 std::tuple<at::Tensor, at::Tensor> masked_mse_forward_cuda(const at::Tensor& x, const at::Tensor& y,
                                                            const at::Tensor& mask, c10::string_view reduction_name) {
   const char* op = "masked_mse_forward";
@@ -230,10 +222,12 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_forward_cuda(const at::Tensor& x, 
     using scalar_t = decltype(x_tag);
     using mask_t = decltype(mask_tag);
     using acc_t = acc_type<scalar_t>;
-    launch(op, masked_mse_forward_kernel<scalar_t, mask_t, acc_t>, t.blocks(), in.x.const_data_ptr<scalar_t>(),
-           in.y.const_data_ptr<scalar_t>(), in.mask.const_data_ptr<mask_t>(), partials.mutable_data_ptr<acc_t>(), t);
-    launch(op, masked_mse_finish_kernel<acc_t>, 1, partials.const_data_ptr<acc_t>(), t.blocks(),
-           loss.mutable_data_ptr<acc_t>(), scale.mutable_data_ptr<acc_t>(), reduction, x.numel(), x.size(1));
+    gpu::launch_checked(op, masked_mse_forward_kernel<scalar_t, mask_t, acc_t>, t.blocks(), kThreads, 0,
+                        in.x.const_data_ptr<scalar_t>(), in.y.const_data_ptr<scalar_t>(),
+                        in.mask.const_data_ptr<mask_t>(), partials.mutable_data_ptr<acc_t>(), t);
+    gpu::launch_checked(op, masked_mse_finish_kernel<acc_t>, 1, kThreads, 0, partials.const_data_ptr<acc_t>(),
+                        t.blocks(), loss.mutable_data_ptr<acc_t>(), scale.mutable_data_ptr<acc_t>(), reduction,
+                        x.numel(), x.size(1));
   });
   return {loss, scale};
 }
@@ -256,9 +250,9 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_backward_cuda(const at::Tensor& gr
     const Grads<scalar_t> grads{x_grad ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
                                 y_grad ? grad_y.mutable_data_ptr<scalar_t>() : nullptr,
                                 x_grad ? bchw(grad_x) : in.dx, y_grad ? bchw(grad_y) : in.dy};
-    launch(op, masked_mse_backward_kernel<scalar_t, mask_t, acc_t>, t.blocks(), g.const_data_ptr<acc_t>(),
-           s.const_data_ptr<acc_t>(), in.x.const_data_ptr<scalar_t>(), in.y.const_data_ptr<scalar_t>(),
-           in.mask.const_data_ptr<mask_t>(), grads, t);
+    gpu::launch_checked(op, masked_mse_backward_kernel<scalar_t, mask_t, acc_t>, t.blocks(), kThreads, 0,
+                        g.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), in.x.const_data_ptr<scalar_t>(),
+                        in.y.const_data_ptr<scalar_t>(), in.mask.const_data_ptr<mask_t>(), grads, t);
   });
   return {grad_x, grad_y};
 }

@@ -1,5 +1,8 @@
-// Deterministic warp and block sums shared by kdfast's CUDA kernels (at, lcc, sp, rkd).
+// Deterministic warp and block sums shared by kdfast's CUDA kernels (at, block_attention, crd, hcl,
+// lcc, sp, rkd).
 #pragma once
+
+#include "../common.h"
 
 namespace kdfast {
 namespace gpu {
@@ -34,6 +37,20 @@ __device__ __forceinline__ void block_sum(acc_t (&v)[N]) {
     for (int w = 0; w < kBlockThreads / kWarpSize; ++w) v[k] += partial[w][k];
   }
   __syncthreads();  // `partial` may be written again by the next call
+}
+
+// MapScalars (csrc/common.h) of m_s, m_t (n values each): each thread sums the entries
+// k = threadIdx.x + j kBlockThreads, then block_sum. All threads of the block call it.
+template <int kBlockThreads, typename acc_t, typename index_t>
+__device__ __forceinline__ MapScalars<acc_t> block_map_scalars(const acc_t* ms, const acc_t* mt, index_t n) {
+  acc_t dots[3] = {0, 0, 0};  // ss, tt, st
+  for (index_t k = threadIdx.x; k < n; k += kBlockThreads) {
+    dots[0] += ms[k] * ms[k];
+    dots[1] += mt[k] * mt[k];
+    dots[2] += ms[k] * mt[k];
+  }
+  block_sum<kBlockThreads>(dots);
+  return MapScalars<acc_t>(dots[0], dots[1], dots[2]);
 }
 
 }  // namespace gpu
