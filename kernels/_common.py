@@ -2,7 +2,8 @@
 
 No op module imports a private name of another one: a helper two modules need lives here, under a
 public name. Family libraries keep their own public APIs (``softmax.py``: the streaming row
-softmax of KD and DKD; ``relational.py``: the Gram tiles of SP and RKD).
+softmax of KD and DKD, and ``_logits.py``: their kernels' shared passes; ``relational.py``: the
+Gram tiles of SP and RKD).
 
 * host: dtype tables, the launch device context, the SM count, argument checks, the memory
   layout of strided launches (block_attention, HCL), the alignment and stage-chunking rules of the
