@@ -29,7 +29,8 @@ Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdf
 
 This module declares the op once (schemas, fake kernels, autograd formula: ``SPEC``, registered in
 every library by kdfast.ops.spec): the backward asks only for the gradients autograd needs
-(``ctx.needs_input_grad``), and the mask never gets one. Backend "torch" calls the eager reference.
+(``ctx.needs_input_grad``), and the mask never gets one. Backend "torch" calls the eager
+implementation in kdfast/eager/masked_mse.py.
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdfast.eager import masked_mse as eager
 from kdfast.numerics.common import compute_dtype
 from kdfast.numerics.masked_mse import REDUCTIONS
 from kdfast.ops import namespace, saveable_teacher
 from kdfast.ops.at import hw_flattenable
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
-from kdfast.reference import masked_mse as reference
 
 
 def _grad_fake(t: Tensor, needed: bool) -> Tensor:
@@ -114,7 +115,7 @@ def masked_mse(x: Tensor, y: Tensor, mask: Tensor, reduction: str, backend: str)
     dtype; a (B, 1, H, W) mask is viewed as (B, H, W), a bool mask converted to x's dtype; the mask
     is detached. Inference tensors that the backward must re-read are copied (saveable_teacher)."""
     if backend == "torch":
-        return reference.masked_mse(x, y, mask, reduction)
+        return eager.masked_mse(x, y, mask, reduction)
     dtype = torch.promote_types(x.dtype, y.dtype)
     x, y = x.to(dtype), y.to(dtype)
     mask = mask.detach()
