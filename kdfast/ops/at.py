@@ -11,7 +11,7 @@ This module declares them once (``SPEC``: schemas, fake kernels, autograd formul
 kdfast.ops.spec registers them as ``torch.ops.kdfast.*`` (C++ kernels of kdfast._C, CPU and CUDA
 dispatch keys), ``torch.ops.kdfast_emu.*`` and ``torch.ops.kdfast_triton.*`` (kdfast.kernels.at),
 so that the ops work with ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``. Backend
-"torch" calls the eager reference directly.
+"torch" calls the eager implementation in kdfast/eager/at.py.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdfast.eager import at as eager
 from kdfast.numerics.at import AT_MODES, LOSSES, MAP_MODES, normalize_map
 from kdfast.numerics.common import align_spatial, compute_dtype
 from kdfast.ops import namespace
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
-from kdfast.reference import at as reference
 
 
 def map_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,9 +126,9 @@ def _flattenable(f: Tensor) -> Tensor:
 
 
 def attention_map(feat: Tensor, p: float, mode: str, normalize: bool, backend: str) -> Tensor:
-    """(B, C, H, W) -> (B, H*W) attention map in ``feat``'s dtype (see reference.attention_map)."""
+    """(B, C, H, W) -> (B, H*W) attention map in ``feat``'s dtype (see kdfast.eager.at.attention_map)."""
     if backend == "torch":
-        return reference.attention_map(feat, p, mode, normalize)
+        return eager.attention_map(feat, p, mode, normalize)
     m = namespace(backend).at_maps([_flattenable(feat)], p, mode)[0]
     if normalize:
         m = normalize_map(m)
@@ -142,7 +142,7 @@ def at_stage_losses(f_s: list[Tensor], f_t: list[Tensor], p: float, mode: str, b
     stages; backward: one ``at_maps_backward`` launch.
     """
     if backend == "torch":
-        return reference.at_stage_losses(f_s, f_t, p, mode)
+        return eager.at_stage_losses(f_s, f_t, p, mode)
     map_mode, loss = AT_MODES[mode]
     pairs = [align_spatial(s, t.detach()) for s, t in zip(f_s, f_t)]
     ops = namespace(backend)
