@@ -1,14 +1,15 @@
 """torch.library registration and backend dispatch of the KD logit loss (formulas in
 kdfast/reference/kd.py): ``kd_forward`` / ``kd_backward``, as ``torch.ops.kdfast.*`` (C++ CPU and
-CUDA kernels) and ``torch.ops.kdfast_triton.*`` (kdfast.kernels.kd)."""
+CUDA kernels) and ``torch.ops.kdfast_triton.*`` (kdfast.kernels.kd). Backend "torch" calls the
+eager implementation in kdfast/eager/kd.py."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from kdfast.eager import kd as eager
 from kdfast.ops import _row_loss, namespace, unit_stride
 from kdfast.ops.spec import register
-from kdfast.reference import kd as reference
 
 NUM_STATS = 2  # [lse_s, lse_t]
 
@@ -28,6 +29,6 @@ SPEC = register(
 def kd_rows(z_s: Tensor, z_t: Tensor, temperature: float, with_grad: bool, backend: str) -> Tensor:
     """Per-row KD losses (B,) on `backend`; `with_grad` computes the gradient in the forward."""
     if backend == "torch":
-        return reference.kd_rows(z_s, z_t, temperature)
+        return eager.kd_rows(z_s, z_t, temperature)
     loss, _, _ = namespace(backend).kd_forward(unit_stride(z_s), unit_stride(z_t.detach()), temperature, with_grad)
     return loss

@@ -1,0 +1,38 @@
+"""Backend "torch" of the KD logit loss: per-row ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``.
+
+Formula and the rules for classes of probability 0 (``-inf`` logits): kdfast/ops/kd.py and
+METHODS.md. Computed in the compute dtype of ``z_s`` (:func:`kdfast.numerics.common.compute_dtype`);
+the teacher is detached, so autograd differentiates the student's log-softmax only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kdfast.numerics.common import compute_dtype
+
+
+def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Elementwise KL terms ``exp(log_p) * (log_p - log_q)``, kept only where ``exp(log_p) > 0``.
+
+    A class of probability 0 contributes exactly 0 (``0 log 0 = 0``), even where ``log_q == -inf``
+    (whose product would be NaN); so does a NaN ``log_p`` (as the oracle has it), while a NaN
+    ``log_q`` under ``p > 0`` stays NaN. The masking is in place: the product's backward keeps its
+    inputs, not its output."""
+    prob = torch.exp(log_p)
+    terms = prob * (log_p - log_q)
+    return terms.masked_fill_(~(prob > 0), 0.0)
+
+
+def scaled_log_softmax(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """``log_softmax(logits / T)`` over the classes (dim 1), in `dtype`."""
+    return torch.log_softmax(logits.to(dtype) / temperature, dim=1)
+
+
+def kd_rows(z_s: Tensor, z_t: Tensor, temperature: float = 4.0) -> Tensor:
+    """Per-row KD losses, shape (B,): ``T^2 * sum_k pt_k (log pt_k - log ps_k)``."""
+    dtype = compute_dtype(z_s.dtype)
+    log_ps = scaled_log_softmax(z_s, dtype, temperature)
+    log_pt = scaled_log_softmax(z_t.detach(), dtype, temperature)
+    return kl_terms(log_pt, log_ps).sum(dim=1) * temperature**2
