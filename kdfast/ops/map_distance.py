@@ -38,7 +38,8 @@ implementing the schemas declared here)::
   Accumulation in float32 (float64 for float64 values); deterministic (no atomics).
 
 This module declares the op once (schemas, fake kernels, autograd formula: ``SPEC``, registered in
-every library by kdfast.ops.spec) and builds the values. Backend "torch" calls the eager reference (AFD's per-teacher loop).
+every library by kdfast.ops.spec) and builds the values. Backend "torch" calls the eager
+implementation in kdfast/eager/map_distance.py.
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kdfast.eager import map_distance as eager
 from kdfast.numerics.common import compute_dtype
 from kdfast.numerics.map_distance import POOLS, group_order, size_groups, values
 from kdfast.ops import at as at_ops
 from kdfast.ops import namespace
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
-from kdfast.reference import map_distance as reference
 
 
 def _forward_fake(v_s: list[Tensor], v_t: list[Tensor], att: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,7 +142,7 @@ def _distances(f_s: Sequence[Tensor], f_t: Sequence[Tensor], att: Tensor, pool: 
 def map_distance_loss(f_s: Sequence[Tensor], f_t: Sequence[Tensor], att: Tensor, pool: str, backend: str) -> Tensor:
     """The 0-d loss on `backend` (float32; float64 for float64 students); the teacher is detached."""
     if backend == "torch":
-        return reference.map_distance_loss(f_s, f_t, att, pool)
+        return eager.map_distance_loss(f_s, f_t, att, pool)
     return _distances(f_s, f_t, att, pool, backend)[0]
 
 
@@ -149,6 +150,6 @@ def map_distances(f_s: Sequence[Tensor], f_t: Sequence[Tensor], pool: str, backe
     """The (B, T, S) distances on `backend`, without gradient (the forward launch with att = 0)."""
     with torch.no_grad():
         if backend == "torch":
-            return reference.map_distances(f_s, f_t, pool)
+            return eager.map_distances(f_s, f_t, pool)
         zeros = f_s[0].new_zeros((), dtype=compute_dtype(f_s[0].dtype)).expand(f_s[0].shape[0], len(f_t), len(f_s))
         return _distances(f_s, f_t, zeros, pool, backend)[1]
