@@ -12,7 +12,7 @@ already prepared by ``kdfast.numerics.lcc.prepare`` (the grid divides H and W):
 This module declares them once (``SPEC``: schemas, fake kernels, the autograd formula; the teacher
 never gets a gradient); kdfast.ops.spec registers them as ``torch.ops.kdfast.*`` (C++ kernels of
 kdfast._C), ``torch.ops.kdfast_emu.*`` and ``torch.ops.kdfast_triton.*`` (kdfast.kernels.lcc).
-Backend "torch" calls the eager reference.
+Backend "torch" calls the eager implementation in kdfast/eager/lcc.py.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdfast.eager import lcc as eager
 from kdfast.numerics.common import compute_dtype
 from kdfast.numerics.lcc import prepare, term_counts
 from kdfast.ops import namespace, saveable_teacher
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
-from kdfast.reference import lcc as reference
 
 
 def _forward_fake(f_s: Tensor, f_t: Tensor, grid: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,7 +86,7 @@ def lcc_terms(f_s: Tensor, f_t: Tensor, grid: int, mask: Tensor | None, backend:
     """(3,) unweighted term losses [L_intra, L_inter, L_cross] on `backend` (float32; float64
     for float64 students): ``prepare`` in torch, then one fused forward (and one backward)."""
     if backend == "torch":
-        return reference.lcc_terms(f_s, f_t, grid, mask)
+        return eager.lcc_terms(f_s, f_t, grid, mask)
     f_s, f_t = prepare(f_s, f_t.detach(), grid, mask)
     sums, _, _ = namespace(backend).lcc_forward(f_s, saveable_teacher(f_t, f_s), grid)
     counts = term_counts(f_s.shape[0], grid)
