@@ -23,15 +23,9 @@ def spatial_weight(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return m.to(dtype).square()
 
 
-def inverse_denominator(weight_sum: Tensor, numel: int, channels: int, reduction: str) -> Tensor:
-    """``1 / denom`` as a 0-d tensor like `weight_sum` (0 for a zero "masked_mean" denominator)."""
-    if reduction == "mean":
-        return weight_sum.new_tensor(1.0 / numel)
-    if reduction == "sum":
-        return weight_sum.new_tensor(1.0)
-    denom = weight_sum * channels
-    nonzero = denom != 0
-    return torch.where(nonzero, torch.where(nonzero, denom, 1.0).reciprocal(), 0.0)
+def reciprocal_or_zero(denom: Tensor) -> Tensor:
+    """``1 / denom``, 0 where `denom` is 0 (an all-zero mask under "masked_mean")."""
+    return torch.where(denom == 0, torch.inf, denom).reciprocal()
 
 
 def masked_mse(x: Tensor, y: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
@@ -40,4 +34,8 @@ def masked_mse(x: Tensor, y: Tensor, mask: Tensor, reduction: str = "mean") -> T
     weight = spatial_weight(mask, dtype)
     per_position = (x.to(dtype) - y.to(dtype)).square().sum(1)  # (B, H, W): sum_c (x - y)^2
     total = (weight * per_position).sum()
-    return total * inverse_denominator(weight.sum(), x.numel(), x.shape[1], reduction)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / x.numel()
+    return total * reciprocal_or_zero(weight.sum() * x.shape[1])
