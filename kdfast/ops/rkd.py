@@ -32,17 +32,17 @@ Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdf
 
 This module declares the op once (schemas, fake kernels, autograd formula: the teacher gets no
 gradient; ``SPEC``, registered in every library by kdfast.ops.spec). Backend "torch" calls the
-eager reference.
+eager implementation in kdfast/eager/rkd.py.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from kdfast.eager import rkd as eager
 from kdfast.numerics.common import compute_dtype
 from kdfast.ops import as_rows, namespace
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, register, sample_tensor
-from kdfast.reference import rkd as reference
 
 
 def _forward_fake(e_s: Tensor, e_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -89,6 +89,6 @@ def rkd_terms(e_s: Tensor, e_t: Tensor, backend: str) -> Tensor:
     """(2,) unweighted ``[L_dist, L_angle]`` on `backend` (float32; float64 for float64 students);
     the teacher is detached."""
     if backend == "torch":
-        return reference.rkd_terms(e_s, e_t)
+        return eager.rkd_terms(e_s, e_t)
     terms, _, _ = namespace(backend).rkd_forward(as_rows(e_s), as_rows(e_t.detach()))
     return terms
