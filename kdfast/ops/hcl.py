@@ -30,7 +30,8 @@ Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdf
   never a (B, C, H, W) difference or pooled copy of a map.
 
 This module declares the op once (schemas, fake kernels, autograd formula: ``SPEC``, registered in
-every library by kdfast.ops.spec) and dispatches it. Backend "torch" calls the eager reference.
+every library by kdfast.ops.spec) and dispatches it. Backend "torch" calls the eager implementation
+in kdfast/eager/hcl.py.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kdfast.eager import hcl as eager
 from kdfast.numerics.common import compute_dtype
 from kdfast.numerics.hcl import LEVELS, MAX_CELLS, MAX_LEVELS, cell_count
 from kdfast.ops import namespace, saveable_teacher
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
-from kdfast.reference import hcl as reference
 
 
 def _forward_fake(f_s: list[Tensor], f_t: list[Tensor], levels: list[int]) -> tuple[Tensor, Tensor]:
@@ -122,7 +123,7 @@ def hcl_stage_losses(f_s: Sequence[Tensor], f_t: Sequence[Tensor], levels: Seque
     """(L,) HCL of every stage pair on `backend`; the teachers are detached (and copied where they
     are inference tensors the backward must re-read)."""
     if backend == "torch":
-        return reference.hcl_stage_losses(f_s, f_t, levels)
+        return eager.hcl_stage_losses(f_s, f_t, levels)
     students = list(f_s)
     trained = next((s for s in students if s.requires_grad), students[0])
     teachers = [saveable_teacher(t.detach(), trained) for t in f_t]
