@@ -25,14 +25,13 @@ def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
     return terms.masked_fill_(~(prob > 0), 0.0)
 
 
-def scaled_log_softmax(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    """``log_softmax(logits / T)`` over the classes (dim 1), in `dtype`."""
-    return torch.log_softmax(logits.to(dtype) / temperature, dim=1)
+def scaled_logits(z_s: Tensor, z_t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``(z_s / T, z_t / T)`` in the compute dtype of ``z_s``, the teacher detached."""
+    dtype = compute_dtype(z_s.dtype)
+    return z_s.to(dtype) / temperature, z_t.detach().to(dtype) / temperature
 
 
 def kd_rows(z_s: Tensor, z_t: Tensor, temperature: float = 4.0) -> Tensor:
     """Per-row KD losses, shape (B,): ``T^2 * sum_k pt_k (log pt_k - log ps_k)``."""
-    dtype = compute_dtype(z_s.dtype)
-    log_ps = scaled_log_softmax(z_s, dtype, temperature)
-    log_pt = scaled_log_softmax(z_t.detach(), dtype, temperature)
-    return kl_terms(log_pt, log_ps).sum(dim=1) * temperature**2
+    zs, zt = scaled_logits(z_s, z_t, temperature)
+    return kl_terms(torch.log_softmax(zt, dim=1), torch.log_softmax(zs, dim=1)).sum(dim=1) * temperature**2

@@ -1,14 +1,15 @@
 """torch.library registration and backend dispatch of the DKD logit loss (formulas in
 kdfast/reference/dkd.py): ``dkd_forward`` / ``dkd_backward``, as ``torch.ops.kdfast.*`` (C++ CPU
-and CUDA kernels) and ``torch.ops.kdfast_triton.*`` (kdfast.kernels.dkd)."""
+and CUDA kernels) and ``torch.ops.kdfast_triton.*`` (kdfast.kernels.dkd). Backend "torch" calls
+the eager implementation in kdfast/eager/dkd.py."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from kdfast.eager import dkd as eager
 from kdfast.ops import _row_loss, namespace, unit_stride
 from kdfast.ops.spec import register
-from kdfast.reference import dkd as reference
 
 NUM_STATS = 6  # [lse_s, lse_t, lse_other_s, lse_other_t, lse_masked_s, lse_masked_t]
 
@@ -30,7 +31,7 @@ def dkd_rows(
 ) -> Tensor:
     """Per-row DKD losses (B,) on `backend`; `with_grad` computes the gradient in the forward."""
     if backend == "torch":
-        return reference.dkd_rows(z_s, z_t, target, alpha, beta, temperature)
+        return eager.dkd_rows(z_s, z_t, target, alpha, beta, temperature)
     ops = namespace(backend)
     loss, _, _ = ops.dkd_forward(
         unit_stride(z_s), unit_stride(z_t.detach()), target.contiguous(), alpha, beta, temperature, with_grad
