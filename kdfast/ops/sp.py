@@ -27,17 +27,17 @@ Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdf
 
 This module declares the op once (schemas, fake kernels, autograd formula: the teacher gets no
 gradient; ``SPEC``, registered in every library by kdfast.ops.spec). Backend "torch" calls the
-eager reference.
+eager implementation in kdfast/eager/sp.py.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from kdfast.eager import sp as eager
 from kdfast.numerics.common import compute_dtype
 from kdfast.ops import as_rows, namespace, saveable_teacher
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, register, sample_tensor
-from kdfast.reference import sp as reference
 
 
 def _forward_fake(x_s: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,6 +84,6 @@ SPEC = register(
 def sp_loss(f_s: Tensor, f_t: Tensor, backend: str) -> Tensor:
     """The SP loss (0-d) on `backend`; the teacher is detached."""
     if backend == "torch":
-        return reference.sp_loss(f_s, f_t)
+        return eager.sp_loss(f_s, f_t)
     loss, _ = namespace(backend).sp_forward(as_rows(f_s), as_rows(saveable_teacher(f_t.detach(), f_s)))
     return loss
