@@ -33,7 +33,7 @@ Op contract, the same on every fused backend (``torch.ops.kdfast_triton.*``: kdf
 
 This module declares the op once (schema, fake kernel, autograd formula: the bank, the indices and
 ``z`` get no gradient; ``SPEC``, registered in every library by kdfast.ops.spec). Backend "torch"
-calls the eager reference.
+calls the eager implementation in kdfast/eager/crd.py.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdfast.eager import crd as eager
 from kdfast.numerics.common import compute_dtype
 from kdfast.ops import namespace
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, register, sample_tensor
-from kdfast.reference import crd as reference
 
 MAX_DIM = 1024  # the largest embedding dimension D of the fused kernels
 
@@ -107,7 +107,7 @@ SPEC = register(
 def crd_loss(emb: Tensor, bank: Tensor, idx: Tensor, z: Tensor, temperature: float, backend: str) -> Tensor:
     """The NCE loss of one side (0-d) on `backend`; the bank and `z` are detached."""
     if backend == "torch":
-        return reference.crd_loss(emb, bank, idx, z, temperature, bank.shape[0])
+        return eager.crd_loss(emb, bank, idx, z, temperature, bank.shape[0])
     loss, _, _ = namespace(backend).crd_forward(emb, bank.detach(), idx, z.detach(), temperature)
     return loss
 
@@ -116,6 +116,6 @@ def crd_partition(emb: Tensor, bank: Tensor, idx: Tensor, temperature: float, ba
     """``sum_k exp(s_bk)`` (B,) on `backend`, without gradient."""
     emb, bank = emb.detach(), bank.detach()
     if backend == "torch":
-        return reference.partition_sums(emb, bank, idx, temperature)
+        return eager.partition_sums(emb, bank, idx, temperature)
     _, _, expsum = namespace(backend).crd_forward(emb, bank, idx, emb.new_ones((), dtype=compute_dtype(emb.dtype)), temperature)
     return expsum
