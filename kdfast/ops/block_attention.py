@@ -28,17 +28,18 @@ implementing the schemas declared here)::
   partial is reduced in a fixed order (deterministic, no atomics).
 
 This module declares the op once (schemas, fake kernels, autograd formula: ``SPEC``, registered in
-every library by kdfast.ops.spec) and dispatches it. Backend "torch" calls the eager reference.
+every library by kdfast.ops.spec) and dispatches it. Backend "torch" calls the eager implementation in
+kdfast/eager/block_attention.py.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from kdfast.eager import block_attention as eager
 from kdfast.numerics.common import align_spatial, compute_dtype
 from kdfast.ops import namespace, saveable_teacher
 from kdfast.ops.spec import Autograd, Kernel, OpSpec, Sample, check_rows, contract, register, sample_tensor
-from kdfast.reference import block_attention as reference
 
 
 def _forward_fake(f_s: list[Tensor], h_s: list[Tensor], f_t: list[Tensor], grid: int, *knobs) -> tuple[Tensor, Tensor]:
@@ -123,7 +124,7 @@ def block_attention_terms(
     float64 students). ``h_s[l]`` and ``f_t[l]`` are aligned first (the larger pooled to the
     smaller, a torch op); the teacher is detached. One fused launch forward, one backward."""
     if backend == "torch":
-        return reference.block_attention_terms(f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting)
+        return eager.block_attention_terms(f_s, h_s, f_t, grid, power, feature_grid, teacher_weighting)
     pairs = [align_spatial(h, t.detach()) for h, t in zip(h_s, f_t)]
     # The backward re-reads f_t whenever f_s or h_s requires grad: copy inference tensors then.
     teachers = [saveable_teacher(saveable_teacher(t, h), s) for s, (h, t) in zip(f_s, pairs)]
