@@ -2,7 +2,7 @@
 
 Backends:
 
-* ``"torch"``: the eager reference (kdfast/reference), any device, float64 included.
+* ``"torch"``: the eager PyTorch implementation (kdfast/eager), any device, float64 included.
 * ``"cpu"``: C++ CPU kernels of kdfast._C (CPU tensors).
 * ``"cuda"``: CUDA C++ kernels of kdfast._C (CUDA tensors).
 * ``"triton"``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``,
