@@ -74,11 +74,12 @@ struct Lse {
   }
 };
 
-// p (log p - log q) with p = exp(log_p); 0 where p == 0 (as the references' KL terms).
+// p (log p - log q) with p = exp(log_p); 0 where p == 0 (as the references' KL terms), NaN where
+// log_p or log_q is NaN.
 template <typename acc_t>
 KDFAST_HOST_DEVICE acc_t kl_term(acc_t log_p, acc_t log_q) {
   const acc_t p = exp_acc(log_p);
-  return p > acc_t(0) ? p * (log_p - log_q) : acc_t(0);
+  return p != acc_t(0) ? p * (log_p - log_q) : acc_t(0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -96,8 +97,9 @@ KDFAST_HOST_DEVICE acc_t kl_term(acc_t log_p, acc_t log_q) {
 // y nothing to st nor to w (0 log 0 = 0, also where x = -inf); only a -inf x under a finite y
 // makes w (the KL) +inf. A softmax with no finite logit yet has max -inf and sum 0 (the empty
 // state has both); a sum is never rescaled by exp(-inf - -inf). A term whose weight underflows to
-// 0 adds 0, as in the Triton kernels. An aggregate (no constructors): it lives in CUDA shared
-// memory.
+// 0 adds 0, as in the Triton kernels. A NaN logit makes ss and st NaN for good (every rescale and
+// merge keeps a NaN sum NaN), hence the KL and both log-sum-exps: a NaN row, as the references
+// have it. An aggregate (no constructors): it lives in CUDA shared memory.
 template <typename acc_t>
 struct KlState {
   acc_t ms, ss, mt, st, w;
@@ -108,6 +110,10 @@ struct KlState {
 
   // Adds one pair: one exp per finite logit.
   KDFAST_HOST_DEVICE void push(acc_t x, acc_t y) {
+    if (x != x || y != y) {  // a NaN logit
+      ss = st = nan_acc<acc_t>();
+      return;
+    }
     const acc_t neg_inf = neg_inf_acc<acc_t>();
     acc_t rise_s = 0;  // the old student offsets x_k - ms all drop by rise_s (0 while ss == 0)
     if (x > ms) {
@@ -249,7 +255,7 @@ struct DkdRule {
     // + (lse_ot - lse_mt) - (lse_os - lse_ms); summed: Qt (KL_other + log Qt - log Qs). Plus k == g.
     const acc_t log_qt_other = ot.minus(mt);
     const acc_t qt_other = exp_acc(log_qt_other);
-    const acc_t nckd_other = qt_other > acc_t(0) ? qt_other * (o.kl() + log_qt_other - os.minus(ms)) : acc_t(0);
+    const acc_t nckd_other = qt_other != acc_t(0) ? qt_other * (o.kl() + log_qt_other - os.minus(ms)) : acc_t(0);
     const acc_t nckd = nckd_other + kl_term(mt.log_prob(y_g - mask), ms.log_prob(x_g - mask));
     return t2 * (alpha * tckd + beta * nckd);
   }

@@ -171,9 +171,10 @@ def softplus(x):
 
 @triton.jit
 def kl_term(log_p, log_ratio):
-    """``p * log_ratio`` with ``p = exp(log_p)``; 0 where p == 0 (the reference's convention)."""
+    """``p * log_ratio`` with ``p = exp(log_p)``; 0 where p == 0 (the reference's convention), NaN
+    where log_p or log_ratio is NaN."""
     p = tl.exp(log_p)
-    return tl.where(p > 0, p * log_ratio, 0.0)
+    return tl.where(p != 0, p * log_ratio, 0.0)
 
 
 @triton.jit
@@ -181,7 +182,8 @@ def grad_tile(cols, valid, zs, zt, shift_s, off_s, c_s, shift_t, off_t, c_t, hit
     """[ROWS, BLOCK_K] gradient: c_s exp((zs - shift_s)/T - off_s) - c_t exp((zt - shift_t)/T - off_t),
     and ``hit_val`` at column ``hit_col`` (with HIT). Lanes that are not computed (past n, the
     hit column) take exp(-inf) = 0: no overflow there; so do -inf logits (probability 0, also
-    where shift or off is -inf: a row whose kept logits are all -inf)."""
+    where shift or off is -inf: a row whose kept logits are all -inf). A row whose off_s or off_t
+    is NaN (a NaN logit) is NaN throughout."""
     keep = valid
     if HIT:
         hit = cols == hit_col[:, None]
@@ -191,6 +193,8 @@ def grad_tile(cols, valid, zs, zt, shift_s, off_s, c_s, shift_t, off_t, c_t, hit
     xs = tl.where(keep_s, (zs - shift_s[:, None]) * inv_t - off_s[:, None], float("-inf"))
     xt = tl.where(keep_t, (zt - shift_t[:, None]) * inv_t - off_t[:, None], float("-inf"))
     g = c_s[:, None] * tl.exp(xs) - c_t[:, None] * tl.exp(xt)
+    nan_row = (off_s != off_s) | (off_t != off_t)
+    g = tl.where(nan_row[:, None], float("nan"), g)
     if HIT:
         g = tl.where(hit, hit_val[:, None], g)
     return g

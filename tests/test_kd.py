@@ -6,6 +6,8 @@ and in the backward for reduction="none"), so every test runs on both through LO
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -233,6 +235,61 @@ def test_masked_classes(device, backend, name, dtype, classes):
     assert_close_scaled(loss, expected.sum(), tol, f"{name} loss")
     assert_close_scaled(grad, expected_grad, tol, f"{name} grad")
     assert_close_scaled(rows_grad, expected_rows_grad, tol, f"{name} rows grad")
+
+
+# --- NaN logits
+
+NAN_ROWS = [1, 2, 3, 4, 5]
+
+
+def nan_logits(classes, dtype, device):
+    """(z_s, z_t, target) of 7 rows, class `classes - 1` the target, and (z_s, z_t) without the
+    NaNs. One NaN logit in each of rows 1-5: 1 in the teacher, 2 in the student (non-target
+    classes; row 1's in the last block of a streamed row), 3 in the teacher's and 4 in the
+    student's target, 5 in the teacher next to masked (-inf) classes; rows 0 and 6 (6 masked as
+    5) have none."""
+    z_s = logits(7, classes, torch.float64, seed=50)
+    z_t = logits(7, classes, torch.float64, seed=51)
+    z_s[5:, 0] = z_t[5:, 0] = z_t[5:, 2] = MASKED
+    clean = [z.to(dtype).to(device) for z in (z_s, z_t)]
+    z_t[1, classes - 2] = z_t[3, classes - 1] = z_t[5, 1] = float("nan")
+    z_s[2, 1] = z_s[4, classes - 1] = float("nan")
+    y = torch.full((7,), classes - 1, device=device)
+    return z_s.to(dtype).to(device), z_t.to(dtype).to(device), y, clean
+
+
+def rows_and_grads(name, backend, z_s, z_t, y):
+    """Per-row losses, the batchmean loss, and the student's gradients of the summed loss (the
+    gradient of the forward) and of the weighted rows (the backward's)."""
+    fused = LOSSES[name][1] if backend == "reference" else partial(LOSSES[name][0], backend=backend)
+    z_s = z_s.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fused(z_s, z_t, y, reduction="sum"), z_s)
+    rows = fused(z_s, z_t, y, reduction="none")
+    (rows_grad,) = torch.autograd.grad(rows, z_s, torch.linspace(0.5, 2.0, len(y), device=z_s.device, dtype=rows.dtype))
+    return rows.detach(), fused(z_s, z_t, y).detach(), grad, rows_grad
+
+
+@pytest.mark.parametrize(
+    "device,backend",
+    device_backends("kd") + [pytest.param("cpu", "torch", id="cpu-torch"), pytest.param("cpu", "reference", id="cpu-reference")],
+)
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("classes", [12, 5000])
+def test_nan_logits_give_nan_rows(device, backend, name, dtype, classes):
+    """A NaN logit of z_s or z_t, target or not, next to -inf logits or not, makes its row's loss
+    and student gradient NaN (kdfast/reference/kd.py; the gradient wherever the student's logit is
+    not -inf), on every backend; every other row is bit for bit that of the logits without NaN."""
+    z_s, z_t, y, (clean_s, clean_t) = nan_logits(classes, dtype, device)
+    nan_rows = torch.zeros(len(y), dtype=torch.bool, device=device)
+    nan_rows[NAN_ROWS] = True
+    rows, loss, *grads = rows_and_grads(name, backend, z_s, z_t, y)
+    clean_rows, _, *clean_grads = rows_and_grads(name, backend, clean_s, clean_t, y)
+    assert torch.isnan(rows[nan_rows]).all() and torch.isnan(loss)
+    assert torch.equal(rows[~nan_rows], clean_rows[~nan_rows])
+    for grad, clean_grad in zip(grads, clean_grads):
+        assert torch.isnan(grad[nan_rows][~z_s[nan_rows].isneginf()]).all()
+        assert torch.equal(grad[~nan_rows], clean_grad[~nan_rows])
 
 
 def test_modules_match_functional():

@@ -14,15 +14,14 @@ from kdfast.numerics.common import compute_dtype
 
 
 def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Elementwise KL terms ``exp(log_p) * (log_p - log_q)``, kept only where ``exp(log_p) > 0``.
+    """Elementwise KL terms ``exp(log_p) * (log_p - log_q)``, zeroed only where ``exp(log_p) == 0``.
 
     A class of probability 0 contributes exactly 0 (``0 log 0 = 0``), even where ``log_q == -inf``
-    (whose product would be NaN); so does a NaN ``log_p`` (as the oracle has it), while a NaN
-    ``log_q`` under ``p > 0`` stays NaN. The masking is in place: the product's backward keeps its
-    inputs, not its output."""
+    (whose product would be NaN); a NaN ``log_p`` or ``log_q`` gives a NaN term. The masking is in
+    place: the product's backward keeps its inputs, not its output."""
     prob = torch.exp(log_p)
     terms = prob * (log_p - log_q)
-    return terms.masked_fill_(~(prob > 0), 0.0)
+    return terms.masked_fill_(prob == 0, 0.0)
 
 
 def scaled_logits(z_s: Tensor, z_t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

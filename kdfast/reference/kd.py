@@ -27,9 +27,9 @@ from kdfast.numerics.kd import reduce_rows
 
 def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``p * (log p - log q)`` elementwise, ``p = exp(log_p)``; 0 where ``p == 0`` (also where
-    ``log q`` is ``-inf`` there: ``F.kl_div`` would give NaN)."""
+    ``log q`` is ``-inf`` there: ``F.kl_div`` would give NaN); NaN where ``log_p`` or ``log_q`` is."""
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return torch.where(p != 0, p * (log_p - log_q), torch.zeros_like(p))
 
 
 def kd_rows(z_s: Tensor, z_t: Tensor, temperature: float = 4.0) -> Tensor:
