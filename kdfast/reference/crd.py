@@ -37,18 +37,13 @@ import torch
 from torch import Tensor
 
 from kdfast.numerics.common import compute_dtype
-
-EPS = 1e-7  # the peers' constant in the NCE denominators
+from kdfast.numerics.crd import NCE_EPS, check_indices
 
 
 def gathered(bank: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
     """The (B, K+1, D) bank rows named by `idx`, in `dtype` (IndexError for an index outside [0, N))."""
-    if idx.dtype != torch.int64:
-        raise TypeError(f"idx must be int64, got {idx.dtype}")
-    flat = idx.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= bank.shape[0]):
-        raise IndexError(f"idx must be in [0, {bank.shape[0]}), got values in [{int(flat.min())}, {int(flat.max())}]")
-    return bank.detach().to(dtype).index_select(0, flat).view(*idx.shape, bank.shape[1])
+    check_indices(idx, bank.shape[0])
+    return bank.detach().to(dtype).index_select(0, idx.reshape(-1)).view(*idx.shape, bank.shape[1])
 
 
 def scores(emb: Tensor, bank: Tensor, idx: Tensor, temperature: float) -> Tensor:
@@ -70,6 +65,6 @@ def crd_loss(emb: Tensor, bank: Tensor, idx: Tensor, z: Tensor, temperature: flo
     noise = (idx.shape[1] - 1) / float(n_data)
     # log(P / (P + c + eps)) = -log1p((c + eps) / P) and log(c / (P + c + eps)) = -log1p((P + eps) / c):
     # the peers' terms without the cancellation of a log near 1 (a positive with P >> c + eps)
-    positive = torch.log1p((noise + EPS) / p[:, 0])
-    negative = torch.log1p((p[:, 1:] + EPS) / noise) if noise > 0 else p[:, 1:]
+    positive = torch.log1p((noise + NCE_EPS) / p[:, 0])
+    negative = torch.log1p((p[:, 1:] + NCE_EPS) / noise) if noise > 0 else p[:, 1:]
     return (positive.sum() + negative.sum()) / emb.shape[0]
